@@ -1,0 +1,19 @@
+# Two entry points that do all set-up on a fresh machine (see README.md).
+PY := .venv/bin/python
+TORCH := torch==2.13.0
+
+.venv/installed: pyproject.toml
+	python3 -m venv .venv
+	# torch first: anything that needs torch, installed before it, would pull a multi-GB CUDA build.
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[data,llm,dev]"
+	touch .venv/installed
+
+demo: .venv/installed
+	.venv/bin/prunekit demo
+
+test: .venv/installed
+	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m pytest
+
+.PHONY: demo test

@@ -1,0 +1,89 @@
+"""Gradient criteria (chapter 3.4.2), accumulated over every batch given.
+
+- ``gradient``: the chapter's ``|g|``, with ``g = dL/dw`` on each batch, summed over each
+  group and averaged over batches. It ignores the weight itself: a large gradient on a
+  tiny weight still ranks high (see corrections.md); prefer ``taylor``.
+- ``taylor`` (Molchanov et al. 2017/2019): the first-order estimate of the loss change
+  when a weight is removed. For single weights ``|w * g|``; for a group S the squared
+  sum ``(sum_{i in S} w_i g_i)^2``; both averaged over batches.
+
+Gradients are taken with ``torch.autograd.grad`` in eval mode, so neither ``.grad`` nor
+BatchNorm running statistics of the model change.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from prunekit.criteria.base import Batches, Criterion, LossFn, ScoreContext
+from prunekit.errors import MissingDataError
+from prunekit.granularity import Grouping
+from prunekit.layers import Layer, to_canonical
+
+
+class GradientStatistic(Criterion):
+    """A per-group statistic of (weight, gradient), averaged over calibration batches."""
+
+    requires_data = True
+
+    def batch_statistic(self, weight: Tensor, grad: Tensor, grouping: Grouping) -> Tensor:
+        raise NotImplementedError
+
+    def prepare(
+        self,
+        model: nn.Module,
+        layers: list[Layer],
+        groupings: dict[str, Grouping],
+        data: Batches | None,
+        loss_fn: LossFn | None,
+    ) -> dict[str, Tensor]:
+        if data is None:
+            raise MissingDataError(
+                f"criterion {self.name!r} needs calibration batches; Fix: pass data=[(x, y), ...] "
+                "(a few training batches) and, unless it is cross-entropy, loss_fn."
+            )
+        loss_fn = loss_fn or F.cross_entropy
+        params = [layer.weight for layer in layers]
+        totals = {l.name: torch.zeros(groupings[l.name].group_shape) for l in layers}
+        was_training = model.training
+        model.eval()
+        batches = 0
+        try:
+            for inputs, targets in data:
+                loss = loss_fn(model(inputs), targets)
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+                for layer, weight, grad in zip(layers, params, grads, strict=True):
+                    grad = torch.zeros_like(weight) if grad is None else grad
+                    stat = self.batch_statistic(
+                        to_canonical(layer.module, weight.detach()),
+                        to_canonical(layer.module, grad),
+                        groupings[layer.name],
+                    )
+                    totals[layer.name] += stat.cpu()
+                batches += 1
+        finally:
+            model.train(was_training)
+        if batches == 0:
+            raise MissingDataError(f"criterion {self.name!r} got an empty data iterable")
+        return {name: total / batches for name, total in totals.items()}
+
+    def group_scores(self, weight: Tensor, grouping: Grouping, ctx: ScoreContext) -> Tensor:
+        assert ctx.stats is not None
+        return ctx.stats.to(weight.device)
+
+
+class Gradient(GradientStatistic):
+    name = "gradient"
+
+    def batch_statistic(self, weight: Tensor, grad: Tensor, grouping: Grouping) -> Tensor:
+        return grouping.groups(grad.abs()).sum(-1)
+
+
+class Taylor(GradientStatistic):
+    name = "taylor"
+
+    def batch_statistic(self, weight: Tensor, grad: Tensor, grouping: Grouping) -> Tensor:
+        contribution = grouping.groups(weight * grad).sum(-1)
+        return contribution.abs() if grouping.group_size == 1 else contribution.square()

@@ -1,0 +1,40 @@
+"""The exceptions prunekit raises.
+
+Every error names the layer (where there is one), the offending value and the fix, and
+is raised before the model is touched, so a failed call leaves the model as it was.
+"""
+
+from __future__ import annotations
+
+
+class PruningError(ValueError):
+    """Base class of every error prunekit raises on bad input."""
+
+
+class InvalidSparsityError(PruningError):
+    """A sparsity outside [0, 1), or one that contradicts the granularity (N:M fixes it)."""
+
+
+class UnknownChoiceError(PruningError):
+    """An unknown granularity, criterion, scope or allocation name."""
+
+    def __init__(self, kind: str, value: object, valid: list[str]) -> None:
+        super().__init__(
+            f"unknown {kind} {value!r}; valid {kind} values are: {', '.join(valid)}"
+        )
+
+
+class IncompatibleLayerError(PruningError):
+    """A granularity that cannot apply to a layer (N:M where M does not divide, kernel on Linear...)."""
+
+
+class NoLayersError(PruningError):
+    """The layer selection matched nothing prunable."""
+
+
+class MissingDataError(PruningError):
+    """A data-driven criterion (gradient, Taylor, ...) was given no batches."""
+
+
+class InvalidWeightError(PruningError):
+    """A weight that holds NaN or inf, or is not a floating-point tensor."""

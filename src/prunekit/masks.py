@@ -1,0 +1,197 @@
+"""Masks on weights: apply, compose, bake, remove; sparsity statistics.
+
+A mask is a ``torch.nn.utils.parametrize`` parametrization on ``weight`` holding a
+packed bit mask (see :mod:`prunekit.bits`). ``module.weight`` is then
+``original * mask``: the forward pass sees zeros, gradients of pruned entries are zero,
+and whatever the optimizer does to ``original`` (momentum, weight decay, Adam), the
+weight the model uses stays exactly zero where the mask is. Masks only compose: a new
+mask is ANDed with the one in place, so sparsity never shrinks.
+
+Saving and loading a masked model::
+
+    torch.save(model.state_dict(), "masked.pt")         # holds original + packed mask
+    fresh = build_model()
+    pk.masks.load_state_dict(fresh, torch.load("masked.pt", weights_only=True))
+
+or call :func:`bake` first and save an ordinary state dict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from rich.table import Table
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from prunekit import bits
+from prunekit.errors import PruningError
+from prunekit.layers import Layer, select_layers, weight_param
+
+_MASK_KEY = ".parametrizations.weight.0.packed"
+
+
+class WeightMask(nn.Module):
+    """Parametrization ``weight = original * mask`` with the mask stored one bit per weight."""
+
+    def __init__(self, packed: Tensor, shape: torch.Size) -> None:
+        super().__init__()
+        self.shape = torch.Size(shape)
+        self.register_buffer("packed", packed)
+
+    def forward(self, original: Tensor) -> Tensor:
+        return original * self.mask().to(original.dtype)
+
+    def mask(self) -> Tensor:
+        """The mask as a bool tensor shaped like the weight (True = kept)."""
+        return bits.unpack(self.packed, self.shape)
+
+    def extra_repr(self) -> str:
+        kept = bits.count_ones(self.packed)
+        return f"shape={tuple(self.shape)}, kept={kept}/{self.shape.numel()}"
+
+
+def get_mask(module: nn.Module) -> Tensor | None:
+    """The bool mask on ``module.weight`` (True = kept), or None when unmasked."""
+    if not parametrize.is_parametrized(module, "weight"):
+        return None
+    for p in module.parametrizations.weight:
+        if isinstance(p, WeightMask):
+            return p.mask()
+    return None
+
+
+def _mask_param(module: nn.Module) -> WeightMask | None:
+    if not parametrize.is_parametrized(module, "weight"):
+        return None
+    return next((p for p in module.parametrizations.weight if isinstance(p, WeightMask)), None)
+
+
+def apply_packed(module: nn.Module, packed: Tensor) -> None:
+    """AND a packed mask (storage layout of ``module.weight``) into the module's mask.
+
+    Registers the parametrization on first use. The only function that mutates masks.
+    """
+    existing = _mask_param(module)
+    if existing is not None:
+        existing.packed.bitwise_and_(packed)
+        return
+    shape = weight_param(module).shape
+    parametrize.register_parametrization(
+        module, "weight", WeightMask(packed.to(weight_param(module).device), shape)
+    )
+
+
+def apply_mask(module: nn.Module, mask: Tensor) -> None:
+    """AND a bool mask shaped like the weight into ``module``'s mask."""
+    if mask.shape != weight_param(module).shape:
+        raise PruningError(
+            f"mask shape {tuple(mask.shape)} does not match the weight "
+            f"{tuple(weight_param(module).shape)}; Fix: build the mask in the weight's layout."
+        )
+    apply_packed(module, bits.pack(mask.to(torch.bool)))
+
+
+def bake(model: nn.Module) -> nn.Module:
+    """Write the zeros into every masked weight and remove the masks (in place).
+
+    Returns ``model`` so calls chain. The result is an ordinary model whose
+    ``state_dict`` loads into a fresh instance of the architecture.
+    """
+    for module in model.modules():
+        if _mask_param(module) is not None:
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+    return model
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Drop every mask and restore the original, unpruned weights (in place)."""
+    for module in model.modules():
+        if _mask_param(module) is not None:
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+    return model
+
+
+def load_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
+    """Load a state dict saved from a masked model into an unmasked ``model``.
+
+    Registers an (all-kept) mask on every layer whose packed mask is in ``state_dict``,
+    then loads everything strictly, so the masks, originals and other tensors all arrive.
+    """
+    modules = dict(model.named_modules())
+    for key in state_dict:
+        if key.endswith(_MASK_KEY):
+            name = key[: -len(_MASK_KEY)]
+            if name not in modules:
+                raise PruningError(f"state dict has a mask for {name!r}, which the model lacks")
+            module = modules[name]
+            if _mask_param(module) is None:
+                shape = weight_param(module).shape
+                apply_mask(module, torch.ones(shape, dtype=torch.bool))
+    model.load_state_dict(state_dict)
+
+
+@dataclass(frozen=True)
+class LayerSparsity:
+    """Zeros of one layer's effective weight."""
+
+    name: str
+    numel: int
+    zeros: int
+
+    @property
+    def sparsity(self) -> float:
+        return self.zeros / self.numel if self.numel else 0.0
+
+
+@dataclass(frozen=True)
+class SparsityReport:
+    """Per-layer and total sparsity of a model's prunable weights."""
+
+    layers: list[LayerSparsity] = field(default_factory=list)
+
+    @property
+    def numel(self) -> int:
+        return sum(r.numel for r in self.layers)
+
+    @property
+    def zeros(self) -> int:
+        return sum(r.zeros for r in self.layers)
+
+    @property
+    def total(self) -> float:
+        return self.zeros / self.numel if self.numel else 0.0
+
+    def __getitem__(self, name: str) -> float:
+        for row in self.layers:
+            if row.name == name:
+                return row.sparsity
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, float]:
+        return {**{r.name: r.sparsity for r in self.layers}, "total": self.total}
+
+    def __rich__(self) -> Table:
+        table = Table(title="weight sparsity")
+        for col in ("layer", "weights", "zeros", "sparsity"):
+            table.add_column(col, justify="left" if col == "layer" else "right")
+        for r in self.layers:
+            table.add_row(r.name, f"{r.numel:,}", f"{r.zeros:,}", f"{r.sparsity:.2%}")
+        table.add_row("total", f"{self.numel:,}", f"{self.zeros:,}", f"{self.total:.2%}")
+        return table
+
+
+def _layer_sparsity(layer: Layer) -> LayerSparsity:
+    with torch.no_grad():
+        weight = layer.module.weight
+        return LayerSparsity(layer.name, weight.numel(), int(weight.numel() - weight.count_nonzero()))
+
+
+def sparsity(model: nn.Module, layers=None, exclude=None) -> SparsityReport:
+    """Zeros in the effective weights of the prunable layers, per layer and in total.
+
+    Counts actual zeros of ``module.weight`` (masked or baked alike).
+    """
+    return SparsityReport([_layer_sparsity(layer) for layer in select_layers(model, layers, exclude)])
