@@ -8,6 +8,7 @@ no packbits, hence these few lines.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -21,6 +22,8 @@ def _bit_values(device: torch.device) -> Tensor:
 def pack(mask: Tensor) -> Tensor:
     """Pack a bool tensor (any shape) into ``ceil(numel / 8)`` uint8, row-major order."""
     flat = mask.reshape(-1)
+    if flat.device.type == "cpu":  # numpy's C packbits is ~10x faster than the torch ops below
+        return torch.from_numpy(np.packbits(flat.numpy()))
     pad = (-flat.numel()) % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])

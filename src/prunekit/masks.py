@@ -63,6 +63,14 @@ def get_mask(module: nn.Module) -> Tensor | None:
     return None
 
 
+def kept_fraction(module: nn.Module) -> float:
+    """Fraction of ``module.weight`` its mask keeps (1.0 when unmasked), without unpacking."""
+    param = _mask_param(module)
+    if param is None:
+        return 1.0
+    return bits.count_ones(param.packed) / max(param.shape.numel(), 1)
+
+
 def _mask_param(module: nn.Module) -> WeightMask | None:
     if not parametrize.is_parametrized(module, "weight"):
         return None
@@ -79,8 +87,10 @@ def apply_packed(module: nn.Module, packed: Tensor) -> None:
         existing.packed.bitwise_and_(packed)
         return
     shape = weight_param(module).shape
+    # unsafe=True: the shape is ours by construction, and the safe path would compute
+    # (and allocate) the masked weight once just to check it.
     parametrize.register_parametrization(
-        module, "weight", WeightMask(packed.to(weight_param(module).device), shape)
+        module, "weight", WeightMask(packed.to(weight_param(module).device), shape), unsafe=True
     )
 
 

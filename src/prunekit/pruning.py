@@ -25,7 +25,7 @@ from prunekit.layers import (
     require_unique_modules,
     select_layers,
 )
-from prunekit.masks import apply_packed, get_mask
+from prunekit.masks import apply_packed, kept_fraction
 from prunekit.selection import LayerPlan, criterion_scores, element_mask, select_pool
 from prunekit.criteria.base import Batches, LossFn, ScoreContext
 from prunekit import bits
@@ -119,8 +119,7 @@ def _resolve_layers(
 
 
 def _layer_sparsity(layer: Layer) -> float:
-    mask = get_mask(layer.module)
-    return 0.0 if mask is None else 1 - float(mask.float().mean())
+    return 1.0 - kept_fraction(layer.module)
 
 
 def _nm_masks(

@@ -37,9 +37,9 @@ from prunekit.criteria import Criterion, ScoreContext
 from prunekit.errors import PruningError
 from prunekit.granularity import Granularity, Grouping
 from prunekit.layers import Layer, from_canonical, to_canonical
-from prunekit.masks import get_mask
+from prunekit.masks import get_mask, kept_fraction
 
-SAMPLE_SIZE = 1 << 18
+SAMPLE_SIZE = 1 << 19
 CHUNK_ELEMENTS = 1 << 20
 _SIGMAS = 4.0
 
@@ -106,7 +106,8 @@ def criterion_scores(
             f"{layer.name!r}; expected {grouping.group_shape} (one score per group)"
         )
     scores = scores.reshape(-1).to(torch.float32)
-    if torch.isnan(scores).any():
+    # NaN in the sum means a NaN score (or +inf with -inf); only then look closer.
+    if torch.isnan(scores.sum()) and torch.isnan(scores).any():
         raise PruningError(
             f"criterion {criterion!r} produced NaN scores for layer {layer.name!r}; "
             "Fix: check its statistics (data batches, loss) or use another criterion."
@@ -114,114 +115,154 @@ def criterion_scores(
     return scores
 
 
-def _weights(scores: Tensor, alive: Tensor | None, group_size: int) -> Tensor:
+def _weights(idx: Tensor, alive: Tensor | None, group_size: int) -> Tensor:
+    """Alive weights of the groups at ``idx`` (``group_size`` each when nothing is masked)."""
     if alive is not None:
-        return alive.to(torch.int64)
-    return torch.full(scores.shape, group_size, dtype=torch.int64)
+        return alive[idx].to(torch.int64)
+    return torch.full(idx.shape, group_size, dtype=torch.int64)
 
 
-def _count(selected: Tensor, alive: Tensor | None, group_size: int) -> int:
-    if alive is None:
-        return int(torch.count_nonzero(selected)) * group_size
-    return int(alive[selected].sum())
+class _Columns:
+    """Growable preallocated columns (values, positions...), appended chunk by chunk.
+
+    Results that outlive a chunk are written into storage allocated up front: small
+    tensors kept between large per-chunk temporaries would fragment the heap and grow
+    the process by about one chunk per chunk.
+    """
+
+    def __init__(self, capacity: int, **dtypes: torch.dtype) -> None:
+        self.size = 0
+        self.data = {k: torch.empty(max(capacity, 1), dtype=d) for k, d in dtypes.items()}
+
+    def append(self, **columns: Tensor) -> None:
+        n = next(iter(columns.values())).numel()
+        if self.size + n > next(iter(self.data.values())).numel():
+            grow = max(2 * (self.size + n), 1024)
+            self.data = {k: torch.cat([v[: self.size], v.new_empty(grow - self.size)])
+                         for k, v in self.data.items()}
+        for k, v in columns.items():
+            self.data[k][self.size : self.size + n] = v
+        self.size += n
+
+    def __getitem__(self, key: str) -> Tensor:
+        return self.data[key][: self.size]
 
 
-@dataclass
-class _Sample:
-    values: Tensor
-    weights: Tensor
-    exhaustive: bool
+def _merge_top(best_v: Tensor, best_i: Tensor, scores: Tensor, offset: int) -> None:
+    """Update the running top-k (values, flat indices; k = len(best_v)) in place."""
+    k = best_v.numel()
+    if k == 1:  # max is an order of magnitude faster than topk on CPU
+        value, index = scores.max(0)
+        top_v, top_i = value.reshape(1), index.reshape(1)
+    else:
+        top_v, top_i = scores.topk(min(k, scores.numel()))
+    merged_v = torch.cat([best_v, top_v])
+    merged_i = torch.cat([best_i, top_i + offset])
+    order = merged_v.topk(k).indices
+    best_v.copy_(merged_v[order])
+    best_i.copy_(merged_i[order])
 
 
-def _survey(
-    plans: list[LayerPlan], criterion: Criterion, seed: int, min_keep: int
-) -> tuple[_Sample, list[Tensor]]:
-    """One pass: a weighted sample of the finite scores, and each layer's protected groups.
+def _top_groups(plans: list[LayerPlan], criterion: Criterion, k: int) -> list[Tensor]:
+    """Flat indices of each layer's ``k`` best alive groups (the ones ``min_keep`` protects)."""
+    protected = []
+    for plan in plans:
+        best_v, best_i, offset = torch.full((k,), -math.inf), torch.zeros(k, dtype=torch.int64), 0
+        for scores, _ in plan.scores(criterion):
+            _merge_top(best_v, best_i, scores, offset)
+            offset += scores.numel()
+        protected.append(best_i[best_v > -math.inf].clone())
+    return protected
 
-    The protected groups are the layer's ``min_keep`` best (alive) groups, never pruned.
+
+def _survey(plans: list[LayerPlan], criterion: Criterion, seed: int) -> tuple[_Columns, bool]:
+    """One pass: a weighted sample of the finite scores.
+
+    The sample holds every group when the pool has at most ``SAMPLE_SIZE`` of them
+    (``exhaustive``).
     """
     total = sum(p.grouping.num_groups for p in plans)
     exhaustive = total <= SAMPLE_SIZE
     generator = torch.Generator().manual_seed(seed)
-    values, weights, protected = [], [], []
+    sample = _Columns(min(total, SAMPLE_SIZE) + len(plans) * 64, values=torch.float32,
+                      weights=torch.int64)
     for plan in plans:
-        best_v, best_i, offset = torch.empty(0), torch.empty(0, dtype=torch.int64), 0
         for scores, alive in plan.scores(criterion):
-            if min_keep > 0:
-                top = scores.topk(min(min_keep, scores.numel()))
-                best_v = torch.cat([best_v, top.values])
-                best_i = torch.cat([best_i, top.indices + offset])
-                top = best_v.topk(min(min_keep, best_v.numel()))
-                best_v, best_i = top.values, best_i[top.indices]
-            offset += scores.numel()
-            w = _weights(scores, alive, plan.grouping.group_size)
-            if not exhaustive:
+            if exhaustive:
+                idx = torch.arange(scores.numel())
+            else:
                 n = max(1, round(SAMPLE_SIZE * scores.numel() / total))
                 idx = torch.randint(scores.numel(), (n,), generator=generator)
-                scores, w = scores[idx], w[idx]
-            finite = torch.isfinite(scores)
-            values.append(scores[finite])
-            weights.append(w[finite])
-        protected.append(best_i[best_v > -math.inf])
-    return _Sample(torch.cat(values), torch.cat(weights), exhaustive), protected
+            sampled = scores[idx]
+            finite = torch.isfinite(sampled)
+            sample.append(values=sampled[finite],
+                          weights=_weights(idx[finite], alive, plan.grouping.group_size))
+    return sample, exhaustive
 
 
-def _bracket(sample: _Sample, fraction: float) -> tuple[float, float]:
+def _bracket(sample: _Columns, exhaustive: bool, fraction: float) -> tuple[float, float]:
     """Score bracket around the ``fraction`` quantile (by weight) of the alive groups."""
-    if sample.values.numel() == 0:
+    values = sample["values"]
+    n = values.numel()
+    if n == 0:
         return -math.inf, math.inf
-    order = torch.sort(sample.values, stable=True)
-    cum = sample.weights[order.indices].cumsum(0).double()
+    order = torch.sort(values, stable=True)
+    cum = sample["weights"][order.indices].cumsum(0).double()
     cum /= cum[-1].clone()
-    n = order.values.numel()
     cut = int(torch.searchsorted(cum, torch.tensor([fraction], dtype=torch.float64)).clamp(max=n - 1))
-    spread = 0 if sample.exhaustive else math.ceil(_SIGMAS * math.sqrt(n) + 2)
+    # The sample's count below the true cut is binomial(n, fraction): +-4 sigma brackets it.
+    sigma = math.sqrt(n * fraction * (1 - fraction))
+    spread = 0 if exhaustive else math.ceil(_SIGMAS * sigma) + 2
     lo, hi = max(0, cut - spread), min(n - 1, cut + spread)
-    t_lo = float(order.values[lo]) if lo > 0 or sample.exhaustive else -math.inf
-    t_hi = float(order.values[hi]) if hi < n - 1 or sample.exhaustive else math.inf
+    t_lo = float(order.values[lo]) if lo > 0 or exhaustive else -math.inf
+    t_hi = float(order.values[hi]) if hi < n - 1 or exhaustive else math.inf
     return t_lo, t_hi
 
 
 @dataclass
-class _Pass:
-    """Result of the marking pass over a pool."""
+class _Marked:
+    """Result of the marking pass: provisional packed masks, weight below, candidates."""
 
-    masks: list[list[Tensor]]  # per layer, packed keep bits per chunk
+    masks: list[Tensor]
     below: int
-    values: list[Tensor]
-    layer_ids: list[Tensor]
-    positions: list[Tensor]
-    weights: list[Tensor]
+    candidates: _Columns
 
 
 def _mark(
-    plans: list[LayerPlan], criterion: Criterion, protected: list[Tensor], t_lo: float, t_hi: float
-) -> _Pass:
-    out = _Pass([], 0, [], [], [], [])
+    plans: list[LayerPlan],
+    criterion: Criterion,
+    protected: list[Tensor],
+    bracket: tuple[float, float],
+    capacity: int,
+) -> _Marked:
+    """Keep everything scoring >= t_lo; collect the candidates inside the bracket."""
+    t_lo, t_hi = bracket
+    masks = [torch.empty((p.grouping.num_groups + 7) // 8, dtype=torch.uint8) for p in plans]
+    candidates = _Columns(capacity, values=torch.float32, positions=torch.int64,
+                          layer=torch.int64, weights=torch.int64)
+    below = 0
     for li, plan in enumerate(plans):
-        packed, offset = [], 0
+        offset, size = 0, plan.grouping.group_size
         for scores, alive in plan.scores(criterion):
             local = protected[li] - offset
             local = local[(local >= 0) & (local < scores.numel())]
             scores = scores.index_fill(0, local, math.inf) if local.numel() else scores
-            out.below += _count(scores < t_lo, alive, plan.grouping.group_size)
-            keep = (scores >= t_lo) & (scores > -math.inf)
-            candidate = keep & (scores <= t_hi) & (scores < math.inf)
+            # Dead groups score -inf and protected ones +inf: neither is ever a candidate.
+            keep = scores >= t_lo if t_lo > -math.inf else scores > -math.inf
+            candidate = keep & (scores <= t_hi if t_hi < math.inf else scores < math.inf)
+            if alive is None:
+                below += (scores.numel() - int(torch.count_nonzero(keep))) * size
+            else:
+                below += int(alive.sum()) - int(alive[keep].sum())
             idx = candidate.nonzero().squeeze(1)
             if idx.numel():
-                out.values.append(scores[idx])
-                out.positions.append(idx + offset)
-                out.layer_ids.append(torch.full_like(idx, li))
-                out.weights.append(_weights(scores, alive, plan.grouping.group_size)[idx])
-            packed.append(bits.pack(keep))
+                candidates.append(values=scores[idx], positions=idx + offset,
+                                  layer=torch.full_like(idx, li),
+                                  weights=_weights(idx, alive, size))
+            packed = bits.pack(keep)
+            masks[li][offset // 8 : offset // 8 + packed.numel()] = packed
             offset += scores.numel()
-        out.masks.append(packed)
-    return out
-
-
-def _join(chunks: list[Tensor], num_groups: int) -> Tensor:
-    """Concatenate per-chunk packed bits (each chunk but the last holds a multiple of 8)."""
-    return torch.cat(chunks) if chunks else bits.pack(torch.ones(num_groups, dtype=torch.bool))
+    return _Marked(masks, below, candidates)
 
 
 def select_pool(
@@ -229,41 +270,61 @@ def select_pool(
 ) -> list[Tensor]:
     """Packed group-keep masks (one per plan) pruning ``n_prune`` weights of the pool in total.
 
-    ``n_prune`` counts weights already masked; it is clamped to what ``min_keep`` allows.
+    ``n_prune`` counts weights already masked. Every layer keeps at least ``min_keep``
+    groups: when a first, unconstrained selection would leave a layer with fewer, the
+    selection is redone with each layer's best ``min_keep`` groups reserved (and
+    ``n_prune`` clamped to what that allows).
     """
-    sample, protected = _survey(plans, criterion, seed, min_keep)
+    sample, exhaustive = _survey(plans, criterion, seed)
+    masks = _select(plans, criterion, n_prune, sample, exhaustive, [])
+    floor = [min(min_keep, p.grouping.num_groups) for p in plans]
+    if any(bits.count_ones(m) < f for m, f in zip(masks, floor, strict=True)):
+        protected = _top_groups(plans, criterion, min_keep)
+        masks = _select(plans, criterion, n_prune, sample, exhaustive, protected)
+    return masks
+
+
+def _select(
+    plans: list[LayerPlan],
+    criterion: Criterion,
+    n_prune: int,
+    sample: _Columns,
+    exhaustive: bool,
+    protected: list[Tensor],
+) -> list[Tensor]:
+    protected = protected or [torch.empty(0, dtype=torch.int64) for _ in plans]
     alive_total, dead = 0, 0
     for plan in plans:
-        mask = get_mask(plan.layer.module)
-        kept = plan.numel if mask is None else int(mask.sum())
+        kept = round(kept_fraction(plan.layer.module) * plan.numel)
         alive_total += kept
         dead += plan.numel - kept
     reserved = sum(len(p) * plan.grouping.group_size for p, plan in zip(protected, plans, strict=True))
     need_total = min(n_prune - dead, alive_total - reserved)
     if need_total <= 0:
         return [bits.pack(torch.ones(p.grouping.num_groups, dtype=torch.bool)) for p in plans]
-    t_lo, t_hi = _bracket(sample, need_total / max(alive_total, 1))
-    result = _mark(plans, criterion, protected, t_lo, t_hi)
-    cand_weight = sum(int(w.sum()) for w in result.weights)
-    need = need_total - result.below
-    if need < 0 or need > cand_weight:
-        t_lo, t_hi = (-math.inf, t_hi) if need < 0 else (t_lo, math.inf)
-        result = _mark(plans, criterion, protected, t_lo, t_hi)
-        need = need_total - result.below
-    masks = [_join(m, p.grouping.num_groups) for m, p in zip(result.masks, plans, strict=True)]
-    if need > 0 and result.values:
-        values = torch.cat(result.values)
-        order = torch.sort(values, stable=True).indices
-        cum = torch.cat(result.weights)[order].cumsum(0)
+    bracket = _bracket(sample, exhaustive, need_total / max(alive_total, 1))
+    inside = int(((sample["values"] >= bracket[0]) & (sample["values"] <= bracket[1])).sum())
+    total_groups = sum(p.grouping.num_groups for p in plans)
+    capacity = 2 * inside * total_groups // max(sample.size, 1) + 1024
+    marked = _mark(plans, criterion, protected, bracket, capacity)
+    need = need_total - marked.below
+    if need < 0 or need > int(marked.candidates["weights"].sum()):
+        # The sample misled us (a tail event): open the bracket on the side that failed.
+        bracket = (-math.inf, bracket[1]) if need < 0 else (bracket[0], math.inf)
+        marked = _mark(plans, criterion, protected, bracket, capacity)
+        need = need_total - marked.below
+    cand = marked.candidates
+    if need > 0 and cand.size:
+        order = torch.sort(cand["values"], stable=True).indices
+        cum = cand["weights"][order].cumsum(0)
         take = int(torch.searchsorted(cum, torch.tensor([need]))) + 1
         if take > 1 and abs(int(cum[take - 2]) - need) <= abs(int(cum[take - 1]) - need):
             take -= 1
         chosen = order[:take]
-        layer_ids = torch.cat(result.layer_ids)[chosen]
-        positions = torch.cat(result.positions)[chosen]
+        layer_ids, positions = cand["layer"][chosen], cand["positions"][chosen]
         for li in layer_ids.unique().tolist():
-            bits.clear(masks[li], positions[layer_ids == li])
-    return masks
+            bits.clear(marked.masks[li], positions[layer_ids == li])
+    return marked.masks
 
 
 def element_mask(plan: LayerPlan, packed_groups: Tensor) -> Tensor:

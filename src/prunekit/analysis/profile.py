@@ -1,0 +1,352 @@
+"""Measure what pruning bought: parameters, bytes, MACs and latency, per layer and in total.
+
+For each prunable layer, with ``W`` its effective weight (the masked one when a mask is
+registered), ``b`` its bias, ``e`` an element size in bytes and ``(rows, cols)`` the
+2-D GEMM view of the canonical weight ``(out, in * prod(kernel))``:
+
+==================  ===========================================================
+params              ``numel(W) + numel(b)``
+nonzero             ``nnz(W) + nnz(b)``
+sparsity            ``1 - nnz(W) / numel(W)`` (of the weight only)
+dense bytes         ``numel(W) * e + numel(b) * e_b``
+CSR bytes           ``nnz(W) * e + nnz(W) * 4 + (rows + 1) * 4`` + dense bias
+                    (values, int32 column indices, int32 row pointers)
+2:4 bytes           :func:`nm_bytes` ``(numel(W), e, 2, 4)`` + dense bias, or None unless 4
+                    divides the reduction (input) axis of the canonical weight
+MACs                FLOPs / 2 counted by ``torch.utils.flop_counter.FlopCounterMode``
+effective MACs      ``MACs * nnz(W) / numel(W)``
+==================  ===========================================================
+
+The total row sums the layers (a weight shared by several layers counts once), except
+for MACs: total MACs are the whole model's, non-prunable ops included, and total
+effective MACs are ``total MACs - sum(layer MACs * layer sparsity)``.
+
+Masked zeros are still multiplied by dense kernels: MACs and latency of a masked model
+are those of the dense one. Effective MACs and the CSR / 2:4 bytes are what a sparse
+kernel or storage format could reach, not what the model runs.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+from torch.utils import benchmark
+from torch.utils.flop_counter import FlopCounterMode
+
+from prunekit.errors import PruningError
+from prunekit.layers import Layer, Selector, select_layers, to_canonical, weight_param
+
+Inputs = Tensor | tuple[Tensor, ...]
+
+_NOTE = (
+    "Masked zeros do not make dense kernels faster: MACs and latency are the dense "
+    "computation's; eff. MACs, CSR KB and 2:4 KB are what sparse kernels or formats could "
+    "reach. Total MACs include non-prunable ops."
+)
+
+_NUMERIC_COLUMNS = (
+    "params",
+    "nonzero",
+    "sparsity %",
+    "dense KB",
+    "CSR KB",
+    "2:4 KB",
+    "MACs",
+    "eff. MACs",
+)
+
+
+@dataclass(frozen=True)
+class LayerProfile:
+    """Counts of one prunable layer, or of the whole selection (``name == "total"``)."""
+
+    name: str
+    kind: str
+    params: int
+    nonzero: int
+    weight_params: int
+    weight_nonzero: int
+    dense_bytes: int
+    csr_bytes: int
+    nm_bytes: int | None
+    macs: int
+    effective_macs: float
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of zero weight entries: ``1 - weight_nonzero / weight_params``."""
+        return 1.0 - self.weight_nonzero / max(self.weight_params, 1)
+
+    def to_dict(self) -> dict[str, object]:
+        """Plain, JSON-serialisable fields, ``sparsity`` included."""
+        return {**asdict(self), "sparsity": self.sparsity}
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Per-layer counts, their total and the measured latency of the whole model."""
+
+    layers: list[LayerProfile]
+    total: LayerProfile
+    latency_s: float | None
+
+    @property
+    def total_macs(self) -> int:
+        """Dense MACs of one forward pass of the whole model."""
+        return self.total.macs
+
+    @property
+    def effective_macs(self) -> float:
+        """``total_macs - sum(layer.macs * layer.sparsity)``."""
+        return self.total.effective_macs
+
+    def to_dict(self) -> dict[str, object]:
+        """Plain dict / list / int / float structure (``json.dumps`` accepts it)."""
+        return {
+            "layers": [layer.to_dict() for layer in self.layers],
+            "total": self.total.to_dict(),
+            "latency_s": self.latency_s,
+            "total_macs": self.total_macs,
+            "effective_macs": self.effective_macs,
+        }
+
+    def table(self) -> Table:
+        """A rich table, one row per layer plus the total, captioned with the latency."""
+        table = Table(title="prunekit profile", caption=f"{_latency_text(self.latency_s)}\n{_NOTE}")
+        table.add_column("layer")
+        table.add_column("type")
+        for header in _NUMERIC_COLUMNS:
+            table.add_column(header, justify="right")
+        for layer in self.layers:
+            table.add_row(*_cells(layer))
+        table.add_section()
+        table.add_row(*_cells(self.total), style="bold")
+        return table
+
+    def __rich__(self) -> Table:
+        return self.table()
+
+    def __str__(self) -> str:
+        console = Console(file=io.StringIO(), width=160, color_system=None)
+        console.print(self.table())
+        return console.file.getvalue()
+
+
+def _latency_text(latency_s: float | None) -> str:
+    if latency_s is None:
+        return "Latency: not measured."
+    return f"Latency (whole model, median): {latency_s * 1e3:.3f} ms"
+
+
+def _kb(n_bytes: int | None) -> str:
+    return "—" if n_bytes is None else f"{n_bytes / 1024:,.1f}"
+
+
+def _si(x: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f}{unit}"
+    return f"{x:.0f}"
+
+
+def _cells(p: LayerProfile) -> tuple[str, ...]:
+    return (
+        p.name,
+        p.kind,
+        f"{p.params:,}",
+        f"{p.nonzero:,}",
+        f"{100 * p.sparsity:.1f}",
+        _kb(p.dense_bytes),
+        _kb(p.csr_bytes),
+        _kb(p.nm_bytes),
+        _si(p.macs),
+        _si(p.effective_macs),
+    )
+
+
+def csr_bytes(nnz: int, rows: int, elem_size: int) -> int:
+    """Bytes of a CSR matrix: ``nnz * elem_size`` values + ``nnz * 4`` int32 column
+    indices + ``(rows + 1) * 4`` int32 row pointers."""
+    return nnz * elem_size + nnz * 4 + (rows + 1) * 4
+
+
+def nm_bytes(numel: int, elem_size: int, n: int = 2, m: int = 4) -> int:
+    """Bytes of ``numel`` weights stored N:M-compressed: the ``n`` kept values of every
+    ``m``-group, ``numel * n / m * elem_size``, plus ``ceil(log2 m)`` index bits per kept
+    value, ``ceil(numel * n / m * ceil(log2 m) / 8)``.
+
+    Raises:
+        PruningError: unless ``0 < n <= m`` and ``m`` divides ``numel``.
+    """
+    if not 0 < n <= m or numel % m:
+        raise PruningError(
+            f"N:M storage needs 0 < n <= m and m dividing numel; got n={n}, m={m}, "
+            f"numel={numel}. Fix: pick m dividing the layer's reduction axis."
+        )
+    kept = numel // m * n
+    index_bits = kept * (m - 1).bit_length()  # (m - 1).bit_length() == ceil(log2 m)
+    return kept * elem_size + -(-index_bits // 8)
+
+
+def _as_tuple(example_inputs: Inputs) -> tuple[Tensor, ...]:
+    return (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run the body with ``model`` in eval mode; restore every module's training flag."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def measure_latency(model: nn.Module, example_inputs: Inputs, min_run_time: float = 0.2) -> float:
+    """Median seconds of ``model(*example_inputs)`` in eval mode under ``torch.inference_mode``.
+
+    One warm-up call, then ``torch.utils.benchmark.Timer.blocked_autorange`` for at least
+    ``min_run_time`` seconds with ``torch.get_num_threads()`` threads.
+    """
+    inputs = _as_tuple(example_inputs)
+    with _eval_mode(model), torch.inference_mode():
+        model(*inputs)
+        timer = benchmark.Timer(
+            stmt="model(*inputs)",
+            globals={"model": model, "inputs": inputs},
+            num_threads=torch.get_num_threads(),
+        )
+        return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def _tracker_names(model: nn.Module) -> dict[nn.Module, str]:
+    """The names ``FlopCounterMode`` (its ``ModuleTracker``) gives the modules of ``model``.
+
+    The root is named after its class, children ``"<parent>.<child>"`` (``"Sequential.0"``
+    for ``model[0]``, not ``"0"``); a module reachable by several paths keeps the last.
+    """
+    names: dict[nn.Module, str] = {}
+    seen: set[nn.Module] = set()
+
+    def visit(module: nn.Module, name: str) -> None:
+        names[module] = name
+        if module not in seen:
+            seen.add(module)
+            for child_name, child in module.named_children():
+                visit(child, f"{name}.{child_name}")
+
+    visit(model, type(model).__name__)
+    return names
+
+
+def _count_macs(model: nn.Module, inputs: tuple[Tensor, ...]) -> tuple[dict[nn.Module, int], int]:
+    """MACs (FLOPs / 2) of one forward pass: per module, and of the whole model."""
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(*inputs)
+    flops = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+    per_module = {module: flops.get(name, 0) // 2 for module, name in _tracker_names(model).items()}
+    return per_module, flops.get("Global", 0) // 2
+
+
+def _kind(module: nn.Module) -> str:
+    # parametrize swaps the class for a "Parametrized<Class>" subclass; show the original.
+    cls = type(module).__bases__[0] if parametrize.is_parametrized(module) else type(module)
+    return cls.__name__
+
+
+def _layer_profile(layer: Layer, macs: int) -> LayerProfile:
+    weight = layer.module.weight  # the effective (masked) weight
+    bias = getattr(layer.module, "bias", None)
+    bias = bias if isinstance(bias, Tensor) else weight.new_empty(0)
+    canonical = to_canonical(layer.module, weight)
+    numel, nnz, elem = weight.numel(), int(torch.count_nonzero(weight)), weight.element_size()
+    bias_bytes = bias.numel() * bias.element_size()
+    divisible = canonical.shape[1] % 4 == 0
+    return LayerProfile(
+        name=layer.name,
+        kind=_kind(layer.module),
+        params=numel + bias.numel(),
+        nonzero=nnz + int(torch.count_nonzero(bias)),
+        weight_params=numel,
+        weight_nonzero=nnz,
+        dense_bytes=numel * elem + bias_bytes,
+        csr_bytes=csr_bytes(nnz, canonical.shape[0], elem) + bias_bytes,
+        nm_bytes=nm_bytes(numel, elem) + bias_bytes if divisible else None,
+        macs=macs,
+        effective_macs=macs * nnz / max(numel, 1),
+    )
+
+
+def _total(rows: list[LayerProfile], layers: list[Layer], total_macs: int) -> LayerProfile:
+    """Sum of ``rows``, each shared weight once; MACs are the whole model's ``total_macs``."""
+    firsts = {id(weight_param(layer.module)): row for layer, row in zip(layers, rows, strict=True)}
+    unique = list(firsts.values())
+    nm = [row.nm_bytes for row in unique]
+    return LayerProfile(
+        name="total",
+        kind="",
+        params=sum(row.params for row in unique),
+        nonzero=sum(row.nonzero for row in unique),
+        weight_params=sum(row.weight_params for row in unique),
+        weight_nonzero=sum(row.weight_nonzero for row in unique),
+        dense_bytes=sum(row.dense_bytes for row in unique),
+        csr_bytes=sum(row.csr_bytes for row in unique),
+        nm_bytes=None if None in nm else sum(nm),
+        macs=total_macs,
+        effective_macs=total_macs - sum(row.macs * row.sparsity for row in rows),
+    )
+
+
+def profile(
+    model: nn.Module,
+    example_inputs: Inputs,
+    *,
+    latency: bool = True,
+    min_run_time: float = 0.2,
+    layers: Selector = None,
+) -> Profile:
+    """Count params, nonzeros, bytes and MACs of the prunable ``layers`` of ``model`` (all by
+    default) and time the whole model (see the module docstring for every formula).
+
+    The model runs in eval mode, ``model(*example_inputs)``; its training flags are restored
+    and no hook is left. ``latency=False`` skips timing (``latency_s`` is None).
+
+    Raises:
+        NoLayersError: when ``layers`` matches nothing prunable.
+    """
+    chosen = select_layers(model, layers)
+    inputs = _as_tuple(example_inputs)
+    with _eval_mode(model):
+        per_module, total_macs = _count_macs(model, inputs)
+        latency_s = measure_latency(model, inputs, min_run_time) if latency else None
+        with torch.no_grad():
+            rows = [_layer_profile(layer, per_module.get(layer.module, 0)) for layer in chosen]
+    return Profile(rows, _total(rows, chosen, total_macs), latency_s)
+
+
+_RATIO_KEYS = ("params", "nonzero", "dense_bytes", "csr_bytes", "macs", "effective_macs")
+
+
+def _ratio(after: float | None, before: float | None) -> float | None:
+    return None if after is None or not before else after / before
+
+
+def compare(before: Profile, after: Profile) -> dict[str, float | None]:
+    """Ratios ``after / before`` of the totals (params, nonzero, dense_bytes, csr_bytes, macs,
+    effective_macs) and of ``latency_s``; None where a value is missing or ``before`` is 0."""
+    ratios = {
+        key: _ratio(getattr(after.total, key), getattr(before.total, key)) for key in _RATIO_KEYS
+    }
+    ratios["latency_s"] = _ratio(after.latency_s, before.latency_s)
+    return ratios
