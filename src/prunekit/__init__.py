@@ -1,9 +1,9 @@
 """prunekit: prune PyTorch networks along every axis and turn sparsity into real savings.
 
-    import prunekit as pk
-    report = pk.prune(model, 0.8, granularity="element", criterion="magnitude", scope="global")
-    pk.sparsity(model)
-    pk.bake(model)
+import prunekit as pk
+report = pk.prune(model, 0.8, granularity="element", criterion="magnitude", scope="global")
+pk.sparsity(model)
+pk.bake(model)
 """
 
 from prunekit import analysis, criteria, granularity, masks

@@ -47,7 +47,9 @@ def erk_densities(layers: list[Layer], sparsity: float) -> dict[str, float]:
         dense.update(over)
 
 
-def allocate(layers: list[Layer], sparsity: float | None, allocation: Allocation) -> dict[str, float]:
+def allocate(
+    layers: list[Layer], sparsity: float | None, allocation: Allocation
+) -> dict[str, float]:
     """Per-layer target sparsity for local scope."""
     names = [layer.name for layer in layers]
     if isinstance(allocation, Mapping):

@@ -19,13 +19,11 @@ class UnknownChoiceError(PruningError):
     """An unknown granularity, criterion, scope or allocation name."""
 
     def __init__(self, kind: str, value: object, valid: list[str]) -> None:
-        super().__init__(
-            f"unknown {kind} {value!r}; valid {kind} values are: {', '.join(valid)}"
-        )
+        super().__init__(f"unknown {kind} {value!r}; valid {kind} values are: {', '.join(valid)}")
 
 
 class IncompatibleLayerError(PruningError):
-    """A granularity that cannot apply to a layer (N:M where M does not divide, kernel on Linear...)."""
+    """A granularity that cannot apply to a layer (N:M where M does not divide, kernel on Linear)."""
 
 
 class NoLayersError(PruningError):

@@ -233,6 +233,8 @@ class NM(Granularity):
 
     def keep(self, scores: Tensor) -> Tensor:
         """Bool keep-mask for canonical ``scores``: the best N of every M inputs."""
+        # Already-pruned weights score -inf; clamp so that pattern sums stay finite.
+        scores = scores.clamp(min=torch.finfo(scores.dtype).min / self.m)
         moved = scores.movedim(1, -1)  # (out, *kernel, in)
         grouped = moved.reshape(-1, self.m)
         select = nm_mask_patterns if self.method == "patterns" else nm_mask_topn

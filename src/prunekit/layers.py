@@ -32,7 +32,8 @@ from prunekit.errors import InvalidWeightError, NoLayersError, PruningError
 
 def _is_hf_conv1d(module: nn.Module) -> bool:
     # transformers' GPT-2 Conv1D; matched by name so that transformers stays optional.
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+    # The MRO, not the class name: a masked Conv1D is a parametrize subclass of it.
+    return hasattr(module, "nf") and any(c.__name__ == "Conv1D" for c in type(module).__mro__)
 
 
 def _transposed(module: nn.Module) -> bool:

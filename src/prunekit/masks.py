@@ -196,7 +196,9 @@ class SparsityReport:
 def _layer_sparsity(layer: Layer) -> LayerSparsity:
     with torch.no_grad():
         weight = layer.module.weight
-        return LayerSparsity(layer.name, weight.numel(), int(weight.numel() - weight.count_nonzero()))
+        return LayerSparsity(
+            layer.name, weight.numel(), int(weight.numel() - weight.count_nonzero())
+        )
 
 
 def sparsity(model: nn.Module, layers=None, exclude=None) -> SparsityReport:
@@ -204,4 +206,6 @@ def sparsity(model: nn.Module, layers=None, exclude=None) -> SparsityReport:
 
     Counts actual zeros of ``module.weight`` (masked or baked alike).
     """
-    return SparsityReport([_layer_sparsity(layer) for layer in select_layers(model, layers, exclude)])
+    return SparsityReport(
+        [_layer_sparsity(layer) for layer in select_layers(model, layers, exclude)]
+    )

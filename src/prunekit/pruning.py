@@ -9,13 +9,20 @@ from io import StringIO
 import torch
 from rich.console import Console
 from rich.table import Table
-from torch import nn
+from torch import Tensor, nn
 
+from prunekit import bits
 from prunekit import criteria as criteria_mod
 from prunekit import granularity as granularity_mod
 from prunekit.allocation import Allocation, allocate, check_sparsity
 from prunekit.criteria import Criterion
-from prunekit.errors import IncompatibleLayerError, InvalidSparsityError, NoLayersError, PruningError
+from prunekit.criteria.base import Batches, LossFn
+from prunekit.errors import (
+    IncompatibleLayerError,
+    InvalidSparsityError,
+    NoLayersError,
+    PruningError,
+)
 from prunekit.granularity import NM, Granularity
 from prunekit.layers import (
     Layer,
@@ -26,9 +33,7 @@ from prunekit.layers import (
     select_layers,
 )
 from prunekit.masks import apply_packed, kept_fraction
-from prunekit.selection import LayerPlan, criterion_scores, element_mask, select_pool
-from prunekit.criteria.base import Batches, LossFn, ScoreContext
-from prunekit import bits
+from prunekit.selection import LayerPlan, element_mask, select_pool
 
 SCOPES = ["local", "global"]
 
@@ -78,8 +83,13 @@ class PruneReport:
         for r in self.layers:
             target = "-" if r.target is None else f"{r.target:.2%}"
             table.add_row(
-                r.name, r.kind, "x".join(map(str, r.shape)), f"{r.numel:,}", target,
-                f"{r.before:.2%}", f"{r.after:.2%}",
+                r.name,
+                r.kind,
+                "x".join(map(str, r.shape)),
+                f"{r.numel:,}",
+                target,
+                f"{r.before:.2%}",
+                f"{r.after:.2%}",
             )
         for name, reason in self.skipped:
             table.add_row(name, "skipped", "", "", "", "", reason)
@@ -122,21 +132,15 @@ def _layer_sparsity(layer: Layer) -> float:
     return 1.0 - kept_fraction(layer.module)
 
 
-def _nm_masks(
-    plans: list[LayerPlan], granularity: NM, criterion: Criterion
-) -> list[torch.Tensor]:
+def _nm_masks(plans: list[LayerPlan], granularity: NM, criterion: Criterion) -> list[Tensor]:
+    """Packed storage-layout masks keeping the best N of every M inputs of each layer."""
     masks = []
     for plan in plans:
-        keeps = []
-        weight = plan.effective_canonical()
-        step = granularity.rows_per_group or 1
-        for r0, r1 in plan.row_chunks():
-            chunk = weight[r0:r1]
-            grouping = granularity.grouping(tuple(chunk.shape))
-            stats = None if plan.stats is None else plan.stats[r0 // step : r1 // step]
-            ctx = ScoreContext(plan.layer, stats, torch.Generator().manual_seed(plan.seed))
-            scores = criterion_scores(criterion, chunk, grouping, ctx, plan.layer)
-            keeps.append(granularity.keep(scores.view(chunk.shape)))
+        shape = plan.grouping.shape
+        keeps = [
+            granularity.keep(scores.view(r1 - r0, *shape[1:]))
+            for (r0, r1), (scores, _) in zip(plan.row_chunks(), plan.scores(criterion), strict=True)
+        ]
         keep = from_canonical(plan.layer.module, torch.cat(keeps))
         masks.append(bits.pack(keep.contiguous()))
     return masks
@@ -206,11 +210,15 @@ def prune(
     if not isinstance(min_keep, int) or min_keep < 0:
         raise PruningError(f"min_keep={min_keep!r} must be a non-negative int")
     usable, skipped = _resolve_layers(model, layers, exclude, gran)
-    targets = None if isinstance(gran, NM) or scope == "global" else allocate(usable, sparsity, allocation)
-    groupings = {l.name: gran.grouping(tuple(l.canonical.shape)) for l in usable}
+    targets = (
+        None
+        if isinstance(gran, NM) or scope == "global"
+        else allocate(usable, sparsity, allocation)
+    )
+    groupings = {ly.name: gran.grouping(tuple(ly.canonical.shape)) for ly in usable}
     stats = crit.prepare(model, usable, groupings, data, loss_fn) if crit.requires_data else {}
-    plans = [LayerPlan(l, gran, groupings[l.name], stats.get(l.name), seed) for l in usable]
-    before = [_layer_sparsity(l) for l in usable]
+    plans = [LayerPlan(ly, gran, groupings[ly.name], stats.get(ly.name), seed) for ly in usable]
+    before = [_layer_sparsity(ly) for ly in usable]
 
     if isinstance(gran, NM):
         masks = _nm_masks(plans, gran, crit)
@@ -229,11 +237,17 @@ def prune(
         apply_packed(plan.layer.module, mask)
     results = [
         LayerResult(
-            l.name, l.kind, tuple(l.weight.shape), l.weight.numel(),
-            gran.sparsity if isinstance(gran, NM) else (None if targets is None else targets[l.name]),
-            b, _layer_sparsity(l),
+            ly.name,
+            ly.kind,
+            tuple(ly.weight.shape),
+            ly.weight.numel(),
+            gran.sparsity
+            if isinstance(gran, NM)
+            else (None if targets is None else targets[ly.name]),
+            b,
+            _layer_sparsity(ly),
         )
-        for l, b in zip(usable, before, strict=True)
+        for ly, b in zip(usable, before, strict=True)
     ]
     target = gran.sparsity if isinstance(gran, NM) else sparsity
     return PruneReport(gran.name, repr(crit), scope, target, results, skipped)

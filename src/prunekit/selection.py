@@ -80,12 +80,16 @@ class LayerPlan:
             weight = self.effective_canonical()
             mask = get_mask(self.layer.module)
             mask = None if mask is None else to_canonical(self.layer.module, mask)
-            generator = torch.Generator().manual_seed(self.seed ^ zlib.crc32(self.layer.name.encode()))
-            step = self.granularity.rows_per_group or self.grouping.shape[0]
+            generator = torch.Generator().manual_seed(
+                self.seed ^ zlib.crc32(self.layer.name.encode())
+            )
+            step = self.granularity.rows_per_group  # None: one chunk, whole statistics
             for r0, r1 in self.row_chunks():
                 chunk = weight[r0:r1]
                 grouping = self.granularity.grouping(tuple(chunk.shape))
-                stats = None if self.stats is None else self.stats[r0 // step : r1 // step]
+                stats = self.stats
+                if stats is not None and step is not None:
+                    stats = stats[r0 // step : r1 // step]
                 ctx = ScoreContext(self.layer, stats, generator)
                 scores = criterion_scores(criterion, chunk, grouping, ctx, self.layer)
                 alive = None
@@ -138,8 +142,10 @@ class _Columns:
         n = next(iter(columns.values())).numel()
         if self.size + n > next(iter(self.data.values())).numel():
             grow = max(2 * (self.size + n), 1024)
-            self.data = {k: torch.cat([v[: self.size], v.new_empty(grow - self.size)])
-                         for k, v in self.data.items()}
+            self.data = {
+                k: torch.cat([v[: self.size], v.new_empty(grow - self.size)])
+                for k, v in self.data.items()
+            }
         for k, v in columns.items():
             self.data[k][self.size : self.size + n] = v
         self.size += n
@@ -184,8 +190,9 @@ def _survey(plans: list[LayerPlan], criterion: Criterion, seed: int) -> tuple[_C
     total = sum(p.grouping.num_groups for p in plans)
     exhaustive = total <= SAMPLE_SIZE
     generator = torch.Generator().manual_seed(seed)
-    sample = _Columns(min(total, SAMPLE_SIZE) + len(plans) * 64, values=torch.float32,
-                      weights=torch.int64)
+    sample = _Columns(
+        min(total, SAMPLE_SIZE) + len(plans) * 64, values=torch.float32, weights=torch.int64
+    )
     for plan in plans:
         for scores, alive in plan.scores(criterion):
             if exhaustive:
@@ -195,8 +202,10 @@ def _survey(plans: list[LayerPlan], criterion: Criterion, seed: int) -> tuple[_C
                 idx = torch.randint(scores.numel(), (n,), generator=generator)
             sampled = scores[idx]
             finite = torch.isfinite(sampled)
-            sample.append(values=sampled[finite],
-                          weights=_weights(idx[finite], alive, plan.grouping.group_size))
+            sample.append(
+                values=sampled[finite],
+                weights=_weights(idx[finite], alive, plan.grouping.group_size),
+            )
     return sample, exhaustive
 
 
@@ -209,7 +218,9 @@ def _bracket(sample: _Columns, exhaustive: bool, fraction: float) -> tuple[float
     order = torch.sort(values, stable=True)
     cum = sample["weights"][order.indices].cumsum(0).double()
     cum /= cum[-1].clone()
-    cut = int(torch.searchsorted(cum, torch.tensor([fraction], dtype=torch.float64)).clamp(max=n - 1))
+    cut = int(
+        torch.searchsorted(cum, torch.tensor([fraction], dtype=torch.float64)).clamp(max=n - 1)
+    )
     # The sample's count below the true cut is binomial(n, fraction): +-4 sigma brackets it.
     sigma = math.sqrt(n * fraction * (1 - fraction))
     spread = 0 if exhaustive else math.ceil(_SIGMAS * sigma) + 2
@@ -238,8 +249,13 @@ def _mark(
     """Keep everything scoring >= t_lo; collect the candidates inside the bracket."""
     t_lo, t_hi = bracket
     masks = [torch.empty((p.grouping.num_groups + 7) // 8, dtype=torch.uint8) for p in plans]
-    candidates = _Columns(capacity, values=torch.float32, positions=torch.int64,
-                          layer=torch.int64, weights=torch.int64)
+    candidates = _Columns(
+        capacity,
+        values=torch.float32,
+        positions=torch.int64,
+        layer=torch.int64,
+        weights=torch.int64,
+    )
     below = 0
     for li, plan in enumerate(plans):
         offset, size = 0, plan.grouping.group_size
@@ -256,9 +272,12 @@ def _mark(
                 below += int(alive.sum()) - int(alive[keep].sum())
             idx = candidate.nonzero().squeeze(1)
             if idx.numel():
-                candidates.append(values=scores[idx], positions=idx + offset,
-                                  layer=torch.full_like(idx, li),
-                                  weights=_weights(idx, alive, size))
+                candidates.append(
+                    values=scores[idx],
+                    positions=idx + offset,
+                    layer=torch.full_like(idx, li),
+                    weights=_weights(idx, alive, size),
+                )
             packed = bits.pack(keep)
             masks[li][offset // 8 : offset // 8 + packed.numel()] = packed
             offset += scores.numel()
@@ -298,7 +317,9 @@ def _select(
         kept = round(kept_fraction(plan.layer.module) * plan.numel)
         alive_total += kept
         dead += plan.numel - kept
-    reserved = sum(len(p) * plan.grouping.group_size for p, plan in zip(protected, plans, strict=True))
+    reserved = sum(
+        len(p) * plan.grouping.group_size for p, plan in zip(protected, plans, strict=True)
+    )
     need_total = min(n_prune - dead, alive_total - reserved)
     if need_total <= 0:
         return [bits.pack(torch.ones(p.grouping.num_groups, dtype=torch.bool)) for p in plans]

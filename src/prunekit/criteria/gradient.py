@@ -46,7 +46,7 @@ class GradientStatistic(Criterion):
             )
         loss_fn = loss_fn or F.cross_entropy
         params = [layer.weight for layer in layers]
-        totals = {l.name: torch.zeros(groupings[l.name].group_shape) for l in layers}
+        totals = {ly.name: torch.zeros(groupings[ly.name].group_shape) for ly in layers}
         was_training = model.training
         model.eval()
         batches = 0

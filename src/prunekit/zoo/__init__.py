@@ -1,0 +1,35 @@
+"""Reference models, offline datasets and a small trainer for pruning experiments."""
+
+from prunekit.zoo.data import Dataset, batches, load_dataset
+from prunekit.zoo.models import (
+    MODELS,
+    LeNet5,
+    LeNet300100,
+    MobileNetV2Small,
+    ResNet20,
+    SmallVGG,
+    TinyGPT,
+    TinyViT,
+    build_model,
+    example_input,
+)
+from prunekit.zoo.train import calibration_batches, evaluate, train
+
+__all__ = [
+    "MODELS",
+    "Dataset",
+    "LeNet5",
+    "LeNet300100",
+    "MobileNetV2Small",
+    "ResNet20",
+    "SmallVGG",
+    "TinyGPT",
+    "TinyViT",
+    "batches",
+    "build_model",
+    "calibration_batches",
+    "evaluate",
+    "example_input",
+    "load_dataset",
+    "train",
+]

@@ -1,0 +1,107 @@
+"""A minimal, deterministic training loop, accuracy evaluation and calibration batches."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from itertools import islice
+
+import torch
+import torch.nn.functional as F
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import Tensor, nn
+
+from prunekit.errors import UnknownChoiceError
+from prunekit.zoo.data import Dataset, batches
+
+Data = Dataset | tuple[Tensor, Tensor]
+
+
+def _train_xy(data: Data) -> tuple[Tensor, Tensor]:
+    return (data.x_train, data.y_train) if isinstance(data, Dataset) else data
+
+
+def _cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
+    # Works for classification ((B, C), (B,)) and language modelling ((B, T, V), (B, T)).
+    return F.cross_entropy(logits.flatten(0, -2), y.flatten())
+
+
+def train(
+    model: nn.Module,
+    data: Data,
+    *,
+    epochs: int = 1,
+    lr: float = 1e-3,
+    batch_size: int = 64,
+    optimizer: str = "adam",
+    weight_decay: float = 0.0,
+    momentum: float = 0.9,
+    seed: int = 0,
+    progress: bool = True,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+    callback: Callable[[int], None] | None = None,
+) -> list[float]:
+    """Train ``model`` in place on a ``Dataset``'s training split or an ``(x, y)`` pair.
+
+    ``optimizer`` is ``"adam"`` or ``"sgd"`` (with ``momentum``). The batch order is drawn
+    from a generator seeded with ``seed``, so equal seeds and equal initial weights give
+    equal results. ``loss_fn(logits, y)`` defaults to cross-entropy. ``callback(step)`` runs
+    after every optimizer step, with ``step`` the number of steps taken so far (1, 2, ...).
+    Returns the mean training loss of each epoch.
+    """
+    if optimizer not in ("adam", "sgd"):
+        raise UnknownChoiceError("optimizer", optimizer, ["adam", "sgd"])
+    x, y = _train_xy(data)
+    loss_fn = loss_fn or _cross_entropy
+    params = model.parameters()
+    opt = (
+        torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+        if optimizer == "adam"
+        else torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    )
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    steps_per_epoch = -(-len(x) // batch_size)
+    was_training, step, losses = model.training, 0, []
+    model.train()
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, TimeElapsedColumn(), transient=True, disable=not progress) as bar:
+        task = bar.add_task("training", total=epochs * steps_per_epoch)
+        for epoch in range(epochs):
+            total = 0.0
+            for xb, yb in batches(x, y, batch_size, shuffle=True, generator=gen):
+                loss = loss_fn(model(xb.to(device)), yb.to(device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+                if callback is not None:
+                    callback(step)
+                total += loss.item() * len(xb)
+                desc = f"epoch {epoch + 1}/{epochs} loss {loss.item():.3f}"
+                bar.update(task, advance=1, description=desc)
+            losses.append(total / len(x))
+    model.train(was_training)
+    return losses
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 512) -> float:
+    """Accuracy of ``model`` on ``(x, y)`` in [0, 1] (per token for sequence outputs),
+    computed in eval mode; the model's previous train/eval mode is restored."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    correct = 0
+    for xb, yb in batches(x, y, batch_size):
+        correct += (model(xb.to(device)).argmax(-1) == yb.to(device)).sum().item()
+    model.train(was_training)
+    return correct / y.numel()
+
+
+def calibration_batches(
+    dataset: Data, n_batches: int = 4, batch_size: int = 64, seed: int = 0
+) -> list[tuple[Tensor, Tensor]]:
+    """``n_batches`` shuffled training batches (seeded), for data-driven pruning criteria."""
+    x, y = _train_xy(dataset)
+    gen = torch.Generator().manual_seed(seed)
+    return list(islice(batches(x, y, batch_size, shuffle=True, generator=gen), n_batches))

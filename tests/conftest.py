@@ -1,0 +1,63 @@
+"""Shared fixtures: small models covering every prunable layer type."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+
+def snapshot(model: nn.Module) -> dict:
+    """Everything a failed call must leave untouched: tensors, parametrizations, hooks, modes."""
+    return {
+        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "types": [type(m) for m in model.modules()],
+        "hooks": [
+            (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+            for m in model.modules()
+        ],
+        "training": [m.training for m in model.modules()],
+        "grads": [p.grad for p in model.parameters()],
+    }
+
+
+def assert_unchanged(model: nn.Module, before: dict) -> None:
+    after = snapshot(model)
+    assert after["types"] == before["types"]
+    assert after["hooks"] == before["hooks"]
+    assert after["training"] == before["training"]
+    assert all(a is None for a in after["grads"]) or after["grads"] == before["grads"]
+    assert after["state"].keys() == before["state"].keys()
+    for key, value in before["state"].items():
+        assert torch.equal(after["state"][key], value), key
+
+
+class ConvNet(nn.Module):
+    """Conv2d, depthwise Conv2d, Conv1d-free path, ConvTranspose2d and Linear in one model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 3, padding=1)
+        self.depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.up = nn.ConvTranspose2d(8, 8, 2, stride=2)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv(x))
+        x = torch.relu(self.depthwise(x))
+        x = self.up(x)
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.fixture
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 8)
+    )
+
+
+@pytest.fixture
+def convnet() -> nn.Module:
+    torch.manual_seed(0)
+    return ConvNet()
