@@ -29,7 +29,7 @@ def assert_unchanged(model: nn.Module, before: dict) -> None:
     assert all(a is None for a in after["grads"]) or after["grads"] == before["grads"]
     assert after["state"].keys() == before["state"].keys()
     for key, value in before["state"].items():
-        assert torch.equal(after["state"][key], value), key
+        torch.testing.assert_close(after["state"][key], value, rtol=0, atol=0, equal_nan=True)
 
 
 class ConvNet(nn.Module):

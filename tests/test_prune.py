@@ -88,16 +88,12 @@ def test_local_prunes_each_layer_to_its_own_threshold(mlp):
 
 
 def test_global_uses_one_threshold_across_layers(mlp):
-    original = [m.weight.detach().abs().clone() for m in mlp if isinstance(m, nn.Linear)]
+    linears = [m for m in mlp if isinstance(m, nn.Linear)]
+    original = [m.weight.detach().abs().clone() for m in linears]
     pk.prune(mlp, 0.6, scope="global")
-    kept_min = min(
-        o[m.weight != 0].min()
-        for o, m in zip(original, [m for m in mlp if isinstance(m, nn.Linear)])
-    )
-    pruned_max = max(
-        o[m.weight == 0].max()
-        for o, m in zip(original, [m for m in mlp if isinstance(m, nn.Linear)])
-    )
+    pairs = list(zip(original, linears, strict=True))
+    kept_min = min(o[m.weight != 0].min() for o, m in pairs)
+    pruned_max = max(o[m.weight == 0].max() for o, m in pairs)
     assert pruned_max <= kept_min
     per_layer = [r.sparsity for r in pk.sparsity(mlp).layers]
     assert max(per_layer) - min(per_layer) > 0.01  # layers end at different sparsities
@@ -295,3 +291,19 @@ def test_zero_sparsity_is_a_no_op_mask(mlp):
     pk.prune(mlp, 0.0)
     assert pk.sparsity(mlp).zeros == 0
     assert math.isclose(pk.sparsity(mlp).total, 0.0)
+
+
+@pytest.mark.parametrize(
+    "name", ["lenet300", "lenet5", "vgg", "resnet20", "mobilenetv2", "vit", "gpt"]
+)
+@pytest.mark.parametrize("gran", ["element", "2:4", "filter", "kernel"])
+def test_every_zoo_model_prunes_and_still_runs(name, gran):
+    from prunekit.zoo import build_model, example_input
+
+    torch.manual_seed(0)
+    model = build_model(name)
+    sparsity = None if gran == "2:4" else 0.5
+    report = pk.prune(model, sparsity, granularity=gran)
+    assert report.layers and report.sparsity > 0.3
+    out = model(example_input(name, 2))
+    assert torch.isfinite(out).all()

@@ -23,7 +23,7 @@ class UnknownChoiceError(PruningError):
 
 
 class IncompatibleLayerError(PruningError):
-    """A granularity that cannot apply to a layer (N:M where M does not divide, kernel on Linear)."""
+    """A granularity that cannot split a layer (N:M where M does not divide, kernel on Linear)."""
 
 
 class NoLayersError(PruningError):

@@ -104,6 +104,16 @@ def apply_mask(module: nn.Module, mask: Tensor) -> None:
     apply_packed(module, bits.pack(mask.to(torch.bool)))
 
 
+def _remove(module: nn.Module, leave_parametrized: bool) -> None:
+    # torch's deepcopy of a parametrized module shares its generated class, and removal
+    # deletes the property from that class, which would break every copy. Give the module
+    # a private class first.
+    cls = type(module)
+    own = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, own)
+    parametrize.remove_parametrizations(module, "weight", leave_parametrized=leave_parametrized)
+
+
 def bake(model: nn.Module) -> nn.Module:
     """Write the zeros into every masked weight and remove the masks (in place).
 
@@ -112,7 +122,7 @@ def bake(model: nn.Module) -> nn.Module:
     """
     for module in model.modules():
         if _mask_param(module) is not None:
-            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+            _remove(module, leave_parametrized=True)
     return model
 
 
@@ -120,7 +130,7 @@ def remove(model: nn.Module) -> nn.Module:
     """Drop every mask and restore the original, unpruned weights (in place)."""
     for module in model.modules():
         if _mask_param(module) is not None:
-            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+            _remove(module, leave_parametrized=False)
     return model
 
 

@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from prunekit.errors import PruningError
 from prunekit.granularity import Grouping
 from prunekit.layers import Layer
 
@@ -79,6 +80,12 @@ class ElementwiseCriterion(Criterion):
 
     def group_scores(self, weight: Tensor, grouping: Grouping, ctx: ScoreContext) -> Tensor:
         scores = self.elementwise(weight)
+        if scores.shape != weight.shape:
+            raise PruningError(
+                f"criterion {self!r} returned scores of shape {tuple(scores.shape)} for layer "
+                f"{ctx.layer.name!r}, whose weight chunk is {tuple(weight.shape)}; Fix: return "
+                "one score per weight (same shape)."
+            )
         if grouping.group_size == 1:
             return scores.reshape(grouping.group_shape)
         return grouping.groups(scores).sum(-1)
