@@ -103,7 +103,7 @@ def test_weight_of_the_wrong_kind():
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
     model[1].weight = nn.Parameter(torch.ones(2, 4, dtype=torch.int32), requires_grad=False)
     before = snapshot(model)
-    with pytest.raises(pk.InvalidWeightError, match="layer '1' .* torch.int32"):
+    with pytest.raises(pk.InvalidWeightError, match=r"layer '1' .* torch.int32"):
         pk.prune(model, 0.5)
     assert_unchanged(model, before)
 
