@@ -13,7 +13,7 @@ demo: .venv/installed
 	.venv/bin/prunekit demo
 
 test: .venv/installed
-	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff check .
 	$(PY) -m pytest
 
 .PHONY: demo test

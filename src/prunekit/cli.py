@@ -1,0 +1,137 @@
+"""The ``prunekit`` command line: ``demo``, ``prune``, ``profile`` and ``--version``.
+
+    prunekit demo [--quick] [--out DIR] [--seed N]
+    prunekit prune --model lenet5 --dataset mnist5k --sparsity 0.5 --granularity filter \\
+        --criterion taylor --scope local [--exclude fc3] [--epochs N] [--finetune-epochs N] \\
+        [--out DIR] [--seed N]
+    prunekit profile --model resnet20
+
+A :class:`prunekit.PruningError` (bad sparsity, unknown name, ...) is printed as one red
+line and gives exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.text import Text
+from safetensors.torch import save_file
+from torch import nn
+
+import prunekit as pk
+from prunekit import zoo
+from prunekit.demo import run_demo, wide_console
+from prunekit.errors import PruningError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prunekit", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"prunekit {pk.__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="prune two trained LeNets every applicable way")
+    demo.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
+    demo.add_argument("--out", type=Path, default=Path("runs"), help="demo.md/demo.csv go here")
+    demo.add_argument("--seed", type=int, default=0)
+
+    prune = commands.add_parser("prune", help="train a zoo model, prune, fine-tune, save")
+    prune.add_argument("--model", required=True, help=f"one of {', '.join(zoo.MODELS)}")
+    prune.add_argument("--dataset", required=True, help="digits, mnist5k or mnist1d")
+    prune.add_argument("--sparsity", type=float, help="fraction in [0, 1); omit for N:M")
+    prune.add_argument("--granularity", default="element")
+    prune.add_argument("--criterion", default="magnitude")
+    prune.add_argument("--scope", default="local", help="local or global")
+    prune.add_argument("--exclude", nargs="+", help="layer names or globs to keep dense (fc3)")
+    prune.add_argument("--epochs", type=int, default=3, help="dense training epochs")
+    prune.add_argument("--finetune-epochs", type=int, default=1)
+    prune.add_argument("--out", type=Path, default=Path("runs"), help="model.safetensors dir")
+    prune.add_argument("--seed", type=int, default=0)
+
+    profile = commands.add_parser("profile", help="profile an untrained zoo model")
+    profile.add_argument("--model", required=True, help=f"one of {', '.join(zoo.MODELS)}")
+    return parser
+
+
+def _demo(args: argparse.Namespace, console: Console) -> None:
+    run_demo(quick=args.quick, out_dir=args.out, seed=args.seed, console=console)
+
+
+def _prune_model(model: nn.Module, args: argparse.Namespace, data: zoo.Dataset) -> pk.PruneReport:
+    return pk.prune(
+        model,
+        args.sparsity,
+        granularity=args.granularity,
+        criterion=args.criterion,
+        scope=args.scope,
+        exclude=args.exclude,
+        data=zoo.calibration_batches(data, seed=args.seed),
+        seed=args.seed,
+    )
+
+
+def _accuracy(model: nn.Module, data: zoo.Dataset) -> float:
+    return zoo.evaluate(model, data.x_test, data.y_test)
+
+
+def _prune(args: argparse.Namespace, console: Console) -> None:
+    """Train, prune, fine-tune, report and save. Every option is first tried on an untrained
+    copy, so a bad one fails before any training."""
+    data = zoo.load_dataset(args.dataset)
+    model = zoo.build_model(args.model)
+    _check_fits(model, args.model, data)
+    _prune_model(copy.deepcopy(model), args, data)
+    zoo.train(model, data, epochs=args.epochs, seed=args.seed)
+    dense = _accuracy(model, data)
+    console.print(_prune_model(model, args, data))
+    pruned = _accuracy(model, data)
+    zoo.train(model, data, epochs=args.finetune_epochs, lr=1e-4, seed=args.seed + 1)
+    finetuned = _accuracy(model, data)
+    console.print(f"accuracy: dense {dense:.1%}, pruned {pruned:.1%}, fine-tuned {finetuned:.1%}")
+    console.print(pk.analysis.profile(pk.bake(model), data.x_test[:1]))
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    console.print(f"saved the baked weights to {path}")
+
+
+def _check_fits(model: nn.Module, name: str, data: zoo.Dataset) -> None:
+    """Raise a :class:`PruningError` unless ``model`` accepts ``data``'s inputs."""
+    try:
+        with torch.no_grad():
+            model.eval()(data.x_train[:2])
+    except RuntimeError as err:
+        raise PruningError(
+            f"model {name!r} does not accept {data.name} inputs of shape "
+            f"{tuple(data.input_shape)}: {str(err).splitlines()[0]}; "
+            "Fix: pick a model built for that input shape."
+        ) from err
+
+
+def _profile(args: argparse.Namespace, console: Console) -> None:
+    model = zoo.build_model(args.model)
+    console.print(pk.analysis.profile(model, zoo.example_input(args.model)))
+
+
+COMMANDS = {"demo": _demo, "prune": _prune, "profile": _profile}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exit_:  # --help, --version and usage errors
+        return int(exit_.code or 0)
+    try:
+        COMMANDS[args.command](args, wide_console())
+    except PruningError as err:
+        Console(stderr=True).print(Text(f"error: {err}", style="red"), soft_wrap=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
