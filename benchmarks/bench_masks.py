@@ -42,17 +42,17 @@ INTRO = """# Benchmarks
 
 Figures come from the scripts in `benchmarks/`. Comparisons are ratios of quantities measured
 **in the same run** (methods interleaved and repeated, medians reported) on a shared, noisy
-2-core CPU machine: absolute times will differ on yours, the ratios should travel better.
+2-core CPU machine. Torch uses both cores, so a co-tenant process holding one stalls every
+parallel op (seen to slow prunekit's global prune >10x): per-run times and load are recorded.
 
 ## Mask computation (`benchmarks/bench_masks.py`)
 
     PYTHONPATH=src .venv/bin/python benchmarks/bench_masks.py --write   # full, a few minutes
     PYTHONPATH=src .venv/bin/python benchmarks/bench_masks.py --quick   # smoke run
 
-Global magnitude pruning of 8 Linear(4096, 4096) layers (134M weights) to 90% by prunekit
-and by `torch.nn.utils.prune.global_unstructured`, each run in a fresh subprocess so that
-peak memory (VmHWM beyond the RSS after building the model) is honest; the machine's
-copy bandwidth as the physical floor; and N:M (2:4) mask throughput.
+Global magnitude pruning of 8 Linear(4096, 4096) (134M weights) to 90%, prunekit vs torch's
+`global_unstructured`, each in a fresh subprocess (peak = VmHWM beyond the RSS holding the
+weights); the machine's copy bandwidth as the physical floor; N:M (2:4) mask throughput.
 
 """
 Row = tuple[str, str, str, str]  # figure, value, target, verdict
