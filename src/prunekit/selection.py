@@ -11,7 +11,7 @@ Memory and speed (why this is written by hand): ``torch.topk``/``kthvalue`` over
 concatenated scores of a 100M-weight model needs several copies of all scores and takes
 tens of seconds. Instead the scores are streamed in chunks of output rows, twice:
 
-1. sample ~2^18 scores (all of them when there are fewer) and find, from the sample's
+1. sample ~2^19 scores (all of them when there are fewer) and find, from the sample's
    weighted quantiles, a bracket ``[t_lo, t_hi]`` that contains the cut with
    overwhelming probability (+-4 binomial standard deviations);
 2. write the provisional mask (keep everything >= ``t_lo``) packed one bit per group,
