@@ -15,10 +15,8 @@ Measures, side by side in one run (methods interleaved, repeated, medians report
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
-import os
 import re
 import subprocess
 import sys
@@ -29,34 +27,14 @@ from statistics import median
 
 import torch
 from rich.console import Console
-from rich.table import Table
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 import prunekit as pk
 from prunekit.granularity import nm_mask_patterns, nm_mask_topn
 
-MD_FILE = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
-START, END = "<!-- bench_masks:start -->", "<!-- bench_masks:end -->"
-INTRO = """# Benchmarks
-
-Figures come from the scripts in `benchmarks/`. Comparisons are ratios of quantities measured
-**in the same run** (methods interleaved and repeated, medians reported) on a shared, noisy
-2-core CPU machine. Torch uses both cores, so a co-tenant process holding one stalls every
-parallel op (seen to slow prunekit's global prune >10x): per-run times and load are recorded.
-
-## Mask computation (`benchmarks/bench_masks.py`)
-
-    PYTHONPATH=src .venv/bin/python benchmarks/bench_masks.py --write   # full, a few minutes
-    PYTHONPATH=src .venv/bin/python benchmarks/bench_masks.py --quick   # smoke run
-
-Global magnitude pruning of 8 Linear(4096, 4096) (134M weights) to 90%, prunekit vs torch's
-`global_unstructured`, each in a fresh subprocess (peak = VmHWM beyond the RSS holding the
-weights); the machine's copy bandwidth as the physical floor; N:M (2:4) mask throughput.
-
-"""
-Row = tuple[str, str, str, str]  # figure, value, target, verdict
-VERDICT = {True: "PASS", False: "MISS"}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import MD_FILE, Rows, timed, write_section
 
 
 def status_kb(field: str) -> int:
@@ -118,15 +96,6 @@ def spawn(method: str, args: argparse.Namespace) -> dict[str, float]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def timed(fn: Callable[[], object], times: int) -> list[float]:
-    out = []
-    for _ in range(times):
-        start = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - start)
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=8)
@@ -160,7 +129,7 @@ def main() -> None:
         pk.prune(model, granularity="2:4")
         nm["pk.prune"].append(time.perf_counter() - start)
 
-    load_start = os.getloadavg()[0]
+    rows = Rows()
     dst.copy_(src), nm_mask_topn(scores, 2, 4), nm_mask_patterns(scores, 2, 4)  # warm-up
     for r in range(args.repeats):
         for method in [m for m in methods if m != "torch" or r < 2]:  # torch: ~30 s each
@@ -172,10 +141,7 @@ def main() -> None:
         nm["nm_mask_patterns"] += timed(lambda: nm_mask_patterns(scores, 2, 4), 3)
         prune_nm()
 
-    rows: list[Row] = []
-
-    def add(figure: str, value: str, target: str = "", ok: bool | None = None) -> None:
-        rows.append((figure, value, target, "" if ok is None else VERDICT[ok]))
+    add = rows.add
 
     def med(method: str, key: str) -> float:
         return median(x[key] for x in runs[method])
@@ -213,35 +179,16 @@ def main() -> None:
             f"{rate / 1e9:.3f} GB/s ({rate / bandwidth:.4f}x copy bandwidth)")
     if not all(x["reset"] for xs in runs.values() for x in xs):
         console.print("[yellow]VmHWM could not be reset: peak memory is an upper bound")
-    load = f"{load_start:.1f} -> {os.getloadavg()[0]:.1f}"
-    table = Table("Figure", "Value", "Target", "Verdict", title=f"bench_masks, load average {load}")
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
+    rows.show("bench_masks", console)
     if args.write:
-        write_markdown(rows, args, load)
+        write_markdown(rows, args)
         console.print(f"wrote {MD_FILE}")
 
 
-def write_markdown(rows: list[Row], args: argparse.Namespace, load: str) -> None:
-    cmd = "PYTHONPATH=src .venv/bin/python benchmarks/bench_masks.py " + " ".join(sys.argv[1:])
-    lines = [
-        START,
-        f"Measured {datetime.date.today().isoformat()} with `{cmd.strip()}` "
-        f"(torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load}, "
-        f"medians of {args.repeats} round(s); torch's prune "
-        + ("skipped)." if args.skip_torch else f"timed {min(args.repeats, 2)}x)."),
-        "",
-        "| Figure | Value | Target | Verdict |",
-        "|---|---:|---:|:---:|",
-        *(f"| {' | '.join(row)} |" for row in rows),
-        END,
-    ]
-    text = MD_FILE.read_text() if MD_FILE.exists() else INTRO
-    if START not in text:
-        text = text.rstrip("\n") + f"\n\n{START}\n{END}\n"
-    head, rest = text.split(START, 1)
-    MD_FILE.write_text(head + "\n".join(lines) + rest.split(END, 1)[1])
+def write_markdown(rows: Rows, args: argparse.Namespace) -> None:
+    torch_note = "skipped" if args.skip_torch else f"timed {min(args.repeats, 2)}x"
+    extra = f"medians of {args.repeats} round(s); torch's prune {torch_note}"
+    write_section("bench_masks", ["", rows.protocol("bench_masks.py", extra), "", *rows.markdown()])
 
 
 if __name__ == "__main__":
