@@ -42,9 +42,8 @@ from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode
 
 from prunekit.errors import PruningError
+from prunekit.inputs import Inputs, call
 from prunekit.layers import Layer, Selector, select_layers, to_canonical, weight_param
-
-Inputs = Tensor | tuple[Tensor, ...]
 
 _NOTE = (
     "Masked zeros do not make dense kernels faster: MACs and latency are the dense "
@@ -196,10 +195,6 @@ def nm_bytes(numel: int, elem_size: int, n: int = 2, m: int = 4) -> int:
     return kept * elem_size + -(-index_bits // 8)
 
 
-def _as_tuple(example_inputs: Inputs) -> tuple[Tensor, ...]:
-    return (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
-
-
 @contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[None]:
     """Run the body with ``model`` in eval mode; restore every module's training flag."""
@@ -218,12 +213,11 @@ def measure_latency(model: nn.Module, example_inputs: Inputs, min_run_time: floa
     One warm-up call, then ``torch.utils.benchmark.Timer.blocked_autorange`` for at least
     ``min_run_time`` seconds with ``torch.get_num_threads()`` threads.
     """
-    inputs = _as_tuple(example_inputs)
     with _eval_mode(model), torch.inference_mode():
-        model(*inputs)
+        call(model, example_inputs)
         timer = benchmark.Timer(
-            stmt="model(*inputs)",
-            globals={"model": model, "inputs": inputs},
+            stmt="call(model, inputs)",
+            globals={"call": call, "model": model, "inputs": example_inputs},
             num_threads=torch.get_num_threads(),
         )
         return timer.blocked_autorange(min_run_time=min_run_time).median
@@ -249,11 +243,11 @@ def _tracker_names(model: nn.Module) -> dict[nn.Module, str]:
     return names
 
 
-def _count_macs(model: nn.Module, inputs: tuple[Tensor, ...]) -> tuple[dict[nn.Module, int], int]:
+def _count_macs(model: nn.Module, inputs: Inputs) -> tuple[dict[nn.Module, int], int]:
     """MACs (FLOPs / 2) of one forward pass: per module, and of the whole model."""
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
-        model(*inputs)
+        call(model, inputs)
     flops = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
     per_module = {module: flops.get(name, 0) // 2 for module, name in _tracker_names(model).items()}
     return per_module, flops.get("Global", 0) // 2
@@ -326,13 +320,18 @@ def profile(
         NoLayersError: when ``layers`` matches nothing prunable.
     """
     chosen = select_layers(model, layers)
-    inputs = _as_tuple(example_inputs)
     with _eval_mode(model):
-        per_module, total_macs = _count_macs(model, inputs)
-        latency_s = measure_latency(model, inputs, min_run_time) if latency else None
+        per_module, total_macs = _count_macs(model, example_inputs)
+        latency_s = measure_latency(model, example_inputs, min_run_time) if latency else None
         with torch.no_grad():
             rows = [_layer_profile(layer, per_module.get(layer.module, 0)) for layer in chosen]
     return Profile(rows, _total(rows, chosen, total_macs), latency_s)
+
+
+def count_macs(model: nn.Module, example_inputs: Inputs) -> int:
+    """Dense MACs of one forward pass of ``model`` (eval mode, ``FlopCounterMode``)."""
+    with _eval_mode(model):
+        return _count_macs(model, example_inputs)[1]
 
 
 _RATIO_KEYS = ("params", "nonzero", "dense_bytes", "csr_bytes", "macs", "effective_macs")

@@ -179,24 +179,28 @@ class MobileNetV2Small(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with separate q/k/v/out projections (optionally causal)."""
+    """Multi-head self-attention with separate q/k/v/out projections (optionally causal).
+
+    Shapes follow the projections (``heads`` is inferred), so removing whole heads from
+    q/k/v/out (``pk.shrink``) leaves a model that still runs.
+    """
 
     def __init__(self, dim: int, heads: int, causal: bool = False) -> None:
         super().__init__()
-        self.heads, self.causal = heads, causal
+        self.head_dim, self.causal = dim // heads, causal
         self.q_proj = nn.Linear(dim, dim)
         self.k_proj = nn.Linear(dim, dim)
         self.v_proj = nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        B, T, D = x.shape
+        B, T, _ = x.shape
         q, k, v = (
-            proj(x).view(B, T, self.heads, D // self.heads).transpose(1, 2)
+            proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
             for proj in (self.q_proj, self.k_proj, self.v_proj)
         )
         y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
-        return self.out_proj(y.transpose(1, 2).reshape(B, T, D))
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):

@@ -1,0 +1,21 @@
+"""Example inputs, as every prunekit function that runs a model accepts them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import Tensor, nn
+
+Inputs = Tensor | tuple[Any, ...] | list[Any] | Mapping[str, Any]
+"""A tensor (``model(x)``), a tuple of positional arguments (``model(*args)``) or a mapping
+of keyword arguments (``model(**kwargs)``, e.g. ``{"input_ids": ids}`` for transformers)."""
+
+
+def call(model: nn.Module, inputs: Inputs) -> Any:
+    """``model`` applied to ``inputs`` (see :data:`Inputs`)."""
+    if isinstance(inputs, Tensor):
+        return model(inputs)
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    return model(*inputs)

@@ -1,0 +1,43 @@
+"""Structured pruning that really shrinks: a dependency graph of coupled channels,
+group importance, and physical removal (:func:`shrink`).
+
+    report = pk.shrink(model, example_inputs, ratio=0.5, criterion="l2")
+
+Modules: :mod:`~prunekit.structured.trace` (one traced forward pass),
+:mod:`~prunekit.structured.rules` (how each operation moves channels),
+:mod:`~prunekit.structured.graph` (groups and families),
+:mod:`~prunekit.structured.importance` (criteria), :mod:`~prunekit.structured.surgery`
+(removal), :mod:`~prunekit.structured.shrink` (the API), :mod:`~prunekit.structured.io`
+(save and load a shrunk model).
+"""
+
+from prunekit.structured.graph import DependencyGraph, Family, Group, UnknownLayerError, build
+from prunekit.structured.importance import CRITERIA, score
+from prunekit.structured.shrink import InvalidInputsError, ShrinkReport, plan, shrink
+from prunekit.structured.surgery import remove, zero_groups
+from prunekit.structured.trace import (
+    UntraceableError,
+    keep_whole,
+    register_module_rule,
+    register_rule,
+)
+
+__all__ = [
+    "CRITERIA",
+    "DependencyGraph",
+    "Family",
+    "Group",
+    "InvalidInputsError",
+    "ShrinkReport",
+    "UnknownLayerError",
+    "UntraceableError",
+    "build",
+    "keep_whole",
+    "plan",
+    "register_module_rule",
+    "register_rule",
+    "remove",
+    "score",
+    "shrink",
+    "zero_groups",
+]

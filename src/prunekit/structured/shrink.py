@@ -1,0 +1,270 @@
+"""``pk.shrink``: rank coupled channel groups, remove the weakest, return a smaller model.
+
+    report = pk.shrink(model, example_inputs, ratio=0.5, criterion="l2", scope="local")
+
+- ``ratio``: the fraction of each family's groups to remove (local), or of all groups
+  (global), or a dict ``{family glob: ratio}`` (local, unmatched families untouched).
+  ``None`` removes the groups whose producing weights are already all zero, e.g. filters
+  masked by ``pk.prune(granularity="filter")`` during fine-tuning (their BatchNorm shift
+  and consumer inputs go with them: the result computes what the group-masked model does).
+- ``scope="global"`` ranks groups across families by their score divided by the family's
+  mean score (LAMP scores are compared as they are).
+- ``round_to``: keep a multiple of this many groups per family (8 for tensor cores).
+- Never empties a family: at least ``max(1, round_to)`` groups stay.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import io
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from prunekit.allocation import check_sparsity
+from prunekit.analysis.profile import count_macs
+from prunekit.errors import PruningError, UnknownChoiceError
+from prunekit.inputs import Inputs
+from prunekit.masks import bake
+from prunekit.structured.graph import DependencyGraph, Ignore, UnknownLayerError, build
+from prunekit.structured.importance import NORMALIZED, StructuredCriterion, score
+from prunekit.structured.surgery import AttributeChange, remove
+from prunekit.structured.trace import UntraceableError
+
+Ratio = float | Mapping[str, float] | None
+
+
+class InvalidInputsError(PruningError):
+    """The example inputs do not run through the model."""
+
+
+@dataclass(frozen=True)
+class FamilyDecision:
+    name: str
+    kind: str
+    total: int
+    removed: tuple[int, ...]
+    note: str = ""
+
+    @property
+    def kept(self) -> int:
+        return self.total - len(self.removed)
+
+
+@dataclass
+class ShrinkReport:
+    """Sizes before and after, and what was removed from each family."""
+
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    families: list[FamilyDecision]
+    attributes: list[AttributeChange]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def params_ratio(self) -> float:
+        return self.params_after / max(self.params_before, 1)
+
+    @property
+    def macs_ratio(self) -> float:
+        return self.macs_after / max(self.macs_before, 1)
+
+    def table(self) -> Table:
+        table = Table(
+            title="prunekit shrink",
+            caption=f"params {self.params_before:,} -> {self.params_after:,} "
+            f"({self.params_ratio:.2f}x), MACs {self.macs_before:,} -> {self.macs_after:,} "
+            f"({self.macs_ratio:.2f}x)" + "".join(f"\n{n}" for n in self.notes),
+        )
+        for col in ("family", "kind", "kept / total", "note"):
+            table.add_column(col, justify="right" if col == "kept / total" else "left")
+        for f in self.families:
+            table.add_row(f.name, f.kind, f"{f.kept} / {f.total}", f.note)
+        return table
+
+    def __rich__(self) -> Table:
+        return self.table()
+
+    def __str__(self) -> str:
+        console = Console(file=io.StringIO(), width=120, color_system=None)
+        console.print(self.table())
+        return console.file.getvalue()
+
+
+def _min_keep(total: int, round_to: int) -> int:
+    return min(total, max(1, round_to))
+
+
+def _round_kept(kept: int, total: int, round_to: int) -> int:
+    return min(total, max(_min_keep(total, round_to), math.ceil(kept / round_to) * round_to))
+
+
+def _lowest(scores: Tensor, count: int) -> tuple[int, ...]:
+    order = torch.argsort(scores, stable=True)
+    return tuple(sorted(order[:count].tolist()))
+
+
+def _family_ratios(graph: DependencyGraph, ratio: Ratio) -> dict[str, float]:
+    if not isinstance(ratio, Mapping):
+        value = check_sparsity(ratio, "ratio")
+        return {f.name: value for f in graph.families}
+    out: dict[str, float] = {}
+    for pattern, value in ratio.items():
+        found = [f.name for f in graph.families if fnmatch.fnmatchcase(f.name, pattern)]
+        if not found:
+            names = ", ".join(f.name for f in graph.families[:5])
+            raise UnknownLayerError(
+                f"ratio key {pattern!r} matches no prunable family; Fix: use a family name or "
+                f"glob (families here: {names}, ...)."
+            )
+        for name in found:
+            out.setdefault(name, check_sparsity(value, f"ratio[{pattern!r}]"))
+    return out
+
+
+def plan(
+    graph: DependencyGraph,
+    scores: Mapping[str, Tensor | None],
+    ratio: Ratio,
+    scope: str = "local",
+    round_to: int = 1,
+    normalized: bool = False,
+) -> list[FamilyDecision]:
+    """Which groups of each family go (pure: reads scores, changes nothing)."""
+    ratios = _family_ratios(graph, ratio)
+    decisions: dict[str, FamilyDecision] = {}
+    ranked = []
+    for fam in graph.families:
+        s, total = scores.get(fam.name), len(fam.groups)
+        if fam.name not in ratios or s is None:
+            note = "not ranked by this criterion" if fam.name in ratios else ""
+            decisions[fam.name] = FamilyDecision(fam.name, fam.kind, total, (), note)
+            continue
+        if scope == "local" or isinstance(ratio, Mapping):
+            kept = _round_kept(total - math.floor(ratios[fam.name] * total), total, round_to)
+            decisions[fam.name] = FamilyDecision(
+                fam.name, fam.kind, total, _lowest(s, total - kept)
+            )
+        else:
+            norm = s if normalized else s / s.mean().clamp_min(1e-30)
+            ranked += [(float(v), fam.name, i) for i, v in enumerate(norm.tolist())]
+    if ranked:
+        sizes = {f.name: len(f.groups) for f in graph.families}
+        target = math.floor(float(ratio) * len(ranked))  # type: ignore[arg-type]
+        chosen: dict[str, list[int]] = {}
+        for _, name, i in sorted(ranked):
+            if target <= 0:
+                break
+            if len(chosen.get(name, ())) < sizes[name] - _min_keep(sizes[name], round_to):
+                chosen.setdefault(name, []).append(i)
+                target -= 1
+        for name, total in sizes.items():
+            if name in decisions:
+                continue
+            picked = chosen.get(name, [])
+            kept = _round_kept(total - len(picked), total, round_to)
+            drop = sorted(picked, key=lambda i: float(scores[name][i]))[: total - kept]
+            fam = graph.family(name)
+            decisions[name] = FamilyDecision(name, fam.kind, total, tuple(sorted(drop)))
+    return [decisions[f.name] for f in graph.families]
+
+
+def _zero_groups_plan(model: nn.Module, graph: DependencyGraph) -> list[FamilyDecision]:
+    """Groups whose producing weights are all zero already (masked filters)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    producers = set(graph.trace.producers)
+    out = []
+    for fam in graph.families:
+        drop = []
+        for i, g in enumerate(fam.groups):
+            own = [m for m in g.members if (m.name, m.dim) in producers and m.name in params]
+            if own and all(not params[m.name].index_select(m.dim, m.index).any() for m in own):
+                drop.append(i)
+        drop = drop[: len(fam.groups) - 1]  # never empty a family
+        out.append(FamilyDecision(fam.name, fam.kind, len(fam.groups), tuple(drop)))
+    return out
+
+
+def _validate(scope: str, round_to: int) -> None:
+    if scope not in ("local", "global"):
+        raise UnknownChoiceError("scope", scope, ["local", "global"])
+    if not isinstance(round_to, int) or round_to < 1:
+        raise PruningError(f"round_to={round_to!r} must be an int >= 1; Fix: e.g. round_to=8")
+
+
+def _graph(model: nn.Module, example_inputs: Inputs, ignore: Ignore) -> DependencyGraph:
+    try:
+        return build(model, example_inputs, ignore)
+    except PruningError:
+        raise
+    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+        raise InvalidInputsError(
+            f"the example inputs do not run through {type(model).__name__}: {exc}. Fix: pass "
+            "inputs the model accepts, e.g. a (1, C, H, W) tensor, a tuple of positional "
+            "arguments or a dict of keyword arguments."
+        ) from exc
+
+
+def _is_masked(model: nn.Module) -> bool:
+    return any(parametrize.is_parametrized(m) for m in model.modules())
+
+
+def shrink(
+    model: nn.Module,
+    example_inputs: Inputs,
+    ratio: Ratio = 0.5,
+    *,
+    criterion: StructuredCriterion = "l2",
+    scope: str = "local",
+    round_to: int = 1,
+    ignore: Ignore = (),
+    data: Iterable[Any] | None = None,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+    seed: int = 0,
+) -> ShrinkReport:
+    """Physically remove channel / head / neuron groups of ``model`` in place.
+
+    See the module docstring for ``ratio``, ``scope`` and ``round_to``; the criteria are
+    in :mod:`prunekit.structured.importance`. Everything is validated and planned before
+    the model changes; on error the model is left as it was.
+
+    Raises:
+        InvalidInputsError: the example inputs do not run through the model.
+        UntraceableError: an operation without a channel rule (register one).
+        UnknownLayerError, UnknownChoiceError, InvalidSparsityError: bad arguments.
+    """
+    _validate(scope, round_to)
+    probe = bake(copy.deepcopy(model)) if _is_masked(model) else model
+    graph = _graph(probe, example_inputs, ignore)
+    if ratio is None:
+        decisions = _zero_groups_plan(probe, graph)
+    else:
+        scores = score(probe, graph, criterion, data=data, loss_fn=loss_fn, seed=seed)
+        decisions = plan(graph, scores, ratio, scope, round_to, criterion in NORMALIZED)
+    params_before = sum(p.numel() for p in probe.parameters())
+    macs_before = count_macs(probe, example_inputs)
+    if probe is not model:
+        bake(model)
+    changes, notes = remove(model, graph, {d.name: d.removed for d in decisions if d.removed})
+    return ShrinkReport(
+        params_before,
+        sum(p.numel() for p in model.parameters()),
+        macs_before,
+        count_macs(model, example_inputs),
+        decisions,
+        changes,
+        notes,
+    )
+
+
+__all__ = ["InvalidInputsError", "ShrinkReport", "UntraceableError", "plan", "shrink"]

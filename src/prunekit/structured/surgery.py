@@ -1,0 +1,206 @@
+"""Physical removal: slice every member tensor of the removed groups, then fix the modules.
+
+After slicing, each module's size attributes are rewritten from its new tensors
+(``in_features``, ``out_channels``, ``groups`` of a depthwise conv, ``num_features``...),
+and attention modules get their head counts (``num_heads``, ``num_key_value_heads``,
+``all_head_size``...) from the heads the trace saw them use. A transformers ``config``
+is updated where every layer ended with the same size, so ``from_pretrained`` rebuilds
+the model; otherwise the note says so and :func:`prunekit.structured.load_shrunk` loads it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from prunekit.structured.graph import DependencyGraph, Group, owner
+
+HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads")
+KV_HEAD_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
+WIDTH_ATTRS = ("all_head_size", "split_size", "inner_dim")
+SIZE_ATTRS = (
+    "in_features", "out_features", "in_channels", "out_channels", "groups", "num_features",
+    "embedding_dim", "num_embeddings", "nf", "nx", "num_parameters",
+    *HEAD_ATTRS, *KV_HEAD_ATTRS, *WIDTH_ATTRS,
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class AttributeChange:
+    module: str
+    attr: str
+    old: int
+    new: int
+
+
+def removed_groups(graph: DependencyGraph, removed: Mapping[str, Sequence[int]]) -> list[Group]:
+    return [graph.family(name).groups[i] for name, idx in removed.items() for i in idx]
+
+
+def zero_groups(model: nn.Module, groups: Sequence[Group]) -> None:
+    """Zero every parameter position of ``groups`` in place: the *group-masked* model.
+
+    Removing the groups physically computes exactly what this model computes.
+    """
+    params = dict(model.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        for g in groups:
+            for m in g.members:
+                if m.name in params:
+                    params[m.name].index_fill_(m.dim, m.index, 0.0)
+
+
+def _tensors(model: nn.Module) -> dict[str, Tensor]:
+    return {
+        **dict(model.named_buffers(remove_duplicate=False)),
+        **dict(model.named_parameters(remove_duplicate=False)),
+    }
+
+
+def _assign(model: nn.Module, names: Sequence[str], value: Tensor, old: Tensor) -> None:
+    new: Tensor = nn.Parameter(value, requires_grad=old.requires_grad)
+    if not isinstance(old, nn.Parameter):
+        new = value
+    for name in names:
+        module = model.get_submodule(owner(name))
+        attr = name.rpartition(".")[2]
+        if isinstance(new, nn.Parameter):
+            module._parameters[attr] = new
+        else:
+            module._buffers[attr] = new
+
+
+def resize_module(name: str, module: nn.Module) -> list[AttributeChange]:
+    """Rewrite ``module``'s size attributes from its tensors' shapes."""
+    weight = getattr(module, "weight", None)
+    values: dict[str, int] = {}
+    if isinstance(module, nn.Linear):
+        values = {"out_features": weight.shape[0], "in_features": weight.shape[1]}
+    elif isinstance(module, nn.modules.conv._ConvNd):
+        values = _conv_sizes(module, weight)
+    elif isinstance(module, nn.modules.batchnorm._NormBase):
+        ref = weight if weight is not None else module.running_mean
+        values = {"num_features": ref.shape[0]}
+    elif isinstance(module, nn.Embedding):
+        values = {"num_embeddings": weight.shape[0], "embedding_dim": weight.shape[1]}
+    elif isinstance(module, nn.PReLU):
+        values = {"num_parameters": weight.numel()}
+    elif hasattr(module, "nf") and weight is not None and weight.dim() == 2:  # HF Conv1D
+        values = {"nf": weight.shape[1], "nx": weight.shape[0]}
+    return _set(name, module, values)
+
+
+def _conv_sizes(module: nn.modules.conv._ConvNd, weight: Tensor) -> dict[str, int]:
+    groups = module.groups
+    if module.transposed:
+        return {"in_channels": weight.shape[0], "out_channels": weight.shape[1] * groups}
+    depthwise = groups > 1 and groups == module.in_channels and weight.shape[1] == 1
+    if depthwise:  # groups follow the channels; out = multiplier * in
+        groups = weight.shape[0] * module.in_channels // module.out_channels
+    return {"out_channels": weight.shape[0], "groups": groups,
+            "in_channels": weight.shape[1] * groups}  # fmt: skip
+
+
+def _set(name: str, module: nn.Module, values: Mapping[str, int]) -> list[AttributeChange]:
+    changes = []
+    for attr, new in values.items():
+        old = getattr(module, attr, None)
+        if isinstance(old, int) and old != new:
+            setattr(module, attr, new)
+            changes.append(AttributeChange(name, attr, old, new))
+    return changes
+
+
+def head_counts(graph: DependencyGraph, gone: set[int]) -> dict[str, tuple[int, int, int, int]]:
+    """Per attention module: (heads, kept heads, key/value heads, kept key/value heads)."""
+    atoms, out = graph.trace.atoms, {}
+    for ev in graph.trace.heads:
+        kept = [sum(atoms.find(a) not in gone for a in ids.tolist())
+                for ids in (ev.q_heads, ev.kv_heads)]  # fmt: skip
+        out.setdefault(ev.module, (len(ev.q_heads), kept[0], len(ev.kv_heads), kept[1]))
+    return out
+
+
+def _heads(model: nn.Module, counts: Mapping[str, tuple[int, int, int, int]]) -> list:
+    changes = []
+    for name, (heads, new_heads, kv, new_kv) in counts.items():
+        module = model.get_submodule(name) if name != "<model>" else model
+        values = {a: new_heads for a in HEAD_ATTRS if getattr(module, a, None) == heads}
+        values |= {a: new_kv for a in KV_HEAD_ATTRS if getattr(module, a, None) == kv}
+        for attr in WIDTH_ATTRS:
+            width = getattr(module, attr, None)
+            if isinstance(width, int) and width % heads == 0:
+                values[attr] = width // heads * new_heads
+        changes += _set(name, module, values)
+    return changes
+
+
+def update_config(model: nn.Module, graph: DependencyGraph, removed: Mapping[str, Sequence[int]],
+                  counts: Mapping[str, tuple[int, int, int, int]]) -> list[str]:  # fmt: skip
+    """Write the new sizes into a transformers ``config`` where every layer agrees."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return []
+    notes: list[str] = []
+    updates: dict[str, set[int]] = {}
+    for heads, new_heads, kv, new_kv in counts.values():
+        for attr in ("num_attention_heads", "n_head"):
+            if getattr(config, attr, None) == heads:
+                updates.setdefault(attr, set()).add(new_heads)
+        if getattr(config, "num_key_value_heads", None) == kv:
+            updates.setdefault("num_key_value_heads", set()).add(new_kv)
+    hidden = getattr(config, "n_embd", None)
+    for attr, default in (("intermediate_size", None), ("n_inner", 4 * hidden if hidden else None)):
+        size = getattr(config, attr, None) if hasattr(config, attr) else None
+        size = size or default
+        for fam in graph.families:
+            if size and fam.kind == "channels" and len(fam.groups) == size:
+                updates.setdefault(attr, set()).add(size - len(removed.get(fam.name, ())))
+    for attr, values in updates.items():
+        if len(values) == 1:
+            old, new = getattr(config, attr), values.pop()
+            if old != new:
+                setattr(config, attr, new)
+                notes.append(f"config.{attr}: {old} -> {new}")
+        else:
+            notes.append(
+                f"layers now differ in {attr} ({sorted(values)}), which a config cannot say: "
+                "save with prunekit.structured.save_shrunk and load with load_shrunk"
+            )
+    return notes
+
+
+def remove(
+    model: nn.Module, graph: DependencyGraph, removed: Mapping[str, Sequence[int]]
+) -> tuple[list[AttributeChange], list[str]]:
+    """Delete the ``removed`` groups (family name -> group indices) from ``model``.
+
+    Returns the attribute changes and notes on the transformers config (if any).
+    """
+    groups = removed_groups(graph, removed)
+    keep: dict[tuple[str, int], Tensor] = {}
+    tensors = _tensors(model)
+    for g in groups:
+        for m in g.members:
+            mask = keep.setdefault(
+                (m.name, m.dim), torch.ones(tensors[m.name].shape[m.dim], dtype=torch.bool)
+            )
+            mask[m.index] = False
+    by_tensor: dict[str, list[tuple[int, Tensor]]] = {}
+    for (name, dim), mask in keep.items():
+        by_tensor.setdefault(name, []).append((dim, mask.nonzero().flatten()))
+    with torch.no_grad():
+        for name, cuts in by_tensor.items():
+            old = tensors[name]
+            value = old.detach()
+            for dim, index in cuts:
+                value = value.index_select(dim, index.to(value.device))
+            _assign(model, graph.trace.aliases.get(name, [name]), value.contiguous(), old)
+    changes = []
+    for name in sorted({owner(alias) for n in by_tensor for alias in graph.trace.aliases[n]}):
+        changes += resize_module(name, model.get_submodule(name))
+    counts = head_counts(graph, {g.id for g in groups})
+    return changes + _heads(model, counts), update_config(model, graph, removed, counts)
