@@ -4,9 +4,10 @@ import prunekit as pk
 report = pk.prune(model, 0.8, granularity="element", criterion="magnitude", scope="global")
 pk.sparsity(model)
 pk.bake(model)
+pk.shrink(model, example_inputs, ratio=0.5)   # physically remove channels / heads
 """
 
-from prunekit import analysis, criteria, granularity, masks
+from prunekit import analysis, criteria, granularity, masks, structured
 from prunekit.errors import (
     IncompatibleLayerError,
     InvalidSparsityError,
@@ -18,6 +19,7 @@ from prunekit.errors import (
 )
 from prunekit.masks import bake, sparsity
 from prunekit.pruning import PruneReport, prune
+from prunekit.structured import ShrinkReport, load_shrunk, save_shrunk, shrink
 
 __version__ = "0.1.0"
 
@@ -29,12 +31,17 @@ __all__ = [
     "NoLayersError",
     "PruneReport",
     "PruningError",
+    "ShrinkReport",
     "UnknownChoiceError",
     "analysis",
     "bake",
     "criteria",
     "granularity",
+    "load_shrunk",
     "masks",
     "prune",
+    "save_shrunk",
+    "shrink",
     "sparsity",
+    "structured",
 ]

@@ -13,6 +13,8 @@ Modules: :mod:`~prunekit.structured.trace` (one traced forward pass),
 
 from prunekit.structured.graph import DependencyGraph, Family, Group, UnknownLayerError, build
 from prunekit.structured.importance import CRITERIA, score
+from prunekit.structured.io import ShrunkLayoutError, config_rebuilds, load_shrunk, save_shrunk
+from prunekit.structured.labels import CouplingError
 from prunekit.structured.shrink import InvalidInputsError, ShrinkReport, plan, shrink
 from prunekit.structured.surgery import remove, zero_groups
 from prunekit.structured.trace import (
@@ -24,19 +26,24 @@ from prunekit.structured.trace import (
 
 __all__ = [
     "CRITERIA",
+    "CouplingError",
     "DependencyGraph",
     "Family",
     "Group",
     "InvalidInputsError",
     "ShrinkReport",
+    "ShrunkLayoutError",
     "UnknownLayerError",
     "UntraceableError",
     "build",
+    "config_rebuilds",
     "keep_whole",
+    "load_shrunk",
     "plan",
     "register_module_rule",
     "register_rule",
     "remove",
+    "save_shrunk",
     "score",
     "shrink",
     "zero_groups",

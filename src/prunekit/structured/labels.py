@@ -21,7 +21,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from prunekit.errors import PruningError
+
 FIXED = -1
+
+
+class CouplingError(PruningError):
+    """A rule coupled channel runs of different lengths (the members disagree in size)."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,8 @@ class Atoms:
 
     def unite(self, a: Tensor, b: Tensor) -> None:
         """Unite ``a[i]`` with ``b[i]`` for every ``i`` (a ``FIXED`` side blocks the other)."""
+        if a.numel() != b.numel():
+            raise CouplingError(f"cannot couple {a.numel()} channels with {b.numel()} channels")
         for x, y in set(zip(a.tolist(), b.tolist(), strict=True)):
             if x != y:
                 self.union(x, y)

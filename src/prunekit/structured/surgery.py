@@ -60,7 +60,8 @@ def _tensors(model: nn.Module) -> dict[str, Tensor]:
     }
 
 
-def _assign(model: nn.Module, names: Sequence[str], value: Tensor, old: Tensor) -> None:
+def assign(model: nn.Module, names: Sequence[str], value: Tensor, old: Tensor) -> None:
+    """Replace tensor ``old`` by ``value`` under every name it has (tied weights stay tied)."""
     new: Tensor = nn.Parameter(value, requires_grad=old.requires_grad)
     if not isinstance(old, nn.Parameter):
         new = value
@@ -198,7 +199,7 @@ def remove(
             value = old.detach()
             for dim, index in cuts:
                 value = value.index_select(dim, index.to(value.device))
-            _assign(model, graph.trace.aliases.get(name, [name]), value.contiguous(), old)
+            assign(model, graph.trace.aliases.get(name, [name]), value.contiguous(), old)
     changes = []
     for name in sorted({owner(alias) for n in by_tensor for alias in graph.trace.aliases[n]}):
         changes += resize_module(name, model.get_submodule(name))

@@ -29,7 +29,7 @@ from torch.utils._pytree import tree_flatten
 
 from prunekit.errors import PruningError
 from prunekit.inputs import Inputs, call
-from prunekit.structured.labels import FIXED, Atoms, Label
+from prunekit.structured.labels import FIXED, Atoms, CouplingError, Label
 
 FunctionRule = Callable[["Tracer", Callable[..., Any], tuple, dict, Any], None]
 ModuleRule = Callable[["Tracer", nn.Module, tuple, Any], None]
@@ -202,7 +202,13 @@ class Tracer(TorchFunctionMode):
                 f"{name!r}, rule), or trace the module whole with register_module_rule("
                 "type(module), prunekit.structured.keep_whole)."
             )
-        rule(self, func, args, kwargs, out)
+        try:
+            rule(self, func, args, kwargs, out)
+        except CouplingError as exc:
+            raise CouplingError(
+                f"{exc} in {name!r} of module {self.where!r}; Fix: the rule for {name!r} must "
+                "couple equal-length channel runs (check a custom rule or a reshape)."
+            ) from None
         return out
 
     @contextmanager

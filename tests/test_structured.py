@@ -1,0 +1,199 @@
+"""Structured pruning: the shrunk model computes what the group-masked model computes."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from structured_models import (
+    HF_FACTORIES,
+    assert_equivalent,
+    assert_trains,
+    masked_and_shrunk,
+    params,
+    randomize_norms,
+)
+from torch import nn
+
+import prunekit as pk
+from prunekit.analysis.profile import count_macs
+from prunekit.structured import build, plan, score
+from prunekit.zoo import MODELS, build_model, example_input
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.5])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_zoo_models_shrink_exactly(name: str, ratio: float) -> None:
+    model = randomize_norms(build_model(name)).eval()
+    x = example_input(name, batch_size=2)
+    masked, small, decisions = masked_and_shrunk(model, x, ratio)
+    assert_equivalent(masked, small, x)
+    assert params(small) < params(model)
+    assert count_macs(small, x) < count_macs(model, x)
+    for d in decisions:  # local scope: floor(ratio * n) groups of every family go
+        assert len(d.removed) == min(math.floor(ratio * d.total), d.total - 1)
+    assert_trains(small, x)
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.5])
+@pytest.mark.parametrize("name", sorted(HF_FACTORIES))
+def test_transformers_models_shrink_exactly(name: str, ratio: float) -> None:
+    torch.manual_seed(0)
+    model, inputs = HF_FACTORIES[name]()
+    masked, small, _ = masked_and_shrunk(model, inputs, ratio)
+    assert_equivalent(masked, small, inputs)
+    assert params(small) < params(model)
+    assert count_macs(small, inputs) < count_macs(model, inputs)
+    assert_trains(small, inputs)
+
+
+def test_attention_heads_and_config_follow() -> None:
+    model, inputs = HF_FACTORIES["llama-gqa"]()
+    report = pk.shrink(model, inputs, ratio=0.5)
+    heads = [f for f in report.families if f.kind == "heads"]
+    # grouped-query attention: a group is one key/value head with its 2 query heads
+    assert [(f.total, f.kept) for f in heads] == [(4, 2), (4, 2)]
+    attn = model.model.layers[0].self_attn
+    assert attn.q_proj.out_features == 4 * attn.head_dim
+    assert attn.k_proj.out_features == 2 * attn.head_dim
+    assert model.config.num_attention_heads == 4
+    assert model.config.num_key_value_heads == 2
+    assert model.config.intermediate_size == 32
+    assert report.params_after < report.params_before
+    assert report.macs_after < report.macs_before
+
+
+def test_global_scope_ranks_across_families() -> None:
+    model = build_model("vgg").eval()
+    x = example_input("vgg")
+    graph = build(model, x)
+    params = dict(model.named_parameters())
+    with torch.no_grad():  # 8 tiny channels in the first family: global takes them all
+        for group in graph.families[0].groups[:8]:
+            for m in group.members:
+                if m.name in params:
+                    params[m.name].index_fill_(m.dim, m.index, 1e-6)
+    decisions = plan(graph, score(model, graph, "l1"), 0.3, scope="global")
+    total = sum(d.total for d in decisions)
+    assert sum(len(d.removed) for d in decisions) == math.floor(0.3 * total)
+    by_name = {d.name: d for d in decisions}
+    assert all(d.kept >= 1 for d in decisions)
+    local = plan(graph, score(model, graph, "l1"), 0.3, scope="local")
+    assert [len(d.removed) for d in decisions] != [len(d.removed) for d in local]
+    assert by_name["features.0"].removed == tuple(range(8))
+
+
+def test_round_to_keeps_multiples() -> None:
+    model = build_model("resnet20").eval()
+    report = pk.shrink(model, example_input("resnet20"), ratio=0.4, round_to=8)
+    for fam in report.families:
+        assert fam.kept % 8 == 0 or fam.kept == fam.total
+    assert model.conv1.out_channels % 8 == 0
+
+
+def test_per_family_ratios_and_ignore() -> None:
+    model = build_model("vgg").eval()
+    x = example_input("vgg")
+    report = pk.shrink(model, x, ratio={"features.4": 0.5}, ignore=["features.0"])
+    kept = {f.name: (f.kept, f.total) for f in report.families}
+    assert kept == {"features.4": (16, 32), "features.8": (64, 64)}
+    assert model.features[0].out_channels == 16
+
+
+@pytest.mark.parametrize("criterion", ["l1", "l2", "fpgm", "lamp", "random", "bn_scale"])
+def test_every_criterion_shrinks_exactly(criterion: str) -> None:
+    model = randomize_norms(build_model("resnet20", blocks_per_stage=1)).eval()
+    x = example_input("resnet20", 2)
+    masked, small, decisions = masked_and_shrunk(model, x, 0.5, criterion)
+    assert_equivalent(masked, small, x)
+    assert any(d.removed for d in decisions)
+
+
+def test_bn_scale_removes_the_smallest_gammas() -> None:
+    model = randomize_norms(build_model("vgg")).eval()
+    with torch.no_grad():
+        model.features[1].weight[[3, 7, 11]] = 1e-4
+    x = example_input("vgg")
+    graph = build(model, x)
+    first = plan(graph, score(model, graph, "bn_scale"), 3 / 16)[0]
+    assert first.name == "features.0" and first.removed == (3, 7, 11)
+
+
+def test_taylor_uses_data_and_custom_criteria_are_callables() -> None:
+    model = build_model("lenet300").eval()
+    x, y = torch.randn(8, 784), torch.randint(0, 10, (8,))
+    with pytest.raises(pk.MissingDataError, match="taylor"):
+        pk.shrink(copy.deepcopy(model), x, ratio=0.5, criterion="taylor")
+    report = pk.shrink(copy.deepcopy(model), x, ratio=0.5, criterion="taylor", data=[(x, y)])
+    assert [f.kept for f in report.families] == [150, 50]
+    # custom: keep the groups with the largest first entry
+    custom = pk.shrink(model, x, ratio=0.5, criterion=lambda vs: torch.stack([v[0] for v in vs]))
+    assert [f.kept for f in custom.families] == [150, 50]
+
+
+def test_mask_then_shrink() -> None:
+    """Prune filters with masks (e.g. while fine-tuning), then remove them physically."""
+    model = randomize_norms(build_model("vgg")).eval()
+    x = example_input("vgg", 2)
+    pk.prune(model, 0.5, granularity="filter", criterion="l2", layers=["features.0"])
+    group_masked = copy.deepcopy(model)
+    pk.bake(group_masked)
+    report = pk.shrink(model, x, ratio=None)
+    assert model.features[0].out_channels == 8
+    assert report.families[0].kept == 8
+    # the BatchNorm shift of a removed channel goes too: zero it to compare
+    dead = (group_masked.features[0].weight.flatten(1).abs().sum(1) == 0).nonzero().flatten()
+    with torch.no_grad():
+        group_masked.features[1].bias[dead] = 0
+        group_masked.features[1].weight[dead] = 0
+    assert_equivalent(group_masked, model, x)
+
+
+def test_depthwise_multiplier_and_grouped_convs() -> None:
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.Conv2d(8, 16, 3, padding=1, groups=8),  # depthwise, multiplier 2
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 1, groups=4),  # grouped
+        nn.ReLU(),
+        nn.Conv2d(16, 4, 1),
+    )
+    randomize_norms(model).eval()
+    x = torch.randn(2, 3, 8, 8)
+    masked, small, _ = masked_and_shrunk(model, x, 0.5)
+    assert_equivalent(masked, small, x)
+    assert small[1].groups == small[1].in_channels == 4
+    assert small[1].out_channels == 8
+    assert small[4].groups == 4 and small[4].in_channels == 8
+
+
+def test_tied_embeddings_stay_tied() -> None:
+    model, inputs = HF_FACTORIES["gpt2"]()
+    graph = build(model, inputs)
+    # the tied embedding / LM head dimension is the residual stream: never removable
+    assert all("wte" not in m.name for g in graph.groups() for m in g.members)
+    pk.shrink(model, inputs, ratio=0.5)
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_rnn_is_kept_whole() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp = nn.Linear(4, 8)
+            self.rnn = nn.GRU(8, 8, batch_first=True)
+            self.fc = nn.Linear(8, 6)
+            self.out = nn.Linear(6, 2)
+
+        def forward(self, x):
+            y, _ = self.rnn(torch.relu(self.inp(x)))
+            return self.out(torch.relu(self.fc(y)))
+
+    model = Net().eval()
+    x = torch.randn(2, 5, 4)
+    masked, small, decisions = masked_and_shrunk(model, x, 0.5)
+    assert [d.name for d in decisions] == ["fc"]  # the GRU's input channels stay
+    assert_equivalent(masked, small, x)
