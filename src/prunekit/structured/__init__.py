@@ -15,7 +15,13 @@ from prunekit.structured.graph import DependencyGraph, Family, Group, UnknownLay
 from prunekit.structured.importance import CRITERIA, score
 from prunekit.structured.io import ShrunkLayoutError, config_rebuilds, load_shrunk, save_shrunk
 from prunekit.structured.labels import CouplingError
-from prunekit.structured.shrink import InvalidInputsError, ShrinkReport, plan, shrink
+from prunekit.structured.shrink import (
+    InvalidInputsError,
+    ShrinkReport,
+    ShrinkVerificationError,
+    plan,
+    shrink,
+)
 from prunekit.structured.surgery import remove, zero_groups
 from prunekit.structured.trace import (
     UntraceableError,
@@ -32,6 +38,7 @@ __all__ = [
     "Group",
     "InvalidInputsError",
     "ShrinkReport",
+    "ShrinkVerificationError",
     "ShrunkLayoutError",
     "UnknownLayerError",
     "UntraceableError",

@@ -53,6 +53,20 @@ def shape(tr: Tracer, func: Callable[..., Any], args: tuple, kwargs: dict, out: 
     for o, lab in zip(tree_flatten(out)[0], tree_flatten(labels)[0], strict=True):
         if isinstance(o, Tensor) and isinstance(lab, Tensor) and o.shape == lab.shape:
             tr.set_full(o, lab)
+    if func_name_of(func) in ("chunk", "split") and isinstance(out, tuple | list):
+        _equal_pieces(tr, list(out))
+
+
+def _equal_pieces(tr: Tracer, pieces: list[Tensor]) -> None:
+    """``chunk(n)`` / ``split(size)`` cut into equal pieces, and must still do so after
+    removal: channel ``i`` of every piece is one channel (a GLU's halves, say)."""
+    labels = [tr.label(p) for p in pieces]
+    if len(pieces) > 1 and all(lab is not None for lab in labels):
+        sizes = {lab.ids.numel() for lab in labels}
+        dims = {(lab.dim, p.dim()) for lab, p in zip(labels, pieces, strict=True)}
+        if len(sizes) == 1 and len(dims) == 1:
+            for lab in labels[1:]:
+                tr.atoms.unite(labels[0].ids, lab.ids)
 
 
 SHAPE_OPS = [

@@ -28,15 +28,22 @@ from rich.console import Console
 from rich.table import Table
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
+from torch.utils._pytree import tree_flatten
 
 from prunekit.allocation import check_sparsity
 from prunekit.analysis.profile import count_macs
 from prunekit.errors import PruningError, UnknownChoiceError
-from prunekit.inputs import Inputs
+from prunekit.inputs import Inputs, call
 from prunekit.masks import bake
 from prunekit.structured.graph import DependencyGraph, Ignore, UnknownLayerError, build
 from prunekit.structured.importance import NORMALIZED, StructuredCriterion, score
-from prunekit.structured.surgery import AttributeChange, remove
+from prunekit.structured.surgery import (
+    SIZE_ATTRS,
+    AttributeChange,
+    remove,
+    removed_groups,
+    zero_groups,
+)
 from prunekit.structured.trace import UntraceableError
 
 Ratio = float | Mapping[str, float] | None
@@ -44,6 +51,10 @@ Ratio = float | Mapping[str, float] | None
 
 class InvalidInputsError(PruningError):
     """The example inputs do not run through the model."""
+
+
+class ShrinkVerificationError(PruningError):
+    """The shrunk model failed to run or to compute what the group-masked model computes."""
 
 
 @dataclass(frozen=True)
@@ -219,6 +230,72 @@ def _is_masked(model: nn.Module) -> bool:
     return any(parametrize.is_parametrized(m) for m in model.modules())
 
 
+def _outputs(model: nn.Module, example_inputs: Inputs) -> list[Tensor]:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = call(model, example_inputs)
+    finally:
+        model.train(was_training)
+    tree = dict(out) if isinstance(out, Mapping) else out
+    return [t for t in tree_flatten(tree)[0] if isinstance(t, Tensor) and t.is_floating_point()]
+
+
+def _group_masked_output(
+    model: nn.Module, graph: DependencyGraph, removed: Mapping[str, Any], example_inputs: Inputs
+) -> list[Tensor]:
+    masked = copy.deepcopy(model)
+    zero_groups(masked, removed_groups(graph, removed))
+    return _outputs(masked, example_inputs)
+
+
+Snapshot = tuple[list[tuple[nn.Module, dict, dict, dict]], dict[str, Any]]
+
+
+def _snapshot(model: nn.Module) -> Snapshot:
+    """References to every module's tensors and size attributes (removal never mutates a
+    tensor in place, so keeping the old references is enough to undo it)."""
+    modules = [
+        (m, dict(m._parameters), dict(m._buffers),
+         {a: getattr(m, a) for a in SIZE_ATTRS if isinstance(getattr(m, a, None), int)})
+        for m in model.modules()
+    ]  # fmt: skip
+    config = getattr(model, "config", None)
+    return modules, dict(vars(config)) if hasattr(config, "__dict__") else {}
+
+
+def _restore(model: nn.Module, saved: Snapshot) -> None:
+    modules, config = saved
+    for m, parameters, buffers, attrs in modules:
+        m._parameters.update(parameters)
+        m._buffers.update(buffers)
+        for attr, value in attrs.items():
+            setattr(m, attr, value)
+    if config:
+        vars(model.config).update(config)
+
+
+def _verify(model: nn.Module, example_inputs: Inputs, expected: list[Tensor], saved: Snapshot):
+    try:
+        actual = _outputs(model, example_inputs)
+        problem = "" if len(actual) == len(expected) else "a different number of outputs"
+        for a, e in zip(actual, expected, strict=False):
+            if a.shape != e.shape or not torch.allclose(a, e, rtol=1e-4, atol=1e-5):
+                diff = (a - e).abs().max().item() if a.shape == e.shape else float("nan")
+                problem = f"outputs differ from the group-masked model's (max |diff| {diff:.3g})"
+    except Exception as exc:  # any failure of the shrunk model is reported, then undone
+        problem = f"the shrunk model does not run ({type(exc).__name__}: {exc})"
+    if problem:
+        _restore(model, saved)
+        raise ShrinkVerificationError(
+            f"shrinking {type(model).__name__} was undone: {problem}. This usually means model "
+            "code computes a shape from a channel count (a hard-coded view or split size). "
+            "Fix: ignore=[that module], or register a rule for the operation "
+            "(prunekit.structured.register_rule)."
+        )
+
+
 def shrink(
     model: nn.Module,
     example_inputs: Inputs,
@@ -231,16 +308,22 @@ def shrink(
     data: Iterable[Any] | None = None,
     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
     seed: int = 0,
+    verify: bool = True,
 ) -> ShrinkReport:
     """Physically remove channel / head / neuron groups of ``model`` in place.
 
     See the module docstring for ``ratio``, ``scope`` and ``round_to``; the criteria are
     in :mod:`prunekit.structured.importance`. Everything is validated and planned before
-    the model changes; on error the model is left as it was.
+    the model changes; on error the model is left as it was. With ``verify`` (default)
+    the shrunk model is run on ``example_inputs`` and compared with the group-masked model
+    (``rtol=1e-4, atol=1e-5``); if it fails to run (model code that computes a shape from
+    a channel count) or differs, every change is undone and ShrinkVerificationError says
+    why. ``verify=False`` saves one model copy and two forward passes.
 
     Raises:
         InvalidInputsError: the example inputs do not run through the model.
         UntraceableError: an operation without a channel rule (register one).
+        ShrinkVerificationError: the shrunk model did not compute the masked one's outputs.
         UnknownLayerError, UnknownChoiceError, InvalidSparsityError: bad arguments.
     """
     _validate(scope, round_to)
@@ -251,11 +334,16 @@ def shrink(
     else:
         scores = score(probe, graph, criterion, data=data, loss_fn=loss_fn, seed=seed)
         decisions = plan(graph, scores, ratio, scope, round_to, criterion in NORMALIZED)
+    removed = {d.name: d.removed for d in decisions if d.removed}
     params_before = sum(p.numel() for p in probe.parameters())
     macs_before = count_macs(probe, example_inputs)
+    expected = _group_masked_output(probe, graph, removed, example_inputs) if verify else None
     if probe is not model:
         bake(model)
-    changes, notes = remove(model, graph, {d.name: d.removed for d in decisions if d.removed})
+    saved = _snapshot(model)
+    changes, notes = remove(model, graph, removed)
+    if expected is not None:
+        _verify(model, example_inputs, expected, saved)
     return ShrinkReport(
         params_before,
         sum(p.numel() for p in model.parameters()),
@@ -267,4 +355,11 @@ def shrink(
     )
 
 
-__all__ = ["InvalidInputsError", "ShrinkReport", "UntraceableError", "plan", "shrink"]
+__all__ = [
+    "InvalidInputsError",
+    "ShrinkReport",
+    "ShrinkVerificationError",
+    "UntraceableError",
+    "plan",
+    "shrink",
+]

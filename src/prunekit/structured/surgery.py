@@ -147,6 +147,13 @@ def update_config(model: nn.Module, graph: DependencyGraph, removed: Mapping[str
         return []
     notes: list[str] = []
     updates: dict[str, set[int]] = {}
+    heads_changed = any(h != nh for h, nh, _, _ in counts.values())
+    if heads_changed and not isinstance(getattr(config, "head_dim", None), int):
+        notes.append(
+            "this config derives the head size from hidden_size / num_attention_heads, so it "
+            "cannot describe removed heads: save with prunekit.save_shrunk, load with load_shrunk"
+        )
+        counts = {}
     for heads, new_heads, kv, new_kv in counts.values():
         for attr in ("num_attention_heads", "n_head"):
             if getattr(config, attr, None) == heads:

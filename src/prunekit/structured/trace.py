@@ -182,7 +182,7 @@ class Tracer(TorchFunctionMode):
 
     @property
     def where(self) -> str:
-        return self.stack[-1] if self.stack else "<model>"
+        return self.stack[-1] if self.stack and self.stack[-1] else "<model>"
 
     # -- the mode ----------------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
