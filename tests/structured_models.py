@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -12,6 +11,7 @@ from torch import Tensor, nn
 from prunekit.inputs import Inputs, call
 from prunekit.structured import build, plan, remove, score, zero_groups
 from prunekit.structured.surgery import removed_groups
+from prunekit.zoo.hf import tiny_transformer
 
 
 def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -74,69 +74,7 @@ def params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-HF_FACTORIES: dict[str, Callable[[], tuple[nn.Module, dict[str, Tensor]]]] = {}
-
-
-def _hf(name: str):
-    def register(fn):
-        HF_FACTORIES[name] = fn
-        return fn
-
-    return register
-
-
-_IDS = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
-_IMG = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-
-
-@_hf("bert")
-def _bert():
-    from transformers import BertConfig, BertModel
-
-    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64)  # fmt: skip
-    return BertModel(cfg), {"input_ids": _IDS}
-
-
-@_hf("gpt2")
-def _gpt2():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    cfg = GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                     bos_token_id=0, eos_token_id=0)  # fmt: skip
-    return GPT2LMHeadModel(cfg), {"input_ids": _IDS, "use_cache": False}
-
-
-@_hf("llama-gqa")
-def _llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=8,
-                      num_key_value_heads=4, intermediate_size=64)  # fmt: skip
-    return LlamaForCausalLM(cfg), {"input_ids": _IDS, "use_cache": False}
-
-
-@_hf("vit")
-def _vit():
-    from transformers import ViTConfig, ViTForImageClassification
-
-    cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
-                    num_attention_heads=4, intermediate_size=64, num_labels=5)  # fmt: skip
-    return ViTForImageClassification(cfg), {"pixel_values": _IMG}
-
-
-@_hf("resnet")
-def _resnet():
-    from transformers import ResNetConfig, ResNetForImageClassification
-
-    cfg = ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1],
-                       layer_type="bottleneck", num_labels=5)  # fmt: skip
-    return randomize_norms(ResNetForImageClassification(cfg)), {"pixel_values": _IMG}
-
-
-@_hf("convnext")
-def _convnext():
-    from transformers import ConvNextConfig, ConvNextForImageClassification
-
-    cfg = ConvNextConfig(hidden_sizes=[16, 32], depths=[1, 1], num_stages=2, num_labels=5)
-    return ConvNextForImageClassification(cfg), {"pixel_values": _IMG}
+def hf_model(name: str) -> tuple[nn.Module, dict[str, Tensor]]:
+    """A tiny transformers model (BatchNorms randomised) and its example inputs."""
+    model, inputs = tiny_transformer(name)
+    return randomize_norms(model), inputs

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 from structured_models import (
-    HF_FACTORIES,
     assert_equivalent,
     assert_trains,
+    hf_model,
     masked_and_shrunk,
     params,
     randomize_norms,
@@ -21,6 +21,7 @@ import prunekit as pk
 from prunekit.analysis.profile import count_macs
 from prunekit.structured import build, plan, score
 from prunekit.zoo import MODELS, build_model, example_input
+from prunekit.zoo.hf import TRANSFORMERS
 
 
 @pytest.mark.parametrize("ratio", [0.25, 0.5])
@@ -38,10 +39,10 @@ def test_zoo_models_shrink_exactly(name: str, ratio: float) -> None:
 
 
 @pytest.mark.parametrize("ratio", [0.25, 0.5])
-@pytest.mark.parametrize("name", sorted(HF_FACTORIES))
+@pytest.mark.parametrize("name", sorted(TRANSFORMERS))
 def test_transformers_models_shrink_exactly(name: str, ratio: float) -> None:
     torch.manual_seed(0)
-    model, inputs = HF_FACTORIES[name]()
+    model, inputs = hf_model(name)
     masked, small, _ = masked_and_shrunk(model, inputs, ratio)
     assert_equivalent(masked, small, inputs)
     assert params(small) < params(model)
@@ -50,7 +51,7 @@ def test_transformers_models_shrink_exactly(name: str, ratio: float) -> None:
 
 
 def test_attention_heads_and_config_follow() -> None:
-    model, inputs = HF_FACTORIES["llama-gqa"]()
+    model, inputs = hf_model("llama-gqa")
     report = pk.shrink(model, inputs, ratio=0.5)
     heads = [f for f in report.families if f.kind == "heads"]
     # grouped-query attention: a group is one key/value head with its 2 query heads
@@ -171,7 +172,7 @@ def test_depthwise_multiplier_and_grouped_convs() -> None:
 
 
 def test_tied_embeddings_stay_tied() -> None:
-    model, inputs = HF_FACTORIES["gpt2"]()
+    model, inputs = hf_model("gpt2")
     graph = build(model, inputs)
     # the tied embedding / LM head dimension is the residual stream: never removable
     assert all("wte" not in m.name for g in graph.groups() for m in g.members)

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 from conftest import assert_unchanged, snapshot
-from structured_models import HF_FACTORIES, assert_equivalent, first_tensor, randomize_norms
+from structured_models import assert_equivalent, first_tensor, hf_model, randomize_norms
 from torch import Tensor, nn
 
 import prunekit as pk
@@ -152,7 +152,7 @@ def test_save_and_load_a_shrunk_zoo_model(tmp_path) -> None:
 
 
 def test_transformers_save_pretrained_round_trip(tmp_path) -> None:
-    model, inputs = HF_FACTORIES["llama-gqa"]()
+    model, inputs = hf_model("llama-gqa")
     pk.shrink(model, inputs, ratio=0.5)
     assert pk.save_shrunk(model, tmp_path)  # uniform sizes and head_dim: the config rebuilds it
     from transformers import LlamaForCausalLM
@@ -162,22 +162,22 @@ def test_transformers_save_pretrained_round_trip(tmp_path) -> None:
 
 
 def test_bert_heads_need_load_shrunk(tmp_path) -> None:
-    model, inputs = HF_FACTORIES["bert"]()
+    model, inputs = hf_model("bert")
     report = pk.shrink(model, inputs, ratio=0.5)
     assert any("cannot describe removed heads" in n for n in report.notes)
     assert model.config.num_attention_heads == 4  # the config still says what it can build
     assert not pk.save_shrunk(model, tmp_path)
-    fresh, _ = HF_FACTORIES["bert"]()
+    fresh, _ = hf_model("bert")
     assert_equivalent(model.eval(), pk.load_shrunk(fresh, tmp_path), inputs, atol=0.0)
 
 
 def test_global_transformers_needs_load_shrunk(tmp_path) -> None:
-    model, inputs = HF_FACTORIES["llama-gqa"]()
+    model, inputs = hf_model("llama-gqa")
     report = pk.shrink(model, inputs, ratio=0.5, scope="global", criterion="random", seed=3)
     mlp = [f.kept for f in report.families if f.kind == "channels"]
     assert len(set(mlp)) > 1 and any("differ" in n for n in report.notes)
     assert not pk.save_shrunk(model, tmp_path)
-    fresh, _ = HF_FACTORIES["llama-gqa"]()
+    fresh, _ = hf_model("llama-gqa")
     loaded = pk.load_shrunk(fresh, tmp_path)
     assert_equivalent(model, loaded, inputs, atol=0.0)
 
