@@ -89,3 +89,18 @@ def test_python_dash_m_prunekit() -> None:
         check=False,
     )
     assert done.returncode == 0 and prunekit.__version__ in done.stdout
+
+
+def test_shrink_command_saves_a_loadable_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["shrink", "--model", "vgg", "--ratio", "0.5", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "prunekit shrink" in out and "faster" in out
+    loaded = prunekit.load_shrunk(zoo.build_model("vgg"), tmp_path)
+    assert loaded.features[0].out_channels == 8
+
+
+def test_shrink_command_bad_ratio_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["shrink", "--model", "vgg", "--ratio", "1.5"]) == 2
+    assert "ratio" in capsys.readouterr().err

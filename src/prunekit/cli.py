@@ -1,10 +1,12 @@
-"""The ``prunekit`` command line: ``demo``, ``prune``, ``profile`` and ``--version``.
+"""The ``prunekit`` command line: ``demo``, ``prune``, ``profile``, ``shrink``, ``--version``.
 
     prunekit demo [--quick] [--out DIR] [--seed N]
     prunekit prune --model lenet5 --dataset mnist5k --sparsity 0.5 --granularity filter \\
         --criterion taylor --scope local [--exclude fc3] [--epochs N] [--finetune-epochs N] \\
         [--out DIR] [--seed N]
     prunekit profile --model resnet20
+    prunekit shrink --model resnet20 --ratio 0.5 [--criterion l2] [--scope local] \
+        [--round-to 8] [--out DIR]
 
 A :class:`prunekit.PruningError` (bad sparsity, unknown name, ...) is printed as one red
 line and gives exit code 2.
@@ -53,6 +55,14 @@ def _parser() -> argparse.ArgumentParser:
 
     profile = commands.add_parser("profile", help="profile an untrained zoo model")
     profile.add_argument("--model", required=True, help=f"one of {', '.join(zoo.MODELS)}")
+
+    shrink = commands.add_parser("shrink", help="physically remove channels / heads of a zoo model")
+    shrink.add_argument("--model", required=True, help=f"one of {', '.join(zoo.MODELS)}")
+    shrink.add_argument("--ratio", type=float, default=0.5, help="fraction of groups removed")
+    shrink.add_argument("--criterion", default="l2", help=", ".join(pk.structured.CRITERIA))
+    shrink.add_argument("--scope", default="local", help="local or global")
+    shrink.add_argument("--round-to", type=int, default=1, help="keep multiples of this")
+    shrink.add_argument("--out", type=Path, help="save_shrunk directory (safetensors + json)")
     return parser
 
 
@@ -116,7 +126,25 @@ def _profile(args: argparse.Namespace, console: Console) -> None:
     console.print(pk.analysis.profile(model, zoo.example_input(args.model)))
 
 
-COMMANDS = {"demo": _demo, "prune": _prune, "profile": _profile}
+def _shrink(args: argparse.Namespace, console: Console) -> None:
+    model = zoo.build_model(args.model).eval()
+    x = zoo.example_input(args.model)
+    before = pk.analysis.measure_latency(model, x)
+    report = pk.shrink(
+        model, x, args.ratio, criterion=args.criterion, scope=args.scope, round_to=args.round_to
+    )
+    console.print(report)
+    after = pk.analysis.measure_latency(model, x)
+    console.print(
+        f"latency (batch 1): {before * 1e3:.3f} -> {after * 1e3:.3f} ms "
+        f"({before / after:.2f}x faster; MACs {1 / report.macs_ratio:.2f}x fewer)"
+    )
+    if args.out:
+        pk.save_shrunk(model, args.out)
+        console.print(f"saved to {args.out} (load with prunekit.load_shrunk)")
+
+
+COMMANDS = {"demo": _demo, "prune": _prune, "profile": _profile, "shrink": _shrink}
 
 
 def main(argv: list[str] | None = None) -> int:
