@@ -7,7 +7,7 @@ pk.bake(model)
 pk.shrink(model, example_inputs, ratio=0.5)   # physically remove channels / heads
 """
 
-from prunekit import analysis, criteria, granularity, masks, structured
+from prunekit import analysis, criteria, granularity, masks, sparse, structured
 from prunekit.errors import (
     IncompatibleLayerError,
     InvalidSparsityError,
@@ -42,6 +42,7 @@ __all__ = [
     "prune",
     "save_shrunk",
     "shrink",
+    "sparse",
     "sparsity",
     "structured",
 ]

@@ -36,3 +36,31 @@ class MissingDataError(PruningError):
 
 class InvalidWeightError(PruningError):
     """A weight that holds NaN or inf, or is not a floating-point tensor."""
+
+
+class CalibrationError(PruningError):
+    """Calibration data that is empty, not token ids, or outside the model's vocabulary."""
+
+
+class UnsupportedModelError(PruningError):
+    """A model whose repeated blocks (decoder / encoder layers) cannot be found."""
+
+
+class MissingModelError(PruningError):
+    """A zoo model that is not built (cached) yet, or a model directory that does not exist."""
+
+
+class NotSparseEnoughError(PruningError):
+    """A weight too dense for the asked sparse format (it would take more bytes than dense)."""
+
+
+class NotNMError(PruningError):
+    """An N:M format asked for a weight that holds more than N nonzeros in some group of M."""
+
+
+class CudaRequiredError(PruningError):
+    """A CUDA-only format (2:4 semi-structured) asked for without a CUDA sm80+ device."""
+
+
+class PermutationError(PruningError):
+    """A channel permutation that cannot apply or would change what the network computes."""

@@ -11,6 +11,8 @@ name          one group is                                             shrinks d
 element       one weight (fine-grained, Han 2015)                      no
 "N:M"         N kept of every M consecutive inputs (reduction axis;    no (sparse cores)
               for a conv: input channels at each kernel position)
+"N:M-2d"      an M x M tile (outputs x inputs) keeping N per row AND   no (sparse cores)
+              per column, so W and W^T are both N:M (M <= 4)
 row           a vector along the last axis: a Linear's output row, a   no
               conv kernel's row (vector level, Mao 2017)
 column        a vector along the second-to-last axis: a Linear's       no
@@ -242,6 +244,63 @@ class NM(Granularity):
         return keep.reshape(moved.shape).movedim(-1, 1)
 
 
+@dataclass(frozen=True, repr=False)
+class NM2D(NM):
+    """2-D N:M: every ``m x m`` tile of (outputs x inputs) keeps ``n`` per row and ``n`` per
+    column, so the weight is N:M along its inputs and its transpose along its outputs: the
+    backward pass (``grad_x = grad_y @ W``) can use sparse cores too ("transposable masks",
+    Hubara et al. 2021, "Accelerated Sparse Neural Training"). For a conv, tiles run over
+    output and input channels at each kernel position.
+
+    The mask of each tile is the best of all :func:`tile_patterns` (the patterns method of
+    :func:`nm_mask_patterns`, in 2-D: one ``(tiles, m*m) @ (m*m, P)`` product, argmax per
+    tile, lexicographically first on ties). ``m <= 4`` keeps ``P`` small (90 for 2:4).
+    """
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return f"{self.n}:{self.m}-2d"
+
+    @property
+    def rows_per_group(self) -> int:  # type: ignore[override]
+        return self.m
+
+    def incompatibility(self, layer: Layer) -> str | None:
+        out = layer.canonical.shape[0]
+        if out % self.m:
+            return (
+                f"{self.name} needs the output axis ({out}) to be a multiple of M={self.m}; "
+                "exclude the layer or use 1-D N:M"
+            )
+        return super().incompatibility(layer)
+
+    def keep(self, scores: Tensor) -> Tensor:
+        """Bool keep-mask for canonical ``scores`` (rows a multiple of ``m``)."""
+        m = self.m
+        scores = scores.clamp(min=torch.finfo(scores.dtype).min / (m * m))
+        moved = scores.movedim(1, -1).movedim(0, -2)  # (*kernel, out, in)
+        out, width = moved.shape[-2:]
+        tiles = moved.reshape(-1, out // m, m, width // m, m).permute(0, 1, 3, 2, 4)
+        patterns = tile_patterns(self.n, m).to(device=scores.device, dtype=torch.float64)
+        flat = tiles.reshape(-1, m * m).to(torch.float64)
+        keep = patterns[(flat @ patterns.T).argmax(dim=1)].bool()
+        keep = keep.reshape(tiles.shape).permute(0, 1, 3, 2, 4).reshape(moved.shape)
+        return keep.movedim(-2, 0).movedim(-1, 1)
+
+
+@cache
+def tile_patterns(n: int, m: int) -> Tensor:
+    """All ``m x m`` 0/1 tiles with ``n`` ones in every row and column, as ``(P, m*m)``
+    floats in lexicographic order (each row one of :func:`keep_patterns`)."""
+    rows = keep_patterns(n, m)
+    tiles = [
+        torch.stack(choice)
+        for choice in itertools.product(rows, repeat=m)
+        if bool((torch.stack(choice).sum(0) == n).all())
+    ]
+    return torch.stack(tiles).reshape(len(tiles), m * m)
+
+
 @cache
 def keep_patterns(n: int, m: int) -> Tensor:
     """All C(m, n) keep-patterns as a ``(C, m)`` 0/1 float matrix, lexicographic order."""
@@ -278,13 +337,19 @@ def nm_mask_topn(scores: Tensor, n: int, m: int) -> Tensor:
 
 
 _FIXED = {g.name: g for g in (Element(), Row(), Column(), Kernel(), Filter(), Channel())}
-_NM = re.compile(r"^(\d+):(\d+)$")
+_NM = re.compile(r"^(\d+):(\d+)(-2d)?$")
 _BLOCK = re.compile(r"^block:(\d+)x(\d+)$")
-VALID = [*_FIXED, "N:M (e.g. '2:4')", "block:AxB (e.g. 'block:4x4')"]
+VALID = [
+    *_FIXED,
+    "N:M (e.g. '2:4')",
+    "N:M-2d with M <= 4 (e.g. '2:4-2d')",
+    "block:AxB (e.g. 'block:4x4')",
+]
 
 
 def parse(spec: str | Granularity) -> Granularity:
-    """A :class:`Granularity` from its name (``"element"``, ``"2:4"``, ``"block:4x4"``...)."""
+    """A :class:`Granularity` from its name (``"element"``, ``"2:4"``, ``"2:4-2d"``,
+    ``"block:4x4"``...)."""
     if isinstance(spec, Granularity):
         return spec
     if not isinstance(spec, str):
@@ -294,8 +359,10 @@ def parse(spec: str | Granularity) -> Granularity:
         return _FIXED[key]
     if match := _NM.match(key):
         n, m = int(match[1]), int(match[2])
-        if 0 < n < m:
+        if 0 < n < m and not match[3]:
             return NM(n, m)
+        if 0 < n < m <= 4:
+            return NM2D(n, m)
     if (match := _BLOCK.match(key)) and int(match[1]) > 0 and int(match[2]) > 0:
         return Block(int(match[1]), int(match[2]))
     raise UnknownChoiceError("granularity", spec, VALID)

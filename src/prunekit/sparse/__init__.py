@@ -1,0 +1,60 @@
+"""Sparse execution and storage: turn pruned weights into bytes and time saved.
+
+    import prunekit as pk
+    pk.prune(model, 0.9)
+    report = pk.sparse.convert(model, "auto", batch_size=1)   # or "csr", "bsr", "nm", ...
+    print(report)
+    pk.sparse.save(model, "model.safetensors")
+    pk.sparse.load(build_model(), "model.safetensors")
+
+Modules: :class:`CSRLinear`, :class:`BSRLinear`, :class:`NMLinear` (CPU, compressed N:M),
+:class:`SemiStructuredLinear` (CUDA 2:4), :class:`SparseConv2d` (im2col). Storage:
+:class:`NMTensor` (values + packed indices). Channel permutations for N:M:
+:func:`permute_channels`.
+"""
+
+from prunekit.sparse.base import SparseLinear
+from prunekit.sparse.bsr import BSRLinear
+from prunekit.sparse.conv import SparseConv2d
+from prunekit.sparse.convert import FORMATS, ConvertReport, LayerChoice, convert
+from prunekit.sparse.cost import Candidate, CostFn, MeasuredCost, choose
+from prunekit.sparse.csr import CSRLinear
+from prunekit.sparse.io import load, save
+from prunekit.sparse.nm import NMTensor
+from prunekit.sparse.nm_linear import NMLinear, SemiStructuredLinear
+from prunekit.sparse.permute import (
+    Pair,
+    PairResult,
+    PermutationReport,
+    find_pairs,
+    permute_channels,
+    retained_magnitude,
+    search_permutation,
+)
+
+__all__ = [
+    "FORMATS",
+    "BSRLinear",
+    "CSRLinear",
+    "Candidate",
+    "ConvertReport",
+    "CostFn",
+    "LayerChoice",
+    "MeasuredCost",
+    "NMLinear",
+    "NMTensor",
+    "Pair",
+    "PairResult",
+    "PermutationReport",
+    "SemiStructuredLinear",
+    "SparseConv2d",
+    "SparseLinear",
+    "choose",
+    "convert",
+    "find_pairs",
+    "load",
+    "permute_channels",
+    "retained_magnitude",
+    "save",
+    "search_permutation",
+]

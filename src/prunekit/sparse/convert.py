@@ -1,0 +1,251 @@
+"""``pk.sparse.convert``: replace pruned layers by modules that compute the same outputs
+from a sparse representation, and report what each layer became and why."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from io import StringIO
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from prunekit.errors import IncompatibleLayerError, PruningError, UnknownChoiceError
+from prunekit.granularity import NM, parse
+from prunekit.layers import Layer, Selector, check_weight, require_unique_modules, select_layers
+from prunekit.sparse.base import SparseLinear
+from prunekit.sparse.bsr import KERNELS
+from prunekit.sparse.conv import SparseConv2d
+from prunekit.sparse.cost import Candidate, CostFn, MeasuredCost, choose
+from prunekit.sparse.formats import SPARSE_FORMATS, Options, build, module_bytes, set_module
+from prunekit.sparse.gemm import base_type, gemm_weight, unsupported
+
+FORMATS = ["auto", "dense", *SPARSE_FORMATS]
+# auto's candidates: name -> (format, BSR kernel); both BSR kernels are timed.
+AUTO_CANDIDATES = {
+    "csr": ("csr", "mkl"),
+    "bsr": ("bsr", "mkl"),
+    "bsr-gather": ("bsr", "gather"),
+    "nm": ("nm", "mkl"),
+}
+
+
+@dataclass(frozen=True)
+class LayerChoice:
+    """What one layer became: format, bytes before/after, why, and the costs weighed."""
+
+    name: str
+    kind: str
+    shape: tuple[int, int]
+    sparsity: float
+    format: str
+    dense_bytes: int
+    bytes: int
+    reason: str = ""
+    costs: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ConvertReport:
+    """Per-layer choices of :func:`convert`; ``fallbacks`` are the layers left dense."""
+
+    format: str
+    batch_size: int
+    layers: list[LayerChoice]
+
+    @property
+    def fallbacks(self) -> list[tuple[str, str]]:
+        """``(layer, reason)`` for every layer that stayed dense."""
+        return [(c.name, c.reason) for c in self.layers if c.format == "dense"]
+
+    @property
+    def formats(self) -> dict[str, str]:
+        return {c.name: c.format for c in self.layers}
+
+    @property
+    def dense_bytes(self) -> int:
+        return sum(c.dense_bytes for c in self.layers)
+
+    @property
+    def bytes(self) -> int:
+        return sum(c.bytes for c in self.layers)
+
+    def table(self) -> Table:
+        title = (
+            f"sparse.convert: format={self.format}, batch {self.batch_size}, "
+            f"bytes {self.bytes:,} = {self.bytes / max(self.dense_bytes, 1):.3f}x dense"
+        )
+        table = Table(title=title)
+        for col in ("layer", "type", "GEMM", "sparsity", "format", "bytes vs dense", "why"):
+            table.add_column(col)
+        for c in self.layers:
+            table.add_row(
+                c.name,
+                c.kind,
+                "x".join(map(str, c.shape)),
+                f"{c.sparsity:.1%}",
+                c.format,
+                f"{c.bytes / max(c.dense_bytes, 1):.3f}x",
+                c.reason,
+            )
+        return table
+
+    def __rich__(self) -> Table:
+        return self.table()
+
+    def __str__(self) -> str:
+        buffer = StringIO()
+        Console(file=buffer, width=160, color_system=None).print(self.table())
+        return buffer.getvalue()
+
+
+def _options(nm: str, blocksize: int | tuple[int, int] | None, bsr_kernel: str) -> Options:
+    gran = parse(nm)
+    if not isinstance(gran, NM):
+        raise UnknownChoiceError("nm pattern", nm, ["N:M (e.g. '2:4')"])
+    if isinstance(blocksize, int):
+        blocksize = (blocksize, blocksize)
+    if blocksize is not None and (
+        len(blocksize) != 2 or not all(isinstance(b, int) and b > 0 for b in blocksize)
+    ):
+        raise PruningError(
+            f"blocksize={blocksize!r} must be a positive int or a pair of them; Fix: pass "
+            "the block you pruned with, e.g. blocksize=32 for granularity='block:32x32'."
+        )
+    if bsr_kernel not in KERNELS:
+        raise UnknownChoiceError("bsr_kernel", bsr_kernel, list(KERNELS))
+    return Options(gran.n, gran.m, blocksize, bsr_kernel)
+
+
+def _check_args(format: str, batch_size: int, margin: float) -> None:
+    if format not in FORMATS:
+        raise UnknownChoiceError("format", format, FORMATS)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise PruningError(f"batch_size={batch_size!r} must be a positive int (rows per call)")
+    if not 0 < margin <= 1:
+        raise PruningError(f"margin={margin!r} must be in (0, 1]: sparse must beat dense")
+
+
+def _runner(module: nn.Module) -> Callable[[Tensor], Tensor]:
+    """The layer's GEMM as it will run, on ``x`` of shape ``(batch, in)``."""
+    if isinstance(module, SparseConv2d):
+        return module.gemm
+    if isinstance(module, SparseLinear) or base_type(module) is nn.Linear:
+        return module
+    weight = gemm_weight(module)
+    return lambda x: F.linear(x, weight)
+
+
+def _auto(
+    layer: Layer, opts: Options, batch_size: int, cost: CostFn, margin: float
+) -> tuple[nn.Module, str, dict[str, float]]:
+    """``(module, reason, costs)`` for one layer under ``format="auto"``."""
+    weight = gemm_weight(layer.module)
+    sparsity = 1 - int(weight.count_nonzero()) / weight.numel()
+    built, skipped = {"dense": build(layer.name, layer.module, "dense", opts)}, []
+    for key, (fmt, kernel) in AUTO_CANDIDATES.items():
+        try:
+            built[key] = build(layer.name, layer.module, fmt, replace(opts, bsr_kernel=kernel))
+        except PruningError as err:
+            skipped.append(f"{key}: {type(err).__name__}")
+    if len(built) == 1:
+        return built["dense"], f"no sparse format fits ({'; '.join(skipped)})", {}
+    costs = {}
+    for key, module in built.items():
+        block = getattr(getattr(module, "gemm", module), "blocksize", None)
+        detail = f"{opts.n}:{opts.m}" if key == "nm" else f"{block}" if block else ""
+        shape = (weight.shape[0], weight.shape[1])
+        candidate = Candidate(layer.name, key, shape, sparsity, batch_size, detail, _runner(module))
+        costs[key] = float(cost(candidate))
+    fmt, reason = choose(costs, margin)
+    return built[fmt], reason, costs
+
+
+def convert(
+    model: nn.Module,
+    format: str = "auto",
+    *,
+    batch_size: int = 1,
+    layers: Selector = None,
+    exclude: Selector = None,
+    nm: str = "2:4",
+    blocksize: int | tuple[int, int] | None = None,
+    bsr_kernel: str = "mkl",
+    cost: CostFn | None = None,
+    margin: float = 0.9,
+) -> ConvertReport:
+    """Replace the selected Linear / Conv2d layers by sparse modules, in place.
+
+    Each converted module computes the masked (or baked) dense layer's outputs (same
+    values up to float summation order) from a sparse representation:
+
+    * ``"csr"``: :class:`~prunekit.sparse.CSRLinear`, ``torch.sparse.mm`` (``torch.mv`` at
+      batch 1) with int32 indices;
+    * ``"bsr"``: :class:`~prunekit.sparse.BSRLinear`, ``blocksize`` blocks (default: the
+      largest square block in 64..2 with at most 2 stored values per nonzero) computed by
+      ``bsr_kernel`` (``"mkl"``, square blocks, or ``"gather"``); for block-pruned weights;
+    * ``"nm"``: :class:`~prunekit.sparse.NMLinear` from the compressed ``nm`` form
+      (values + ``ceil(log2 M)``-bit positions);
+    * ``"nm-cuda"``: 2:4 sparse tensor cores (``to_sparse_semi_structured``, CUDA sm80+);
+    * ``"dense"``: the layer with its zeros baked in (no mask cost);
+    * ``"auto"``: per layer, the cheapest format under ``cost`` at ``batch_size`` (default
+      :class:`~prunekit.sparse.MeasuredCost`) among csr, bsr (both kernels) and nm, dense
+      unless a sparse one costs at most ``margin`` x dense.
+
+    Convs become :class:`~prunekit.sparse.SparseConv2d` (im2col); other layer types stay
+    as they are and are reported. With an explicit format every selected layer must fit
+    it (``layers`` / ``exclude`` choose which); with ``"auto"`` misfits stay dense.
+
+    Returns:
+        A :class:`ConvertReport` of every selected layer's format, bytes and reason.
+
+    Raises:
+        UnknownChoiceError, NoLayersError, IncompatibleLayerError, NotSparseEnoughError,
+        NotNMError, CudaRequiredError: before any layer is replaced (model unchanged).
+
+    Example:
+        >>> pk.prune(model, 0.9)
+        >>> report = pk.sparse.convert(model, "auto", batch_size=1)
+    """
+    _check_args(format, batch_size, margin)
+    opts = _options(nm, blocksize, bsr_kernel)
+    chosen = select_layers(model, layers, exclude)
+    require_unique_modules(chosen)
+    cost = cost or MeasuredCost()
+    planned: list[tuple[Layer, nn.Module, LayerChoice]] = []
+    for layer in chosen:
+        reason = unsupported(layer.module)
+        if reason is None and layer.name == "":
+            reason = "the model itself is the layer; wrap it in nn.Sequential to convert it"
+        if reason is not None and layers is not None and format not in ("auto", "dense"):
+            raise IncompatibleLayerError(f"layer {layer.name!r}: {reason}; Fix: exclude it.")
+        check_weight(layer)
+        with torch.no_grad():
+            weight = layer.module.weight.detach()
+            sparsity = 1 - int(weight.count_nonzero()) / weight.numel()
+        dense = module_bytes(layer.module)
+        shape = (weight.shape[0], math.prod(weight.shape[1:]))
+        if reason is not None:
+            choice = LayerChoice(
+                layer.name, layer.kind, shape, sparsity, "dense", dense, dense, reason
+            )
+            planned.append((layer, layer.module, choice))
+            continue
+        costs: dict[str, float] = {}
+        if format == "auto":
+            new, reason, costs = _auto(layer, opts, batch_size, cost, margin)
+        else:
+            new, reason = build(layer.name, layer.module, format, opts), "asked"
+        fmt = getattr(new, "format", "dense")
+        choice = LayerChoice(
+            layer.name, layer.kind, shape, sparsity, fmt, dense, module_bytes(new), reason, costs
+        )
+        planned.append((layer, new, choice))
+    for layer, new, _ in planned:
+        if new is not layer.module:
+            set_module(model, layer.name, new)
+    return ConvertReport(format, batch_size, [choice for _, _, choice in planned])
