@@ -11,6 +11,9 @@
   mean score (LAMP scores are compared as they are).
 - ``round_to``: keep a multiple of this many groups per family (8 for tensor cores).
 - Never empties a family: at least ``max(1, round_to)`` groups stay.
+- The model's outputs never change shape, so the final layer keeps its outputs (its
+  inputs may shrink with the layer before it); ``ignore=[names, globs or types]`` keeps
+  layers whole, inputs included.
 """
 
 from __future__ import annotations
