@@ -198,3 +198,15 @@ def test_rnn_is_kept_whole() -> None:
     masked, small, decisions = masked_and_shrunk(model, x, 0.5)
     assert [d.name for d in decisions] == ["fc"]  # the GRU's input channels stay
     assert_equivalent(masked, small, x)
+
+
+def test_llm_heads_and_neurons_by_taylor() -> None:
+    """Structured LLM pruning: whole GQA head groups and MLP neurons, ranked by the loss."""
+    model, inputs = hf_model("llama-gqa")
+    batch = {**inputs, "labels": inputs["input_ids"]}
+    report = pk.shrink(
+        model, inputs, ratio=0.5, criterion="taylor",
+        data=[(batch, None)], loss_fn=lambda out, _: out.loss,
+    )  # fmt: skip
+    assert {f.kind for f in report.families} == {"heads", "channels"}
+    assert model.config.num_key_value_heads == 2 and model.config.intermediate_size == 32
