@@ -37,7 +37,7 @@ CASES = [
     (
         dict(sparsity=0.5, criterion="hessian"),
         pk.UnknownChoiceError,
-        "valid criterion values are: gradient, l1, l2, magnitude, random, taylor",
+        "valid criterion values are: gradient, l1, l2, magnitude, random, taylor, wanda$",
     ),
     (
         dict(sparsity=0.5, scope="regional"),

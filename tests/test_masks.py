@@ -145,3 +145,11 @@ def test_get_mask_and_apply_mask(mlp):
     assert torch.equal(pk.masks.get_mask(mlp[0]), mask)
     with pytest.raises(pk.PruningError, match="does not match"):
         pk.masks.apply_mask(mlp[0], torch.ones(3, 3, dtype=torch.bool))
+
+
+def test_get_mask_is_bool() -> None:
+    layer = nn.Linear(8, 4)
+    pk.prune(layer, 0.5)
+    mask = pk.masks.get_mask(layer)
+    assert mask is not None and mask.dtype == torch.bool
+    assert int((~mask).sum()) == 16

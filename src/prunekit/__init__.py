@@ -7,7 +7,7 @@ pk.bake(model)
 pk.shrink(model, example_inputs, ratio=0.5)   # physically remove channels / heads
 """
 
-from prunekit import analysis, criteria, granularity, masks, sparse, structured
+from prunekit import analysis, criteria, granularity, llm, masks, sparse, structured
 from prunekit.errors import (
     IncompatibleLayerError,
     InvalidSparsityError,
@@ -37,6 +37,7 @@ __all__ = [
     "bake",
     "criteria",
     "granularity",
+    "llm",
     "load_shrunk",
     "masks",
     "prune",

@@ -36,7 +36,7 @@ def unpack(packed: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
     numel = 1
     for s in shape:
         numel *= s
-    bits = torch.bitwise_and(packed.unsqueeze(-1), _bit_values(packed.device)).ne_(0)
+    bits = torch.bitwise_and(packed.unsqueeze(-1), _bit_values(packed.device)).ne(0)
     return bits.view(-1)[:numel].view(shape)
 
 

@@ -7,6 +7,7 @@
     prunekit profile --model resnet20
     prunekit shrink --model resnet20 --ratio 0.5 [--criterion l2] [--scope local] \
         [--round-to 8] [--out DIR]
+    prunekit llm build-lm | prune | eval ...   (see ``prunekit llm --help``)
 
 A :class:`prunekit.PruningError` (bad sparsity, unknown name, ...) is printed as one red
 line and gives exit code 2.
@@ -28,6 +29,7 @@ import prunekit as pk
 from prunekit import zoo
 from prunekit.demo import run_demo, wide_console
 from prunekit.errors import PruningError
+from prunekit.llm import cli as llm_cli
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -63,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     shrink.add_argument("--scope", default="local", help="local or global")
     shrink.add_argument("--round-to", type=int, default=1, help="keep multiples of this")
     shrink.add_argument("--out", type=Path, help="save_shrunk directory (safetensors + json)")
+
+    llm_cli.add_parser(commands)
     return parser
 
 
@@ -144,7 +148,13 @@ def _shrink(args: argparse.Namespace, console: Console) -> None:
         console.print(f"saved to {args.out} (load with prunekit.load_shrunk)")
 
 
-COMMANDS = {"demo": _demo, "prune": _prune, "profile": _profile, "shrink": _shrink}
+COMMANDS = {
+    "demo": _demo,
+    "prune": _prune,
+    "profile": _profile,
+    "shrink": _shrink,
+    "llm": llm_cli.run,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from prunekit.criteria.activation import Wanda
 from prunekit.criteria.base import (
     Criterion,
     ElementwiseCriterion,
@@ -16,7 +17,7 @@ from prunekit.criteria.random import Random
 from prunekit.errors import UnknownChoiceError
 
 REGISTRY: dict[str, type[Criterion]] = {
-    c.name: c for c in (Magnitude, L1, L2, Gradient, Taylor, Random)
+    c.name: c for c in (Magnitude, L1, L2, Gradient, Taylor, Random, Wanda)
 }
 
 
@@ -49,5 +50,6 @@ __all__ = [
     "Random",
     "ScoreContext",
     "Taylor",
+    "Wanda",
     "get",
 ]

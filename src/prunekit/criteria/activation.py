@@ -1,0 +1,118 @@
+"""Activation-aware criterion: Wanda (Sun et al. 2023, "A Simple and Effective Pruning
+Approach for Large Language Models").
+
+    S_ij = |W_ij| * ||X_j||_2
+
+with ``X_j`` the j-th input feature of the layer over every calibration token (a running
+sum of squares, then a square root). No weight is updated.
+
+The paper compares scores **within each output row** (and, for N:M, within every M
+consecutive inputs of a row). :func:`prunekit.llm.prune` with ``method="wanda"`` does
+exactly that, block by block. Through :func:`prunekit.prune` the :class:`Wanda` criterion
+follows prunekit's scopes instead: with ``granularity="2:4"`` it is the paper's N:M
+Wanda; with ``"element"`` and local scope it ranks a whole layer at once (one threshold
+per layer), which the paper reports as slightly worse than per-row.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from prunekit.criteria.base import Batches, Criterion, LossFn, ScoreContext
+from prunekit.errors import IncompatibleLayerError, MissingDataError
+from prunekit.granularity import Grouping
+from prunekit.layers import Layer, kernel_ndim
+
+
+def flat_inputs(x: Tensor) -> Tensor:
+    """A Linear / HF Conv1D input ``(..., in)`` as fp32 rows ``(tokens, in)``."""
+    return x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+
+
+class ColumnNorms:
+    """Running ``sum_t x_tj^2`` over calibration tokens; :attr:`norms` is ``||X_j||_2``."""
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
+        self.sum_sq = torch.zeros(in_features, dtype=torch.float32, device=device)
+        self.tokens = 0
+
+    def add(self, x: Tensor) -> None:
+        rows = flat_inputs(x)
+        self.sum_sq += rows.square().sum(0)
+        self.tokens += rows.shape[0]
+
+    @property
+    def norms(self) -> Tensor:
+        return self.sum_sq.sqrt()
+
+
+def wanda_scores(weight: Tensor, norms: Tensor) -> Tensor:
+    """``|W| * ||X_j||_2`` (fp32) for a canonical ``(out, in)`` weight; ``norms`` is ``(in,)``
+    or already broadcast to the weight's shape."""
+    return weight.detach().abs().to(torch.float32) * norms.to(weight.device)
+
+
+def wanda_row_mask(scores: Tensor, sparsity: float) -> Tensor:
+    """Bool keep-mask pruning exactly ``round(sparsity * in)`` lowest scores of every row.
+
+    Ties go to the lower index (a stable sort), so the mask is deterministic.
+    """
+    n_prune = round(sparsity * scores.shape[1])
+    order = torch.sort(scores, dim=1, stable=True).indices[:, :n_prune]
+    keep = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+    return keep.scatter_(1, order, False)
+
+
+class Wanda(Criterion):
+    """Wanda scores for Linear-like layers; statistics from forward hooks on ``data``.
+
+    ``data`` is an iterable of model inputs, or of ``(inputs, targets)`` pairs whose
+    targets are ignored. Convolutions are rejected: the score is defined per input feature.
+    """
+
+    name = "wanda"
+    requires_data = True
+
+    def prepare(
+        self,
+        model: nn.Module,
+        layers: list[Layer],
+        groupings: dict[str, Grouping],
+        data: Batches | None,
+        loss_fn: LossFn | None,
+    ) -> dict[str, Tensor]:
+        for layer in layers:
+            if kernel_ndim(layer.module) or isinstance(layer.module, nn.Embedding):
+                raise IncompatibleLayerError(
+                    f"layer {layer.name!r} ({layer.kind}): Wanda scores Linear-like layers "
+                    "only; Fix: exclude it or select layers=nn.Linear."
+                )
+        if data is None:
+            raise MissingDataError(
+                "criterion 'wanda' needs calibration batches; Fix: pass data=[inputs, ...]."
+            )
+        stats = {ly.name: ColumnNorms(ly.canonical.shape[1], ly.weight.device) for ly in layers}
+        handles = [
+            ly.module.register_forward_hook(lambda m, args, out, s=stats[ly.name]: s.add(args[0]))
+            for ly in layers
+        ]
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                for batch in data:
+                    model(batch[0] if isinstance(batch, tuple | list) else batch)
+        finally:
+            for handle in handles:
+                handle.remove()
+            model.train(was_training)
+        if any(s.tokens == 0 for s in stats.values()):
+            raise MissingDataError("criterion 'wanda' got an empty data iterable")
+        return {
+            ly.name: stats[ly.name].norms.reshape(1, -1).expand(ly.canonical.shape) for ly in layers
+        }
+
+    def group_scores(self, weight: Tensor, grouping: Grouping, ctx: ScoreContext) -> Tensor:
+        assert ctx.stats is not None
+        return grouping.groups(wanda_scores(weight, ctx.stats)).sum(-1)

@@ -1,0 +1,82 @@
+"""Calibration input: validated token-id batches for a model's forward.
+
+Accepted forms (``calibration`` of :func:`prunekit.llm.prune`):
+
+- an integer tensor ``(samples, seq_len)`` (split into batches of ``batch_size`` rows) or
+  ``(seq_len,)`` (one sample);
+- a sequence of such tensors, one batch each;
+- a sequence of dicts of tensors with at least ``input_ids`` (e.g. with ``attention_mask``),
+  one batch each, passed to the model as keyword arguments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from prunekit.errors import CalibrationError
+
+Calibration = Tensor | Sequence[Tensor] | Sequence[Mapping[str, Tensor]]
+Batch = dict[str, Tensor]
+
+
+def vocab_size(model: nn.Module) -> int | None:
+    """Rows of the input embedding (the ids the model accepts), or None when unknown."""
+    get = getattr(model, "get_input_embeddings", None)
+    embedding = get() if callable(get) else None
+    return getattr(embedding, "num_embeddings", None)
+
+
+def _check(ids: object, where: str, vocab: int | None) -> Tensor:
+    if not isinstance(ids, Tensor) or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise CalibrationError(
+            f"calibration {where} is {getattr(ids, 'dtype', type(ids).__name__)}, not token ids; "
+            "Fix: pass integer token ids (e.g. tokenizer(text, return_tensors='pt').input_ids)."
+        )
+    if ids.numel() == 0:
+        raise CalibrationError(f"calibration {where} is empty; Fix: give at least one token.")
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or (vocab is not None and high >= vocab):
+        raise CalibrationError(
+            f"calibration {where} holds token ids {low}..{high}, outside the model's vocabulary "
+            f"0..{(vocab or 0) - 1}; Fix: tokenize with the model's own tokenizer."
+        )
+    return ids if ids.dim() == 2 else ids.reshape(1, -1)
+
+
+def calibration_batches(
+    calibration: Calibration, model: nn.Module, batch_size: int = 8
+) -> list[Batch]:
+    """``calibration`` as validated batches on the model's device (see the module docstring).
+
+    Raises:
+        CalibrationError: empty, not integer ids, or ids outside the vocabulary.
+    """
+    vocab = vocab_size(model)
+    if isinstance(calibration, Tensor):
+        ids = _check(calibration, "tensor", vocab)
+        raw: list[Batch] = [{"input_ids": chunk} for chunk in ids.split(batch_size)]
+    elif isinstance(calibration, Sequence) and not isinstance(calibration, str):
+        raw = []
+        for i, item in enumerate(calibration):
+            batch = dict(item) if isinstance(item, Mapping) else {"input_ids": item}
+            if "input_ids" not in batch:
+                raise CalibrationError(
+                    f"calibration batch {i} has keys {sorted(batch)} but no 'input_ids'; "
+                    "Fix: pass the tokenizer's output dict."
+                )
+            batch["input_ids"] = _check(batch["input_ids"], f"batch {i}", vocab)
+            raw.append(batch)
+    else:
+        raise CalibrationError(
+            f"calibration of type {type(calibration).__name__} is not supported; Fix: pass a "
+            "(samples, seq_len) tensor of token ids, or a list of tensors / tokenizer dicts."
+        )
+    if not raw:
+        raise CalibrationError(
+            "calibration is empty; Fix: pass at least one sample (128 is usual)."
+        )
+    device = next(model.parameters()).device
+    return [{k: v.to(device) for k, v in batch.items()} for batch in raw]

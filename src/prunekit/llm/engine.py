@@ -1,0 +1,192 @@
+"""The layer-by-layer calibration engine (the sequential scheme of SparseGPT and Wanda).
+
+1. **Capture**: a forward pre-hook on the first block records its inputs for every
+   calibration batch (hidden states plus whatever else the model passes: attention mask,
+   position ids, rotary position embeddings...) and stops the forward there.
+2. **Per block**, in order:
+   a. forward hooks on its Linear / Conv1D layers accumulate the statistics the method
+      needs (:class:`LayerStats`) while the block runs on the captured inputs;
+   b. ``visit`` prunes the block's layers from those statistics;
+   c. the (now pruned) block runs again; its outputs become the next block's inputs, so
+      every block is calibrated on the activations of the pruned-so-far model. During
+      this pass each layer's relative reconstruction error
+      ``||(W - W') X||_F^2 / ||W X||_F^2`` is measured on its actual inputs ``X``.
+
+Memory: the model, one block's statistics and dense-weight snapshot, and the calibration
+hidden states (``samples x seq_len x hidden``); never all layers' statistics at once.
+Every hook is removed on exit, error or not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import Tensor, nn
+
+from prunekit.criteria.activation import ColumnNorms, flat_inputs
+from prunekit.criteria.second_order import HessianAccumulator
+from prunekit.errors import UnsupportedModelError
+from prunekit.layers import Layer, to_canonical
+from prunekit.llm.blocks import block_layers
+from prunekit.llm.calibration import Batch
+
+
+class _Captured(Exception):
+    """Raised by the capture hook to stop the model's forward at the first block."""
+
+
+@dataclass
+class BlockInputs:
+    """What each calibration batch feeds a block: hidden states plus the other arguments."""
+
+    hidden: list[Tensor] = field(default_factory=list)
+    args: list[tuple[Any, ...]] = field(default_factory=list)
+    kwargs: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _no_cache(value: Any) -> Any:
+    # A KV cache passed along would grow on every re-run of a block; blocks need none here.
+    return None if "Cache" in type(value).__name__ else value
+
+
+def capture_inputs(model: nn.Module, first_block: nn.Module, batches: list[Batch]) -> BlockInputs:
+    """Run ``model`` on every batch up to ``first_block`` and record the block's inputs."""
+    inputs = BlockInputs()
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        kwargs = {k: _no_cache(v) for k, v in kwargs.items()}
+        if "use_cache" in kwargs:
+            kwargs["use_cache"] = False
+        if args:
+            hidden, rest = args[0], tuple(_no_cache(a) for a in args[1:])
+        else:
+            hidden, rest = kwargs.pop("hidden_states"), ()
+        inputs.hidden.append(hidden)
+        inputs.args.append(rest)
+        inputs.kwargs.append(kwargs)
+        raise _Captured
+
+    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for batch in batches:
+            try:
+                model(**batch)
+            except _Captured:
+                continue
+            raise UnsupportedModelError(
+                f"{type(model).__name__}'s forward never called its first block; Fix: pass "
+                "blocks='<name of the layer list the forward runs>'."
+            )
+    finally:
+        handle.remove()
+    return inputs
+
+
+def run_block(block: nn.Module, inputs: BlockInputs) -> list[Tensor]:
+    """The block's output hidden states for every captured batch."""
+    outputs = []
+    for hidden, args, kwargs in zip(inputs.hidden, inputs.args, inputs.kwargs, strict=True):
+        out = block(hidden, *args, **kwargs)
+        outputs.append(out[0] if isinstance(out, tuple) else out)
+    return outputs
+
+
+class LayerStats:
+    """Statistics of one layer's inputs: column norms (Wanda, OWL) and/or H (SparseGPT)."""
+
+    def __init__(self, layer: Layer, needs: frozenset[str]) -> None:
+        width, device = layer.canonical.shape[1], layer.weight.device
+        self.norms = ColumnNorms(width, device) if "norms" in needs else None
+        self.hessian = HessianAccumulator(width, device) if "hessian" in needs else None
+
+    def add(self, x: Tensor) -> None:
+        for acc in (self.norms, self.hessian):
+            if acc is not None:
+                acc.add(x)
+
+
+@contextmanager
+def layer_hooks(layers: list[Layer], fn: Callable[[Layer, Tensor, Tensor], None]) -> Iterator[None]:
+    """Call ``fn(layer, input, output)`` on every forward of each layer while open."""
+    handles = [
+        ly.module.register_forward_hook(lambda m, args, out, ly=ly: fn(ly, args[0], out))
+        for ly in layers
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class ErrorMeter:
+    """Relative output error ``||(W - W') X||^2 / ||W X||^2`` per layer vs a dense snapshot.
+
+    Costs one matmul per layer: the pruned product ``W' X`` is the layer's own output
+    (minus its bias), only ``W X`` is recomputed from the snapshot.
+    """
+
+    def __init__(self, layers: list[Layer]) -> None:
+        self.dense = {
+            ly.name: to_canonical(ly.module, ly.module.weight.detach()).to(torch.float32).clone()
+            for ly in layers
+        }
+        self.num = dict.fromkeys(self.dense, 0.0)
+        self.den = dict.fromkeys(self.dense, 0.0)
+
+    def add(self, layer: Layer, x: Tensor, out: Tensor) -> None:
+        dense = flat_inputs(x) @ self.dense[layer.name].T
+        pruned = flat_inputs(out)
+        bias = getattr(layer.module, "bias", None)
+        if bias is not None:
+            pruned = pruned - bias.detach().to(torch.float32)
+        self.num[layer.name] += float((dense - pruned).square().sum())
+        self.den[layer.name] += float(dense.square().sum())
+
+    def relative(self) -> dict[str, float]:
+        return {n: self.num[n] / self.den[n] if self.den[n] else 0.0 for n in self.num}
+
+
+Visit = Callable[[int, list[Layer], dict[str, LayerStats]], bool]
+
+
+def sequential(
+    blocks: nn.ModuleList,
+    prefix: str,
+    inputs: BlockInputs,
+    visit: Visit,
+    *,
+    needs: frozenset[str],
+    description: str,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Walk the blocks in order (module docstring); returns each layer's relative error.
+
+    ``visit(index, layers, stats)`` prunes one block and returns whether it changed
+    anything; when it did not, the statistics pass's outputs feed the next block directly
+    and no error is measured.
+    """
+    errors: dict[str, float] = {}
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, TimeElapsedColumn(), transient=True, disable=not progress) as bar:
+        task = bar.add_task(description, total=len(blocks))
+        for index, block in enumerate(blocks):
+            layers = block_layers(block, f"{prefix}.{index}")
+            stats = {ly.name: LayerStats(ly, needs) for ly in layers}
+            outputs = None
+            if needs:
+                with layer_hooks(layers, lambda ly, x, out, st=stats: st[ly.name].add(x)):
+                    outputs = run_block(block, inputs)
+            meter = ErrorMeter(layers)
+            if visit(index, layers, stats) or outputs is None:
+                with layer_hooks(layers, meter.add):
+                    outputs = run_block(block, inputs)
+                errors.update(meter.relative())
+            inputs.hidden = outputs
+            bar.update(task, advance=1)
+    return errors

@@ -1,0 +1,51 @@
+"""Peak memory of a code region: CUDA allocator peak, or the process's peak RSS on Linux.
+
+On CPU the kernel's high-water mark ``VmHWM`` is reset at the start (writing ``5`` to
+``/proc/self/clear_refs``, Linux >= 4.0) and read at the end; the figure is that peak minus
+the resident size at the start, i.e. what the region added on top of the loaded model.
+Where the reset is not permitted the figure is an upper bound (``exact`` is False); off
+Linux it is None.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+_STATUS = Path("/proc/self/status")
+
+
+def _status_bytes(field: str) -> int:
+    match = re.search(rf"^{field}:\s+(\d+) kB", _STATUS.read_text(), re.MULTILINE)
+    return int(match[1]) * 1024 if match else 0
+
+
+class PeakMemory:
+    """``with PeakMemory(device) as peak: ...``; then ``peak.bytes`` (None if unmeasurable)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.bytes: int | None = None
+        self.exact = True
+        self.source = "cuda allocator" if device.type == "cuda" else "process RSS"
+        self._base = 0
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        elif _STATUS.exists():
+            self._base = _status_bytes("VmRSS")
+            try:
+                Path("/proc/self/clear_refs").write_text("5")
+            except OSError:
+                self.exact = False
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            self.bytes = torch.cuda.max_memory_allocated(self.device) - self._base
+        elif _STATUS.exists():
+            self.bytes = max(0, _status_bytes("VmHWM") - self._base)

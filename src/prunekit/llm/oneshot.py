@@ -1,0 +1,199 @@
+"""``pk.llm.prune``: one-shot, calibration-based pruning of a transformer, block by block."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from prunekit.criteria.activation import wanda_scores
+from prunekit.errors import IncompatibleLayerError, PruningError, UnknownChoiceError
+from prunekit.granularity import NM
+from prunekit.layers import Layer, check_weight, to_canonical
+from prunekit.llm.blocks import block_layers, find_blocks
+from prunekit.llm.calibration import Calibration, calibration_batches
+from prunekit.llm.engine import BlockInputs, LayerStats, capture_inputs, sequential
+from prunekit.llm.memory import PeakMemory
+from prunekit.llm.methods import (
+    METHODS,
+    Target,
+    describe,
+    parse_method,
+    parse_target,
+    prune_layer,
+)
+from prunekit.llm.owl import outlier_ratio, owl_sparsities
+from prunekit.llm.report import LayerRecord, LLMPruneReport
+from prunekit.masks import kept_fraction
+
+ALLOCATIONS = ["uniform", "owl"]
+
+
+def _check_layers(blocks: nn.ModuleList, prefix: str, target: Target) -> None:
+    for index, block in enumerate(blocks):
+        for layer in block_layers(block, f"{prefix}.{index}"):
+            check_weight(layer)
+            if isinstance(target, NM) and (reason := target.incompatibility(layer)):
+                raise IncompatibleLayerError(f"layer {layer.name!r}: {reason}")
+
+
+def _owl_targets(
+    blocks: nn.ModuleList,
+    prefix: str,
+    inputs: BlockInputs,
+    sparsity: float,
+    m: float,
+    lam: float,
+    progress: bool,
+) -> list[float]:
+    """Per-block OWL sparsities from a statistics-only pass over the dense blocks."""
+    ratios: list[float] = []
+
+    def visit(index: int, layers: list[Layer], stats: dict[str, LayerStats]) -> bool:
+        scores = [
+            wanda_scores(to_canonical(ly.module, ly.module.weight), stats[ly.name].norms.norms)
+            for ly in layers
+        ]
+        ratios.append(outlier_ratio(scores, m))
+        return False
+
+    sequential(
+        blocks,
+        prefix,
+        inputs,
+        visit,
+        needs=frozenset({"norms"}),
+        description="OWL outlier ratios",
+        progress=progress,
+    )
+    return owl_sparsities(ratios, sparsity, lam)
+
+
+def prune(
+    model: nn.Module,
+    calibration: Calibration,
+    *,
+    method: str = "wanda",
+    sparsity: float | str = 0.5,
+    allocation: str = "uniform",
+    owl_m: float = 5.0,
+    owl_lambda: float = 0.08,
+    blocks: str | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> LLMPruneReport:
+    """Prune every Linear / Conv1D of a transformer's blocks, one block at a time.
+
+    Args:
+        model: a Hugging Face causal LM (Llama, Mistral, Qwen2, OPT, GPT-2...) or encoder
+            (BERT, MiniLM...), or any model whose forward runs an ``nn.ModuleList`` of blocks.
+            Embeddings and the LM head stay dense.
+        calibration: token ids ``(samples, seq_len)``, or a list of id tensors / tokenizer
+            dicts (one batch each). The papers use 128 samples of 2048 tokens.
+        method: ``"magnitude"`` (one threshold per layer), ``"wanda"`` (``|W| * ||X||``
+            per output row, Sun et al. 2023) or ``"sparsegpt"`` (OBS sweep with weight
+            updates, Frantar & Alistarh 2023); see :mod:`prunekit.llm.methods`.
+        sparsity: a fraction in [0, 1) or an N:M pattern ``"2:4"`` / ``"4:8"``.
+        allocation: ``"uniform"`` (every layer at ``sparsity``) or ``"owl"`` (Yin et al.
+            2024: per-block sparsity from outlier ratios, ``owl_m`` and ``owl_lambda``; see
+            :mod:`prunekit.llm.owl`). Not with N:M.
+        blocks: qualified name of the block list, when automatic detection picks wrong.
+        batch_size: calibration rows per forward when ``calibration`` is one tensor.
+        progress: show a progress bar per block.
+
+    Returns:
+        An :class:`LLMPruneReport`. Masks are registered with
+        :func:`prunekit.masks.apply_mask` (``pk.bake(model)`` writes them in, e.g. before
+        ``save_pretrained``). SparseGPT also *overwrites the kept weights* with their
+        compensated values (and zeroes the pruned ones), so ``pk.masks.remove`` cannot
+        restore the dense model afterwards: copy it first if you need it.
+
+    Raises:
+        PruningError subclasses for a bad method, sparsity, allocation, calibration, N:M
+        not dividing a layer's input size, or blocks that cannot be found; all are
+        checked before the model is touched.
+
+    Example:
+        >>> report = pk.llm.prune(model, ids[:128, :256], method="wanda", sparsity=0.5)
+        >>> pk.bake(model); model.save_pretrained("pruned")
+    """
+    method = parse_method(method)
+    target = parse_target(sparsity)
+    if allocation not in ALLOCATIONS:
+        raise UnknownChoiceError("allocation", allocation, ALLOCATIONS)
+    if allocation == "owl" and isinstance(target, NM):
+        raise PruningError(
+            f"allocation 'owl' varies sparsity per block, which N:M ({target.name}) fixes; "
+            "Fix: use a fractional sparsity with OWL, or allocation='uniform'."
+        )
+    if not (owl_m > 0 and 0 <= owl_lambda < 0.5):
+        raise PruningError(
+            f"owl_m={owl_m!r} must be > 0 and owl_lambda={owl_lambda!r} in [0, 0.5); "
+            "Fix: use the paper's defaults 5 and 0.08."
+        )
+    prefix, block_list = find_blocks(model, blocks)
+    _check_layers(block_list, prefix, target)
+    batches = calibration_batches(calibration, model, batch_size)
+    device = next(model.parameters()).device
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    start = time.perf_counter()
+    try:
+        with torch.no_grad(), PeakMemory(device) as peak:
+            inputs = capture_inputs(model, block_list[0], batches)
+            block_targets: list[Target] = [target] * len(block_list)
+            if allocation == "owl":
+                hidden = list(inputs.hidden)
+                block_targets = _owl_targets(
+                    block_list, prefix, inputs, float(target), owl_m, owl_lambda, progress
+                )
+                inputs.hidden = hidden
+            layer_targets: dict[str, float] = {}
+
+            def visit(index: int, layers: list[Layer], stats: dict[str, LayerStats]) -> bool:
+                for layer in layers:
+                    prune_layer(method, layer, block_targets[index], stats[layer.name])
+                    layer_targets[layer.name] = _fraction(block_targets[index])
+                return True
+
+            errors = sequential(
+                block_list,
+                prefix,
+                inputs,
+                visit,
+                needs=METHODS[method],
+                description=f"{method} {describe(target)}",
+                progress=progress,
+            )
+    finally:
+        for module, mode in modes:
+            module.training = mode
+    seconds = time.perf_counter() - start
+    records = [
+        LayerRecord(
+            ly.name,
+            tuple(ly.weight.shape),
+            ly.weight.numel(),
+            layer_targets[ly.name],
+            1.0 - kept_fraction(ly.module),
+            errors[ly.name],
+        )
+        for index, block in enumerate(block_list)
+        for ly in block_layers(block, f"{prefix}.{index}")
+    ]
+    return LLMPruneReport(
+        method,
+        describe(target),
+        allocation,
+        sum(len(b["input_ids"]) for b in batches),
+        sum(b["input_ids"].numel() for b in batches),
+        records,
+        seconds,
+        peak.bytes,
+        peak.source,
+    )
+
+
+def _fraction(target: Target) -> float:
+    return target.sparsity if isinstance(target, NM) else float(target)

@@ -1,0 +1,75 @@
+"""What :func:`prunekit.llm.prune` did: per-layer sparsity and error, time, peak memory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from io import StringIO
+
+from rich.console import Console
+from rich.table import Table
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    """One pruned layer: its target and achieved sparsity, and its relative output error
+    ``||(W - W') X||_F^2 / ||W X||_F^2`` on its calibration inputs."""
+
+    name: str
+    shape: tuple[int, ...]
+    numel: int
+    target: float
+    sparsity: float
+    error: float
+
+
+@dataclass(frozen=True)
+class LLMPruneReport:
+    """Settings, per-layer records, wall time and peak memory of one pruning run."""
+
+    method: str
+    target: str
+    allocation: str
+    samples: int
+    tokens: int
+    layers: list[LayerRecord] = field(default_factory=list)
+    seconds: float = 0.0
+    peak_bytes: int | None = None
+    peak_source: str = ""
+
+    @property
+    def numel(self) -> int:
+        return sum(r.numel for r in self.layers)
+
+    @property
+    def sparsity(self) -> float:
+        """Achieved sparsity over the pruned layers (embeddings and head excluded)."""
+        return sum(r.sparsity * r.numel for r in self.layers) / max(self.numel, 1)
+
+    @property
+    def mean_error(self) -> float:
+        return sum(r.error for r in self.layers) / max(len(self.layers), 1)
+
+    def summary(self) -> str:
+        peak = "n/a" if self.peak_bytes is None else f"{self.peak_bytes / 2**20:.1f} MiB"
+        return (
+            f"{self.method} {self.target} ({self.allocation}): sparsity {self.sparsity:.2%} of "
+            f"{self.numel:,} weights, {self.seconds:.2f} s, peak memory {peak} "
+            f"({self.peak_source}), calibration {self.samples} samples / {self.tokens:,} tokens"
+        )
+
+    def table(self) -> Table:
+        table = Table(title=self.summary())
+        for col in ("layer", "shape", "target", "sparsity", "rel. error"):
+            table.add_column(col, justify="left" if col == "layer" else "right")
+        for r in self.layers:
+            shape = "x".join(map(str, r.shape))
+            table.add_row(r.name, shape, f"{r.target:.2%}", f"{r.sparsity:.2%}", f"{r.error:.4f}")
+        return table
+
+    def __rich__(self) -> Table:
+        return self.table()
+
+    def __str__(self) -> str:
+        buffer = StringIO()
+        Console(file=buffer, width=140).print(self.table())
+        return buffer.getvalue()
