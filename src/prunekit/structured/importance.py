@@ -59,8 +59,17 @@ def _vector(group: Group, params: dict[str, Tensor]) -> Tensor:
     return torch.cat(parts) if parts else torch.zeros(1)
 
 
-def _power(group: Group, params: dict[str, Tensor], p: int) -> float:
-    return float(sum(_slices(group, params, lambda s: s.abs().pow(p).sum())))
+def _powers(family: Family, params: dict[str, Tensor], p: int) -> Tensor:
+    """``sum |w|^p`` over every member parameter position of each group of ``family``."""
+    total = torch.zeros(len(family.groups), dtype=torch.float64)
+    for k, member in enumerate(family.groups[0].members):
+        if member.name not in params:
+            continue
+        w = params[member.name].detach()
+        per_position = w.abs().pow(p).movedim(member.dim, 0).reshape(w.shape[member.dim], -1)
+        per_position = per_position.sum(1, dtype=torch.float64)
+        total += torch.stack([per_position[g.members[k].index].sum() for g in family.groups])
+    return total.float()
 
 
 def _bn_scale(model: nn.Module, family: Family) -> Tensor | None:
@@ -172,6 +181,6 @@ def score(
             out[fam.name] = torch.cdist(stacked[None], stacked[None])[0].sum(1)
         else:
             power = 1 if criterion == "l1" else 2
-            values = torch.tensor([_power(g, params, power) for g in fam.groups])
+            values = _powers(fam, params, power)
             out[fam.name] = {"l1": values, "l2": values.sqrt(), "lamp": _lamp(values)}[criterion]
     return out

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import FlopCounterMode
 
 from prunekit.errors import PruningError
 from prunekit.inputs import Inputs, call
@@ -102,6 +103,7 @@ class Trace:
     heads: list[HeadEvent] = field(default_factory=list)
     # (tensor name, dim) whose atoms label some operation's output, in call order
     producers: list[tuple[str, int]] = field(default_factory=list)
+    macs: int = 0  # of the traced forward pass (FlopCounterMode)
 
 
 class Tracer(TorchFunctionMode):
@@ -251,16 +253,18 @@ def trace(model: nn.Module, inputs: Inputs) -> Trace:
     from prunekit.structured import rules  # noqa: F401  (registers the built-in rules)
 
     tracer = Tracer(model)
+    counter = FlopCounterMode(display=False)  # the same pass counts the MACs
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), tracer.hooks(), tracer:
+        with torch.no_grad(), tracer.hooks(), counter, tracer:
             out = call(model, inputs)
     finally:
         model.train(was_training)
     tracer.block_inputs(*_tensors(_output_tree(out)))
     aliases = {names[0]: names for names in tracer.names.values()}
-    return Trace(tracer.atoms, tracer.members, aliases, tracer.heads, tracer.producers)
+    macs = counter.get_total_flops() // 2
+    return Trace(tracer.atoms, tracer.members, aliases, tracer.heads, tracer.producers, macs)
 
 
 def _output_tree(out: Any) -> Any:
