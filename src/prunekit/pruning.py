@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from io import StringIO
 
 import torch
-from rich.console import Console
 from rich.table import Table
 from torch import Tensor, nn
 
@@ -34,6 +32,7 @@ from prunekit.layers import (
 )
 from prunekit.masks import apply_packed, kept_fraction
 from prunekit.selection import LayerPlan, element_mask, select_pool
+from prunekit.tables import TableReport
 
 SCOPES = ["local", "global"]
 
@@ -52,7 +51,7 @@ class LayerResult:
 
 
 @dataclass(frozen=True)
-class PruneReport:
+class PruneReport(TableReport):
     """What :func:`prune` did: settings, per-layer sparsity before/after, skipped layers."""
 
     granularity: str
@@ -94,14 +93,6 @@ class PruneReport:
         for name, reason in self.skipped:
             table.add_row(name, "skipped", "", "", "", "", reason)
         return table
-
-    def __rich__(self) -> Table:
-        return self.table()
-
-    def __str__(self) -> str:
-        buffer = StringIO()
-        Console(file=buffer, width=140).print(self.table())
-        return buffer.getvalue()
 
 
 def _resolve_layers(

@@ -28,13 +28,11 @@ kernel or storage format could reach, not what the model runs.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
-from rich.console import Console
 from rich.table import Table
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
@@ -44,6 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from prunekit.errors import PruningError
 from prunekit.inputs import Inputs, call
 from prunekit.layers import Layer, Selector, select_layers, to_canonical, weight_param
+from prunekit.tables import TableReport
 
 _NOTE = (
     "Masked zeros do not make dense kernels faster: MACs and latency are the dense "
@@ -90,8 +89,10 @@ class LayerProfile:
 
 
 @dataclass(frozen=True)
-class Profile:
+class Profile(TableReport):
     """Per-layer counts, their total and the measured latency of the whole model."""
+
+    text_width = 160
 
     layers: list[LayerProfile]
     total: LayerProfile
@@ -129,14 +130,6 @@ class Profile:
         table.add_section()
         table.add_row(*_cells(self.total), style="bold")
         return table
-
-    def __rich__(self) -> Table:
-        return self.table()
-
-    def __str__(self) -> str:
-        console = Console(file=io.StringIO(), width=160, color_system=None)
-        console.print(self.table())
-        return console.file.getvalue()
 
 
 def _latency_text(latency_s: float | None) -> str:

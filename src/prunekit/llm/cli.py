@@ -8,22 +8,18 @@
 ``--model`` is a zoo name (``char-llama``, ``minilm``) or a ``save_pretrained`` directory.
 ``prune`` writes a ``save_pretrained`` directory (masks baked in, tokenizer alongside) that
 ``from_pretrained`` loads, plus ``prunekit_llm.json`` with the settings and the report.
-Wire into the main parser with :func:`add_parser` and dispatch with :func:`run`; until
-then (or without the main CLI) ``python -m prunekit.llm.cli build-lm`` works the same.
+:func:`add_parser` adds the sub-command to ``prunekit``'s parser; :func:`run` dispatches.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from rich.console import Console
-from rich.text import Text
 
 import prunekit as pk
-from prunekit.errors import PruningError
 from prunekit.llm import models
 from prunekit.llm.evaluate import embedding_similarity, perplexity
 from prunekit.llm.methods import METHODS
@@ -128,23 +124,3 @@ HANDLERS = {"prune": _prune, "eval": _eval, "build-lm": _build_lm}
 def run(args: argparse.Namespace, console: Console) -> None:
     """Run the ``llm`` sub-command parsed by :func:`add_parser`."""
     HANDLERS[args.llm_command](args, console)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m prunekit.llm.cli <prune|eval|build-lm> ...``; returns the exit code."""
-    parser = argparse.ArgumentParser(prog="python -m prunekit.llm.cli")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    try:
-        args = parser.parse_args(["llm", *(sys.argv[1:] if argv is None else argv)])
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
-    try:
-        run(args, Console())
-    except PruningError as err:
-        Console(stderr=True).print(Text(f"error: {err}", style="red"), soft_wrap=True)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from io import StringIO
 
-from rich.console import Console
 from rich.table import Table
+
+from prunekit.tables import TableReport
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,7 @@ class LayerRecord:
 
 
 @dataclass(frozen=True)
-class LLMPruneReport:
+class LLMPruneReport(TableReport):
     """Settings, per-layer records, wall time and peak memory of one pruning run."""
 
     method: str
@@ -65,11 +65,3 @@ class LLMPruneReport:
             shape = "x".join(map(str, r.shape))
             table.add_row(r.name, shape, f"{r.target:.2%}", f"{r.sparsity:.2%}", f"{r.error:.4f}")
         return table
-
-    def __rich__(self) -> Table:
-        return self.table()
-
-    def __str__(self) -> str:
-        buffer = StringIO()
-        Console(file=buffer, width=140).print(self.table())
-        return buffer.getvalue()

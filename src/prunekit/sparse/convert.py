@@ -6,10 +6,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from io import StringIO
 
 import torch
-from rich.console import Console
 from rich.table import Table
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -23,6 +21,7 @@ from prunekit.sparse.conv import SparseConv2d
 from prunekit.sparse.cost import Candidate, CostFn, MeasuredCost, choose
 from prunekit.sparse.formats import SPARSE_FORMATS, Options, build, module_bytes, set_module
 from prunekit.sparse.gemm import base_type, gemm_weight, unsupported
+from prunekit.tables import TableReport
 
 FORMATS = ["auto", "dense", *SPARSE_FORMATS]
 # auto's candidates: name -> (format, BSR kernel); both BSR kernels are timed.
@@ -50,8 +49,10 @@ class LayerChoice:
 
 
 @dataclass(frozen=True)
-class ConvertReport:
+class ConvertReport(TableReport):
     """Per-layer choices of :func:`convert`; ``fallbacks`` are the layers left dense."""
+
+    text_width = 160
 
     format: str
     batch_size: int
@@ -93,14 +94,6 @@ class ConvertReport:
                 c.reason,
             )
         return table
-
-    def __rich__(self) -> Table:
-        return self.table()
-
-    def __str__(self) -> str:
-        buffer = StringIO()
-        Console(file=buffer, width=160, color_system=None).print(self.table())
-        return buffer.getvalue()
 
 
 def _options(nm: str, blocksize: int | tuple[int, int] | None, bsr_kernel: str) -> Options:

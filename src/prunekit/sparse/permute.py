@@ -19,10 +19,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from io import StringIO
 
 import torch
-from rich.console import Console
 from rich.table import Table
 from torch import Tensor, nn
 
@@ -30,6 +28,7 @@ from prunekit.errors import PermutationError
 from prunekit.granularity import NM, parse
 from prunekit.masks import get_mask
 from prunekit.sparse.gemm import base_type
+from prunekit.tables import TableReport
 
 _PASS_THROUGH = (
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.Hardswish,
@@ -64,7 +63,7 @@ class PairResult:
 
 
 @dataclass(frozen=True)
-class PermutationReport:
+class PermutationReport(TableReport):
     """What :func:`permute_channels` did; ``max_abs_diff`` is the verified output change."""
 
     nm: str
@@ -87,14 +86,6 @@ class PermutationReport:
                 f"{r.gain:+.2%}",
             )
         return table
-
-    def __rich__(self) -> Table:
-        return self.table()
-
-    def __str__(self) -> str:
-        buffer = StringIO()
-        Console(file=buffer, width=140, color_system=None).print(self.table())
-        return buffer.getvalue()
 
 
 def _rows(weight: Tensor) -> Tensor:

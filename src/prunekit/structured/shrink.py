@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-import io
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from rich.console import Console
 from rich.table import Table
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
@@ -48,6 +46,7 @@ from prunekit.structured.surgery import (
     zero_groups,
 )
 from prunekit.structured.trace import UntraceableError
+from prunekit.tables import TableReport
 
 Ratio = float | Mapping[str, float] | None
 
@@ -74,8 +73,10 @@ class FamilyDecision:
 
 
 @dataclass
-class ShrinkReport:
+class ShrinkReport(TableReport):
     """Sizes before and after, and what was removed from each family."""
+
+    text_width = 120
 
     params_before: int
     params_after: int
@@ -105,14 +106,6 @@ class ShrinkReport:
         for f in self.families:
             table.add_row(f.name, f.kind, f"{f.kept} / {f.total}", f.note)
         return table
-
-    def __rich__(self) -> Table:
-        return self.table()
-
-    def __str__(self) -> str:
-        console = Console(file=io.StringIO(), width=120, color_system=None)
-        console.print(self.table())
-        return console.file.getvalue()
 
 
 def _min_keep(total: int, round_to: int) -> int:

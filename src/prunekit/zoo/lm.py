@@ -14,7 +14,7 @@ No pretrained causal LM ships in any installable package, so this zoo entry trai
 Built once and cached under ``$XDG_CACHE_HOME/prunekit/char-llama`` (``~/.cache/...``
 when unset) as a ``save_pretrained`` directory plus ``char_vocab.json``::
 
-    prunekit llm build-lm            # or: python -m prunekit.llm.cli build-lm
+    prunekit llm build-lm
     model, tokenizer = load_lm()     # MissingModelError until it is built
 """
 
