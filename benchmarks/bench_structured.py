@@ -199,6 +199,7 @@ def tp_worker(name: str, ratio: float) -> None:
     params0, macs0 = sum(p.numel() for p in model.parameters()), count_macs(model, inputs)
     theirs = copy.deepcopy(model)
     try:
+        torch_pruning_run(copy.deepcopy(model), inputs, ratio)  # warm-up: first-call costs
         seconds, pruner = torch_pruning_run(theirs, inputs, ratio)
         masked = _group_masked(model, build(model, inputs), pruner.pruning_history())
         result = _check(theirs, masked, inputs)
@@ -228,6 +229,7 @@ def versus_torch_pruning(rows: Rows, ratio: float, timeout: float, console: Cons
         model, inputs = make()
         params0, macs0 = sum(p.numel() for p in model.parameters()), count_macs(model, inputs)
         ours = copy.deepcopy(model)
+        pk.shrink(copy.deepcopy(model), inputs, ratio=ratio, verify=False)  # warm-up
         start = time.perf_counter()
         pk.shrink(ours, inputs, ratio=ratio, verify=False)
         t_ours = time.perf_counter() - start
