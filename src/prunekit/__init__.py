@@ -7,30 +7,50 @@ pk.bake(model)
 pk.shrink(model, example_inputs, ratio=0.5)   # physically remove channels / heads
 """
 
-from prunekit import analysis, criteria, granularity, llm, masks, sparse, structured
+from prunekit import (
+    analysis,
+    criteria,
+    granularity,
+    llm,
+    masks,
+    schedules,
+    sparse,
+    structured,
+    training,
+)
 from prunekit.errors import (
     IncompatibleLayerError,
     InvalidSparsityError,
     InvalidWeightError,
     MissingDataError,
     NoLayersError,
+    PrunerStateError,
     PruningError,
+    ScheduleError,
     UnknownChoiceError,
 )
 from prunekit.masks import bake, sparsity
+from prunekit.pruner import Pruner
 from prunekit.pruning import PruneReport, prune
+from prunekit.schedules import Cubic, Iterative, OneShot
 from prunekit.structured import ShrinkReport, load_shrunk, save_shrunk, shrink
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Cubic",
     "IncompatibleLayerError",
     "InvalidSparsityError",
     "InvalidWeightError",
+    "Iterative",
     "MissingDataError",
     "NoLayersError",
+    "OneShot",
     "PruneReport",
+    "Pruner",
+    "PrunerStateError",
     "PruningError",
+    "ScheduleError",
     "ShrinkReport",
     "UnknownChoiceError",
     "analysis",
@@ -42,8 +62,10 @@ __all__ = [
     "masks",
     "prune",
     "save_shrunk",
+    "schedules",
     "shrink",
     "sparse",
     "sparsity",
     "structured",
+    "training",
 ]

@@ -64,3 +64,12 @@ class CudaRequiredError(PruningError):
 
 class PermutationError(PruningError):
     """A channel permutation that cannot apply or would change what the network computes."""
+
+
+class ScheduleError(PruningError):
+    """A pruning schedule that ends before it starts, steps by a non-positive interval, or
+    cannot grow to its target (a gradual schedule on N:M, an initial above the final)."""
+
+
+class PrunerStateError(PruningError):
+    """A Pruner state or training-loop step count that does not match the Pruner."""

@@ -1,0 +1,207 @@
+"""``pk.Pruner``: :func:`prunekit.prune` on a schedule, inside any training loop."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from dataclasses import asdict
+from typing import Any, NamedTuple
+
+from torch import nn
+
+from prunekit import granularity as granularity_mod
+from prunekit.allocation import Allocation
+from prunekit.criteria import Criterion
+from prunekit.criteria.base import Batches, LossFn
+from prunekit.errors import InvalidSparsityError, MissingDataError, PrunerStateError, ScheduleError
+from prunekit.granularity import NM, Granularity
+from prunekit.layers import Selector
+from prunekit.masks import kept_fraction
+from prunekit.pruning import PruneReport, prune
+from prunekit.schedules import OneShot, Schedule
+
+_ONE_SHOT = OneShot()  # frozen, so one shared default is safe
+
+
+class Event(NamedTuple):
+    """One milestone of the schedule: after ``step`` steps, ``target`` asked, ``achieved`` got."""
+
+    step: int
+    target: float
+    achieved: float
+
+
+class Pruner:
+    """Prune ``model`` gradually to ``target`` while it trains: call :meth:`step` after
+    every ``optimizer.step()``.
+
+    At each milestone of ``schedule`` the Pruner calls :func:`prunekit.prune` with the
+    scheduled sparsity and the same granularity / criterion / scope / layers arguments
+    (see there). Masks only grow: pruned weights stay exactly zero whatever the optimizer
+    does, and the sparsity of the selected layers never decreases. Every argument is
+    checked when the Pruner is built, by pruning a copy of the model to ``target``, so a
+    bad argument fails before training starts and leaves the model as it was.
+
+    Example (gradual magnitude pruning, Zhu & Gupta 2017)::
+
+        import torch, prunekit as pk
+        from prunekit.zoo import LeNet300100, batches, evaluate, load_dataset
+
+        data = load_dataset("digits")
+        model = LeNet300100(in_features=64)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        pruner = pk.Pruner(model, target=0.9, schedule=pk.Cubic(start=0, end=200, every=20))
+        for epoch in range(10):
+            for x, y in batches(data.x_train, data.y_train, 64, shuffle=True):
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                pruner.step()                   # after optimizer.step()
+        print(f"sparsity {pruner.sparsity:.1%}")   # 90.0%
+        print(f"accuracy {evaluate(model, data.x_test, data.y_test):.1%}")
+
+    Args:
+        model: the model to prune in place.
+        target: the final sparsity in [0, 1) of the selected layers; at least their
+            current sparsity.
+        granularity / criterion / scope / allocation / layers / exclude / data /
+        loss_fn / seed: as for :func:`prunekit.prune`. ``data`` must be re-iterable (a
+            list of batches): it is used at every milestone.
+        schedule: :class:`~prunekit.OneShot` (default), :class:`~prunekit.Iterative` or
+            :class:`~prunekit.Cubic`. N:M granularities fix the sparsity, so they take
+            ``OneShot`` only.
+
+    Raises:
+        PruningError: a subclass naming the value and the fix, for any bad argument.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        target: float = 0.9,
+        *,
+        granularity: str | Granularity = "element",
+        criterion: str | Criterion = "magnitude",
+        scope: str = "global",
+        allocation: Allocation = "uniform",
+        layers: Selector = None,
+        exclude: Selector = None,
+        schedule: Schedule = _ONE_SHOT,
+        data: Batches | None = None,
+        loss_fn: LossFn | None = None,
+        seed: int = 0,
+    ) -> None:
+        if not isinstance(schedule, Schedule):
+            raise ScheduleError(
+                f"schedule={schedule!r} is not a schedule; Fix: pass pk.OneShot(), "
+                "pk.Iterative(steps, every) or pk.Cubic(start, end, every)."
+            )
+        target = schedule.check(target)
+        if isinstance(granularity_mod.parse(granularity), NM) and not isinstance(schedule, OneShot):
+            raise ScheduleError(
+                f"granularity {granularity!r} fixes the sparsity, so {schedule!r} cannot grow "
+                "it step by step; Fix: schedule=pk.OneShot()."
+            )
+        if isinstance(data, Iterator):
+            raise MissingDataError(
+                f"data is a one-pass iterator ({type(data).__name__}), which would be empty at "
+                "the second milestone; Fix: pass a list of batches, e.g. list(data)."
+            )
+        self._kwargs: dict[str, Any] = dict(
+            granularity=granularity,
+            criterion=criterion,
+            scope=scope,
+            allocation=allocation,
+            layers=layers,
+            exclude=exclude,
+            data=data,
+            loss_fn=loss_fn,
+            seed=seed,
+        )
+        # The dry run: pk.prune validates everything on a copy, and reports the layers.
+        dry = prune(copy.deepcopy(model), target, **self._kwargs)
+        modules = dict(model.named_modules())
+        self.model = model
+        self.target = target
+        self.schedule = schedule
+        self._layers = [(modules[r.name], r.numel) for r in dry.layers]
+        if self.sparsity > target:
+            raise InvalidSparsityError(
+                f"target={target!r} is below the sparsity the selected layers already have "
+                f"({self.sparsity:.6g}); masks only grow, so it could never be met; "
+                f"Fix: target >= {self.sparsity:.6g}."
+            )
+        self.step_count = 0
+        self.history: list[Event] = []
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of the selected layers' weights that are masked now."""
+        total = sum(n for _, n in self._layers)
+        return sum((1 - kept_fraction(m)) * n for m, n in self._layers) / total
+
+    def step(self) -> PruneReport | None:
+        """Count one optimizer step and prune if the schedule is due; the report, or None.
+
+        A milestone whose target the model already meets (an earlier, larger cut) is
+        recorded in :attr:`history` without pruning.
+        """
+        self.step_count += 1
+        if not self.schedule.due(self.step_count):
+            return None
+        wanted = self.schedule.target(self.step_count, self.target)
+        report = prune(self.model, wanted, **self._kwargs) if wanted > self.sparsity else None
+        self.history.append(Event(self.step_count, wanted, self.sparsity))
+        return report
+
+    def _identity(self) -> dict[str, Any]:
+        return {
+            "target": self.target,
+            "schedule": {"type": type(self.schedule).__name__, **asdict(self.schedule)},
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """The step count and history, with the target and schedule they belong to.
+
+        Save it next to the model's state dict (see :mod:`prunekit.masks` for loading
+        masks into a fresh model), and :meth:`load_state_dict` it to resume.
+        """
+        return {
+            **self._identity(),
+            "step": self.step_count,
+            "history": [list(e) for e in self.history],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict`; the target and schedule must be this Pruner's."""
+        if not isinstance(state, dict) or not {"target", "schedule", "step", "history"} <= set(
+            state
+        ):
+            raise PrunerStateError(
+                f"not a Pruner state: {state!r:.200}; Fix: pass what Pruner.state_dict() returned."
+            )
+        ours = self._identity()
+        theirs = {"target": state["target"], "schedule": state["schedule"]}
+        if theirs != ours:
+            raise PrunerStateError(
+                f"the state belongs to {theirs}, this Pruner is {ours}; Fix: build the Pruner "
+                "with the same target and schedule as the run that saved it."
+            )
+        step = state["step"]
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise PrunerStateError(f"state step={step!r} is not an int >= 0; Fix: a saved state.")
+        try:
+            history = [Event(int(s), float(t), float(a)) for s, t, a in state["history"]]
+        except (TypeError, ValueError) as err:
+            raise PrunerStateError(
+                f"state history is not a list of (step, target, achieved): {err}; "
+                "Fix: pass what Pruner.state_dict() returned."
+            ) from err
+        self.step_count, self.history = step, history
+
+    def __repr__(self) -> str:
+        return (
+            f"Pruner(target={self.target}, schedule={self.schedule!r}, step={self.step_count}, "
+            f"sparsity={self.sparsity:.4f})"
+        )

@@ -1,0 +1,108 @@
+"""Drive a :class:`~prunekit.Pruner` from a training loop you do not write yourself.
+
+- :class:`PruningCallback`: a transformers ``TrainerCallback`` that calls
+  ``pruner.step()`` after every optimizer step of a ``transformers.Trainer``
+  (transformers is imported only when the class is first used).
+- :func:`train_with_pruner`: :func:`prunekit.zoo.train` with the Pruner stepping after
+  every optimizer step.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from torch import nn
+
+from prunekit.errors import PrunerStateError, PruningError, ScheduleError
+from prunekit.pruner import Pruner
+from prunekit.zoo.data import Dataset
+from prunekit.zoo.train import Data, train
+
+
+def _check_model(model: nn.Module | None, pruner: Pruner) -> None:
+    if not isinstance(pruner, Pruner):
+        raise PruningError(f"pruner={pruner!r} is not a pk.Pruner; Fix: pk.Pruner(model, ...).")
+    if model is not None and model is not pruner.model:
+        raise PruningError(
+            f"the loop trains a {type(model).__name__} that is not the Pruner's model "
+            f"({type(pruner.model).__name__}); Fix: build the Pruner on the model you train."
+        )
+
+
+@functools.cache
+def _callback_class() -> type:
+    from transformers import TrainerCallback
+
+    class PruningCallback(TrainerCallback):
+        """Steps ``pruner`` after every optimizer step of a ``transformers.Trainer``.
+
+        ``Trainer(model, args, ..., callbacks=[PruningCallback(pk.Pruner(model, ...))])``.
+        When the Trainer resumes from a checkpoint, load the Pruner's
+        :meth:`~prunekit.Pruner.state_dict` first: training refuses to start if the
+        Pruner's step count differs from the Trainer's ``global_step``.
+        """
+
+        def __init__(self, pruner: Pruner) -> None:
+            _check_model(None, pruner)
+            self.pruner = pruner
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            _check_model(kwargs.get("model"), self.pruner)
+            if state.global_step != self.pruner.step_count:
+                raise PrunerStateError(
+                    f"the Trainer starts at step {state.global_step}, the Pruner at step "
+                    f"{self.pruner.step_count}; Fix: pruner.load_state_dict(<the state saved "
+                    "with the checkpoint>) before resuming."
+                )
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.pruner.step()
+
+    PruningCallback.__module__ = __name__
+    return PruningCallback
+
+
+def __getattr__(name: str) -> Any:
+    if name == "PruningCallback":
+        return _callback_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def train_with_pruner(
+    model: nn.Module,
+    data: Data,
+    pruner: Pruner,
+    epochs: int,
+    lr: float,
+    *,
+    batch_size: int = 64,
+    **train_kwargs: Any,
+) -> list[float]:
+    """Train ``model`` with :func:`prunekit.zoo.train`, stepping ``pruner`` after every
+    optimizer step; returns the mean training loss of each epoch.
+
+    ``train_kwargs`` (``optimizer``, ``momentum``, ``weight_decay``, ``seed``, ``progress``,
+    ``loss_fn``) go to :func:`~prunekit.zoo.train`. Raises :class:`ScheduleError` before
+    training when the schedule would end after the last step, so ``pruner.target`` would
+    never be reached.
+    """
+    _check_model(model, pruner)
+    n = len(data.x_train if isinstance(data, Dataset) else data[0])
+    last = pruner.step_count + epochs * -(-n // batch_size)
+    end = pruner.schedule.milestones()[-1]
+    if last < end:
+        raise ScheduleError(
+            f"{pruner.schedule!r} ends at step {end}, but training stops at step {last} "
+            f"({epochs} epochs of {-(-n // batch_size)} steps, from step {pruner.step_count}); "
+            "Fix: train longer or end the schedule earlier."
+        )
+    return train(
+        model,
+        data,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        callback=lambda _: pruner.step(),
+        **train_kwargs,
+    )
