@@ -1,0 +1,316 @@
+"""Figures of what pruning does: masks per granularity, densities, sensitivity, trade-offs.
+
+Every function builds a ``matplotlib.figure.Figure`` on the Agg canvas (no pyplot, no
+global state, no display needed), returns it, and when ``path`` is given also saves it
+there; the suffix picks the format (``.png``, ``.svg``, or any other matplotlib writes).
+A PNG is exactly ``figsize * dpi`` pixels (constrained layout, no tight cropping).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import textwrap
+from collections.abc import Mapping, Sequence
+
+import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import PercentFormatter
+from torch import Tensor, nn
+
+from prunekit import granularity as granularity_mod
+from prunekit.analysis.sensitivity import SensitivityReport
+from prunekit.errors import PruningError
+from prunekit.granularity import NM
+from prunekit.layers import Layer, is_prunable, kernel_ndim, to_canonical, weight_param
+from prunekit.masks import get_mask, remove, sparsity
+from prunekit.pruning import prune
+
+PathLike = str | os.PathLike[str] | None
+GRANULARITY_PANELS = (
+    "element",
+    "2:4",
+    "row",
+    "column",
+    "kernel",
+    "filter",
+    "channel",
+    "block:4x4",
+)
+DPI = 100
+_KEPT_CMAP = matplotlib.colormaps["viridis"].with_extremes(bad="white")
+
+
+def _figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _finish(fig: Figure, path: PathLike) -> Figure:
+    if path is not None:
+        fig.savefig(path, dpi=fig.dpi)
+    return fig
+
+
+def _numpy(t: Tensor) -> np.ndarray:
+    return t.detach().float().cpu().numpy()
+
+
+def _gemm(module: nn.Module, t: Tensor) -> np.ndarray:
+    """A weight-shaped tensor as the ``(out, in * prod(kernel))`` matrix of its layer."""
+    canonical = to_canonical(module, t)
+    return _numpy(canonical.reshape(canonical.shape[0], -1))
+
+
+_MODULE_FOR_NDIM = {2: nn.Linear, 3: nn.Conv1d, 4: nn.Conv2d, 5: nn.Conv3d}
+
+
+def _dense_layer(layer_or_weight: nn.Module | Tensor) -> nn.Module:
+    """A private, unmasked copy of the layer, or a Linear / ConvNd holding the weight
+    (storage layout ``(out, in, *kernel)``)."""
+    if isinstance(layer_or_weight, nn.Module):
+        if not is_prunable(layer_or_weight):
+            raise PruningError(
+                f"{type(layer_or_weight).__name__} is not a prunable layer; Fix: pass a "
+                "Linear / Conv layer of the model (e.g. model.fc1) or its weight tensor."
+            )
+        return remove(copy.deepcopy(layer_or_weight))
+    if not isinstance(layer_or_weight, Tensor) or layer_or_weight.dim() not in _MODULE_FOR_NDIM:
+        raise PruningError(
+            f"expected a layer or a 2-D to 5-D weight tensor, got "
+            f"{getattr(layer_or_weight, 'shape', type(layer_or_weight).__name__)}"
+        )
+    w = layer_or_weight.detach()
+    cls = _MODULE_FOR_NDIM[w.dim()]
+    args = (w.shape[1], w.shape[0]) if cls is nn.Linear else (w.shape[1], w.shape[0], 1)
+    module = cls(*args, bias=False)
+    module.weight = nn.Parameter(w.clone().float(), requires_grad=False)
+    return module
+
+
+def granularity_masks(
+    layer_or_weight: nn.Module | Tensor,
+    sparsity: float = 0.5,
+    granularities: Sequence[str] = GRANULARITY_PANELS,
+) -> dict[str, Tensor | str]:
+    """The mask :func:`prunekit.prune` gives one layer at each granularity (by magnitude).
+
+    Each mask (bool, weight-shaped, True = kept) is computed on a private copy of the dense
+    layer, so the layer passed in is untouched. A granularity the layer cannot take maps to
+    the reason instead (``kernel`` on a Linear, ``2:4`` when 4 does not divide the inputs).
+    N:M masks keep their fixed fraction ``N/M`` whatever ``sparsity`` is.
+    """
+    base = _dense_layer(layer_or_weight)
+    masks: dict[str, Tensor | str] = {}
+    for spec in granularities:
+        gran = granularity_mod.parse(spec)
+        reason = gran.incompatibility(Layer("layer", base))
+        if reason is not None:
+            masks[gran.name] = reason
+            continue
+        trial = copy.deepcopy(base)
+        prune(trial, None if isinstance(gran, NM) else sparsity, granularity=gran)
+        masks[gran.name] = get_mask(trial)
+    return masks
+
+
+def plot_granularity_masks(
+    layer_or_weight: nn.Module | Tensor,
+    path: PathLike = None,
+    *,
+    sparsity: float = 0.5,
+    granularities: Sequence[str] = GRANULARITY_PANELS,
+) -> Figure:
+    """The chapter's granularity figure (Fig. 3-2) drawn from a real weight.
+
+    The first panel is the dense ``|W|`` as its GEMM matrix ``(out, in * kernel)``; then one
+    panel per granularity from :func:`granularity_masks`, kept weights coloured by
+    magnitude and pruned ones white.
+    """
+    base = _dense_layer(layer_or_weight)
+    masks = granularity_masks(base, sparsity, granularities)
+    magnitude = np.abs(_gemm(base, weight_param(base)))
+    panels = len(masks) + 1
+    cols = min(3, panels)
+    rows = math.ceil(panels / cols)
+    fig = _figure(4.2 * cols, 3.2 * rows + 0.4)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    vmax = float(magnitude.max()) or 1.0
+    image = None
+    for ax, (title, mask) in zip(axes, [("dense |W|", None), *masks.items()], strict=False):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if isinstance(mask, str):
+            ax.set_title(f"{title}: n/a", fontsize=11)
+            ax.text(0.5, 0.5, textwrap.fill(mask, 36), ha="center", va="center", fontsize=9)
+            continue
+        shown = magnitude if mask is None else np.ma.masked_where(_gemm(base, mask) == 0, magnitude)
+        image = ax.imshow(
+            shown, cmap=_KEPT_CMAP, vmin=0, vmax=vmax, aspect="auto", interpolation="nearest"
+        )
+        kept = "" if mask is None else f": {mask.float().mean().item():.0%} kept"
+        ax.set_title(f"{title}{kept}", fontsize=11)
+        ax.set_xlabel("inputs x kernel", fontsize=9)
+        ax.set_ylabel("outputs", fontsize=9)
+    for ax in axes[panels:]:
+        ax.set_axis_off()
+    if image is not None:
+        fig.colorbar(image, ax=axes.tolist(), shrink=0.6, label="|w| (white: pruned)")
+    fig.suptitle(
+        f"Granularities at {sparsity:.0%} sparsity by magnitude, weight "
+        f"{tuple(weight_param(base).shape)}",
+        fontsize=13,
+    )
+    return _finish(fig, path)
+
+
+def plot_conv_mask_3d(
+    conv_layer: nn.Module, path: PathLike = None, max_channels: int = 16
+) -> Figure:
+    """A 3-D view of a conv layer's mask: output channel x input channel x kernel position
+    (kernel dims flattened), one cube per kept weight. At most ``max_channels`` output and
+    input channels are drawn. An unmasked layer shows every weight kept."""
+    if not is_prunable(conv_layer) or kernel_ndim(conv_layer) == 0:
+        raise PruningError(
+            f"plot_conv_mask_3d needs a convolution layer, got {type(conv_layer).__name__}; "
+            "Fix: pass a Conv1d/2d/3d layer, or use plot_granularity_masks for a Linear."
+        )
+    mask = get_mask(conv_layer)
+    if mask is None:
+        mask = weight_param(conv_layer).new_ones(weight_param(conv_layer).shape, dtype=bool)
+    canonical = to_canonical(conv_layer, mask)
+    cube = _numpy(canonical.reshape(*canonical.shape[:2], -1)).astype(bool)
+    shown = cube[:max_channels, :max_channels]
+    fig = _figure(7, 6)
+    ax = fig.add_subplot(projection="3d")
+    ax.voxels(shown, facecolors="tab:blue", edgecolor="k", linewidth=0.2, alpha=0.85)
+    ax.set_xlabel("output channel (filter)")
+    ax.set_ylabel("input channel")
+    ax.set_zlabel("kernel position")
+    cropped = f", first {max_channels} channels shown" if shown.shape != cube.shape else ""
+    title = f"{Layer('', conv_layer).kind} mask {tuple(canonical.shape)}: {cube.mean():.1%} kept"
+    ax.set_title(title + cropped, fontsize=11)
+    return _finish(fig, path)
+
+
+def _values(x: nn.Module | Tensor) -> np.ndarray:
+    return _numpy(x.weight if isinstance(x, nn.Module) else x).ravel()
+
+
+def plot_weight_histogram(
+    before: nn.Module | Tensor, after: nn.Module | Tensor, path: PathLike = None, bins: int = 80
+) -> Figure:
+    """Histograms of a layer's weight values before and after pruning (a layer's effective
+    weight, or a tensor). Zeros of ``after`` are counted in the legend, not drawn, so the
+    surviving weights stay visible; the y axis is logarithmic."""
+    b, a = _values(before), _values(after)
+    kept = a[a != 0]
+    edges = np.linspace(float(b.min()), float(b.max()), bins + 1)
+    fig = _figure(7, 4.5)
+    ax = fig.add_subplot()
+    ax.hist(b, bins=edges, alpha=0.55, label=f"before ({b.size:,} weights)", color="tab:gray")
+    ax.hist(
+        kept,
+        bins=edges,
+        alpha=0.75,
+        label=f"after ({kept.size:,} kept, {a.size - kept.size:,} zeros not drawn)",
+        color="tab:blue",
+    )
+    ax.set_yscale("log")
+    ax.set_xlabel("weight value")
+    ax.set_ylabel("count (log)")
+    ax.set_title("Weight distribution before and after pruning")
+    ax.legend()
+    return _finish(fig, path)
+
+
+def plot_layer_density(model: nn.Module, path: PathLike = None) -> Figure:
+    """Horizontal bars of each prunable layer's density ``1 - sparsity``
+    (from :func:`prunekit.sparsity`), the total density in the title."""
+    report = sparsity(model)
+    names = [r.name for r in report.layers]
+    density = [1 - r.sparsity for r in report.layers]
+    fig = _figure(7, 1.2 + 0.45 * len(names))
+    ax = fig.add_subplot()
+    bars = ax.barh(names, density, color="tab:blue")
+    ax.bar_label(bars, labels=[f"{d:.1%}" for d in density], padding=3)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1.12)
+    ax.set_xlabel("density (fraction of weights kept)")
+    ax.set_title(f"Per-layer density (total {1 - report.total:.1%} of {report.numel:,} weights)")
+    return _finish(fig, path)
+
+
+def plot_sensitivity(
+    report: SensitivityReport, path: PathLike = None, budget: float | None = None
+) -> Figure:
+    """One metric-vs-sparsity curve per layer (that layer pruned alone), starting at the
+    dense metric; with ``budget``, a dotted line at ``dense - budget``."""
+    x = [0.0, *report.sparsities]
+    fig = _figure(7.5, 5)
+    ax = fig.add_subplot()
+    for layer in report.layers:
+        label = f"{layer.name} ({layer.numel:,})"
+        ax.plot(x, [report.dense, *layer.metrics], marker="o", markersize=4, label=label)
+    ax.axhline(report.dense, color="k", linestyle="--", linewidth=1, label="dense")
+    if budget is not None:
+        ax.axhline(
+            report.dense - budget, color="tab:red", linestyle=":", label=f"budget {budget:g}"
+        )
+    ax.set_xlabel("sparsity of the pruned layer")
+    ax.set_ylabel("metric")
+    ax.xaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.set_title(f"Layer sensitivity ({report.granularity} / {report.criterion})")
+    ax.legend(fontsize=8)
+    return _finish(fig, path)
+
+
+def plot_accuracy_vs_sparsity(
+    results: Mapping[str, Mapping[float, Sequence[float]]],
+    path: PathLike = None,
+    ylabel: str = "accuracy",
+) -> Figure:
+    """Mean +- std (sample std over seeds; 0 for one seed) of a metric per sparsity, one
+    curve with an error band per method. ``results``: ``{method: {sparsity: [values]}}``."""
+    if not results or any(not points for points in results.values()):
+        raise PruningError(
+            "results is empty; Fix: pass {method: {sparsity: [value per seed, ...]}}"
+        )
+    fig = _figure(7.5, 5)
+    ax = fig.add_subplot()
+    for method, points in results.items():
+        xs = sorted(points)
+        values = [np.asarray(points[s], dtype=float) for s in xs]
+        mean = np.array([v.mean() for v in values])
+        std = np.array([v.std(ddof=1) if v.size > 1 else 0.0 for v in values])
+        (line,) = ax.plot(xs, mean, marker="o", markersize=4, label=method)
+        ax.fill_between(xs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    ax.set_xlabel("sparsity")
+    ax.set_ylabel(ylabel)
+    ax.xaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.set_title(f"{ylabel} vs sparsity (mean +- std over seeds)")
+    ax.legend()
+    return _finish(fig, path)
+
+
+def plot_latency_vs_macs(
+    points: Mapping[str, Sequence[tuple[float, float]]], path: PathLike = None
+) -> Figure:
+    """Measured latency against MACs: ``{series: [(macs, latency_ms), ...]}``, one line
+    with markers per series (e.g. per method, one point per operating point)."""
+    if not points or any(not series for series in points.values()):
+        raise PruningError("points is empty; Fix: pass {name: [(macs, latency_ms), ...]}")
+    fig = _figure(7.5, 5)
+    ax = fig.add_subplot()
+    for name, series in points.items():
+        macs, latency = zip(*sorted(series), strict=True)
+        ax.plot(macs, latency, marker="o", label=name)
+    ax.set_xlabel("MACs per forward pass")
+    ax.set_ylabel("latency (ms)")
+    ax.set_title("Measured latency vs MACs")
+    ax.legend()
+    return _finish(fig, path)
