@@ -37,7 +37,8 @@ CASES = [
     (
         dict(sparsity=0.5, criterion="hessian"),
         pk.UnknownChoiceError,
-        "valid criterion values are: gradient, l1, l2, magnitude, random, taylor, wanda$",
+        "valid criterion values are: gradient, grasp, l1, l2, magnitude, random, snip, "
+        "synflow, taylor, wanda$",
     ),
     (
         dict(sparsity=0.5, scope="regional"),

@@ -80,7 +80,8 @@ def _mask_param(module: nn.Module) -> WeightMask | None:
 def apply_packed(module: nn.Module, packed: Tensor) -> None:
     """AND a packed mask (storage layout of ``module.weight``) into the module's mask.
 
-    Registers the parametrization on first use. The only function that mutates masks.
+    Registers the parametrization on first use. With :func:`set_mask`, the only functions
+    that mutate masks.
     """
     existing = _mask_param(module)
     if existing is not None:
@@ -102,6 +103,20 @@ def apply_mask(module: nn.Module, mask: Tensor) -> None:
             f"{tuple(weight_param(module).shape)}; Fix: build the mask in the weight's layout."
         )
     apply_packed(module, bits.pack(mask.to(torch.bool)))
+
+
+def set_mask(module: nn.Module, mask: Tensor) -> None:
+    """Replace ``module``'s mask by ``mask`` (bool, weight-shaped); the only way to revive
+    weights a mask pruned (the at-initialisation controls shuffle masks this way)."""
+    existing = _mask_param(module)
+    if existing is None:
+        return apply_mask(module, mask)
+    if mask.shape != weight_param(module).shape:
+        raise PruningError(
+            f"mask shape {tuple(mask.shape)} does not match the weight "
+            f"{tuple(weight_param(module).shape)}; Fix: build the mask in the weight's layout."
+        )
+    existing.packed.copy_(bits.pack(mask.to(torch.bool)))
 
 
 def _remove(module: nn.Module, leave_parametrized: bool) -> None:

@@ -9,15 +9,17 @@ from prunekit.criteria.base import (
     Criterion,
     ElementwiseCriterion,
     FunctionCriterion,
+    PreparedCriterion,
     ScoreContext,
 )
 from prunekit.criteria.gradient import Gradient, GradientStatistic, Taylor
+from prunekit.criteria.init import SNIP, GraSP, SynFlow
 from prunekit.criteria.magnitude import L1, L2, Magnitude
 from prunekit.criteria.random import Random
 from prunekit.errors import UnknownChoiceError
 
 REGISTRY: dict[str, type[Criterion]] = {
-    c.name: c for c in (Magnitude, L1, L2, Gradient, Taylor, Random, Wanda)
+    c.name: c for c in (Magnitude, L1, L2, Gradient, Taylor, Random, Wanda, SNIP, GraSP, SynFlow)
 }
 
 
@@ -41,14 +43,18 @@ __all__ = [
     "L1",
     "L2",
     "REGISTRY",
+    "SNIP",
     "Criterion",
     "ElementwiseCriterion",
     "FunctionCriterion",
+    "GraSP",
     "Gradient",
     "GradientStatistic",
     "Magnitude",
+    "PreparedCriterion",
     "Random",
     "ScoreContext",
+    "SynFlow",
     "Taylor",
     "Wanda",
     "get",

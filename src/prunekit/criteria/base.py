@@ -72,6 +72,16 @@ class Criterion:
         return self.name
 
 
+class PreparedCriterion(Criterion):
+    """A criterion whose group scores are all computed in :meth:`prepare` (``ctx.stats``)."""
+
+    requires_data = True
+
+    def group_scores(self, weight: Tensor, grouping: Grouping, ctx: ScoreContext) -> Tensor:
+        assert ctx.stats is not None
+        return ctx.stats.to(weight.device)
+
+
 class ElementwiseCriterion(Criterion):
     """A score per weight, summed over each group (so magnitude on a group is its L1 norm)."""
 

@@ -13,23 +13,29 @@ BatchNorm running statistics of the model change.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from prunekit.criteria.base import Batches, Criterion, LossFn, ScoreContext
+from prunekit.criteria.base import Batches, LossFn, PreparedCriterion
 from prunekit.errors import MissingDataError
 from prunekit.granularity import Grouping
 from prunekit.layers import Layer, to_canonical
 
 
-class GradientStatistic(Criterion):
+class GradientStatistic(PreparedCriterion):
     """A per-group statistic of (weight, gradient), averaged over calibration batches."""
-
-    requires_data = True
 
     def batch_statistic(self, weight: Tensor, grad: Tensor, grouping: Grouping) -> Tensor:
         raise NotImplementedError
+
+    def gradients(
+        self, outputs: Tensor, targets: Any, loss_fn: LossFn, params: list[Tensor]
+    ) -> tuple[Tensor | None, ...]:
+        """``dL/dw`` for every weight in ``params`` (subclasses may return another vector)."""
+        return torch.autograd.grad(loss_fn(outputs, targets), params, allow_unused=True)
 
     def prepare(
         self,
@@ -52,8 +58,7 @@ class GradientStatistic(Criterion):
         batches = 0
         try:
             for inputs, targets in data:
-                loss = loss_fn(model(inputs), targets)
-                grads = torch.autograd.grad(loss, params, allow_unused=True)
+                grads = self.gradients(model(inputs), targets, loss_fn, params)
                 for layer, weight, grad in zip(layers, params, grads, strict=True):
                     grad = torch.zeros_like(weight) if grad is None else grad
                     stat = self.batch_statistic(
@@ -68,10 +73,6 @@ class GradientStatistic(Criterion):
         if batches == 0:
             raise MissingDataError(f"criterion {self.name!r} got an empty data iterable")
         return {name: total / batches for name, total in totals.items()}
-
-    def group_scores(self, weight: Tensor, grouping: Grouping, ctx: ScoreContext) -> Tensor:
-        assert ctx.stats is not None
-        return ctx.stats.to(weight.device)
 
 
 class Gradient(GradientStatistic):
