@@ -7,6 +7,9 @@
     prunekit profile --model resnet20
     prunekit shrink --model resnet20 --ratio 0.5 [--criterion l2] [--scope local] \
         [--round-to 8] [--out DIR]
+    prunekit sensitivity --model lenet300 --dataset digits [--epochs 3] [--target 0.8] [--out DIR]
+    prunekit sweep --model lenet300 --dataset digits --methods magnitude-global,l2-filter \
+        --sparsities 0.5,0.8,0.9 --seeds 0,1 [--exclude fc3] [--out DIR]
     prunekit llm build-lm | prune | eval ...   (see ``prunekit llm --help``)
 
 A :class:`prunekit.PruningError` (bad sparsity, unknown name, ...) is printed as one red
@@ -19,14 +22,13 @@ import argparse
 import copy
 from pathlib import Path
 
-import torch
 from rich.console import Console
 from rich.text import Text
 from safetensors.torch import save_file
 from torch import nn
 
 import prunekit as pk
-from prunekit import zoo
+from prunekit import cli_analysis, zoo
 from prunekit.demo import run_demo, wide_console
 from prunekit.errors import PruningError
 from prunekit.llm import cli as llm_cli
@@ -66,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     shrink.add_argument("--round-to", type=int, default=1, help="keep multiples of this")
     shrink.add_argument("--out", type=Path, help="save_shrunk directory (safetensors + json)")
 
+    cli_analysis.add_parsers(commands)
     llm_cli.add_parser(commands)
     return parser
 
@@ -96,7 +99,7 @@ def _prune(args: argparse.Namespace, console: Console) -> None:
     copy, so a bad one fails before any training."""
     data = zoo.load_dataset(args.dataset)
     model = zoo.build_model(args.model)
-    _check_fits(model, args.model, data)
+    cli_analysis.check_fits(model, args.model, data)
     _prune_model(copy.deepcopy(model), args, data)
     zoo.train(model, data, epochs=args.epochs, seed=args.seed)
     dense = _accuracy(model, data)
@@ -110,19 +113,6 @@ def _prune(args: argparse.Namespace, console: Console) -> None:
     path = args.out / "model.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     console.print(f"saved the baked weights to {path}")
-
-
-def _check_fits(model: nn.Module, name: str, data: zoo.Dataset) -> None:
-    """Raise a :class:`PruningError` unless ``model`` accepts ``data``'s inputs."""
-    try:
-        with torch.no_grad():
-            model.eval()(data.x_train[:2])
-    except RuntimeError as err:
-        raise PruningError(
-            f"model {name!r} does not accept {data.name} inputs of shape "
-            f"{tuple(data.input_shape)}: {str(err).splitlines()[0]}; "
-            "Fix: pick a model built for that input shape."
-        ) from err
 
 
 def _profile(args: argparse.Namespace, console: Console) -> None:
@@ -154,6 +144,7 @@ COMMANDS = {
     "profile": _profile,
     "shrink": _shrink,
     "llm": llm_cli.run,
+    **cli_analysis.HANDLERS,
 }
 
 

@@ -73,3 +73,15 @@ class ScheduleError(PruningError):
 
 class PrunerStateError(PruningError):
     """A Pruner state or training-loop step count that does not match the Pruner."""
+
+
+class CheckpointError(PruningError):
+    """A checkpoint that is corrupted, incomplete, or was written by another model or run."""
+
+
+class ReportError(PruningError):
+    """A report name that is not one folder name, no sections, or clashing figure names."""
+
+
+class SweepError(PruningError):
+    """A sweep with no seeds, no sparsities, an unusable method or a bad metric."""

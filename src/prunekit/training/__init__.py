@@ -1,4 +1,7 @@
-"""Pruning over time: integrations of :class:`~prunekit.Pruner` with training loops.
+"""Pruning over time: integrations of :class:`~prunekit.Pruner` with training loops,
+pruning after training (:mod:`~prunekit.training.post`), at initialisation
+(:mod:`~prunekit.training.at_init`), and the lottery-ticket pipeline with resumable
+checkpoints.
 
 ``PruningCallback`` (transformers) is resolved lazily, so this package imports without
 transformers installed.
@@ -6,10 +9,29 @@ transformers installed.
 
 from typing import Any
 
-from prunekit.training import callbacks
+from prunekit.training import at_init, callbacks, checkpoint, post
+from prunekit.training.at_init import reinitialize, shuffle_masks, synflow_prune
 from prunekit.training.callbacks import train_with_pruner
+from prunekit.training.lottery import LotteryReport, RoundResult, lottery
+from prunekit.training.post import IterativeReport, han_sparsities, iterative_pruning
 
-__all__ = ["PruningCallback", "callbacks", "train_with_pruner"]
+__all__ = [
+    "IterativeReport",
+    "LotteryReport",
+    "PruningCallback",
+    "RoundResult",
+    "at_init",
+    "callbacks",
+    "checkpoint",
+    "han_sparsities",
+    "iterative_pruning",
+    "lottery",
+    "post",
+    "reinitialize",
+    "shuffle_masks",
+    "synflow_prune",
+    "train_with_pruner",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -1,0 +1,207 @@
+"""``prunekit sensitivity`` and ``prunekit sweep``: train a zoo model, analyse, write a report.
+
+    prunekit sensitivity --model lenet300 --dataset digits [--epochs 3] \\
+        [--granularity element] [--criterion magnitude] [--target 0.8 --budget 0.02] [--out runs]
+    prunekit sweep --model lenet300 --dataset digits --methods magnitude-global,l2-filter \\
+        --sparsities 0.5,0.8,0.9 --seeds 0,1 [--epochs 3] [--exclude fc3] [--out runs]
+
+A method is ``<criterion>[-<granularity>][-global|-local]``: ``magnitude-global`` ranks
+every layer together by magnitude, ``l2-filter`` removes output rows / filters by L2 norm.
+Both commands write ``<out>/<command>-<model>-<dataset>/`` (see
+:func:`prunekit.analysis.report.write_report`). Bad input raises :class:`PruningError`
+before any training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from torch import nn
+
+from prunekit import zoo
+from prunekit.analysis import plots
+from prunekit.analysis.report import Section, write_report
+from prunekit.analysis.sensitivity import Evaluate, sensitivity
+from prunekit.analysis.sweep import sweep
+from prunekit.errors import PruningError
+
+SCOPES = ("global", "local")
+
+
+def add_parsers(commands: argparse._SubParsersAction) -> None:
+    """Add the ``sensitivity`` and ``sweep`` subcommands to ``commands``."""
+    sens = commands.add_parser("sensitivity", help="prune each layer alone; report and plot")
+    _common(sens)
+    sens.add_argument("--granularity", default="element")
+    sens.add_argument("--criterion", default="magnitude")
+    sens.add_argument("--sparsities", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9")
+    sens.add_argument("--target", type=float, default=0.8, help="overall sparsity to allocate")
+    sens.add_argument("--budget", type=float, default=0.02, help="accuracy drop allowed per layer")
+    sens.add_argument("--seed", type=int, default=0)
+
+    sw = commands.add_parser("sweep", help="accuracy, MACs and latency vs sparsity over seeds")
+    _common(sw)
+    sw.add_argument("--methods", default="magnitude-global", help="comma-separated methods")
+    sw.add_argument("--sparsities", default="0.5,0.8,0.9")
+    sw.add_argument("--seeds", default="0,1,2")
+    sw.add_argument("--exclude", nargs="+", help="layer names or globs to keep dense (fc3)")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help=f"one of {', '.join(zoo.MODELS)}")
+    parser.add_argument("--dataset", required=True, help="digits, mnist5k or mnist1d")
+    parser.add_argument("--epochs", type=int, default=3, help="dense training epochs")
+    parser.add_argument("--out", type=Path, default=Path("runs"), help="reports go here")
+
+
+def _numbers(text: str, kind: type, option: str) -> list:
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError as err:
+        raise PruningError(f"{option} {text!r}: {err}; Fix: pass e.g. {option} 0.5,0.9") from err
+    if not values:
+        raise PruningError(f"{option} is empty; Fix: pass e.g. {option} 0.5,0.9")
+    return values
+
+
+def parse_method(spec: str) -> dict[str, object]:
+    """``<criterion>[-<granularity>][-global|-local]`` as :func:`prunekit.prune` kwargs."""
+    criterion, *rest = spec.strip().split("-")
+    kwargs: dict[str, object] = {"criterion": criterion}
+    for token in rest:
+        key = "scope" if token in SCOPES else "granularity"
+        if key in kwargs or not token:
+            raise PruningError(
+                f"method {spec!r}: expected <criterion>[-<granularity>][-global|-local]; "
+                "Fix: e.g. magnitude-global or l2-filter."
+            )
+        kwargs[key] = token
+    return kwargs
+
+
+def _data(args: argparse.Namespace) -> zoo.Dataset:
+    return zoo.load_dataset(args.dataset, flat=args.model == "lenet300")
+
+
+def check_fits(model: nn.Module, name: str, data: zoo.Dataset) -> None:
+    """Raise a :class:`PruningError` unless ``model`` accepts ``data``'s inputs."""
+    try:
+        with torch.no_grad():
+            model.eval()(data.x_train[:2])
+    except RuntimeError as err:
+        raise PruningError(
+            f"model {name!r} does not accept {data.name} inputs of shape "
+            f"{tuple(data.input_shape)}: {str(err).splitlines()[0]}; "
+            "Fix: pick a model built for that input shape."
+        ) from err
+
+
+def _build(args: argparse.Namespace, data: zoo.Dataset) -> nn.Module:
+    """The zoo model sized for the dataset (LeNet-300-100 takes its flat input size)."""
+    extra = {"in_features": math.prod(data.input_shape)} if args.model == "lenet300" else {}
+    model = zoo.build_model(args.model, **extra)
+    check_fits(model, args.model, data)
+    return model
+
+
+def _accuracy(data: zoo.Dataset) -> Evaluate:
+    return lambda model: zoo.evaluate(model, data.x_test, data.y_test)
+
+
+def run_sensitivity(args: argparse.Namespace, console: Console) -> None:
+    """Train, run :func:`~prunekit.analysis.sensitivity`, derive the allocation, report."""
+    grid = _numbers(args.sparsities, float, "--sparsities")
+    data = _data(args)
+    model = _build(args, data)
+    options = {"granularity": args.granularity, "criterion": args.criterion}
+    # Every option is first tried on the untrained model, so bad input fails before training.
+    sensitivity(model, lambda m: 0.0, sparsities=grid, progress=False, **options)
+    zoo.train(model, data, epochs=args.epochs, seed=args.seed)
+    report = sensitivity(model, _accuracy(data), sparsities=grid, **options)
+    console.print(report)
+    try:
+        allocation = report.allocation(args.target, args.budget)
+        alloc_text = f"Target {args.target:.0%} overall, each layer within {args.budget:g}."
+    except PruningError as err:
+        allocation, alloc_text = {}, str(err)
+    console.print(alloc_text, allocation)
+    rows = [{"layer": r.name, "type": r.kind, "weights": r.numel} for r in report.layers]
+    for row, layer in zip(rows, report.layers, strict=True):
+        row |= {f"{s:g}": m for s, m in zip(report.sparsities, layer.metrics, strict=True)}
+    text = f"Dense accuracy {report.dense:.4f}; each layer pruned alone ({report.granularity} / "
+    figure = plots.plot_sensitivity(report, budget=args.budget)
+    sections = [
+        Section("Sensitivity", text + f"{report.criterion}).", rows, {"sensitivity": figure}),
+        Section(
+            "Allocation",
+            alloc_text,
+            [{"layer": name, "sparsity": s} for name, s in allocation.items()] or None,
+        ),
+    ]
+    name = f"sensitivity-{args.model}-{args.dataset}"
+    title = f"Sensitivity of {args.model} on {args.dataset}"
+    folder = write_report(
+        name, title=title, sections=sections, out_dir=args.out, seed=args.seed, data=args.dataset
+    )
+    console.print(f"report: {folder / 'report.html'}")
+
+
+def run_sweep(args: argparse.Namespace, console: Console) -> None:
+    """Train one model per seed, sweep every method, report curves, latency and the table."""
+    grid = _numbers(args.sparsities, float, "--sparsities")
+    seeds = _numbers(args.seeds, int, "--seeds")
+    data = _data(args)
+    calibration = zoo.calibration_batches(data)
+    methods = {
+        spec: parse_method(spec) | {"exclude": args.exclude, "data": calibration}
+        for spec in args.methods.split(",")
+    }
+
+    def build_and_train(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        trained = _build(args, data)
+        zoo.train(trained, data, epochs=args.epochs, seed=seed)
+        return trained
+
+    options = {"methods": methods, "sparsities": grid, "example_inputs": data.x_test[:1]}
+    # Every option is first tried on an untrained model, so bad input fails before training.
+    untrained = _build(args, data)
+    sweep(
+        lambda seed: untrained,
+        lambda m: 0.0,
+        seeds=seeds[:1],
+        min_run_time=0.0,
+        progress=False,
+        **options,
+    )
+    report = sweep(build_and_train, _accuracy(data), seeds=seeds, **options)
+    console.print(report)
+    figures = {
+        "accuracy_vs_sparsity": plots.plot_accuracy_vs_sparsity(report.curves()),
+        "latency_vs_macs": plots.plot_latency_vs_macs(report.latency_vs_macs()),
+    }
+    sections = [
+        Section(
+            "Accuracy vs sparsity",
+            f"Test accuracy, mean +- std over seeds {seeds}; 'random' is the random-pruning "
+            "baseline. Latency vs effective MACs: masked zeros still run dense kernels.",
+            report.to_rows(),
+            figures,
+        ),
+        Section(
+            "Every seed", "One row per method, sparsity and seed.", report.to_rows(per_seed=True)
+        ),
+    ]
+    name = f"sweep-{args.model}-{args.dataset}"
+    title = f"Sweep of {args.model} on {args.dataset}"
+    folder = write_report(
+        name, title=title, sections=sections, out_dir=args.out, seed=seeds, data=args.dataset
+    )
+    console.print(f"report: {folder / 'report.html'}")
+
+
+HANDLERS = {"sensitivity": run_sensitivity, "sweep": run_sweep}

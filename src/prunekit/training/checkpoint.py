@@ -1,0 +1,158 @@
+"""Atomic, resumable checkpoints for iterative pipelines: safetensors + JSON, never pickle.
+
+A checkpoint directory holds::
+
+    state.json               the commit point: round, identity, history, RNG states,
+                             the name and SHA-256 of the tensor file
+    round-0003.safetensors   the tensors of that round (a masked state dict keeps its
+                             masks as packed uint8 buffers), plus torch's RNG state
+
+Every file is written to a temporary file in the same directory, fsync'ed and moved into
+place with :func:`os.replace` (atomic). The tensors go first, under a new name; then
+``state.json``, which names them. A process killed at any moment therefore leaves either
+the previous checkpoint or the new one, never a mix; older tensor files are deleted only
+after the new ``state.json`` is in place.
+
+:func:`load` refuses, with a :class:`~prunekit.errors.CheckpointError` and without
+touching anything, a checkpoint whose JSON or tensors are corrupted (unparsable, missing
+keys, SHA-256 mismatch) or whose ``identity`` (model parameter names and shapes, run
+arguments) differs from the caller's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+from torch import Tensor
+
+from prunekit.errors import CheckpointError
+
+STATE = "state.json"
+FORMAT = 1
+_RNG_KEY = "rng.torch"
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _rng_json() -> dict[str, Any]:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)],
+        "python": [version, list(internal), gauss_next],
+    }
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A validated checkpoint: the last completed ``round``, its tensors and JSON state."""
+
+    round: int
+    tensors: dict[str, Tensor]
+    state: dict[str, Any]
+
+    def restore_rng(self) -> None:
+        """Put torch's (CPU), numpy's and Python's global RNGs back to their saved states."""
+        torch.set_rng_state(self.tensors[_RNG_KEY])
+        kind, keys, pos, has_gauss, gauss = self.state["rng"]["numpy"]
+        np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+        version, internal, gauss_next = self.state["rng"]["python"]
+        random.setstate((version, tuple(internal), gauss_next))
+
+
+def save(
+    directory: str | Path,
+    round: int,
+    tensors: dict[str, Tensor],
+    identity: dict[str, Any],
+    state: dict[str, Any],
+) -> Path:
+    """Write round ``round``'s ``tensors`` and JSON-able ``state`` atomically; the state path.
+
+    ``identity`` (model and run arguments) is stored and compared by :func:`load`. The
+    RNG states of torch (CPU), numpy and Python are saved alongside.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    name = f"round-{round:04d}.safetensors"
+    blob = save_tensors(
+        {
+            **{k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()},
+            _RNG_KEY: torch.get_rng_state(),
+        }
+    )
+    _atomic_write(directory / name, blob)
+    doc = {
+        "format": FORMAT,
+        "round": round,
+        "tensors": name,
+        "sha256": hashlib.sha256(blob).hexdigest(),
+        "identity": identity,
+        "rng": _rng_json(),
+        "state": state,
+    }
+    _atomic_write(directory / STATE, json.dumps(doc).encode())
+    for old in directory.glob("round-*.safetensors"):
+        if old.name != name:
+            old.unlink()
+    return directory / STATE
+
+
+def load(directory: str | Path, identity: dict[str, Any]) -> Checkpoint | None:
+    """The checkpoint in ``directory``, or None when there is none yet.
+
+    Raises:
+        CheckpointError: corrupted files, or an ``identity`` other than the caller's (a
+            checkpoint of another model or run); nothing is modified.
+    """
+    path = Path(directory) / STATE
+    if not path.exists():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+        if doc["format"] != FORMAT:
+            raise ValueError(f"format {doc['format']!r}, expected {FORMAT}")
+        blob = (path.parent / doc["tensors"]).read_bytes()
+        if hashlib.sha256(blob).hexdigest() != doc["sha256"]:
+            raise ValueError(f"{doc['tensors']} does not match its SHA-256")
+        tensors = load_tensors(blob)
+        round_, saved, state = int(doc["round"]), doc["identity"], doc["state"]
+        if not {"numpy", "python"} <= doc["rng"].keys() or _RNG_KEY not in tensors:
+            raise KeyError("RNG states")
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupted ({type(err).__name__}: {err}); nothing was "
+            "changed. Fix: delete the checkpoint directory to start over, or use another "
+            "checkpoint_dir."
+        ) from err
+    if saved != identity:
+        differ = sorted(k for k in {*identity, *saved} if identity.get(k) != saved.get(k))
+        raise CheckpointError(
+            f"checkpoint {path} was written by another model or run (differs in: "
+            f"{', '.join(differ)}); nothing was changed. Fix: resume with the same model and "
+            "arguments, or use another checkpoint_dir."
+        )
+    return Checkpoint(round_, tensors, {**state, "rng": doc["rng"]})

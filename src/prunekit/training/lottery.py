@@ -1,0 +1,321 @@
+"""Lottery tickets: iterative magnitude pruning with rewinding (chapter 3.6, corrections.md).
+
+Frankle & Carbin 2019, "The Lottery Ticket Hypothesis": train the dense network from
+``theta_0``; prune ``p`` of the weights still alive in every layer (``p / 2`` in the output
+layer), by magnitude; reset the survivors to ``theta_0`` and train again; repeat. After
+``r`` rounds a layer keeps ``(1 - p) ** r`` of its weights. Frankle et al. 2020, "Linear
+Mode Connectivity and the Lottery Ticket Hypothesis", rewind instead to ``theta_k``, the
+weights after ``k`` optimizer steps of the first (dense) training, which finds tickets in
+deeper networks. Only the weights rewind; the mask persists and only grows.
+
+Each training logs the test accuracy at its early-stopping point (the epoch of best
+accuracy on a validation split carved from the training data), as the paper reports. The
+random re-initialisation control trains the same masks from freshly drawn weights; a
+ticket is "winning" when it beats that control.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from rich.table import Table
+from torch import Tensor, nn
+
+from prunekit.errors import PruningError
+from prunekit.layers import select_layers
+from prunekit.masks import apply_mask, get_mask, kept_fraction
+from prunekit.masks import load_state_dict as load_masked
+from prunekit.pruning import prune
+from prunekit.tables import TableReport
+from prunekit.training import checkpoint
+from prunekit.zoo.data import Dataset
+from prunekit.zoo.train import evaluate, train
+
+Rewind = Literal["init"] | int
+_ORIGINAL = ".parametrizations.weight.original"
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """One training of the ticket: after ``round`` prunings, ``remaining`` of the weights.
+
+    ``best_epoch`` (1-based) is the early-stopping point (best validation accuracy);
+    ``accuracy`` the test accuracy there, ``final_accuracy`` after the last epoch, and
+    ``control_accuracy`` the early-stopping test accuracy of the same masks trained from a
+    fresh random initialisation (None for the dense round or without the control).
+    """
+
+    round: int
+    remaining: float
+    best_epoch: int
+    accuracy: float
+    final_accuracy: float
+    control_accuracy: float | None
+
+
+@dataclass(frozen=True)
+class LotteryReport(TableReport):
+    """What :func:`lottery` found, one :class:`RoundResult` per round; ``model`` is the last
+    ticket, trained and masked."""
+
+    rate: float
+    rewind: Rewind
+    rounds: list[RoundResult]
+    model: nn.Module = field(repr=False, compare=False)
+
+    def table(self) -> Table:
+        rewind = "theta_0" if self.rewind in ("init", 0) else f"theta_{self.rewind}"
+        table = Table(title=f"lottery ticket: IMP, {self.rate:.0%} per round, rewind to {rewind}")
+        for col in ("round", "weights left", "best epoch", "acc (early stop)", "acc (final)"):
+            table.add_column(col, justify="right")
+        table.add_column("random re-init", justify="right")
+        for r in self.rounds:
+            control = "-" if r.control_accuracy is None else f"{r.control_accuracy:.2%}"
+            table.add_row(
+                str(r.round),
+                f"{r.remaining:.2%}",
+                str(r.best_epoch),
+                f"{r.accuracy:.2%}",
+                f"{r.final_accuracy:.2%}",
+                control,
+            )
+        return table
+
+
+@dataclass(frozen=True)
+class _Split:
+    x: Tensor
+    y: Tensor
+    x_val: Tensor
+    y_val: Tensor
+    x_test: Tensor
+    y_test: Tensor
+
+
+def _split(data: Dataset, val_fraction: float, seed: int) -> _Split:
+    n = len(data.x_train)
+    n_val = round(n * val_fraction)
+    if not 0 < n_val < n:
+        raise PruningError(
+            f"val_fraction={val_fraction!r} leaves {n_val} of {n} training examples for "
+            "validation; Fix: a fraction that keeps both splits non-empty, e.g. 0.1."
+        )
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    val, fit = perm[:n_val], perm[n_val:]
+    x, y = data.x_train, data.y_train
+    return _Split(x[fit], y[fit], x[val], y[val], data.x_test, data.y_test)
+
+
+def _plain(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A masked state dict's values under the plain model's keys (masks dropped), cloned."""
+    return {
+        k.replace(_ORIGINAL, ".weight"): v.detach().clone()
+        for k, v in state.items()
+        if not k.endswith(".packed")
+    }
+
+
+def _rewind(model: nn.Module, theta: dict[str, Tensor]) -> None:
+    """Set every parameter and buffer to ``theta``'s value; the masks stay."""
+    state = model.state_dict()
+    for key in state:
+        if not key.endswith(".packed"):
+            state[key] = theta[key.replace(_ORIGINAL, ".weight")]
+    model.load_state_dict(state)
+
+
+@dataclass(frozen=True)
+class _Run:
+    best_epoch: int
+    accuracy: float
+    final: float
+
+
+def _train(
+    model: nn.Module, split: _Split, capture: int, settings: dict[str, Any]
+) -> tuple[_Run, dict[str, Tensor]]:
+    """Train, evaluating after every epoch; the run, and the weights after ``capture`` steps
+    (empty unless ``capture`` is one of the steps)."""
+    per_epoch = math.ceil(len(split.x) / settings["batch_size"])
+    val: list[float] = []
+    test: list[float] = []
+    captured: dict[str, Tensor] = {}
+
+    def after_step(step: int) -> None:
+        if step == capture:
+            captured.update(_plain(model.state_dict()))
+        if step % per_epoch == 0:
+            val.append(evaluate(model, split.x_val, split.y_val))
+            test.append(evaluate(model, split.x_test, split.y_test))
+
+    train(model, (split.x, split.y), callback=after_step, **settings)
+    best = max(range(len(val)), key=val.__getitem__)
+    return _Run(best + 1, test[best], test[-1]), captured
+
+
+def _control(template: nn.Module, ticket: nn.Module, seed: int) -> nn.Module:
+    """``template`` re-initialised from ``seed`` (``reset_parameters``), with ``ticket``'s masks."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        fresh = copy.deepcopy(template)
+        for module in fresh.modules():
+            if callable(getattr(module, "reset_parameters", None)):
+                module.reset_parameters()
+    modules = dict(fresh.named_modules())
+    for layer in select_layers(ticket):
+        apply_mask(modules[layer.name], get_mask(layer.module))
+    return fresh
+
+
+def _remaining(model: nn.Module, names: list[str]) -> float:
+    layers = [ly for ly in select_layers(model) if ly.name in names]
+    total = sum(ly.weight.numel() for ly in layers)
+    return sum(kept_fraction(ly.module) * ly.weight.numel() for ly in layers) / total
+
+
+def _check(
+    model: nn.Module, rounds: int, rate: float, output_rate: float, rewind: Rewind, steps: int
+) -> int:
+    """The rewind step ``k`` (0 for ``"init"``), or an error for a bad argument."""
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
+        raise PruningError(f"rounds={rounds!r} must be an int >= 0; Fix: e.g. rounds=5.")
+    for name, value in (("rate", rate), ("output_rate", output_rate)):
+        if not 0 < value < 1:
+            raise PruningError(f"{name}={value!r} must be in (0, 1); Fix: e.g. rate=0.2.")
+    k = 0 if rewind == "init" else rewind
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= steps:
+        raise PruningError(
+            f"rewind={rewind!r} is neither 'init' nor an optimizer step in 0..{steps} (the "
+            "length of one training); Fix: rewind='init' or an early step, e.g. rewind=100."
+        )
+    masked = [ly.name for ly in select_layers(model) if get_mask(ly.module) is not None]
+    if masked:
+        raise PruningError(
+            f"layers {masked} are already masked, but a lottery ticket is searched from a dense "
+            "network; Fix: pass the unpruned model (pk.masks.remove(model))."
+        )
+    return k
+
+
+def _identity(model: nn.Module, data: Dataset, config: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "pipeline": "lottery",
+        "model": {k: list(v.shape) for k, v in model.state_dict().items()},
+        "data": [data.name, len(data.x_train), len(data.x_test)],
+        "config": config,
+    }
+
+
+def lottery(
+    model: nn.Module | Callable[[], nn.Module],
+    data: Dataset,
+    *,
+    rounds: int = 5,
+    rate: float = 0.2,
+    output_rate: float | None = None,
+    rewind: Rewind = "init",
+    epochs: int = 5,
+    lr: float = 1e-3,
+    batch_size: int = 64,
+    optimizer: str = "adam",
+    val_fraction: float = 0.1,
+    control: bool = True,
+    seed: int = 0,
+    checkpoint_dir: str | Path | None = None,
+    progress: bool = False,
+) -> LotteryReport:
+    """Search a lottery ticket by iterative magnitude pruning (Frankle & Carbin 2019).
+
+    Round 0 trains the dense network; each of the ``rounds`` further rounds prunes
+    ``rate`` of the remaining weights of every prunable layer (``output_rate``, default
+    ``rate / 2``, in the last one) by magnitude (:func:`prunekit.prune`, local scope),
+    rewinds the survivors to ``theta_k`` and trains ``epochs`` epochs with a fresh
+    optimizer, so after ``r`` rounds a layer keeps ``(1 - rate) ** r``.
+
+    Args:
+        model: the dense network (trained in place), or a zero-argument factory called
+            under ``torch.manual_seed(seed)``.
+        data: a :class:`~prunekit.zoo.Dataset`; ``val_fraction`` of its training split
+            (drawn with ``seed``) is held out to pick the early-stopping epoch.
+        rewind: ``"init"`` (``theta_0``, Frankle & Carbin 2019) or ``k``, an optimizer step
+            of the dense training (``theta_k``, Frankle et al. 2020); ``0`` is ``"init"``.
+        epochs / lr / batch_size / optimizer: each training, via :func:`prunekit.zoo.train`
+            (batch order seeded with ``seed``, the same every round).
+        control: also train every round's masks from a fresh random initialisation.
+        checkpoint_dir: write an atomic checkpoint there after every round; started again
+            with the same arguments, the run resumes from the last one and ends with
+            exactly the masks and weights of an uninterrupted run.
+
+    Returns:
+        A :class:`LotteryReport` with weights remaining and accuracies per round.
+
+    Raises:
+        PruningError: bad arguments or an already-masked model;
+            :class:`~prunekit.errors.CheckpointError` for a corrupted checkpoint or one of
+            another model or run (nothing is modified).
+    """
+    if not isinstance(model, nn.Module):
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = model()
+    output_rate = rate / 2 if output_rate is None else output_rate
+    split = _split(data, val_fraction, seed)
+    settings = dict(
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        optimizer=optimizer,
+        seed=seed,
+        progress=progress,
+    )
+    k = _check(
+        model, rounds, rate, output_rate, rewind, epochs * math.ceil(len(split.x) / batch_size)
+    )
+    names = [ly.name for ly in select_layers(model)]
+    rates = {**dict.fromkeys(names, rate), names[-1]: output_rate}
+    config = dict(settings, rounds=rounds, rate=rate, output_rate=output_rate, rewind=k)
+    config.update(val_fraction=val_fraction, control=control)
+    del config["progress"]
+    identity = _identity(model, data, config)
+    template = copy.deepcopy(model)
+
+    saved = checkpoint.load(checkpoint_dir, identity) if checkpoint_dir is not None else None
+    if saved is None:
+        start, history, theta = 0, [], _plain(model.state_dict())
+    else:
+        tensors = saved.tensors
+        load_masked(model, {key[6:]: v for key, v in tensors.items() if key[:6] == "model."})
+        theta = {key[7:]: v for key, v in tensors.items() if key[:7] == "rewind."}
+        history = [RoundResult(**r) for r in saved.state["history"]]
+        start = saved.round + 1
+        saved.restore_rng()
+
+    for r in range(start, rounds + 1):
+        if r > 0:
+            prune(model, allocation={n: 1 - (1 - p) ** r for n, p in rates.items()}, layers=names)
+            _rewind(model, theta)
+        run, captured = _train(model, split, k if r == 0 else -1, settings)
+        theta = captured or theta
+        control_acc = None
+        if control and r > 0:
+            fresh = _control(template, model, seed + r)
+            control_acc = _train(fresh, split, -1, settings)[0].accuracy
+        history.append(
+            RoundResult(
+                r, _remaining(model, names), run.best_epoch, run.accuracy, run.final, control_acc
+            )
+        )
+        if checkpoint_dir is not None:
+            tensors = {
+                **{f"model.{key}": v for key, v in model.state_dict().items()},
+                **{f"rewind.{key}": v for key, v in theta.items()},
+            }
+            state = {"rewind": k, "history": [vars(h) for h in history]}
+            checkpoint.save(checkpoint_dir, r, tensors, identity, state)
+    return LotteryReport(rate, rewind, history, model)

@@ -1,0 +1,127 @@
+"""Tests for ``prunekit sensitivity`` and ``prunekit sweep`` (prunekit.cli_analysis)."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from prunekit import cli
+from prunekit.cli_analysis import HANDLERS, add_parsers, parse_method
+from prunekit.errors import PruningError
+
+FAST = ["--model", "lenet300", "--dataset", "digits", "--epochs", "1"]
+
+
+def run(argv: list[str]) -> str:
+    """Parse ``argv`` with a parser built by ``add_parsers`` and run its handler."""
+    parser = argparse.ArgumentParser(prog="prunekit")
+    add_parsers(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    console = Console(file=io.StringIO(), width=160)
+    HANDLERS[args.command](args, console)
+    return console.file.getvalue()
+
+
+def test_sensitivity_writes_table_plot_and_allocation(tmp_path: Path) -> None:
+    out = run(
+        [
+            "sensitivity",
+            *FAST,
+            "--sparsities",
+            "0.5,0.9",
+            "--target",
+            "0.3",
+            "--budget",
+            "0.5",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    folder = tmp_path / "sensitivity-lenet300-digits"
+    assert f"report: {folder / 'report.html'}" in out and "fc1" in out
+    html = (folder / "report.html").read_text()
+    assert html.count('<img src="data:image/png;base64,') == 1
+    assert (folder / "figures" / "sensitivity.svg").exists()
+    with (folder / "sensitivity.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["layer"] for r in rows] == ["fc1", "fc2", "fc3"]
+    assert all(0 <= float(r["0.9"]) <= 1 for r in rows)
+    allocation = json.loads((folder / "results.json").read_text())["sections"][1]["rows"]
+    sizes = {"fc1": 64 * 300, "fc2": 300 * 100, "fc3": 100 * 10}
+    total = sum(r["sparsity"] * sizes[r["layer"]] for r in allocation) / sum(sizes.values())
+    assert total == pytest.approx(0.3)
+
+
+def test_sweep_writes_curves_latency_and_table(tmp_path: Path) -> None:
+    out = run(
+        [
+            "sweep",
+            *FAST,
+            "--methods",
+            "magnitude-global,l2-row",
+            "--sparsities",
+            "0.5,0.8",
+            "--seeds",
+            "0,1",
+            "--exclude",
+            "fc3",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    folder = tmp_path / "sweep-lenet300-digits"
+    assert "magnitude-global" in out and "l2-row" in out and "random" in out
+    html = (folder / "report.html").read_text()
+    assert html.count('<img src="data:image/png;base64,') == 2
+    with (folder / "accuracy-vs-sparsity.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    methods = {r["method"] for r in rows}
+    assert methods == {"dense", "magnitude-global", "l2-row", "random"}
+    assert all(r["seeds"] == "2" for r in rows)
+    per_seed = json.loads((folder / "results.json").read_text())["sections"][1]["rows"]
+    assert len(per_seed) == 2 * (1 + 3 * 2)
+
+
+def test_parse_method() -> None:
+    assert parse_method("magnitude-global") == {"criterion": "magnitude", "scope": "global"}
+    assert parse_method("l2-filter-local") == {
+        "criterion": "l2",
+        "granularity": "filter",
+        "scope": "local",
+    }
+    for bad in ("l2-row-column", "magnitude-", "l2-global-local"):
+        with pytest.raises(PruningError, match="criterion"):
+            parse_method(bad)
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["sweep", "--model", "nope", "--dataset", "digits"], "unknown model"),
+        (["sweep", "--model", "lenet300", "--dataset", "nope"], "unknown dataset"),
+        (["sweep", *FAST, "--methods", "nope"], "unknown criterion"),
+        (["sweep", *FAST, "--sparsities", "0.5,1.5"], "sparsit"),
+        (["sweep", *FAST, "--sparsities", "half"], "--sparsities"),
+        (["sweep", *FAST, "--seeds", ""], "--seeds"),
+        (["sweep", *FAST, "--methods", "l2-kernel"], "kernel"),
+        (["sensitivity", *FAST, "--granularity", "kernel"], "kernel"),
+        (["sensitivity", "--model", "lenet5", "--dataset", "digits"], "does not accept"),
+    ],
+)
+def test_bad_input_raises_pruning_error_before_training(
+    tmp_path: Path, argv: list[str], match: str
+) -> None:
+    with pytest.raises(PruningError, match=match):
+        run([*argv, "--out", str(tmp_path)])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_main_exits_2_with_a_red_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["sweep", *FAST, "--sparsities", "2"]) == 2
+    assert "error:" in capsys.readouterr().err

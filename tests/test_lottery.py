@@ -1,0 +1,131 @@
+"""Lottery tickets: per-layer rates, rewinding, the re-init control, bad input."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import sys
+
+import pytest
+import torch
+from conftest import assert_unchanged, snapshot
+from torch import nn
+
+import prunekit as pk
+from prunekit.masks import get_mask
+from prunekit.zoo import load_dataset
+
+FAST = {"epochs": 1, "lr": 1e-2, "batch_size": 256}
+
+
+def tiny() -> nn.Module:
+    return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits", flat=True)
+
+
+@pytest.fixture
+def trainings(monkeypatch):
+    """Spy on every training: the weights it starts from, its masks, its weights at step 3."""
+    calls = []
+
+    def spy(model, data, *, callback, **kwargs):
+        call = {
+            "start": _weights(model),
+            "mask": get_mask(model[0]),
+        }
+        calls.append(call)
+
+        def after(step):
+            if step == 3:
+                call["step3"] = _weights(model)
+            callback(step)
+
+        return pk.zoo.train(model, data, callback=after, **kwargs)
+
+    monkeypatch.setattr(sys.modules["prunekit.training.lottery"], "train", spy)
+    return calls
+
+
+def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The effective (masked) weights, as an ordinary state dict."""
+    return {k: v.clone() for k, v in pk.masks.bake(copy.deepcopy(model)).state_dict().items()}
+
+
+def test_rates_per_layer_and_output_layer_half(digits):
+    report = pk.training.lottery(tiny, digits, rounds=2, rate=0.5, **FAST, control=False)
+    sparsity = pk.sparsity(report.model)
+    assert sparsity["0"] == pytest.approx(1 - 0.5**2, abs=1e-3)
+    assert sparsity["2"] == pytest.approx(1 - 0.75**2, abs=1e-3)
+    assert [r.round for r in report.rounds] == [0, 1, 2]
+    assert report.rounds[0].remaining == 1.0
+    assert report.rounds[2].remaining == pytest.approx((64 * 32 * 0.25 + 320 * 0.5625) / 2368, 1e-3)
+    assert all(r.control_accuracy is None for r in report.rounds)
+    for r in report.rounds:
+        assert 1 <= r.best_epoch <= 1 and 0.5 < r.accuracy <= 1 and r.final_accuracy == r.accuracy
+    assert "lottery ticket" in str(report) and "theta_0" in str(report)
+
+
+def test_rewind_to_init_keeps_masks_and_resets_survivors(digits, trainings):
+    pk.training.lottery(tiny, digits, rounds=2, rate=0.3, **FAST, control=False)
+    theta0 = trainings[0]["start"]
+    assert trainings[0]["mask"] is None
+    for previous, call in itertools.pairwise(trainings[1:]):
+        assert not (call["mask"] & ~previous["mask"]).any()  # masks persist and only grow
+    for call in trainings[1:]:
+        mask = call["mask"]
+        assert mask is not None
+        torch.testing.assert_close(
+            call["start"]["0.weight"], theta0["0.weight"] * mask, rtol=0, atol=0
+        )
+        torch.testing.assert_close(call["start"]["0.bias"], theta0["0.bias"], rtol=0, atol=0)
+    assert trainings[2]["mask"].sum() < trainings[1]["mask"].sum()
+
+
+def test_rewind_to_early_iteration(digits, trainings):
+    report = pk.training.lottery(tiny, digits, rounds=1, rewind=3, **FAST, control=False)
+    theta3 = trainings[0]["step3"]
+    assert not torch.equal(theta3["0.weight"], trainings[0]["start"]["0.weight"])
+    mask = trainings[1]["mask"]
+    torch.testing.assert_close(
+        trainings[1]["start"]["0.weight"], theta3["0.weight"] * mask, rtol=0, atol=0
+    )
+    assert "theta_3" in str(report)
+
+
+def test_random_reinit_control_has_same_masks_fresh_weights(digits, trainings):
+    report = pk.training.lottery(tiny, digits, rounds=1, **FAST, control=True)
+    _dense, ticket, control = trainings
+    assert torch.equal(ticket["mask"], control["mask"])
+    assert not torch.equal(control["start"]["0.weight"], ticket["start"]["0.weight"])
+    assert report.rounds[0].control_accuracy is None
+    assert 0 < report.rounds[1].control_accuracy <= 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"rewind": 10_000}, "rewind=10000"),
+        ({"rewind": "late"}, "rewind='late'"),
+        ({"rate": 1.0}, "rate=1.0"),
+        ({"rounds": -1}, "rounds=-1"),
+        ({"val_fraction": 0.0}, "val_fraction"),
+    ],
+)
+def test_bad_arguments_leave_model_unchanged(digits, kwargs, match):
+    torch.manual_seed(0)
+    model = tiny()
+    before = snapshot(model)
+    with pytest.raises(pk.PruningError, match=match):
+        pk.training.lottery(model, digits, epochs=1, **kwargs)
+    assert_unchanged(model, before)
+
+
+def test_masked_model_is_refused(digits):
+    model = tiny()
+    pk.prune(model, 0.5)
+    with pytest.raises(pk.PruningError, match="already masked"):
+        pk.training.lottery(model, digits, epochs=1)
