@@ -85,3 +85,8 @@ class ReportError(PruningError):
 
 class SweepError(PruningError):
     """A sweep with no seeds, no sparsities, an unusable method or a bad metric."""
+
+
+class DistributedError(PruningError):
+    """Distributed pruning asked for without an initialised process group, or ranks whose
+    models disagree on which layers carry masks."""

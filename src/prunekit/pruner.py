@@ -71,6 +71,12 @@ class Pruner:
         schedule: :class:`~prunekit.OneShot` (default), :class:`~prunekit.Iterative` or
             :class:`~prunekit.Cubic`. N:M granularities fix the sparsity, so they take
             ``OneShot`` only.
+        distributed: under ``torch.distributed`` (DDP), give every rank rank 0's masks at
+            construction and after every prune (see :mod:`prunekit.training.distributed`);
+            every rank must then build the Pruner (before wrapping the model in DDP: it
+            registers all-kept masks DDP has to see) and call :meth:`step` alike. ``None``
+            (default): when a process group is initialised; ``True``: required
+            (:class:`~prunekit.errors.DistributedError` without one); ``False``: never.
 
     Raises:
         PruningError: a subclass naming the value and the fix, for any bad argument.
@@ -91,7 +97,12 @@ class Pruner:
         data: Batches | None = None,
         loss_fn: LossFn | None = None,
         seed: int = 0,
+        distributed: bool | None = None,
     ) -> None:
+        # Function-local: prunekit.training imports this module.
+        from prunekit.training import distributed as dist_mod
+
+        sync = dist_mod.resolve(distributed)
         if not isinstance(schedule, Schedule):
             raise ScheduleError(
                 f"schedule={schedule!r} is not a schedule; Fix: pass pk.OneShot(), "
@@ -134,6 +145,12 @@ class Pruner:
             )
         self.step_count = 0
         self.history: list[Event] = []
+        self._sync = dist_mod.sync_masks if sync else None
+        if self._sync is not None:
+            # Masks DDP can see (build the Pruner before wrapping the model in DDP), equal on
+            # every rank so the ranks agree on which milestones prune.
+            dist_mod.register_masks(m for m, _ in self._layers)
+            self._sync(model)
 
     @property
     def sparsity(self) -> float:
@@ -152,6 +169,8 @@ class Pruner:
             return None
         wanted = self.schedule.target(self.step_count, self.target)
         report = prune(self.model, wanted, **self._kwargs) if wanted > self.sparsity else None
+        if report is not None and self._sync is not None:
+            self._sync(self.model)
         self.history.append(Event(self.step_count, wanted, self.sparsity))
         return report
 

@@ -9,9 +9,10 @@ transformers installed.
 
 from typing import Any
 
-from prunekit.training import at_init, callbacks, checkpoint, post
+from prunekit.training import at_init, callbacks, checkpoint, distributed, post
 from prunekit.training.at_init import reinitialize, shuffle_masks, synflow_prune
 from prunekit.training.callbacks import train_with_pruner
+from prunekit.training.distributed import sync_masks
 from prunekit.training.lottery import LotteryReport, RoundResult, lottery
 from prunekit.training.post import IterativeReport, han_sparsities, iterative_pruning
 
@@ -23,12 +24,14 @@ __all__ = [
     "at_init",
     "callbacks",
     "checkpoint",
+    "distributed",
     "han_sparsities",
     "iterative_pruning",
     "lottery",
     "post",
     "reinitialize",
     "shuffle_masks",
+    "sync_masks",
     "synflow_prune",
     "train_with_pruner",
 ]
