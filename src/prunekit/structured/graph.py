@@ -113,17 +113,22 @@ def build(model: nn.Module, example_inputs: Inputs, ignore: Ignore = ()) -> Depe
         if owner(name) in ignored:
             tr.atoms.block(ids)
     blocked = tr.atoms.blocked_roots()
-    positions: dict[int, dict[tuple[str, int], list[int]]] = defaultdict(lambda: defaultdict(list))
-    for key, ids in tr.members.items():
-        for pos, root in enumerate(tr.atoms.roots(ids).tolist()):
-            positions[root][key].append(pos)
+    root_of = tr.atoms.all_roots()
+    by_root: dict[int, list[Member]] = defaultdict(list)
+    for (name, dim), ids in tr.members.items():
+        roots = root_of[ids]
+        order = torch.argsort(roots, stable=True)
+        unique, counts = torch.unique_consecutive(roots[order], return_counts=True)
+        for root, index in zip(unique.tolist(), torch.split(order, counts.tolist()), strict=True):
+            by_root[root].append(Member(name, dim, index))
     head_roots = {tr.atoms.find(a) for ev in tr.heads for a in ev.q_heads.tolist()}
     families: dict[tuple[tuple[str, int], ...], list[Group]] = {}
-    for root, by_key in positions.items():
+    for root, found in by_root.items():
         if root in blocked:
             continue
-        members = tuple(Member(n, d, torch.tensor(p)) for (n, d), p in sorted(by_key.items()))
-        families.setdefault(tuple(sorted(by_key)), []).append(Group(root, members))
+        members = tuple(sorted(found, key=lambda m: (m.name, m.dim)))
+        keys = tuple((m.name, m.dim) for m in members)
+        families.setdefault(keys, []).append(Group(root, members))
     order = {key: i for i, key in enumerate(tr.members)}
     result = []
     for keys, groups in sorted(families.items(), key=lambda kv: min(order[k] for k in kv[0])):

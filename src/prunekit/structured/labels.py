@@ -95,8 +95,14 @@ class Atoms:
     def blocked_roots(self) -> set[int]:
         return {self.find(b) for b in self.blocked}
 
-    def roots(self, ids: Tensor) -> Tensor:
-        return torch.tensor([self.find(a) if a != FIXED else FIXED for a in ids.tolist()])
+    def all_roots(self) -> Tensor:
+        """The root of every atom, vectorised (pointer jumping: ``p = p[p]`` until stable)."""
+        parent = torch.tensor(self.parent, dtype=torch.long)
+        while True:
+            jumped = parent[parent]
+            if torch.equal(jumped, parent):
+                return parent
+            parent = jumped
 
     def normalize(self, full: Tensor) -> Label | None:
         """Turn per-element labels into a :class:`Label` varying along one dimension.
