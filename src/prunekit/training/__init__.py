@@ -1,5 +1,6 @@
 """Pruning over time: integrations of :class:`~prunekit.Pruner` with training loops,
-pruning after training (:mod:`~prunekit.training.post`), at initialisation
+pruning after training (:mod:`~prunekit.training.post`), during training
+(:mod:`~prunekit.training.during`: soft filter pruning, network slimming), at initialisation
 (:mod:`~prunekit.training.at_init`), and the lottery-ticket pipeline with resumable
 checkpoints.
 
@@ -9,14 +10,16 @@ transformers installed.
 
 from typing import Any
 
-from prunekit.training import at_init, callbacks, checkpoint, distributed, post
+from prunekit.training import at_init, callbacks, checkpoint, distributed, during, post
 from prunekit.training.at_init import reinitialize, shuffle_masks, synflow_prune
 from prunekit.training.callbacks import train_with_pruner
 from prunekit.training.distributed import sync_masks
+from prunekit.training.during import DuringReport, network_slimming, soft_filter_pruning
 from prunekit.training.lottery import LotteryReport, RoundResult, lottery
 from prunekit.training.post import IterativeReport, han_sparsities, iterative_pruning
 
 __all__ = [
+    "DuringReport",
     "IterativeReport",
     "LotteryReport",
     "PruningCallback",
@@ -25,12 +28,15 @@ __all__ = [
     "callbacks",
     "checkpoint",
     "distributed",
+    "during",
     "han_sparsities",
     "iterative_pruning",
     "lottery",
+    "network_slimming",
     "post",
     "reinitialize",
     "shuffle_masks",
+    "soft_filter_pruning",
     "sync_masks",
     "synflow_prune",
     "train_with_pruner",

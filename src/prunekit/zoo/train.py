@@ -20,8 +20,9 @@ def _train_xy(data: Data) -> tuple[Tensor, Tensor]:
     return (data.x_train, data.y_train) if isinstance(data, Dataset) else data
 
 
-def _cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
-    # Works for classification ((B, C), (B,)) and language modelling ((B, T, V), (B, T)).
+def cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
+    """The default training loss, for classification ``((B, C), (B,))`` and language
+    modelling ``((B, T, V), (B, T))`` alike."""
     return F.cross_entropy(logits.flatten(0, -2), y.flatten())
 
 
@@ -51,7 +52,7 @@ def train(
     if optimizer not in ("adam", "sgd"):
         raise UnknownChoiceError("optimizer", optimizer, ["adam", "sgd"])
     x, y = _train_xy(data)
-    loss_fn = loss_fn or _cross_entropy
+    loss_fn = loss_fn or cross_entropy
     params = model.parameters()
     opt = (
         torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
