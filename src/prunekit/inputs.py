@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 Inputs = Tensor | tuple[Any, ...] | list[Any] | Mapping[str, Any]
@@ -19,3 +20,14 @@ def call(model: nn.Module, inputs: Inputs) -> Any:
     if isinstance(inputs, Mapping):
         return model(**inputs)
     return model(*inputs)
+
+
+def call_eval(model: nn.Module, inputs: Inputs) -> Any:
+    """:func:`call` in eval mode without gradients; the model's training flag is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return call(model, inputs)
+    finally:
+        model.train(was_training)

@@ -201,7 +201,8 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 
 
 def measure_latency(model: nn.Module, example_inputs: Inputs, min_run_time: float = 0.2) -> float:
-    """Median seconds of ``model(*example_inputs)`` in eval mode under ``torch.inference_mode``.
+    """Median seconds of ``model`` on ``example_inputs`` (see :mod:`prunekit.inputs`), in eval
+    mode under ``torch.inference_mode``.
 
     One warm-up call, then ``torch.utils.benchmark.Timer.blocked_autorange`` for at least
     ``min_run_time`` seconds with ``torch.get_num_threads()`` threads.
@@ -306,8 +307,9 @@ def profile(
     """Count params, nonzeros, bytes and MACs of the prunable ``layers`` of ``model`` (all by
     default) and time the whole model (see the module docstring for every formula).
 
-    The model runs in eval mode, ``model(*example_inputs)``; its training flags are restored
-    and no hook is left. ``latency=False`` skips timing (``latency_s`` is None).
+    The model runs in eval mode on ``example_inputs`` (see :mod:`prunekit.inputs`); its
+    training flags are restored and no hook is left. ``latency=False`` skips timing
+    (``latency_s`` is None).
 
     Raises:
         NoLayersError: when ``layers`` matches nothing prunable.

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from prunekit.errors import PermutationError
 from prunekit.granularity import NM, parse
+from prunekit.inputs import call_eval
 from prunekit.masks import get_mask
 from prunekit.sparse.gemm import base_type
 from prunekit.tables import TableReport
@@ -235,17 +236,6 @@ def _apply(modules: dict[str, nn.Module], pair: Pair, perm: Tensor) -> None:
             t.copy_(t[perm])
 
 
-def _outputs(model: nn.Module, example_inputs: Tensor | tuple[Tensor, ...]) -> Tensor:
-    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            return model(*inputs)
-    finally:
-        model.train(training)
-
-
 def permute_channels(
     model: nn.Module,
     nm: str = "2:4",
@@ -278,7 +268,7 @@ def permute_channels(
     modules = dict(model.named_modules())
     for pair in chosen:
         _check(modules, pair, gran.m)
-    reference = None if example_inputs is None else _outputs(model, example_inputs)
+    reference = None if example_inputs is None else call_eval(model, example_inputs)
     results = []
     for pair in chosen:
         weight = modules[pair.consumer].weight
@@ -290,7 +280,7 @@ def permute_channels(
         _apply(modules, r.pair, r.permutation)
     diff = None
     if reference is not None:
-        out = _outputs(model, example_inputs)
+        out = call_eval(model, example_inputs)
         diff = float((out - reference).abs().max())
         if not torch.allclose(out, reference, atol=atol, rtol=1e-5):
             for r in reversed(results):

@@ -34,7 +34,7 @@ from torch.utils._pytree import tree_flatten
 from prunekit.allocation import check_sparsity
 from prunekit.analysis.profile import count_macs
 from prunekit.errors import PruningError, UnknownChoiceError
-from prunekit.inputs import Inputs, call
+from prunekit.inputs import Inputs, call_eval
 from prunekit.masks import bake
 from prunekit.structured.graph import DependencyGraph, Ignore, UnknownLayerError, build
 from prunekit.structured.importance import NORMALIZED, StructuredCriterion, score
@@ -227,13 +227,7 @@ def _is_masked(model: nn.Module) -> bool:
 
 
 def _outputs(model: nn.Module, example_inputs: Inputs) -> list[Tensor]:
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = call(model, example_inputs)
-    finally:
-        model.train(was_training)
+    out = call_eval(model, example_inputs)
     tree = dict(out) if isinstance(out, Mapping) else out
     return [t for t in tree_flatten(tree)[0] if isinstance(t, Tensor) and t.is_floating_point()]
 
