@@ -35,9 +35,9 @@ from torch.utils import benchmark
 import prunekit as pk
 from prunekit.analysis.profile import count_macs
 from prunekit.inputs import Inputs, call
-from prunekit.structured import build
+from prunekit.structured import build, plan, score
 from prunekit.structured.graph import DependencyGraph
-from prunekit.structured.surgery import zero_groups
+from prunekit.structured.surgery import group_masked, zero_groups
 from prunekit.zoo import MODELS, MobileNetV2Small, ResNet20, TinyGPT, build_model, example_input
 from prunekit.zoo.hf import TRANSFORMERS, tiny_transformer
 
@@ -256,13 +256,8 @@ def versus_torch_pruning(rows: Rows, ratio: float, timeout: float, console: Cons
 
 
 def _masked_like_ours(model: nn.Module, graph: DependencyGraph, ratio: float) -> nn.Module:
-    from prunekit.structured import plan, score
-    from prunekit.structured.surgery import removed_groups
-
     decisions = plan(graph, score(model, graph, "l2"), ratio)
-    masked = copy.deepcopy(model)
-    zero_groups(masked, removed_groups(graph, {d.name: d.removed for d in decisions}))
-    return masked
+    return group_masked(model, graph, {d.name: d.removed for d in decisions})
 
 
 def _left(model: nn.Module, inputs: Inputs, params0: int, macs0: int) -> str:

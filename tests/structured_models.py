@@ -9,8 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from prunekit.inputs import Inputs, call
-from prunekit.structured import build, plan, remove, score, zero_groups
-from prunekit.structured.surgery import removed_groups
+from prunekit.structured import build, plan, remove, score
+from prunekit.structured.surgery import group_masked
 from prunekit.zoo.hf import tiny_transformer
 
 
@@ -43,8 +43,7 @@ def masked_and_shrunk(
     graph = build(model, inputs)
     decisions = plan(graph, score(model, graph, criterion), ratio, scope)
     removed = {d.name: d.removed for d in decisions if d.removed}
-    masked = copy.deepcopy(model)
-    zero_groups(masked, removed_groups(graph, removed))
+    masked = group_masked(model, graph, removed)
     small = copy.deepcopy(model)
     remove(small, graph, removed)
     return masked, small, decisions

@@ -30,6 +30,9 @@ class SparseConv2d(nn.Module):
         self.dilation: tuple[int, int] = tuple(conv["dilation"])  # type: ignore[assignment]
         self.kernel_major: bool = conv["kernel_major"]
         self.geometry = dict(conv)
+        self.pointwise = (
+            self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
+        )
         self.gemm = gemm
         self.register_buffer("bias", bias)
 
@@ -54,9 +57,6 @@ class SparseConv2d(nn.Module):
     def format(self) -> str:
         return self.gemm.format
 
-    def _pointwise(self) -> bool:
-        return self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
-
     def forward(self, x: Tensor) -> Tensor:
         n, _, h, w = x.shape
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (
@@ -67,7 +67,7 @@ class SparseConv2d(nn.Module):
         )
         out_h = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
         out_w = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-        if self._pointwise():
+        if self.pointwise:
             cols = x.transpose(0, 1).reshape(self.in_channels, n * h * w)
         else:
             unfolded = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)

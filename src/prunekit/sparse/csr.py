@@ -3,7 +3,7 @@
 Bytes: ``nnz * e`` values + ``nnz * 4`` int32 column indices + ``(out + 1) * 4`` int32
 row pointers (:func:`prunekit.analysis.profile.csr_bytes`). On this CPU the product only
 beats dense from ~80-90% sparsity, and only as ``torch.sparse.mm(W_csr, x.T)`` with int32
-indices (see ENVIRONMENT.md), or ``torch.mv(W_csr, x)`` for a single input row. The
+indices (measured in BENCHMARKS.md), or ``torch.mv(W_csr, x)`` for a single input row. The
 sparse tensor is rebuilt from the buffers on every call (a few microseconds, no copy), so
 the module works under ``torch.inference_mode`` whatever mode it was built in.
 """

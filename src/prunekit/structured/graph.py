@@ -58,10 +58,6 @@ class Family:
     kind: str
     groups: list[Group]
 
-    @property
-    def keys(self) -> list[tuple[str, int]]:
-        return [(m.name, m.dim) for m in self.groups[0].members]
-
 
 @dataclass
 class DependencyGraph:

@@ -72,24 +72,17 @@ def _powers(family: Family, params: dict[str, Tensor], p: int) -> Tensor:
     return total.float()
 
 
-def _bn_scale(model: nn.Module, family: Family) -> Tensor | None:
-    bns = {n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
-    weights = [
-        m for m in family.groups[0].members if owner(m.name) in bns and m.name.endswith(".weight")
-    ]
-    if not weights:
+def _bn_scale(family: Family, params: dict[str, Tensor], bns: set[str]) -> Tensor | None:
+    """Sum of ``|gamma|`` of the BatchNorm weights (modules ``bns``) in each group."""
+    if not any(
+        owner(m.name) in bns and m.name.endswith(".weight") for m in family.groups[0].members
+    ):
         return None
-    params = _params(model)
-    return torch.tensor(
-        [
-            sum(
-                float(params[m.name].detach()[m.index].abs().sum())
-                for m in g.members
-                if m.name.endswith(".weight") and owner(m.name) in bns
-            )
-            for g in family.groups
-        ]
-    )
+    return torch.tensor([
+        sum(float(params[m.name].detach()[m.index].abs().sum()) for m in g.members
+            if m.name.endswith(".weight") and owner(m.name) in bns)
+        for g in family.groups
+    ])  # fmt: skip
 
 
 def _lamp(l2sq: Tensor) -> Tensor:
@@ -165,12 +158,13 @@ def score(
     if criterion == "taylor":
         return dict(_taylor(model, graph, data, loss_fn))
     params = _params(model)
+    bns = {n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
     out: dict[str, Tensor | None] = {}
     for fam in graph.families:
         if callable(criterion):
             out[fam.name] = torch.as_tensor(criterion([_vector(g, params) for g in fam.groups]))
         elif criterion == "bn_scale":
-            out[fam.name] = _bn_scale(model, fam)
+            out[fam.name] = _bn_scale(fam, params, bns)
         elif criterion == "random":
             gen = torch.Generator().manual_seed(seed + zlib.crc32(fam.name.encode()))
             out[fam.name] = torch.rand(len(fam.groups), generator=gen)

@@ -19,7 +19,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from prunekit.errors import PruningError
-from prunekit.structured.surgery import SIZE_ATTRS, assign
+from prunekit.structured.surgery import assign, size_attributes
 
 WEIGHTS, LAYOUT = "model.safetensors", "shrunk.json"
 
@@ -30,10 +30,7 @@ class ShrunkLayoutError(PruningError):
 
 def _layout(model: nn.Module) -> dict[str, object]:
     tensors = {**dict(model.named_buffers()), **dict(model.named_parameters())}
-    attributes = {
-        name: {a: getattr(m, a) for a in SIZE_ATTRS if isinstance(getattr(m, a, None), int)}
-        for name, m in model.named_modules()
-    }
+    attributes = {name: size_attributes(m) for name, m in model.named_modules()}
     return {
         "format": "prunekit-shrunk/1",
         "shapes": {name: list(t.shape) for name, t in tensors.items()},

@@ -28,6 +28,7 @@ from prunekit.structured.trace import (
     HeadEvent,
     Tracer,
     _tensors,
+    func_name,
     keep_whole,
     register_module_rule,
     register_rule,
@@ -53,7 +54,7 @@ def shape(tr: Tracer, func: Callable[..., Any], args: tuple, kwargs: dict, out: 
     for o, lab in zip(tree_flatten(out)[0], tree_flatten(labels)[0], strict=True):
         if isinstance(o, Tensor) and isinstance(lab, Tensor) and o.shape == lab.shape:
             tr.set_full(o, lab)
-    if func_name_of(func) in ("chunk", "split") and isinstance(out, tuple | list):
+    if func_name(func) in ("chunk", "split") and isinstance(out, tuple | list):
         _equal_pieces(tr, list(out))
 
 
@@ -123,7 +124,7 @@ IDENTITY_OPS = IDENTITY_OPS.split()
 # -- elementwise ----------------------------------------------------------------------
 def elementwise(tr: Tracer, func: Callable[..., Any], args: tuple, kwargs: dict, out: Any) -> None:
     """Broadcasting operation: channels at the same position are the same channel."""
-    outs = [o for o in tree_flatten(out)[0] if isinstance(o, Tensor)]
+    outs = _tensors(out)
     if not outs:
         return
     ndim = outs[0].dim()
@@ -242,7 +243,7 @@ def _dims(value: Any, ndim: int) -> list[int] | None:
 def reduction(tr: Tracer, func: Callable[..., Any], args: tuple, kwargs: dict, out: Any) -> None:
     """``sum``, ``mean``, ``softmax``...: mixing along the channels blocks them."""
     x = args[0]
-    dim = _arg(args, kwargs, *_DIM_ARG.get(func_name_of(func), (1, "dim")))
+    dim = _arg(args, kwargs, *_DIM_ARG.get(func_name(func), (1, "dim")))
     if isinstance(dim, Tensor):  # torch.max(a, b): elementwise
         return elementwise(tr, func, args, kwargs, out)
     label = tr.label(x)
@@ -548,7 +549,7 @@ def matmul_like(tr: Tracer, a: Tensor, b: Tensor, out: Tensor) -> None:
 
 
 def matmul(tr: Tracer, func: Callable[..., Any], args: tuple, kwargs: dict, out: Tensor) -> None:
-    if func_name_of(func) in ("addmm", "baddbmm", "addbmm"):
+    if func_name(func) in ("addmm", "baddbmm"):
         bias, a, b = args[0], args[1], args[2]
         matmul_like(tr, a, b, out)
         label = tr.label(out)
@@ -558,10 +559,6 @@ def matmul(tr: Tracer, func: Callable[..., Any], args: tuple, kwargs: dict, out:
             tr.block_inputs(bias)
         return
     matmul_like(tr, args[0], args[1], out)
-
-
-def func_name_of(func: Callable[..., Any]) -> str:
-    return getattr(func, "__name__", "")
 
 
 def _register_builtins() -> None:

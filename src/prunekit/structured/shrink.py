@@ -29,7 +29,6 @@ import torch
 from rich.table import Table
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
-from torch.utils._pytree import tree_flatten
 
 from prunekit.allocation import check_sparsity
 from prunekit.analysis.profile import count_macs
@@ -38,14 +37,8 @@ from prunekit.inputs import Inputs, call_eval
 from prunekit.masks import bake
 from prunekit.structured.graph import DependencyGraph, Ignore, UnknownLayerError, build
 from prunekit.structured.importance import NORMALIZED, StructuredCriterion, score
-from prunekit.structured.surgery import (
-    SIZE_ATTRS,
-    AttributeChange,
-    remove,
-    removed_groups,
-    zero_groups,
-)
-from prunekit.structured.trace import UntraceableError
+from prunekit.structured.surgery import AttributeChange, group_masked, remove, size_attributes
+from prunekit.structured.trace import UntraceableError, _output_tree, _tensors
 from prunekit.tables import TableReport
 
 Ratio = float | Mapping[str, float] | None
@@ -227,17 +220,8 @@ def _is_masked(model: nn.Module) -> bool:
 
 
 def _outputs(model: nn.Module, example_inputs: Inputs) -> list[Tensor]:
-    out = call_eval(model, example_inputs)
-    tree = dict(out) if isinstance(out, Mapping) else out
-    return [t for t in tree_flatten(tree)[0] if isinstance(t, Tensor) and t.is_floating_point()]
-
-
-def _group_masked_output(
-    model: nn.Module, graph: DependencyGraph, removed: Mapping[str, Any], example_inputs: Inputs
-) -> list[Tensor]:
-    masked = copy.deepcopy(model)
-    zero_groups(masked, removed_groups(graph, removed))
-    return _outputs(masked, example_inputs)
+    tensors = _tensors(_output_tree(call_eval(model, example_inputs)))
+    return [t for t in tensors if t.is_floating_point()]
 
 
 Snapshot = tuple[list[tuple[nn.Module, dict, dict, dict]], dict[str, Any]]
@@ -247,10 +231,8 @@ def _snapshot(model: nn.Module) -> Snapshot:
     """References to every module's tensors and size attributes (removal never mutates a
     tensor in place, so keeping the old references is enough to undo it)."""
     modules = [
-        (m, dict(m._parameters), dict(m._buffers),
-         {a: getattr(m, a) for a in SIZE_ATTRS if isinstance(getattr(m, a, None), int)})
-        for m in model.modules()
-    ]  # fmt: skip
+        (m, dict(m._parameters), dict(m._buffers), size_attributes(m)) for m in model.modules()
+    ]
     config = getattr(model, "config", None)
     return modules, dict(vars(config)) if hasattr(config, "__dict__") else {}
 
@@ -327,7 +309,7 @@ def shrink(
     removed = {d.name: d.removed for d in decisions if d.removed}
     params_before = sum(p.numel() for p in probe.parameters())
     macs_before = graph.trace.macs
-    expected = _group_masked_output(probe, graph, removed, example_inputs) if verify else None
+    expected = _outputs(group_masked(probe, graph, removed), example_inputs) if verify else None
     if probe is not model:
         bake(model)
     saved = _snapshot(model)

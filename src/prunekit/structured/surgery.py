@@ -10,6 +10,7 @@ the model; otherwise the note says so and :func:`prunekit.structured.load_shrunk
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -28,6 +29,11 @@ SIZE_ATTRS = (
 )  # fmt: skip
 
 
+def size_attributes(module: nn.Module) -> dict[str, int]:
+    """``module``'s integer size attributes among :data:`SIZE_ATTRS`."""
+    return {a: getattr(module, a) for a in SIZE_ATTRS if isinstance(getattr(module, a, None), int)}
+
+
 @dataclass(frozen=True)
 class AttributeChange:
     module: str
@@ -38,6 +44,15 @@ class AttributeChange:
 
 def removed_groups(graph: DependencyGraph, removed: Mapping[str, Sequence[int]]) -> list[Group]:
     return [graph.family(name).groups[i] for name, idx in removed.items() for i in idx]
+
+
+def group_masked(
+    model: nn.Module, graph: DependencyGraph, removed: Mapping[str, Sequence[int]]
+) -> nn.Module:
+    """A copy of ``model`` with every member of the ``removed`` groups zeroed."""
+    masked = copy.deepcopy(model)
+    zero_groups(masked, removed_groups(graph, removed))
+    return masked
 
 
 def zero_groups(model: nn.Module, groups: Sequence[Group]) -> None:
@@ -162,8 +177,7 @@ def update_config(model: nn.Module, graph: DependencyGraph, removed: Mapping[str
             updates.setdefault("num_key_value_heads", set()).add(new_kv)
     hidden = getattr(config, "n_embd", None)
     for attr, default in (("intermediate_size", None), ("n_inner", 4 * hidden if hidden else None)):
-        size = getattr(config, attr, None) if hasattr(config, attr) else None
-        size = size or default
+        size = getattr(config, attr, None) or default
         for fam in graph.families:
             if size and fam.kind == "channels" and len(fam.groups) == size:
                 updates.setdefault(attr, set()).add(size - len(removed.get(fam.name, ())))
