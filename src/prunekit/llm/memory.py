@@ -3,7 +3,7 @@
 On CPU the kernel's high-water mark ``VmHWM`` is reset at the start (writing ``5`` to
 ``/proc/self/clear_refs``, Linux >= 4.0) and read at the end; the figure is that peak minus
 the resident size at the start, i.e. what the region added on top of the loaded model.
-Where the reset is not permitted the figure is an upper bound (``exact`` is False); off
+Where the reset is not permitted the figure is an upper bound (``source`` says so); off
 Linux it is None.
 """
 
@@ -28,7 +28,6 @@ class PeakMemory:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.bytes: int | None = None
-        self.exact = True
         self.source = "cuda allocator" if device.type == "cuda" else "process RSS"
         self._base = 0
 
@@ -40,8 +39,8 @@ class PeakMemory:
             self._base = _status_bytes("VmRSS")
             try:
                 Path("/proc/self/clear_refs").write_text("5")
-            except OSError:
-                self.exact = False
+            except OSError:  # the peak cannot be reset: it may predate this block
+                self.source += ", upper bound"
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -149,12 +149,10 @@ def prune(
                     block_list, prefix, inputs, float(target), owl_m, owl_lambda, progress
                 )
                 inputs.hidden = hidden
-            layer_targets: dict[str, float] = {}
 
             def visit(index: int, layers: list[Layer], stats: dict[str, LayerStats]) -> bool:
                 for layer in layers:
                     prune_layer(method, layer, block_targets[index], stats[layer.name])
-                    layer_targets[layer.name] = _fraction(block_targets[index])
                 return True
 
             errors = sequential(
@@ -175,7 +173,7 @@ def prune(
             ly.name,
             tuple(ly.weight.shape),
             ly.weight.numel(),
-            layer_targets[ly.name],
+            _fraction(block_targets[index]),
             1.0 - kept_fraction(ly.module),
             errors[ly.name],
         )

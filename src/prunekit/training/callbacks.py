@@ -16,8 +16,7 @@ from torch import nn
 
 from prunekit.errors import PrunerStateError, PruningError, ScheduleError
 from prunekit.pruner import Pruner
-from prunekit.zoo.data import Dataset
-from prunekit.zoo.train import Data, train
+from prunekit.zoo.train import Data, train, train_xy
 
 
 def _check_model(model: nn.Module | None, pruner: Pruner) -> None:
@@ -88,13 +87,13 @@ def train_with_pruner(
     never be reached.
     """
     _check_model(model, pruner)
-    n = len(data.x_train if isinstance(data, Dataset) else data[0])
-    last = pruner.step_count + epochs * -(-n // batch_size)
+    steps = -(-len(train_xy(data)[0]) // batch_size)
+    last = pruner.step_count + epochs * steps
     end = pruner.schedule.milestones()[-1]
     if last < end:
         raise ScheduleError(
             f"{pruner.schedule!r} ends at step {end}, but training stops at step {last} "
-            f"({epochs} epochs of {-(-n // batch_size)} steps, from step {pruner.step_count}); "
+            f"({epochs} epochs of {steps} steps, from step {pruner.step_count}); "
             "Fix: train longer or end the schedule earlier."
         )
     return train(

@@ -16,7 +16,7 @@ from prunekit.zoo.data import Dataset, batches
 Data = Dataset | tuple[Tensor, Tensor]
 
 
-def _train_xy(data: Data) -> tuple[Tensor, Tensor]:
+def train_xy(data: Data) -> tuple[Tensor, Tensor]:
     return (data.x_train, data.y_train) if isinstance(data, Dataset) else data
 
 
@@ -51,7 +51,7 @@ def train(
     """
     if optimizer not in ("adam", "sgd"):
         raise UnknownChoiceError("optimizer", optimizer, ["adam", "sgd"])
-    x, y = _train_xy(data)
+    x, y = train_xy(data)
     loss_fn = loss_fn or cross_entropy
     params = model.parameters()
     opt = (
@@ -103,6 +103,6 @@ def calibration_batches(
     dataset: Data, n_batches: int = 4, batch_size: int = 64, seed: int = 0
 ) -> list[tuple[Tensor, Tensor]]:
     """``n_batches`` shuffled training batches (seeded), for data-driven pruning criteria."""
-    x, y = _train_xy(dataset)
+    x, y = train_xy(dataset)
     gen = torch.Generator().manual_seed(seed)
     return list(islice(batches(x, y, batch_size, shuffle=True, generator=gen), n_batches))
