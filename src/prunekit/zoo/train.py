@@ -17,6 +17,7 @@ Data = Dataset | tuple[Tensor, Tensor]
 
 
 def train_xy(data: Data) -> tuple[Tensor, Tensor]:
+    """The training ``(x, y)`` of a ``Dataset``, or the pair itself."""
     return (data.x_train, data.y_train) if isinstance(data, Dataset) else data
 
 
