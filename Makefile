@@ -12,8 +12,15 @@ TORCH := torch==2.13.0
 demo: .venv/installed
 	.venv/bin/prunekit demo
 
-test: .venv/installed
+# The report test renders report.html in Debian's headless chromium; installed when root
+# (CI, a fresh machine), otherwise that one test is skipped outside CI.
+browser:
+	@command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	   apt-get install -y -qq --no-install-recommends chromium >/dev/null)
+
+test: .venv/installed browser
 	$(PY) -m ruff check .
 	$(PY) -m pytest
 
-.PHONY: demo test
+.PHONY: demo test browser
