@@ -22,6 +22,8 @@ from prunekit.errors import (
     UnsupportedModelError,
 )
 from prunekit.layers import to_canonical
+from prunekit.llm.calibration import calibration_batches
+from prunekit.llm.engine import capture_inputs, sequential
 from prunekit.masks import get_mask as _get_mask
 
 
@@ -136,6 +138,34 @@ def test_sequential_engine_equals_stats_from_the_pruned_so_far_model() -> None:
     for name, m in reference.named_modules():
         if isinstance(m, nn.Linear) and name.startswith("model.layers"):
             assert torch.equal(get_mask(m), get_mask(pruned[name])), name
+
+
+def test_sequential_leaves_the_captured_inputs_alone_and_measure_false_reports_no_error() -> None:
+    model = tiny("llama").eval()
+    blocks = model.model.layers
+    with torch.no_grad():
+        inputs = capture_inputs(model, blocks[0], calibration_batches(ids(4, 8), model, 2))
+        hidden = list(inputs.hidden)
+        visited: list[int] = []
+
+        def visit(index: int, layers: list, stats: dict) -> bool:
+            visited.append(index)
+            return False
+
+        errors = sequential(
+            blocks,
+            "model.layers",
+            inputs,
+            visit,
+            needs=frozenset({"norms"}),
+            description="stats",
+            progress=False,
+            measure=False,
+        )
+    assert visited == [0, 1]
+    assert errors == {}
+    assert len(inputs.hidden) == len(hidden)
+    assert all(a is b for a, b in zip(inputs.hidden, hidden, strict=True))
 
 
 def test_sparsegpt_overwrites_kept_weights_and_bakes_consistently() -> None:

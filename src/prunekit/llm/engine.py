@@ -20,8 +20,8 @@ Every hook is removed on exit, error or not.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -164,13 +164,17 @@ def sequential(
     needs: frozenset[str],
     description: str,
     progress: bool = True,
+    measure: bool = True,
 ) -> dict[str, float]:
     """Walk the blocks in order (module docstring); returns each layer's relative error.
 
     ``visit(index, layers, stats)`` prunes one block and returns whether it changed
     anything; when it did not, the statistics pass's outputs feed the next block directly
-    and no error is measured.
+    and no error is measured. ``measure=False`` (a statistics-only pass) skips the dense
+    snapshot the error needs. ``inputs`` is left as it was: the walk feeds each block's
+    outputs forward in its own copy.
     """
+    inputs = replace(inputs)  # shallow: only ``hidden`` is rebound below
     errors: dict[str, float] = {}
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
     with Progress(*columns, TimeElapsedColumn(), transient=True, disable=not progress) as bar:
@@ -182,11 +186,12 @@ def sequential(
             if needs:
                 with layer_hooks(layers, lambda ly, x, out, st=stats: st[ly.name].add(x)):
                     outputs = run_block(block, inputs)
-            meter = ErrorMeter(layers)
+            meter = ErrorMeter(layers) if measure else None
             if visit(index, layers, stats) or outputs is None:
-                with layer_hooks(layers, meter.add):
+                with layer_hooks(layers, meter.add) if meter else nullcontext():
                     outputs = run_block(block, inputs)
-                errors.update(meter.relative())
+                if meter:
+                    errors.update(meter.relative())
             inputs.hidden = outputs
             bar.update(task, advance=1)
     return errors

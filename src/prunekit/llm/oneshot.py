@@ -66,6 +66,7 @@ def _owl_targets(
         needs=frozenset({"norms"}),
         description="OWL outlier ratios",
         progress=progress,
+        measure=False,
     )
     return owl_sparsities(ratios, sparsity, lam)
 
@@ -144,11 +145,9 @@ def prune(
             inputs = capture_inputs(model, block_list[0], batches)
             block_targets: list[Target] = [target] * len(block_list)
             if allocation == "owl":
-                hidden = list(inputs.hidden)
                 block_targets = _owl_targets(
                     block_list, prefix, inputs, float(target), owl_m, owl_lambda, progress
                 )
-                inputs.hidden = hidden
 
             def visit(index: int, layers: list[Layer], stats: dict[str, LayerStats]) -> bool:
                 for layer in layers:
