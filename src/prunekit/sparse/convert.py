@@ -134,11 +134,17 @@ def _runner(module: nn.Module) -> Callable[[Tensor], Tensor]:
 
 
 def _auto(
-    layer: Layer, opts: Options, batch_size: int, cost: CostFn, margin: float
+    layer: Layer,
+    shape: tuple[int, int],
+    sparsity: float,
+    opts: Options,
+    *,
+    batch_size: int,
+    cost: CostFn,
+    margin: float,
 ) -> tuple[nn.Module, str, dict[str, float]]:
-    """``(module, reason, costs)`` for one layer under ``format="auto"``."""
-    weight = gemm_weight(layer.module)
-    sparsity = 1 - int(weight.count_nonzero()) / weight.numel()
+    """``(module, reason, costs)`` for one layer with GEMM ``shape`` and ``sparsity``
+    under ``format="auto"``."""
     built, skipped = {"dense": build(layer.name, layer.module, "dense", opts)}, []
     for key, (fmt, kernel) in AUTO_CANDIDATES.items():
         try:
@@ -151,7 +157,6 @@ def _auto(
     for key, module in built.items():
         block = getattr(getattr(module, "gemm", module), "blocksize", None)
         detail = f"{opts.n}:{opts.m}" if key == "nm" else f"{block}" if block else ""
-        shape = (weight.shape[0], weight.shape[1])
         candidate = Candidate(layer.name, key, shape, sparsity, batch_size, detail, _runner(module))
         costs[key] = float(cost(candidate))
     fmt, reason = choose(costs, margin)
@@ -230,7 +235,9 @@ def convert(
             continue
         costs: dict[str, float] = {}
         if format == "auto":
-            new, reason, costs = _auto(layer, opts, batch_size, cost, margin)
+            new, reason, costs = _auto(
+                layer, shape, sparsity, opts, batch_size=batch_size, cost=cost, margin=margin
+            )
         else:
             new, reason = build(layer.name, layer.module, format, opts), "asked"
         fmt = getattr(new, "format", "dense")
