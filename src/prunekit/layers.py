@@ -20,7 +20,8 @@ on it are written back with the inverse permutation.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -176,3 +177,17 @@ def require_unique_modules(layers: Iterable[Layer]) -> None:
                 "Fix: select only one of them."
             )
         seen[id(layer.weight)] = layer.name
+
+
+@contextmanager
+def layer_hooks(layers: list[Layer], fn: Callable[[Layer, Tensor, Tensor], None]) -> Iterator[None]:
+    """Call ``fn(layer, input, output)`` on every forward of each layer while open."""
+    handles = [
+        ly.module.register_forward_hook(lambda m, args, out, ly=ly: fn(ly, args[0], out))
+        for ly in layers
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from prunekit.criteria.base import Batches, Criterion, LossFn, ScoreContext
 from prunekit.errors import IncompatibleLayerError, MissingDataError
 from prunekit.granularity import Grouping
-from prunekit.layers import Layer, kernel_ndim
+from prunekit.layers import Layer, kernel_ndim, layer_hooks
 
 
 def flat_inputs(x: Tensor) -> Tensor:
@@ -93,19 +93,13 @@ class Wanda(Criterion):
                 "criterion 'wanda' needs calibration batches; Fix: pass data=[inputs, ...]."
             )
         stats = {ly.name: ColumnNorms(ly.canonical.shape[1], ly.weight.device) for ly in layers}
-        handles = [
-            ly.module.register_forward_hook(lambda m, args, out, s=stats[ly.name]: s.add(args[0]))
-            for ly in layers
-        ]
         was_training = model.training
         model.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), layer_hooks(layers, lambda ly, x, out: stats[ly.name].add(x)):
                 for batch in data:
                     model(batch[0] if isinstance(batch, tuple | list) else batch)
         finally:
-            for handle in handles:
-                handle.remove()
             model.train(was_training)
         if any(s.tokens == 0 for s in stats.values()):
             raise MissingDataError("criterion 'wanda' got an empty data iterable")

@@ -19,8 +19,8 @@ Every hook is removed on exit, error or not.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from prunekit.criteria.activation import ColumnNorms, flat_inputs
 from prunekit.criteria.second_order import HessianAccumulator
 from prunekit.errors import UnsupportedModelError
-from prunekit.layers import Layer, to_canonical
+from prunekit.layers import Layer, layer_hooks, to_canonical
 from prunekit.llm.blocks import block_layers
 from prunekit.llm.calibration import Batch
 
@@ -108,20 +108,6 @@ class LayerStats:
         for acc in (self.norms, self.hessian):
             if acc is not None:
                 acc.add(x)
-
-
-@contextmanager
-def layer_hooks(layers: list[Layer], fn: Callable[[Layer, Tensor, Tensor], None]) -> Iterator[None]:
-    """Call ``fn(layer, input, output)`` on every forward of each layer while open."""
-    handles = [
-        ly.module.register_forward_hook(lambda m, args, out, ly=ly: fn(ly, args[0], out))
-        for ly in layers
-    ]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 class ErrorMeter:
