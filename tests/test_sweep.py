@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib
 import io
 import json
 import statistics
@@ -19,6 +20,7 @@ from prunekit.errors import InvalidSparsityError, PruningError, SweepError, Unkn
 SEEDS = (0, 1)
 GRID = (0.5, 0.8)
 DATA = zoo.load_dataset("digits", flat=True)
+sweep_mod = importlib.import_module("prunekit.analysis.sweep")  # the attribute is the function
 
 
 def build_and_train(seed: int) -> nn.Module:
@@ -61,7 +63,7 @@ def test_every_point_is_measured_with_the_random_baseline(report: SweepReport) -
         assert p.achieved_sparsity == pytest.approx(p.sparsity, abs=1e-3)
         assert p.compression == pytest.approx(ref.params / p.nonzero)
         assert p.theoretical_speedup == pytest.approx(ref.macs / p.effective_macs)
-        assert p.measured_speedup == pytest.approx(ref.latency_ms / p.latency_ms)
+        assert p.measured_speedup == pytest.approx(p.dense_latency_ms / p.latency_ms)
         assert p.macs == ref.macs  # masked zeros still run dense kernels
     at_80 = [p for p in report.points if p.sparsity == 0.8]
     assert all(p.compression > 4 and p.theoretical_speedup > 4 for p in at_80)
@@ -122,6 +124,7 @@ def _never(seed: int) -> nn.Module:
         ({"methods": {"m": {"sparsity": 0.5}}}, SweepError),
         ({"methods": {"m": {"criterion": "nope"}}}, UnknownChoiceError),
         ({"methods": {"m": {"granularity": "nope"}}}, UnknownChoiceError),
+        ({"materialize": "csr"}, SweepError),
     ],
 )
 def test_bad_input_fails_before_training(kwargs: dict, error: type[Exception]) -> None:
@@ -161,3 +164,43 @@ def test_finetune_runs_on_each_pruned_copy_and_bad_metrics_are_refused() -> None
             example_inputs=torch.zeros(1, 8),
             progress=False,
         )
+
+
+def _timed_models(monkeypatch: pytest.MonkeyPatch, materialize: str) -> list[nn.Module]:
+    """Run a one-seed row-pruning sweep; return the (dense, pruned) models timed together."""
+    timed: list[nn.Module] = []
+
+    def record(models, example_inputs, min_run_time):  # the real one is timing, not tested here
+        timed.extend(models)
+        return [1e-3] * len(models)
+
+    monkeypatch.setattr(sweep_mod, "measure_latencies", record)
+    sweep(
+        build_and_train,
+        accuracy,
+        methods={"rows": {"granularity": "row", "criterion": "l2", "exclude": ["fc3"]}},
+        sparsities=(0.5,),
+        seeds=(0,),
+        example_inputs=DATA.x_test[:4],
+        materialize=materialize,
+        progress=False,
+    )
+    return timed
+
+
+def test_shrink_materialisation_times_the_physically_smaller_model(monkeypatch) -> None:
+    timed = _timed_models(monkeypatch, "shrink")
+    dense, rows = timed[1], timed[2]  # timed[0]: the dense point alone
+    widths = [m.out_features for m in rows.modules() if isinstance(m, nn.Linear)]
+    assert widths == [150, 50, 10]
+    assert [m.out_features for m in dense.modules() if isinstance(m, nn.Linear)] == [300, 100, 10]
+    assert torch.equal(rows(DATA.x_test), rows(DATA.x_test))  # runs
+
+
+def test_sparse_materialisation_converts_at_the_examples_batch_size(monkeypatch) -> None:
+    calls: list[tuple[str, int]] = []
+    monkeypatch.setattr(
+        sweep_mod, "convert", lambda model, fmt, batch_size: calls.append((fmt, batch_size))
+    )
+    _timed_models(monkeypatch, "sparse")
+    assert calls == [("auto", 4)] * 2  # the method and the random baseline

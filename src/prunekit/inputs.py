@@ -31,3 +31,11 @@ def call_eval(model: nn.Module, inputs: Inputs) -> Any:
             return call(model, inputs)
     finally:
         model.train(was_training)
+
+
+def batch_size(inputs: Inputs) -> int:
+    """The first dimension of the first tensor in ``inputs``: their batch size."""
+    if isinstance(inputs, Tensor):
+        return int(inputs.shape[0])
+    values = inputs.values() if isinstance(inputs, Mapping) else inputs
+    return int(next(v for v in values if isinstance(v, Tensor)).shape[0])

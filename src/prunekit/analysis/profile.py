@@ -28,7 +28,8 @@ kernel or storage format could reach, not what the model runs.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import statistics
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
@@ -207,14 +208,33 @@ def measure_latency(model: nn.Module, example_inputs: Inputs, min_run_time: floa
     One warm-up call, then ``torch.utils.benchmark.Timer.blocked_autorange`` for at least
     ``min_run_time`` seconds with ``torch.get_num_threads()`` threads.
     """
-    with _eval_mode(model), torch.inference_mode():
-        call(model, example_inputs)
-        timer = benchmark.Timer(
-            stmt="call(model, inputs)",
-            globals={"call": call, "model": model, "inputs": example_inputs},
-            num_threads=torch.get_num_threads(),
-        )
-        return timer.blocked_autorange(min_run_time=min_run_time).median
+    return measure_latencies([model], example_inputs, min_run_time, rounds=1)[0]
+
+
+def measure_latencies(
+    models: Sequence[nn.Module],
+    example_inputs: Inputs,
+    min_run_time: float = 0.2,
+    rounds: int = 3,
+) -> list[float]:
+    """Median seconds of each of ``models``, timed in ``rounds`` interleaved turns.
+
+    Each turn times every model in order (as :func:`measure_latency`, ``min_run_time /
+    rounds`` seconds each), so a change of load on a shared machine falls on all of them
+    alike; a model's result is the median of its turns. Use it for speed-up ratios.
+    """
+    per_model: list[list[float]] = [[] for _ in models]
+    for _ in range(rounds):
+        for model, times in zip(models, per_model, strict=True):
+            with _eval_mode(model), torch.inference_mode():
+                call(model, example_inputs)
+                timer = benchmark.Timer(
+                    stmt="call(model, inputs)",
+                    globals={"call": call, "model": model, "inputs": example_inputs},
+                    num_threads=torch.get_num_threads(),
+                )
+                times.append(timer.blocked_autorange(min_run_time=min_run_time / rounds).median)
+    return [statistics.median(times) for times in per_model]
 
 
 def _tracker_names(model: nn.Module) -> dict[nn.Module, str]:

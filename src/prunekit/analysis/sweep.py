@@ -11,7 +11,14 @@ Per point, over the prunable layers, with ``P`` params, ``Z`` nonzeros, ``M`` MA
 
 compression ratio       ``P_dense / Z``
 theoretical speed-up    ``M_dense / E`` (what a kernel skipping every zero could reach)
-measured speed-up       ``t_dense / t`` (masked zeros still run dense kernels: ~1)
+measured speed-up       ``t_dense / t``, both timed in interleaved turns
+                        (:func:`~prunekit.analysis.measure_latencies`)
+
+What is timed is the model as ``materialize`` makes it: ``"masks"`` runs the baked dense
+weights (zeros still multiplied, so ~1x), ``"shrink"`` removes every all-zero channel /
+head group physically (:func:`prunekit.shrink` with ``ratio=None``; filter / channel
+methods), ``"sparse"`` runs each layer in its fastest format
+(:func:`prunekit.sparse.convert` with ``format="auto"`` at the example's batch size).
 
 :meth:`SweepReport.summary` gives mean and sample std (ddof 1; 0 for one seed) over seeds.
 """
@@ -23,6 +30,7 @@ import inspect
 import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -31,15 +39,18 @@ from torch import nn
 from prunekit import criteria as criteria_mod
 from prunekit import granularity as granularity_mod
 from prunekit.allocation import check_sparsity
-from prunekit.analysis.profile import profile
+from prunekit.analysis.profile import measure_latencies, profile
 from prunekit.analysis.sensitivity import Evaluate, _score
 from prunekit.errors import SweepError
-from prunekit.inputs import Inputs
+from prunekit.inputs import Inputs, batch_size
 from prunekit.masks import bake
 from prunekit.pruning import prune
+from prunekit.sparse.convert import convert
+from prunekit.structured.shrink import shrink
 from prunekit.tables import TableReport
 
 RANDOM = "random"
+MATERIALIZE = ("masks", "shrink", "sparse")
 DENSE = "dense"
 BuildAndTrain = Callable[[int], nn.Module]
 Finetune = Callable[[nn.Module, int], object]
@@ -48,7 +59,11 @@ _FIXED = {"model", "sparsity", "seed"}  # prune arguments the sweep sets itself
 
 @dataclass(frozen=True)
 class SweepPoint:
-    """One (method, sparsity, seed); the dense point has method ``"dense"``, sparsity 0."""
+    """One (method, sparsity, seed); the dense point has method ``"dense"``, sparsity 0.
+
+    ``dense_latency_ms`` is the dense model's latency timed in turns with this one (its
+    own for the dense point); ``measured_speedup = dense_latency_ms / latency_ms``.
+    """
 
     method: str
     sparsity: float
@@ -60,6 +75,7 @@ class SweepPoint:
     macs: int
     effective_macs: float
     latency_ms: float
+    dense_latency_ms: float
     compression: float
     theoretical_speedup: float
     measured_speedup: float
@@ -185,21 +201,40 @@ def _check_grid(sparsities: Sequence[float], seeds: Sequence[int]) -> tuple[floa
     return tuple(grid)
 
 
+class _Timing(NamedTuple):
+    example_inputs: Inputs
+    min_run_time: float
+    materialize: str
+
+
+def _materialized(model: nn.Module, timing: _Timing) -> nn.Module:
+    """The baked ``model`` as ``timing.materialize`` runs it (module docstring)."""
+    bake(model)
+    if timing.materialize == "shrink":
+        shrink(model, timing.example_inputs, ratio=None)
+    elif timing.materialize == "sparse":
+        convert(model, "auto", batch_size=batch_size(timing.example_inputs))
+    return model
+
+
 def _point(
     key: tuple[str, float, int],
     metric: float,
     model: nn.Module,
-    dense: SweepPoint | None,
-    example_inputs: Inputs,
-    min_run_time: float,
+    dense: tuple[SweepPoint, nn.Module] | None,
+    timing: _Timing,
 ) -> SweepPoint:
-    """Profile the baked ``model`` (method, sparsity, seed ``key``) against ``dense``
-    (None: this is the dense point)."""
-    prof = profile(bake(model), example_inputs, min_run_time=min_run_time)
-    total, latency_ms = prof.total, prof.latency_s * 1e3
-    ref_params = dense.params if dense else total.params
-    ref_macs = dense.macs if dense else total.macs
-    ref_latency = dense.latency_ms if dense else latency_ms
+    """Profile the baked ``model`` (method, sparsity, seed ``key``) and time it as
+    materialised, interleaved with the dense ``(point, model)`` (None: this is it)."""
+    total = profile(bake(model), timing.example_inputs, latency=False).total
+    if dense is None:
+        (latency,) = measure_latencies([model], timing.example_inputs, timing.min_run_time)
+        ref_latency, ref_params, ref_macs = latency, total.params, total.macs
+    else:
+        ref_latency, latency = measure_latencies(
+            [dense[1], _materialized(model, timing)], timing.example_inputs, timing.min_run_time
+        )
+        ref_params, ref_macs = dense[0].params, dense[0].macs
     return SweepPoint(
         *key,
         metric=metric,
@@ -208,10 +243,11 @@ def _point(
         nonzero=total.nonzero,
         macs=total.macs,
         effective_macs=total.effective_macs,
-        latency_ms=latency_ms,
+        latency_ms=latency * 1e3,
+        dense_latency_ms=ref_latency * 1e3,
         compression=ref_params / max(total.nonzero, 1),
         theoretical_speedup=ref_macs / max(total.effective_macs, 1e-12),
-        measured_speedup=ref_latency / latency_ms,
+        measured_speedup=ref_latency / latency,
     )
 
 
@@ -225,6 +261,7 @@ def sweep(
     example_inputs: Inputs,
     finetune: Finetune | None = None,
     min_run_time: float = 0.05,
+    materialize: str = "masks",
     progress: bool = True,
 ) -> SweepReport:
     """Measure every method at every sparsity on a model trained with every seed.
@@ -240,20 +277,28 @@ def sweep(
         example_inputs: the input the MACs and the latency are measured on.
         finetune: ``f(pruned model, seed)`` run after pruning, before evaluating.
         min_run_time: seconds of timing per latency measurement.
+        materialize: ``"masks"``, ``"shrink"`` or ``"sparse"``: what the timed pruned
+            model is (module docstring).
         progress: show a rich progress bar.
 
     Returns:
         A :class:`SweepReport` (see the module docstring for every quantity).
 
     Raises:
-        SweepError: no seeds or sparsities, sparsity 0, an unknown keyword argument or a
-            reserved method name; InvalidSparsityError / UnknownChoiceError for a bad
-            sparsity, criterion or granularity. All are raised before any training.
+        SweepError: no seeds or sparsities, sparsity 0, an unknown keyword argument, a
+            reserved method name or an unknown ``materialize``; InvalidSparsityError /
+            UnknownChoiceError for a bad sparsity, criterion or granularity. All are raised
+            before any training.
     """
     grid = _check_grid(sparsities, seeds)
     all_methods = _check_methods(methods)
     points: list[SweepPoint] = []
-    timing = (example_inputs, min_run_time)
+    if materialize not in MATERIALIZE:
+        raise SweepError(
+            f"materialize={materialize!r} is not one of {MATERIALIZE}; Fix: 'sparse' times "
+            "sparse kernels, 'shrink' physically removed channels, 'masks' the dense zeros."
+        )
+    timing = _Timing(example_inputs, min_run_time, materialize)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
     with Progress(*columns, TimeElapsedColumn(), transient=True, disable=not progress) as bar:
         task = bar.add_task("sweep", total=len(seeds) * (1 + len(all_methods) * len(grid)))
@@ -261,7 +306,8 @@ def sweep(
             bar.update(task, description=f"seed {seed}: training")
             trained = build_and_train(seed)
             metric = _score(evaluate, trained)
-            dense = _point((DENSE, 0.0, seed), metric, copy.deepcopy(trained), None, *timing)
+            dense_model = bake(copy.deepcopy(trained))
+            dense = _point((DENSE, 0.0, seed), metric, dense_model, None, timing)
             points.append(dense)
             bar.advance(task)
             for (method, kwargs), sparsity in ((m, s) for m in all_methods.items() for s in grid):
@@ -271,6 +317,7 @@ def sweep(
                 if finetune is not None:
                     finetune(model, seed)
                 metric = _score(evaluate, model)
-                points.append(_point((method, sparsity, seed), metric, model, dense, *timing))
+                key = (method, sparsity, seed)
+                points.append(_point(key, metric, model, (dense, dense_model), timing))
                 bar.advance(task)
     return SweepReport(points)
