@@ -31,6 +31,8 @@ def digits():
 def trainings(monkeypatch):
     """Spy on every training: the weights it starts from, its masks, its weights at step 3."""
     calls = []
+    lottery = sys.modules["prunekit.training.lottery"]
+    real = lottery.train
 
     def spy(model, data, *, callback, **kwargs):
         call = {
@@ -44,9 +46,9 @@ def trainings(monkeypatch):
                 call["step3"] = _weights(model)
             callback(step)
 
-        return pk.zoo.train(model, data, callback=after, **kwargs)
+        return real(model, data, callback=after, **kwargs)
 
-    monkeypatch.setattr(sys.modules["prunekit.training.lottery"], "train", spy)
+    monkeypatch.setattr(lottery, "train", spy)
     return calls
 
 

@@ -65,13 +65,14 @@ def get_mask(module: nn.Module) -> Tensor | None:
 
 def kept_fraction(module: nn.Module) -> float:
     """Fraction of ``module.weight`` its mask keeps (1.0 when unmasked), without unpacking."""
-    param = _mask_param(module)
+    param = mask_param(module)
     if param is None:
         return 1.0
     return bits.count_ones(param.packed) / max(param.shape.numel(), 1)
 
 
-def _mask_param(module: nn.Module) -> WeightMask | None:
+def mask_param(module: nn.Module) -> WeightMask | None:
+    """The :class:`WeightMask` parametrization on ``module.weight``, or None when unmasked."""
     if not parametrize.is_parametrized(module, "weight"):
         return None
     return next((p for p in module.parametrizations.weight if isinstance(p, WeightMask)), None)
@@ -83,7 +84,7 @@ def apply_packed(module: nn.Module, packed: Tensor) -> None:
     Registers the parametrization on first use. With :func:`set_mask`, the only functions
     that mutate masks.
     """
-    existing = _mask_param(module)
+    existing = mask_param(module)
     if existing is not None:
         existing.packed.bitwise_and_(packed)
         return
@@ -108,7 +109,7 @@ def apply_mask(module: nn.Module, mask: Tensor) -> None:
 def set_mask(module: nn.Module, mask: Tensor) -> None:
     """Replace ``module``'s mask by ``mask`` (bool, weight-shaped); the only way to revive
     weights a mask pruned (the at-initialisation controls shuffle masks this way)."""
-    existing = _mask_param(module)
+    existing = mask_param(module)
     if existing is None:
         return apply_mask(module, mask)
     if mask.shape != weight_param(module).shape:
@@ -136,7 +137,7 @@ def bake(model: nn.Module) -> nn.Module:
     ``state_dict`` loads into a fresh instance of the architecture.
     """
     for module in model.modules():
-        if _mask_param(module) is not None:
+        if mask_param(module) is not None:
             _remove(module, leave_parametrized=True)
     return model
 
@@ -144,7 +145,7 @@ def bake(model: nn.Module) -> nn.Module:
 def remove(model: nn.Module) -> nn.Module:
     """Drop every mask and restore the original, unpruned weights (in place)."""
     for module in model.modules():
-        if _mask_param(module) is not None:
+        if mask_param(module) is not None:
             _remove(module, leave_parametrized=False)
     return model
 
@@ -162,7 +163,7 @@ def load_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
             if name not in modules:
                 raise PruningError(f"state dict has a mask for {name!r}, which the model lacks")
             module = modules[name]
-            if _mask_param(module) is None:
+            if mask_param(module) is None:
                 shape = weight_param(module).shape
                 apply_mask(module, torch.ones(shape, dtype=torch.bool))
     model.load_state_dict(state_dict)

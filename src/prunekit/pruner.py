@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict
 from typing import Any, NamedTuple
 
@@ -21,6 +21,14 @@ from prunekit.pruning import PruneReport, prune
 from prunekit.schedules import OneShot, Schedule
 
 _ONE_SHOT = OneShot()  # frozen, so one shared default is safe
+
+
+def kept_share(layers: Iterable[tuple[nn.Module, int]]) -> float:
+    """``sum_l k_l n_l / sum_l n_l``: the fraction of all the weights of ``layers``
+    (module, weight count ``n_l``) that their masks keep, ``k_l`` being each module's
+    :func:`~prunekit.masks.kept_fraction`."""
+    pairs = list(layers)
+    return sum(kept_fraction(m) * n for m, n in pairs) / sum(n for _, n in pairs)
 
 
 class Event(NamedTuple):
@@ -155,8 +163,7 @@ class Pruner:
     @property
     def sparsity(self) -> float:
         """Fraction of the selected layers' weights that are masked now."""
-        total = sum(n for _, n in self._layers)
-        return sum((1 - kept_fraction(m)) * n for m, n in self._layers) / total
+        return 1 - kept_share(self._layers)
 
     def step(self) -> PruneReport | None:
         """Count one optimizer step and prune if the schedule is due; the report, or None.

@@ -32,16 +32,21 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
-from torch import Tensor
+from torch import Tensor, nn
 
 from prunekit.errors import CheckpointError
+from prunekit.masks import load_state_dict as load_masked
+from prunekit.training import distributed
+from prunekit.zoo.data import Dataset
 
 STATE = "state.json"
 FORMAT = 1
 _RNG_KEY = "rng.torch"
+_MODEL, _EXTRA = "model.", "extra."
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -89,13 +94,19 @@ def save(
     tensors: dict[str, Tensor],
     identity: dict[str, Any],
     state: dict[str, Any],
+    *,
+    sync: bool = False,
 ) -> Path:
     """Write round ``round``'s ``tensors`` and JSON-able ``state`` atomically; the state path.
 
     ``identity`` (model and run arguments) is stored and compared by :func:`load`. The
-    RNG states of torch (CPU), numpy and Python are saved alongside.
+    RNG states of torch (CPU), numpy and Python are saved alongside. With ``sync`` (under
+    ``torch.distributed``) only rank 0 writes, and every rank returns once it has.
     """
     directory = Path(directory)
+    if not distributed.is_writer(sync):
+        dist.barrier()
+        return directory / STATE
     directory.mkdir(parents=True, exist_ok=True)
     name = f"round-{round:04d}.safetensors"
     blob = save_tensors(
@@ -118,36 +129,43 @@ def save(
     for old in directory.glob("round-*.safetensors"):
         if old.name != name:
             old.unlink()
+    if sync:
+        dist.barrier()
     return directory / STATE
 
 
-def load(directory: str | Path, identity: dict[str, Any]) -> Checkpoint | None:
-    """The checkpoint in ``directory``, or None when there is none yet.
+def _corrupted(path: Path, err: Exception) -> CheckpointError:
+    return CheckpointError(
+        f"checkpoint {path} is corrupted ({type(err).__name__}: {err}); nothing was "
+        "changed. Fix: delete the checkpoint directory to start over, or use another "
+        "checkpoint_dir."
+    )
 
-    Raises:
-        CheckpointError: corrupted files, or an ``identity`` other than the caller's (a
-            checkpoint of another model or run); nothing is modified.
-    """
-    path = Path(directory) / STATE
+
+def _read(path: Path) -> tuple[bytes, bytes] | None:
+    """The bytes of ``state.json`` at ``path`` and of the tensor file it names, or None."""
     if not path.exists():
         return None
     try:
-        doc = json.loads(path.read_text())
+        doc = path.read_bytes()
+        return doc, (path.parent / json.loads(doc)["tensors"]).read_bytes()
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise _corrupted(path, err) from err
+
+
+def _parse(path: Path, doc_bytes: bytes, blob: bytes, identity: dict[str, Any]) -> Checkpoint:
+    try:
+        doc = json.loads(doc_bytes)
         if doc["format"] != FORMAT:
             raise ValueError(f"format {doc['format']!r}, expected {FORMAT}")
-        blob = (path.parent / doc["tensors"]).read_bytes()
         if hashlib.sha256(blob).hexdigest() != doc["sha256"]:
             raise ValueError(f"{doc['tensors']} does not match its SHA-256")
         tensors = load_tensors(blob)
         round_, saved, state = int(doc["round"]), doc["identity"], doc["state"]
         if not {"numpy", "python"} <= doc["rng"].keys() or _RNG_KEY not in tensors:
             raise KeyError("RNG states")
-    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
-        raise CheckpointError(
-            f"checkpoint {path} is corrupted ({type(err).__name__}: {err}); nothing was "
-            "changed. Fix: delete the checkpoint directory to start over, or use another "
-            "checkpoint_dir."
-        ) from err
+    except (ValueError, KeyError, TypeError, SafetensorError) as err:
+        raise _corrupted(path, err) from err
     if saved != identity:
         differ = sorted(k for k in {*identity, *saved} if identity.get(k) != saved.get(k))
         raise CheckpointError(
@@ -156,3 +174,94 @@ def load(directory: str | Path, identity: dict[str, Any]) -> Checkpoint | None:
             "arguments, or use another checkpoint_dir."
         )
     return Checkpoint(round_, tensors, {**state, "rng": doc["rng"]})
+
+
+def load(
+    directory: str | Path, identity: dict[str, Any], *, sync: bool = False
+) -> Checkpoint | None:
+    """The checkpoint in ``directory``, or None when there is none yet.
+
+    With ``sync`` (under ``torch.distributed``) rank 0 reads the files and broadcasts their
+    bytes, so every rank resumes from rank 0's checkpoint (``directory`` need not be on a
+    shared file system) and every rank raises the same error.
+
+    Raises:
+        CheckpointError: corrupted files, or an ``identity`` other than the caller's (a
+            checkpoint of another model or run); nothing is modified.
+    """
+    path = Path(directory) / STATE
+    if not sync:
+        files = _read(path)
+        return None if files is None else _parse(path, *files, identity)
+    # Rank 0's outcome travels as (status, a, b): none; error + message; ok + both files.
+    outcome: list[bytes] | None = None
+    if distributed.is_writer(sync):
+        try:
+            files = _read(path)
+            outcome = [b"none", b"", b""] if files is None else [b"ok", *files]
+        except CheckpointError as err:
+            outcome = [b"error", str(err).encode(), b""]
+    status, a, b = distributed.broadcast_bytes(outcome, 3)
+    if status == b"error":
+        raise CheckpointError(a.decode())
+    return None if status == b"none" else _parse(path, a, b, identity)
+
+
+def identity(
+    pipeline: str, model: nn.Module, data: Dataset, config: dict[str, Any]
+) -> dict[str, Any]:
+    """What a pipeline's checkpoint must match: its name, the model's state-dict shapes, the
+    data set's name and sizes, and the run arguments (JSON-able)."""
+    return {
+        "pipeline": pipeline,
+        "model": {k: list(v.shape) for k, v in model.state_dict().items()},
+        "data": [data.name, len(data.x_train), len(data.x_test)],
+        "config": config,
+    }
+
+
+def save_round(
+    directory: str | Path,
+    round: int,
+    model: nn.Module,
+    identity: dict[str, Any],
+    state: dict[str, Any],
+    extra: dict[str, Tensor] | None = None,
+    *,
+    sync: bool = False,
+) -> Path:
+    """:func:`save` of ``model``'s state dict (masks as packed buffers) and ``extra``
+    tensors after round ``round``; :func:`resume` puts them back."""
+    tensors = {f"{_MODEL}{k}": v for k, v in model.state_dict().items()}
+    tensors.update({f"{_EXTRA}{k}": v for k, v in (extra or {}).items()})
+    return save(directory, round, tensors, identity, state, sync=sync)
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """A :func:`save_round` checkpoint put back: the last completed ``round``, its JSON
+    ``state`` and its ``extra`` tensors."""
+
+    round: int
+    state: dict[str, Any]
+    extra: dict[str, Tensor]
+
+
+def resume(
+    directory: str | Path | None, identity: dict[str, Any], model: nn.Module, *, sync: bool = False
+) -> Resumed | None:
+    """Load the :func:`save_round` checkpoint in ``directory`` (None: no checkpointing) into
+    ``model`` (masks included) and restore the RNG states; None when there is none yet.
+
+    Raises:
+        CheckpointError: as :func:`load`, before ``model`` is touched.
+    """
+    saved = None if directory is None else load(directory, identity, sync=sync)
+    if saved is None:
+        return None
+    n = len(_MODEL)
+    load_masked(model, {k[n:]: v for k, v in saved.tensors.items() if k.startswith(_MODEL)})
+    saved.restore_rng()
+    n = len(_EXTRA)
+    extra = {k[n:]: v for k, v in saved.tensors.items() if k.startswith(_EXTRA)}
+    return Resumed(saved.round, saved.state, extra)

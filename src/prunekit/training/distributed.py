@@ -31,18 +31,27 @@ masks, and DDP's buffer broadcast then also carries rank 0's masks at every forw
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
+from torch.nn.parallel import DistributedDataParallel
 
 from prunekit.errors import DistributedError
 from prunekit.layers import weight_param
-from prunekit.masks import WeightMask, apply_mask, get_mask
+from prunekit.masks import WeightMask, apply_mask, get_mask, mask_param
 
-__all__ = ["is_initialized", "register_masks", "resolve", "sync_masks"]
+__all__ = [
+    "broadcast_bytes",
+    "check_shares",
+    "data_parallel",
+    "is_initialized",
+    "is_writer",
+    "register_masks",
+    "resolve",
+    "sync_masks",
+]
 
 _INIT_FIX = "Fix: call torch.distributed.init_process_group first (torchrun sets its environment)"
 
@@ -81,11 +90,7 @@ def register_masks(modules: Iterable[nn.Module]) -> None:
 def _masks(model: nn.Module) -> dict[str, WeightMask]:
     """Every mask parametrization of ``model``, by the name of the module it masks."""
     return {
-        name: p
-        for name, module in model.named_modules()
-        if parametrize.is_parametrized(module, "weight")
-        for p in module.parametrizations.weight
-        if isinstance(p, WeightMask)
+        name: p for name, module in model.named_modules() if (p := mask_param(module)) is not None
     }
 
 
@@ -150,3 +155,80 @@ def sync_masks(model: nn.Module, src: int = 0) -> int:
     for (name, _), chunk in zip(wanted, flat.split([s for _, s in wanted]), strict=True):
         masks[name].packed.copy_(chunk.view_as(masks[name].packed))
     return len(wanted)
+
+
+def is_writer(sync: bool) -> bool:
+    """Whether this process writes files and shows progress: always when not ``sync``,
+    else rank 0 only."""
+    return not sync or dist.get_rank() == 0
+
+
+def broadcast_bytes(chunks: Sequence[bytes] | None, count: int, src: int = 0) -> list[bytes]:
+    """``src``'s ``count`` byte strings on every rank (the others pass None): the lengths,
+    then the bytes, in two ``dist.broadcast`` calls. A collective, like :func:`sync_masks`."""
+    device = _comm_device()
+    mine = dist.get_rank() == src
+    if mine and (chunks is None or len(chunks) != count):
+        raise DistributedError(f"rank {src} must give {count} byte strings; Fix: pass them.")
+    sizes = torch.tensor([len(c) for c in chunks] if mine else [0] * count, device=device)
+    dist.broadcast(sizes, src=src)
+    joined = b"".join(chunks) if mine else b""
+    flat = (
+        torch.frombuffer(bytearray(joined), dtype=torch.uint8).to(device)
+        if mine and joined
+        else torch.empty(int(sizes.sum()), dtype=torch.uint8, device=device)
+    )
+    dist.broadcast(flat, src=src)
+    return [c.cpu().numpy().tobytes() for c in flat.split(sizes.tolist())]
+
+
+def check_shares(n: int, batch_size: int) -> None:
+    """Raise :class:`~prunekit.errors.DistributedError` unless every batch of ``batch_size``
+    drawn from ``n`` examples (the short last one included) gives every rank an example."""
+    world = dist.get_world_size()
+    last = n % batch_size or batch_size
+    if min(batch_size, last) < world:
+        raise DistributedError(
+            f"batches of {batch_size} from {n} examples end with one of {last}, fewer than the "
+            f"{world} ranks, so a rank would get no example; Fix: a batch_size >= {world} whose "
+            f"remainder n % batch_size is 0 or >= {world}."
+        )
+
+
+class _Share(nn.Module):
+    """``model`` in DDP, fed this rank's contiguous share of every global batch."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.ddp = DistributedDataParallel(model)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+
+    def share(self, batch: Tensor) -> Tensor:
+        return batch.tensor_split(self.world)[self.rank]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.ddp(self.share(x))
+
+
+def data_parallel(
+    model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor]
+) -> tuple[nn.Module, Callable[[Tensor, Tensor], Tensor]]:
+    """``model`` wrapped in DDP to train on global batches, each rank computing its share
+    (see :func:`check_shares`), and the matching loss.
+
+    Rank ``r`` of ``W`` takes ``n_r`` of a global batch of ``B`` examples and minimises
+    ``L_r = loss_fn(shard_r) * W * n_r / B``. DDP averages the gradients, so every rank
+    steps with ``(1/W) sum_r grad L_r = (1/B) sum_i grad l_i``, the gradient of the mean
+    loss over the global batch: the same update as one process (up to float rounding),
+    for any split of the batch and any ``loss_fn`` of the form ``mean + penalty``.
+    BatchNorm still normalises over each rank's share. Build it after the masks exist
+    (see the module docstring).
+    """
+    world = dist.get_world_size()
+    wrapper = _Share(model)
+
+    def loss(logits: Tensor, y: Tensor) -> Tensor:
+        mine = wrapper.share(y)
+        return loss_fn(logits, mine) * (world * len(mine) / len(y))
+
+    return wrapper, loss

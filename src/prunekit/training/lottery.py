@@ -17,7 +17,6 @@ ticket is "winning" when it beats that control.
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,13 +28,15 @@ from torch import Tensor, nn
 
 from prunekit.errors import PruningError
 from prunekit.layers import select_layers
-from prunekit.masks import apply_mask, get_mask, kept_fraction
-from prunekit.masks import load_state_dict as load_masked
+from prunekit.masks import apply_mask, get_mask
+from prunekit.pruner import kept_share
 from prunekit.pruning import prune
 from prunekit.tables import TableReport
-from prunekit.training import checkpoint
+from prunekit.training import checkpoint, loop
+from prunekit.training import distributed as dist_mod
+from prunekit.training.loop import train
 from prunekit.zoo.data import Dataset
-from prunekit.zoo.train import evaluate, train
+from prunekit.zoo.train import evaluate
 
 Rewind = Literal["init"] | int
 _ORIGINAL = ".parametrizations.weight.original"
@@ -97,6 +98,11 @@ class _Split:
     x_test: Tensor
     y_test: Tensor
 
+    @property
+    def fit(self) -> tuple[Tensor, Tensor]:
+        """The examples trained on."""
+        return self.x, self.y
+
 
 def _split(data: Dataset, val_fraction: float, seed: int) -> _Split:
     n = len(data.x_train)
@@ -138,23 +144,26 @@ class _Run:
 
 
 def _train(
-    model: nn.Module, split: _Split, capture: int, settings: dict[str, Any]
+    model: nn.Module, split: _Split, capture: int, settings: dict[str, Any], sync: bool
 ) -> tuple[_Run, dict[str, Tensor]]:
-    """Train, evaluating after every epoch; the run, and the weights after ``capture`` steps
-    (empty unless ``capture`` is one of the steps)."""
-    per_epoch = math.ceil(len(split.x) / settings["batch_size"])
+    """Train (data-parallel under ``sync``), evaluating after every epoch; the run, and the
+    weights after ``capture`` steps (empty unless ``capture`` is one of the steps)."""
     val: list[float] = []
     test: list[float] = []
     captured: dict[str, Tensor] = {}
 
+    def evaluate_both() -> None:
+        val.append(evaluate(model, split.x_val, split.y_val))
+        test.append(evaluate(model, split.x_test, split.y_test))
+
+    epoch_end = loop.each_epoch(split.fit, settings["batch_size"], evaluate_both)
+
     def after_step(step: int) -> None:
         if step == capture:
             captured.update(_plain(model.state_dict()))
-        if step % per_epoch == 0:
-            val.append(evaluate(model, split.x_val, split.y_val))
-            test.append(evaluate(model, split.x_test, split.y_test))
+        epoch_end(step)
 
-    train(model, (split.x, split.y), callback=after_step, **settings)
+    train(model, split.fit, callback=after_step, sync=sync, **settings)
     best = max(range(len(val)), key=val.__getitem__)
     return _Run(best + 1, test[best], test[-1]), captured
 
@@ -171,12 +180,6 @@ def _control(template: nn.Module, ticket: nn.Module, seed: int) -> nn.Module:
     for layer in select_layers(ticket):
         apply_mask(modules[layer.name], get_mask(layer.module))
     return fresh
-
-
-def _remaining(model: nn.Module, names: list[str]) -> float:
-    layers = [ly for ly in select_layers(model) if ly.name in names]
-    total = sum(ly.weight.numel() for ly in layers)
-    return sum(kept_fraction(ly.module) * ly.weight.numel() for ly in layers) / total
 
 
 def _check(
@@ -203,15 +206,6 @@ def _check(
     return k
 
 
-def _identity(model: nn.Module, data: Dataset, config: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "pipeline": "lottery",
-        "model": {k: list(v.shape) for k, v in model.state_dict().items()},
-        "data": [data.name, len(data.x_train), len(data.x_test)],
-        "config": config,
-    }
-
-
 def lottery(
     model: nn.Module | Callable[[], nn.Module],
     data: Dataset,
@@ -229,6 +223,7 @@ def lottery(
     seed: int = 0,
     checkpoint_dir: str | Path | None = None,
     progress: bool = False,
+    distributed: bool | None = None,
 ) -> LotteryReport:
     """Search a lottery ticket by iterative magnitude pruning (Frankle & Carbin 2019).
 
@@ -251,6 +246,13 @@ def lottery(
         checkpoint_dir: write an atomic checkpoint there after every round; started again
             with the same arguments, the run resumes from the last one and ends with
             exactly the masks and weights of an uninterrupted run.
+        distributed: under ``torch.distributed`` (every rank calling ``lottery`` alike,
+            e.g. launched with torchrun), train data-parallel: each rank takes its share
+            of every batch of ``batch_size`` through DDP, rank 0's masks are broadcast
+            after every prune, only rank 0 writes checkpoints and shows progress, and
+            every rank resumes from rank 0's checkpoint. ``None`` (default): when a process
+            group is initialised; ``True``: required
+            (:class:`~prunekit.errors.DistributedError` without one); ``False``: never.
 
     Returns:
         A :class:`LotteryReport` with weights remaining and accuracies per round.
@@ -260,6 +262,7 @@ def lottery(
             :class:`~prunekit.errors.CheckpointError` for a corrupted checkpoint or one of
             another model or run (nothing is modified).
     """
+    sync = dist_mod.resolve(distributed)
     if not isinstance(model, nn.Module):
         with torch.random.fork_rng():
             torch.manual_seed(seed)
@@ -274,48 +277,41 @@ def lottery(
         seed=seed,
         progress=progress,
     )
-    k = _check(
-        model, rounds, rate, output_rate, rewind, epochs * math.ceil(len(split.x) / batch_size)
-    )
+    per_epoch = loop.steps_per_epoch(split.fit, batch_size)
+    k = _check(model, rounds, rate, output_rate, rewind, epochs * per_epoch)
+    loop.check(split.fit, batch_size, sync)
     names = [ly.name for ly in select_layers(model)]
     rates = {**dict.fromkeys(names, rate), names[-1]: output_rate}
     config = dict(settings, rounds=rounds, rate=rate, output_rate=output_rate, rewind=k)
     config.update(val_fraction=val_fraction, control=control)
     del config["progress"]
-    identity = _identity(model, data, config)
+    identity = checkpoint.identity("lottery", model, data, config)
     template = copy.deepcopy(model)
 
-    saved = checkpoint.load(checkpoint_dir, identity) if checkpoint_dir is not None else None
+    saved = checkpoint.resume(checkpoint_dir, identity, model, sync=sync)
     if saved is None:
         start, history, theta = 0, [], _plain(model.state_dict())
     else:
-        tensors = saved.tensors
-        load_masked(model, {key[6:]: v for key, v in tensors.items() if key[:6] == "model."})
-        theta = {key[7:]: v for key, v in tensors.items() if key[:7] == "rewind."}
+        start, theta = saved.round + 1, saved.extra
         history = [RoundResult(**r) for r in saved.state["history"]]
-        start = saved.round + 1
-        saved.restore_rng()
 
     for r in range(start, rounds + 1):
         if r > 0:
             prune(model, allocation={n: 1 - (1 - p) ** r for n, p in rates.items()}, layers=names)
+            if sync:
+                dist_mod.sync_masks(model)
             _rewind(model, theta)
-        run, captured = _train(model, split, k if r == 0 else -1, settings)
+        run, captured = _train(model, split, k if r == 0 else -1, settings, sync)
         theta = captured or theta
         control_acc = None
         if control and r > 0:
             fresh = _control(template, model, seed + r)
-            control_acc = _train(fresh, split, -1, settings)[0].accuracy
+            control_acc = _train(fresh, split, -1, settings, sync)[0].accuracy
+        layers = [(ly.module, ly.weight.numel()) for ly in select_layers(model, names)]
         history.append(
-            RoundResult(
-                r, _remaining(model, names), run.best_epoch, run.accuracy, run.final, control_acc
-            )
+            RoundResult(r, kept_share(layers), run.best_epoch, run.accuracy, run.final, control_acc)
         )
         if checkpoint_dir is not None:
-            tensors = {
-                **{f"model.{key}": v for key, v in model.state_dict().items()},
-                **{f"rewind.{key}": v for key, v in theta.items()},
-            }
             state = {"rewind": k, "history": [vars(h) for h in history]}
-            checkpoint.save(checkpoint_dir, r, tensors, identity, state)
+            checkpoint.save_round(checkpoint_dir, r, model, identity, state, theta, sync=sync)
     return LotteryReport(rate, rewind, history, model)

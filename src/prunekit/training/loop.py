@@ -1,0 +1,56 @@
+"""The training loop the pipelines share: :func:`prunekit.zoo.train`, data-parallel under
+``torch.distributed``, with per-epoch callbacks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from prunekit.training import distributed
+from prunekit.zoo.train import Data, cross_entropy, train_xy
+from prunekit.zoo.train import train as zoo_train
+
+
+def steps_per_epoch(data: Data, batch_size: int) -> int:
+    """``ceil(n / batch_size)``: the optimizer steps of one epoch over ``data``'s ``n``
+    training examples (the last batch may be short), as :func:`prunekit.zoo.train` takes."""
+    return -(-len(train_xy(data)[0]) // batch_size)
+
+
+def each_epoch(data: Data, batch_size: int, fn: Callable[[], None]) -> Callable[[int], None]:
+    """A ``zoo.train`` step callback that runs ``fn`` after the last step of every epoch."""
+    steps = steps_per_epoch(data, batch_size)
+    return lambda step: fn() if step % steps == 0 else None
+
+
+def check(data: Data, batch_size: int, sync: bool) -> None:
+    """Under ``sync``, fail before anything is trained if a batch would leave a rank empty
+    (:func:`~prunekit.training.distributed.check_shares`)."""
+    if sync:
+        distributed.check_shares(len(train_xy(data)[0]), batch_size)
+
+
+def train(
+    model: nn.Module,
+    data: Data,
+    *,
+    sync: bool,
+    batch_size: int = 64,
+    progress: bool = True,
+    loss_fn: Callable[..., Any] | None = None,
+    **kwargs: Any,
+) -> list[float]:
+    """:func:`prunekit.zoo.train`; with ``sync``, data-parallel over the process group:
+    every rank draws the same global batches, trains on its share through DDP
+    (:func:`~prunekit.training.distributed.data_parallel`) and only rank 0 shows progress.
+    The weights then stay identical on every rank."""
+    loss_fn = loss_fn or cross_entropy
+    check(data, batch_size, sync)
+    if sync:
+        model, loss_fn = distributed.data_parallel(model, loss_fn)
+    progress = progress and distributed.is_writer(sync)
+    return zoo_train(
+        model, data, batch_size=batch_size, progress=progress, loss_fn=loss_fn, **kwargs
+    )
