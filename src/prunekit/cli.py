@@ -1,19 +1,28 @@
-"""The ``prunekit`` command line: ``demo``, ``prune``, ``profile``, ``shrink``, ``--version``.
+"""The ``prunekit`` command line: ``demo``, ``run``, ``prune``, ``profile``, ``shrink``,
+``export``, ``sensitivity``, ``sweep``, ``llm``, ``--version``; ``--help`` on each.
 
     prunekit demo [--quick] [--out DIR] [--seed N]
+    prunekit run recipe.yaml [--out runs] [--quick]       # a YAML recipe -> runs/<name>/
     prunekit prune --model lenet5 --dataset mnist5k --sparsity 0.5 --granularity filter \\
         --criterion taylor --scope local [--exclude fc3] [--epochs N] [--finetune-epochs N] \\
         [--out DIR] [--seed N]
+    prunekit prune --model mypkg.nets:build --checkpoint w.safetensors --sparsity 0.8
+    prunekit prune --model path/to/hf-dir --sparsity 0.5 --exclude lm_head
     prunekit profile --model resnet20
-    prunekit shrink --model resnet20 --ratio 0.5 [--criterion l2] [--scope local] \
+    prunekit shrink --model resnet20 --ratio 0.5 [--criterion l2] [--scope local] \\
         [--round-to 8] [--out DIR]
+    prunekit export --model lenet5 --checkpoint runs/model.safetensors --format csr --out out/
     prunekit sensitivity --model lenet300 --dataset digits [--epochs 3] [--target 0.8] [--out DIR]
-    prunekit sweep --model lenet300 --dataset digits --methods magnitude-global,l2-filter \
+    prunekit sweep --model lenet300 --dataset digits --methods magnitude-global,l2-filter \\
         --sparsities 0.5,0.8,0.9 --seeds 0,1 [--exclude fc3] [--out DIR]
     prunekit llm build-lm | prune | eval ...   (see ``prunekit llm --help``)
 
-A :class:`prunekit.PruningError` (bad sparsity, unknown name, ...) is printed as one red
-line and gives exit code 2.
+``--model`` (prune, profile, shrink, export) is a model spec (:mod:`prunekit.model_spec`):
+a zoo name, ``package.module:factory`` (``--model-kwargs`` JSON, ``--checkpoint``
+safetensors / weights-only torch file / save_shrunk directory) or a transformers
+directory. A :class:`prunekit.PruningError` (bad sparsity, unknown name, a model or
+checkpoint that does not load, a bad recipe, ...) is printed as one red line and gives exit
+code 2, with nothing written.
 """
 
 from __future__ import annotations
@@ -24,14 +33,26 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.text import Text
-from safetensors.torch import save_file
+from safetensors.torch import save_model
 from torch import nn
 
 import prunekit as pk
-from prunekit import cli_analysis, zoo
+from prunekit import cli_analysis, cli_export, cli_model, criteria, model_spec, recipes, zoo
+from prunekit.criteria.base import Batches
 from prunekit.demo import run_demo, wide_console
-from prunekit.errors import PruningError
+from prunekit.errors import MissingDataError, PruningError
 from prunekit.llm import cli as llm_cli
+from prunekit.model_spec import LoadedSpec
+from prunekit.pruning import PruneReport
+
+PRUNE_HELP = """Prune a model and save it with the masks baked in.
+
+--model is a zoo name, package.module:factory or a transformers directory (see
+--model-kwargs, --checkpoint). --dataset is needed only to train (--epochs: default 3 for
+an untrained zoo model, else 0; --finetune-epochs: default 1 with a dataset) and for
+data-driven criteria (gradient, taylor, wanda, snip, grasp); magnitude, l1, l2 and random
+prune without data. Writes <out>/model.safetensors (load it with --checkpoint), or a
+save_pretrained directory for a transformers model."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,30 +65,47 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("runs"), help="demo.md/demo.csv go here")
     demo.add_argument("--seed", type=int, default=0)
 
-    prune = commands.add_parser("prune", help="train a zoo model, prune, fine-tune, save")
-    prune.add_argument("--model", required=True, help=f"one of {', '.join(zoo.MODELS)}")
-    prune.add_argument("--dataset", required=True, help="digits, mnist5k or mnist1d")
+    prune = commands.add_parser(
+        "prune",
+        help="prune a model (zoo, factory or transformers dir), fine-tune, save",
+        description=PRUNE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    cli_model.add_model_arguments(prune)
+    prune.add_argument("--dataset", help="digits, mnist5k or mnist1d (training, data criteria)")
     prune.add_argument("--sparsity", type=float, help="fraction in [0, 1); omit for N:M")
     prune.add_argument("--granularity", default="element")
     prune.add_argument("--criterion", default="magnitude")
     prune.add_argument("--scope", default="local", help="local or global")
     prune.add_argument("--exclude", nargs="+", help="layer names or globs to keep dense (fc3)")
-    prune.add_argument("--epochs", type=int, default=3, help="dense training epochs")
-    prune.add_argument("--finetune-epochs", type=int, default=1)
-    prune.add_argument("--out", type=Path, default=Path("runs"), help="model.safetensors dir")
+    prune.add_argument(
+        "--epochs", type=int, help="dense training epochs (default 3 for an untrained zoo model)"
+    )
+    prune.add_argument("--finetune-epochs", type=int, help="default 1 with --dataset")
+    prune.add_argument("--out", type=Path, default=Path("runs"), help="the pruned model goes here")
     prune.add_argument("--seed", type=int, default=0)
 
-    profile = commands.add_parser("profile", help="profile an untrained zoo model")
-    profile.add_argument("--model", required=True, help=f"one of {', '.join(zoo.MODELS)}")
+    profile = commands.add_parser("profile", help="params, bytes, MACs and latency of a model")
+    cli_model.add_model_arguments(profile)
 
-    shrink = commands.add_parser("shrink", help="physically remove channels / heads of a zoo model")
-    shrink.add_argument("--model", required=True, help=f"one of {', '.join(zoo.MODELS)}")
+    shrink = commands.add_parser("shrink", help="physically remove channels / heads of a model")
+    cli_model.add_model_arguments(shrink)
     shrink.add_argument("--ratio", type=float, default=0.5, help="fraction of groups removed")
     shrink.add_argument("--criterion", default="l2", help=", ".join(pk.structured.CRITERIA))
     shrink.add_argument("--scope", default="local", help="local or global")
     shrink.add_argument("--round-to", type=int, default=1, help="keep multiples of this")
     shrink.add_argument("--out", type=Path, help="save_shrunk directory (safetensors + json)")
 
+    cli_export.add_parser(commands)
+    run = commands.add_parser(
+        "run",
+        help="run a YAML recipe and write runs/<name>/report.html",
+        description=recipes.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("recipe", type=Path, help="the recipe YAML file")
+    run.add_argument("--out", type=Path, default=Path("runs"), help="reports go here")
+    run.add_argument("--quick", action="store_true", help="few epochs, little data (CI)")
     cli_analysis.add_parsers(commands)
     llm_cli.add_parser(commands)
     return parser
@@ -77,7 +115,7 @@ def _demo(args: argparse.Namespace, console: Console) -> None:
     run_demo(quick=args.quick, out_dir=args.out, seed=args.seed, console=console)
 
 
-def _prune_model(model: nn.Module, args: argparse.Namespace, data: zoo.Dataset) -> pk.PruneReport:
+def _prune_model(model: nn.Module, args: argparse.Namespace, data: Batches | None) -> PruneReport:
     return pk.prune(
         model,
         args.sparsity,
@@ -85,44 +123,78 @@ def _prune_model(model: nn.Module, args: argparse.Namespace, data: zoo.Dataset) 
         criterion=args.criterion,
         scope=args.scope,
         exclude=args.exclude,
-        data=zoo.calibration_batches(data, seed=args.seed),
+        data=data,
         seed=args.seed,
     )
 
 
-def _accuracy(model: nn.Module, data: zoo.Dataset) -> float:
-    return zoo.evaluate(model, data.x_test, data.y_test)
+def _epochs(args: argparse.Namespace, loaded: LoadedSpec, data: zoo.Dataset | None) -> tuple:
+    """(dense, fine-tune) epochs: 3 and 1 for an untrained zoo model, else 0 and 1; both
+    need ``--dataset``."""
+    untrained = loaded.kind == "zoo" and loaded.checkpoint is None
+    dense = args.epochs if args.epochs is not None else (3 if untrained and data else 0)
+    finetune = args.finetune_epochs if args.finetune_epochs is not None else int(data is not None)
+    if data is None and (dense or finetune):
+        raise MissingDataError(
+            f"--epochs {dense} / --finetune-epochs {finetune} train the model, which needs data; "
+            "Fix: pass --dataset, or drop the epochs."
+        )
+    if data is None and criteria.get(args.criterion).requires_data:
+        raise MissingDataError(
+            f"criterion {args.criterion!r} scores weights on data; Fix: pass --dataset, or use "
+            "a data-free criterion (magnitude, l1, l2, random)."
+        )
+    return dense, finetune
 
 
 def _prune(args: argparse.Namespace, console: Console) -> None:
-    """Train, prune, fine-tune, report and save. Every option is first tried on an untrained
-    copy, so a bad one fails before any training."""
-    data = zoo.load_dataset(args.dataset)
-    model = zoo.build_model(args.model)
-    cli_analysis.check_fits(model, args.model, data)
-    _prune_model(copy.deepcopy(model), args, data)
-    zoo.train(model, data, epochs=args.epochs, seed=args.seed)
-    dense = _accuracy(model, data)
-    console.print(_prune_model(model, args, data))
-    pruned = _accuracy(model, data)
-    zoo.train(model, data, epochs=args.finetune_epochs, lr=1e-4, seed=args.seed + 1)
-    finetuned = _accuracy(model, data)
-    console.print(f"accuracy: dense {dense:.1%}, pruned {pruned:.1%}, fine-tuned {finetuned:.1%}")
-    console.print(pk.analysis.profile(pk.bake(model), data.x_test[:1]))
+    """Train, prune, fine-tune, report and save. Every option is first tried on a copy, so
+    a bad one fails before any training and nothing is written."""
+    data = zoo.load_dataset(args.dataset) if args.dataset else None
+    loaded = cli_model.load(args)
+    model = loaded.model
+    dense_epochs, finetune_epochs = _epochs(args, loaded, data)
+    calibration = zoo.calibration_batches(data, seed=args.seed) if data else None
+    if data is not None:
+        model_spec.check_fits(model, args.model, data)
+    _prune_model(copy.deepcopy(model), args, calibration)
+    example = cli_model.example(loaded, args, data)
+    accuracy: dict[str, float] = {}
+
+    def measure(stage: str) -> None:
+        if data is not None:
+            accuracy[stage] = zoo.evaluate(model, data.x_test, data.y_test)
+
+    if dense_epochs:
+        zoo.train(model, data, epochs=dense_epochs, seed=args.seed)
+    measure("dense")
+    console.print(_prune_model(model, args, calibration))
+    measure("pruned")
+    if finetune_epochs:
+        zoo.train(model, data, epochs=finetune_epochs, lr=1e-4, seed=args.seed + 1)
+    measure("fine-tuned")
+    if accuracy:
+        console.print("accuracy: " + ", ".join(f"{k} {v:.1%}" for k, v in accuracy.items()))
+    console.print(pk.analysis.profile(pk.bake(model), example))
     args.out.mkdir(parents=True, exist_ok=True)
+    if loaded.kind == "transformers":
+        model.save_pretrained(args.out)
+        console.print(f"saved the baked model to {args.out} (a transformers directory)")
+        return
     path = args.out / "model.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    console.print(f"saved the baked weights to {path}")
+    save_model(model, str(path))
+    console.print(f"saved the baked weights to {path} (prunekit export --checkpoint {path})")
 
 
 def _profile(args: argparse.Namespace, console: Console) -> None:
-    model = zoo.build_model(args.model)
-    console.print(pk.analysis.profile(model, zoo.example_input(args.model)))
+    loaded = cli_model.load(args)
+    console.print(pk.analysis.profile(loaded.model, cli_model.example(loaded, args)))
 
 
 def _shrink(args: argparse.Namespace, console: Console) -> None:
-    model = zoo.build_model(args.model).eval()
-    x = zoo.example_input(args.model)
+    loaded = cli_model.load(args)
+    model = loaded.model.eval()
+    x = cli_model.example(loaded, args)
     before = pk.analysis.measure_latency(model, x)
     report = pk.shrink(
         model, x, args.ratio, criterion=args.criterion, scope=args.scope, round_to=args.round_to
@@ -138,11 +210,18 @@ def _shrink(args: argparse.Namespace, console: Console) -> None:
         console.print(f"saved to {args.out} (load with prunekit.load_shrunk)")
 
 
+def _run(args: argparse.Namespace, console: Console) -> None:
+    folder = recipes.run_file(args.recipe, out_dir=args.out, quick=args.quick, console=console)
+    console.print(f"report: {folder / 'report.html'}")
+
+
 COMMANDS = {
     "demo": _demo,
     "prune": _prune,
     "profile": _profile,
     "shrink": _shrink,
+    "export": cli_export.run,
+    "run": _run,
     "llm": llm_cli.run,
     **cli_analysis.HANDLERS,
 }

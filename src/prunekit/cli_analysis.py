@@ -22,7 +22,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from prunekit import zoo
+from prunekit import model_spec, zoo
 from prunekit.analysis import plots
 from prunekit.analysis.report import Section, write_report
 from prunekit.analysis.sensitivity import Evaluate, sensitivity
@@ -87,24 +87,11 @@ def _data(args: argparse.Namespace) -> zoo.Dataset:
     return zoo.load_dataset(args.dataset, flat=args.model == "lenet300")
 
 
-def check_fits(model: nn.Module, name: str, data: zoo.Dataset) -> None:
-    """Raise a :class:`PruningError` unless ``model`` accepts ``data``'s inputs."""
-    try:
-        with torch.no_grad():
-            model.eval()(data.x_train[:2])
-    except RuntimeError as err:
-        raise PruningError(
-            f"model {name!r} does not accept {data.name} inputs of shape "
-            f"{tuple(data.input_shape)}: {str(err).splitlines()[0]}; "
-            "Fix: pick a model built for that input shape."
-        ) from err
-
-
 def _build(args: argparse.Namespace, data: zoo.Dataset) -> nn.Module:
     """The zoo model sized for the dataset (LeNet-300-100 takes its flat input size)."""
     extra = {"in_features": math.prod(data.input_shape)} if args.model == "lenet300" else {}
     model = zoo.build_model(args.model, **extra)
-    check_fits(model, args.model, data)
+    model_spec.check_fits(model, args.model, data)
     return model
 
 

@@ -90,3 +90,19 @@ class SweepError(PruningError):
 class DistributedError(PruningError):
     """Distributed pruning asked for without an initialised process group, or ranks whose
     models disagree on which layers carry masks."""
+
+
+class ModelSpecError(PruningError):
+    """A model spec (zoo name, ``package.module:factory``, transformers directory) that
+    cannot be loaded: a factory that does not import, is not callable or returns no
+    ``nn.Module``, or bad factory keyword arguments."""
+
+
+class RecipeError(PruningError):
+    """A YAML recipe that does not parse or validate; the message names ``file:line``, the
+    key, the bad value and the fix."""
+
+
+class ExportError(PruningError):
+    """An export that cannot be written: an optional extra (ONNX) not installed, an unknown
+    format, or a model the format cannot trace."""

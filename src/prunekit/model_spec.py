@@ -1,0 +1,332 @@
+"""Load a model from a spec, the one way every command and recipe names a model.
+
+A spec is one of
+
+- a zoo name (``lenet5``, ``resnet20``, ... see :data:`prunekit.zoo.MODELS`), built with
+  ``kwargs``;
+- ``package.module:factory``: ``importlib.import_module("package.module").factory(**kwargs)``
+  must return an ``nn.Module``;
+- a transformers model directory (``config.json`` and weights): the class named first in
+  ``config.architectures`` (``AutoModel`` when it names none transformers has), loaded with
+  ``from_pretrained(directory, local_files_only=True)``.
+
+An optional checkpoint then loads weights into the zoo / factory model: a safetensors file,
+a torch file read with ``torch.load(weights_only=True)`` (never unpickling objects), or a
+:func:`prunekit.save_shrunk` directory. Masked state dicts (``pk.prune`` without ``bake``)
+load with their masks. Every failure raises a :class:`~prunekit.errors.PruningError`
+subclass before anything is written.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from prunekit import masks, zoo
+from prunekit.errors import CheckpointError, MissingModelError, ModelSpecError
+from prunekit.inputs import Inputs
+from prunekit.structured.io import LAYOUT, load_shrunk
+
+KINDS = ("zoo", "factory", "transformers")
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+@dataclass
+class LoadedSpec:
+    """A loaded model, how it was named (``kind`` is one of :data:`KINDS`) and its settings."""
+
+    model: nn.Module
+    spec: str
+    kind: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    checkpoint: Path | None = None
+
+    @property
+    def name(self) -> str:
+        """A short name for folders and titles: the zoo name, factory or directory name."""
+        if self.kind == "transformers":
+            return Path(self.spec).resolve().name
+        return self.spec.rsplit(":", 1)[-1]
+
+
+def describe() -> str:
+    """One line on the spec forms, for ``--help`` texts and error messages."""
+    return (
+        f"a zoo name ({', '.join(zoo.MODELS)}), package.module:factory, or a transformers "
+        "model directory (config.json + weights)"
+    )
+
+
+def _factory(spec: str, kwargs: Mapping[str, Any]) -> nn.Module:
+    module_name, _, attr = spec.rpartition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ModelSpecError(
+            f"model {spec!r}: module {module_name!r} does not import ({err}); Fix: install it "
+            "or put its folder on PYTHONPATH."
+        ) from err
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ModelSpecError(
+            f"model {spec!r}: {module_name} has no callable {attr!r}; Fix: name a function or "
+            "class that builds the model."
+        )
+    try:
+        model = factory(**kwargs)
+    except TypeError as err:
+        raise ModelSpecError(
+            f"model {spec!r}: calling {attr}(**{dict(kwargs)!r}) failed ({err}); Fix: pass the "
+            "keyword arguments it takes."
+        ) from err
+    if not isinstance(model, nn.Module):
+        raise ModelSpecError(
+            f"model {spec!r}: {attr}() returned a {type(model).__name__}, not an nn.Module; "
+            "Fix: return the model itself."
+        )
+    return model
+
+
+def _transformers(path: Path, kwargs: Mapping[str, Any]) -> nn.Module:
+    import transformers
+
+    if not (path / "config.json").is_file():
+        raise MissingModelError(
+            f"model directory {str(path)!r} has no config.json; Fix: pass a save_pretrained "
+            "directory or " + describe() + "."
+        )
+    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    names = [a for a in config.architectures or [] if hasattr(transformers, a)]
+    cls = getattr(transformers, names[0]) if names else transformers.AutoModel
+    try:
+        return cls.from_pretrained(path, local_files_only=True, **kwargs).eval()
+    except (OSError, ValueError, TypeError) as err:
+        raise ModelSpecError(
+            f"model directory {str(path)!r}: {cls.__name__}.from_pretrained failed: "
+            f"{str(err).splitlines()[0]}; Fix: save the model there with save_pretrained."
+        ) from err
+
+
+def _build(spec: str, kwargs: Mapping[str, Any]) -> tuple[nn.Module, str]:
+    if spec in zoo.MODELS:
+        try:
+            return zoo.build_model(spec, **kwargs), "zoo"
+        except TypeError as err:
+            raise ModelSpecError(
+                f"model {spec!r}: kwargs {dict(kwargs)!r} do not fit ({err}); Fix: pass the "
+                f"keyword arguments of {zoo.MODELS[spec].__name__}."
+            ) from err
+    path = Path(spec)
+    if path.is_dir():
+        return _transformers(path, kwargs), "transformers"
+    if ":" in spec and not path.exists():
+        return _factory(spec, kwargs), "factory"
+    if path.exists():
+        raise ModelSpecError(f"model {spec!r} is a file, not a model; Fix: pass {describe()}.")
+    raise MissingModelError(f"model {spec!r} does not exist; Fix: pass {describe()}.")
+
+
+def _read(path: Path) -> dict[str, Tensor]:
+    """The tensors of a safetensors or torch checkpoint file, never unpickling objects."""
+    try:
+        if path.suffix in TORCH_SUFFIXES:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            state = load_file(str(path))
+    except (SafetensorError, RuntimeError, OSError, EOFError) as err:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} does not read as safetensors or a weights-only torch "
+            f"file ({str(err).splitlines()[0]}); Fix: save it with safetensors.torch.save_file "
+            "or torch.save(model.state_dict())."
+        ) from err
+    if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
+        state = state["state_dict"]
+    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is not a state dict of tensors; Fix: save "
+            "model.state_dict()."
+        )
+    return dict(state)
+
+
+def _storage(t: Tensor) -> tuple[int, int]:
+    """Where ``t``'s data lives; tensors with no elements never alias one another."""
+    return (t.data_ptr(), 0) if t.numel() else (id(t), 1)
+
+
+def _mismatch(model: nn.Module, state: Mapping[str, Tensor]) -> list[str]:
+    """What keeps ``state`` from loading strictly into ``model`` (tied weights stored once
+    count as present)."""
+    expected = model.state_dict()
+    aliases: dict[int, set[str]] = {}
+    for name, t in expected.items():
+        aliases.setdefault(_storage(t), set()).add(name)
+    present = set(state)
+    missing = [k for k in expected if not aliases[_storage(expected[k])] & present]
+    problems = [f"missing keys {missing[:4]}"] if missing else []
+    unexpected = [k for k in state if k not in expected]
+    if unexpected:
+        problems.append(f"unexpected keys {unexpected[:4]}")
+    for k, t in state.items():
+        if k in expected and tuple(t.shape) != tuple(expected[k].shape):
+            problems.append(f"{k}: checkpoint {tuple(t.shape)} vs model {tuple(expected[k].shape)}")
+    return problems
+
+
+def load_checkpoint(model: nn.Module, checkpoint: str | Path, spec: str = "model") -> nn.Module:
+    """Load ``checkpoint`` (see the module docstring) into ``model`` in place; return it.
+
+    Raises:
+        MissingModelError: the path does not exist.
+        CheckpointError: unreadable, or keys / shapes that do not match ``model``.
+    """
+    path = Path(checkpoint)
+    if not path.exists():
+        raise MissingModelError(
+            f"checkpoint {str(path)!r} does not exist; Fix: pass a safetensors / torch file "
+            "or a save_shrunk directory."
+        )
+    if path.is_dir():
+        if not (path / LAYOUT).is_file():
+            raise CheckpointError(
+                f"checkpoint directory {str(path)!r} has no {LAYOUT}; Fix: pass a directory "
+                "written by prunekit.save_shrunk, or the weights file itself."
+            )
+        return load_shrunk(model, path)
+    state = _read(path)
+    fix = (
+        f"Fix: pass the checkpoint saved from {spec!r} (and the --model-kwargs it was built with)."
+    )
+    if any(k.endswith(masks._MASK_KEY) for k in state):
+        try:
+            masks.load_state_dict(model, state)
+        except RuntimeError as err:
+            problems = _mismatch(model, state) or [str(err).splitlines()[0]]
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} does not match {spec!r}: {'; '.join(problems)}; {fix}"
+            ) from err
+        return model
+    problems = _mismatch(model, state)
+    if problems:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} does not match {spec!r}: {'; '.join(problems)}; {fix}"
+        )
+    full = dict(state)
+    expected = model.state_dict()
+    for k, t in expected.items():  # a tied weight stored once fills its aliases
+        if k not in full:
+            full[k] = next(state[a] for a in state if _storage(expected[a]) == _storage(t))
+    model.load_state_dict(full)
+    return model
+
+
+def load_model(
+    spec: str,
+    *,
+    kwargs: Mapping[str, Any] | None = None,
+    checkpoint: str | Path | None = None,
+) -> LoadedSpec:
+    """Build the model named by ``spec`` and load ``checkpoint`` into it (module docstring).
+
+    Raises:
+        MissingModelError: a path that does not exist.
+        ModelSpecError: a factory that does not import, is not callable, rejects ``kwargs``
+            or returns no ``nn.Module``; an unknown name.
+        CheckpointError: a checkpoint that does not read or does not match the model.
+    """
+    kwargs = dict(kwargs or {})
+    model, kind = _build(spec, kwargs)
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint, spec)
+    return LoadedSpec(model, spec, kind, kwargs, Path(checkpoint) if checkpoint else None)
+
+
+def check_fits(model: nn.Module, name: str, data: zoo.Dataset) -> None:
+    """Raise a :class:`ModelSpecError` unless ``model`` accepts ``data``'s inputs."""
+    try:
+        with torch.no_grad():
+            model.eval()(data.x_train[:2])
+    except RuntimeError as err:
+        raise ModelSpecError(
+            f"model {name!r} does not accept {data.name} inputs of shape "
+            f"{tuple(data.input_shape)}: {str(err).splitlines()[0]}; "
+            "Fix: pick a model built for that input shape (or pass its --model-kwargs)."
+        ) from err
+
+
+def parse_kwargs(text: str | None) -> dict[str, Any]:
+    """``--model-kwargs`` as a dict: a JSON object such as ``'{"in_features": 64}'``."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ModelSpecError(
+            f"--model-kwargs {text!r} is not JSON ({err}); Fix: e.g. "
+            "--model-kwargs '{\"in_features\": 64}'."
+        ) from err
+    if not isinstance(value, dict):
+        raise ModelSpecError(
+            f"--model-kwargs {text!r} is not a JSON object; Fix: e.g. "
+            "--model-kwargs '{\"in_features\": 64}'."
+        )
+    return value
+
+
+def example_inputs(
+    loaded: LoadedSpec,
+    *,
+    data: zoo.Dataset | None = None,
+    input_shape: tuple[int, ...] | None = None,
+) -> Inputs:
+    """One input the model accepts: a row of ``data``, a seeded ``randn(input_shape)``, the
+    zoo's example input, or for transformers a token / pixel batch sized by the config.
+
+    Raises:
+        ModelSpecError: a factory model given neither ``data`` nor ``input_shape``.
+    """
+    gen = torch.Generator().manual_seed(0)
+    if input_shape is not None:
+        return torch.randn(*input_shape, generator=gen)
+    if data is not None:
+        return data.x_test[:1]
+    if loaded.kind == "zoo":
+        return zoo.example_input(loaded.spec)
+    if loaded.kind == "transformers":
+        config = loaded.model.config
+        if getattr(loaded.model, "main_input_name", "input_ids") == "pixel_values":
+            size = getattr(config, "image_size", 32)
+            size = size if isinstance(size, int) else size[0]
+            channels = getattr(config, "num_channels", 3)
+            return {"pixel_values": torch.randn(1, channels, size, size, generator=gen)}
+        vocab = getattr(config, "vocab_size", 100)
+        return {"input_ids": torch.randint(0, vocab, (1, 16), generator=gen)}
+    raise ModelSpecError(
+        f"model {loaded.spec!r} needs an example input; Fix: pass --dataset or "
+        "--input-shape 1,1,28,28."
+    )
+
+
+def parse_shape(text: str | None) -> tuple[int, ...] | None:
+    """``--input-shape 1,1,28,28`` as a tuple of positive ints."""
+    if not text:
+        return None
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        shape = ()
+    if not shape or math.prod(shape) <= 0 or min(shape) <= 0:
+        raise ModelSpecError(
+            f"--input-shape {text!r} is not a list of positive ints; Fix: e.g. 1,1,28,28."
+        )
+    return shape

@@ -1,0 +1,100 @@
+"""Run a checked ``kind: llm`` recipe: :func:`prunekit.llm.prune` (Wanda, SparseGPT,
+magnitude; uniform or OWL) on a causal LM, with held-out perplexity before and after.
+
+``model: char-llama`` is the character-level Llama of :mod:`prunekit.zoo.lm` (cached by
+``prunekit llm build-lm``); with ``--quick`` a tiny one (2 layers, 64 wide, 30 steps) is
+trained on the spot instead, so CI needs no cache. Any ``save_pretrained``
+directory with a tokenizer works too (see :mod:`prunekit.llm.models`).
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+from rich.console import Console
+
+import prunekit as pk
+from prunekit.analysis.report import Section
+from prunekit.errors import PruningError
+from prunekit.llm import models
+from prunekit.llm.evaluate import perplexity
+from prunekit.recipes.validate import Recipe
+from prunekit.zoo import lm
+
+QUICK_SAMPLES, QUICK_SEQ, QUICK_EVAL_TOKENS = 8, 64, 8192
+
+
+def load(recipe: Recipe, quick: bool) -> models.LoadedModel:
+    """The recipe's model; ``char-llama`` under ``--quick`` is a tiny one trained now."""
+    spec = recipe["model"]["spec"]
+    try:
+        if quick and spec == "char-llama":
+            with tempfile.TemporaryDirectory() as tmp:
+                path = lm.build_lm(
+                    Path(tmp),
+                    steps=30,
+                    batch_size=4,
+                    seq_len=QUICK_SEQ,
+                    hidden=64,
+                    layers=2,
+                    seed=recipe["seed"],
+                )
+                loaded = models.load(str(path))
+        else:
+            loaded = models.load(spec)
+    except PruningError as err:
+        raise recipe.fail(("model",), spec, f"does not load: {err}", "fix the model.") from err
+    if not loaded.causal:
+        raise recipe.fail(
+            ("model",),
+            spec,
+            "is not a causal LM (perplexity needs one)",
+            "use char-llama or a ...ForCausalLM directory.",
+        )
+    return loaded
+
+
+def run(recipe: Recipe, quick: bool, console: Console, folder: Path) -> list[Section]:
+    """Prune, evaluate, optionally save; return the report's sections."""
+    s = recipe["llm"]
+    loaded = load(recipe, quick)
+    samples = min(s["samples"], QUICK_SAMPLES) if quick else s["samples"]
+    max_len = getattr(loaded.model.config, "max_position_embeddings", s["seq_len"])
+    seq_len = min(s["seq_len"], QUICK_SEQ if quick else s["seq_len"], max_len)
+    calibration = lm.calibration_ids(loaded.encode, samples, seq_len, recipe["seed"])
+    held_out = lm.held_out_ids(loaded.encode)
+    held_out = held_out[:QUICK_EVAL_TOKENS] if quick else held_out
+    dense = perplexity(loaded.model, held_out, seq_len=seq_len)
+    trial = copy.deepcopy(loaded.model)
+    options = dict(method=s["method"], sparsity=s["sparsity"], allocation=s["allocation"])
+    try:  # checked on a copy with one sample first, so a bad setting fails fast
+        pk.llm.prune(trial, calibration[:1], progress=False, **options)
+    except PruningError as err:
+        raise recipe.fail(("llm",), s["method"], f"fails on the model: {err}", "fix llm:.") from err
+    report = pk.llm.prune(loaded.model, calibration, **options)
+    console.print(report)
+    pruned = perplexity(loaded.model, held_out, seq_len=seq_len)
+    sections = [
+        Section(
+            "Perplexity",
+            f"{models.calibration_protocol(samples, seq_len, recipe['seed'])}; perplexity on "
+            f"{len(held_out):,} held-out tokens in windows of {seq_len}.",
+            [
+                {"model": "dense", "perplexity": dense},
+                {"model": report.summary(), "perplexity": pruned},
+            ],
+        ),
+        Section(
+            "Layers",
+            "Per-layer sparsity and relative output error.",
+            [asdict(layer) for layer in report.layers],
+        ),
+    ]
+    if recipe["export"]["formats"]:
+        pk.bake(loaded.model)
+        loaded.save(folder / "model")
+        sections.append(Section("Export", f"save_pretrained directory {folder / 'model'}."))
+    return sections

@@ -1,0 +1,361 @@
+"""Run a checked ``kind: prune`` recipe: build, dry-run, train / prune by its timing,
+materialise, profile and export, returning the report's sections.
+
+Timing and method (``timing.when`` / ``timing.method``) pick the pipeline:
+
+==========  ===========  ==================================================================
+after       finetune     train ``train.epochs`` dense, then prune on ``schedule`` while
+                         fine-tuning ``finetune.epochs`` (one-shot: prune, then fine-tune)
+during      gradual      :class:`prunekit.Pruner` on ``schedule`` while training from scratch
+                         (Zhu & Gupta 2017 with ``cubic``)
+during      soft-filter  :func:`prunekit.training.soft_filter_pruning` (He et al. 2018)
+during      slimming     :func:`prunekit.training.network_slimming` (Liu et al. 2017)
+before      at-init      prune at initialisation (SNIP, GraSP, SynFlow, ...; ``iterative``
+                         SynFlow in ``schedule.rounds`` rounds), then train
+before      lottery      :func:`prunekit.training.lottery` (Frankle & Carbin 2019), rounds
+                         ``schedule.rounds`` (1 for one-shot) removing ``1 - (1 - s)^(1/rounds)``
+                         each, so the ticket ends near ``prune.sparsity``
+==========  ===========  ==================================================================
+
+Schedules are written in fractions of their training phase (``start: 0.0, end: 0.8``) and
+turned into optimizer steps here, so ``--quick`` (fewer epochs, less data) keeps them valid.
+Before any training, the whole pruning and materialisation run once on a copy of the
+untrained model, so every model-specific error (a layer the granularity cannot split, a
+model without BatchNorm to slim, ...) is raised first, at the recipe line it comes from.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from rich.console import Console
+from torch import nn
+
+import prunekit as pk
+from prunekit import model_spec, training, zoo
+from prunekit.analysis import plots
+from prunekit.analysis.report import Section
+from prunekit.errors import PruningError
+from prunekit.export import export
+from prunekit.inputs import Inputs
+from prunekit.recipes.validate import Recipe
+from prunekit.schedules import Cubic, Iterative, OneShot, Schedule
+
+QUICK_TRAIN, QUICK_TEST = 512, 256
+
+
+@dataclass
+class Run:
+    """Everything one recipe run works with, and the accuracy after each stage."""
+
+    recipe: Recipe
+    model: nn.Module
+    data: zoo.Dataset | None
+    example: Inputs
+    calibration: list | None
+    quick: bool
+    console: Console
+    stages: dict[str, float] = field(default_factory=dict)
+    sections: list[Section] = field(default_factory=list)
+
+    def epochs(self, section: str) -> int:
+        epochs = self.recipe[section]["epochs"]
+        return min(epochs, 1) if self.quick else epochs
+
+    def measure(self, stage: str) -> None:
+        if self.data is not None:
+            self.stages[stage] = zoo.evaluate(self.model, self.data.x_test, self.data.y_test)
+
+
+def _data(recipe: Recipe, quick: bool) -> zoo.Dataset | None:
+    d = recipe["data"]
+    if d["dataset"] is None:
+        return None
+    data = zoo.load_dataset(d["dataset"], flat=d["flat"])
+    if not quick:
+        return data
+    return dataclasses.replace(
+        data,
+        x_train=data.x_train[:QUICK_TRAIN],
+        y_train=data.y_train[:QUICK_TRAIN],
+        x_test=data.x_test[:QUICK_TEST],
+        y_test=data.y_test[:QUICK_TEST],
+    )
+
+
+def prepare(recipe: Recipe, quick: bool, console: Console) -> Run:
+    """Load the data and the model; model errors point at the ``model`` lines."""
+    m = recipe["model"]
+    data = _data(recipe, quick)
+    try:
+        loaded = model_spec.load_model(m["spec"], kwargs=m["kwargs"], checkpoint=m["checkpoint"])
+        example = model_spec.example_inputs(loaded, data=data)
+        if data is not None:
+            model_spec.check_fits(loaded.model, m["spec"], data)
+    except PruningError as err:
+        raise recipe.fail(("model",), m["spec"], f"does not load: {err}", "fix the model.") from err
+    batches = recipe["data"]["calibration_batches"]
+    calibration = (
+        zoo.calibration_batches(data, batches, recipe["data"]["batch_size"], recipe["seed"])
+        if data is not None
+        else None
+    )
+    return Run(recipe, loaded.model, data, example, calibration, quick, console)
+
+
+def _prune_kwargs(run: Run) -> dict[str, Any]:
+    p = run.recipe["prune"]
+    data = [run.example] if p["criterion"] == "synflow" else run.calibration
+    return dict(
+        granularity=p["granularity"],
+        criterion=p["criterion"],
+        scope=p["scope"],
+        allocation=p["allocation"],
+        layers=p["layers"],
+        exclude=p["exclude"],
+        data=data,
+        seed=run.recipe["seed"],
+    )
+
+
+def _schedule(run: Run, phase_epochs: int) -> Schedule:
+    """The recipe's schedule in optimizer steps of a ``phase_epochs`` training phase."""
+    s = run.recipe["schedule"]
+    per_epoch = math.ceil(len(run.data.x_train) / run.recipe["data"]["batch_size"])
+    total = phase_epochs * per_epoch
+    start = round(s["start"] * total)
+    if s["kind"] == "one-shot":
+        return OneShot(at=max(1, start))
+    every = max(1, (round(s["end"] * total) - start) // s["rounds"])
+    if s["kind"] == "iterative":
+        return Iterative(steps=s["rounds"], every=every, start=start, spacing=s["spacing"])
+    return Cubic(start=start, end=start + every * s["rounds"], every=every, initial=s["initial"])
+
+
+def _train(run: Run, section: str, pruner: pk.Pruner | None = None, lr: float | None = None):
+    epochs = run.epochs(section)
+    settings = run.recipe["train"]
+    lr = lr if lr is not None else run.recipe[section]["lr"]
+    common = dict(batch_size=run.recipe["data"]["batch_size"], optimizer=settings["optimizer"])
+    seed = run.recipe["seed"] + (section == "finetune")
+    if pruner is not None:
+        training.train_with_pruner(run.model, run.data, pruner, epochs, lr, seed=seed, **common)
+    elif epochs:
+        zoo.train(run.model, run.data, epochs=epochs, lr=lr, seed=seed, **common)
+
+
+def _pruner(run: Run, phase: str) -> pk.Pruner:
+    return pk.Pruner(
+        run.model,
+        run.recipe["prune"]["sparsity"] or 0.0,
+        schedule=_schedule(run, run.epochs(phase)),
+        **_prune_kwargs(run),
+    )
+
+
+def _one_shot(run: Run) -> None:
+    run.console.print(pk.prune(run.model, run.recipe["prune"]["sparsity"], **_prune_kwargs(run)))
+
+
+def _finetune(run: Run) -> None:
+    _train(run, "train")
+    run.measure("dense")
+    if run.recipe["schedule"]["kind"] == "one-shot":
+        _one_shot(run)
+        run.measure("pruned")
+        _train(run, "finetune")
+    else:
+        _train(run, "finetune", _pruner(run, "finetune"))
+    run.measure("fine-tuned")
+
+
+def _gradual(run: Run) -> None:
+    run.measure("untrained")
+    _train(run, "train", _pruner(run, "train"))
+    run.measure("trained while pruning")
+    _train(run, "finetune")
+    run.measure("fine-tuned")
+
+
+def _structural(run: Run) -> None:
+    r, t = run.recipe, run.recipe["train"]
+    common = dict(
+        ratio=r["prune"]["sparsity"],
+        epochs=run.epochs("train"),
+        lr=t["lr"],
+        batch_size=r["data"]["batch_size"],
+        seed=r["seed"],
+        progress=True,
+    )
+    if r["timing"]["method"] == "soft-filter":
+        report = training.soft_filter_pruning(
+            run.model, run.data, run.example, criterion=r["prune"]["criterion"], **common
+        )
+    else:
+        report = training.network_slimming(
+            run.model,
+            run.data,
+            run.example,
+            sparsity_lambda=r["timing"]["sparsity_lambda"],
+            finetune_epochs=run.epochs("finetune"),
+            **common,
+        )
+    run.console.print(report)
+    run.stages |= {"pruned (shrunk)": report.pruned_accuracy, "final": report.final_accuracy}
+
+
+def _at_init(run: Run) -> None:
+    r = run.recipe
+    if r["schedule"]["kind"] == "iterative":
+        rounds = min(r["schedule"]["rounds"], 5) if run.quick else r["schedule"]["rounds"]
+        report = training.synflow_prune(
+            run.model,
+            r["prune"]["sparsity"],
+            run.example,
+            rounds=rounds,
+            granularity=r["prune"]["granularity"],
+            layers=r["prune"]["layers"],
+            exclude=r["prune"]["exclude"],
+        )
+        run.console.print(report)
+    else:
+        _one_shot(run)
+    run.measure("pruned at init")
+    _train(run, "train")
+    run.measure("trained")
+
+
+def _lottery(run: Run) -> None:
+    r = run.recipe
+    rounds = 1 if r["schedule"]["kind"] == "one-shot" else r["schedule"]["rounds"]
+    rounds = min(rounds, 2) if run.quick else rounds
+    rate = 1 - (1 - r["prune"]["sparsity"]) ** (1 / rounds)
+    report = training.lottery(
+        run.model,
+        run.data,
+        rounds=rounds,
+        rate=rate,
+        rewind=r["timing"]["rewind"],
+        epochs=run.epochs("train"),
+        lr=r["train"]["lr"],
+        batch_size=r["data"]["batch_size"],
+        optimizer=r["train"]["optimizer"],
+        control=r["timing"]["control"],
+        seed=r["seed"],
+        progress=True,
+    )
+    run.console.print(report)
+    run.model = report.model
+    run.sections.append(
+        Section(
+            "Lottery rounds",
+            "One row per round of iterative magnitude pruning.",
+            [vars(row) for row in report.rounds],
+        )
+    )
+    run.stages |= {f"round {row.round}": row.final_accuracy for row in report.rounds}
+
+
+PIPELINES = {
+    "finetune": _finetune,
+    "gradual": _gradual,
+    "soft-filter": _structural,
+    "slimming": _structural,
+    "at-init": _at_init,
+    "lottery": _lottery,
+}
+
+
+def materialize(run: Run) -> None:
+    """Turn the masks into what ``materialize.mode`` asks: masks, baked, shrunk or sparse."""
+    m = run.recipe["materialize"]
+    if m["mode"] == "bake":
+        pk.bake(run.model)
+    elif m["mode"] == "shrink":
+        run.console.print(pk.shrink(run.model, run.example, ratio=None))
+    elif m["mode"] == "sparse":
+        run.console.print(pk.sparse.convert(run.model, m["format"]))
+
+
+def dry_run(run: Run) -> None:
+    """Prune and materialise a copy of the untrained model as the recipe will, so that any
+    error is raised before training, at the line of the ``prune`` section."""
+    r = run.recipe
+    trial = dataclasses.replace(run, model=copy.deepcopy(run.model), console=Console(quiet=True))
+    method = r["timing"]["method"]
+    try:
+        if method == "slimming":
+            training.during.bn_l1(trial.model)
+        if method in ("soft-filter", "slimming"):
+            crit = r["prune"]["criterion"] if method == "soft-filter" else "l2"
+            ratio = r["prune"]["sparsity"]
+            pk.shrink(trial.model, run.example, ratio=ratio, criterion=crit)
+        else:
+            if r["schedule"]["kind"] != "one-shot" and run.data is not None:
+                _pruner(trial, "finetune" if method == "finetune" else "train")
+            _one_shot(trial)
+        materialize(trial)
+    except PruningError as err:
+        raise r.fail(
+            ("prune",),
+            r["prune"]["granularity"],
+            f"fails on the model: {err}",
+            "change the prune / materialize settings.",
+        ) from err
+
+
+def execute(run: Run, folder: Any) -> None:
+    """Run the pipeline, materialise, profile and export; fill ``run.sections``."""
+    r = run.recipe
+    dense = pk.analysis.profile(run.model, run.example, latency=False)
+    PIPELINES[r["timing"]["method"]](run)
+    density = plots.plot_layer_density(run.model)  # before sparse modules replace the layers
+    exported = []
+    if r["materialize"]["mode"] == "sparse":  # export the masked model, before conversion
+        exported = _export(run, folder)
+    materialize(run)
+    if r["materialize"]["mode"] not in ("masks", "bake"):
+        run.measure(f"materialized ({r['materialize']['mode']})")
+    exported = exported or _export(run, folder)
+    after = pk.analysis.profile(run.model, run.example, min_run_time=0.05 if run.quick else 0.2)
+    run.console.print(after)
+    ratios = pk.analysis.compare(dense, after)
+    run.sections += [
+        Section(
+            "Accuracy",
+            "Test accuracy after each stage; the density of each layer after pruning.",
+            [{"stage": k, "accuracy": v} for k, v in run.stages.items()] or None,
+            {"density": density},
+        ),
+        Section(
+            "Cost",
+            f"Per prunable layer after the run; latency {after.latency_s * 1e3:.3f} ms "
+            f"(batch {len(run.example) if hasattr(run.example, '__len__') else 1}); "
+            f"MACs x{ratios['effective_macs'] or 0:.3f} and params x{ratios['params'] or 0:.3f} "
+            "of the dense model.",
+            [layer.to_dict() for layer in [*after.layers, after.total]],
+        ),
+    ]
+    if exported:
+        run.sections.append(Section("Export", "Files written.", exported))
+
+
+def _export(run: Run, folder: Any) -> list[dict[str, object]]:
+    rows = []
+    for fmt in run.recipe["export"]["formats"]:
+        report = export(run.model, fmt, folder / "export", run.example)
+        run.console.print(report)
+        rows += [
+            {
+                "file": f.path.name,
+                "bytes": f.bytes,
+                "format": f.format,
+                "layers": ", ".join(f"{k}: {v}" for k, v in f.layers.items()),
+            }
+            for f in report.files
+        ]
+    return rows
