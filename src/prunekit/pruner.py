@@ -31,6 +31,27 @@ def kept_share(layers: Iterable[tuple[nn.Module, int]]) -> float:
     return sum(kept_fraction(m) * n for m, n in pairs) / sum(n for _, n in pairs)
 
 
+def check_reusable(data: Batches | None, name: str) -> None:
+    """Raise :class:`~prunekit.errors.MissingDataError` when calibration ``data`` (the
+    argument ``name``) is a one-pass iterator: pruning again would find it empty."""
+    if isinstance(data, Iterator):
+        raise MissingDataError(
+            f"{name} is a one-pass iterator ({type(data).__name__}), which would be empty the "
+            f"second time it is pruned with; Fix: pass a list of batches, e.g. list({name})."
+        )
+
+
+def check_reachable(target: float, current: float) -> None:
+    """Raise :class:`~prunekit.errors.InvalidSparsityError` when ``target`` is below the
+    ``current`` sparsity of the selected layers: masks only grow, so it is never met."""
+    if current > target:
+        raise InvalidSparsityError(
+            f"target={target!r} is below the sparsity the selected layers already have "
+            f"({current:.6g}); masks only grow, so it could never be met; "
+            f"Fix: target >= {current:.6g}."
+        )
+
+
 class Event(NamedTuple):
     """One milestone of the schedule: after ``step`` steps, ``target`` asked, ``achieved`` got."""
 
@@ -122,11 +143,7 @@ class Pruner:
                 f"granularity {granularity!r} fixes the sparsity, so {schedule!r} cannot grow "
                 "it step by step; Fix: schedule=pk.OneShot()."
             )
-        if isinstance(data, Iterator):
-            raise MissingDataError(
-                f"data is a one-pass iterator ({type(data).__name__}), which would be empty at "
-                "the second milestone; Fix: pass a list of batches, e.g. list(data)."
-            )
+        check_reusable(data, "data")
         self._kwargs: dict[str, Any] = dict(
             granularity=granularity,
             criterion=criterion,
@@ -145,12 +162,7 @@ class Pruner:
         self.target = target
         self.schedule = schedule
         self._layers = [(modules[r.name], r.numel) for r in dry.layers]
-        if self.sparsity > target:
-            raise InvalidSparsityError(
-                f"target={target!r} is below the sparsity the selected layers already have "
-                f"({self.sparsity:.6g}); masks only grow, so it could never be met; "
-                f"Fix: target >= {self.sparsity:.6g}."
-            )
+        check_reachable(target, self.sparsity)
         self.step_count = 0
         self.history: list[Event] = []
         self._sync = dist_mod.sync_masks if sync else None

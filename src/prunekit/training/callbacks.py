@@ -16,7 +16,8 @@ from torch import nn
 
 from prunekit.errors import PrunerStateError, PruningError, ScheduleError
 from prunekit.pruner import Pruner
-from prunekit.zoo.train import Data, train, train_xy
+from prunekit.training.loop import steps_per_epoch
+from prunekit.zoo.train import Data, train
 
 
 def _check_model(model: nn.Module | None, pruner: Pruner) -> None:
@@ -87,7 +88,7 @@ def train_with_pruner(
     never be reached.
     """
     _check_model(model, pruner)
-    steps = -(-len(train_xy(data)[0]) // batch_size)
+    steps = steps_per_epoch(data, batch_size)
     last = pruner.step_count + epochs * steps
     end = pruner.schedule.milestones()[-1]
     if last < end:

@@ -211,13 +211,15 @@ def identity(
     pipeline: str, model: nn.Module, data: Dataset, config: dict[str, Any]
 ) -> dict[str, Any]:
     """What a pipeline's checkpoint must match: its name, the model's state-dict shapes, the
-    data set's name and sizes, and the run arguments (JSON-able)."""
-    return {
+    data set's name and sizes, and the run arguments (callables stand for their names)."""
+    doc = {
         "pipeline": pipeline,
         "model": {k: list(v.shape) for k, v in model.state_dict().items()},
         "data": [data.name, len(data.x_train), len(data.x_test)],
         "config": config,
     }
+    # As it reads back from state.json: tuples as lists, a callable (a loss) by its name.
+    return json.loads(json.dumps(doc, default=lambda v: getattr(v, "__qualname__", repr(v))))
 
 
 def save_round(

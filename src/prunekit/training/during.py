@@ -17,7 +17,6 @@ its consumers' input channels), so every coupled tensor is zeroed or removed tog
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,8 +29,10 @@ from prunekit.inputs import Inputs
 from prunekit.structured import ShrinkReport, build, plan, score, shrink, zero_groups
 from prunekit.structured.surgery import removed_groups
 from prunekit.tables import TableReport
+from prunekit.training import distributed as dist_mod
+from prunekit.training import loop
 from prunekit.zoo.data import Dataset
-from prunekit.zoo.train import cross_entropy, evaluate, train
+from prunekit.zoo.train import cross_entropy, evaluate
 
 
 @dataclass
@@ -61,12 +62,6 @@ class DuringReport(TableReport):
         return table
 
 
-def _each_epoch(n_train: int, batch_size: int, fn: Callable[[], None]) -> Callable[[int], None]:
-    """A ``zoo.train`` step callback that runs ``fn`` after the last step of every epoch."""
-    steps = -(-n_train // batch_size)
-    return lambda step: fn() if step % steps == 0 else None
-
-
 def soft_filter_pruning(
     model: nn.Module,
     data: Dataset,
@@ -79,6 +74,7 @@ def soft_filter_pruning(
     batch_size: int = 64,
     seed: int = 0,
     progress: bool = False,
+    distributed: bool | None = None,
     **train_kwargs: Any,
 ) -> DuringReport:
     """Train ``model`` for ``epochs``, zeroing the fraction ``ratio`` of each conv family's
@@ -86,10 +82,15 @@ def soft_filter_pruning(
     epoch, then remove them physically (in place). See the module docstring.
 
     ``train_kwargs`` go to :func:`prunekit.zoo.train` (``optimizer``, ``weight_decay``, ...).
+    ``distributed``: under ``torch.distributed``, train data-parallel as
+    :func:`~prunekit.training.lottery` does; the weights stay identical on every rank, so
+    every rank zeroes and removes the same filters.
     """
+    sync = dist_mod.resolve(distributed)
     ratio = check_sparsity(ratio, "ratio")
     if criterion not in ("l2", "fpgm"):
         raise UnknownChoiceError("soft filter pruning criterion", criterion, ["l2", "fpgm"])
+    loop.check(data, batch_size, sync)
     graph = build(model, example_inputs)
     report = DuringReport("soft filter pruning", evaluate(model, data.x_test, data.y_test))
 
@@ -98,9 +99,9 @@ def soft_filter_pruning(
         zero_groups(model, removed_groups(graph, {d.name: d.removed for d in decisions}))
         report.epoch_accuracy.append(evaluate(model, data.x_test, data.y_test))
 
-    callback = _each_epoch(len(data.x_train), batch_size, zero_weakest)
-    train(model, data, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, progress=progress,
-          callback=callback, **train_kwargs)  # fmt: skip
+    callback = loop.each_epoch(data, batch_size, zero_weakest)
+    loop.train(model, data, sync=sync, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+               progress=progress, callback=callback, **train_kwargs)  # fmt: skip
     report.shrink = shrink(model, example_inputs, ratio=None)
     report.pruned_accuracy = report.final_accuracy = evaluate(model, data.x_test, data.y_test)
     return report
@@ -131,6 +132,7 @@ def network_slimming(
     batch_size: int = 64,
     seed: int = 0,
     progress: bool = False,
+    distributed: bool | None = None,
     **train_kwargs: Any,
 ) -> DuringReport:
     """Train ``model`` for ``epochs`` on ``cross_entropy + sparsity_lambda * sum |gamma|``,
@@ -138,24 +140,29 @@ def network_slimming(
     ``|gamma|`` (in place), and fine-tune ``finetune_epochs`` without the penalty.
 
     ``train_kwargs`` go to :func:`prunekit.zoo.train` (``optimizer``, ``weight_decay``, ...).
+    ``distributed``: as for :func:`soft_filter_pruning` (BatchNorm statistics are each
+    rank's; DDP broadcasts rank 0's buffers at every forward).
     """
+    sync = dist_mod.resolve(distributed)
     ratio = check_sparsity(ratio, "ratio")
     bn_l1(model)  # fail before training on a model without BatchNorm
+    loop.check(data, batch_size, sync)
     report = DuringReport("network slimming", evaluate(model, data.x_test, data.y_test))
-    common = {"lr": lr, "batch_size": batch_size, "progress": progress, **train_kwargs}
+    common = {"lr": lr, "batch_size": batch_size, "progress": progress, "sync": sync,
+              **train_kwargs}  # fmt: skip
 
     def log_accuracy() -> None:
         report.epoch_accuracy.append(evaluate(model, data.x_test, data.y_test))
 
-    log = _each_epoch(len(data.x_train), batch_size, log_accuracy)
+    log = loop.each_epoch(data, batch_size, log_accuracy)
 
     def penalised(logits: Tensor, y: Tensor) -> Tensor:
         return cross_entropy(logits, y) + sparsity_lambda * bn_l1(model)
 
-    train(model, data, epochs=epochs, seed=seed, loss_fn=penalised, callback=log, **common)
+    loop.train(model, data, epochs=epochs, seed=seed, loss_fn=penalised, callback=log, **common)
     report.shrink = shrink(model, example_inputs, ratio=ratio, criterion="bn_scale",
                            scope="global")  # fmt: skip
     report.pruned_accuracy = evaluate(model, data.x_test, data.y_test)
-    train(model, data, epochs=finetune_epochs, seed=seed + 1, callback=log, **common)
+    loop.train(model, data, epochs=finetune_epochs, seed=seed + 1, callback=log, **common)
     report.final_accuracy = evaluate(model, data.x_test, data.y_test)
     return report

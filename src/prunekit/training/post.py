@@ -13,8 +13,10 @@ goes in a round:
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,13 +24,17 @@ from rich.table import Table
 from torch import nn
 
 from prunekit.allocation import check_sparsity
-from prunekit.errors import PruningError
+from prunekit.criteria.base import Batches
+from prunekit.errors import MissingDataError, PruningError
 from prunekit.layers import select_layers
 from prunekit.masks import get_mask, sparsity
+from prunekit.pruner import check_reachable, check_reusable, kept_share
 from prunekit.pruning import prune
 from prunekit.tables import TableReport
+from prunekit.training import checkpoint, loop
+from prunekit.training import distributed as dist_mod
 from prunekit.zoo.data import Dataset
-from prunekit.zoo.train import evaluate, train
+from prunekit.zoo.train import evaluate
 
 
 @dataclass(frozen=True)
@@ -69,6 +75,35 @@ def han_sparsities(model: nn.Module, q: float, layers: Any = None) -> dict[str, 
     return out
 
 
+def _check(
+    model: nn.Module,
+    target: float | None,
+    q: float | None,
+    rounds: int,
+    prune_kwargs: dict[str, Any],
+) -> float | None:
+    """``target`` as a float, or an error before anything is touched: pruning a copy of
+    the model to ``target`` checks the criterion, scope, layers and calibration data."""
+    if (target is None) == (q is None):
+        raise PruningError("give exactly one of target= (a sparsity) or q= (Han's q * std)")
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise PruningError(f"rounds={rounds!r} must be an int >= 1; Fix: e.g. rounds=5")
+    chosen = select_layers(model, prune_kwargs["layers"], prune_kwargs["exclude"])
+    if target is None:
+        return None
+    target = check_sparsity(target, "target")
+    check_reachable(target, 1 - kept_share((ly.module, ly.weight.numel()) for ly in chosen))
+    check_reusable(prune_kwargs["data"], "calibration")
+    try:
+        prune(copy.deepcopy(model), target, **prune_kwargs)
+    except MissingDataError as err:
+        raise MissingDataError(
+            f"{err} (iterative_pruning takes them as calibration=, e.g. "
+            "calibration=pk.zoo.calibration_batches(data))"
+        ) from err
+    return target
+
+
 def iterative_pruning(
     model: nn.Module,
     data: Dataset,
@@ -82,38 +117,69 @@ def iterative_pruning(
     scope: str = "global",
     layers: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
+    calibration: Batches | None = None,
+    batch_size: int = 64,
     seed: int = 0,
     progress: bool = True,
+    checkpoint_dir: str | Path | None = None,
+    distributed: bool | None = None,
     **train_kwargs: Any,
 ) -> IterativeReport:
     """Prune a trained ``model`` over ``rounds`` rounds, retraining ``epochs`` after each.
 
-    Give exactly one of ``target`` (with ``criterion`` / ``scope``) or ``q`` (Han's
-    per-layer ``q * std`` threshold, magnitude). Returns an :class:`IterativeReport`.
+    Give exactly one of ``target`` (with ``criterion`` / ``scope``; data-driven criteria
+    take ``calibration`` batches) or ``q`` (Han's per-layer ``q * std`` threshold,
+    magnitude). ``train_kwargs`` (``optimizer``, ``weight_decay``, ...) go to
+    :func:`prunekit.zoo.train`. Returns an :class:`IterativeReport`.
+
+    ``checkpoint_dir`` and ``distributed`` work as for :func:`~prunekit.training.lottery`:
+    an atomic checkpoint after every round, from which the same call resumes to exactly
+    the masks and weights of an uninterrupted run; under ``torch.distributed`` data-parallel
+    retraining (each rank takes its share of every batch of ``batch_size``), rank 0's
+    masks on every rank after every prune, checkpoints written by rank 0 only.
+
+    Raises:
+        PruningError: a subclass for any bad argument (a ``target`` below the sparsity the
+            selected layers already have, a data-driven criterion without
+            ``calibration``, ...), a corrupted checkpoint or one of another model or run,
+            ``distributed=True`` without a process group; the model is left unchanged.
     """
-    if (target is None) == (q is None):
-        raise PruningError("give exactly one of target= (a sparsity) or q= (Han's q * std)")
-    if target is not None:
-        target = check_sparsity(target, "target")
-    if not isinstance(rounds, int) or rounds < 1:
-        raise PruningError(f"rounds={rounds!r} must be an int >= 1; Fix: e.g. rounds=5")
+    sync = dist_mod.resolve(distributed)
+    prune_kwargs: dict[str, Any] = dict(
+        criterion=criterion, scope=scope, layers=layers, exclude=exclude, data=calibration
+    )
+    target = _check(model, target, q, rounds, prune_kwargs)
+    loop.check(data, batch_size, sync)
+    config = dict(target=target, q=q, rounds=rounds, epochs=epochs, finetune_lr=finetune_lr,
+                  batch_size=batch_size, seed=seed, **prune_kwargs, **train_kwargs)  # fmt: skip
+    del config["data"]
+    identity = checkpoint.identity("iterative_pruning", model, data, config)
 
     def accuracy() -> float:
         return evaluate(model, data.x_test, data.y_test)
 
-    report = IterativeReport(accuracy())
-    for k in range(1, rounds + 1):
+    saved = checkpoint.resume(checkpoint_dir, identity, model, sync=sync)
+    if saved is None:
+        start, report = 1, IterativeReport(accuracy())
+    else:
+        rounds_done = [Round(**r) for r in saved.state["rounds"]]
+        start, report = saved.round + 1, IterativeReport(saved.state["dense"], rounds_done)
+    for k in range(start, rounds + 1):
         if target is not None:
-            goal = 1 - (1 - target) ** (k / rounds)
-            prune(model, goal, criterion=criterion, scope=scope, layers=layers, exclude=exclude)
+            prune(model, 1 - (1 - target) ** (k / rounds), **prune_kwargs)
         else:
             chosen = [ly.name for ly in select_layers(model, layers, exclude)]
             prune(model, allocation=han_sparsities(model, q, chosen), layers=chosen)
+        if sync:
+            dist_mod.sync_masks(model)
         pruned = accuracy()
-        train(model, data, epochs=epochs, lr=finetune_lr, seed=seed + k, progress=progress,
-              **train_kwargs)  # fmt: skip
+        loop.train(model, data, sync=sync, epochs=epochs, lr=finetune_lr, batch_size=batch_size,
+                   seed=seed + k, progress=progress, **train_kwargs)  # fmt: skip
         total = sparsity(model, layers, exclude).total
         report.rounds.append(Round(k, total, pruned, accuracy()))
+        if checkpoint_dir is not None:
+            state = {"dense": report.dense_accuracy, "rounds": [vars(r) for r in report.rounds]}
+            checkpoint.save_round(checkpoint_dir, k, model, identity, state, sync=sync)
     with torch.no_grad():
         report.kept = {r.name: 1 - r.sparsity for r in sparsity(model, layers, exclude).layers}
     return report
