@@ -50,6 +50,7 @@ __all__ = [
     "is_writer",
     "register_masks",
     "resolve",
+    "sync_buffers",
     "sync_masks",
 ]
 
@@ -180,6 +181,16 @@ def broadcast_bytes(chunks: Sequence[bytes] | None, count: int, src: int = 0) ->
     )
     dist.broadcast(flat, src=src)
     return [c.cpu().numpy().tobytes() for c in flat.split(sizes.tolist())]
+
+
+def sync_buffers(model: nn.Module, src: int = 0) -> None:
+    """Give every rank ``src``'s buffers (BatchNorm statistics, masks): DDP broadcasts them
+    before each forward, so after the last one each rank holds its own shard's statistics."""
+    device = _comm_device()
+    for buffer in model.buffers():
+        moved = buffer.to(device)
+        dist.broadcast(moved, src=src)
+        buffer.copy_(moved)
 
 
 def check_shares(n: int, batch_size: int) -> None:

@@ -45,12 +45,18 @@ def train(
     """:func:`prunekit.zoo.train`; with ``sync``, data-parallel over the process group:
     every rank draws the same global batches, trains on its share through DDP
     (:func:`~prunekit.training.distributed.data_parallel`) and only rank 0 shows progress.
-    The weights then stay identical on every rank."""
+    The weights then stay identical on every rank, and the buffers (BatchNorm statistics)
+    are rank 0's at the end."""
     loss_fn = loss_fn or cross_entropy
     check(data, batch_size, sync)
-    if sync:
-        model, loss_fn = distributed.data_parallel(model, loss_fn)
     progress = progress and distributed.is_writer(sync)
-    return zoo_train(
-        model, data, batch_size=batch_size, progress=progress, loss_fn=loss_fn, **kwargs
+    if not sync:
+        return zoo_train(
+            model, data, batch_size=batch_size, progress=progress, loss_fn=loss_fn, **kwargs
+        )
+    wrapper, loss_fn = distributed.data_parallel(model, loss_fn)
+    losses = zoo_train(
+        wrapper, data, batch_size=batch_size, progress=progress, loss_fn=loss_fn, **kwargs
     )
+    distributed.sync_buffers(model)
+    return losses
