@@ -25,7 +25,7 @@
 wanda | sparsegpt | magnitude, ``sparsity`` 0.5 or '2:4', ``allocation`` uniform | owl,
 ``samples``, ``seq_len``). The recipe is checked completely before anything is built or
 trained (:mod:`prunekit.recipes.validate`); every error names ``file:line``, the key, the
-value and the fix. ``--quick`` trains at most one epoch on 512 images (CI).
+value and the fix. ``--quick`` trains at most one epoch on 256 images (CI).
 """
 
 from __future__ import annotations
@@ -36,14 +36,17 @@ from rich.console import Console
 
 from prunekit.analysis.report import Section, write_report
 from prunekit.recipes import llm, pipeline
-from prunekit.recipes.validate import Recipe, load, loads
+from prunekit.recipes.validate import PRUNE_SECTIONS, Recipe, load, loads
 
 __all__ = ["Recipe", "load", "loads", "run", "run_file"]
 
 
 def _settings_rows(recipe: Recipe) -> list[dict[str, object]]:
     rows: list[dict[str, object]] = []
+    skip = ("llm",) if recipe["kind"] == "prune" else PRUNE_SECTIONS
     for section, value in recipe.settings.items():
+        if section in skip:
+            continue
         items = value.items() if isinstance(value, dict) else [("", value)]
         for key, v in items:
             rows.append({"setting": f"{section}.{key}".rstrip("."), "value": str(v)})
@@ -56,7 +59,7 @@ def run(
     """Run a checked ``recipe`` and write its report to ``<out_dir>/<name>/``; return that
     folder. Everything that can fail on the recipe's settings fails before training."""
     folder = Path(out_dir) / recipe.name
-    intro = recipe["description"] + (" (--quick: 1 epoch, 512 images)" if quick else "")
+    intro = recipe["description"] + (" (--quick: 1 epoch, 256 images)" if quick else "")
     sections = [Section("Recipe", intro, _settings_rows(recipe))]
     if recipe["kind"] == "llm":
         sections += llm.run(recipe, quick, console, folder)

@@ -45,7 +45,7 @@ from prunekit.inputs import Inputs
 from prunekit.recipes.validate import Recipe
 from prunekit.schedules import Cubic, Iterative, OneShot, Schedule
 
-QUICK_TRAIN, QUICK_TEST = 512, 256
+QUICK_TRAIN, QUICK_TEST = 256, 128
 
 
 @dataclass
@@ -130,10 +130,12 @@ def _schedule(run: Run, phase_epochs: int) -> Schedule:
     start = round(s["start"] * total)
     if s["kind"] == "one-shot":
         return OneShot(at=max(1, start))
-    every = max(1, (round(s["end"] * total) - start) // s["rounds"])
+    span = max(1, round(s["end"] * total) - start)
+    rounds = min(s["rounds"], span)  # at most one cut per optimizer step
+    every = span // rounds
     if s["kind"] == "iterative":
-        return Iterative(steps=s["rounds"], every=every, start=start, spacing=s["spacing"])
-    return Cubic(start=start, end=start + every * s["rounds"], every=every, initial=s["initial"])
+        return Iterative(steps=rounds, every=every, start=start, spacing=s["spacing"])
+    return Cubic(start=start, end=start + every * rounds, every=every, initial=s["initial"])
 
 
 def _train(run: Run, section: str, pruner: pk.Pruner | None = None, lr: float | None = None):
@@ -299,6 +301,8 @@ def dry_run(run: Run) -> None:
                 _pruner(trial, "finetune" if method == "finetune" else "train")
             _one_shot(trial)
         materialize(trial)
+        for fmt in set(r["export"]["formats"]) & {"csr", "bsr", "nm"}:
+            pk.sparse.convert(copy.deepcopy(trial.model), fmt)
     except PruningError as err:
         raise r.fail(
             ("prune",),

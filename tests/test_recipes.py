@@ -1,0 +1,83 @@
+"""Every example recipe runs end to end with ``--quick`` and reports what it promised."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+
+from prunekit import recipes
+
+EXAMPLES = sorted((Path(__file__).parents[1] / "examples" / "recipes").glob("*.yaml"))
+
+# name -> total sparsity of the prunable layers after the run (None: physically shrunk).
+SPARSITY = {
+    "criteria-taylor": 0.9,
+    "frequency-iterative": 0.95,
+    "granularity-filter": None,
+    "lottery-ticket": 0.7,  # the rate per round is derived from the target (fc3: half rate)
+    "nm-2-4-export": 0.5,
+    "scope-erk": 0.9,
+    "timing-before-snip": 0.9,
+    "timing-during-cubic": 0.9,
+    "timing-soft-filter": None,
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _section(results: dict, heading: str) -> dict:
+    return next(s for s in results["sections"] if s["heading"] == heading)
+
+
+def test_every_chapter_section_has_an_example() -> None:
+    names = {recipes.load(path).name for path in EXAMPLES}
+    assert names == {*SPARSITY, "llm-wanda"}
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_example_recipe_runs_quick(path: Path, tmp_path: Path) -> None:
+    recipe = recipes.load(path)
+    console = Console(file=io.StringIO(), width=160)
+    folder = recipes.run(recipe, out_dir=tmp_path, quick=True, console=console)
+    assert folder == tmp_path / recipe.name
+    html = (folder / "report.html").read_text()
+    assert recipe["description"] in html and (folder / "report.md").exists()
+    results = json.loads((folder / "results.json").read_text())
+    settings = {r["setting"]: r["value"] for r in _section(results, "Recipe")["rows"]}
+    assert settings["name"] == recipe.name
+    if recipe["kind"] == "llm":
+        rows = _section(results, "Perplexity")["rows"]
+        dense, pruned = rows[0]["perplexity"], rows[1]["perplexity"]
+        assert 1 < dense <= pruned  # pruning 50% without retraining never helps
+        layers = _section(results, "Layers")["rows"]
+        assert all(r["sparsity"] == pytest.approx(0.5, abs=0.01) for r in layers)
+        return
+    accuracy = _section(results, "Accuracy")["rows"]
+    assert accuracy and all(0 <= r["accuracy"] <= 1 for r in accuracy)
+    assert (folder / "figures" / "density.png").exists()
+    total = _section(results, "Cost")["rows"][-1]
+    expected = SPARSITY[recipe.name]
+    if expected is None:  # shrunk: fewer weights, none of them zero by pruning
+        assert total["macs"] < 0.9 * _dense_macs(recipe)
+    else:
+        assert total["sparsity"] == pytest.approx(expected, abs=0.02)
+    for fmt in recipe["export"]["formats"]:
+        assert any(r["format"] == fmt for r in _section(results, "Export")["rows"])
+
+
+def _dense_macs(recipe: recipes.Recipe) -> int:
+    from prunekit import zoo
+    from prunekit.analysis.profile import count_macs
+
+    return count_macs(zoo.build_model(recipe["model"]["spec"]), zoo.example_input("lenet5"))
