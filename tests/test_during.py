@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import prunekit as pk
+from prunekit.training import during
 from prunekit.training.during import bn_l1, network_slimming, soft_filter_pruning
 from prunekit.zoo import SmallVGG, load_dataset
 
@@ -40,6 +41,39 @@ def test_soft_filter_pruning_shrinks_every_conv_family(digits, criterion: str) -
     assert report.final_accuracy > 0.3  # trained, not destroyed by the zeroing
     assert report.shrink is not None and report.shrink.macs_after < report.shrink.macs_before
     assert "soft filter pruning" in str(report)
+
+
+def _slices(model: torch.nn.Module, groups) -> list[torch.Tensor]:
+    """Every parameter slice of ``groups`` (conv filter, BatchNorm entries, consumer inputs)."""
+    params = dict(model.named_parameters())
+    return [
+        params[m.name].detach().index_select(m.dim, m.index).clone()
+        for g in groups
+        for m in g.members
+        if m.name in params
+    ]
+
+
+def test_soft_filter_pruning_lets_zeroed_filters_regrow(digits, monkeypatch) -> None:
+    zeroings = []  # per epoch: the groups zeroed, their slices before and after
+    real = during.zero_groups
+
+    def spy(model, groups):
+        previous = zeroings[-1]["groups"] if zeroings else []
+        zeroings.append({"groups": groups, "regrown": _slices(model, previous)})
+        real(model, groups)
+        zeroings[-1]["zeroed"] = _slices(model, groups)
+
+    monkeypatch.setattr(during, "zero_groups", spy)
+    torch.manual_seed(0)
+    model = SmallVGG(in_channels=1, widths=(4, 8, 8))
+    soft_filter_pruning(model, digits, X, ratio=0.5, epochs=2, batch_size=256)
+    first, second = zeroings
+    assert len(first["groups"]) == 2 + 4 + 4  # floor(0.5 * width) per family
+    assert all(not t.any() for t in first["zeroed"])  # zeroed after epoch 1 ...
+    assert len(second["regrown"]) == len(first["zeroed"]) >= 3 * len(first["groups"])
+    assert all(t.any() for t in second["regrown"])  # ... every slice nonzero after epoch 2
+    assert _convs(model) == [2, 4, 4]  # the exact per-family counts after the final shrink
 
 
 def test_slimming_penalty_shrinks_bn_scales(digits) -> None:
