@@ -168,9 +168,7 @@ def _fails(value: Any, spec: Field) -> str | None:
     if not ok_type:
         return f"is {type(value).__name__}, expected {_type_name(spec.types)}"
     if spec.choices is not None and value not in spec.choices:
-        close = difflib.get_close_matches(str(value), [str(c) for c in spec.choices], 1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        return f"is not one of {', '.join(map(str, spec.choices))}{hint}"
+        return f"is not one of {', '.join(map(str, spec.choices))}"
     if numeric and (isinstance(value, float) and not math.isfinite(value)):
         return "is not a finite number"
     if (
@@ -206,9 +204,14 @@ def _unknown(source: Source, path: Path_, key: str, known: list[str]) -> RecipeE
 def _value(source: Source, path: Path_, value: Any, spec: Field) -> Any:
     problem = _fails(value, spec)
     if problem is not None:
-        fix = spec.example or (
-            f"one of {', '.join(map(str, spec.choices))}." if spec.choices else "see --help."
-        )
+        fix = spec.example or "see prunekit run --help."
+        if spec.choices is not None:
+            close = difflib.get_close_matches(str(value), [str(c) for c in spec.choices], 1)
+            fix = (
+                f"did you mean {close[0]!r}?"
+                if close
+                else f"one of {', '.join(map(str, spec.choices))}."
+            )
         raise error(source, path, value, problem, fix)
     return value
 

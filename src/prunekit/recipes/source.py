@@ -44,6 +44,9 @@ _Loader.add_implicit_resolver(
 )
 
 
+_PLAIN_TAGS = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq")
+
+
 @dataclass(frozen=True)
 class Source:
     """A parsed recipe: its values, the 1-based line of each key path, and the file name."""
@@ -64,6 +67,11 @@ class Source:
 
 
 def _convert(loader: _Loader, node: yaml.Node, path: Path_, lines: dict[Path_, int], name: str):
+    if node.tag not in _PLAIN_TAGS and not isinstance(node, yaml.ScalarNode):
+        raise RecipeError(
+            f"{name}:{node.start_mark.line + 1}: tag {node.tag!r} is not allowed in a recipe; "
+            "Fix: write plain mappings, lists and values."
+        )
     if isinstance(node, yaml.MappingNode):
         out: dict[str, Any] = {}
         for key_node, value_node in node.value:
