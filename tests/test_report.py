@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import html
 import io
 import json
 import shutil
@@ -14,10 +15,12 @@ from pathlib import Path
 import matplotlib.image
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from prunekit.analysis.report import Section, write_report
+from prunekit.analysis.report import Section, rich_table, write_report
 from prunekit.errors import PruningError, ReportError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -139,13 +142,99 @@ def test_bad_input_raises_and_writes_nothing(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_sections_are_linked_and_text_columns_left_aligned(report: Path) -> None:
+    page = (report / "report.html").read_text()
+    assert '<a href="#results-script">Results &lt;script&gt;</a>' in page
+    assert '<h2 id="results-script">' in page and '<h2 id="protocol">' in page
+    assert '<td class="text">magnitude</td><td>0.5</td>' in page
+
+
+NAMES = st.text(alphabet="abc xyz_-", min_size=1, max_size=8)
+
+
+@given(
+    st.lists(
+        st.tuples(NAMES, st.integers(-(10**12), 10**12), st.floats(-1e9, 1e9)).map(
+            lambda t: dict(zip(("name", "count", "value"), t, strict=True))
+        ),
+        min_size=1,
+        max_size=4,
+    )
+)
+def test_terminal_table_cells_read_back_as_the_values(rows: list[dict]) -> None:
+    table = rich_table(Section("numbers", rows=rows))
+    assert table.title == "numbers"
+    assert [c.header for c in table.columns] == ["name", "count", "value"]
+    assert [c.justify for c in table.columns] == ["left", "right", "right"]
+    names, counts, values = (list(c.cells) for c in table.columns)
+    for row, name, count, value in zip(rows, names, counts, values, strict=True):
+        assert name == row["name"]
+        assert int(count.replace(",", "")) == row["count"]  # thousands separators only
+        shown = float(value.replace(",", ""))
+        big = abs(row["value"]) >= 1e4  # whole numbers from 10,000 up, else 4 digits
+        assert shown == pytest.approx(row["value"], rel=0 if big else 5e-4, abs=0.5 if big else 0)
+
+
 BROWSER = shutil.which("chromium") or shutil.which("chromium-browser")
+needs_browser = pytest.mark.skipif(BROWSER is None, reason="no chromium on this machine")
+# Headless, no sandbox (root in CI), and offline: no background traffic, no DNS at all.
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--host-resolver-rules=MAP * ~NOTFOUND",
+)
+# After the load event, write how many images there are and how many decoded.
+IMAGE_CHECK = (
+    "<script>window.addEventListener('load', () => {"
+    "const all = [...document.images];"
+    "const ok = all.filter(i => i.complete && i.naturalWidth > 0).length;"
+    "const out = document.createElement('pre'); out.id = 'browser-check';"
+    "out.textContent = `images ${all.length} decoded ${ok}`;"
+    "document.body.appendChild(out);});</script>"
+)
+SHOT = (1200, 1600)  # width, height of the screenshot
 
 
-@pytest.mark.skipif(BROWSER is None, reason="no chromium on this machine")
-def test_headless_browser_renders_a_non_blank_page(report: Path, tmp_path: Path) -> None:
-    shot = tmp_path / "shot.png"
-    cmd = [BROWSER, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}"]
-    subprocess.run([*cmd, (report / "report.html").as_uri()], check=True, timeout=60)
-    pixels = matplotlib.image.imread(shot)
-    assert np.ptp(pixels[..., :3]) > 0.5
+def render_in_browser(page: Path, work: Path) -> tuple[str, np.ndarray]:
+    """Open ``page`` in headless chromium: the DOM after the load event (a copy of the page,
+    moved to ``work`` so that it must be self-contained, carrying :data:`IMAGE_CHECK`) and
+    the pixels of a screenshot of the page itself."""
+    assert BROWSER is not None
+    checked = work / "checked.html"
+    checked.write_text(page.read_text().replace("</body>", IMAGE_CHECK + "</body>"))
+    base = [BROWSER, *CHROMIUM_FLAGS, f"--user-data-dir={work / 'profile'}"]
+    run = {"capture_output": True, "text": True, "check": True, "timeout": 120}
+    dom = subprocess.run([*base, "--dump-dom", checked.as_uri()], **run).stdout
+    shot = work / "shot.png"
+    size = f"--window-size={SHOT[0]},{SHOT[1]}"
+    subprocess.run([*base, size, f"--screenshot={shot}", page.as_uri()], **run)
+    return dom, matplotlib.image.imread(shot)
+
+
+def assert_renders(page: Path, work: Path, title: str, images: int) -> None:
+    """The page loads with its title, all ``images`` decode, the screenshot is not blank."""
+    dom, pixels = render_in_browser(page, work)
+    assert f"<h1>{html.escape(title, quote=False)}</h1>" in dom  # as the DOM serialises it
+    assert f'<pre id="browser-check">images {images} decoded {images}</pre>' in dom
+    assert pixels.shape[:2] == (SHOT[1], SHOT[0])
+    colours = np.unique(pixels[..., :3].reshape(-1, 3), axis=0)
+    assert len(colours) > 16  # text, table borders and figures, not one flat colour
+
+
+@needs_browser
+def test_headless_browser_renders_the_report(report: Path, tmp_path: Path) -> None:
+    assert_renders(report / "report.html", tmp_path, "A <title>", images=2)
+
+
+@needs_browser
+def test_headless_browser_sees_a_broken_image(report: Path, tmp_path: Path) -> None:
+    page = report / "report.html"
+    page.write_text(page.read_text().replace("base64,iVBOR", "base64,AAAA", 1))
+    dom, _ = render_in_browser(page, tmp_path)
+    assert "images 2 decoded 1" in dom

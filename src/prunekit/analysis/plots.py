@@ -18,7 +18,8 @@ import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import PercentFormatter
+from matplotlib.ticker import EngFormatter, PercentFormatter
+from mpl_toolkits.mplot3d.art3d import Poly3DCollection
 from torch import Tensor, nn
 
 from prunekit import granularity as granularity_mod
@@ -168,12 +169,27 @@ def plot_granularity_masks(
     return _finish(fig, path)
 
 
+def _runs(column: np.ndarray) -> list[tuple[int, int]]:
+    """``(start, stop)`` of every run of True in a 1-D bool array."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], column.astype(np.int8), [0]])))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True))
+
+
+def _box(x: int, y: int, z0: int, z1: int) -> list[list[tuple[int, int, int]]]:
+    """The six faces of the unit-wide box ``[x, x+1] x [y, y+1] x [z0, z1]``."""
+    corners = [(x + i, y + j, z) for z in (z0, z1) for j in (0, 1) for i in (0, 1)]
+    faces = ((0, 1, 3, 2), (4, 5, 7, 6), (0, 1, 5, 4), (2, 3, 7, 6), (0, 2, 6, 4), (1, 3, 7, 5))
+    return [[corners[k] for k in face] for face in faces]
+
+
 def plot_conv_mask_3d(
     conv_layer: nn.Module, path: PathLike = None, max_channels: int = 16
 ) -> Figure:
     """A 3-D view of a conv layer's mask: output channel x input channel x kernel position
-    (kernel dims flattened), one cube per kept weight. At most ``max_channels`` output and
-    input channels are drawn. An unmasked layer shows every weight kept."""
+    (kernel dims flattened). Each run of consecutive kept kernel positions is one solid bar,
+    so a kept kernel shows as a full-height bar and element pruning as broken ones. At most
+    ``max_channels`` output and input channels are drawn. An unmasked layer shows every
+    weight kept."""
     if not is_prunable(conv_layer) or kernel_ndim(conv_layer) == 0:
         raise PruningError(
             f"plot_conv_mask_3d needs a convolution layer, got {type(conv_layer).__name__}; "
@@ -185,9 +201,20 @@ def plot_conv_mask_3d(
     canonical = to_canonical(conv_layer, mask)
     cube = _numpy(canonical.reshape(*canonical.shape[:2], -1)).astype(bool)
     shown = cube[:max_channels, :max_channels]
+    faces = [
+        face
+        for x, y in np.ndindex(shown.shape[:2])
+        for z0, z1 in _runs(shown[x, y])
+        for face in _box(x, y, z0, z1)
+    ]
     fig = _figure(7, 6)
     ax = fig.add_subplot(projection="3d")
-    ax.voxels(shown, facecolors="tab:blue", edgecolor="k", linewidth=0.2, alpha=0.85)
+    boxes = Poly3DCollection(
+        faces, facecolors="tab:blue", edgecolors="k", linewidths=0.3, shade=True
+    )
+    boxes.set_alpha(0.85)
+    ax.add_collection3d(boxes)
+    ax.set(xlim=(0, shown.shape[0]), ylim=(0, shown.shape[1]), zlim=(0, shown.shape[2]))
     ax.set_xlabel("output channel (filter)")
     ax.set_ylabel("input channel")
     ax.set_zlabel("kernel position")
@@ -228,9 +255,9 @@ def plot_weight_histogram(
     return _finish(fig, path)
 
 
-def plot_layer_density(model: nn.Module, path: PathLike = None) -> Figure:
+def plot_layer_density(model: nn.Module, path: PathLike = None, label: str = "") -> Figure:
     """Horizontal bars of each prunable layer's density ``1 - sparsity``
-    (from :func:`prunekit.sparsity`), the total density in the title."""
+    (from :func:`prunekit.sparsity`), the total density and ``label`` in the title."""
     report = sparsity(model)
     names = [r.name for r in report.layers]
     density = [1 - r.sparsity for r in report.layers]
@@ -241,7 +268,8 @@ def plot_layer_density(model: nn.Module, path: PathLike = None) -> Figure:
     ax.invert_yaxis()
     ax.set_xlim(0, 1.12)
     ax.set_xlabel("density (fraction of weights kept)")
-    ax.set_title(f"Per-layer density (total {1 - report.total:.1%} of {report.numel:,} weights)")
+    what = f"Per-layer density, {label}" if label else "Per-layer density"
+    ax.set_title(f"{what} (total {1 - report.total:.1%} of {report.numel:,} weights)")
     return _finish(fig, path)
 
 
@@ -292,16 +320,19 @@ def plot_accuracy_vs_sparsity(
     ax.set_xlabel("sparsity")
     ax.set_ylabel(ylabel)
     ax.xaxis.set_major_formatter(PercentFormatter(1.0))
-    ax.set_title(f"{ylabel} vs sparsity (mean +- std over seeds)")
+    ax.set_title(f"{ylabel.capitalize()} vs sparsity (mean ± std over seeds)")
     ax.legend()
     return _finish(fig, path)
 
 
 def plot_latency_vs_macs(
-    points: Mapping[str, Sequence[tuple[float, float]]], path: PathLike = None
+    points: Mapping[str, Sequence[tuple[float, float]]],
+    path: PathLike = None,
+    xlabel: str = "MACs per forward pass",
 ) -> Figure:
     """Measured latency against MACs: ``{series: [(macs, latency_ms), ...]}``, one line
-    with markers per series (e.g. per method, one point per operating point)."""
+    with markers per series (e.g. per method, one point per operating point); the y axis
+    starts at 0 so that a flat series reads as flat."""
     if not points or any(not series for series in points.values()):
         raise PruningError("points is empty; Fix: pass {name: [(macs, latency_ms), ...]}")
     fig = _figure(7.5, 5)
@@ -309,8 +340,10 @@ def plot_latency_vs_macs(
     for name, series in points.items():
         macs, latency = zip(*sorted(series), strict=True)
         ax.plot(macs, latency, marker="o", label=name)
-    ax.set_xlabel("MACs per forward pass")
+    ax.set_xlabel(xlabel)
+    ax.xaxis.set_major_formatter(EngFormatter())
     ax.set_ylabel("latency (ms)")
+    ax.set_ylim(bottom=0)
     ax.set_title("Measured latency vs MACs")
     ax.legend()
     return _finish(fig, path)

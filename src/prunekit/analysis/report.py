@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
+from rich.table import Table
 
 import prunekit
 from prunekit.errors import ReportError
@@ -44,6 +45,7 @@ _CSS = (
     "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;"
     "color:#222}table{border-collapse:collapse;margin:1em 0;font-size:14px}"
     "th,td{border:1px solid #bbb;padding:3px 8px;text-align:right}th{background:#eee}"
+    "td.text,th.text{text-align:left}"
     "img{max-width:100%;display:block;margin:1em 0}dl{display:grid;"
     "grid-template-columns:max-content auto;gap:2px 1em}dt{font-weight:bold}"
 )
@@ -74,10 +76,14 @@ def protocol(seed: object = None, data: str | None = None) -> dict[str, str]:
 
 
 def _cell(value: object) -> str:
+    """Integers with thousands separators; floats to 4 significant digits, whole numbers
+    from 10,000 up; None as ``-``."""
     if value is None:
         return "-"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
     if isinstance(value, float):
-        return f"{value:.4g}"
+        return f"{value:,.0f}" if abs(value) >= 1e4 else f"{value:.4g}"
     return str(value)
 
 
@@ -96,14 +102,47 @@ def _png(fig: Figure) -> bytes:
     return buffer.getvalue()
 
 
+def _text_columns(rows: Sequence[Row]) -> set[str]:
+    """Columns holding text in some row: left-aligned; numbers are right-aligned."""
+    return {key for row in rows for key, value in row.items() if isinstance(value, str)}
+
+
+def _anchors(sections: Sequence[Section]) -> list[str]:
+    """One unique slug per section (``results``, ``results-2``, ...): its HTML id and the
+    stem of its CSV file."""
+    used: dict[str, int] = {}
+    anchors = []
+    for section in sections:
+        slug = _slug(section.heading)
+        used[slug] = used.get(slug, 0) + 1
+        anchors.append(slug if used[slug] == 1 else f"{slug}-{used[slug]}")
+    return anchors
+
+
 def _html_table(rows: Sequence[Row]) -> str:
-    columns = _columns(rows)
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    columns, text = _columns(rows), _text_columns(rows)
+    attrs = {c: ' class="text"' if c in text else "" for c in columns}
+    head = "".join(f"<th{attrs[c]}>{html.escape(c)}</th>" for c in columns)
     body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(_cell(row.get(c)))}</td>" for c in columns) + "</tr>"
+        "<tr>"
+        + "".join(f"<td{attrs[c]}>{html.escape(_cell(row.get(c)))}</td>" for c in columns)
+        + "</tr>"
         for row in rows
     )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def rich_table(section: Section) -> Table:
+    """A section's rows as a rich table for the terminal, titled with its heading: the
+    cells of the report's tables (text columns left-aligned, numbers right-aligned)."""
+    table = Table(title=section.heading)
+    rows = section.rows or []
+    text = _text_columns(rows)
+    for column in _columns(rows):
+        table.add_column(column, justify="left" if column in text else "right")
+    for row in rows:
+        table.add_row(*(_cell(row.get(c)) for c in _columns(rows)))
+    return table
 
 
 def _md_table(rows: Sequence[Row]) -> str:
@@ -159,19 +198,21 @@ def write_report(
     (folder / "figures").mkdir(parents=True, exist_ok=True)
     proto = protocol(seed, data)
     esc = html.escape
-    page = [f"<h1>{esc(title)}</h1>"]
+    anchors = _anchors(sections)
+    contents = "".join(
+        f'<li><a href="#{a}">{esc(s.heading)}</a></li>'
+        for a, s in zip(anchors, sections, strict=True)
+    )
+    page = [f"<h1>{esc(title)}</h1>", f'<nav><ul>{contents}<li><a href="#protocol">Protocol'
+            "</a></li></ul></nav>"]  # fmt: skip
     md = [f"# {title}", ""]
-    used: dict[str, int] = {}
-    for section in sections:
-        page += [f"<h2>{esc(section.heading)}</h2>", f"<p>{esc(section.text)}</p>"]
+    for anchor, section in zip(anchors, sections, strict=True):
+        page += [f'<h2 id="{anchor}">{esc(section.heading)}</h2>', f"<p>{esc(section.text)}</p>"]
         md += [f"## {section.heading}", "", section.text, ""]
         if section.rows:
             page.append(_html_table(section.rows))
             md += [_md_table(section.rows), ""]
-            slug = _slug(section.heading)
-            used[slug] = used.get(slug, 0) + 1
-            stem = slug if used[slug] == 1 else f"{slug}-{used[slug]}"
-            _write_csv(folder / f"{stem}.csv", section.rows)
+            _write_csv(folder / f"{anchor}.csv", section.rows)
         for stem, fig in (section.figures or {}).items():
             png = _png(fig)
             (folder / "figures" / f"{stem}.png").write_bytes(png)
@@ -179,7 +220,7 @@ def write_report(
             uri = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
             page.append(f'<img src="{uri}" alt="{esc(stem)}">')
             md += [f"![{stem}](figures/{stem}.png)", ""]
-    page.append("<h2>Protocol</h2><dl>")
+    page.append('<h2 id="protocol">Protocol</h2><dl>')
     page += [f"<dt>{esc(k)}</dt><dd><code>{esc(v)}</code></dd>" for k, v in proto.items()]
     page.append("</dl>")
     md += ["## Protocol", "", *(f"- **{k}**: `{v}`" for k, v in proto.items()), ""]

@@ -1,0 +1,59 @@
+"""Section: what each granularity removes (chapter 3.2.1), on the trained LeNets' own layers.
+
+Every granularity prunes 50% of a copy of its model by magnitude (local scope, the
+classifier kept whole where a group would cut a class out), which is then fine-tuned.
+The figures show the masks on a trained layer, a conv mask in 3-D and the weight
+distribution before and after.
+"""
+
+from __future__ import annotations
+
+from prunekit.analysis import plots
+from prunekit.analysis.report import Section
+from prunekit.demo.context import Context
+from prunekit.layers import weight_param
+
+SPARSITY = 0.5
+LINEAR = ("element", "2:4", "row", "column", "block:4x4")
+CONV = ("element", "2:4", "kernel", "filter", "channel")
+# Groups of these granularities would cut whole classes out of the classifier.
+KEEP_CLASSIFIER = frozenset({"row", "column", "filter", "channel"})
+CLASSIFIER = "fc3"
+TEXT = (
+    "Each granularity prunes 50% of the weights by magnitude (2:4 fixes it at 50%), local "
+    "scope, then one fine-tuning pass. Finer groups keep more accuracy; coarser ones are "
+    "what hardware can skip. The figures draw the masks on the trained LeNet-300-100 fc2 "
+    "and LeNet-5 conv2 (white: pruned), the kernel-pruned conv2 in 3-D, and fc1's weights "
+    "before and after element pruning (a gap opens around zero)."
+)
+
+
+def exclusions(granularity: str) -> list[str] | None:
+    """The layers a granularity must leave alone: the classifier for row-like groups."""
+    return [CLASSIFIER] if granularity in KEEP_CLASSIFIER else None
+
+
+def section(ctx: Context) -> Section:
+    """Prune each granularity on its LeNet, tabulate, and draw the granularity figures."""
+    rows, pruned = [], {}
+    for trained, granularities in ((ctx.lenet300, LINEAR), (ctx.lenet5, CONV[:1] + CONV[2:])):
+        for granularity in granularities:
+            ctx.status(f"granularity {granularity} on {trained.name}")
+            sparsity = None if granularity == "2:4" else SPARSITY
+            model, row = ctx.prune_and_finetune(
+                trained, sparsity, granularity=granularity, exclude=exclusions(granularity)
+            )
+            pruned[trained.name, granularity] = model
+            rows.append({"model": trained.name, "granularity": granularity, **row})
+    before = weight_param(ctx.lenet300.model.fc1)
+    figures = {
+        "granularity-linear": plots.plot_granularity_masks(
+            ctx.lenet300.model.fc2, sparsity=SPARSITY, granularities=LINEAR
+        ),
+        "granularity-conv": plots.plot_granularity_masks(
+            ctx.lenet5.model.conv2, sparsity=SPARSITY, granularities=CONV
+        ),
+        "conv-mask-3d": plots.plot_conv_mask_3d(pruned["lenet5", "kernel"].conv2),
+        "weights-histogram": plots.plot_weight_histogram(before, pruned["lenet300", "element"].fc1),
+    }
+    return Section("Granularity", TEXT, rows, figures)
