@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import assert_unchanged, snapshot
 from torch import nn
 
 import prunekit as pk
@@ -96,10 +97,22 @@ def test_controls_keep_densities_and_masks() -> None:
         assert bool((module.weight[~masks[name]] == 0).all())
 
 
-def test_bad_input() -> None:
-    with pytest.raises(pk.MissingDataError, match="synflow"):
-        pk.prune(_mlp(), 0.5, criterion="synflow")
-    with pytest.raises(pk.PruningError, match="rounds=0"):
-        synflow_prune(_mlp(), 0.5, torch.randn(1, 8), rounds=0)
-    with pytest.raises(pk.PruningError, match="no masks"):
-        shuffle_masks(_mlp())
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda m: pk.prune(m, 0.5, criterion="synflow"), pk.MissingDataError, "'synflow'"),
+        (lambda m: pk.prune(m, 0.5, criterion="snip"), pk.MissingDataError, "'snip' needs"),
+        (lambda m: pk.prune(m, 0.5, criterion="grasp"), pk.MissingDataError, "'grasp' needs"),
+        (lambda m: synflow_prune(m, 0.5, torch.randn(1, 8), rounds=0), pk.PruningError,
+         "rounds=0"),
+        (lambda m: synflow_prune(m, 1.0, torch.randn(1, 8)), pk.InvalidSparsityError, "1.0"),
+        (shuffle_masks, pk.PruningError, "no masks"),
+        (reinitialize, pk.PruningError, "no masks"),
+    ],
+)  # fmt: skip
+def test_bad_input_leaves_the_model_unchanged(call, error, match) -> None:
+    model = _mlp()
+    before = snapshot(model)
+    with pytest.raises(error, match=match):
+        call(model)
+    assert_unchanged(model, before)

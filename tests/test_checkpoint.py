@@ -1,4 +1,5 @@
-"""Resumable IMP: kill a real run, restart it, compare bit for bit; refuse bad checkpoints."""
+"""Resumable pipelines: kill a real IMP run, restart it, compare bit for bit; interrupt
+iterative pruning likewise; refuse bad checkpoints without touching model or files."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_unchanged, snapshot
 from safetensors.torch import load_file
 from torch import nn
 
@@ -86,6 +88,20 @@ def tiny(hidden: int = 16) -> nn.Module:
 
 
 FAST = {"epochs": 1, "batch_size": 256, "control": False}
+ITERATIVE = {"target": 0.7, "epochs": 1, "batch_size": 256, "progress": False}
+
+
+def lottery(model: nn.Module, data, checkpoint_dir: Path, rounds: int = 1):
+    return pk.training.lottery(model, data, rounds=rounds, checkpoint_dir=checkpoint_dir, **FAST)
+
+
+def iterative(model: nn.Module, data, checkpoint_dir: Path, rounds: int = 1):
+    return pk.training.iterative_pruning(
+        model, data, rounds=rounds, checkpoint_dir=checkpoint_dir, **ITERATIVE
+    )
+
+
+PIPELINES = [lottery, iterative]
 
 
 @pytest.fixture(scope="module")
@@ -97,24 +113,29 @@ def _files(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
 
 
-def test_checkpoint_of_another_model_or_run_is_refused(tmp_path, digits):
-    pk.training.lottery(tiny(), digits, rounds=1, checkpoint_dir=tmp_path, **FAST)
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_checkpoint_of_another_model_or_run_is_refused(tmp_path, digits, pipeline):
+    pipeline(tiny(), digits, tmp_path)
     files = _files(tmp_path)
     assert [n for n in files if n.endswith(".safetensors")] == ["round-0001.safetensors"]
     model = tiny(hidden=8)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before = snapshot(model)
     with pytest.raises(CheckpointError, match=r"another model or run.*model"):
-        pk.training.lottery(model, digits, rounds=1, checkpoint_dir=tmp_path, **FAST)
-    with pytest.raises(CheckpointError, match=r"another model or run.*config"):
-        pk.training.lottery(tiny(), digits, rounds=2, checkpoint_dir=tmp_path, **FAST)
+        pipeline(model, digits, tmp_path)
+    assert_unchanged(model, before)
+    model = tiny()
+    before = snapshot(model)
+    with pytest.raises(CheckpointError, match=r"another model or run \(differs in: config\)"):
+        pipeline(model, digits, tmp_path, rounds=2)
+    assert_unchanged(model, before)
     assert _files(tmp_path) == files
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("pipeline", PIPELINES)
 @pytest.mark.parametrize("damage", ["json", "tensors", "missing"])
-def test_corrupted_checkpoint_is_refused(tmp_path, digits, damage):
-    pk.training.lottery(tiny(), digits, rounds=0, checkpoint_dir=tmp_path, **FAST)
-    tensors = tmp_path / "round-0000.safetensors"
+def test_corrupted_checkpoint_is_refused(tmp_path, digits, damage, pipeline):
+    pipeline(tiny(), digits, tmp_path)
+    tensors = tmp_path / "round-0001.safetensors"
     if damage == "json":
         (tmp_path / checkpoint.STATE).write_text('{"format": 1, "round": ')
     elif damage == "tensors":
@@ -122,9 +143,42 @@ def test_corrupted_checkpoint_is_refused(tmp_path, digits, damage):
     else:
         tensors.unlink()
     files = _files(tmp_path)
-    with pytest.raises(CheckpointError, match="corrupted"):
-        pk.training.lottery(tiny(), digits, rounds=0, checkpoint_dir=tmp_path, **FAST)
+    model = tiny()
+    before = snapshot(model)
+    with pytest.raises(CheckpointError, match=r"is corrupted .*nothing was changed\. Fix: delete"):
+        pipeline(model, digits, tmp_path)
     assert _files(tmp_path) == files
+    assert_unchanged(model, before)
+
+
+class Interrupt(Exception):
+    """Stands for a kill right after round 1's checkpoint."""
+
+
+def test_iterative_pruning_resumes_to_the_same_masks_and_weights(tmp_path, digits, monkeypatch):
+    whole = tiny()
+    iterative(whole, digits, tmp_path / "whole", rounds=3)
+    save_round = checkpoint.save_round
+
+    def stop_after_round_1(directory, round, *args, **kwargs):
+        save_round(directory, round, *args, **kwargs)
+        if round == 1:
+            raise Interrupt
+
+    monkeypatch.setattr(checkpoint, "save_round", stop_after_round_1)
+    with pytest.raises(Interrupt):
+        iterative(tiny(), digits, tmp_path / "ckpt", rounds=3)
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "ckpt" / checkpoint.STATE).read_text())["round"] == 1
+    resumed = tiny()
+    report = iterative(resumed, digits, tmp_path / "ckpt", rounds=3)
+    assert [r.round for r in report.rounds] == [1, 2, 3]
+    assert report.rounds[-1].sparsity == pytest.approx(0.7, abs=1e-3)
+    expected = whole.state_dict()
+    assert resumed.state_dict().keys() == expected.keys()
+    assert any(k.endswith(".packed") for k in expected)
+    for key, value in expected.items():
+        assert torch.equal(resumed.state_dict()[key], value), key
 
 
 def test_save_load_round_trip_restores_rng(tmp_path):

@@ -126,8 +126,11 @@ def test_bad_arguments_leave_model_unchanged(digits, kwargs, match):
     assert_unchanged(model, before)
 
 
-def test_masked_model_is_refused(digits):
+def test_masked_model_is_refused(digits, tmp_path):
     model = tiny()
     pk.prune(model, 0.5)
-    with pytest.raises(pk.PruningError, match="already masked"):
-        pk.training.lottery(model, digits, epochs=1)
+    before = snapshot(model)
+    with pytest.raises(pk.PruningError, match=r"\['0', '2'\] are already masked.*masks\.remove"):
+        pk.training.lottery(model, digits, epochs=1, checkpoint_dir=tmp_path / "ckpt")
+    assert_unchanged(model, before)
+    assert not (tmp_path / "ckpt").exists()

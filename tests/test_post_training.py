@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_unchanged, snapshot
 
 import prunekit as pk
 from prunekit.training.post import han_sparsities, iterative_pruning
-from prunekit.zoo import LeNet300100, load_dataset, train
+from prunekit.zoo import LeNet300100, calibration_batches, load_dataset, train
 
 
 @pytest.fixture(scope="module")
@@ -50,12 +51,37 @@ def test_q_threshold_rounds_only_grow(digits) -> None:
     assert set(report.kept) == {"fc1", "fc2", "fc3"}
 
 
-def test_bad_arguments(digits) -> None:
+def test_data_driven_criterion_uses_calibration_batches(digits) -> None:
+    model = _trained(digits)
+    batches = calibration_batches(digits, n_batches=2)
+    report = iterative_pruning(model, digits, target=0.6, rounds=1, epochs=1, criterion="taylor",
+                               scope="local", calibration=batches, progress=False)  # fmt: skip
+    assert report.rounds[0].sparsity == pytest.approx(0.6, abs=1e-3)
+    assert all(s == pytest.approx(0.6, abs=1e-2) for s in pk.sparsity(model).to_dict().values())
+
+
+BAD = [
+    (dict(target=0.5, q=1.0), pk.PruningError, "exactly one of target= .* or q="),
+    (dict(), pk.PruningError, "exactly one of target="),
+    (dict(target=1.5), pk.InvalidSparsityError, r"target=1\.5"),
+    (dict(target=0.5, rounds=0), pk.PruningError, r"rounds=0 must be an int >= 1"),
+    (dict(target=0.2), pk.InvalidSparsityError, r"target=0\.2 is below .* \(0\.3\)"),
+    (dict(target=0.5, criterion="hessian"), pk.UnknownChoiceError, "'hessian'"),
+    (dict(target=0.5, criterion="taylor"), pk.MissingDataError, "as calibration="),
+    (dict(target=0.5, criterion="taylor", calibration=iter([])), pk.MissingDataError,
+     "calibration is a one-pass iterator"),
+    (dict(target=0.5, layers=["nothing"]), pk.NoLayersError, "nothing"),
+    (dict(q=1.0, layers=["nothing"]), pk.NoLayersError, "nothing"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), BAD)
+def test_bad_arguments_touch_nothing(digits, tmp_path, kwargs, error, match) -> None:
+    torch.manual_seed(0)
     model = LeNet300100(in_features=64)
-    with pytest.raises(pk.PruningError, match="exactly one"):
-        iterative_pruning(model, digits, target=0.5, q=1.0)
-    with pytest.raises(pk.InvalidSparsityError):
-        iterative_pruning(model, digits, target=1.5)
-    with pytest.raises(pk.PruningError, match="rounds=0"):
-        iterative_pruning(model, digits, target=0.5, rounds=0)
-    assert pk.masks.get_mask(model.fc1) is None
+    pk.prune(model, 0.3, scope="global")  # a pruned model keeps its masks too
+    before = snapshot(model)
+    with pytest.raises(error, match=match):
+        iterative_pruning(model, digits, checkpoint_dir=tmp_path / "ckpt", **kwargs)
+    assert_unchanged(model, before)
+    assert not (tmp_path / "ckpt").exists()
