@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import pickle  # only for its exception type: checkpoints are never unpickled
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,7 +144,7 @@ def _read(path: Path) -> dict[str, Tensor]:
             state = torch.load(path, map_location="cpu", weights_only=True)
         else:
             state = load_file(str(path))
-    except (SafetensorError, RuntimeError, OSError, EOFError) as err:
+    except (SafetensorError, RuntimeError, OSError, EOFError, pickle.UnpicklingError) as err:
         raise CheckpointError(
             f"checkpoint {str(path)!r} does not read as safetensors or a weights-only torch "
             f"file ({str(err).splitlines()[0]}); Fix: save it with safetensors.torch.save_file "
