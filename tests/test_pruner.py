@@ -245,6 +245,31 @@ def test_transformers_callback_steps_the_pruner_like_trainer_does():
         )
 
 
+def test_real_transformers_trainer_reaches_the_exact_sparsity(tmp_path):
+    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
+    from transformers import Trainer, TrainingArguments
+
+    from prunekit.training import PruningCallback
+    from prunekit.zoo.hf import tiny_transformer
+
+    model, _ = tiny_transformer("gpt2")
+    ids = torch.randint(0, 100, (32, 12), generator=torch.Generator().manual_seed(0))
+    layers = "transformer.h.*"  # the blocks' Conv1D layers; wte is tied to the head
+    pruner = Pruner(model, target=0.5, layers=layers, schedule=Cubic(start=0, end=4, every=2))
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4,
+                             learning_rate=1e-3, use_cpu=True, report_to=[], save_strategy="no",
+                             logging_strategy="no", disable_tqdm=True)  # fmt: skip
+    data = [{"input_ids": x, "labels": x} for x in ids]
+    trainer = Trainer(
+        model=model, args=args, train_dataset=data, callbacks=[PruningCallback(pruner)]
+    )
+    trainer.train()
+    assert trainer.state.global_step == pruner.step_count == 6
+    assert [(e.step, e.target) for e in pruner.history] == [(2, pytest.approx(0.4375)), (4, 0.5)]
+    report = pk.sparsity(model, layers=layers)
+    assert report.numel == 24576 and report.zeros == 12288  # exactly half, after AdamW steps
+
+
 def test_training_imports_without_transformers():
     code = (
         "import sys; sys.modules['transformers'] = None\n"
