@@ -35,7 +35,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
     export.check_format(args.format)
     loaded = cli_model.load(args)
     data = zoo.load_dataset(args.dataset) if args.dataset else None
-    inputs = cli_model.example(loaded, args, data)
+    inputs = cli_model.example(loaded, args, data) if args.format == "onnx" else None
     report = export.export(
         loaded.model, args.format, args.out, inputs, batch_size=args.batch_size, stem=loaded.name
     )

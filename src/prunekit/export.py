@@ -101,24 +101,27 @@ def export(
     model: nn.Module,
     format: str,
     out_dir: str | Path,
-    example_inputs: Inputs,
+    example_inputs: Inputs | None = None,
     *,
     batch_size: int = 1,
     stem: str = "model",
 ) -> ExportReport:
     """Write a copy of ``model`` to ``<out_dir>/<stem>.<ext>`` in ``format`` (module table).
 
-    ``example_inputs`` traces the ONNX graph; ``batch_size`` is the batch the ``auto``
+    ``example_inputs`` traces the ONNX graph (needed for ``onnx`` only); ``batch_size`` is the batch the ``auto``
     sparse format times its candidates at. The sparse conversion runs before anything is
     written, so a weight that does not fit the format leaves no file.
 
     Raises:
         UnknownChoiceError: an unknown format.
-        ExportError: ``onnx`` without the onnx extra, or a model the exporter cannot trace.
+        ExportError: ``onnx`` without the onnx extra or example inputs, or a model the
+            exporter cannot trace.
         NotSparseEnoughError, NotNMError, IncompatibleLayerError: from
             :func:`prunekit.sparse.convert` for a layer the sparse format cannot hold.
     """
     check_format(format)
+    if format == "onnx" and example_inputs is None:
+        raise ExportError("format 'onnx' traces the model; Fix: pass example_inputs.")
     work = copy.deepcopy(model)
     if format in SPARSE:
         report = sparse.convert(work, format, batch_size=batch_size)

@@ -1,0 +1,132 @@
+"""``prunekit export``: every format written, reloaded and compared with the model."""
+
+from __future__ import annotations
+
+import textwrap
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_model
+
+import prunekit as pk
+from prunekit import model_spec
+from prunekit.cli import main
+
+FACTORY = """
+import torch
+from torch import nn
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16))
+"""
+X = torch.randn(4, 32, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture
+def spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    name = f"export_factory_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(FACTORY))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return f"{name}:mlp"
+
+
+def _checkpoint(spec: str, tmp_path: Path, granularity: str) -> tuple[torch.nn.Module, Path]:
+    """The factory's model pruned by ``granularity`` (baked), and its safetensors file."""
+    model = model_spec.load_model(spec).model
+    pk.prune(model, None if granularity == "2:4" else 0.75, granularity=granularity)
+    pk.bake(model)
+    path = tmp_path / f"{granularity.replace(':', '-')}.safetensors"
+    save_model(model, str(path))
+    return model, path
+
+
+def _export(spec: str, checkpoint: Path, fmt: str, out: Path) -> int:
+    return main(["export", "--model", spec, "--checkpoint", str(checkpoint), "--format", fmt,
+                 "--input-shape", "4,32", "--out", str(out)])  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("fmt", "granularity", "file"),
+    [
+        ("safetensors", "element", "mlp.safetensors"),
+        ("csr", "element", "mlp.csr.safetensors"),
+        ("bsr", "block:4x4", "mlp.bsr.safetensors"),
+        ("nm", "2:4", "mlp.nm.safetensors"),
+        ("auto", "element", "mlp.auto.safetensors"),
+    ],
+)
+def test_export_round_trip(
+    spec: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], fmt: str, granularity: str,
+    file: str,
+) -> None:  # fmt: skip
+    model, checkpoint = _checkpoint(spec, tmp_path, granularity)
+    out = tmp_path / "out"
+    assert _export(spec, checkpoint, fmt, out) == 0
+    printed = capsys.readouterr().out
+    path = out / file
+    assert path.name in printed and f"{path.stat().st_size:,}" in printed
+    fresh = model_spec.load_model(spec).model
+    if fmt == "safetensors":
+        model_spec.load_checkpoint(fresh, path)
+    else:
+        pk.sparse.load(fresh, path)
+    if fmt != "auto":  # auto picks per layer by timing; the others convert every layer
+        assert f"{'dense' if fmt == 'safetensors' else fmt}: 0, 2" in printed
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(X), model(X), rtol=1e-5, atol=1e-5)
+
+
+def test_export_onnx_round_trip(spec: str, tmp_path: Path) -> None:
+    import onnxruntime
+
+    model, checkpoint = _checkpoint(spec, tmp_path, "element")
+    assert _export(spec, checkpoint, "onnx", tmp_path / "out") == 0
+    session = onnxruntime.InferenceSession(str(tmp_path / "out" / "mlp.onnx"))
+    (got,) = session.run(None, {session.get_inputs()[0].name: X.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), model(X), rtol=1e-5, atol=1e-5)
+
+
+def test_export_onnx_without_the_extra(
+    spec: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n == "onnx" else real(n, *a)
+    )
+    assert main(["export", "--model", spec, "--format", "onnx", "--out", str(tmp_path / "o")]) == 2
+    assert "pip install prunekit[onnx]" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_export_of_a_too_dense_model_writes_nothing(
+    spec: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "o"
+    assert main(["export", "--model", spec, "--format", "csr", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "as csr it would take" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_export_from_a_save_shrunk_directory(tmp_path: Path) -> None:
+    import onnxruntime
+
+    from prunekit import zoo
+
+    model = zoo.build_model("vgg").eval()
+    x = zoo.example_input("vgg")
+    pk.shrink(model, x, 0.5)
+    pk.save_shrunk(model, tmp_path / "shrunk")
+    argv = ["export", "--model", "vgg", "--checkpoint", str(tmp_path / "shrunk"), "--format",
+            "onnx", "--out", str(tmp_path / "out")]  # fmt: skip
+    assert main(argv) == 0
+    session = onnxruntime.InferenceSession(str(tmp_path / "out" / "vgg.onnx"))
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), model(x), rtol=1e-4, atol=1e-5)
