@@ -108,9 +108,10 @@ def export(
 ) -> ExportReport:
     """Write a copy of ``model`` to ``<out_dir>/<stem>.<ext>`` in ``format`` (module table).
 
-    ``example_inputs`` traces the ONNX graph (needed for ``onnx`` only); ``batch_size`` is the batch the ``auto``
-    sparse format times its candidates at. The sparse conversion runs before anything is
-    written, so a weight that does not fit the format leaves no file.
+    ``example_inputs`` traces the ONNX graph (needed for ``onnx`` only); ``batch_size`` is
+    the batch the ``auto`` sparse format times its candidates at. Everything is written to
+    a temporary folder first, so a failure (a weight that does not fit the format, a model
+    the exporter cannot trace) leaves no file in ``out_dir``.
 
     Raises:
         UnknownChoiceError: an unknown format.
