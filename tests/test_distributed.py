@@ -4,15 +4,13 @@ pruning without a process group fails before anything is touched."""
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from conftest import assert_unchanged, snapshot
+from ranks import run_ranks
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -62,34 +60,26 @@ def train_pruned(rank: int, world: int) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
 
 
-def worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        save_file(train_pruned(rank, WORLD), f"{out}/ddp{rank}.safetensors")
-        # Ranks whose weights differ (no DDP): the Pruner still leaves rank 0's masks everywhere.
-        model = make_mlp(seed=rank)
-        Pruner(model, target=0.5, distributed=True).step()
-        assert sync_masks(model) == 3  # already equal: a no-op that still agrees
-        masks = {name: get_mask(m) for name, m in model.named_modules() if get_mask(m) is not None}
-        save_file({k: v.to(torch.uint8) for k, v in masks.items()}, f"{out}/own{rank}.safetensors")
-        # Models that disagree on the masked layers: an error on every rank, no hang.
-        odd = make_mlp()
-        if rank == 1:
-            register_masks([odd[0]])
-        with pytest.raises(DistributedError, match="disagree on the masked layers"):
-            sync_masks(odd)
-    finally:
-        dist.destroy_process_group()
+def worker(rank: int, out: Path) -> None:
+    save_file(train_pruned(rank, WORLD), out / f"ddp{rank}.safetensors")
+    # Ranks whose weights differ (no DDP): the Pruner still leaves rank 0's masks everywhere.
+    model = make_mlp(seed=rank)
+    Pruner(model, target=0.5, distributed=True).step()
+    assert sync_masks(model) == 3  # already equal: a no-op that still agrees
+    masks = {name: get_mask(m) for name, m in model.named_modules() if get_mask(m) is not None}
+    save_file({k: v.to(torch.uint8) for k, v in masks.items()}, out / f"own{rank}.safetensors")
+    # Models that disagree on the masked layers: an error on every rank, no hang.
+    odd = make_mlp()
+    if rank == 1:
+        register_masks([odd[0]])
+    with pytest.raises(DistributedError, match="disagree on the masked layers"):
+        sync_masks(odd)
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("ranks")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(worker, args=(port, str(out)), nprocs=WORLD, join=True)
+    run_ranks(worker, out, WORLD)
     return out
 
 

@@ -6,15 +6,13 @@ rank 0 writes checkpoints, every rank resumes from them, and bad input fails on 
 from __future__ import annotations
 
 import json
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from conftest import assert_unchanged, snapshot
+from ranks import run_ranks
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -102,23 +100,10 @@ def run_pipelines(rank: int, out: Path) -> None:
     assert_unchanged(fresh, before)
 
 
-def worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        run_pipelines(rank, Path(out))
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("pipelines")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(worker, args=(port, str(out)), nprocs=WORLD, join=True)
+    run_ranks(run_pipelines, out, WORLD)
     return out
 
 
