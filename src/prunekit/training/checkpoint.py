@@ -17,6 +17,11 @@ after the new ``state.json`` is in place.
 touching anything, a checkpoint whose JSON or tensors are corrupted (unparsable, missing
 keys, SHA-256 mismatch) or whose ``identity`` (model parameter names and shapes, run
 arguments) differs from the caller's.
+
+Under ``torch.distributed`` (``sync=True``) rank 0 alone writes, and rank 0 alone reads,
+broadcasting the bytes, so every rank resumes from the same checkpoint and raises the same
+error. :func:`save_round` / :func:`resume` are what the pipelines call: a model's masked
+state dict plus extra tensors, and the model and RNG states put back.
 """
 
 from __future__ import annotations

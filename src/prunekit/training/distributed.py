@@ -4,6 +4,12 @@ A :class:`~prunekit.Pruner` in a process group calls :func:`sync_masks` after ev
 :func:`prunekit.prune`: rank 0's packed mask buffers are broadcast to all ranks, so every
 rank holds exactly rank 0's masks. Nothing else is sent: the weights are DDP's business.
 
+The pipelines (:func:`~prunekit.training.lottery`,
+:func:`~prunekit.training.iterative_pruning`, soft filter pruning, network slimming) do
+the same after each prune, and train through :func:`data_parallel`: every rank draws the
+same global batches and computes its share, and rank 0 alone writes checkpoints, which
+every rank then reads through :func:`broadcast_bytes`.
+
 Why broadcast the decision rather than all-reduce the scores:
 
 - it is cheap: one bit per weight, packed, in a single ``dist.broadcast``, against 32 bits
