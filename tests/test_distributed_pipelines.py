@@ -17,7 +17,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from prunekit.errors import CheckpointError, DistributedError
-from prunekit.training import checkpoint, iterative_pruning, lottery, soft_filter_pruning
+from prunekit.training import (
+    checkpoint,
+    iterative_pruning,
+    lottery,
+    network_slimming,
+    soft_filter_pruning,
+)
 from prunekit.zoo import SmallVGG, load_dataset
 
 WORLD = 2
@@ -159,10 +165,10 @@ def test_soft_filter_pruning_ranks_shrink_alike(ranks: Path) -> None:
     assert convs == [2, 4, 4]  # floor(0.5 * width) filters removed per family
 
 
-@pytest.mark.parametrize("pipeline", ["lottery", "iterative", "sfp"])
+@pytest.mark.parametrize("pipeline", ["lottery", "iterative", "sfp", "slimming"])
 def test_distributed_required_without_process_group(tmp_path, digits, pipeline) -> None:
     assert not dist.is_initialized()
-    model = vgg() if pipeline == "sfp" else mlp()
+    model = vgg() if pipeline in ("sfp", "slimming") else mlp()
     before = snapshot(model)
     run = {
         "lottery": lambda: lottery(model, digits, checkpoint_dir=tmp_path, distributed=True),
@@ -170,6 +176,9 @@ def test_distributed_required_without_process_group(tmp_path, digits, pipeline) 
             model, digits, target=0.5, checkpoint_dir=tmp_path, distributed=True
         ),
         "sfp": lambda: soft_filter_pruning(
+            model, load_dataset("digits"), X8, epochs=1, distributed=True
+        ),
+        "slimming": lambda: network_slimming(
             model, load_dataset("digits"), X8, epochs=1, distributed=True
         ),
     }[pipeline]
