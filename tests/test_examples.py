@@ -1,0 +1,124 @@
+"""The reproduction scripts' own logic (examples/): options, tables, section writing, the
+per-layer ``q`` rounds, mask transplanting and the lottery verdict. The training runs
+themselves are the scripts' ``--quick`` mode, too slow for this suite."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+
+import _results
+import at_init
+import han2015
+import lottery_ticket
+
+from prunekit.masks import get_mask
+from prunekit.pruning import prune
+from prunekit.training.post import han_sparsities
+from prunekit.zoo import Dataset
+
+
+def test_parser_reads_comma_separated_seeds_and_quick_keeps_one() -> None:
+    args = _results.parser("doc").parse_args(["--seeds", "3,1,2", "--quick"])
+    assert args.seeds == [3, 1, 2]
+    threads = torch.get_num_threads()
+    try:
+        _results.setup(args)
+        assert args.seeds == [3] and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
+@given(st.lists(st.floats(0, 1), min_size=2, max_size=6))
+def test_mean_std_is_mean_and_sample_std_in_points(values: list[float]) -> None:
+    t = torch.tensor(values, dtype=torch.float64)
+    assert _results.mean_std(values) == f"{100 * t.mean():.2f} +- {100 * t.std():.2f}"
+
+
+def test_mean_std_of_one_value_has_zero_spread() -> None:
+    assert _results.mean_std([0.9512]) == "95.12 +- 0.00"
+    assert _results.mean_std([1.5], scale=1.0, digits=3) == "1.500 +- 0.000"
+
+
+def test_markdown_aligns_columns() -> None:
+    assert _results.markdown(["a", "b"], [["x", "1"]], "lc") == [
+        "| a | b |",
+        "|---|:---:|",
+        "| x | 1 |",
+    ]
+    assert _results.markdown(["a", "b", "c"], [])[1] == "|---|---:|---:|"
+
+
+def test_write_replaces_only_its_section(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "results.md"
+    out.write_text("# head\n\nkept text\n")
+    monkeypatch.setattr(_results, "RESULTS", out)
+    args = _results.parser("doc").parse_args(["--write"])
+    _results.write("a", ["old"], args)
+    _results.write("b", ["bee"], args)
+    _results.write("a", ["new"], args)
+    text = out.read_text()
+    assert text.startswith("# head\n\nkept text\n")
+    assert "<!-- a:start -->\nnew\n<!-- a:end -->" in text and "old" not in text
+    assert text.index("<!-- a:start") < text.index("<!-- b:start")
+    quick = _results.parser("doc").parse_args(["--write", "--quick"])
+    _results.write("a", ["quick"], quick)
+    assert out.read_text() == text  # --quick never writes
+
+
+def _tiny_data() -> Dataset:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 6, generator=gen)
+    y = torch.randint(0, 3, (32,), generator=gen)
+    return Dataset("tiny", x, y, x, y, (6,), 3)
+
+
+def test_per_layer_q_rounds_uses_each_layers_own_q() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    q = {"0": 1.0, "2": 0.0}
+    expected = 1 - han_sparsities(model, 1.0, ["0"])["0"]
+    plan = han2015.Plan(dense_epochs=0, rounds=1, epochs=0, lr=1e-3, q=q)
+    kept = han2015.per_layer_q_rounds(model, _tiny_data(), plan, seed=0)
+    assert kept == {"0": pytest.approx(expected), "2": 1.0}
+    assert 0.4 < kept["0"] < 0.9  # |w| < 1 std of a uniform init: a real cut
+
+
+def test_transplant_copies_masks_by_name() -> None:
+    torch.manual_seed(0)
+    trained = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    fresh = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    prune(trained, 0.75, scope="global")
+    before = fresh[0].weight.detach().clone()
+    at_init._transplant(trained, fresh)
+    for name in ("0", "2"):
+        assert torch.equal(
+            get_mask(fresh.get_submodule(name)), get_mask(trained.get_submodule(name))
+        )
+    mask = get_mask(fresh[0])
+    assert torch.equal(fresh[0].weight, before * mask)  # fresh weights, trained mask
+
+
+def test_lottery_table_marks_rounds_that_match_or_beat_dense() -> None:
+    runs = {
+        "theta_0": {0: [0.90, 0.92], 1: [0.91, 0.93], 2: [0.80, 0.82]},
+        "theta_25": {0: [0.90, 0.92], 1: [0.88, 0.90], 2: [0.95, 0.95]},
+        "random re-init": {1: [0.85, 0.85], 2: [0.70, 0.70]},
+    }
+    header, rows, verdict = lottery_ticket._table(runs, {0: 1.0, 1: 0.8, 2: 0.64})
+    assert header[-2:] == ["theta_0 >= dense", "theta_25 >= dense"]
+    assert [r[-2:] for r in rows] == [["", ""], ["yes", ""], ["", "yes"]]
+    assert rows[1][:4] == ["80.0%", "92.00 +- 1.41", "89.00 +- 1.41", "85.00 +- 0.00"]
+    assert verdict == (
+        "theta_0 tickets match or beat dense (91.00 +- 1.41%) from 80.0% down to 80.0% of "
+        "the weights; theta_25 tickets match or beat dense (91.00 +- 1.41%) from 64.0% down "
+        "to 64.0% of the weights."
+    )
