@@ -63,6 +63,7 @@ def test_data_driven_criterion_uses_calibration_batches(digits) -> None:
 BAD = [
     (dict(target=0.5, q=1.0), pk.PruningError, "exactly one of target= .* or q="),
     (dict(), pk.PruningError, "exactly one of target="),
+    (dict(q=-0.5), pk.PruningError, r"q=-0\.5 must be a number > 0"),
     (dict(target=1.5), pk.InvalidSparsityError, r"target=1\.5"),
     (dict(target=0.5, rounds=0), pk.PruningError, r"rounds=0 must be an int >= 1"),
     (dict(target=0.2), pk.InvalidSparsityError, r"target=0\.2 is below .* \(0\.3\)"),

@@ -85,7 +85,12 @@ def _check(
     """``target`` as a float, or an error before anything is touched: pruning a copy of
     the model to ``target`` checks the criterion, scope, layers and calibration data."""
     if (target is None) == (q is None):
-        raise PruningError("give exactly one of target= (a sparsity) or q= (Han's q * std)")
+        raise PruningError(
+            f"target={target!r}, q={q!r}: give exactly one of target= (a sparsity) or q= "
+            "(Han's q * std threshold); Fix: e.g. target=0.9 or q=0.7."
+        )
+    if q is not None and (isinstance(q, bool) or not isinstance(q, int | float) or not q > 0):
+        raise PruningError(f"q={q!r} must be a number > 0 (a multiple of std); Fix: e.g. q=0.7.")
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise PruningError(f"rounds={rounds!r} must be an int >= 1; Fix: e.g. rounds=5")
     chosen = select_layers(model, prune_kwargs["layers"], prune_kwargs["exclude"])
