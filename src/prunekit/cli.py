@@ -51,7 +51,8 @@ PRUNE_HELP = """Prune a model and save it with the masks baked in.
 --model-kwargs, --checkpoint). --dataset is needed only to train (--epochs: default 3 for
 an untrained zoo model, else 0; --finetune-epochs: default 1 with a dataset) and for
 data-driven criteria (gradient, taylor, wanda, snip, grasp); magnitude, l1, l2 and random
-prune without data. Writes <out>/model.safetensors (load it with --checkpoint), or a
+prune without data; a factory model then needs --input-shape (the profile's example
+input). Writes <out>/model.safetensors (load it with --checkpoint), or a
 save_pretrained directory for a transformers model."""
 
 
