@@ -18,8 +18,7 @@ from prunekit.demo import run, timing
 from prunekit.demo.context import FULL, QUICK
 
 FIGURES = {
-    "granularity-linear",
-    "granularity-conv",
+    "granularity",
     "conv-mask-3d",
     "weights-histogram",
     "density-local",

@@ -3,6 +3,7 @@ an SVG; the granularity figure's masks come from prunekit's own pruning."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import matplotlib.image
@@ -10,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import assert_unchanged, snapshot
+from hypothesis import given
+from hypothesis import strategies as st
 from matplotlib.figure import Figure
 from torch import nn
 
@@ -117,3 +120,60 @@ def test_bad_inputs() -> None:
         plots.plot_accuracy_vs_sparsity({})
     with pytest.raises(pk.PruningError, match="empty"):
         plots.plot_latency_vs_macs({"a": []})
+
+
+def test_one_figure_draws_each_granularity_on_the_first_layer_that_takes_it() -> None:
+    torch.manual_seed(0)
+    conv, linear = nn.Conv2d(6, 8, 3), nn.Linear(16, 8)  # 4 divides 16 inputs, not 6
+    fig = plots.plot_granularity_masks({"conv": conv, "fc": linear})
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles[:2] == ["dense |W| (conv)", "dense |W| (fc)"]
+    assert "2:4 (fc): 50% kept" in titles and "block:4x4 (fc): 50% kept" in titles
+    for gran in ("element", "row", "column", "kernel", "filter", "channel"):
+        assert f"{gran} (conv): 50% kept" in titles, gran
+    assert "Granularities at 50% sparsity by magnitude: conv (8, 6, 3, 3), fc (8, 16)" in (
+        fig._suptitle.get_text()
+    )
+    only_linear = plots.plot_granularity_masks({"fc": linear}, granularities=["kernel"])
+    assert [ax.get_title() for ax in only_linear.axes[:2]] == ["dense |W|", "kernel: n/a"]
+    with pytest.raises(pk.PruningError, match="no layers"):
+        plots.plot_granularity_masks({})
+
+
+@given(st.lists(st.booleans(), max_size=40))
+def test_runs_cover_exactly_the_true_entries(flags: list[bool]) -> None:
+    runs = plots._runs(np.array(flags, dtype=bool))
+    rebuilt = np.zeros(len(flags), dtype=bool)
+    for start, stop in runs:
+        assert start < stop and not rebuilt[start:stop].any()
+        rebuilt[start:stop] = True
+    assert rebuilt.tolist() == flags
+    assert all(a[1] < b[0] for a, b in itertools.pairwise(runs))  # separated runs
+
+
+def _faces(fig: Figure) -> int:
+    """Polygons of the one 3-D collection of a figure, once drawn (projected)."""
+    fig.canvas.draw()
+    (boxes,) = fig.axes[0].collections
+    return len(boxes.get_paths())
+
+
+def test_conv_mask_3d_draws_one_box_per_run_of_kept_positions() -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 2)  # 4 kernel positions per (filter, input channel)
+    pk.prune(conv, 0.5, granularity="kernel")
+    assert _faces(plots.plot_conv_mask_3d(conv)) == 6 * 6  # 6 of 12 kernels kept, full bars
+    mask = torch.tensor([1, 0, 1, 1], dtype=torch.bool).repeat(4, 3, 1).view(4, 3, 2, 2)
+    pk.masks.set_mask(conv, mask)
+    assert _faces(plots.plot_conv_mask_3d(conv)) == 6 * 2 * 12  # two runs in every kernel
+
+
+def test_density_and_latency_axes() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    pk.prune(model, 0.5)
+    title = plots.plot_layer_density(model, label="local scope").axes[0].get_title()
+    assert title == "Per-layer density, local scope (total 50.0% of 24 weights)"
+    fig = plots.plot_latency_vs_macs({"a": [(2e6, 1.0), (1e6, 0.6)]}, xlabel="eff. MACs")
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "eff. MACs" and ax.get_ylim()[0] == 0
+    assert ax.xaxis.get_major_formatter()(1e6, 0) == "1 M"

@@ -13,6 +13,7 @@ import math
 import os
 import textwrap
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import matplotlib
 import numpy as np
@@ -119,53 +120,88 @@ def granularity_masks(
     return masks
 
 
+Weights = nn.Module | Tensor | Mapping[str, nn.Module | Tensor]
+
+
+class _Panel(NamedTuple):
+    title: str
+    layer: nn.Module
+    mask: Tensor | str | None  # None: the dense weight; str: why the granularity is n/a
+
+
+def _panels(
+    named: Mapping[str, nn.Module], sparsity: float, granularities: Sequence[str]
+) -> list[_Panel]:
+    """A dense panel per layer used, then one per granularity on the first layer of
+    ``named`` that takes it (the last layer's reason when none does)."""
+    masks = {
+        name: granularity_masks(layer, sparsity, granularities) for name, layer in named.items()
+    }
+    chosen = []
+    for gran in next(iter(masks.values())):
+        name = next((n for n, m in masks.items() if not isinstance(m[gran], str)), list(named)[-1])
+        chosen.append((gran, name))
+    used = [n for n in named if any(name == n for _, name in chosen)] or list(named)[:1]
+    label = (lambda n: f" ({n})") if len(named) > 1 else (lambda n: "")
+    dense = [_Panel(f"dense |W|{label(n)}", named[n], None) for n in used]
+    return dense + [_Panel(f"{g}{label(n)}", named[n], masks[n][g]) for g, n in chosen]
+
+
 def plot_granularity_masks(
-    layer_or_weight: nn.Module | Tensor,
+    layer_or_weight: Weights,
     path: PathLike = None,
     *,
     sparsity: float = 0.5,
     granularities: Sequence[str] = GRANULARITY_PANELS,
 ) -> Figure:
-    """The chapter's granularity figure (Fig. 3-2) drawn from a real weight.
+    """The chapter's granularity figure (Fig. 3-2) drawn from real weights.
 
-    The first panel is the dense ``|W|`` as its GEMM matrix ``(out, in * kernel)``; then one
-    panel per granularity from :func:`granularity_masks`, kept weights coloured by
-    magnitude and pruned ones white.
+    Each weight is drawn as its GEMM matrix ``(out, in * kernel)``: first the dense
+    ``|W|``, then one panel per granularity from :func:`granularity_masks`, kept weights
+    coloured by ``|w| / max |w|`` of their layer and pruned ones white. Given a mapping
+    ``{name: layer or weight}`` (e.g. a Linear and a conv of one model), each granularity
+    is drawn on the first layer that takes it, so one figure shows all of them.
     """
-    base = _dense_layer(layer_or_weight)
-    masks = granularity_masks(base, sparsity, granularities)
-    magnitude = np.abs(_gemm(base, weight_param(base)))
-    panels = len(masks) + 1
-    cols = min(3, panels)
-    rows = math.ceil(panels / cols)
+    items = (
+        layer_or_weight.items() if isinstance(layer_or_weight, Mapping) else [("", layer_or_weight)]
+    )
+    named = {name: _dense_layer(layer) for name, layer in items}
+    if not named:
+        raise PruningError("no layers given; Fix: pass a layer, a weight or {name: layer}.")
+    panels = _panels(named, sparsity, granularities)
+    cols = min(4 if len(panels) > 9 else 3, len(panels))
+    rows = math.ceil(len(panels) / cols)
     fig = _figure(4.2 * cols, 3.2 * rows + 0.4)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    vmax = float(magnitude.max()) or 1.0
     image = None
-    for ax, (title, mask) in zip(axes, [("dense |W|", None), *masks.items()], strict=False):
+    for ax, (title, layer, mask) in zip(axes, panels, strict=False):
         ax.set_xticks([])
         ax.set_yticks([])
         if isinstance(mask, str):
             ax.set_title(f"{title}: n/a", fontsize=11)
             ax.text(0.5, 0.5, textwrap.fill(mask, 36), ha="center", va="center", fontsize=9)
             continue
-        shown = magnitude if mask is None else np.ma.masked_where(_gemm(base, mask) == 0, magnitude)
+        magnitude = np.abs(_gemm(layer, weight_param(layer)))
+        magnitude /= float(magnitude.max()) or 1.0
+        shown = (
+            magnitude if mask is None else np.ma.masked_where(_gemm(layer, mask) == 0, magnitude)
+        )
         image = ax.imshow(
-            shown, cmap=_KEPT_CMAP, vmin=0, vmax=vmax, aspect="auto", interpolation="nearest"
+            shown, cmap=_KEPT_CMAP, vmin=0, vmax=1, aspect="auto", interpolation="nearest"
         )
         kept = "" if mask is None else f": {mask.float().mean().item():.0%} kept"
         ax.set_title(f"{title}{kept}", fontsize=11)
         ax.set_xlabel("inputs x kernel", fontsize=9)
         ax.set_ylabel("outputs", fontsize=9)
-    for ax in axes[panels:]:
+    for ax in axes[len(panels) :]:
         ax.set_axis_off()
     if image is not None:
-        fig.colorbar(image, ax=axes.tolist(), shrink=0.6, label="|w| (white: pruned)")
-    fig.suptitle(
-        f"Granularities at {sparsity:.0%} sparsity by magnitude, weight "
-        f"{tuple(weight_param(base).shape)}",
-        fontsize=13,
+        label = "|w| / max |w| of the layer (white: pruned)"
+        fig.colorbar(image, ax=axes.tolist(), shrink=0.6, label=label)
+    shapes = ", ".join(
+        f"{name} {tuple(weight_param(layer).shape)}".lstrip() for name, layer in named.items()
     )
+    fig.suptitle(f"Granularities at {sparsity:.0%} sparsity by magnitude: {shapes}", fontsize=13)
     return _finish(fig, path)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -48,8 +48,15 @@ class Budget:
     min_run_time: float
 
 
-FULL = Budget(4000, 3, 4000, 1, (0.5, 0.7, 0.9, 0.95, 0.98), 2, 2, 20, 64, 0.1)
+FULL = Budget(4000, 5, 4000, 1, (0.5, 0.7, 0.9, 0.95, 0.98), 2, 2, 20, 64, 0.1)
 QUICK = Budget(600, 1, 256, 1, (0.5, 0.9), 1, 1, 3, 8, 0.005)
+
+
+def renamed(record: object, columns: Mapping[str, str]) -> dict[str, object]:
+    """A table row from a dict or a dataclass: ``{column: record's field}`` for each
+    ``field -> column`` of ``columns``, in that order."""
+    fields = record if isinstance(record, Mapping) else vars(record)
+    return {column: fields[name] for name, column in columns.items()}
 
 
 @dataclass(frozen=True)
@@ -126,7 +133,7 @@ class Context:
         baked = [bake(copy.deepcopy(model)) for model in models]
         counts = [profile(model, self.example, latency=False) for model in baked]
         run_time = self.budget.min_run_time * len(baked)
-        seconds = measure_latencies(baked, self.example, min_run_time=run_time)
+        seconds = measure_latencies(baked, self.example, min_run_time=run_time, rounds=5)
         return [(c, s * 1e3) for c, s in zip(counts, seconds, strict=True)]
 
     def prune_and_finetune(

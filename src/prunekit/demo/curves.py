@@ -11,7 +11,7 @@ from torch import nn
 
 from prunekit.analysis import plots, sweep
 from prunekit.analysis.report import Section
-from prunekit.demo.context import Context
+from prunekit.demo.context import Context, renamed
 from prunekit.demo.granularity import exclusions
 
 METHODS = {
@@ -61,6 +61,6 @@ def section(ctx: Context) -> Section:
         min_run_time=ctx.budget.min_run_time,
         progress=False,
     )
-    rows = [{COLUMNS[k]: row[k] for k in COLUMNS} for row in report.summary()]
+    rows = [renamed(row, COLUMNS) for row in report.summary()]
     figure = plots.plot_accuracy_vs_sparsity(report.curves())
     return Section("Accuracy vs sparsity", TEXT, rows, {"accuracy-vs-sparsity": figure})

@@ -15,16 +15,17 @@ from prunekit.layers import weight_param
 
 SPARSITY = 0.5
 LINEAR = ("element", "2:4", "row", "column", "block:4x4")
-CONV = ("element", "2:4", "kernel", "filter", "channel")
+CONV = ("element", "kernel", "filter", "channel")
 # Groups of these granularities would cut whole classes out of the classifier.
 KEEP_CLASSIFIER = frozenset({"row", "column", "filter", "channel"})
 CLASSIFIER = "fc3"
 TEXT = (
     "Each granularity prunes 50% of the weights by magnitude (2:4 fixes it at 50%), local "
     "scope, then one fine-tuning pass. Finer groups keep more accuracy; coarser ones are "
-    "what hardware can skip. The figures draw the masks on the trained LeNet-300-100 fc2 "
-    "and LeNet-5 conv2 (white: pruned), the kernel-pruned conv2 in 3-D, and fc1's weights "
-    "before and after element pruning (a gap opens around zero)."
+    "what hardware can skip. The figures draw every granularity's mask on the trained "
+    "LeNet-5 (conv2, and fc1 for what conv2 cannot take; white: pruned), the kernel-pruned "
+    "conv2 in 3-D, and LeNet-300-100 fc1's weights before and after element pruning and "
+    "fine-tuning (a gap opens around zero)."
 )
 
 
@@ -36,7 +37,7 @@ def exclusions(granularity: str) -> list[str] | None:
 def section(ctx: Context) -> Section:
     """Prune each granularity on its LeNet, tabulate, and draw the granularity figures."""
     rows, pruned = [], {}
-    for trained, granularities in ((ctx.lenet300, LINEAR), (ctx.lenet5, CONV[:1] + CONV[2:])):
+    for trained, granularities in ((ctx.lenet300, LINEAR), (ctx.lenet5, CONV)):
         for granularity in granularities:
             ctx.status(f"granularity {granularity} on {trained.name}")
             sparsity = None if granularity == "2:4" else SPARSITY
@@ -45,15 +46,14 @@ def section(ctx: Context) -> Section:
             )
             pruned[trained.name, granularity] = model
             rows.append({"model": trained.name, "granularity": granularity, **row})
-    before = weight_param(ctx.lenet300.model.fc1)
+    lenet5 = ctx.lenet5.model
     figures = {
-        "granularity-linear": plots.plot_granularity_masks(
-            ctx.lenet300.model.fc2, sparsity=SPARSITY, granularities=LINEAR
-        ),
-        "granularity-conv": plots.plot_granularity_masks(
-            ctx.lenet5.model.conv2, sparsity=SPARSITY, granularities=CONV
+        "granularity": plots.plot_granularity_masks(
+            {"conv2": lenet5.conv2, "fc1": lenet5.fc1}, sparsity=SPARSITY
         ),
         "conv-mask-3d": plots.plot_conv_mask_3d(pruned["lenet5", "kernel"].conv2),
-        "weights-histogram": plots.plot_weight_histogram(before, pruned["lenet300", "element"].fc1),
+        "weights-histogram": plots.plot_weight_histogram(
+            weight_param(ctx.lenet300.model.fc1), pruned["lenet300", "element"].fc1
+        ),
     }
     return Section("Granularity", TEXT, rows, figures)

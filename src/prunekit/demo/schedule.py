@@ -11,11 +11,17 @@ from __future__ import annotations
 import dataclasses
 
 from prunekit.analysis.report import Section
-from prunekit.demo.context import FINETUNE_LR, Context
+from prunekit.demo.context import FINETUNE_LR, Context, renamed
 from prunekit.training import iterative_pruning
 
 TARGET = 0.97
 ROUNDS = 3
+COLUMNS = {
+    "round": "round",
+    "sparsity": "sparsity",
+    "pruned_accuracy": "acc pruned",
+    "retrained_accuracy": "acc fine-tuned",
+}
 TEXT = (
     "97% of LeNet-300-100's weights by global magnitude, with the same fine-tuning budget "
     f"({ROUNDS} passes): all at once, or in {ROUNDS} rounds of prune + fine-tune "
@@ -44,14 +50,5 @@ def section(ctx: Context) -> Section:
         seed=ctx.seed,
         progress=False,
     )
-    rows += [
-        {
-            "method": "iterative",
-            "round": r.round,
-            "sparsity": r.sparsity,
-            "acc pruned": r.pruned_accuracy,
-            "acc fine-tuned": r.retrained_accuracy,
-        }
-        for r in report.rounds
-    ]
+    rows += [{"method": "iterative", **renamed(r, COLUMNS)} for r in report.rounds]
     return Section("One-shot vs iterative", TEXT, rows)

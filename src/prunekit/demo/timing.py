@@ -17,7 +17,7 @@ from collections.abc import Callable
 from torch import nn
 
 from prunekit.analysis.report import Section
-from prunekit.demo.context import LR, Context
+from prunekit.demo.context import LR, Context, renamed
 from prunekit.masks import sparsity
 from prunekit.pruner import Pruner
 from prunekit.pruning import prune
@@ -30,6 +30,14 @@ SFP_RATIO = 0.5
 LOTTERY_RATE = 0.6
 REWIND_STEP = 5
 BATCH = 64
+LOTTERY_COLUMNS = {
+    "round": "round",
+    "remaining": "weights left",
+    "best_epoch": "best epoch",
+    "accuracy": "acc (early stop)",
+    "final_accuracy": "acc (final)",
+    "control_accuracy": "random re-init",
+}
 TIMING_TEXT = (
     "90% of LeNet-300-100's weights (global scope) removed after training (prune, then one "
     "fine-tuning pass), during training from scratch (cubic schedule over the first two "
@@ -117,15 +125,5 @@ def lottery_section(ctx: Context) -> Section:
         lr=LR,
         seed=ctx.seed,
     )
-    rows = [
-        {
-            "round": r.round,
-            "weights left": r.remaining,
-            "best epoch": r.best_epoch,
-            "acc (early stop)": r.accuracy,
-            "acc (final)": r.final_accuracy,
-            "random re-init": r.control_accuracy,
-        }
-        for r in report.rounds
-    ]
+    rows = [renamed(r, LOTTERY_COLUMNS) for r in report.rounds]
     return Section("Lottery ticket", LOTTERY_TEXT, rows)
