@@ -49,7 +49,7 @@ from prunekit.training import distributed
 from prunekit.zoo.data import Dataset
 
 STATE = "state.json"
-FORMAT = 1
+FORMAT = 2  # 2: save_round keys "model." and "extra."
 _RNG_KEY = "rng.torch"
 _MODEL, _EXTRA = "model.", "extra."
 
