@@ -63,7 +63,7 @@ def test_every_section_is_in_the_report_and_on_the_terminal(demo: tuple[Path, st
     for heading in HEADINGS:
         assert heading in terminal
         assert f"## {heading}" in (folder / "report.md").read_text()
-    assert terminal.rstrip().endswith(f"report: {folder / 'report.html'}")
+    assert terminal.rstrip().endswith(f"report: {(folder / 'report.html').resolve()}")
     assert {p.stem for p in (folder / "figures").glob("*.png")} == FIGURES
     for stem in FIGURES:
         assert (folder / "figures" / f"{stem}.png").read_bytes().startswith(PNG_SIGNATURE)

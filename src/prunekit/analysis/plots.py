@@ -356,7 +356,7 @@ def plot_accuracy_vs_sparsity(
     ax.set_xlabel("sparsity")
     ax.set_ylabel(ylabel)
     ax.xaxis.set_major_formatter(PercentFormatter(1.0))
-    ax.set_title(f"{ylabel.capitalize()} vs sparsity (mean ± std over seeds)")
+    ax.set_title(f"{ylabel[:1].upper()}{ylabel[1:]} vs sparsity (mean ± std over seeds)")
     ax.legend()
     return _finish(fig, path)
 

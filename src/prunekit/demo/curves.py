@@ -62,5 +62,5 @@ def section(ctx: Context) -> Section:
         progress=False,
     )
     rows = [renamed(row, COLUMNS) for row in report.summary()]
-    figure = plots.plot_accuracy_vs_sparsity(report.curves())
+    figure = plots.plot_accuracy_vs_sparsity(report.curves(), ylabel="LeNet-300-100 test accuracy")
     return Section("Accuracy vs sparsity", TEXT, rows, {"accuracy-vs-sparsity": figure})

@@ -103,5 +103,5 @@ def run_demo(
         folder = write_report(
             REPORT, title=TITLE, sections=sections, out_dir=out_dir, seed=seed, data=data
         )
-    console.print(f"report: {folder / 'report.html'}")
+    console.print(f"report: {(folder / 'report.html').resolve()}", soft_wrap=True)
     return folder
