@@ -11,6 +11,7 @@ import torch
 from rich.console import Console
 
 from prunekit import recipes
+from prunekit.errors import RecipeError
 
 EXAMPLES = sorted((Path(__file__).parents[1] / "examples" / "recipes").glob("*.yaml"))
 
@@ -81,3 +82,29 @@ def _dense_macs(recipe: recipes.Recipe) -> int:
     from prunekit.analysis.profile import count_macs
 
     return count_macs(zoo.build_model(recipe["model"]["spec"]), zoo.example_input("lenet5"))
+
+
+def test_model_specific_error_comes_before_training(tmp_path: Path) -> None:
+    text = (
+        "name: slim\nmodel: {spec: lenet300, kwargs: {in_features: 64}}\ndata: {dataset: digits}\n"
+        "prune: {granularity: filter, sparsity: 0.5}\ntiming: {when: during, method: slimming}\n"
+    )
+    recipe = recipes.loads(text, "slim.yaml")
+    with pytest.raises(RecipeError) as info:
+        recipes.run(recipe, out_dir=tmp_path, console=Console(file=io.StringIO()))
+    assert str(info.value).startswith("slim.yaml:4: prune = {'granularity': 'filter'")
+    assert "LeNet300100 has no affine BatchNorm to slim" in str(info.value)
+    assert not any(tmp_path.iterdir())
+
+
+def test_recipe_without_data_prunes_and_exports(tmp_path: Path) -> None:
+    text = (
+        "name: no-data\nmodel: lenet5\ntrain: {epochs: 0}\nfinetune: {epochs: 0}\n"
+        "prune: {sparsity: 0.5, granularity: row, criterion: l1}\n"
+        "export: {formats: [safetensors]}\n"
+    )
+    folder = recipes.run(recipes.loads(text), out_dir=tmp_path, console=Console(file=io.StringIO()))
+    results = json.loads((folder / "results.json").read_text())
+    assert _section(results, "Accuracy")["rows"] == []
+    assert _section(results, "Cost")["rows"][-1]["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert (folder / "export" / "model.safetensors").exists()

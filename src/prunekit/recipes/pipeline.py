@@ -30,6 +30,7 @@ import copy
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -284,8 +285,8 @@ def materialize(run: Run) -> None:
 
 
 def dry_run(run: Run) -> None:
-    """Prune and materialise a copy of the untrained model as the recipe will, so that any
-    error is raised before training, at the line of the ``prune`` section."""
+    """Prune, convert and materialise a copy of the untrained model as the recipe will, so
+    that any error is raised before training, at the ``prune`` or ``materialize`` line."""
     r = run.recipe
     trial = dataclasses.replace(run, model=copy.deepcopy(run.model), console=Console(quiet=True))
     method = r["timing"]["method"]
@@ -294,37 +295,39 @@ def dry_run(run: Run) -> None:
             training.during.bn_l1(trial.model)
         if method in ("soft-filter", "slimming"):
             crit = r["prune"]["criterion"] if method == "soft-filter" else "l2"
-            ratio = r["prune"]["sparsity"]
-            pk.shrink(trial.model, run.example, ratio=ratio, criterion=crit)
+            pk.shrink(trial.model, run.example, ratio=r["prune"]["sparsity"], criterion=crit)
         else:
             if r["schedule"]["kind"] != "one-shot" and run.data is not None:
                 _pruner(trial, "finetune" if method == "finetune" else "train")
             _one_shot(trial)
-        materialize(trial)
-        for fmt in set(r["export"]["formats"]) & {"csr", "bsr", "nm"}:
-            pk.sparse.convert(copy.deepcopy(trial.model), fmt)
     except PruningError as err:
-        raise r.fail(
-            ("prune",),
-            r["prune"]["granularity"],
-            f"fails on the model: {err}",
-            "change the prune / materialize settings.",
-        ) from err
+        raise r.fail(("prune",), r["prune"], f"fails on the model: {err}", "") from err
+    sparse_exports = set(r["export"]["formats"]) & {"csr", "bsr", "nm"}
+    try:  # in execute's order: exports come after materialising, except for sparse modules
+        if r["materialize"]["mode"] != "sparse":
+            materialize(trial)
+        for fmt in sparse_exports:
+            pk.sparse.convert(copy.deepcopy(trial.model), fmt)
+        if r["materialize"]["mode"] == "sparse":
+            materialize(trial)
+    except PruningError as err:
+        raise r.fail(("materialize",), r["materialize"], f"fails on the model: {err}", "") from err
 
 
-def execute(run: Run, folder: Any) -> None:
+def execute(run: Run, folder: Path) -> None:
     """Run the pipeline, materialise, profile and export; fill ``run.sections``."""
     r = run.recipe
     dense = pk.analysis.profile(run.model, run.example, latency=False)
     PIPELINES[r["timing"]["method"]](run)
     density = plots.plot_layer_density(run.model)  # before sparse modules replace the layers
-    exported = []
-    if r["materialize"]["mode"] == "sparse":  # export the masked model, before conversion
+    mode = r["materialize"]["mode"]
+    if mode == "sparse":  # export the masked model, before its layers become sparse modules
         exported = _export(run, folder)
     materialize(run)
-    if r["materialize"]["mode"] not in ("masks", "bake"):
-        run.measure(f"materialized ({r['materialize']['mode']})")
-    exported = exported or _export(run, folder)
+    if mode not in ("masks", "bake"):
+        run.measure(f"materialized ({mode})")
+    if mode != "sparse":
+        exported = _export(run, folder)
     after = pk.analysis.profile(run.model, run.example, min_run_time=0.05 if run.quick else 0.2)
     run.console.print(after)
     ratios = pk.analysis.compare(dense, after)
@@ -337,10 +340,9 @@ def execute(run: Run, folder: Any) -> None:
         ),
         Section(
             "Cost",
-            f"Per prunable layer after the run; latency {after.latency_s * 1e3:.3f} ms "
-            f"(batch {len(run.example) if hasattr(run.example, '__len__') else 1}); "
-            f"MACs x{ratios['effective_macs'] or 0:.3f} and params x{ratios['params'] or 0:.3f} "
-            "of the dense model.",
+            f"Per prunable layer after the run; latency {after.latency_s * 1e3:.3f} ms on the "
+            f"example input; effective MACs x{ratios['effective_macs'] or 0:.3f} and params "
+            f"x{ratios['params'] or 0:.3f} of the model before pruning.",
             [layer.to_dict() for layer in [*after.layers, after.total]],
         ),
     ]
@@ -348,7 +350,7 @@ def execute(run: Run, folder: Any) -> None:
         run.sections.append(Section("Export", "Files written.", exported))
 
 
-def _export(run: Run, folder: Any) -> list[dict[str, object]]:
+def _export(run: Run, folder: Path) -> list[dict[str, object]]:
     rows = []
     for fmt in run.recipe["export"]["formats"]:
         report = export(run.model, fmt, folder / "export", run.example)

@@ -191,7 +191,8 @@ def _fails(value: Any, spec: Field) -> str | None:
 def error(source: Source, path: Path_, value: Any, problem: str, fix: str) -> RecipeError:
     """A :class:`RecipeError` reading ``file:line: key = value problem; Fix: fix``."""
     key = ".".join(path) or "recipe"
-    return RecipeError(f"{source.where(path)}: {key} = {_show(value)} {problem}; Fix: {fix}")
+    tail = "" if "Fix:" in problem else f"; Fix: {fix}"  # a wrapped error brings its own
+    return RecipeError(f"{source.where(path)}: {key} = {_show(value)} {problem}{tail}")
 
 
 def _unknown(source: Source, path: Path_, key: str, known: list[str]) -> RecipeError:
