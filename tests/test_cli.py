@@ -193,7 +193,7 @@ def test_run_writes_the_report(tmp_path: Path, capsys: pytest.CaptureFixture[str
         (("finetune: {epochs: 0}", "finetune: {epoch: 0}"), "r.yaml:6: unknown key 'finetune.epoch'; Fix: did you mean 'epochs'?"),
         (("spec: lenet300", "spec: lenet301"), "r.yaml:2: model = 'lenet301' does not load: model 'lenet301' does not exist"),
         (("in_features: 64", "in_features: 65"), "r.yaml:2: model = 'lenet300' does not load: model 'lenet300' does not accept digits inputs"),
-        (("sparsity: 0.8, scope: global", "sparsity: 0.8, layers: [conv9]"), "r.yaml:5: prune = {'granularity': 'element', 'criterion': 'magnitude', 'scope'... fails on the model: no layer"),
+        (("sparsity: 0.8, scope: global", "sparsity: 0.8, layers: [conv9]"), "r.yaml:5: prune = {'granularity': 'element', 'criterion': 'magnitude', 'sco... fails on the model: no prunable layer matched layers=['conv9']"),
     ],
 )  # fmt: skip
 def test_run_bad_recipe_exits_2_and_writes_nothing(
