@@ -86,8 +86,9 @@ def test_html_parses_escapes_text_and_holds_the_protocol(report: Path) -> None:
     text = "".join(page.text)
     assert "script" not in page.tags and "tags" not in page.tags and "b" not in page.tags
     assert "Results <script>" in text and "random <b>&" in text and "A <title>" in text
-    for key in ("seed", "data", "prunekit", "torch", "python", "machine", "date", "command"):
+    for key in ("seed", "data", "prunekit", "torch", "python", "machine", "load", "date"):
         assert key in text
+    assert "command" in text and "(1 / 5 / 15 min)" in text
     assert "0.9712" in text  # tables show 4 significant digits
 
 

@@ -158,7 +158,8 @@ def plot_granularity_masks(
 
     Each weight is drawn as its GEMM matrix ``(out, in * kernel)``: first the dense
     ``|W|``, then one panel per granularity from :func:`granularity_masks`, kept weights
-    coloured by ``|w| / max |w|`` of their layer and pruned ones white. Given a mapping
+    coloured by ``|w|`` over the 99th percentile of their layer's ``|w|`` (clipped at 1, so
+    a few outliers do not darken the rest) and pruned ones white. Given a mapping
     ``{name: layer or weight}`` (e.g. a Linear and a conv of one model), each granularity
     is drawn on the first layer that takes it, so one figure shows all of them.
     """
@@ -182,7 +183,7 @@ def plot_granularity_masks(
             ax.text(0.5, 0.5, textwrap.fill(mask, 36), ha="center", va="center", fontsize=9)
             continue
         magnitude = np.abs(_gemm(layer, weight_param(layer)))
-        magnitude /= float(magnitude.max()) or 1.0
+        magnitude = np.minimum(magnitude / (float(np.percentile(magnitude, 99)) or 1.0), 1.0)
         shown = (
             magnitude if mask is None else np.ma.masked_where(_gemm(layer, mask) == 0, magnitude)
         )
@@ -196,7 +197,7 @@ def plot_granularity_masks(
     for ax in axes[len(panels) :]:
         ax.set_axis_off()
     if image is not None:
-        label = "|w| / max |w| of the layer (white: pruned)"
+        label = "|w| / 99th percentile of its layer's |w| (white: pruned)"
         fig.colorbar(image, ax=axes.tolist(), shrink=0.6, label=label)
     shapes = ", ".join(
         f"{name} {tuple(weight_param(layer).shape)}".lstrip() for name, layer in named.items()

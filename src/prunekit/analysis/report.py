@@ -5,7 +5,8 @@
 =====================  ==============================================================
 ``report.html``        one file: every figure embedded as a base64 PNG data URI, tables
                        as HTML, all text escaped, and the protocol block (seed, data,
-                       prunekit / torch / python versions, machine, date, command line)
+                       prunekit / torch / python versions, machine and load, date,
+                       command line)
 ``report.md``          the same content; figures linked as ``figures/<name>.png``
 ``figures/``           each figure as ``<name>.png`` and ``<name>.svg``
 ``<section>.csv``      the rows of each section that has a table (raw values)
@@ -61,8 +62,16 @@ class Section(NamedTuple):
     figures: Mapping[str, Figure] | None = None
 
 
+def _load() -> str:
+    """The 1, 5 and 15-minute load averages: timings taken on a busy machine are noisy."""
+    if not hasattr(os, "getloadavg"):  # not on Windows
+        return "-"
+    return " / ".join(f"{x:.2f}" for x in os.getloadavg()) + " (1 / 5 / 15 min)"
+
+
 def protocol(seed: object = None, data: str | None = None) -> dict[str, str]:
-    """How the run was made: seed, data, versions, machine, UTC date and command line."""
+    """How the run was made: seed, data, versions, machine and its load, UTC date and
+    command line."""
     return {
         "seed": "-" if seed is None else str(seed),
         "data": data or "-",
@@ -70,6 +79,7 @@ def protocol(seed: object = None, data: str | None = None) -> dict[str, str]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "machine": f"{platform.platform()}, {os.cpu_count()} CPUs",
+        "load": _load(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": shlex.join(sys.argv),
     }

@@ -94,12 +94,12 @@ class Context:
         torch.manual_seed(self.seed if seed is None else seed)
         return zoo.build_model(name)
 
-    def train(self, model: nn.Module, seed: int | None = None, **kwargs: object) -> nn.Module:
-        """Train ``model`` in place with the budget's images and epochs (``kwargs`` go to
-        :func:`prunekit.zoo.train`); returns it."""
+    def train(self, model: nn.Module, seed: int | None = None) -> nn.Module:
+        """Train ``model`` in place (Adam at :data:`LR`, the budget's images and epochs,
+        masks kept) and return it."""
         seed = self.seed if seed is None else seed
-        options = {"epochs": self.budget.train_epochs, "lr": LR, **kwargs}
-        zoo.train(model, self.data, seed=seed, progress=False, **options)  # type: ignore[arg-type]
+        epochs = self.budget.train_epochs
+        zoo.train(model, self.data, epochs=epochs, lr=LR, seed=seed, progress=False)
         return model
 
     def train_new(self, name: str, seed: int | None = None) -> Trained:
@@ -118,7 +118,8 @@ class Context:
         return zoo.evaluate(model, self.data.x_test, self.data.y_test)
 
     def finetune(self, model: nn.Module, seed: int | None = None) -> float:
-        """Fine-tune ``model`` in place (masks stay) and return its accuracy."""
+        """Fine-tune ``model`` in place (Adam at :data:`FINETUNE_LR`, the budget's
+        fine-tuning images and epochs, masks kept) and return its accuracy."""
         seed = self.seed if seed is None else seed
         epochs = self.budget.finetune_epochs
         zoo.train(model, self.finetune_data, epochs=epochs, lr=FINETUNE_LR, seed=seed + 1,
