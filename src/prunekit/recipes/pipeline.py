@@ -180,8 +180,9 @@ def _gradual(run: Run) -> None:
     run.measure("untrained")
     _train(run, "train", _pruner(run, "train"))
     run.measure("trained while pruning")
-    _train(run, "finetune")
-    run.measure("fine-tuned")
+    if run.epochs("finetune"):
+        _train(run, "finetune")
+        run.measure("fine-tuned")
 
 
 def _structural(run: Run) -> None:
