@@ -16,10 +16,18 @@ def digits():
     return load_dataset("digits", flat=True)
 
 
-def _trained(digits) -> LeNet300100:
+@pytest.fixture(scope="module")
+def dense_state(digits) -> dict[str, torch.Tensor]:
+    """LeNet-300-100 trained once for the module; each test gets a fresh copy."""
     torch.manual_seed(0)
     model = LeNet300100(in_features=64)
     train(model, digits, epochs=4, lr=3e-3, progress=False)
+    return model.state_dict()
+
+
+def _trained(dense_state) -> LeNet300100:
+    model = LeNet300100(in_features=64)
+    model.load_state_dict(dense_state)
     return model
 
 
@@ -30,8 +38,8 @@ def test_han_threshold_is_q_std_per_layer() -> None:
     assert han_sparsities(model, 0.7) == {"0": pytest.approx(want)}
 
 
-def test_iterative_pruning_reaches_the_target_and_recovers(digits) -> None:
-    model = _trained(digits)
+def test_iterative_pruning_reaches_the_target_and_recovers(digits, dense_state) -> None:
+    model = _trained(dense_state)
     report = iterative_pruning(model, digits, target=0.8, rounds=2, epochs=2, finetune_lr=1e-3,
                                progress=False)  # fmt: skip
     sparsities = [r.sparsity for r in report.rounds]
@@ -43,16 +51,16 @@ def test_iterative_pruning_reaches_the_target_and_recovers(digits) -> None:
     assert "iterative pruning" in str(report)
 
 
-def test_q_threshold_rounds_only_grow(digits) -> None:
-    model = _trained(digits)
+def test_q_threshold_rounds_only_grow(digits, dense_state) -> None:
+    model = _trained(dense_state)
     report = iterative_pruning(model, digits, q=0.5, rounds=2, epochs=1, progress=False)
     first, second = (r.sparsity for r in report.rounds)
     assert 0.2 < first < second < 1.0
     assert set(report.kept) == {"fc1", "fc2", "fc3"}
 
 
-def test_data_driven_criterion_uses_calibration_batches(digits) -> None:
-    model = _trained(digits)
+def test_data_driven_criterion_uses_calibration_batches(digits, dense_state) -> None:
+    model = _trained(dense_state)
     batches = calibration_batches(digits, n_batches=2)
     report = iterative_pruning(model, digits, target=0.6, rounds=1, epochs=1, criterion="taylor",
                                scope="local", calibration=batches, progress=False)  # fmt: skip
