@@ -211,3 +211,11 @@ def test_help_of_every_command(command: str, capsys: pytest.CaptureFixture[str])
     assert main([command, "--help"]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"usage: prunekit {command}") and "--help" in out
+
+
+def test_run_missing_recipe_file_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["run", str(tmp_path / "none.yaml"), "--out", str(tmp_path / "runs")]) == 2
+    assert f"recipe '{tmp_path / 'none.yaml'}' cannot be read" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
