@@ -2,7 +2,9 @@
 pruning after training (:mod:`~prunekit.training.post`), during training
 (:mod:`~prunekit.training.during`: soft filter pruning, network slimming), at initialisation
 (:mod:`~prunekit.training.at_init`), and the lottery-ticket pipeline with resumable
-checkpoints.
+checkpoints (:mod:`~prunekit.training.checkpoint`). The pipelines share one training loop
+(:mod:`~prunekit.training.loop`), data-parallel under ``torch.distributed``
+(:mod:`~prunekit.training.distributed`).
 
 ``PruningCallback`` (transformers) is resolved lazily, so this package imports without
 transformers installed.
@@ -10,7 +12,7 @@ transformers installed.
 
 from typing import Any
 
-from prunekit.training import at_init, callbacks, checkpoint, distributed, during, post
+from prunekit.training import at_init, callbacks, checkpoint, distributed, during, loop, post
 from prunekit.training.at_init import reinitialize, shuffle_masks, synflow_prune
 from prunekit.training.callbacks import train_with_pruner
 from prunekit.training.distributed import sync_masks
@@ -31,6 +33,7 @@ __all__ = [
     "during",
     "han_sparsities",
     "iterative_pruning",
+    "loop",
     "lottery",
     "network_slimming",
     "post",
