@@ -6,10 +6,10 @@ LeNet-300-100 and LeNet-5 (mnist5k), with the same total fine-tuning budget.
 Protocol: per seed one dense model (Adam lr 1e-3, ``--epochs``). From a copy of it,
 ``one-shot`` prunes to the sparsity ``s`` at once and retrains ``--budget`` epochs;
 ``iterative`` prunes on the geometric schedule ``s_k = 1 - (1 - s)^(k / R)`` over
-``R = --budget`` rounds, retraining one epoch after each (Han et al. 2015). Both are
-:func:`prunekit.training.iterative_pruning` (one-shot is ``rounds=1``): global magnitude,
-retraining at ``--lr``, pruned weights never return. Mean +- std over seeds; figure
-``docs/oneshot_vs_iterative_<model>.png``.
+``R = --rounds`` rounds, retraining ``--budget / R`` epochs after each (Han et al. 2015).
+Both are :func:`prunekit.training.iterative_pruning` (one-shot is ``rounds=1``): global
+magnitude, retraining at ``--lr``, pruned weights never return. Mean +- std over seeds;
+figures ``docs/<section>_<model>.png``.
 """
 
 from __future__ import annotations
@@ -25,28 +25,36 @@ from prunekit.zoo import build_model, evaluate, load_dataset, train
 
 MODELS = ("lenet300", "lenet5")
 SPARSITIES = (0.8, 0.9, 0.95, 0.98)
-FIGURE = "oneshot_vs_iterative_{}.png"
+FIGURE = "{}_{}.png"  # section, model
 
 
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--epochs", type=int, default=10, help="dense training epochs")
     p.add_argument("--budget", type=int, default=5, help="fine-tuning epochs per method")
+    p.add_argument("--rounds", type=int, default=5, help="iterative rounds (divides --budget)")
     p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate (Adam)")
+    p.add_argument("--models", type=lambda v: v.split(","), default=list(MODELS))
+    p.add_argument("--sparsities", type=lambda v: [float(x) for x in v.split(",")],
+                   default=list(SPARSITIES))  # fmt: skip
+    p.add_argument("--section", default="oneshot_vs_iterative", help="results section name")
     args = p.parse_args()
+    if args.budget % args.rounds:
+        p.error(f"--budget {args.budget} is not a multiple of --rounds {args.rounds}")
     setup(args)
-    sparsities = SPARSITIES[-1:] if args.quick else SPARSITIES
+    sparsities = args.sparsities[-1:] if args.quick else args.sparsities
     if args.quick:
-        args.epochs, args.budget = 1, 2
-    methods = {"one-shot": 1, "iterative": args.budget}  # rounds; epochs per round below
+        args.epochs, args.budget, args.rounds = 1, 2, 2
+    models = args.models
+    methods = {"one-shot": 1, "iterative": args.rounds}  # rounds; epochs per round below
     acc: dict[str, dict[str, dict[float, list[float]]]] = {
-        m: {name: {s: [] for s in sparsities} for name in methods} for m in MODELS
+        m: {name: {s: [] for s in sparsities} for name in methods} for m in models
     }
-    dense: dict[str, list[float]] = {m: [] for m in MODELS}
+    dense: dict[str, list[float]] = {m: [] for m in models}
     with progress() as bar:
-        runs = len(MODELS) * len(args.seeds) * (1 + len(methods) * len(sparsities))
+        runs = len(models) * len(args.seeds) * (1 + len(methods) * len(sparsities))
         task = bar.add_task("one-shot vs iterative", total=runs)
-        for model_name in MODELS:
+        for model_name in models:
             data = load_dataset("mnist5k", flat=model_name == "lenet300")
             for seed in args.seeds:
                 bar.update(task, description=f"{model_name} seed {seed}: dense")
@@ -67,7 +75,7 @@ def main() -> None:
 
     header = ["model", "sparsity", "dense %", "one-shot %", "iterative %", "iterative - one-shot"]
     rows = []
-    for model_name in MODELS:
+    for model_name in models:
         for s in sparsities:
             one, it = acc[model_name]["one-shot"][s], acc[model_name]["iterative"][s]
             diff = [b - a for a, b in zip(one, it, strict=True)]
@@ -75,23 +83,26 @@ def main() -> None:
                          mean_std(it), f"{mean_std(diff)} points"])  # fmt: skip
     show("one-shot vs iterative (accuracy %, mean +- std over seeds)", header, rows)
     if args.write and not args.quick:
-        for m in MODELS:
-            plot_accuracy_vs_sparsity(acc[m], DOCS / FIGURE.format(m), f"{m} test accuracy")
+        for m in models:
+            figure = DOCS / FIGURE.format(args.section, m)
+            plot_accuracy_vs_sparsity(acc[m], figure, f"{m} test accuracy")
     lines = [
-        "## One-shot vs iterative pruning (`examples/oneshot_vs_iterative.py`)",
+        f"## One-shot vs iterative pruning, {args.budget} fine-tuning epochs "
+        "(`examples/oneshot_vs_iterative.py`)",
         "",
         protocol_line(
             "oneshot_vs_iterative.py",
             f"seeds {args.seeds}, mnist5k 4,000/1,000, {args.epochs} dense epochs; global "
-            f"magnitude; one-shot: prune then {args.budget} epochs; iterative: {args.budget} "
-            f"geometric rounds of 1 epoch; retraining Adam lr {args.lr:g}",
+            f"magnitude; one-shot: prune then {args.budget} epochs; iterative: {args.rounds} "
+            f"geometric rounds of {args.budget // args.rounds} epochs; retraining Adam lr "
+            f"{args.lr:g}",
         ),
         "",
         *markdown(header, rows),
         "",
-        *(f"![{m}: one-shot vs iterative]({FIGURE.format(m)})" for m in MODELS),
+        *(f"![{m}: one-shot vs iterative]({FIGURE.format(args.section, m)})" for m in models),
     ]
-    write("oneshot_vs_iterative", lines, args)
+    write(args.section, lines, args)
 
 
 if __name__ == "__main__":
