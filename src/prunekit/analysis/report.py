@@ -47,7 +47,8 @@ _CSS = (
     "color:#222}table{border-collapse:collapse;margin:1em 0;font-size:14px}"
     "th,td{border:1px solid #bbb;padding:3px 8px;text-align:right}th{background:#eee}"
     "td.text,th.text{text-align:left}"
-    "img{max-width:100%;display:block;margin:1em 0}dl{display:grid;"
+    "img{max-width:100%;display:inline-block;vertical-align:top;margin:.5em 1em .5em 0}"
+    "dl{display:grid;"
     "grid-template-columns:max-content auto;gap:2px 1em}dt{font-weight:bold}"
 )
 
