@@ -59,6 +59,16 @@ def test_q_threshold_rounds_only_grow(digits, dense_state) -> None:
     assert set(report.kept) == {"fc1", "fc2", "fc3"}
 
 
+def test_per_layer_q_prunes_each_layer_by_its_own_threshold(digits, dense_state) -> None:
+    model = _trained(dense_state)
+    q = {"fc1": 1.0, "fc3": 0.25}
+    expected = han_sparsities(model, q, list(q))
+    assert expected["fc1"] > 0.5 > expected["fc3"] > 0.1
+    report = iterative_pruning(model, digits, q=q, rounds=1, epochs=1, progress=False)
+    assert report.kept == {n: pytest.approx(1 - s, abs=1e-9) for n, s in expected.items()}
+    assert pk.masks.get_mask(model.fc2) is None  # not in the mapping: not pruned
+
+
 def test_data_driven_criterion_uses_calibration_batches(digits, dense_state) -> None:
     model = _trained(dense_state)
     batches = calibration_batches(digits, n_batches=2)
@@ -72,6 +82,10 @@ BAD = [
     (dict(target=0.5, q=1.0), pk.PruningError, "exactly one of target= .* or q="),
     (dict(), pk.PruningError, "exactly one of target="),
     (dict(q=-0.5), pk.PruningError, r"q=-0\.5 must be a number > 0"),
+    (dict(q={"fc1": 1.0, "fc2": 0.0}), pk.PruningError, r"q=\{'fc1': 1\.0, 'fc2': 0\.0\} must"),
+    (dict(q={"fc1": 1.0, "fc9": 1.0}), pk.PruningError,
+     r"thresholds for \['fc1', 'fc9'\] but the pruned layers are \['fc1'\]"),
+    (dict(q={"fc1": 1.0}, layers=["fc1", "fc2"]), pk.PruningError, "one q per pruned layer"),
     (dict(target=1.5), pk.InvalidSparsityError, r"target=1\.5"),
     (dict(target=0.5, rounds=0), pk.PruningError, r"rounds=0 must be an int >= 1"),
     (dict(target=0.2), pk.InvalidSparsityError, r"target=0\.2 is below .* \(0\.3\)"),

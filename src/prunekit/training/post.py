@@ -8,13 +8,15 @@ goes in a round:
 - a final ``target`` sparsity reached geometrically, ``s_k = 1 - (1 - target)^(k/rounds)``
   (the same fraction of the surviving weights each round);
 - Han's threshold ``q``: in every layer the alive weights with ``|w| < q * std`` go,
-  ``std`` the standard deviation of that layer's alive weights (rounds repeat the rule).
+  ``std`` the standard deviation of that layer's alive weights (rounds repeat the rule);
+  one ``q`` for all layers, or one per layer (``{"fc1": 1.0, "fc3": 0.5}``), as Han
+  tunes each layer's threshold to its sensitivity.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,22 +65,42 @@ class IterativeReport(TableReport):
         return table
 
 
-def han_sparsities(model: nn.Module, q: float, layers: Any = None) -> dict[str, float]:
-    """Per-layer sparsity after removing alive weights below ``q * std`` of each layer."""
+Q = float | Mapping[str, float]
+
+
+def han_sparsities(model: nn.Module, q: Q, layers: Any = None) -> dict[str, float]:
+    """Per-layer sparsity after removing alive weights below ``q * std`` of each layer
+    (``q[name]`` for a per-layer mapping)."""
     out = {}
     for layer in select_layers(model, layers):
         w = layer.module.weight.detach()
         mask = get_mask(layer.module)
         alive = w[mask] if mask is not None else w.flatten()
-        cut = (alive.abs() < q * alive.std()).sum() if alive.numel() > 1 else 0
+        q_l = q[layer.name] if isinstance(q, Mapping) else q
+        cut = (alive.abs() < q_l * alive.std()).sum() if alive.numel() > 1 else 0
         out[layer.name] = 1.0 - (alive.numel() - int(cut)) / w.numel()
     return out
+
+
+def _check_q(q: Q, chosen: list[str]) -> None:
+    """Every ``q`` a number > 0, and a mapping's keys exactly the pruned layers."""
+    values = list(q.values()) if isinstance(q, Mapping) else [q]
+    if not values or any(
+        isinstance(v, bool) or not isinstance(v, int | float) or not v > 0 for v in values
+    ):
+        raise PruningError(f"q={q!r} must be a number > 0 (a multiple of std), or a mapping "
+                           "{layer: number > 0}; Fix: e.g. q=0.7.")  # fmt: skip
+    if isinstance(q, Mapping) and set(q) != set(chosen):
+        raise PruningError(
+            f"q gives thresholds for {sorted(q)} but the pruned layers are {chosen}; Fix: one "
+            "q per pruned layer (layers= defaults to the mapping's keys)."
+        )
 
 
 def _check(
     model: nn.Module,
     target: float | None,
-    q: float | None,
+    q: Q | None,
     rounds: int,
     prune_kwargs: dict[str, Any],
 ) -> float | None:
@@ -89,12 +111,11 @@ def _check(
             f"target={target!r}, q={q!r}: give exactly one of target= (a sparsity) or q= "
             "(Han's q * std threshold); Fix: e.g. target=0.9 or q=0.7."
         )
-    if q is not None and (isinstance(q, bool) or not isinstance(q, int | float) or not q > 0):
-        raise PruningError(f"q={q!r} must be a number > 0 (a multiple of std); Fix: e.g. q=0.7.")
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise PruningError(f"rounds={rounds!r} must be an int >= 1; Fix: e.g. rounds=5")
     chosen = select_layers(model, prune_kwargs["layers"], prune_kwargs["exclude"])
-    if target is None:
+    if q is not None:
+        _check_q(q, [ly.name for ly in chosen])
         return None
     target = check_sparsity(target, "target")
     check_reachable(target, 1 - kept_share((ly.module, ly.weight.numel()) for ly in chosen))
@@ -114,7 +135,7 @@ def iterative_pruning(
     data: Dataset,
     *,
     target: float | None = None,
-    q: float | None = None,
+    q: Q | None = None,
     rounds: int = 5,
     epochs: int = 2,
     finetune_lr: float = 1e-4,
@@ -134,7 +155,8 @@ def iterative_pruning(
 
     Give exactly one of ``target`` (with ``criterion`` / ``scope``; data-driven criteria
     take ``calibration`` batches) or ``q`` (Han's per-layer ``q * std`` threshold,
-    magnitude). ``train_kwargs`` (``optimizer``, ``weight_decay``, ...) go to
+    magnitude; a ``{layer: q}`` mapping gives each layer its own, and is then the default
+    ``layers``). ``train_kwargs`` (``optimizer``, ``weight_decay``, ...) go to
     :func:`prunekit.zoo.train`. Returns an :class:`IterativeReport`.
 
     ``checkpoint_dir`` and ``distributed`` work as for :func:`~prunekit.training.lottery`:
@@ -150,6 +172,8 @@ def iterative_pruning(
             ``distributed=True`` without a process group; the model is left unchanged.
     """
     sync = dist_mod.resolve(distributed)
+    if isinstance(q, Mapping) and layers is None:
+        layers = list(q)
     prune_kwargs: dict[str, Any] = dict(
         criterion=criterion, scope=scope, layers=layers, exclude=exclude, data=calibration
     )
