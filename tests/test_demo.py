@@ -14,15 +14,18 @@ from test_report import PNG_SIGNATURE, assert_renders, needs_browser
 
 from prunekit import cli
 from prunekit.analysis.profile import nm_bytes
-from prunekit.demo import run, timing
+from prunekit.analysis.sensitivity import LayerSensitivity, SensitivityReport
+from prunekit.demo import criteria, run, timing
 from prunekit.demo.context import FULL, QUICK
 
 FIGURES = {
     "granularity",
     "conv-mask-3d",
     "weights-histogram",
+    "sensitivity",
     "density-local",
     "density-global",
+    "density-sensitivity",
     "accuracy-vs-sparsity",
     "latency-vs-macs",
 }
@@ -30,7 +33,7 @@ HEADINGS = [
     "Dense models",
     "Granularity",
     "Criteria",
-    "Scope: local vs global",
+    "Scope and allocation",
     "Accuracy vs sparsity",
     "One-shot vs iterative",
     "When to prune",
@@ -80,10 +83,12 @@ def test_pruned_sparsities_are_the_requested_ones(demo: tuple[Path, str]) -> Non
         assert row["sparsity"] == pytest.approx(0.5, abs=0.002), row
     for row in sections["Criteria"]:
         assert row["sparsity"] == pytest.approx(0.9 if row["granularity"] == "element" else 0.5)
-    local, global_ = sections["Scope: local vs global"]
+    local, global_, allocated = sections["Scope and allocation"]
     assert [local[f"{n} sparsity"] for n in LENET300] == pytest.approx([0.95] * 3, abs=1e-4)
     assert global_["sparsity"] == pytest.approx(0.95, abs=1e-4)
     assert global_["fc1 sparsity"] > 0.95 > global_["fc3 sparsity"]  # the big layer pays most
+    assert allocated["allocation"].startswith("sensitivity (drop <= ")
+    assert allocated["sparsity"] == pytest.approx(0.95, abs=1e-3)  # whole weights per layer
     for row in sections["When to prune"]:
         if row["model"] == "lenet300":
             assert row["sparsity"] == pytest.approx(timing.TARGET, abs=1e-4), row
@@ -151,3 +156,15 @@ def test_cubic_schedule_ends_inside_training() -> None:
         steps = budget.train_epochs * math.ceil(n / timing.BATCH)
         assert schedule.milestones()[-1] == schedule.end == 8 * schedule.every
         assert schedule.end <= steps < schedule.end + 5 * schedule.every
+
+
+def test_sensitivity_allocation_takes_the_tightest_budget_that_reaches_the_target() -> None:
+    layers = [
+        LayerSensitivity("big", "Linear", 900, (0.9, 0.89, 0.85)),  # drops 0, .01, .05
+        LayerSensitivity("small", "Linear", 100, (0.8, 0.5, 0.2)),  # drops .1, .4, .7
+    ]
+    report = SensitivityReport("element", "magnitude", 0.9, (0.5, 0.9, 0.99), layers)
+    for target, tightest in ((0.8, 0.01), (0.95, 0.4)):
+        budget, alloc = criteria.sensitivity_allocation(report, target)
+        assert budget == pytest.approx(tightest)
+        assert (900 * alloc["big"] + 100 * alloc["small"]) / 1000 == pytest.approx(target)

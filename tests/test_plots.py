@@ -172,7 +172,9 @@ def test_density_and_latency_axes() -> None:
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
     pk.prune(model, 0.5)
     title = plots.plot_layer_density(model, label="local scope").axes[0].get_title()
-    assert title == "Per-layer density, local scope (total 50.0% of 24 weights)"
+    assert title == "Per-layer density, local scope\n(total 50.0% of 24 weights)"
+    sensitivity = plots.plot_sensitivity(_report(), ylabel="test accuracy")
+    assert sensitivity.axes[0].get_ylabel() == "test accuracy"
     fig = plots.plot_latency_vs_macs({"a": [(2e6, 1.0), (1e6, 0.6)]}, xlabel="eff. MACs")
     ax = fig.axes[0]
     assert ax.get_xlabel() == "eff. MACs" and ax.get_ylim()[0] == 0

@@ -306,12 +306,15 @@ def plot_layer_density(model: nn.Module, path: PathLike = None, label: str = "")
     ax.set_xlim(0, 1.12)
     ax.set_xlabel("density (fraction of weights kept)")
     what = f"Per-layer density, {label}" if label else "Per-layer density"
-    ax.set_title(f"{what} (total {1 - report.total:.1%} of {report.numel:,} weights)")
+    ax.set_title(f"{what}\n(total {1 - report.total:.1%} of {report.numel:,} weights)")
     return _finish(fig, path)
 
 
 def plot_sensitivity(
-    report: SensitivityReport, path: PathLike = None, budget: float | None = None
+    report: SensitivityReport,
+    path: PathLike = None,
+    budget: float | None = None,
+    ylabel: str = "metric",
 ) -> Figure:
     """One metric-vs-sparsity curve per layer (that layer pruned alone), starting at the
     dense metric; with ``budget``, a dotted line at ``dense - budget``."""
@@ -327,7 +330,7 @@ def plot_sensitivity(
             report.dense - budget, color="tab:red", linestyle=":", label=f"budget {budget:g}"
         )
     ax.set_xlabel("sparsity of the pruned layer")
-    ax.set_ylabel("metric")
+    ax.set_ylabel(ylabel)
     ax.xaxis.set_major_formatter(PercentFormatter(1.0))
     ax.set_title(f"Layer sensitivity ({report.granularity} / {report.criterion})")
     ax.legend(fontsize=8)

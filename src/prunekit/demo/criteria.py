@@ -1,17 +1,22 @@
-"""Sections: which weights go (criteria, chapter 3.3) and where (scope, chapter 3.4).
+"""Sections: which weights go (criteria, chapter 3.3) and where (scope and allocation,
+chapter 3.4).
 
 Criteria: on LeNet-300-100, 90% of single weights by magnitude, gradient, Taylor
 ``|w g|`` and random (global scope), and 50% of the neurons (rows) by L1, L2, Taylor and
-random (local scope, the classifier kept). Scope: 95% by magnitude with one global
-ranking against every layer at 95% (local), with each model's per-layer density.
+random (local scope, the classifier kept). Scope: 95% by magnitude with every layer at
+95% (local), one global ranking, or per-layer sparsities from a sensitivity analysis
+(:func:`prunekit.analysis.sensitivity`), with each model's per-layer density.
 """
 
 from __future__ import annotations
 
-from prunekit.analysis import plots
+import contextlib
+
+from prunekit.analysis import SensitivityReport, plots, sensitivity
 from prunekit.analysis.report import Section
 from prunekit.demo.context import Context
 from prunekit.demo.granularity import exclusions
+from prunekit.errors import PruningError
 from prunekit.masks import sparsity as layer_sparsity
 
 ELEMENT = ("magnitude", "gradient", "taylor", "random")
@@ -23,10 +28,13 @@ CRITERIA_TEXT = (
     "and Taylor scores use 4 calibration batches of 64 images. Random is the baseline every "
     "criterion must beat."
 )
+GRID = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
 SCOPE_TEXT = (
-    "95% sparsity by magnitude. Global scope ranks all weights together, so the large "
-    "fc1 takes most of the cut and the small classifier keeps more; local scope cuts every "
-    "layer to 95%. The bars show each model's per-layer density."
+    "95% sparsity by magnitude, three ways. Local scope cuts every layer to 95%. Global "
+    "scope ranks all weights together, so the large fc1 takes most of the cut and the small "
+    "classifier keeps more. The sensitivity analysis prunes each layer alone over a grid "
+    "(the curves) and allocates per-layer sparsities from it: the tightest measured accuracy "
+    "drop that still reaches 95% overall. The bars show each model's per-layer density."
 )
 
 
@@ -49,13 +57,34 @@ def criteria_section(ctx: Context) -> Section:
     return Section("Criteria", CRITERIA_TEXT, rows)
 
 
+def sensitivity_allocation(report: SensitivityReport, target: float) -> tuple[float, dict]:
+    """The tightest budget among the measured drops whose :meth:`SensitivityReport.allocation`
+    reaches ``target``, and that allocation. The loosest (the largest drop) always does:
+    no grid point is over it, so every layer may reach the top of the grid."""
+    *tight, loosest = sorted({max(0.0, d) for ly in report.layers for d in report.drops(ly.name)})
+    for budget in tight:
+        with contextlib.suppress(PruningError):
+            return budget, report.allocation(target, budget)
+    return loosest, report.allocation(target, loosest)
+
+
 def scope_section(ctx: Context) -> Section:
-    """Local vs global magnitude pruning at the same overall sparsity."""
-    rows, figures = [], {}
-    for scope in ("local", "global"):
-        ctx.status(f"{scope} scope")
-        model, row = ctx.prune_and_finetune(ctx.lenet300, SCOPE_SPARSITY, scope=scope)
+    """Uniform local, global and sensitivity-allocated magnitude pruning at one sparsity."""
+    ctx.status("sensitivity analysis")
+    report = sensitivity(ctx.lenet300.model, ctx.accuracy, sparsities=GRID, progress=False)
+    budget, alloc = sensitivity_allocation(report, SCOPE_SPARSITY)
+    settings = [  # figure name, scope, allocation, prune arguments
+        ("local", "local", "uniform", {"scope": "local"}),
+        ("global", "global", "one ranking", {"scope": "global"}),
+        ("sensitivity", "local", f"sensitivity (drop <= {budget:.3f})", {"allocation": alloc}),
+    ]
+    curves = plots.plot_sensitivity(report, budget=budget, ylabel="test accuracy")
+    rows, figures = [], {"sensitivity": curves}
+    for name, scope, how, kwargs in settings:
+        ctx.status(f"{scope} scope, {how}")
+        sparsity = None if "allocation" in kwargs else SCOPE_SPARSITY
+        model, row = ctx.prune_and_finetune(ctx.lenet300, sparsity, **kwargs)
         per_layer = {f"{r.name} sparsity": r.sparsity for r in layer_sparsity(model).layers}
-        rows.append({"scope": scope, **row, **per_layer})
-        figures[f"density-{scope}"] = plots.plot_layer_density(model, label=f"{scope} scope")
-    return Section("Scope: local vs global", SCOPE_TEXT, rows, figures)
+        rows.append({"scope": scope, "allocation": how, **row, **per_layer})
+        figures[f"density-{name}"] = plots.plot_layer_density(model, label=f"{scope} scope, {how}")
+    return Section("Scope and allocation", SCOPE_TEXT, rows, figures)
