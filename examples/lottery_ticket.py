@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from statistics import mean
 
 from _results import DOCS, markdown, mean_std, parser, progress, protocol_line, setup, show, write
+from matplotlib.ticker import NullFormatter, PercentFormatter
 from rich.progress import Progress, TaskID
 from torch import nn
 
@@ -28,6 +29,7 @@ from prunekit.training import lottery
 from prunekit.zoo import build_model, load_dataset
 
 FIGURE = "lottery_ticket_{}.png"
+LOGIT_TICKS = (0.2, 0.5, 0.8, 0.9, 0.95, 0.98)
 
 
 def mlp_1d() -> nn.Module:
@@ -163,6 +165,10 @@ def _figure(
     fig = plot_accuracy_vs_sparsity(results, ylabel=f"{name} test accuracy (early stopping)")
     ax = fig.axes[0]
     ax.set_xscale("logit")
+    ax.set_xticks(LOGIT_TICKS)
+    ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_title(f"{name}: IMP, early-stopping accuracy vs sparsity (mean +- std over seeds)")
     ax.axhline(mean(runs["theta_0"][0]), color="gray", linestyle="--", label="dense")
     ax.legend()
     fig.savefig(DOCS / FIGURE.format(name))
