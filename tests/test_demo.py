@@ -9,6 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 from rich.console import Console
 from test_report import PNG_SIGNATURE, assert_renders, needs_browser
 
@@ -151,7 +152,7 @@ def test_the_demo_report_renders_in_a_browser(demo: tuple[Path, str], tmp_path: 
 def test_cubic_schedule_ends_inside_training() -> None:
     for budget in (QUICK, FULL):
         n = budget.train_images
-        ctx = SimpleNamespace(budget=budget, data=SimpleNamespace(x_train=[0] * n))
+        ctx = SimpleNamespace(budget=budget, data=(torch.zeros(n, 1), torch.zeros(n)))
         schedule = timing._cubic(ctx)  # type: ignore[arg-type]
         steps = budget.train_epochs * math.ceil(n / timing.BATCH)
         assert schedule.milestones()[-1] == schedule.end == 8 * schedule.every

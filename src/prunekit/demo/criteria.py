@@ -1,5 +1,5 @@
-"""Sections: which weights go (criteria, chapter 3.3) and where (scope and allocation,
-chapter 3.4).
+"""Sections: which weights go (criteria, chapter 3.4) and where (scope and allocation,
+chapter 3.2.2).
 
 Criteria: on LeNet-300-100, 90% of single weights by magnitude, gradient, Taylor
 ``|w g|`` and random (global scope), and 50% of the neurons (rows) by L1, L2, Taylor and

@@ -1,4 +1,4 @@
-"""Section: accuracy vs sparsity (chapter 3.5), with the random baseline, over seeds.
+"""Section: accuracy vs sparsity (chapter 3.7), with the random baseline, over seeds.
 
 :func:`prunekit.analysis.sweep` on LeNet-300-100: global magnitude, L2 rows (local,
 classifier kept) and the random baseline it adds, each point fine-tuned once. Seed 0 of

@@ -1,4 +1,4 @@
-"""Section: what each granularity removes (chapter 3.2.1), on the trained LeNets' own layers.
+"""Section: what each granularity removes (chapter 3.2.3), on the trained LeNets' own layers.
 
 Every granularity prunes 50% of a copy of its model by magnitude (local scope, the
 classifier kept whole where a group would cut a class out), which is then fine-tuned.

@@ -1,4 +1,4 @@
-"""Sections: turning sparsity into savings (chapter 3.7): physical shrinking and N:M storage.
+"""Sections: sparsity turned into savings (chapter 3.2.1.2, 3.3): shrinking and N:M storage.
 
 Structured: LeNet-5's filters masked (the model keeps its shape) vs removed by
 :func:`prunekit.shrink` (smaller layers), each fine-tuned, with MACs and measured latency.
@@ -23,9 +23,10 @@ RATIOS = (0.25, 0.5, 0.75)
 SHRINK_TEXT = (
     "LeNet-5 with 25 / 50 / 75% of its filters and neurons (L2 norm, classifier outputs "
     "kept) masked, or physically removed by pk.shrink, each fine-tuned once. Latency: one "
-    "thread, a batch of test images, masks baked. Masked zeros still run dense kernels, "
-    "so masking keeps the latency of the dense model at any effective MACs; shrinking "
-    "lowers MACs and latency together."
+    "thread, a batch of test images, masks baked, all models timed in interleaved turns. "
+    "Masked zeros still run dense kernels, so masking leaves the MACs, and the latency near "
+    "the dense model's, whatever the effective MACs; shrinking lowers MACs and latency "
+    "together. On a busy machine the latencies are noisy: see the load in the protocol."
 )
 NM_TEXT = (
     "LeNet-300-100 pruned 2:4 (two of every four consecutive inputs, 50%) by magnitude and "

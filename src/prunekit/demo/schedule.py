@@ -1,4 +1,4 @@
-"""Section: one-shot vs iterative pruning (chapter 3.6.1; Han et al. 2015).
+"""Section: one-shot vs iterative pruning (chapter 3.5; Han et al. 2015).
 
 Both reach 97% global magnitude sparsity on LeNet-300-100 with the same fine-tuning
 budget: one-shot prunes once and fine-tunes ``ROUNDS`` times;

@@ -23,6 +23,7 @@ from prunekit.pruner import Pruner
 from prunekit.pruning import prune
 from prunekit.schedules import Cubic
 from prunekit.training import lottery, soft_filter_pruning, synflow_prune, train_with_pruner
+from prunekit.training.loop import steps_per_epoch
 from prunekit.zoo.models import LeNet5
 
 TARGET = 0.9
@@ -57,7 +58,7 @@ LOTTERY_TEXT = (
 
 def _cubic(ctx: Context) -> Cubic:
     """Prune every twelfth of training, reaching the target after two thirds of it."""
-    steps = ctx.budget.train_epochs * -(-len(ctx.data.x_train) // BATCH)
+    steps = ctx.budget.train_epochs * steps_per_epoch(ctx.data, BATCH)
     every = max(1, steps // 12)
     return Cubic(start=0, end=8 * every, every=every)
 
