@@ -61,9 +61,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"prunekit {pk.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser("demo", help="prune two trained LeNets every applicable way")
-    demo.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
-    demo.add_argument("--out", type=Path, default=Path("runs"), help="demo.md/demo.csv go here")
+    demo = commands.add_parser(
+        "demo", help="the chapter's whole practice on two trained LeNets, as one HTML report"
+    )
+    demo.add_argument("--quick", action="store_true", help="the same path in about 30 s")
+    demo.add_argument("--out", type=Path, default=Path("runs"), help="the report goes to OUT/demo/")
     demo.add_argument("--seed", type=int, default=0)
 
     prune = commands.add_parser(
