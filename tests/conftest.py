@@ -7,6 +7,16 @@ import torch
 from torch import nn
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: tiny models train faster on one thread than
+    fighting over two busy cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def snapshot(model: nn.Module) -> dict:
     """Everything a failed call must leave untouched: tensors, parametrizations, hooks, modes."""
     return {

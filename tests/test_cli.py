@@ -18,14 +18,7 @@ import prunekit
 from prunekit import model_spec, zoo
 from prunekit.cli import main
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models train faster on one thread than fighting over two busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_profile_command(capsys: pytest.CaptureFixture[str]) -> None:
