@@ -68,11 +68,12 @@ def timed(fn: Callable[[], object], times: int) -> list[float]:
     return out
 
 
-def write_section(name: str, lines: list[str]) -> None:
-    """Replace BENCHMARKS.md's ``name`` section by ``lines`` (appended if it is missing)."""
+def write_section(name: str, lines: list[str], path: Path = MD_FILE) -> None:
+    """Replace the ``name`` section of ``path`` (default BENCHMARKS.md) by ``lines``
+    (appended if it is missing)."""
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    text = MD_FILE.read_text()
+    text = path.read_text()
     if start not in text:
         text = text.rstrip("\n") + f"\n\n{start}\n{end}\n"
     head, rest = text.split(start, 1)
-    MD_FILE.write_text(head + "\n".join([start, *lines, end]) + rest.split(end, 1)[1])
+    path.write_text(head + "\n".join([start, *lines, end]) + rest.split(end, 1)[1])

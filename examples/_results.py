@@ -13,7 +13,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from statistics import mean, stdev
-from unittest import mock
 
 import torch
 from rich.console import Console
@@ -92,7 +91,6 @@ def show(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> No
 def write(name: str, lines: list[str], args: argparse.Namespace) -> None:
     """With ``--write`` (and not ``--quick``), replace section ``name`` of the results file."""
     if args.write and not args.quick:
-        with mock.patch.object(_common, "MD_FILE", RESULTS):
-            _common.write_section(name, lines)
+        _common.write_section(name, lines, RESULTS)
     elif args.write:
         Console().print("[yellow]--quick: not writing the results file[/]")

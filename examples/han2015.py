@@ -23,12 +23,9 @@ from dataclasses import dataclass
 
 import torch
 from _results import markdown, mean_std, parser, progress, protocol_line, setup, show, write
-from torch import nn
 
-from prunekit.masks import sparsity
-from prunekit.pruning import prune
-from prunekit.training.post import han_sparsities, iterative_pruning
-from prunekit.zoo import Dataset, build_model, evaluate, load_dataset, train
+from prunekit.training.post import iterative_pruning
+from prunekit.zoo import build_model, evaluate, load_dataset, train
 
 PAPER_KEPT = {
     "lenet300": {"fc1": 0.08, "fc2": 0.09, "fc3": 0.26},
@@ -74,23 +71,6 @@ PLANS = {
 QUICK = Plan(dense_epochs=1, rounds=1, epochs=1, lr=1e-3)
 
 
-def per_layer_q_rounds(model: nn.Module, data: Dataset, plan: Plan, seed: int) -> dict[str, float]:
-    """Han's rounds with one ``q`` per layer: prune every layer ``l`` below
-    ``q_l * std_l`` (:func:`han_sparsities` for that layer alone), retrain, repeat.
-    Returns the kept fraction per layer.
-
-    Workaround: ``iterative_pruning(q=...)`` takes one float for all layers; with a
-    ``{layer: q}`` mapping there, this function would be that call.
-    """
-    assert plan.q is not None
-    names = list(plan.q)
-    for k in range(1, plan.rounds + 1):
-        allocation = {n: han_sparsities(model, plan.q[n], [n])[n] for n in names}
-        prune(model, allocation=allocation, layers=names)
-        train(model, data, epochs=plan.epochs, lr=plan.lr, seed=seed + k, progress=False)
-    return {r.name: 1 - r.sparsity for r in sparsity(model, names).layers}
-
-
 def run(name: str, plan: Plan, seed: int) -> tuple[float, float, dict[str, float]]:
     """Dense accuracy, pruned + retrained accuracy and kept fraction per layer."""
     data = load_dataset("mnist5k", flat=name == "lenet300")
@@ -98,15 +78,11 @@ def run(name: str, plan: Plan, seed: int) -> tuple[float, float, dict[str, float
     model = build_model(name)
     train(model, data, epochs=plan.dense_epochs, lr=1e-3, seed=seed, progress=False)
     dense = evaluate(model, data.x_test, data.y_test)
-    if plan.q is None:
-        report = iterative_pruning(
-            model, data, target=plan.target, rounds=plan.rounds, epochs=plan.epochs,
-            finetune_lr=plan.lr, seed=seed, progress=False,
-        )  # fmt: skip
-        kept = report.kept
-    else:
-        kept = per_layer_q_rounds(model, data, plan, seed)
-    return dense, evaluate(model, data.x_test, data.y_test), kept
+    report = iterative_pruning(
+        model, data, target=plan.target, q=plan.q, rounds=plan.rounds, epochs=plan.epochs,
+        finetune_lr=plan.lr, seed=seed, progress=False,
+    )  # fmt: skip
+    return dense, evaluate(model, data.x_test, data.y_test), report.kept
 
 
 def main() -> None:

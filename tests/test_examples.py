@@ -17,13 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
 import _results
 import at_init
-import han2015
 import lottery_ticket
 
 from prunekit.masks import get_mask
 from prunekit.pruning import prune
-from prunekit.training.post import han_sparsities
-from prunekit.zoo import Dataset
 
 
 def test_parser_reads_comma_separated_seeds_and_quick_keeps_one() -> None:
@@ -72,24 +69,6 @@ def test_write_replaces_only_its_section(tmp_path: Path, monkeypatch: pytest.Mon
     quick = _results.parser("doc").parse_args(["--write", "--quick"])
     _results.write("a", ["quick"], quick)
     assert out.read_text() == text  # --quick never writes
-
-
-def _tiny_data() -> Dataset:
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(32, 6, generator=gen)
-    y = torch.randint(0, 3, (32,), generator=gen)
-    return Dataset("tiny", x, y, x, y, (6,), 3)
-
-
-def test_per_layer_q_rounds_uses_each_layers_own_q() -> None:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
-    q = {"0": 1.0, "2": 0.0}
-    expected = 1 - han_sparsities(model, 1.0, ["0"])["0"]
-    plan = han2015.Plan(dense_epochs=0, rounds=1, epochs=0, lr=1e-3, q=q)
-    kept = han2015.per_layer_q_rounds(model, _tiny_data(), plan, seed=0)
-    assert kept == {"0": pytest.approx(expected), "2": 1.0}
-    assert 0.4 < kept["0"] < 0.9  # |w| < 1 std of a uniform init: a real cut
 
 
 def test_transplant_copies_masks_by_name() -> None:
