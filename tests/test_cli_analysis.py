@@ -71,6 +71,8 @@ def test_sweep_writes_curves_latency_and_table(tmp_path: Path) -> None:
             "0,1",
             "--exclude",
             "fc3",
+            "--materialize",
+            "shrink",
             "--out",
             str(tmp_path),
         ]
@@ -78,6 +80,7 @@ def test_sweep_writes_curves_latency_and_table(tmp_path: Path) -> None:
     folder = tmp_path / "sweep-lenet300-digits"
     assert "magnitude-global" in out and "l2-row" in out and "random" in out
     html = (folder / "report.html").read_text()
+    assert "materialize=&#x27;shrink&#x27;" in html
     assert html.count('<img src="data:image/png;base64,') == 2
     with (folder / "accuracy-vs-sparsity.csv").open() as f:
         rows = list(csv.DictReader(f))

@@ -26,7 +26,7 @@ from prunekit import model_spec, zoo
 from prunekit.analysis import plots
 from prunekit.analysis.report import Section, write_report
 from prunekit.analysis.sensitivity import Evaluate, sensitivity
-from prunekit.analysis.sweep import sweep
+from prunekit.analysis.sweep import MATERIALIZE, sweep
 from prunekit.errors import PruningError
 
 SCOPES = ("global", "local")
@@ -49,6 +49,13 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     sw.add_argument("--sparsities", default="0.5,0.8,0.9")
     sw.add_argument("--seeds", default="0,1,2")
     sw.add_argument("--exclude", nargs="+", help="layer names or globs to keep dense (fc3)")
+    sw.add_argument(
+        "--materialize",
+        choices=MATERIALIZE,
+        default="masks",
+        help="what is timed: the masked dense model, the physically shrunk one (filter / "
+        "channel / row methods) or sparse kernels (pk.sparse.convert auto)",
+    )
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -154,7 +161,12 @@ def run_sweep(args: argparse.Namespace, console: Console) -> None:
         zoo.train(trained, data, epochs=args.epochs, seed=seed)
         return trained
 
-    options = {"methods": methods, "sparsities": grid, "example_inputs": data.x_test[:1]}
+    options = {
+        "methods": methods,
+        "sparsities": grid,
+        "example_inputs": data.x_test[:1],
+        "materialize": args.materialize,
+    }
     # Every option is first tried on an untrained model, so bad input fails before training.
     untrained = _build(args, data)
     sweep(
@@ -175,7 +187,8 @@ def run_sweep(args: argparse.Namespace, console: Console) -> None:
         Section(
             "Accuracy vs sparsity",
             f"Test accuracy, mean +- std over seeds {seeds}; 'random' is the random-pruning "
-            "baseline. Latency vs effective MACs: masked zeros still run dense kernels.",
+            "baseline. Latency vs effective MACs, the pruned models timed as "
+            f"materialize={args.materialize!r} (masks: zeros still run dense kernels).",
             report.to_rows(),
             figures,
         ),
