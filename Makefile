@@ -17,7 +17,7 @@ demo: .venv/installed
 browser:
 	@command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-	   apt-get install -y -qq --no-install-recommends chromium >/dev/null)
+	   apt-get install -y -qq chromium >/dev/null)
 
 test: .venv/installed browser
 	$(PY) -m ruff check .
