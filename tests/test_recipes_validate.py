@@ -189,3 +189,28 @@ def test_mutated_recipe_validates_or_raises_recipe_error(mutations: list) -> Non
         assert str(err).startswith("m.yaml:") and "Fix:" in str(err)
     except PruningError as err:  # pragma: no cover - the failure this test hunts for
         pytest.fail(f"{type(err).__name__} instead of RecipeError: {err}")
+
+
+@pytest.mark.parametrize(
+    ("method", "extra"),
+    [
+        ("lottery", "timing: {when: before, method: lottery}\n"),
+        ("slimming", "timing: {when: during, method: slimming}\nschedule: {kind: one-shot}\n"),
+        ("at-init", "timing: {when: before, method: at-init}\n"),
+    ],
+)
+def test_allocation_map_is_refused_where_the_method_ignores_it(method: str, extra: str) -> None:
+    base = "name: a\nmodel: lenet5\ndata: {dataset: digits}\nprune:\n"
+    gran = "filter" if method == "slimming" else "element"
+    crit = "synflow" if method == "at-init" else "magnitude"
+    sched = "schedule: {kind: iterative}\n" if method == "at-init" else ""
+    text = (
+        f"{base}  granularity: {gran}\n  criterion: {crit}\n  allocation: {{fc1: 0.5}}\n"
+        f"{extra}{sched}"
+    )
+    message = error(text)
+    assert message.startswith(
+        f"r.yaml:7: prune.allocation = {{'fc1': 0.5}} is not used by {method}, which takes "
+        "prune.sparsity alone; Fix: drop allocation"
+    ), message
+

@@ -84,8 +84,18 @@ def _check_data(r: Recipe, gran: Granularity) -> None:
 
 
 def _check_sparsity(r: Recipe, gran: Granularity) -> None:
-    p = r["prune"]
+    p, method = r["prune"], r["timing"]["method"]
     nm = isinstance(gran, NM)
+    uniform_only = method in ("lottery", *STRUCTURAL) or (
+        method == "at-init" and r["schedule"]["kind"] == "iterative"
+    )
+    if uniform_only and p["allocation"] != "uniform":
+        raise r.fail(
+            ("prune", "allocation"),
+            p["allocation"],
+            f"is not used by {method}, which takes prune.sparsity alone",
+            "drop allocation and give e.g. 'sparsity: 0.8'.",
+        )
     if p["sparsity"] is None and not nm and not isinstance(p["allocation"], dict):
         raise r.fail(
             ("prune", "sparsity"),
