@@ -214,3 +214,9 @@ def test_allocation_map_is_refused_where_the_method_ignores_it(method: str, extr
         "prune.sparsity alone; Fix: drop allocation"
     ), message
 
+
+def test_rewind_error_says_what_it_must_be() -> None:
+    message = error(VALID + "timing: {rewind: -1}\n")
+    assert message.startswith(
+        "r.yaml:18: timing.rewind = -1 is neither 'init' nor an optimizer step >= 0; Fix:"
+    ), message

@@ -61,7 +61,8 @@ def _formats(value: list) -> str | None:
 
 
 def _rewind(value: Any) -> str | None:
-    return None if value == "init" or (isinstance(value, int) and value >= 0) else "must be"
+    ok = value == "init" or (isinstance(value, int) and value >= 0)
+    return None if ok else "is neither 'init' nor an optimizer step >= 0"
 
 
 NUM = (int, float)
