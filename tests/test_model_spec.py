@@ -109,6 +109,29 @@ def test_masked_checkpoint_loads_with_its_masks(tmp_path: Path) -> None:
     torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
 
 
+def test_mismatched_masked_checkpoint_leaves_the_model_unchanged(tmp_path: Path) -> None:
+    small = zoo.build_model("lenet300", in_features=20)
+    pk.prune(small, 0.5)
+    torch.save(small.state_dict(), tmp_path / "small.pt")
+    same = zoo.build_model("lenet300")
+    pk.prune(same, 0.5)
+    state = same.state_dict()  # its masks load first, then a mask for a missing layer
+    state["nothere.parametrizations.weight.0.packed"] = state[
+        "fc1.parametrizations.weight.0.packed"
+    ]
+    torch.save(state, tmp_path / "extra.pt")
+    model = zoo.build_model("lenet300")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    shapes = r"fc1.parametrizations.weight.original: checkpoint \(300, 20\) vs model \(300, 784\)"
+    with pytest.raises(CheckpointError, match=shapes):
+        model_spec.load_checkpoint(model, tmp_path / "small.pt", "lenet300")
+    with pytest.raises(CheckpointError, match=r"unexpected keys \['nothere.*Fix: pass"):
+        model_spec.load_checkpoint(model, tmp_path / "extra.pt", "lenet300")
+    after = model.state_dict()
+    assert list(after) == list(before) and pk.sparsity(model).total == 0
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
 def test_pickled_objects_are_never_loaded(tmp_path: Path) -> None:
     torch.save({"weights": nn.Linear(2, 2)}, tmp_path / "module.pt")  # a pickled module
     with pytest.raises(CheckpointError, match="weights-only torch file"):
