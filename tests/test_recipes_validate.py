@@ -220,3 +220,12 @@ def test_rewind_error_says_what_it_must_be() -> None:
     assert message.startswith(
         "r.yaml:18: timing.rewind = -1 is neither 'init' nor an optimizer step >= 0; Fix:"
     ), message
+
+
+def test_llm_recipe_refuses_model_settings_it_would_ignore() -> None:
+    base = "name: l\nkind: llm\nmodel:\n  spec: char-llama\n  checkpoint: w.safetensors\n"
+    assert error(base).startswith(
+        "r.yaml:5: model.checkpoint = 'w.safetensors' is not used by kind: llm"
+    )
+    kwargs = base.replace("checkpoint: w.safetensors", "kwargs: {hidden: 64}")
+    assert "Fix: drop model.kwargs." in error(kwargs)

@@ -272,6 +272,14 @@ def _check_llm(r: Recipe) -> None:
     from prunekit.llm.methods import parse_target
 
     target = _resolve(r, ("llm", "sparsity"), parse_target)
+    for key in ("kwargs", "checkpoint"):
+        if r["model"][key]:
+            raise r.fail(
+                ("model", key),
+                r["model"][key],
+                "is not used by kind: llm (it loads a save_pretrained directory as it is)",
+                f"drop model.{key}.",
+            )
     formats = r["export"]["formats"]
     if set(formats) - {"safetensors"}:
         raise r.fail(
