@@ -64,10 +64,12 @@ class Run:
     sections: list[Section] = field(default_factory=list)
 
     def epochs(self, section: str) -> int:
+        """``section``'s ``epochs`` (``train`` or ``finetune``); at most 1 under ``--quick``."""
         epochs = self.recipe[section]["epochs"]
         return min(epochs, 1) if self.quick else epochs
 
     def measure(self, stage: str) -> None:
+        """Record the test accuracy after ``stage`` (nothing without data)."""
         if self.data is not None:
             self.stages[stage] = zoo.evaluate(self.model, self.data.x_test, self.data.y_test)
 

@@ -37,6 +37,7 @@ class Recipe:
 
     @property
     def name(self) -> str:
+        """The recipe's ``name``: its report folder under ``runs/``."""
         return self.settings["name"]
 
     def __getitem__(self, section: str) -> Any:
