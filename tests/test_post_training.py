@@ -7,6 +7,7 @@ import torch
 from conftest import assert_unchanged, snapshot
 
 import prunekit as pk
+from prunekit.errors import PruningError
 from prunekit.training.post import han_sparsities, iterative_pruning
 from prunekit.zoo import LeNet300100, calibration_batches, load_dataset, train
 
@@ -36,6 +37,13 @@ def test_han_threshold_is_q_std_per_layer() -> None:
     w = model[0].weight.detach()
     want = float((w.abs() < 0.7 * w.std()).float().mean())
     assert han_sparsities(model, 0.7) == {"0": pytest.approx(want)}
+
+
+def test_han_mapping_must_cover_the_selected_layers() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    with pytest.raises(PruningError, match=r"no threshold for layers \['1'\]; Fix: add them"):
+        han_sparsities(model, {"0": 0.7})
+    assert set(han_sparsities(model, {"0": 0.7}, ["0"])) == {"0"}
 
 
 def test_iterative_pruning_reaches_the_target_and_recovers(digits, dense_state) -> None:

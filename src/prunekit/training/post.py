@@ -79,8 +79,15 @@ def han_sparsities(model: nn.Module, q: Q, layers: Any = None) -> dict[str, floa
     fixed point and the kept fraction stops falling (a pilot on LeNet-5's fc1 stalled near
     24% kept at ``q = 0.6``): raise ``q`` for more sparsity.
     """
+    chosen = select_layers(model, layers)
+    missing = [ly.name for ly in chosen if isinstance(q, Mapping) and ly.name not in q]
+    if missing:
+        raise PruningError(
+            f"q gives no threshold for layers {missing}; Fix: add them to q, or pass "
+            "layers=list(q)."
+        )
     out = {}
-    for layer in select_layers(model, layers):
+    for layer in chosen:
         w = layer.module.weight.detach()
         mask = get_mask(layer.module)
         alive = w[mask] if mask is not None else w.flatten()
