@@ -189,6 +189,18 @@ def test_transformers_directory_without_weights(tmp_path: Path) -> None:
         model_spec.load_model(str(tmp_path))
 
 
+@pytest.mark.parametrize(
+    ("config", "problem"),
+    [("{}", "Unrecognized model"), ("not json", "not a valid JSON file")],
+)
+def test_transformers_directory_with_a_bad_config(
+    tmp_path: Path, config: str, problem: str
+) -> None:
+    (tmp_path / "config.json").write_text(config)
+    with pytest.raises(ModelSpecError, match=f"AutoConfig.from_pretrained failed: .*{problem}"):
+        model_spec.load_model(str(tmp_path))
+
+
 def test_example_inputs_of_a_factory(factory: str) -> None:
     loaded = model_spec.load_model(f"{factory}:build")
     with pytest.raises(ModelSpecError, match="needs an example input; Fix: pass --dataset"):

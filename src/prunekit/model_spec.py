@@ -107,10 +107,11 @@ def _transformers(path: Path, kwargs: Mapping[str, Any]) -> nn.Module:
             f"model directory {str(path)!r} has no config.json; Fix: pass a save_pretrained "
             "directory or " + describe() + "."
         )
-    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-    names = [a for a in config.architectures or [] if hasattr(transformers, a)]
-    cls = getattr(transformers, names[0]) if names else transformers.AutoModel
+    cls: Any = transformers.AutoConfig
     try:
+        config = cls.from_pretrained(path, local_files_only=True)
+        names = [a for a in config.architectures or [] if hasattr(transformers, a)]
+        cls = getattr(transformers, names[0]) if names else transformers.AutoModel
         return cls.from_pretrained(path, local_files_only=True, **kwargs).eval()
     except (OSError, ValueError, TypeError) as err:
         raise ModelSpecError(
