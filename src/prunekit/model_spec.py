@@ -294,8 +294,9 @@ def example_inputs(
     data: zoo.Dataset | None = None,
     input_shape: tuple[int, ...] | None = None,
 ) -> Inputs:
-    """One input the model accepts: a row of ``data``, a seeded ``randn(input_shape)``, the
-    zoo's example input, or for transformers a token / pixel batch sized by the config.
+    """One input the model accepts, the first that applies: a seeded ``randn(input_shape)``,
+    a row of ``data``'s test split, the zoo's example input, or for transformers a token /
+    pixel batch sized by the config.
 
     Raises:
         ModelSpecError: a factory model given neither ``data`` nor ``input_shape``.
