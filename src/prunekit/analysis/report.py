@@ -148,11 +148,11 @@ def rich_table(section: Section) -> Table:
     cells of the report's tables (text columns left-aligned, numbers right-aligned)."""
     table = Table(title=section.heading)
     rows = section.rows or []
-    text = _text_columns(rows)
-    for column in _columns(rows):
+    columns, text = _columns(rows), _text_columns(rows)
+    for column in columns:
         table.add_column(column, justify="left" if column in text else "right")
     for row in rows:
-        table.add_row(*(_cell(row.get(c)) for c in _columns(rows)))
+        table.add_row(*(_cell(row.get(c)) for c in columns))
     return table
 
 
