@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from prunekit.errors import PruningError, RecipeError
 from prunekit.recipes import loads
 from prunekit.recipes.schema import SCHEMA
+from prunekit.recipes.source import parse
 
 VALID = """\
 name: demo
@@ -229,3 +230,15 @@ def test_llm_recipe_refuses_model_settings_it_would_ignore() -> None:
     )
     kwargs = base.replace("checkpoint: w.safetensors", "kwargs: {hidden: 64}")
     assert "Fix: drop model.kwargs." in error(kwargs)
+
+
+def test_nested_yaml_aliases_are_shared_not_expanded() -> None:
+    levels = ["a0: &a0 [csr, csr, csr, csr, csr, csr, csr, csr, csr, csr]"]
+    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    source = parse("name: b\n" + "\n".join(levels) + "\n", "r.yaml")  # 10^9 leaves if copied
+    top = source.data["a8"]
+    assert len(top) == 10 and top[0] is top[9] and top[0][0] is source.data["a6"]
+    assert source.line(("a8",)) == 10
+    text = "name: a\nmodel: lenet5\ntrain: {epochs: 0}\nfinetune: {epochs: 0}\n"
+    text += "prune:\n  sparsity: 0.5\n  layers: &l [fc1, fc2]\n  exclude: *l\n"
+    assert loads(text, "r.yaml")["prune"]["exclude"] == ["fc1", "fc2"]

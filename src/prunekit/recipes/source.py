@@ -66,14 +66,26 @@ class Source:
         return f"{self.filename}:{self.line(path)}"
 
 
-def _convert(loader: _Loader, node: yaml.Node, path: Path_, lines: dict[Path_, int], name: str):
+def _convert(
+    loader: _Loader,
+    node: yaml.Node,
+    path: Path_,
+    lines: dict[Path_, int],
+    name: str,
+    done: dict[int, Any],
+):
+    """``node`` as Python values, each key's line recorded in ``lines``. A node reached
+    again through a YAML alias gives the value already built (``done``), as
+    ``yaml.safe_load`` does, so nested aliases cannot blow up exponentially."""
     if node.tag not in _PLAIN_TAGS and not isinstance(node, yaml.ScalarNode):
         raise RecipeError(
             f"{name}:{node.start_mark.line + 1}: tag {node.tag!r} is not allowed in a recipe; "
             "Fix: write plain mappings, lists and values."
         )
+    if id(node) in done:
+        return done[id(node)]
     if isinstance(node, yaml.MappingNode):
-        out: dict[str, Any] = {}
+        out: dict[str, Any] = done.setdefault(id(node), {})
         for key_node, value_node in node.value:
             key = loader.construct_object(key_node, deep=True)
             line = key_node.start_mark.line + 1
@@ -88,13 +100,14 @@ def _convert(loader: _Loader, node: yaml.Node, path: Path_, lines: dict[Path_, i
                     f"line {lines[(*path, key)]}); Fix: keep one."
                 )
             lines[(*path, key)] = line
-            out[key] = _convert(loader, value_node, (*path, key), lines, name)
+            out[key] = _convert(loader, value_node, (*path, key), lines, name, done)
         return out
     if isinstance(node, yaml.SequenceNode):
+        items: list[Any] = done.setdefault(id(node), [])
         for i, item in enumerate(node.value):
             lines[(*path, str(i))] = item.start_mark.line + 1
-        items = enumerate(node.value)
-        return [_convert(loader, item, (*path, str(i)), lines, name) for i, item in items]
+            items.append(_convert(loader, item, (*path, str(i)), lines, name, done))
+        return items
     return loader.construct_object(node, deep=True)
 
 
@@ -104,7 +117,7 @@ def parse(text: str, filename: str = "<recipe>") -> Source:
     try:
         node = loader.get_single_node()
         lines: dict[Path_, int] = {}
-        data = {} if node is None else _convert(loader, node, (), lines, filename)
+        data = {} if node is None else _convert(loader, node, (), lines, filename, {})
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         line = mark.line + 1 if mark is not None else 1
