@@ -102,3 +102,29 @@ def test_recipe_without_data_prunes_and_exports(tmp_path: Path) -> None:
     assert _section(results, "Accuracy")["rows"] == []
     assert _section(results, "Cost")["rows"][-1]["sparsity"] == pytest.approx(0.5, abs=0.01)
     assert (folder / "export" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("method", ["soft-filter", "slimming"])
+def test_structural_methods_train_with_the_recipe_optimizer(method: str, monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    from prunekit.recipes import pipeline
+
+    text = (
+        "name: s\nmodel: lenet5\ndata: {dataset: digits}\ntrain: {epochs: 1, optimizer: sgd}\n"
+        f"prune: {{granularity: filter, criterion: l2, sparsity: 0.5}}\n"
+        f"timing: {{when: during, method: {method}}}\n"
+    )
+    seen = {}
+
+    def fake(*args, **kwargs):
+        seen.update(kwargs)
+        return SimpleNamespace(pruned_accuracy=0.5, final_accuracy=0.5)
+
+    monkeypatch.setattr(pipeline.training, "soft_filter_pruning", fake)
+    monkeypatch.setattr(pipeline.training, "network_slimming", fake)
+    run = SimpleNamespace(recipe=recipes.loads(text), model=None, data=None, example=None,
+                          quick=False, console=Console(file=io.StringIO()), stages={})  # fmt: skip
+    run.epochs = lambda section: run.recipe[section]["epochs"]
+    pipeline._structural(run)
+    assert seen["optimizer"] == "sgd" and seen["lr"] == 1e-3 and seen["ratio"] == 0.5

@@ -194,6 +194,7 @@ def _structural(run: Run) -> None:
         epochs=run.epochs("train"),
         lr=t["lr"],
         batch_size=r["data"]["batch_size"],
+        optimizer=t["optimizer"],
         seed=r["seed"],
         progress=True,
     )
