@@ -242,3 +242,15 @@ def test_nested_yaml_aliases_are_shared_not_expanded() -> None:
     text = "name: a\nmodel: lenet5\ntrain: {epochs: 0}\nfinetune: {epochs: 0}\n"
     text += "prune:\n  sparsity: 0.5\n  layers: &l [fc1, fc2]\n  exclude: *l\n"
     assert loads(text, "r.yaml")["prune"]["exclude"] == ["fc1", "fc2"]
+
+
+def test_lottery_refuses_a_criterion_it_would_ignore() -> None:
+    text = (
+        "name: l\nmodel: lenet5\ndata: {dataset: digits}\n"
+        "prune: {sparsity: 0.5, criterion: taylor}\ntiming: {when: before, method: lottery}\n"
+    )
+    assert error(text).startswith(
+        "r.yaml:4: prune.criterion = 'taylor' is not used by lottery tickets, which prune by "
+        "magnitude (Frankle & Carbin 2019); Fix: criterion: magnitude"
+    )
+    assert loads(text.replace("taylor", "magnitude"), "r.yaml")["timing"]["method"] == "lottery"

@@ -196,6 +196,13 @@ def _check_timing(r: Recipe, gran: Granularity) -> None:
             "is not a soft filter pruning criterion",
             "criterion: l2 or fpgm.",
         )
+    if method == "lottery" and p["criterion"] != "magnitude":
+        raise r.fail(
+            ("prune", "criterion"),
+            p["criterion"],
+            "is not used by lottery tickets, which prune by magnitude (Frankle & Carbin 2019)",
+            "criterion: magnitude, or drop it.",
+        )
     if method == "lottery" and (gran.name, p["scope"]) != ("element", "local"):
         raise r.fail(
             ("prune", "granularity"),
