@@ -254,3 +254,18 @@ def test_lottery_refuses_a_criterion_it_would_ignore() -> None:
         "magnitude (Frankle & Carbin 2019); Fix: criterion: magnitude"
     )
     assert loads(text.replace("taylor", "magnitude"), "r.yaml")["timing"]["method"] == "lottery"
+
+
+@pytest.mark.parametrize(
+    "timing", ["timing: {when: during, method: gradual}\n", "schedule: {kind: cubic}\n"]
+)
+def test_allocation_map_is_refused_on_a_pruner_schedule(timing: str) -> None:
+    text = (
+        "name: g\nmodel: lenet5\ndata: {dataset: digits}\n"
+        "prune: {scope: local, allocation: {fc1: 0.8}}\n" + timing
+    )
+    assert error(text).startswith(
+        "r.yaml:4: prune.allocation = {'fc1': 0.8} fixes every layer's final sparsity, which the"
+    )
+    one_shot = text.replace(timing, "")
+    assert loads(one_shot, "r.yaml")["prune"]["allocation"] == {"fc1": 0.8}

@@ -97,6 +97,17 @@ def _check_sparsity(r: Recipe, gran: Granularity) -> None:
             f"is not used by {method}, which takes prune.sparsity alone",
             "drop allocation and give e.g. 'sparsity: 0.8'.",
         )
+    scheduled = method == "gradual" or (
+        method == "finetune" and r["schedule"]["kind"] != "one-shot"
+    )
+    if scheduled and isinstance(p["allocation"], dict):
+        raise r.fail(
+            ("prune", "allocation"),
+            p["allocation"],
+            f"fixes every layer's final sparsity, which the {method} schedule cannot grow "
+            "step by step (a Pruner would cut it all at once, or never without sparsity)",
+            "allocation: uniform or erk with 'sparsity: 0.8', or a one-shot prune after training.",
+        )
     if p["sparsity"] is None and not nm and not isinstance(p["allocation"], dict):
         raise r.fail(
             ("prune", "sparsity"),
