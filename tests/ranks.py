@@ -18,6 +18,8 @@ def _entry(rank: int, fn: Callable[[int, Path], None], port: int, out: str, worl
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         fn(rank, Path(out))
+        # gloo: a rank that leaves while a peer still receives its last broadcast aborts it.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

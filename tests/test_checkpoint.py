@@ -197,3 +197,20 @@ def test_save_load_round_trip_restores_rng(tmp_path):
     assert np.array_equal(np.random.rand(2), expected[1]) and random.random() == expected[2]
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     assert checkpoint.load(tmp_path / "absent", identity) is None
+
+
+def test_a_failed_write_raises_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    identity = {"model": [1]}
+    checkpoint.save(tmp_path, 1, {"w": torch.zeros(2)}, identity, {"n": 1})
+    atomic_write = checkpoint._atomic_write
+
+    def disk_full_on_state(path: Path, data: bytes) -> None:
+        if path.name == checkpoint.STATE:
+            raise OSError(28, "No space left on device")
+        atomic_write(path, data)
+
+    monkeypatch.setattr(checkpoint, "_atomic_write", disk_full_on_state)
+    with pytest.raises(CheckpointError, match=r"could not write the round-2 .*No space.*Fix"):
+        checkpoint.save(tmp_path, 2, {"w": torch.ones(2)}, identity, {"n": 2})
+    saved = checkpoint.load(tmp_path, identity)
+    assert saved.round == 1 and torch.equal(saved.tensors["w"], torch.zeros(2))

@@ -105,6 +105,16 @@ def run_pipelines(rank: int, out: Path) -> None:
         lottery(fresh, digits, **{**LOTTERY, "batch_size": 2})
     assert_unchanged(fresh, before)
 
+    # Rank 0 failing to write a checkpoint fails every rank, instead of leaving them waiting.
+    if rank == 0:
+        checkpoint._atomic_write = disk_full
+    with pytest.raises(CheckpointError, match="could not write the round-1 checkpoint"):
+        checkpoint.save(out / "full", 1, {"w": torch.zeros(1)}, {}, {}, sync=True)
+
+
+def disk_full(path: Path, data: bytes) -> None:
+    raise OSError(28, "No space left on device")
+
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:

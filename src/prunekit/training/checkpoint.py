@@ -37,7 +37,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
@@ -106,12 +105,41 @@ def save(
 
     ``identity`` (model and run arguments) is stored and compared by :func:`load`. The
     RNG states of torch (CPU), numpy and Python are saved alongside. With ``sync`` (under
-    ``torch.distributed``) only rank 0 writes, and every rank returns once it has.
+    ``torch.distributed``) only rank 0 writes, and every rank returns once it has, or
+    raises the same error if it could not.
+
+    Raises:
+        CheckpointError: the files could not be written (disk full, no permission); the
+            previous checkpoint is still the one in ``directory``.
     """
     directory = Path(directory)
-    if not distributed.is_writer(sync):
-        dist.barrier()
-        return directory / STATE
+    writer = distributed.is_writer(sync)
+    error = ""
+    if writer:
+        try:
+            _write(directory, round, tensors, identity, state)
+        except OSError as err:
+            error = (
+                f"could not write the round-{round} checkpoint in {directory}: {err}; Fix: free "
+                "disk space or pass a writable checkpoint_dir, then run the same command again."
+            )
+    if sync:  # rank 0's outcome, so that no rank waits for a checkpoint that never comes
+        outcome = [b"error" if error else b"ok", error.encode()] if writer else None
+        status, message = distributed.broadcast_bytes(outcome, 2)
+        error = message.decode() if status == b"error" else ""
+    if error:
+        raise CheckpointError(error)
+    return directory / STATE
+
+
+def _write(
+    directory: Path,
+    round: int,
+    tensors: dict[str, Tensor],
+    identity: dict[str, Any],
+    state: dict[str, Any],
+) -> None:
+    """The files of :func:`save`: the tensors, then the JSON state (the commit point)."""
     directory.mkdir(parents=True, exist_ok=True)
     name = f"round-{round:04d}.safetensors"
     blob = save_tensors(
@@ -134,9 +162,6 @@ def save(
     for old in directory.glob("round-*.safetensors"):
         if old.name != name:
             old.unlink()
-    if sync:
-        dist.barrier()
-    return directory / STATE
 
 
 def _corrupted(path: Path, err: Exception) -> CheckpointError:
