@@ -131,7 +131,9 @@ def _prune_model(model: nn.Module, args: argparse.Namespace, data: Batches | Non
     )
 
 
-def _epochs(args: argparse.Namespace, loaded: LoadedSpec, data: zoo.Dataset | None) -> tuple:
+def _epochs(
+    args: argparse.Namespace, loaded: LoadedSpec, data: zoo.Dataset | None
+) -> tuple[int, int]:
     """(dense, fine-tune) epochs: 3 and 1 for an untrained zoo model, else 0 and 1; both
     need ``--dataset``."""
     untrained = loaded.kind == "zoo" and loaded.checkpoint is None

@@ -50,9 +50,9 @@ TIMING_TEXT = (
 LOTTERY_TEXT = (
     f"Iterative magnitude pruning, {LOTTERY_RATE:.0%} of the remaining weights per round "
     f"({LOTTERY_RATE / 2:.0%} in the classifier), survivors rewound to theta_{REWIND_STEP} "
-    "(the weights after 5 optimizer steps) and retrained. Accuracy at the early-stopping "
-    "epoch (best on a 10% validation split). The control trains the same masks from a fresh "
-    "random initialisation: a winning ticket beats it."
+    f"(the weights after {REWIND_STEP} optimizer steps) and retrained. Accuracy at the "
+    "early-stopping epoch (best on a 10% validation split). The control trains the same "
+    "masks from a fresh random initialisation: a winning ticket beats it."
 )
 
 

@@ -41,10 +41,13 @@ from prunekit import model_spec, training, zoo
 from prunekit.analysis import plots
 from prunekit.analysis.report import Section
 from prunekit.errors import PruningError
-from prunekit.export import export
+from prunekit.export import SPARSE, export
 from prunekit.inputs import Inputs
 from prunekit.recipes.validate import Recipe
 from prunekit.schedules import Cubic, Iterative, OneShot, Schedule
+
+SPARSE_FORMATS = tuple(f for f in SPARSE if f != "auto")  # each converts as asked
+PRUNE_FIX = "exclude the layer it names (prune.exclude) or choose another setting."
 
 QUICK_TRAIN, QUICK_TEST = 256, 128
 
@@ -305,8 +308,8 @@ def dry_run(run: Run) -> None:
                 _pruner(trial, "finetune" if method == "finetune" else "train")
             _one_shot(trial)
     except PruningError as err:
-        raise r.fail(("prune",), r["prune"], f"fails on the model: {err}", "") from err
-    sparse_exports = set(r["export"]["formats"]) & {"csr", "bsr", "nm"}
+        raise r.fail(("prune",), r["prune"], f"fails on the model: {err}", PRUNE_FIX) from err
+    sparse_exports = set(r["export"]["formats"]) & set(SPARSE_FORMATS)
     try:  # in execute's order: exports come after materialising, except for sparse modules
         if r["materialize"]["mode"] != "sparse":
             materialize(trial)
@@ -315,7 +318,9 @@ def dry_run(run: Run) -> None:
         if r["materialize"]["mode"] == "sparse":
             materialize(trial)
     except PruningError as err:
-        raise r.fail(("materialize",), r["materialize"], f"fails on the model: {err}", "") from err
+        raise r.fail(
+            ("materialize",), r["materialize"], f"fails on the model: {err}", PRUNE_FIX
+        ) from err
 
 
 def execute(run: Run, folder: Path) -> None:

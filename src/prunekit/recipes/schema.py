@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from prunekit.errors import RecipeError
+from prunekit.export import FORMATS, SPARSE
 from prunekit.recipes.source import Path_, Source
 
 REQUIRED = object()
@@ -67,7 +68,7 @@ def _rewind(value: Any) -> str | None:
 
 NUM = (int, float)
 FRACTION = {"low": 0.0, "high": 1.0, "open_high": True}
-EXPORT_FORMATS = ("safetensors", "onnx", "csr", "bsr", "nm", "auto")
+EXPORT_FORMATS = FORMATS
 WHEN = ("after", "during", "before")
 METHODS = {
     "after": ("finetune",),
@@ -127,7 +128,7 @@ SCHEMA: dict[str, dict[str, Field] | Field] = {
     },
     "materialize": {
         "mode": Field((str,), "masks", choices=("masks", "bake", "shrink", "sparse")),
-        "format": Field((str,), "auto", choices=("auto", "csr", "bsr", "nm")),
+        "format": Field((str,), "auto", choices=SPARSE),
     },
     "export": {
         "formats": Field((list,), [], test=_formats, example="formats: [safetensors, csr]"),
