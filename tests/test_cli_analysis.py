@@ -13,7 +13,7 @@ from rich.console import Console
 
 from prunekit import cli
 from prunekit.cli_analysis import HANDLERS, add_parsers, parse_method
-from prunekit.errors import PruningError
+from prunekit.errors import PruningError, SweepError
 
 FAST = ["--model", "lenet300", "--dataset", "digits", "--epochs", "1"]
 
@@ -99,7 +99,7 @@ def test_parse_method() -> None:
         "scope": "local",
     }
     for bad in ("l2-row-column", "magnitude-", "l2-global-local"):
-        with pytest.raises(PruningError, match="criterion"):
+        with pytest.raises(SweepError, match="criterion"):
             parse_method(bad)
 
 

@@ -27,7 +27,7 @@ from prunekit.analysis import plots
 from prunekit.analysis.report import Section, write_report
 from prunekit.analysis.sensitivity import Evaluate, sensitivity
 from prunekit.analysis.sweep import MATERIALIZE, sweep
-from prunekit.errors import PruningError
+from prunekit.errors import PruningError, SweepError
 
 SCOPES = ("global", "local")
 
@@ -76,13 +76,17 @@ def _numbers(text: str, kind: type, option: str) -> list:
 
 
 def parse_method(spec: str) -> dict[str, object]:
-    """``<criterion>[-<granularity>][-global|-local]`` as :func:`prunekit.prune` kwargs."""
+    """``<criterion>[-<granularity>][-global|-local]`` as :func:`prunekit.prune` kwargs.
+
+    Raises:
+        SweepError: a spec of another shape (two granularities, two scopes, an empty part).
+    """
     criterion, *rest = spec.strip().split("-")
     kwargs: dict[str, object] = {"criterion": criterion}
     for token in rest:
         key = "scope" if token in SCOPES else "granularity"
         if key in kwargs or not token:
-            raise PruningError(
+            raise SweepError(
                 f"method {spec!r}: expected <criterion>[-<granularity>][-global|-local]; "
                 "Fix: e.g. magnitude-global or l2-filter."
             )
