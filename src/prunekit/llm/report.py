@@ -45,10 +45,6 @@ class LLMPruneReport(TableReport):
         """Achieved sparsity over the pruned layers (embeddings and head excluded)."""
         return sum(r.sparsity * r.numel for r in self.layers) / max(self.numel, 1)
 
-    @property
-    def mean_error(self) -> float:
-        return sum(r.error for r in self.layers) / max(len(self.layers), 1)
-
     def summary(self) -> str:
         peak = "n/a" if self.peak_bytes is None else f"{self.peak_bytes / 2**20:.1f} MiB"
         return (
