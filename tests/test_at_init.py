@@ -105,6 +105,8 @@ def test_controls_keep_densities_and_masks() -> None:
         (lambda m: pk.prune(m, 0.5, criterion="grasp"), pk.MissingDataError, "'grasp' needs"),
         (lambda m: synflow_prune(m, 0.5, torch.randn(1, 8), rounds=0), pk.PruningError,
          "rounds=0"),
+        (lambda m: synflow_prune(m, 0.5, torch.randn(1, 8), rounds=True), pk.PruningError,
+         r"rounds=True must be an int >= 1"),
         (lambda m: synflow_prune(m, 1.0, torch.randn(1, 8)), pk.InvalidSparsityError, "1.0"),
         (shuffle_masks, pk.PruningError, "no masks"),
         (reinitialize, pk.PruningError, "no masks"),

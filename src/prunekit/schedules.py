@@ -24,9 +24,17 @@ from prunekit.errors import ScheduleError
 SPACINGS = ["equal", "geometric"]
 
 
-def _check_int(name: str, value: object, minimum: int, fix: str) -> None:
+def check_int(name: str, value: object, minimum: int, fix: str) -> None:
+    """Raise :class:`~prunekit.errors.ScheduleError` unless ``value`` is an int (not a
+    bool) >= ``minimum``; ``fix`` ends the message."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ScheduleError(f"{name}={value!r} must be an int >= {minimum}; Fix: {fix}")
+
+
+def geometric(final: float, fraction: float) -> float:
+    """``1 - (1 - final) ** fraction``: the sparsity after ``fraction`` of the rounds of a
+    schedule where every round removes the same share of the weights still alive."""
+    return 1 - (1 - final) ** fraction
 
 
 @dataclass(frozen=True)
@@ -72,7 +80,7 @@ class OneShot(Schedule):
     at: int = 1
 
     def __post_init__(self) -> None:
-        _check_int("at", self.at, 1, "prune after at least one step, e.g. OneShot(at=1).")
+        check_int("at", self.at, 1, "prune after at least one step, e.g. OneShot(at=1).")
 
     def milestones(self) -> range:
         return range(self.at, self.at + 1)
@@ -108,9 +116,9 @@ class Iterative(Schedule):
     spacing: str = "equal"
 
     def __post_init__(self) -> None:
-        _check_int("steps", self.steps, 1, "prune at least once, e.g. steps=5.")
-        _check_int("every", self.every, 1, "prune every 1 or more optimizer steps.")
-        _check_int("start", self.start, 0, "count the start in optimizer steps from 0.")
+        check_int("steps", self.steps, 1, "prune at least once, e.g. steps=5.")
+        check_int("every", self.every, 1, "prune every 1 or more optimizer steps.")
+        check_int("start", self.start, 0, "count the start in optimizer steps from 0.")
         if self.spacing not in SPACINGS:
             raise ScheduleError(
                 f"spacing={self.spacing!r} is not one of {', '.join(SPACINGS)}; "
@@ -127,7 +135,7 @@ class Iterative(Schedule):
 
     def _sparsity(self, i: int, n: int, final: float) -> float:
         fraction = (i + 1) / n
-        return final * fraction if self.spacing == "equal" else 1 - (1 - final) ** fraction
+        return final * fraction if self.spacing == "equal" else geometric(final, fraction)
 
 
 @dataclass(frozen=True)
@@ -152,9 +160,9 @@ class Cubic(Schedule):
     initial: float = 0.0
 
     def __post_init__(self) -> None:
-        _check_int("start", self.start, 0, "count the start in optimizer steps from 0.")
-        _check_int("every", self.every, 1, "prune every 1 or more optimizer steps.")
-        _check_int("end", self.end, self.start + 1, f"end after start={self.start}.")
+        check_int("start", self.start, 0, "count the start in optimizer steps from 0.")
+        check_int("every", self.every, 1, "prune every 1 or more optimizer steps.")
+        check_int("end", self.end, self.start + 1, f"end after start={self.start}.")
         if (self.end - self.start) % self.every:
             below = self.start + (self.end - self.start) // self.every * self.every
             raise ScheduleError(

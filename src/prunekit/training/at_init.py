@@ -25,6 +25,7 @@ from prunekit.errors import PruningError
 from prunekit.inputs import Inputs
 from prunekit.masks import apply_mask, get_mask, remove, set_mask
 from prunekit.pruning import PruneReport, prune
+from prunekit.schedules import check_int, geometric
 
 
 def synflow_prune(
@@ -39,14 +40,13 @@ def synflow_prune(
 ) -> PruneReport:
     """Iterative SynFlow to ``sparsity`` in ``rounds`` rounds; returns the last round's report."""
     sparsity = check_sparsity(sparsity)
-    if not isinstance(rounds, int) or rounds < 1:
-        raise PruningError(f"rounds={rounds!r} must be an int >= 1; Fix: e.g. rounds=100")
+    check_int("rounds", rounds, 1, "e.g. rounds=100")
     report = None
     for k in range(1, rounds + 1):
-        target = 1 - (1 - sparsity) ** (k / rounds)
         report = prune(
-            model, target, granularity=granularity, criterion="synflow", scope="global",
-            layers=layers, exclude=exclude, data=[example_inputs],
+            model, geometric(sparsity, k / rounds), granularity=granularity,
+            criterion="synflow", scope="global", layers=layers, exclude=exclude,
+            data=[example_inputs],
         )  # fmt: skip
     assert report is not None
     return report

@@ -31,6 +31,7 @@ from prunekit.layers import select_layers
 from prunekit.masks import apply_mask, get_mask
 from prunekit.pruner import kept_share
 from prunekit.pruning import prune
+from prunekit.schedules import check_int
 from prunekit.tables import TableReport
 from prunekit.training import checkpoint, loop
 from prunekit.training import distributed as dist_mod
@@ -186,8 +187,7 @@ def _check(
     model: nn.Module, rounds: int, rate: float, output_rate: float, rewind: Rewind, steps: int
 ) -> int:
     """The rewind step ``k`` (0 for ``"init"``), or an error for a bad argument."""
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
-        raise PruningError(f"rounds={rounds!r} must be an int >= 0; Fix: e.g. rounds=5.")
+    check_int("rounds", rounds, 0, "e.g. rounds=5.")
     for name, value in (("rate", rate), ("output_rate", output_rate)):
         if not 0 < value < 1:
             raise PruningError(f"{name}={value!r} must be in (0, 1); Fix: e.g. rate=0.2.")

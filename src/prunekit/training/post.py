@@ -32,6 +32,7 @@ from prunekit.layers import select_layers
 from prunekit.masks import get_mask, sparsity
 from prunekit.pruner import check_reachable, check_reusable, kept_share
 from prunekit.pruning import prune
+from prunekit.schedules import check_int, geometric
 from prunekit.tables import TableReport
 from prunekit.training import checkpoint, loop
 from prunekit.training import distributed as dist_mod
@@ -126,8 +127,7 @@ def _check(
             f"target={target!r}, q={q!r}: give exactly one of target= (a sparsity) or q= "
             "(Han's q * std threshold); Fix: e.g. target=0.9 or q=0.7."
         )
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
-        raise PruningError(f"rounds={rounds!r} must be an int >= 1; Fix: e.g. rounds=5")
+    check_int("rounds", rounds, 1, "e.g. rounds=5")
     chosen = select_layers(model, prune_kwargs["layers"], prune_kwargs["exclude"])
     if q is not None:
         _check_q(q, [ly.name for ly in chosen])
@@ -210,7 +210,7 @@ def iterative_pruning(
         start, report = saved.round + 1, IterativeReport(saved.state["dense"], rounds_done)
     for k in range(start, rounds + 1):
         if target is not None:
-            prune(model, 1 - (1 - target) ** (k / rounds), **prune_kwargs)
+            prune(model, geometric(target, k / rounds), **prune_kwargs)
         else:
             chosen = [ly.name for ly in select_layers(model, layers, exclude)]
             prune(model, allocation=han_sparsities(model, q, chosen), layers=chosen)
