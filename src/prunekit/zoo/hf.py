@@ -14,63 +14,65 @@ from torch import Tensor, nn
 
 from prunekit.errors import UnknownChoiceError
 
-
-def _ids(batch: int, length: int = 12) -> Tensor:
-    return torch.randint(0, 100, (batch, length), generator=torch.Generator().manual_seed(0))
+BATCH = 2  # rows of every example input
 
 
-def _image(batch: int) -> Tensor:
-    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+def _ids() -> Tensor:
+    return torch.randint(0, 100, (BATCH, 12), generator=torch.Generator().manual_seed(0))
 
 
-def _bert(batch: int) -> tuple[nn.Module, dict[str, Tensor]]:
+def _image() -> Tensor:
+    return torch.randn(BATCH, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def _bert() -> tuple[nn.Module, dict[str, Tensor]]:
     from transformers import BertConfig, BertModel
 
     cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                      intermediate_size=64)  # fmt: skip
-    return BertModel(cfg), {"input_ids": _ids(batch)}
+    return BertModel(cfg), {"input_ids": _ids()}
 
 
-def _gpt2(batch: int) -> tuple[nn.Module, dict[str, Tensor]]:
+def _gpt2() -> tuple[nn.Module, dict[str, Tensor]]:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=64,
                      bos_token_id=0, eos_token_id=0)  # fmt: skip
-    return GPT2LMHeadModel(cfg), {"input_ids": _ids(batch), "use_cache": False}
+    return GPT2LMHeadModel(cfg), {"input_ids": _ids(), "use_cache": False}
 
 
-def _llama(batch: int) -> tuple[nn.Module, dict[str, Tensor]]:
+def _llama() -> tuple[nn.Module, dict[str, Tensor]]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=8,
                       num_key_value_heads=4, intermediate_size=64)  # fmt: skip
-    return LlamaForCausalLM(cfg), {"input_ids": _ids(batch), "use_cache": False}
+    return LlamaForCausalLM(cfg), {"input_ids": _ids(), "use_cache": False}
 
 
-def _vit(batch: int) -> tuple[nn.Module, dict[str, Tensor]]:
+def _vit() -> tuple[nn.Module, dict[str, Tensor]]:
     from transformers import ViTConfig, ViTForImageClassification
 
     cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
                     num_attention_heads=4, intermediate_size=64, num_labels=5)  # fmt: skip
-    return ViTForImageClassification(cfg), {"pixel_values": _image(batch)}
+    return ViTForImageClassification(cfg), {"pixel_values": _image()}
 
 
-def _resnet(batch: int) -> tuple[nn.Module, dict[str, Tensor]]:
+def _resnet() -> tuple[nn.Module, dict[str, Tensor]]:
     from transformers import ResNetConfig, ResNetForImageClassification
 
     cfg = ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1],
                        layer_type="bottleneck", num_labels=5)  # fmt: skip
-    return ResNetForImageClassification(cfg), {"pixel_values": _image(batch)}
+    return ResNetForImageClassification(cfg), {"pixel_values": _image()}
 
 
-def _convnext(batch: int) -> tuple[nn.Module, dict[str, Tensor]]:
+def _convnext() -> tuple[nn.Module, dict[str, Tensor]]:
     from transformers import ConvNextConfig, ConvNextForImageClassification
 
     cfg = ConvNextConfig(hidden_sizes=[16, 32], depths=[1, 1], num_stages=2, num_labels=5)
-    return ConvNextForImageClassification(cfg), {"pixel_values": _image(batch)}
+    return ConvNextForImageClassification(cfg), {"pixel_values": _image()}
 
 
-TRANSFORMERS: dict[str, Callable[[int], tuple[nn.Module, dict[str, Tensor]]]] = {
+TRANSFORMERS: dict[str, Callable[[], tuple[nn.Module, dict[str, Tensor]]]] = {
     "bert": _bert,
     "gpt2": _gpt2,
     "llama-gqa": _llama,
@@ -80,10 +82,11 @@ TRANSFORMERS: dict[str, Callable[[int], tuple[nn.Module, dict[str, Tensor]]]] = 
 }
 
 
-def tiny_transformer(name: str, batch: int = 2, seed: int = 0) -> tuple[nn.Module, dict]:
-    """A tiny transformers model ``name`` (seeded weights) and keyword example inputs."""
+def tiny_transformer(name: str, seed: int = 0) -> tuple[nn.Module, dict]:
+    """A tiny transformers model ``name`` (seeded weights) and keyword example inputs
+    (:data:`BATCH` rows)."""
     if name not in TRANSFORMERS:
         raise UnknownChoiceError("transformers model", name, sorted(TRANSFORMERS))
     torch.manual_seed(seed)
-    model, inputs = TRANSFORMERS[name](batch)
+    model, inputs = TRANSFORMERS[name]()
     return model.eval(), inputs
