@@ -8,11 +8,13 @@ import torch
 from conftest import assert_unchanged, snapshot
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors.torch import save_file
 from torch import nn
 
 import prunekit as pk
 from prunekit import sparse
 from prunekit.errors import (
+    CheckpointError,
     CudaRequiredError,
     IncompatibleLayerError,
     NotNMError,
@@ -370,3 +372,20 @@ def test_auto_reports_why_nothing_fits():
         )
     ]
     assert report.layers[0].costs == {}
+
+
+def test_load_of_a_foreign_file_raises_and_leaves_the_model_unchanged(tmp_path):
+    model = mixed_model()
+    sparse.convert(model, "csr", layers=["fc3"])
+    sparse.save(model, tmp_path / "m.safetensors")
+    other = Mixed()
+    other.fc2 = nn.Linear(32, 12)  # fc3 (16 -> 4) is replaced before fc2's shape fails
+    before = snapshot(other)
+    with pytest.raises(CheckpointError, match="does not load into Mixed"):
+        sparse.load(other, tmp_path / "m.safetensors")
+    assert_unchanged(other, before)
+    with pytest.raises(CheckpointError, match="does not load into Sequential"):
+        sparse.load(nn.Sequential(nn.Linear(8, 4)), tmp_path / "m.safetensors")
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(CheckpointError, match=r"no 'prunekit\.sparse' header"):
+        sparse.load(other, tmp_path / "plain.safetensors")

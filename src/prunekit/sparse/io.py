@@ -4,6 +4,7 @@ header, the spec of every sparse module so that :func:`load` can rebuild them.""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from prunekit import masks
-from prunekit.errors import PruningError
+from prunekit.errors import CheckpointError, PruningError
 from prunekit.sparse.base import SparseLinear
 from prunekit.sparse.conv import SparseConv2d
 from prunekit.sparse.formats import from_spec, set_module
@@ -48,10 +49,32 @@ def load(model: nn.Module, path: str | Path) -> nn.Module:
     """Load a file written by :func:`save` into ``model`` (the dense architecture), in place:
     its layers named in the file become empty sparse modules, then every tensor loads
     strictly (masks included, via :func:`prunekit.masks.load_state_dict`). Returns ``model``.
+
+    Raises:
+        CheckpointError: the file was not written by :func:`save`, or for another
+            architecture; ``model`` is left unchanged.
     """
     with safe_open(str(path), framework="pt") as f:
-        specs = json.loads(f.metadata()[_KEY])
+        header = (f.metadata() or {}).get(_KEY)
+    if header is None:
+        raise CheckpointError(
+            f"{str(path)!r} has no {_KEY!r} header; Fix: load a file written by "
+            "prunekit.sparse.save (a plain state dict loads with model.load_state_dict)."
+        )
+    state = load_file(str(path))
+    trial = copy.deepcopy(model)  # replacing modules changes the model: try a copy first
+    try:
+        _load_into(trial, json.loads(header), state)
+    except (KeyError, AttributeError, RuntimeError, PruningError) as err:
+        raise CheckpointError(
+            f"{str(path)!r} does not load into {type(model).__name__}: "
+            f"{str(err).splitlines()[0]}; Fix: load it into the architecture it was saved from."
+        ) from err
+    _load_into(model, json.loads(header), state)
+    return model
+
+
+def _load_into(model: nn.Module, specs: dict, state: dict) -> None:
     for name, spec in specs.items():
         set_module(model, name, from_spec(spec))
-    masks.load_state_dict(model, load_file(str(path)))
-    return model
+    masks.load_state_dict(model, state)
