@@ -1,11 +1,19 @@
-"""Reports that show themselves as one rich table."""
+"""Rich output: reports that show themselves as one rich table, and the progress bar of
+long work."""
 
 from __future__ import annotations
 
 import io
 
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+
+def progress_bar(*, disable: bool = False, console: Console | None = None) -> Progress:
+    """The project's transient progress bar: description, bar, ``done/total``, elapsed."""
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+    return Progress(*columns, TimeElapsedColumn(), console=console, transient=True, disable=disable)
 
 
 class TableReport:

@@ -20,7 +20,6 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from torch import nn
 
@@ -33,7 +32,7 @@ from prunekit.errors import InvalidSparsityError, PruningError
 from prunekit.granularity import NM, Granularity
 from prunekit.layers import Selector
 from prunekit.pruning import _resolve_layers, prune
-from prunekit.tables import TableReport
+from prunekit.tables import TableReport, progress_bar
 
 DEFAULT_SPARSITIES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 Evaluate = Callable[[nn.Module], float]
@@ -251,8 +250,7 @@ def sensitivity(
     usable, skipped = _resolve_layers(work, layers, exclude, gran)
     dense = _score(evaluate, work)
     results = []
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
-    with Progress(*columns, TimeElapsedColumn(), transient=True, disable=not progress) as bar:
+    with progress_bar(disable=not progress) as bar:
         task = bar.add_task("sensitivity", total=len(usable) * len(grid))
         for layer in usable:
             metrics = []

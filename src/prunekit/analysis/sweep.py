@@ -32,7 +32,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from torch import nn
 
@@ -47,7 +46,7 @@ from prunekit.masks import bake
 from prunekit.pruning import prune
 from prunekit.sparse.convert import convert
 from prunekit.structured.shrink import shrink
-from prunekit.tables import TableReport
+from prunekit.tables import TableReport, progress_bar
 
 RANDOM = "random"
 MATERIALIZE = ("masks", "shrink", "sparse")
@@ -299,8 +298,7 @@ def sweep(
             "sparse kernels, 'shrink' physically removed channels, 'masks' the dense zeros."
         )
     timing = _Timing(example_inputs, min_run_time, materialize)
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
-    with Progress(*columns, TimeElapsedColumn(), transient=True, disable=not progress) as bar:
+    with progress_bar(disable=not progress) as bar:
         task = bar.add_task("sweep", total=len(seeds) * (1 + len(all_methods) * len(grid)))
         for seed in seeds:
             bar.update(task, description=f"seed {seed}: training")

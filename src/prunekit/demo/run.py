@@ -9,11 +9,11 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from prunekit.analysis.report import Section, rich_table, write_report
 from prunekit.demo import criteria, curves, granularity, savings, schedule, timing
 from prunekit.demo.context import DATASET, FULL, QUICK, Context
+from prunekit.tables import progress_bar
 
 REPORT = "demo"
 TITLE = "prunekit demo: the chapter's practice on MNIST (LeNet-300-100, LeNet-5)"
@@ -84,8 +84,7 @@ def run_demo(
     """
     console = console or wide_console()
     budget = QUICK if quick else FULL
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
-    progress = Progress(*columns, TimeElapsedColumn(), console=console, transient=True)
+    progress = progress_bar(console=console)
     sections = []
     with single_threaded(), progress as bar:
         task = bar.add_task("demo", total=len(SECTIONS) + 1)
