@@ -230,7 +230,19 @@ def test_measured_cost_caches_per_key():
     assert count >= 2 and runs[0] == (4, 16)
     same_key = sparse.Candidate("b", "csr", (8, 16), 0.9049, 4, "", run)
     assert cost(same_key) == first and len(runs) == count
-    assert list(cost.cache) == [("csr", (8, 16), 0.9, 4, "")]
+    assert list(cost.cache) == [("csr", (8, 16), 0.9, 4, "", torch.float32, torch.device("cpu"))]
+
+
+def test_auto_measures_a_layer_in_its_own_dtype():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8)).double()
+    pk.prune(model, 0.9)
+    x = torch.randn(3, 16, dtype=torch.float64)
+    expected = model(x)
+    cost = sparse.MeasuredCost(min_run_time=0.001)
+    sparse.convert(model, "auto", cost=cost)
+    assert {key[-2:] for key in cost.cache} == {(torch.float64, torch.device("cpu"))}
+    torch.testing.assert_close(model(x), expected)
 
 
 # ---- bad input: the right error, a message naming layer / value / fix, model unchanged ----

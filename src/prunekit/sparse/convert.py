@@ -157,7 +157,11 @@ def _auto(
     for key, module in built.items():
         block = getattr(getattr(module, "gemm", module), "blocksize", None)
         detail = f"{opts.n}:{opts.m}" if key == "nm" else f"{block}" if block else ""
-        candidate = Candidate(layer.name, key, shape, sparsity, batch_size, detail, _runner(module))
+        weight = layer.weight
+        run = _runner(module)
+        candidate = Candidate(
+            layer.name, key, shape, sparsity, batch_size, detail, run, weight.dtype, weight.device
+        )
         costs[key] = float(cost(candidate))
     fmt, reason = choose(costs, margin)
     return built[fmt], reason, costs

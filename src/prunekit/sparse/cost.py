@@ -17,6 +17,8 @@ import torch
 from torch import Tensor
 from torch.utils import benchmark
 
+CPU = torch.device("cpu")
+
 
 @dataclass(frozen=True)
 class Candidate:
@@ -25,7 +27,7 @@ class Candidate:
     ``shape`` is the GEMM ``(out, in)``; ``batch_size`` the number of input rows (for a
     conv: images x output pixels); ``detail`` the format parameter (block size, N:M);
     ``run`` is the converted layer's GEMM with its real code path, ``x (batch_size, in) ->
-    (batch_size, out)``.
+    (batch_size, out)``, for ``x`` of the layer's ``dtype`` on its ``device``.
     """
 
     layer: str
@@ -35,6 +37,8 @@ class Candidate:
     batch_size: int
     detail: str
     run: Callable[[Tensor], Tensor]
+    dtype: torch.dtype = torch.float32
+    device: torch.device = CPU
 
 
 CostFn = Callable[[Candidate], float]
@@ -54,12 +58,12 @@ class MeasuredCost:
 
     @staticmethod
     def key(c: Candidate) -> tuple[object, ...]:
-        return (c.format, c.shape, round(c.sparsity, 2), c.batch_size, c.detail)
+        return (c.format, c.shape, round(c.sparsity, 2), c.batch_size, c.detail, c.dtype, c.device)
 
     def __call__(self, c: Candidate) -> float:
         key = self.key(c)
         if key not in self.cache:
-            x = torch.randn(c.batch_size, c.shape[1])
+            x = torch.randn(c.batch_size, c.shape[1], dtype=c.dtype, device=c.device)
             with torch.inference_mode():
                 c.run(x)  # warm-up
                 timer = benchmark.Timer(
