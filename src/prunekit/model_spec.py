@@ -25,7 +25,7 @@ import json
 import math
 import pickle  # only for its exception type: checkpoints are never unpickled
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,12 +45,12 @@ TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 @dataclass
 class LoadedSpec:
-    """A loaded model, how it was named (``kind`` is one of :data:`KINDS`) and its settings."""
+    """A loaded model, how it was named (``kind`` is one of :data:`KINDS`) and the
+    checkpoint loaded into it."""
 
     model: nn.Module
     spec: str
     kind: str
-    kwargs: dict[str, Any] = field(default_factory=dict)
     checkpoint: Path | None = None
 
     @property
@@ -249,11 +249,10 @@ def load_model(
             or returns no ``nn.Module``; an unknown name.
         CheckpointError: a checkpoint that does not read or does not match the model.
     """
-    kwargs = dict(kwargs or {})
-    model, kind = _build(spec, kwargs)
+    model, kind = _build(spec, kwargs or {})
     if checkpoint is not None:
         load_checkpoint(model, checkpoint, spec)
-    return LoadedSpec(model, spec, kind, kwargs, Path(checkpoint) if checkpoint else None)
+    return LoadedSpec(model, spec, kind, Path(checkpoint) if checkpoint else None)
 
 
 def check_fits(model: nn.Module, name: str, data: zoo.Dataset) -> None:
