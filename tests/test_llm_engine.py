@@ -237,6 +237,7 @@ class NoBlocks(nn.Module):
     [
         ({"sparsity": 1.5}, InvalidSparsityError, r"sparsity=1.5 is not a fraction"),
         ({"sparsity": "half"}, InvalidSparsityError, r"'half' is neither"),
+        ({"sparsity": "2:4-2d"}, InvalidSparsityError, r"'2:4-2d': the one-shot LLM methods"),
         ({"sparsity": "3:7"}, IncompatibleLayerError, r"model.layers.0.self_attn.q_proj.*M=7"),
         ({"method": "obs"}, UnknownChoiceError, r"unknown method 'obs'"),
         ({"allocation": "erk"}, UnknownChoiceError, r"unknown allocation 'erk'"),

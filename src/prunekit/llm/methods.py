@@ -23,7 +23,7 @@ from prunekit import granularity as granularity_mod
 from prunekit.allocation import check_sparsity
 from prunekit.criteria.activation import wanda_row_mask, wanda_scores
 from prunekit.errors import InvalidSparsityError, UnknownChoiceError
-from prunekit.granularity import NM
+from prunekit.granularity import NM, NM2D
 from prunekit.layers import Layer, from_canonical, to_canonical, weight_param
 from prunekit.llm.engine import LayerStats
 from prunekit.llm.sparsegpt import sparsegpt
@@ -53,6 +53,12 @@ def parse_target(sparsity: float | str) -> Target:
             target = granularity_mod.parse(sparsity)
         except UnknownChoiceError:
             target = None
+        if isinstance(target, NM2D):
+            raise InvalidSparsityError(
+                f"sparsity={sparsity!r}: the one-shot LLM methods choose 1-D N:M masks (N of "
+                "every M inputs of a row); Fix: pass 1-D N:M, e.g. '2:4', or prune with "
+                f"pk.prune(model, granularity={sparsity!r})."
+            )
         if not isinstance(target, NM):
             raise InvalidSparsityError(
                 f"sparsity={sparsity!r} is neither a fraction nor an N:M pattern; Fix: pass "
