@@ -67,7 +67,9 @@ def _during(ctx: Context) -> nn.Module:
     model = ctx.fresh("lenet300")
     pruner = Pruner(model, TARGET, scope="global", schedule=_cubic(ctx))
     epochs = ctx.budget.train_epochs
-    train_with_pruner(model, ctx.data, pruner, epochs, LR, seed=ctx.seed, progress=False)
+    train_with_pruner(
+        model, ctx.data, pruner, epochs, LR, batch_size=BATCH, seed=ctx.seed, progress=False
+    )
     return model
 
 
