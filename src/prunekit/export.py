@@ -41,31 +41,24 @@ ONNX_PACKAGES = ("onnx", "onnxscript")
 
 
 @dataclass(frozen=True)
-class ExportedFile:
-    """One written file: its path, size, format and the format of each prunable layer."""
+class ExportReport(TableReport):
+    """The file :func:`export` wrote: its path, size, format and the format of each
+    prunable layer."""
 
     path: Path
     bytes: int
     format: str
     layers: dict[str, str]
 
-
-@dataclass(frozen=True)
-class ExportReport(TableReport):
-    """Every file :func:`export` wrote."""
-
-    files: list[ExportedFile]
-
     def table(self) -> Table:
         table = Table(title="prunekit export")
         for col in ("file", "bytes", "format", "layers"):
             table.add_column(col, justify="right" if col == "bytes" else "left")
-        for f in self.files:
-            counts: dict[str, list[str]] = {}
-            for name, fmt in f.layers.items():
-                counts.setdefault(fmt, []).append(name)
-            layers = "; ".join(f"{fmt}: {', '.join(names)}" for fmt, names in counts.items())
-            table.add_row(str(f.path), f"{f.bytes:,}", f.format, layers)
+        by_format: dict[str, list[str]] = {}
+        for name, fmt in self.layers.items():
+            by_format.setdefault(fmt, []).append(name)
+        layers = "; ".join(f"{fmt}: {', '.join(names)}" for fmt, names in by_format.items())
+        table.add_row(str(self.path), f"{self.bytes:,}", self.format, layers)
         return table
 
 
@@ -142,4 +135,4 @@ def export(
             save_model(work, str(staged))
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         path = Path(shutil.move(staged, Path(out_dir) / name))
-    return ExportReport([ExportedFile(path, path.stat().st_size, format, layers)])
+    return ExportReport(path, path.stat().st_size, format, layers)

@@ -364,13 +364,8 @@ def _export(run: Run, folder: Path) -> list[dict[str, object]]:
     for fmt in run.recipe["export"]["formats"]:
         report = export(run.model, fmt, folder / "export", run.example)
         run.console.print(report)
-        rows += [
-            {
-                "file": f.path.name,
-                "bytes": f.bytes,
-                "format": f.format,
-                "layers": ", ".join(f"{k}: {v}" for k, v in f.layers.items()),
-            }
-            for f in report.files
-        ]
+        layers = ", ".join(f"{k}: {v}" for k, v in report.layers.items())
+        rows.append(
+            {"file": report.path.name, "bytes": report.bytes, "format": fmt, "layers": layers}
+        )
     return rows
