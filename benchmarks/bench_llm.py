@@ -65,17 +65,14 @@ def worker(method: str, samples: int, seq_len: int) -> None:
     print(json.dumps({"seconds": report.seconds, "peak": report.peak_bytes}))
 
 
+def self_command(python: str, args: argparse.Namespace, *flags: str) -> list[str]:
+    """This script run by ``python`` with ``flags`` and the calibration size of ``args``."""
+    sizes = ["--samples", str(args.samples), "--seq-len", str(args.seq_len)]
+    return [python, str(Path(__file__).resolve()), *flags, *sizes]
+
+
 def spawn(method: str, args: argparse.Namespace) -> dict[str, float]:
-    cmd = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--worker",
-        method,
-        "--samples",
-        str(args.samples),
-        "--seq-len",
-        str(args.seq_len),
-    ]
+    cmd = self_command(sys.executable, args, "--worker", method)
     done = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -193,18 +190,7 @@ def llmc_rows(args: argparse.Namespace, results: Results, console: Console) -> R
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent / "src")}
     for method in ("wanda", "sparsegpt"):
         with tempfile.TemporaryDirectory() as out:
-            cmd = [
-                args.llmc_python,
-                str(Path(__file__).resolve()),
-                "--llmc-worker",
-                method,
-                "--llmc-out",
-                out,
-                "--samples",
-                str(args.samples),
-                "--seq-len",
-                str(args.seq_len),
-            ]
+            cmd = self_command(args.llmc_python, args, "--llmc-worker", method, "--llmc-out", out)
             calibration = lm.calibration_ids(loaded.encode, args.samples, args.seq_len)
             ours_now = llm.prune(
                 copy.deepcopy(loaded.model),
