@@ -6,9 +6,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors.torch import save_file
 
 from prunekit.analysis.profile import nm_bytes
-from prunekit.errors import IncompatibleLayerError, NotNMError
+from prunekit.errors import CheckpointError, IncompatibleLayerError, NotNMError
 from prunekit.granularity import nm_mask_topn
 from prunekit.sparse import NMLinear, NMTensor
 from prunekit.sparse.nm import index_bits
@@ -86,3 +87,9 @@ def test_compress_errors():
         NMTensor.compress(torch.tensor([[1.0, 2, 3, 0, 1, 0, 0, 1]]), 2, 4)
     with pytest.raises(IncompatibleLayerError, match="m dividing the 6 columns"):
         NMTensor.compress(torch.zeros(2, 6), 2, 4)
+
+
+def test_load_of_a_file_without_the_header_raises(tmp_path):
+    save_file({"values": torch.zeros(2, 2)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(CheckpointError, match=r"no 'prunekit\.nm' header"):
+        NMTensor.load(tmp_path / "plain.safetensors")

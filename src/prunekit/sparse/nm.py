@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from prunekit import bits
-from prunekit.errors import IncompatibleLayerError, NotNMError
+from prunekit.errors import CheckpointError, IncompatibleLayerError, NotNMError
 
 
 def index_bits(m: int) -> int:
@@ -113,9 +113,19 @@ class NMTensor:
 
     @classmethod
     def load(cls, path: str | Path) -> NMTensor:
-        """Read a file written by :meth:`save`."""
+        """Read a file written by :meth:`save`.
+
+        Raises:
+            CheckpointError: the file has no ``prunekit.nm`` header (not written by :meth:`save`).
+        """
         with safe_open(str(path), framework="pt") as f:
-            info = json.loads(f.metadata()["prunekit.nm"])
+            header = (f.metadata() or {}).get("prunekit.nm")
+        if header is None:
+            raise CheckpointError(
+                f"{str(path)!r} has no 'prunekit.nm' header; Fix: load a file written by "
+                "NMTensor.save."
+            )
+        info = json.loads(header)
         tensors = load_file(str(path))
         return cls(
             tensors["values"], tensors["metadata"], tuple(info["shape"]), info["n"], info["m"]
