@@ -75,7 +75,9 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     cli_model.add_model_arguments(prune)
-    prune.add_argument("--dataset", help="digits, mnist5k or mnist1d (training, data criteria)")
+    prune.add_argument(
+        "--dataset", help=f"{', '.join(zoo.data.DATASETS)} (training, data criteria)"
+    )
     prune.add_argument("--sparsity", type=float, help="fraction in [0, 1); omit for N:M")
     prune.add_argument("--granularity", default="element")
     prune.add_argument("--criterion", default="magnitude")

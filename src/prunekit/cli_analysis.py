@@ -60,7 +60,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help=f"one of {', '.join(zoo.MODELS)}")
-    parser.add_argument("--dataset", required=True, help="digits, mnist5k or mnist1d")
+    parser.add_argument("--dataset", required=True, help=", ".join(zoo.data.DATASETS))
     parser.add_argument("--epochs", type=int, default=3, help="dense training epochs")
     parser.add_argument("--out", type=Path, default=Path("runs"), help="reports go here")
 

@@ -18,6 +18,7 @@ from typing import Any
 from prunekit.errors import RecipeError
 from prunekit.export import FORMATS, SPARSE
 from prunekit.recipes.source import Path_, Source
+from prunekit.zoo.data import DATASETS
 
 REQUIRED = object()
 FOLDER = "letters, digits, '.', '_' or '-', starting with a letter or digit"
@@ -57,8 +58,8 @@ def _allocation(value: Any) -> str | None:
 
 
 def _formats(value: list) -> str | None:
-    bad = [v for v in value if v not in EXPORT_FORMATS]
-    return f"has unknown formats {bad} (valid: {', '.join(EXPORT_FORMATS)})" if bad else None
+    bad = [v for v in value if v not in FORMATS]
+    return f"has unknown formats {bad} (valid: {', '.join(FORMATS)})" if bad else None
 
 
 def _rewind(value: Any) -> str | None:
@@ -68,14 +69,12 @@ def _rewind(value: Any) -> str | None:
 
 NUM = (int, float)
 FRACTION = {"low": 0.0, "high": 1.0, "open_high": True}
-EXPORT_FORMATS = FORMATS
 WHEN = ("after", "during", "before")
 METHODS = {
     "after": ("finetune",),
     "during": ("gradual", "soft-filter", "slimming"),
     "before": ("at-init", "lottery"),
 }
-DATASETS = ("digits", "mnist5k", "mnist1d")
 
 SCHEMA: dict[str, dict[str, Field] | Field] = {
     "name": Field((str,), REQUIRED, test=_folder, example="name: lenet5-filter"),

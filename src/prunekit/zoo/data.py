@@ -82,6 +82,7 @@ def _mnist1d() -> Dataset:
 
 
 _LOADERS = {"digits": _digits, "mnist5k": _mnist5k, "mnist1d": _mnist1d}
+DATASETS = tuple(_LOADERS)  # the names load_dataset takes
 
 
 @functools.cache
