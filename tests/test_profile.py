@@ -15,6 +15,7 @@ from torch.nn.utils import parametrize
 
 from prunekit.analysis import compare, csr_bytes, measure_latency, nm_bytes, profile
 from prunekit.errors import NoLayersError, PruningError
+from prunekit.inputs import call_eval
 
 BATCH = 3
 
@@ -129,6 +130,15 @@ def test_model_left_unchanged() -> None:
     assert not nn.modules.module._global_forward_hooks
     assert not nn.modules.module._global_forward_pre_hooks
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+def test_call_eval_restores_every_modules_training_flag() -> None:
+    model = mlp()
+    model.train()
+    model[2].eval()
+    out = call_eval(model, x_mlp())
+    assert not out.requires_grad
+    assert model.training and model[0].training and not model[2].training
 
 
 def test_shared_module_and_tied_weight() -> None:

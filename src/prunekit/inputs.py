@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -22,15 +23,22 @@ def call(model: nn.Module, inputs: Inputs) -> Any:
     return model(*inputs)
 
 
-def call_eval(model: nn.Module, inputs: Inputs) -> Any:
-    """:func:`call` in eval mode without gradients; the model's training flag is restored."""
-    was_training = model.training
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run the body with ``model`` in eval mode; restore every module's training flag."""
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
-        with torch.no_grad():
-            return call(model, inputs)
+        yield
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
+
+
+def call_eval(model: nn.Module, inputs: Inputs) -> Any:
+    """:func:`call` in eval mode (:func:`eval_mode`) without gradients."""
+    with eval_mode(model), torch.no_grad():
+        return call(model, inputs)
 
 
 def batch_size(inputs: Inputs) -> int:

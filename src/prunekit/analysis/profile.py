@@ -29,8 +29,7 @@ kernel or storage format could reach, not what the model runs.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -41,7 +40,7 @@ from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode
 
 from prunekit.errors import PruningError
-from prunekit.inputs import Inputs, call
+from prunekit.inputs import Inputs, call, eval_mode
 from prunekit.layers import Layer, Selector, select_layers, to_canonical, weight_param
 from prunekit.tables import TableReport
 
@@ -189,18 +188,6 @@ def nm_bytes(numel: int, elem_size: int, n: int = 2, m: int = 4) -> int:
     return kept * elem_size + -(-index_bits // 8)
 
 
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Run the body with ``model`` in eval mode; restore every module's training flag."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
-
-
 def measure_latency(model: nn.Module, example_inputs: Inputs, min_run_time: float = 0.2) -> float:
     """Median seconds of ``model`` on ``example_inputs`` (see :mod:`prunekit.inputs`), in eval
     mode under ``torch.inference_mode``.
@@ -226,7 +213,7 @@ def measure_latencies(
     per_model: list[list[float]] = [[] for _ in models]
     for _ in range(rounds):
         for model, times in zip(models, per_model, strict=True):
-            with _eval_mode(model), torch.inference_mode():
+            with eval_mode(model), torch.inference_mode():
                 call(model, example_inputs)
                 timer = benchmark.Timer(
                     stmt="call(model, inputs)",
@@ -335,7 +322,7 @@ def profile(
         NoLayersError: when ``layers`` matches nothing prunable.
     """
     chosen = select_layers(model, layers)
-    with _eval_mode(model):
+    with eval_mode(model):
         per_module, total_macs = _count_macs(model, example_inputs)
         latency_s = measure_latency(model, example_inputs, min_run_time) if latency else None
         with torch.no_grad():
@@ -345,7 +332,7 @@ def profile(
 
 def count_macs(model: nn.Module, example_inputs: Inputs) -> int:
     """Dense MACs of one forward pass of ``model`` (eval mode, ``FlopCounterMode``)."""
-    with _eval_mode(model):
+    with eval_mode(model):
         return _count_macs(model, example_inputs)[1]
 
 
