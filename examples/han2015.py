@@ -22,7 +22,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from _results import markdown, mean_std, parser, progress, protocol_line, setup, show, write
+from _results import (
+    VERDICT,
+    markdown,
+    mean_std,
+    parser,
+    progress,
+    protocol_line,
+    setup,
+    show,
+    write,
+)
 
 from prunekit.training.post import iterative_pruning
 from prunekit.zoo import build_model, evaluate, load_dataset, train
@@ -118,7 +128,7 @@ def main() -> None:
         ok = kept <= 0.083 and sum(change) / len(change) >= -0.003
         method = "global magnitude" if PLANS[name].q is None else "per-layer q * std"
         rows.append([name, method, mean_std(dense), mean_std(pruned), mean_std(change),
-                     f"{kept:.1%}", per_layer, "PASS" if ok else "MISS"])  # fmt: skip
+                     f"{kept:.1%}", per_layer, VERDICT[ok]])  # fmt: skip
     show("Han 2015 at CPU scale", header, rows)
     lines = [
         "## Han et al. 2015 at CPU scale (`examples/han2015.py`)",
