@@ -82,6 +82,18 @@ def test_wanda_criterion_in_pk_prune_gives_the_nm_closed_form() -> None:
     assert torch.equal(get_mask(layer), expected)
 
 
+def test_wanda_criterion_sums_its_scores_per_block() -> None:
+    torch.manual_seed(0)
+    x = correlated_inputs(50, 16)
+    layer = nn.Linear(16, 8)
+    scores = layer.weight.detach().abs() * x.square().sum(0).sqrt()
+    pk.prune(layer, 0.5, granularity="block:4x4", criterion="wanda", data=[x])
+    block_scores = scores.reshape(2, 4, 4, 4).sum((1, 3))  # (row blocks, column blocks)
+    keep = block_scores.flatten() > block_scores.flatten().median()
+    expected = keep.reshape(2, 1, 4, 1).expand(2, 4, 4, 4).reshape(8, 16)
+    assert torch.equal(get_mask(layer), expected)
+
+
 def test_wanda_row_mask_exact_count_and_ties_to_lower_index() -> None:
     scores = torch.tensor([[1.0, 1.0, 1.0, 1.0], [4.0, 3.0, 2.0, 1.0]])
     keep = wanda_row_mask(scores, 0.5)

@@ -19,10 +19,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from prunekit.criteria.base import Batches, Criterion, LossFn, ScoreContext
+from prunekit.criteria.base import Batches, LossFn, PreparedCriterion
 from prunekit.errors import IncompatibleLayerError, MissingDataError
 from prunekit.granularity import Grouping
-from prunekit.layers import Layer, kernel_ndim, layer_hooks
+from prunekit.layers import Layer, kernel_ndim, layer_hooks, to_canonical
 
 
 def flat_inputs(x: Tensor) -> Tensor:
@@ -64,15 +64,15 @@ def wanda_row_mask(scores: Tensor, sparsity: float) -> Tensor:
     return keep.scatter_(1, order, False)
 
 
-class Wanda(Criterion):
+class Wanda(PreparedCriterion):
     """Wanda scores for Linear-like layers; statistics from forward hooks on ``data``.
 
     ``data`` is an iterable of model inputs, or of ``(inputs, targets)`` pairs whose
     targets are ignored. Convolutions are rejected: the score is defined per input feature.
+    :meth:`prepare` sums the scores per group (any granularity: element, N:M, block...).
     """
 
     name = "wanda"
-    requires_data = True
 
     def prepare(
         self,
@@ -103,10 +103,10 @@ class Wanda(Criterion):
             model.train(was_training)
         if any(s.tokens == 0 for s in stats.values()):
             raise MissingDataError("criterion 'wanda' got an empty data iterable")
-        return {
-            ly.name: stats[ly.name].norms.reshape(1, -1).expand(ly.canonical.shape) for ly in layers
-        }
-
-    def group_scores(self, weight: Tensor, grouping: Grouping, ctx: ScoreContext) -> Tensor:
-        assert ctx.stats is not None
-        return grouping.groups(wanda_scores(weight, ctx.stats)).sum(-1)
+        scores = {}
+        with torch.no_grad():
+            for ly in layers:
+                weight = to_canonical(ly.module, ly.module.weight)  # through the mask
+                grouped = groupings[ly.name].groups(wanda_scores(weight, stats[ly.name].norms))
+                scores[ly.name] = grouped.sum(-1)
+        return scores
