@@ -76,6 +76,25 @@ def test_perplexity_of_a_uniform_model_is_the_vocab_size() -> None:
     assert ppl == pytest.approx(10.0)
 
 
+def test_embedding_similarity_runs_the_encoders_in_eval_mode() -> None:
+    class Encoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = torch.nn.Embedding(10, 8)
+            self.drop = torch.nn.Dropout(0.5)
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+            hidden = self.drop(self.embed(input_ids))
+            return transformers.modeling_outputs.BaseModelOutput(last_hidden_state=hidden)
+
+    torch.manual_seed(0)
+    model = Encoder().train()
+    batch = {"input_ids": torch.arange(12).reshape(2, 6) % 10, "attention_mask": torch.ones(2, 6)}
+    cosine = llm.embedding_similarity(model, model, batch)
+    torch.testing.assert_close(cosine, torch.ones(2))  # dropout off: identical embeddings
+    assert model.training
+
+
 def test_cli_prune_writes_a_loadable_pruned_directory_and_eval_measures_it(
     tiny_lm: Path, tmp_path: Path
 ) -> None:

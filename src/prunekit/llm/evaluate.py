@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import math
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prunekit.errors import CalibrationError
+from prunekit.inputs import call_eval
 
 
 def perplexity(model: nn.Module, ids: Tensor, *, seq_len: int = 256, batch_size: int = 8) -> float:
@@ -30,28 +30,19 @@ def perplexity(model: nn.Module, ids: Tensor, *, seq_len: int = 256, batch_size:
     rows = ids[: windows * seq_len].reshape(windows, seq_len)
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for chunk in rows.split(batch_size):
-                chunk = chunk.to(device)
-                logits = model(input_ids=chunk).logits[:, :-1].float()
-                loss = F.cross_entropy(
-                    logits.flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum"
-                )
-                total += float(loss)
-                count += chunk[:, 1:].numel()
-    finally:
-        model.train(was_training)
+    for chunk in rows.split(batch_size):
+        chunk = chunk.to(device)
+        logits = call_eval(model, {"input_ids": chunk}).logits[:, :-1].float()
+        loss = F.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum")
+        total += float(loss)
+        count += chunk[:, 1:].numel()
     return math.exp(total / count)
 
 
 def mean_pooled(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    """Sentence embeddings: the encoder's last hidden states averaged over real tokens
-    (``attention_mask``), as sentence-transformers' mean pooling does."""
-    with torch.no_grad():
-        hidden = model(**batch).last_hidden_state
+    """Sentence embeddings: the encoder's last hidden states (eval mode) averaged over real
+    tokens (``attention_mask``), as sentence-transformers' mean pooling does."""
+    hidden = call_eval(model, batch).last_hidden_state
     mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
 
