@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +43,8 @@ from prunekit.errors import PruningError
 from prunekit.export import SPARSE, export
 from prunekit.inputs import Inputs
 from prunekit.recipes.validate import Recipe
-from prunekit.schedules import Cubic, Iterative, OneShot, Schedule
+from prunekit.schedules import Cubic, Iterative, OneShot, Schedule, geometric
+from prunekit.zoo.train import steps_per_epoch
 
 SPARSE_FORMATS = tuple(f for f in SPARSE if f != "auto")  # each converts as asked
 PRUNE_FIX = "exclude the layer it names (prune.exclude) or choose another setting."
@@ -131,7 +131,7 @@ def _prune_kwargs(run: Run) -> dict[str, Any]:
 def _schedule(run: Run, phase_epochs: int) -> Schedule:
     """The recipe's schedule in optimizer steps of a ``phase_epochs`` training phase."""
     s = run.recipe["schedule"]
-    per_epoch = math.ceil(len(run.data.x_train) / run.recipe["data"]["batch_size"])
+    per_epoch = steps_per_epoch(run.data, run.recipe["data"]["batch_size"])
     total = phase_epochs * per_epoch
     start = round(s["start"] * total)
     if s["kind"] == "one-shot":
@@ -243,7 +243,7 @@ def _lottery(run: Run) -> None:
     r = run.recipe
     rounds = 1 if r["schedule"]["kind"] == "one-shot" else r["schedule"]["rounds"]
     rounds = min(rounds, 2) if run.quick else rounds
-    rate = 1 - (1 - r["prune"]["sparsity"]) ** (1 / rounds)
+    rate = geometric(r["prune"]["sparsity"], 1 / rounds)
     report = training.lottery(
         run.model,
         run.data,

@@ -9,14 +9,8 @@ from typing import Any
 from torch import nn
 
 from prunekit.training import distributed
-from prunekit.zoo.train import Data, cross_entropy, train_xy
+from prunekit.zoo.train import Data, cross_entropy, steps_per_epoch, train_xy
 from prunekit.zoo.train import train as zoo_train
-
-
-def steps_per_epoch(data: Data, batch_size: int) -> int:
-    """``ceil(n / batch_size)``: the optimizer steps of one epoch over ``data``'s ``n``
-    training examples (the last batch may be short), as :func:`prunekit.zoo.train` takes."""
-    return -(-len(train_xy(data)[0]) // batch_size)
 
 
 def each_epoch(data: Data, batch_size: int, fn: Callable[[], None]) -> Callable[[int], None]:

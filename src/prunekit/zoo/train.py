@@ -27,6 +27,12 @@ def cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
     return F.cross_entropy(logits.flatten(0, -2), y.flatten())
 
 
+def steps_per_epoch(data: Data, batch_size: int) -> int:
+    """``ceil(n / batch_size)``: the optimizer steps of one epoch over ``data``'s ``n``
+    training examples (the last batch may be short), as :func:`train` takes them."""
+    return -(-len(train_xy(data)[0]) // batch_size)
+
+
 def train(
     model: nn.Module,
     data: Data,
@@ -62,12 +68,12 @@ def train(
     )
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
-    steps_per_epoch = -(-len(x) // batch_size)
+    per_epoch = steps_per_epoch((x, y), batch_size)
     was_training, step, losses = model.training, 0, []
     model.train()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
     with Progress(*columns, TimeElapsedColumn(), transient=True, disable=not progress) as bar:
-        task = bar.add_task("training", total=epochs * steps_per_epoch)
+        task = bar.add_task("training", total=epochs * per_epoch)
         for epoch in range(epochs):
             total = 0.0
             for xb, yb in batches(x, y, batch_size, shuffle=True, generator=gen):
