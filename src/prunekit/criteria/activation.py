@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from prunekit.criteria.base import Batches, LossFn, PreparedCriterion
 from prunekit.errors import IncompatibleLayerError, MissingDataError
 from prunekit.granularity import Grouping
+from prunekit.inputs import eval_mode
 from prunekit.layers import Layer, kernel_ndim, layer_hooks, to_canonical
 
 
@@ -93,14 +94,10 @@ class Wanda(PreparedCriterion):
                 "criterion 'wanda' needs calibration batches; Fix: pass data=[inputs, ...]."
             )
         stats = {ly.name: ColumnNorms(ly.canonical.shape[1], ly.weight.device) for ly in layers}
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad(), layer_hooks(layers, lambda ly, x, out: stats[ly.name].add(x)):
-                for batch in data:
-                    model(batch[0] if isinstance(batch, tuple | list) else batch)
-        finally:
-            model.train(was_training)
+        hooks = layer_hooks(layers, lambda ly, x, out: stats[ly.name].add(x))
+        with eval_mode(model), torch.no_grad(), hooks:
+            for batch in data:
+                model(batch[0] if isinstance(batch, tuple | list) else batch)
         if any(s.tokens == 0 for s in stats.values()):
             raise MissingDataError("criterion 'wanda' got an empty data iterable")
         scores = {}

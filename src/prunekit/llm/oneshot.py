@@ -10,6 +10,7 @@ from torch import nn
 from prunekit.criteria.activation import wanda_scores
 from prunekit.errors import IncompatibleLayerError, PruningError, UnknownChoiceError
 from prunekit.granularity import NM
+from prunekit.inputs import eval_mode
 from prunekit.layers import Layer, check_weight, to_canonical
 from prunekit.llm.blocks import block_layers, find_blocks
 from prunekit.llm.calibration import Calibration, calibration_batches
@@ -137,35 +138,29 @@ def prune(
     _check_layers(block_list, prefix, target)
     batches = calibration_batches(calibration, model, batch_size)
     device = next(model.parameters()).device
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
     start = time.perf_counter()
-    try:
-        with torch.no_grad(), PeakMemory(device) as peak:
-            inputs = capture_inputs(model, block_list[0], batches)
-            block_targets: list[Target] = [target] * len(block_list)
-            if allocation == "owl":
-                block_targets = _owl_targets(
-                    block_list, prefix, inputs, float(target), owl_m, owl_lambda, progress
-                )
-
-            def visit(index: int, layers: list[Layer], stats: dict[str, LayerStats]) -> bool:
-                for layer in layers:
-                    prune_layer(method, layer, block_targets[index], stats[layer.name])
-                return True
-
-            errors = sequential(
-                block_list,
-                prefix,
-                inputs,
-                visit,
-                needs=METHODS[method],
-                description=f"{method} {describe(target)}",
-                progress=progress,
+    with eval_mode(model), torch.no_grad(), PeakMemory(device) as peak:
+        inputs = capture_inputs(model, block_list[0], batches)
+        block_targets: list[Target] = [target] * len(block_list)
+        if allocation == "owl":
+            block_targets = _owl_targets(
+                block_list, prefix, inputs, float(target), owl_m, owl_lambda, progress
             )
-    finally:
-        for module, mode in modes:
-            module.training = mode
+
+        def visit(index: int, layers: list[Layer], stats: dict[str, LayerStats]) -> bool:
+            for layer in layers:
+                prune_layer(method, layer, block_targets[index], stats[layer.name])
+            return True
+
+        errors = sequential(
+            block_list,
+            prefix,
+            inputs,
+            visit,
+            needs=METHODS[method],
+            description=f"{method} {describe(target)}",
+            progress=progress,
+        )
     seconds = time.perf_counter() - start
     records = [
         LayerRecord(
