@@ -31,7 +31,7 @@ import torch
 from _results import markdown, mean_std, parser, progress, protocol_line, setup, show, write
 from torch import nn
 
-from prunekit.masks import apply_mask, get_mask, sparsity
+from prunekit.masks import copy_masks, sparsity
 from prunekit.pruning import prune
 from prunekit.training import reinitialize, shuffle_masks, synflow_prune
 from prunekit.zoo import Dataset, build_model, calibration_batches, evaluate, load_dataset, train
@@ -41,19 +41,10 @@ CONTROLS = ("as is", "shuffled", "re-init")
 Masker = Callable[[nn.Module, float, Dataset, nn.Module, int], None]
 
 
-def _transplant(trained: nn.Module, model: nn.Module) -> None:
-    """Apply ``trained``'s masks to the same-named layers of ``model``."""
-    modules = dict(model.named_modules())
-    for name, module in trained.named_modules():
-        mask = get_mask(module)
-        if mask is not None:
-            apply_mask(modules[name], mask)
-
-
 def _magnitude_trained(model: nn.Module, s: float, _: Dataset, trained: nn.Module, __: int) -> None:
     pruned = copy.deepcopy(trained)
     prune(pruned, s, scope="global")
-    _transplant(pruned, model)
+    copy_masks(pruned, model)
 
 
 def _gradient(criterion: str) -> Masker:

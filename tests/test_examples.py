@@ -11,16 +11,11 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
 import _results
-import at_init
 import lottery_ticket
-
-from prunekit.masks import get_mask
-from prunekit.pruning import prune
 
 
 def test_parser_reads_comma_separated_seeds_and_quick_keeps_one() -> None:
@@ -69,21 +64,6 @@ def test_write_replaces_only_its_section(tmp_path: Path, monkeypatch: pytest.Mon
     quick = _results.parser("doc").parse_args(["--write", "--quick"])
     _results.write("a", ["quick"], quick)
     assert out.read_text() == text  # --quick never writes
-
-
-def test_transplant_copies_masks_by_name() -> None:
-    torch.manual_seed(0)
-    trained = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
-    fresh = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
-    prune(trained, 0.75, scope="global")
-    before = fresh[0].weight.detach().clone()
-    at_init._transplant(trained, fresh)
-    for name in ("0", "2"):
-        assert torch.equal(
-            get_mask(fresh.get_submodule(name)), get_mask(trained.get_submodule(name))
-        )
-    mask = get_mask(fresh[0])
-    assert torch.equal(fresh[0].weight, before * mask)  # fresh weights, trained mask
 
 
 def test_lottery_table_marks_rounds_that_match_or_beat_dense() -> None:

@@ -13,6 +13,7 @@ from torch import nn
 
 import prunekit as pk
 from prunekit import bits
+from prunekit.masks import copy_masks, get_mask
 
 
 @given(st.lists(st.booleans(), min_size=0, max_size=100))
@@ -153,3 +154,18 @@ def test_get_mask_is_bool() -> None:
     mask = pk.masks.get_mask(layer)
     assert mask is not None and mask.dtype == torch.bool
     assert int((~mask).sum()) == 16
+
+
+def test_copy_masks_copies_masks_by_name() -> None:
+    torch.manual_seed(0)
+    trained = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    fresh = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    pk.prune(trained, 0.75, scope="global")
+    before = fresh[0].weight.detach().clone()
+    copy_masks(trained, fresh)
+    for name in ("0", "2"):
+        assert torch.equal(
+            get_mask(fresh.get_submodule(name)), get_mask(trained.get_submodule(name))
+        )
+    mask = get_mask(fresh[0])
+    assert torch.equal(fresh[0].weight, before * mask)  # fresh weights, trained mask

@@ -120,6 +120,16 @@ def set_mask(module: nn.Module, mask: Tensor) -> None:
     existing.packed.copy_(bits.pack(mask.to(torch.bool)))
 
 
+def copy_masks(source: nn.Module, target: nn.Module) -> None:
+    """AND every mask of ``source`` into the same-named module of ``target`` (e.g. a ticket's
+    masks onto a freshly initialised copy of its model)."""
+    modules = dict(target.named_modules())
+    for name, module in source.named_modules():
+        mask = get_mask(module)
+        if mask is not None:
+            apply_mask(modules[name], mask)
+
+
 def _remove(module: nn.Module, leave_parametrized: bool) -> None:
     # torch's deepcopy of a parametrized module shares its generated class, and removal
     # deletes the property from that class, which would break every copy. Give the module

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from prunekit.errors import PruningError
 from prunekit.layers import select_layers
-from prunekit.masks import apply_mask, get_mask
+from prunekit.masks import copy_masks, get_mask
 from prunekit.pruner import kept_share
 from prunekit.pruning import prune
 from prunekit.schedules import check_int
@@ -177,9 +177,7 @@ def _control(template: nn.Module, ticket: nn.Module, seed: int) -> nn.Module:
         for module in fresh.modules():
             if callable(getattr(module, "reset_parameters", None)):
                 module.reset_parameters()
-    modules = dict(fresh.named_modules())
-    for layer in select_layers(ticket):
-        apply_mask(modules[layer.name], get_mask(layer.module))
+    copy_masks(ticket, fresh)
     return fresh
 
 
