@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from prunekit.criteria.base import Batches, LossFn, PreparedCriterion
 from prunekit.errors import MissingDataError
 from prunekit.granularity import Grouping
+from prunekit.inputs import eval_mode
 from prunekit.layers import Layer, to_canonical
 
 
@@ -53,10 +54,8 @@ class GradientStatistic(PreparedCriterion):
         loss_fn = loss_fn or F.cross_entropy
         params = [layer.weight for layer in layers]
         totals = {ly.name: torch.zeros(groupings[ly.name].group_shape) for ly in layers}
-        was_training = model.training
-        model.eval()
         batches = 0
-        try:
+        with eval_mode(model):
             for inputs, targets in data:
                 grads = self.gradients(model(inputs), targets, loss_fn, params)
                 for layer, weight, grad in zip(layers, params, grads, strict=True):
@@ -68,8 +67,6 @@ class GradientStatistic(PreparedCriterion):
                     )
                     totals[layer.name] += stat.cpu()
                 batches += 1
-        finally:
-            model.train(was_training)
         if batches == 0:
             raise MissingDataError(f"criterion {self.name!r} got an empty data iterable")
         return {name: total / batches for name, total in totals.items()}
