@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
+from prunekit import zoo
 from prunekit.errors import UnknownChoiceError
 from prunekit.zoo import (
     MODELS,
@@ -127,3 +129,19 @@ def test_train_gpt_and_unknown_optimizer() -> None:
     assert len(losses) == 2
     with pytest.raises(UnknownChoiceError, match="adam, sgd"):
         train(model, (tokens[:, :-1], tokens[:, 1:]), optimizer="lbfgs")
+
+
+def test_train_restores_every_modules_own_mode_even_on_error() -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    model[1].eval()  # frozen statistics, as a user may set them
+    data = (torch.randn(16, 4), torch.randint(0, 2, (16,)))
+    zoo.train(model, data, epochs=1, progress=False)
+    assert [m.training for m in model] == [True, False, True]
+
+    def failing_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("boom")
+
+    model.eval()
+    with pytest.raises(RuntimeError, match="boom"):
+        zoo.train(model, data, epochs=1, progress=False, loss_fn=failing_loss)
+    assert not any(m.training for m in model.modules())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import torch
@@ -24,15 +24,21 @@ def call(model: nn.Module, inputs: Inputs) -> Any:
 
 
 @contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Run the body with ``model`` in eval mode; restore every module's training flag."""
+def set_mode(model: nn.Module, training: bool) -> Iterator[None]:
+    """Run the body after ``model.train(training)``; restore every module's own training
+    flag afterwards (a submodule kept in eval mode stays so), error or not."""
     modes = [(module, module.training) for module in model.modules()]
-    model.eval()
+    model.train(training)
     try:
         yield
     finally:
-        for module, training in modes:
-            module.training = training
+        for module, flag in modes:
+            module.training = flag
+
+
+def eval_mode(model: nn.Module) -> AbstractContextManager[None]:
+    """:func:`set_mode` in eval mode."""
+    return set_mode(model, False)
 
 
 def call_eval(model: nn.Module, inputs: Inputs) -> Any:

@@ -29,7 +29,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
 from prunekit.errors import PruningError
-from prunekit.inputs import Inputs, call
+from prunekit.inputs import Inputs, call, eval_mode
 from prunekit.structured.labels import FIXED, Atoms, CouplingError, Label
 
 FunctionRule = Callable[["Tracer", Callable[..., Any], tuple, dict, Any], None]
@@ -254,13 +254,8 @@ def trace(model: nn.Module, inputs: Inputs) -> Trace:
 
     tracer = Tracer(model)
     counter = FlopCounterMode(display=False)  # the same pass counts the MACs
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), tracer.hooks(), counter, tracer:
-            out = call(model, inputs)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad(), tracer.hooks(), counter, tracer:
+        out = call(model, inputs)
     tracer.block_inputs(*_tensors(_output_tree(out)))
     aliases = {names[0]: names for names in tracer.names.values()}
     macs = counter.get_total_flops() // 2

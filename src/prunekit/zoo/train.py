@@ -7,10 +7,11 @@ from itertools import islice
 
 import torch
 import torch.nn.functional as F
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor, nn
 
 from prunekit.errors import UnknownChoiceError
+from prunekit.inputs import eval_mode, set_mode
+from prunekit.tables import progress_bar
 from prunekit.zoo.data import Dataset, batches
 
 Data = Dataset | tuple[Tensor, Tensor]
@@ -69,10 +70,8 @@ def train(
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     per_epoch = steps_per_epoch((x, y), batch_size)
-    was_training, step, losses = model.training, 0, []
-    model.train()
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
-    with Progress(*columns, TimeElapsedColumn(), transient=True, disable=not progress) as bar:
+    step, losses = 0, []
+    with set_mode(model, True), progress_bar(disable=not progress) as bar:
         task = bar.add_task("training", total=epochs * per_epoch)
         for epoch in range(epochs):
             total = 0.0
@@ -88,7 +87,6 @@ def train(
                 desc = f"epoch {epoch + 1}/{epochs} loss {loss.item():.3f}"
                 bar.update(task, advance=1, description=desc)
             losses.append(total / len(x))
-    model.train(was_training)
     return losses
 
 
@@ -96,13 +94,11 @@ def train(
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 512) -> float:
     """Accuracy of ``model`` on ``(x, y)`` in [0, 1] (per token for sequence outputs),
     computed in eval mode; the model's previous train/eval mode is restored."""
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     correct = 0
-    for xb, yb in batches(x, y, batch_size):
-        correct += (model(xb.to(device)).argmax(-1) == yb.to(device)).sum().item()
-    model.train(was_training)
+    with eval_mode(model):
+        for xb, yb in batches(x, y, batch_size):
+            correct += (model(xb.to(device)).argmax(-1) == yb.to(device)).sum().item()
     return correct / y.numel()
 
 
