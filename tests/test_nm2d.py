@@ -71,6 +71,18 @@ def test_prune_2d_gives_transposable_masks(layer):
     torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("criterion", ["gradient", "taylor", "snip", "grasp", "wanda"])
+def test_data_driven_criteria_take_2d_nm(criterion):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 8))
+    data = [(torch.randn(4, 16), torch.randint(0, 8, (4,)))]
+    report = pk.prune(model, granularity="2:4-2d", criterion=criterion, data=data)
+    assert report.sparsity == 0.5
+    for layer in (model[0], model[2]):
+        w = layer.weight.detach()
+        assert nm_violations(w, 2, 4)[0] == 0 and nm_violations(w.T.contiguous(), 2, 4)[0] == 0
+
+
 def test_output_axis_must_divide():
     model = nn.Sequential(nn.Linear(8, 6), nn.Linear(8, 8))  # never run: pruned only
     report = pk.prune(model, granularity="2:4-2d")

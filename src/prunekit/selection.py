@@ -83,13 +83,15 @@ class LayerPlan:
             generator = torch.Generator().manual_seed(
                 self.seed ^ zlib.crc32(self.layer.name.encode())
             )
-            step = self.granularity.rows_per_group  # None: one chunk, whole statistics
+            chunked = self.granularity.rows_per_group is not None  # else one chunk
+            first = 0  # the chunk's first row of group statistics (one per row of groups)
             for r0, r1 in self.row_chunks():
                 chunk = weight[r0:r1]
                 grouping = self.granularity.grouping(tuple(chunk.shape))
                 stats = self.stats
-                if stats is not None and step is not None:
-                    stats = stats[r0 // step : r1 // step]
+                if stats is not None and chunked:
+                    rows = grouping.group_shape[0]  # 2-D N:M: M-row chunks of 1-row groups
+                    stats, first = stats[first : first + rows], first + rows
                 ctx = ScoreContext(self.layer, stats, generator)
                 scores = criterion_scores(criterion, chunk, grouping, ctx, self.layer)
                 alive = None
