@@ -13,7 +13,7 @@ from rich.console import Console
 
 import prunekit as pk
 from prunekit import llm
-from prunekit.errors import MissingModelError
+from prunekit.errors import MissingModelError, ModelSpecError
 from prunekit.llm import cli, models
 from prunekit.zoo import lm
 
@@ -168,3 +168,9 @@ def test_real_minilm_keeps_its_embeddings_under_wanda_2_4() -> None:
     cosine = llm.embedding_similarity(loaded.model, dense, batch)
     assert cosine.shape == (16,)
     assert 0.5 < float(cosine.mean()) < 0.999
+
+
+def test_a_directory_whose_config_does_not_load_is_a_pruning_error(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{ not json")
+    with pytest.raises(ModelSpecError, match=r"from_pretrained failed.*Fix"):
+        models.load(str(tmp_path))

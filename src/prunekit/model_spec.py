@@ -99,9 +99,16 @@ def _factory(spec: str, kwargs: Mapping[str, Any]) -> nn.Module:
     return model
 
 
-def _transformers(path: Path, kwargs: Mapping[str, Any]) -> nn.Module:
+def load_transformers(path: Path, kwargs: Mapping[str, Any] | None = None) -> nn.Module:
+    """The transformers model saved in ``path``, offline, as the class its config names
+    (``config.architectures``; ``AutoModel`` otherwise), in eval mode.
+
+    Raises:
+        MissingModelError: no ``config.json`` there. ModelSpecError: it does not load.
+    """
     import transformers
 
+    kwargs = kwargs or {}
     if not (path / "config.json").is_file():
         raise MissingModelError(
             f"model directory {str(path)!r} has no config.json; Fix: pass a save_pretrained "
@@ -131,7 +138,7 @@ def _build(spec: str, kwargs: Mapping[str, Any]) -> tuple[nn.Module, str]:
             ) from err
     path = Path(spec)
     if path.is_dir():
-        return _transformers(path, kwargs), "transformers"
+        return load_transformers(path, kwargs), "transformers"
     if ":" in spec and not path.exists():
         return _factory(spec, kwargs), "factory"
     if path.exists():

@@ -24,6 +24,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from prunekit.errors import MissingModelError
+from prunekit.model_spec import load_transformers
 from prunekit.zoo import lm
 
 ZOO = {
@@ -63,17 +64,15 @@ def minilm_path() -> Path:
 
 
 def _from_directory(path: Path, name: str) -> LoadedModel:
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     if not (path / "config.json").exists():
         raise MissingModelError(
             f"model {name!r} is neither a zoo name ({', '.join(ZOO)}) nor a directory with a "
             "config.json; Fix: pass a save_pretrained directory or a zoo name."
         )
-    config = AutoConfig.from_pretrained(path)
-    causal = any(a.endswith("ForCausalLM") for a in config.architectures or [])
-    loader = AutoModelForCausalLM if causal else AutoModel
-    model = loader.from_pretrained(path).eval()
+    model = load_transformers(path)
+    causal = type(model).__name__.endswith("ForCausalLM")
     if (path / lm.VOCAB_FILE).exists():
         tokenizer: Any = lm.CharTokenizer.load(path)
     else:
