@@ -25,7 +25,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor, nn
 
 from prunekit.criteria.activation import ColumnNorms, flat_inputs
@@ -34,6 +33,7 @@ from prunekit.errors import UnsupportedModelError
 from prunekit.layers import Layer, layer_hooks, to_canonical
 from prunekit.llm.blocks import block_layers
 from prunekit.llm.calibration import Batch
+from prunekit.tables import progress_bar
 
 
 class _Captured(Exception):
@@ -162,8 +162,7 @@ def sequential(
     """
     inputs = replace(inputs)  # shallow: only ``hidden`` is rebound below
     errors: dict[str, float] = {}
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
-    with Progress(*columns, TimeElapsedColumn(), transient=True, disable=not progress) as bar:
+    with progress_bar(disable=not progress) as bar:
         task = bar.add_task(description, total=len(blocks))
         for index, block in enumerate(blocks):
             layers = block_layers(block, f"{prefix}.{index}")

@@ -30,10 +30,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor
 
 from prunekit.errors import MissingModelError
+from prunekit.tables import progress_bar
 
 LM_NAME = "char-llama"
 HELD_OUT_FRACTION = 0.1
@@ -165,8 +165,7 @@ def build_lm(
     gen = torch.Generator().manual_seed(seed)
     model.train()
     start = time.perf_counter()
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
-    with Progress(*columns, TimeElapsedColumn(), transient=True, disable=not progress) as bar:
+    with progress_bar(disable=not progress) as bar:
         task = bar.add_task("training char-llama", total=steps)
         for _ in range(steps):
             batch = windows(ids, batch_size, seq_len + 1, gen)
