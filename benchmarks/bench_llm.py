@@ -29,7 +29,7 @@ import torch
 from rich.console import Console
 
 from prunekit import llm
-from prunekit.llm import models
+from prunekit import llm_models as models
 from prunekit.zoo import lm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

