@@ -57,7 +57,9 @@ def test_grasp_is_w_times_hessian_gradient() -> None:
     layers = pk.layers.select_layers(model)
     groupings = {ly.name: pk.granularity.Element().grouping(tuple(ly.canonical.shape))
                  for ly in layers}  # fmt: skip
-    stats = GraSP().prepare(model, layers, groupings, data, nn.functional.cross_entropy)
+    units = pk.criteria.units.LayerUnits(model, layers, groupings)
+    cal = pk.inputs.Calibration(data, loss_fn=nn.functional.cross_entropy)
+    stats = GraSP().prepare(model, units, cal)
     for layer, w, h in zip(layers, params, hg, strict=True):
         want = (w * h).detach()
         assert torch.allclose(stats[layer.name].view_as(want), want, rtol=1e-4, atol=1e-12)

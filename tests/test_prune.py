@@ -189,7 +189,8 @@ def test_gradient_is_accumulated_over_all_batches():
     crit = pk.criteria.Gradient()
     layers = select_layers(lin)
     grouping = pk.granularity.parse("element").grouping((3, 6))
-    stats = crit.prepare(lin, layers, {"": grouping}, data, None)
+    units = pk.criteria.units.LayerUnits(lin, layers, {"": grouping})
+    stats = crit.prepare(lin, units, pk.inputs.Calibration(data))
     assert torch.allclose(stats[""], total / 3)
     pk.prune(lin, 0.5, criterion="gradient", data=data)
     kept = lin.weight.detach() != 0

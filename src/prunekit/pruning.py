@@ -4,24 +4,25 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from rich.table import Table
 from torch import Tensor, nn
 
 from prunekit import bits
-from prunekit import criteria as criteria_mod
-from prunekit import granularity as granularity_mod
-from prunekit.allocation import Allocation, allocate, check_sparsity
+from prunekit.allocation import allocate, check_sparsity
 from prunekit.criteria import Criterion
-from prunekit.criteria.base import Batches, LossFn
+from prunekit.criteria.base import Batches
+from prunekit.criteria.units import LayerUnits
 from prunekit.errors import (
     IncompatibleLayerError,
     InvalidSparsityError,
+    MissingDataError,
     NoLayersError,
-    PruningError,
 )
-from prunekit.granularity import NM, Granularity
+from prunekit.granularity import NM, Granularity, Grouping
+from prunekit.inputs import Calibration
 from prunekit.layers import (
     Layer,
     Selector,
@@ -32,9 +33,8 @@ from prunekit.layers import (
 )
 from prunekit.masks import apply_packed, kept_fraction
 from prunekit.selection import LayerPlan, element_mask, select_pool
+from prunekit.spec import PruneSpec, spec_of
 from prunekit.tables import TableReport
-
-SCOPES = ["local", "global"]
 
 
 @dataclass(frozen=True)
@@ -137,52 +137,37 @@ def _nm_masks(plans: list[LayerPlan], granularity: NM, criterion: Criterion) -> 
     return masks
 
 
-def prune(
-    model: nn.Module,
-    sparsity: float | None = None,
-    *,
-    granularity: str | Granularity = "element",
-    criterion: str | Criterion = "magnitude",
-    scope: str = "local",
-    allocation: Allocation = "uniform",
-    layers: Selector = None,
-    exclude: Selector = None,
-    data: Batches | None = None,
-    loss_fn: LossFn | None = None,
-    min_keep: int = 1,
-    seed: int = 0,
-) -> PruneReport:
-    """Mask the lowest-scoring groups of weights so that ``sparsity`` of them are zero.
+@dataclass(frozen=True)
+class PrunePlan:
+    """What :func:`apply` will do, resolved and validated by :func:`plan` (nothing run).
 
-    Args:
-        model: any ``nn.Module``; its Linear, Conv1d/2d/3d, ConvTranspose2d, Embedding and
-            transformers ``Conv1D`` layers are prunable.
-        sparsity: fraction in [0, 1) of the selected weights to be zero afterwards,
-            counting weights already masked (so masks compose: 0.5 then 0.9 gives 0.9).
-            Not needed for N:M (fixed at ``1 - N/M``).
-        granularity: ``"element"``, ``"2:4"`` (any ``"N:M"``), ``"row"``, ``"column"``,
-            ``"kernel"``, ``"filter"``, ``"channel"``, ``"block:AxB"`` or an instance.
-        criterion: ``"magnitude"``, ``"l1"``, ``"l2"``, ``"gradient"``, ``"taylor"``,
-            ``"random"``, a :class:`~prunekit.criteria.Criterion` or ``f(weight) -> scores``.
-        scope: ``"local"`` (each layer to its allocated sparsity) or ``"global"`` (one
-            ranking over all selected layers; layers end at different sparsities).
-        allocation: local scope only: ``"uniform"``, ``"erk"`` or ``{layer: sparsity}``.
-        layers / exclude: selectors (names, glob patterns, types, or a predicate). With
-            ``layers=None``, layers the granularity cannot split are skipped and reported.
-        data / loss_fn: calibration batches ``[(x, y), ...]`` for data-driven criteria.
-        min_keep: groups each layer keeps at least (0 lets global scope empty a layer).
-        seed: seeds the random criterion and the sampling of large pools.
-
-    Returns:
-        A :class:`PruneReport`. On any error the model is left exactly as it was.
-
-    Example:
-        >>> report = pk.prune(model, 0.9, scope="global")
+    ``layers`` are the layers that will be pruned, ``skipped`` the ones the granularity
+    cannot split (with the reason), ``targets`` the per-layer sparsity under local scope
+    (None for global scope and N:M), ``groupings`` each layer's full grouping.
     """
-    gran = granularity_mod.parse(granularity)
-    crit = criteria_mod.get(criterion)
-    if scope not in SCOPES:
-        raise PruningError(f"unknown scope {scope!r}; valid scope values are: {', '.join(SCOPES)}")
+
+    model: nn.Module
+    spec: PruneSpec
+    sparsity: float | None
+    layers: list[Layer]
+    skipped: list[tuple[str, str]]
+    targets: dict[str, float] | None
+    groupings: dict[str, Grouping]
+
+    def check_data(self, data: Batches | Calibration | None) -> Calibration | None:
+        """``data`` as a :class:`Calibration`, or :class:`MissingDataError` when the
+        criterion needs batches and got none (nothing is read from ``data``)."""
+        crit = self.spec.crit
+        if crit.requires_data and data is None:
+            raise MissingDataError(
+                f"criterion {crit.name!r} needs calibration batches; Fix: pass data=[(x, y), "
+                "...] (a few training batches, or a DataLoader)."
+            )
+        return Calibration.of(data, self.spec.loss_fn)
+
+
+def _check_sparsity(sparsity: float | None, spec: PruneSpec) -> None:
+    gran = spec.gran
     if isinstance(gran, NM):
         if sparsity is not None and abs(check_sparsity(sparsity) - gran.sparsity) > 1e-9:
             raise InvalidSparsityError(
@@ -191,41 +176,80 @@ def prune(
             )
     elif sparsity is not None:
         check_sparsity(sparsity)
-    elif not isinstance(allocation, Mapping):
+    elif not isinstance(spec.allocation, Mapping):
         raise InvalidSparsityError(f"granularity {gran.name!r} needs sparsity=<fraction in [0, 1)>")
-    if scope == "global" and allocation != "uniform":
-        raise PruningError(
-            "global scope ranks all layers together, so it takes no allocation; "
-            "Fix: use scope='local' with an allocation, or drop the allocation."
-        )
-    if not isinstance(min_keep, int) or min_keep < 0:
-        raise PruningError(f"min_keep={min_keep!r} must be a non-negative int")
-    usable, skipped = _resolve_layers(model, layers, exclude, gran)
+
+
+def plan(model: nn.Module, sparsity: float | None, spec: PruneSpec) -> PrunePlan:
+    """Resolve and validate a prune of ``model`` to ``sparsity`` under ``spec``: which
+    layers, their groupings and targets. Pure and data-free: the model is not touched.
+
+    Raises:
+        PruningError: a subclass naming the layer, the value and the fix.
+    """
+    _check_sparsity(sparsity, spec)
+    gran, crit = spec.gran, spec.crit
+    usable, skipped = _resolve_layers(model, spec.layers, spec.exclude, gran)
+    for layer in usable:
+        reason = crit.incompatibility(layer)
+        if reason is not None:
+            raise IncompatibleLayerError(f"layer {layer.name!r} ({layer.kind}): {reason}")
     targets = (
         None
-        if isinstance(gran, NM) or scope == "global"
-        else allocate(usable, sparsity, allocation)
+        if isinstance(gran, NM) or spec.scope == "global"
+        else allocate(usable, sparsity, spec.allocation)
     )
     groupings = {ly.name: gran.grouping(tuple(ly.canonical.shape)) for ly in usable}
-    stats = crit.prepare(model, usable, groupings, data, loss_fn) if crit.requires_data else {}
-    plans = [LayerPlan(ly, gran, groupings[ly.name], stats.get(ly.name), seed) for ly in usable]
-    before = [_layer_sparsity(ly) for ly in usable]
+    return PrunePlan(model, spec, sparsity, usable, skipped, targets, groupings)
 
+
+def _masks(plan: PrunePlan, layer_plans: list[LayerPlan]) -> list[Tensor]:
+    """Packed storage-layout masks of every layer of ``plan``."""
+    spec, gran = plan.spec, plan.spec.gran
     if isinstance(gran, NM):
-        masks = _nm_masks(plans, gran, crit)
+        return _nm_masks(layer_plans, gran, spec.crit)
+    if spec.scope == "global":
+        n_prune = round(plan.sparsity * sum(p.numel for p in layer_plans))
+        packed = select_pool(layer_plans, spec.crit, n_prune, spec.min_keep, spec.seed)
     else:
-        if scope == "global":
-            n_prune = round(sparsity * sum(p.numel for p in plans))
-            packed = select_pool(plans, crit, n_prune, min_keep, seed)
-        else:
-            packed = [
-                select_pool([p], crit, round(targets[p.layer.name] * p.numel), min_keep, seed)[0]
-                for p in plans
-            ]
-        masks = [element_mask(p, m) for p, m in zip(plans, packed, strict=True)]
+        packed = [
+            select_pool(
+                [p],
+                spec.crit,
+                round(plan.targets[p.layer.name] * p.numel),
+                spec.min_keep,
+                spec.seed,
+            )[0]
+            for p in layer_plans
+        ]
+    return [element_mask(p, m) for p, m in zip(layer_plans, packed, strict=True)]
 
-    for plan, mask in zip(plans, masks, strict=True):
-        apply_packed(plan.layer.module, mask)
+
+def apply(plan: PrunePlan, data: Batches | Calibration | None = None) -> PruneReport:
+    """Carry out ``plan``: gather the criterion's statistics on ``data``, select, and
+    register the masks. The only step that changes the model; every check that can fail
+    runs before the first mask is written.
+    """
+    calibration = plan.check_data(data)
+    spec, gran = plan.spec, plan.spec.gran
+    crit = spec.crit
+    units = LayerUnits(plan.model, plan.layers, plan.groupings)
+    stats = crit.prepare(plan.model, units, calibration) if crit.requires_data else {}
+    layer_plans = [
+        LayerPlan(
+            ly, gran, plan.groupings[ly.name], stats.get(ly.name), spec.seed, crit.per_group_stats
+        )
+        for ly in plan.layers
+    ]
+    before = [_layer_sparsity(ly) for ly in plan.layers]
+    masks = _masks(plan, layer_plans)
+    for layer_plan, mask in zip(layer_plans, masks, strict=True):
+        apply_packed(layer_plan.layer.module, mask)
+    return _report(plan, before)
+
+
+def _report(plan: PrunePlan, before: list[float]) -> PruneReport:
+    gran = plan.spec.gran
     results = [
         LayerResult(
             ly.name,
@@ -234,11 +258,46 @@ def prune(
             ly.weight.numel(),
             gran.sparsity
             if isinstance(gran, NM)
-            else (None if targets is None else targets[ly.name]),
+            else (None if plan.targets is None else plan.targets[ly.name]),
             b,
             _layer_sparsity(ly),
         )
-        for ly, b in zip(usable, before, strict=True)
+        for ly, b in zip(plan.layers, before, strict=True)
     ]
-    target = gran.sparsity if isinstance(gran, NM) else sparsity
-    return PruneReport(gran.name, repr(crit), scope, target, results, skipped)
+    target = gran.sparsity if isinstance(gran, NM) else plan.sparsity
+    return PruneReport(
+        gran.name, repr(plan.spec.crit), plan.spec.scope, target, results, plan.skipped
+    )
+
+
+def prune(
+    model: nn.Module,
+    sparsity: float | None = None,
+    *,
+    spec: PruneSpec | None = None,
+    data: Batches | Calibration | None = None,
+    **settings: Any,
+) -> PruneReport:
+    """Mask the lowest-scoring groups of weights so that ``sparsity`` of them are zero:
+    ``apply(plan(model, sparsity, spec), data)``.
+
+    Args:
+        model: any ``nn.Module``; its Linear, Conv1d/2d/3d, ConvTranspose2d, Embedding and
+            transformers ``Conv1D`` layers are prunable.
+        sparsity: fraction in [0, 1) of the selected weights to be zero afterwards,
+            counting weights already masked (so masks compose: 0.5 then 0.9 gives 0.9).
+            Not needed for N:M (fixed at ``1 - N/M``).
+        spec: a :class:`~prunekit.PruneSpec`; keyword ``settings`` (its field names:
+            ``granularity``, ``criterion``, ``scope``, ``allocation``, ``layers``,
+            ``exclude``, ``min_keep``, ``seed``, ``loss_fn``) build one or override it.
+        data: calibration batches for data-driven criteria: anything
+            :class:`~prunekit.inputs.Calibration` accepts (``[(x, y), ...]``, a DataLoader).
+
+    Returns:
+        A :class:`PruneReport`. On any error the model is left exactly as it was.
+
+    Example:
+        >>> report = pk.prune(model, 0.9, scope="global")
+        >>> report = pk.prune(model, 0.5, granularity="2:4", criterion="wanda", data=batches)
+    """
+    return apply(plan(model, sparsity, spec_of(spec, settings)), data)

@@ -53,6 +53,7 @@ class LayerPlan:
     grouping: Grouping
     stats: Tensor | None
     seed: int
+    per_group_stats: bool = True  # stats hold one value per group (sliced per chunk)
 
     @property
     def numel(self) -> int:
@@ -89,10 +90,10 @@ class LayerPlan:
                 chunk = weight[r0:r1]
                 grouping = self.granularity.grouping(tuple(chunk.shape))
                 stats = self.stats
-                if stats is not None and chunked:
+                if stats is not None and chunked and self.per_group_stats:
                     rows = grouping.group_shape[0]  # 2-D N:M: M-row chunks of 1-row groups
                     stats, first = stats[first : first + rows], first + rows
-                ctx = ScoreContext(self.layer, stats, generator)
+                ctx = ScoreContext(self.layer.name, stats, generator)
                 scores = criterion_scores(criterion, chunk, grouping, ctx, self.layer)
                 alive = None
                 if mask is not None:

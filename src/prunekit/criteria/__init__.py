@@ -12,31 +12,57 @@ from prunekit.criteria.base import (
     PreparedCriterion,
     ScoreContext,
 )
+from prunekit.criteria.channel import FPGM, LAMP, BNScale
 from prunekit.criteria.gradient import Gradient, GradientStatistic, Taylor
 from prunekit.criteria.init import SNIP, GraSP, SynFlow
 from prunekit.criteria.magnitude import L1, L2, Magnitude
 from prunekit.criteria.random import Random
 from prunekit.errors import UnknownChoiceError
 
-REGISTRY: dict[str, type[Criterion]] = {
-    c.name: c for c in (Magnitude, L1, L2, Gradient, Taylor, Random, Wanda, SNIP, GraSP, SynFlow)
-}
+_ALL = (Magnitude, L1, L2, Gradient, Taylor, Random, Wanda, SNIP, GraSP, SynFlow, BNScale, FPGM)
+REGISTRY: dict[str, type[Criterion]] = {c.name: c for c in (*_ALL, LAMP)}
+"""Every criterion of every engine, by name (``criterion.units`` says which engines)."""
 
 
-def get(spec: str | Criterion | Callable) -> Criterion:
-    """A criterion from a registered name, an instance, or a function ``f(weight) -> scores``."""
+_ENGINES = {"groups": "pk.prune", "channels": "pk.shrink", "rows": "pk.llm.prune"}
+
+
+def names(units: str | None = None) -> list[str]:
+    """Registered criteria (that score ``units``, when given), sorted."""
+    return sorted(n for n, c in REGISTRY.items() if units is None or units in c.units)
+
+
+def _resolve(spec: str | Criterion | Callable, units: str | None) -> Criterion:
     if isinstance(spec, Criterion):
         return spec
     if isinstance(spec, str):
         key = spec.strip().lower()
         if key in REGISTRY:
             return REGISTRY[key]()
-        raise UnknownChoiceError("criterion", spec, sorted(REGISTRY))
+        raise UnknownChoiceError("criterion", spec, names(units))
     if isinstance(spec, type) and issubclass(spec, Criterion):
         return spec()
     if callable(spec):
         return FunctionCriterion(spec)
-    raise UnknownChoiceError("criterion", spec, sorted(REGISTRY))
+    raise UnknownChoiceError("criterion", spec, names(units))
+
+
+def get(spec: str | Criterion | Callable, units: str | None = None) -> Criterion:
+    """A criterion from a registered name, a class or instance, or ``f(weight) -> scores``.
+
+    ``units`` (``"groups"``, ``"channels"``, ``"rows"``) also checks that it can score
+    that kind of unit, naming the engines that take it when it cannot.
+    """
+    criterion = _resolve(spec, units)
+    if units is not None and units not in criterion.units:
+        where = ", ".join(_ENGINES[u] for u in sorted(criterion.units))
+        raise UnknownChoiceError(
+            f"criterion for {_ENGINES[units]} (criterion {criterion.name!r} only works with "
+            f"{where})",
+            criterion.name,
+            names(units),
+        )
+    return criterion
 
 
 __all__ = [

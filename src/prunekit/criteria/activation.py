@@ -19,11 +19,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from prunekit.criteria.base import Batches, LossFn, PreparedCriterion
-from prunekit.errors import IncompatibleLayerError, MissingDataError
-from prunekit.granularity import Grouping
-from prunekit.inputs import eval_mode
-from prunekit.layers import Layer, kernel_ndim, layer_hooks, to_canonical
+from prunekit.criteria.base import Criterion, ScoreContext
+from prunekit.criteria.units import LayerUnits, Units, UnitSet
+from prunekit.errors import MissingDataError
+from prunekit.inputs import Calibration, call, eval_mode
+from prunekit.layers import Layer, kernel_ndim, layer_hooks
 
 
 def flat_inputs(x: Tensor) -> Tensor:
@@ -65,30 +65,37 @@ def wanda_row_mask(scores: Tensor, sparsity: float) -> Tensor:
     return keep.scatter_(1, order, False)
 
 
-class Wanda(PreparedCriterion):
-    """Wanda scores for Linear-like layers; statistics from forward hooks on ``data``.
+class Wanda(Criterion):
+    """Wanda scores ``|W_ij| * ||X_j||_2`` for Linear-like layers.
 
-    ``data`` is an iterable of model inputs, or of ``(inputs, targets)`` pairs whose
-    targets are ignored. Convolutions are rejected: the score is defined per input feature.
-    :meth:`prepare` sums the scores per group (any granularity: element, N:M, block...).
+    :meth:`prepare` is the statistics pass of :func:`prunekit.prune`: forward hooks
+    collect each layer's input column norms over the calibration inputs (targets, if any,
+    are ignored). :func:`prunekit.llm.prune` gathers the same norms block by block and
+    calls :meth:`scores` with them. Convolutions are rejected: the score is defined per
+    input feature. Any granularity sums the scores per group (element, N:M, block...).
     """
 
     name = "wanda"
+    requires_data = True
+    per_group_stats = False  # ctx.stats: the layer's input norms (in,)
+    units = frozenset({"groups", "rows"})
+
+    def incompatibility(self, layer: Layer) -> str | None:
+        if kernel_ndim(layer.module) or isinstance(layer.module, nn.Embedding):
+            return (
+                "Wanda scores Linear-like layers only; Fix: exclude it or select layers=nn.Linear."
+            )
+        return None
+
+    def scores(self, units: Units, ctx: ScoreContext) -> Tensor:
+        assert ctx.stats is not None, "Wanda needs the layer's input norms"
+        return units.sum(lambda w, g: wanda_scores(w, ctx.stats))
 
     def prepare(
-        self,
-        model: nn.Module,
-        layers: list[Layer],
-        groupings: dict[str, Grouping],
-        data: Batches | None,
-        loss_fn: LossFn | None,
+        self, model: nn.Module, units: UnitSet, data: Calibration | None
     ) -> dict[str, Tensor]:
-        for layer in layers:
-            if kernel_ndim(layer.module) or isinstance(layer.module, nn.Embedding):
-                raise IncompatibleLayerError(
-                    f"layer {layer.name!r} ({layer.kind}): Wanda scores Linear-like layers "
-                    "only; Fix: exclude it or select layers=nn.Linear."
-                )
+        assert isinstance(units, LayerUnits), "Wanda's statistics pass hooks pk.prune's layers"
+        layers = units.layers
         if data is None:
             raise MissingDataError(
                 "criterion 'wanda' needs calibration batches; Fix: pass data=[inputs, ...]."
@@ -96,14 +103,8 @@ class Wanda(PreparedCriterion):
         stats = {ly.name: ColumnNorms(ly.canonical.shape[1], ly.weight.device) for ly in layers}
         hooks = layer_hooks(layers, lambda ly, x, out: stats[ly.name].add(x))
         with eval_mode(model), torch.no_grad(), hooks:
-            for batch in data:
-                model(batch[0] if isinstance(batch, tuple | list) else batch)
+            for inputs in data.inputs():
+                call(model, inputs)
         if any(s.tokens == 0 for s in stats.values()):
             raise MissingDataError("criterion 'wanda' got an empty data iterable")
-        scores = {}
-        with torch.no_grad():
-            for ly in layers:
-                weight = to_canonical(ly.module, ly.module.weight)  # through the mask
-                grouped = groupings[ly.name].groups(wanda_scores(weight, stats[ly.name].norms))
-                scores[ly.name] = grouped.sum(-1)
-        return scores
+        return {name: s.norms for name, s in stats.items()}

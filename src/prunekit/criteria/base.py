@@ -1,19 +1,23 @@
-"""The criterion interface: how important each group of weights is (higher = keep).
+"""The criterion contract: how important each unit is (higher = keep), for every engine.
 
-A criterion turns one chunk of a layer's canonical weight into one score per group::
+A criterion scores :class:`~prunekit.criteria.units.Units` (weight groups of a
+granularity for masks, channel groups of the dependency graph for shrink, the weights of
+an LLM layer's rows) from their weights and, for data-driven criteria, statistics gathered
+by one pass over a :class:`~prunekit.inputs.Calibration`. One class serves all three::
 
-    class MyCriterion(pk.criteria.Criterion):
+    class Cube(pk.criteria.Criterion):
         name = "cube"
-        def group_scores(self, weight, grouping, ctx):
-            return grouping.groups(weight.abs() ** 3).sum(-1)
+        def scores(self, units, ctx):
+            return units.sum(lambda w, g: w.abs() ** 3)
 
-or, for an element-wise score reduced by a sum over each group, just a function::
+    pk.prune(model, 0.5, criterion=Cube())        # masks
+    pk.shrink(model, x, ratio=0.5, criterion=Cube())   # channels, physically removed
+    pk.llm.prune(lm, calibration, method=Cube())  # per-row, block by block
 
-    pk.prune(model, 0.5, criterion=lambda w: w.abs() ** 3)
+or, for an element-wise score summed over each unit, just ``criterion=lambda w: w.abs() ** 3``.
 
-Data-driven criteria (``requires_data = True``) first see batches through
-:meth:`Criterion.prepare` and keep per-group statistics in the returned dict, which the
-engine slices per chunk into ``ctx.stats``.
+Data-driven criteria (``requires_data = True``) collect per-unit statistics in
+:meth:`Criterion.prepare` (the engine slices them per chunk into ``ctx.stats``).
 """
 
 from __future__ import annotations
@@ -25,80 +29,104 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from prunekit.criteria.units import GroupUnits, Units, UnitSet
 from prunekit.errors import PruningError
 from prunekit.granularity import Grouping
+from prunekit.inputs import Calibration, LossFn
 from prunekit.layers import Layer
+
+Batches = Iterable[Any]
+__all__ = [
+    "Batches",
+    "Criterion",
+    "ElementwiseCriterion",
+    "FunctionCriterion",
+    "LossFn",
+    "PreparedCriterion",
+    "ScoreContext",
+]
+
+UNIT_KINDS = frozenset({"groups", "channels", "rows"})
+"""``groups``: masks (:func:`prunekit.prune`); ``channels``: :func:`prunekit.shrink`;
+``rows``: :func:`prunekit.llm.prune`."""
 
 
 @dataclass
 class ScoreContext:
-    """What a criterion may need besides the weight chunk.
+    """What a criterion may need besides the units.
 
-    ``stats`` is the criterion's own statistic for exactly this chunk's groups (from
-    :meth:`Criterion.prepare`), ``generator`` a seeded RNG private to this layer.
+    ``name`` is the layer (or channel family) scored, ``stats`` the criterion's own
+    statistic for exactly these units (from :meth:`Criterion.prepare`, or the engine's:
+    the input column norms of an LLM layer), ``generator`` a seeded RNG private to them.
     """
 
-    layer: Layer
+    name: str
     stats: Tensor | None
     generator: torch.Generator
 
 
-Batches = Iterable[Any]
-LossFn = Callable[[Tensor, Any], Tensor]
-
-
 class Criterion:
-    """Base class of all criteria. Subclasses implement :meth:`group_scores`."""
+    """Base class of all criteria. Subclasses implement :meth:`scores`.
+
+    Class attributes: ``name`` (the registry key); ``requires_data`` (needs calibration
+    batches); ``units`` (the unit kinds it can score, see :data:`UNIT_KINDS`);
+    ``per_group_stats`` (its prepared statistics hold one value per unit, so chunked
+    engines slice them; False for per-layer statistics such as input norms).
+    """
 
     name: ClassVar[str] = "criterion"
     requires_data: ClassVar[bool] = False
+    units: ClassVar[frozenset[str]] = UNIT_KINDS
+    per_group_stats: ClassVar[bool] = True
+    comparable: ClassVar[bool] = False  # scores comparable across layers/families as they are
+
+    def incompatibility(self, layer: Layer) -> str | None:
+        """Why this criterion cannot score ``layer`` (checked before anything runs)."""
+        return None
 
     def prepare(
-        self,
-        model: nn.Module,
-        layers: list[Layer],
-        groupings: dict[str, Grouping],
-        data: Batches | None,
-        loss_fn: LossFn | None,
+        self, model: nn.Module, units: UnitSet, data: Calibration | None
     ) -> dict[str, Tensor]:
-        """Collect statistics (per layer, shaped ``grouping.group_shape``). Default: none."""
+        """Collect statistics per unit set entry (the statistics pass). Default: none."""
         return {}
 
-    def group_scores(self, weight: Tensor, grouping: Grouping, ctx: ScoreContext) -> Tensor:
-        """Scores shaped ``grouping.group_shape`` for the canonical ``weight`` chunk."""
+    def scores(self, units: Units, ctx: ScoreContext) -> Tensor:
+        """One score per unit, shaped ``units.shape`` (higher = keep); None from a
+        channel criterion means "cannot rank this family" (it is left whole)."""
         raise NotImplementedError
+
+    def group_scores(self, weight: Tensor, grouping: Grouping, ctx: ScoreContext) -> Tensor:
+        """:meth:`scores` of the groups of a canonical weight chunk (the masks engine)."""
+        return self.scores(GroupUnits(weight, grouping), ctx)
 
     def __repr__(self) -> str:
         return self.name
 
 
 class PreparedCriterion(Criterion):
-    """A criterion whose group scores are all computed in :meth:`prepare` (``ctx.stats``)."""
+    """A criterion whose scores are all computed in :meth:`prepare` (``ctx.stats``)."""
 
     requires_data = True
 
-    def group_scores(self, weight: Tensor, grouping: Grouping, ctx: ScoreContext) -> Tensor:
+    def scores(self, units: Units, ctx: ScoreContext) -> Tensor:
         assert ctx.stats is not None
-        return ctx.stats.to(weight.device)
+        return ctx.stats
 
 
 class ElementwiseCriterion(Criterion):
-    """A score per weight, summed over each group (so magnitude on a group is its L1 norm)."""
+    """A score per weight, summed over each unit (so magnitude on a group is its L1 norm)."""
 
     def elementwise(self, weight: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def group_scores(self, weight: Tensor, grouping: Grouping, ctx: ScoreContext) -> Tensor:
-        scores = self.elementwise(weight)
-        if scores.shape != weight.shape:
+    def scores(self, units: Units, ctx: ScoreContext) -> Tensor:
+        try:
+            return units.sum(lambda w, g: self.elementwise(w))
+        except ValueError as err:
             raise PruningError(
-                f"criterion {self!r} returned scores of shape {tuple(scores.shape)} for layer "
-                f"{ctx.layer.name!r}, whose weight chunk is {tuple(weight.shape)}; Fix: return "
-                "one score per weight (same shape)."
-            )
-        if grouping.group_size == 1:
-            return scores.reshape(grouping.group_shape)
-        return grouping.groups(scores).sum(-1)
+                f"criterion {self!r} on {ctx.name!r}: {err}; Fix: return one score per weight "
+                "(same shape)."
+            ) from err
 
 
 class FunctionCriterion(ElementwiseCriterion):

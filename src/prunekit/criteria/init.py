@@ -17,79 +17,78 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, ClassVar
+from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from prunekit.criteria.base import Batches, LossFn, PreparedCriterion
+from prunekit.criteria.base import PreparedCriterion
 from prunekit.criteria.gradient import GradientStatistic
+from prunekit.criteria.units import LayerUnits, Units, UnitSet
 from prunekit.errors import MissingDataError
-from prunekit.granularity import Grouping
-from prunekit.layers import Layer, to_canonical, weight_param
+from prunekit.inputs import Batch, Calibration, Inputs, call
+from prunekit.layers import weight_param
 
 
 class SNIP(GradientStatistic):
-    """``|w * dL/dw|`` summed per group, averaged over batches (Lee et al. 2019)."""
+    """``|w * dL/dw|`` summed per unit, averaged over batches (Lee et al. 2019)."""
 
     name = "snip"
 
-    def batch_statistic(self, weight: Tensor, grad: Tensor, grouping: Grouping) -> Tensor:
-        return grouping.groups((weight * grad).abs()).sum(-1)
+    def batch_statistic(self, units: Units) -> Tensor:
+        return units.sum(lambda w, g: (w * g).abs())
 
 
 class GraSP(GradientStatistic):
-    """``w * (H g)`` summed per group, averaged over batches (Wang et al. 2020)."""
+    """``w * (H g)`` summed per unit, averaged over batches (Wang et al. 2020)."""
 
     name = "grasp"
     temperature: ClassVar[float] = 200.0
 
     def gradients(
-        self, outputs: Tensor, targets: Any, loss_fn: LossFn, params: list[Tensor]
-    ) -> tuple[Tensor | None, ...]:
-        loss = loss_fn(outputs / self.temperature, targets)
+        self, model: nn.Module, batch: Batch, data: Calibration, params: list[Tensor]
+    ) -> Sequence[Tensor | None]:
+        loss = data.loss(call(model, batch.inputs), batch, scale=self.temperature)
         grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
         z = sum((g * g.detach()).sum() for g in grads if g is not None)
         return torch.autograd.grad(z, params, allow_unused=True)
 
-    def batch_statistic(self, weight: Tensor, grad: Tensor, grouping: Grouping) -> Tensor:
-        return grouping.groups(weight * grad).sum(-1)
+    def batch_statistic(self, units: Units) -> Tensor:
+        return units.sum(lambda w, g: w * g)
 
 
-def _first_inputs(data: Batches | None, name: str) -> Any:
+def _first_inputs(data: Calibration | None, name: str) -> Inputs:
     batch = next(iter(data), None) if data is not None else None
     if batch is None:
         raise MissingDataError(
             f"criterion {name!r} needs the input shape; Fix: pass data=[example_inputs]."
         )
-    return batch[0] if isinstance(batch, tuple | list) else batch
+    return batch.inputs
 
 
 class SynFlow(PreparedCriterion):
     """``|w * dR/dw|`` with ``R = sum(f_|theta|(1))`` in float64 (Tanaka et al. 2020)."""
 
     name = "synflow"
+    units = frozenset({"groups"})
 
     def prepare(
-        self,
-        model: nn.Module,
-        layers: list[Layer],
-        groupings: dict[str, Grouping],
-        data: Batches | None,
-        loss_fn: LossFn | None,
+        self, model: nn.Module, units: UnitSet, data: Calibration | None
     ) -> dict[str, Tensor]:
+        assert isinstance(units, LayerUnits), "SynFlow scores the layers of pk.prune"
         inputs = _first_inputs(data, self.name)
+        # A float64 copy with |theta|: the flow is measured on it, the model is untouched.
         probe = copy.deepcopy(model).double().eval()
         with torch.no_grad():
             for p in probe.parameters():
                 p.abs_()
         ones = torch.ones(inputs.shape, dtype=torch.float64, device=inputs.device)
-        params = [weight_param(probe.get_submodule(layer.name)) for layer in layers]
+        params = [weight_param(probe.get_submodule(layer.name)) for layer in units.layers]
         flow = probe(ones).sum()
         grads = torch.autograd.grad(flow, params, allow_unused=True)
-        stats = {}
-        for layer, w, g in zip(layers, params, grads, strict=True):
-            score = (w.detach() * (torch.zeros_like(w) if g is None else g)).abs()
-            canonical = to_canonical(layer.module, score)  # float64: flows span many decades
-            stats[layer.name] = groupings[layer.name].groups(canonical).sum(-1).cpu()
-        return stats
+        scores = [(w.detach() * (torch.zeros_like(w) if g is None else g)).abs()
+                  for w, g in zip(params, grads, strict=True)]  # fmt: skip
+        # float64 scores: flows span many decades
+        flows = LayerUnits(probe, units.layers, units.groupings).units(scores)
+        return {name: u.sum(lambda w, g: g).cpu() for name, u in flows.items()}

@@ -1,9 +1,9 @@
-"""Weight-size criteria (chapter 3.4.1).
+"""Weight-size criteria (chapter 3.4.1), on any units (groups, channels, rows).
 
-- ``magnitude``: ``|w|``; on a group the sum ``sum |w|`` (Han et al. 2015).
-- ``l1``: the group's L1 norm ``sum_{i in S} |w_i|`` (same ranking as magnitude; named
-  for the chapter's row-pruning formula).
-- ``l2``: the group's L2 norm ``sqrt(sum_{i in S} w_i^2)`` (Li et al. 2017 use it for
+- ``magnitude``: ``|w|``; on a unit the sum ``sum |w|`` (Han et al. 2015).
+- ``l1``: the unit's L1 norm ``sum_{i in S} |w_i|`` (same ranking as magnitude; named
+  for the chapter's row-pruning formula and Li et al. 2017's filter norm).
+- ``l2``: the unit's L2 norm ``sqrt(sum_{i in S} w_i^2)`` (Li et al. 2017 use it for
   filters). On single weights it equals ``|w|``: as corrections.md notes, L1 and L2 only
   differ as *group* norms.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from prunekit.criteria.base import Criterion, ElementwiseCriterion, ScoreContext
-from prunekit.granularity import Grouping
+from prunekit.criteria.units import Units
 
 
 class Magnitude(ElementwiseCriterion):
@@ -30,7 +30,7 @@ class L1(Magnitude):
 class L2(Criterion):
     name = "l2"
 
-    def group_scores(self, weight: Tensor, grouping: Grouping, ctx: ScoreContext) -> Tensor:
-        if grouping.group_size == 1:
-            return weight.abs().reshape(grouping.group_shape)
-        return grouping.groups(weight).norm(dim=-1)
+    def scores(self, units: Units, ctx: ScoreContext) -> Tensor:
+        if units.size == 1:
+            return units.sum(lambda w, g: w.abs())
+        return units.sum(lambda w, g: w.square()).sqrt()
