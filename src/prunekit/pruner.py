@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
+import torch.distributed as dist
 from torch import nn
 
-from prunekit import granularity as granularity_mod
-from prunekit.allocation import Allocation
-from prunekit.criteria import Criterion
-from prunekit.criteria.base import Batches, LossFn
-from prunekit.errors import InvalidSparsityError, MissingDataError, PrunerStateError, ScheduleError
-from prunekit.granularity import NM, Granularity
-from prunekit.layers import Selector
+from prunekit.criteria.base import Batches
+from prunekit.errors import (
+    DistributedError,
+    InvalidSparsityError,
+    MissingDataError,
+    PrunerStateError,
+    ScheduleError,
+)
+from prunekit.granularity import NM
+from prunekit.inputs import Calibration
 from prunekit.masks import kept_fraction
-from prunekit.pruning import PruneReport, prune
+from prunekit.pruning import PruneReport, apply, plan
 from prunekit.schedules import OneShot, Schedule
+from prunekit.spec import PruneSpec, spec_of
 
 _ONE_SHOT = OneShot()  # frozen, so one shared default is safe
 
@@ -52,6 +56,37 @@ def check_reachable(target: float, current: float) -> None:
         )
 
 
+class MaskSync(Protocol):
+    """A hook that keeps masks identical across processes (the Pruner calls it; the
+    ``torch.distributed`` implementation is :class:`prunekit.training.distributed.MaskSync`)."""
+
+    def register(self, modules: Iterable[nn.Module]) -> None:
+        """Give each of ``modules`` a mask (all kept) before DDP wraps the model."""
+        ...
+
+    def __call__(self, model: nn.Module) -> Any:
+        """Make every process hold the same masks (a collective)."""
+        ...
+
+
+def _resolve_sync(sync: MaskSync | bool | None) -> MaskSync | None:
+    """The hook to call, None for none; refuses to guess inside a process group."""
+    if sync is None and dist.is_available() and dist.is_initialized():
+        raise DistributedError(
+            "a Pruner inside a torch.distributed process group must say how ranks agree on "
+            "masks; Fix: sync=pk.training.distributed.MaskSync() (rank 0's masks everywhere) "
+            "or sync=False (each rank prunes on its own)."
+        )
+    if sync is None or sync is False:
+        return None
+    if sync is True or not callable(sync) or not hasattr(sync, "register"):
+        raise DistributedError(
+            f"sync={sync!r} is not a mask-sync hook; Fix: pass "
+            "pk.training.distributed.MaskSync(), False or None."
+        )
+    return sync
+
+
 class Event(NamedTuple):
     """One milestone of the schedule: after ``step`` steps, ``target`` asked, ``achieved`` got."""
 
@@ -68,8 +103,9 @@ class Pruner:
     scheduled sparsity and the same granularity / criterion / scope / layers arguments
     (see there). Masks only grow: pruned weights stay exactly zero whatever the optimizer
     does, and the sparsity of the selected layers never decreases. Every argument is
-    checked when the Pruner is built, by pruning a copy of the model to ``target``, so a
-    bad argument fails before training starts and leaves the model as it was.
+    checked when the Pruner is built, by planning the prune to ``target``
+    (:func:`prunekit.pruning.plan`: nothing runs, nothing is copied), so a bad argument
+    fails before training starts and leaves the model as it was.
 
     Example (gradual magnitude pruning, Zhu & Gupta 2017)::
 
@@ -94,18 +130,22 @@ class Pruner:
         model: the model to prune in place.
         target: the final sparsity in [0, 1) of the selected layers; at least their
             current sparsity.
-        granularity / criterion / scope / allocation / layers / exclude / data /
-        loss_fn / seed: as for :func:`prunekit.prune`. ``data`` must be re-iterable (a
-            list of batches): it is used at every milestone.
+        spec / settings: a :class:`~prunekit.PruneSpec`, or its fields as keywords
+            (``granularity``, ``criterion``, ``scope`` (default ``"global"`` here),
+            ``allocation``, ``layers``, ``exclude``, ``min_keep``, ``seed``, ``loss_fn``),
+            as for :func:`prunekit.prune`.
+        data: calibration batches for data-driven criteria; re-iterable (a list, a
+            DataLoader): it is used at every milestone.
         schedule: :class:`~prunekit.OneShot` (default), :class:`~prunekit.Iterative` or
             :class:`~prunekit.Cubic`. N:M granularities fix the sparsity, so they take
             ``OneShot`` only.
-        distributed: under ``torch.distributed`` (DDP), give every rank rank 0's masks at
-            construction and after every prune (see :mod:`prunekit.training.distributed`);
-            every rank must then build the Pruner (before wrapping the model in DDP: it
-            registers all-kept masks DDP has to see) and call :meth:`step` alike. ``None``
-            (default): when a process group is initialised; ``True``: required
-            (:class:`~prunekit.errors.DistributedError` without one); ``False``: never.
+        sync: a :class:`MaskSync` hook called at construction and after every prune. Under
+            ``torch.distributed`` (DDP) pass ``pk.training.distributed.MaskSync()``: every
+            rank gets rank 0's masks; every rank must then build the Pruner (before
+            wrapping the model in DDP: it registers all-kept masks DDP has to see) and call
+            :meth:`step` alike. ``False``: never. ``None`` (default): none, and a
+            :class:`~prunekit.errors.DistributedError` inside a process group, where
+            ranks would otherwise silently disagree.
 
     Raises:
         PruningError: a subclass naming the value and the fix, for any bad argument.
@@ -116,60 +156,42 @@ class Pruner:
         model: nn.Module,
         target: float = 0.9,
         *,
-        granularity: str | Granularity = "element",
-        criterion: str | Criterion = "magnitude",
-        scope: str = "global",
-        allocation: Allocation = "uniform",
-        layers: Selector = None,
-        exclude: Selector = None,
         schedule: Schedule = _ONE_SHOT,
-        data: Batches | None = None,
-        loss_fn: LossFn | None = None,
-        seed: int = 0,
-        distributed: bool | None = None,
+        spec: PruneSpec | None = None,
+        data: Batches | Calibration | None = None,
+        sync: MaskSync | bool | None = None,
+        **settings: Any,
     ) -> None:
-        # Function-local: prunekit.training imports this module.
-        from prunekit.training import distributed as dist_mod
-
-        sync = dist_mod.resolve(distributed)
         if not isinstance(schedule, Schedule):
             raise ScheduleError(
                 f"schedule={schedule!r} is not a schedule; Fix: pass pk.OneShot(), "
                 "pk.Iterative(steps, every) or pk.Cubic(start, end, every)."
             )
         target = schedule.check(target)
-        if isinstance(granularity_mod.parse(granularity), NM) and not isinstance(schedule, OneShot):
+        if spec is None:
+            settings.setdefault("scope", "global")
+        self.spec = spec_of(spec, settings)
+        if isinstance(self.spec.gran, NM) and not isinstance(schedule, OneShot):
             raise ScheduleError(
-                f"granularity {granularity!r} fixes the sparsity, so {schedule!r} cannot grow "
-                "it step by step; Fix: schedule=pk.OneShot()."
+                f"granularity {self.spec.gran.name!r} fixes the sparsity, so {schedule!r} cannot "
+                "grow it step by step; Fix: schedule=pk.OneShot()."
             )
-        check_reusable(data, "data")
-        self._kwargs: dict[str, Any] = dict(
-            granularity=granularity,
-            criterion=criterion,
-            scope=scope,
-            allocation=allocation,
-            layers=layers,
-            exclude=exclude,
-            data=data,
-            loss_fn=loss_fn,
-            seed=seed,
-        )
-        # The dry run: pk.prune validates everything on a copy, and reports the layers.
-        dry = prune(copy.deepcopy(model), target, **self._kwargs)
-        modules = dict(model.named_modules())
-        self.model = model
-        self.target = target
-        self.schedule = schedule
-        self._layers = [(modules[r.name], r.numel) for r in dry.layers]
+        self._sync = _resolve_sync(sync)
+        # The plan validates everything (layers, targets, criterion) without touching the
+        # model; the data is only checked for presence and reusability here.
+        first = plan(model, target, self.spec)
+        self.data = first.check_data(data)
+        if self.data is not None and not self.data.reusable:
+            check_reusable(self.data.data, "data")
+        self.model, self.target, self.schedule = model, target, schedule
+        self._layers = [(layer.module, layer.weight.numel()) for layer in first.layers]
         check_reachable(target, self.sparsity)
         self.step_count = 0
         self.history: list[Event] = []
-        self._sync = dist_mod.sync_masks if sync else None
         if self._sync is not None:
             # Masks DDP can see (build the Pruner before wrapping the model in DDP), equal on
             # every rank so the ranks agree on which milestones prune.
-            dist_mod.register_masks(m for m, _ in self._layers)
+            self._sync.register(m for m, _ in self._layers)
             self._sync(model)
 
     @property
@@ -187,7 +209,9 @@ class Pruner:
         if not self.schedule.due(self.step_count):
             return None
         wanted = self.schedule.target(self.step_count, self.target)
-        report = prune(self.model, wanted, **self._kwargs) if wanted > self.sparsity else None
+        report = None
+        if wanted > self.sparsity:
+            report = apply(plan(self.model, wanted, self.spec), self.data)
         if report is not None and self._sync is not None:
             self._sync(self.model)
         self.history.append(Event(self.step_count, wanted, self.sparsity))
