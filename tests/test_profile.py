@@ -13,7 +13,8 @@ from rich.table import Table
 from torch import nn
 from torch.nn.utils import parametrize
 
-from prunekit.analysis import compare, csr_bytes, measure_latency, nm_bytes, profile
+from prunekit.analysis import compare, measure_latency, profile
+from prunekit.cost import csr_bytes, nm_bytes
 from prunekit.errors import NoLayersError, PruningError
 from prunekit.inputs import call_eval
 

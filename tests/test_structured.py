@@ -18,7 +18,7 @@ from structured_models import (
 from torch import nn
 
 import prunekit as pk
-from prunekit.analysis.profile import count_macs
+from prunekit.cost import count_macs
 from prunekit.structured import build, plan, score
 from prunekit.zoo import MODELS, build_model, example_input
 from prunekit.zoo.hf import TRANSFORMERS
@@ -129,8 +129,8 @@ def test_taylor_uses_data_and_custom_criteria_are_callables() -> None:
         pk.shrink(copy.deepcopy(model), x, ratio=0.5, criterion="taylor")
     report = pk.shrink(copy.deepcopy(model), x, ratio=0.5, criterion="taylor", data=[(x, y)])
     assert [f.kept for f in report.families] == [150, 50]
-    # custom: keep the groups with the largest first entry
-    custom = pk.shrink(model, x, ratio=0.5, criterion=lambda vs: torch.stack([v[0] for v in vs]))
+    # custom: the same function contract as masks, f(weight) -> scores summed per group
+    custom = pk.shrink(model, x, ratio=0.5, criterion=lambda w: w.abs())
     assert [f.kept for f in custom.families] == [150, 50]
 
 
@@ -210,3 +210,32 @@ def test_llm_heads_and_neurons_by_taylor() -> None:
     )  # fmt: skip
     assert {f.kind for f in report.families} == {"heads", "channels"}
     assert model.config.num_key_value_heads == 2 and model.config.intermediate_size == 32
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention and an MLP: ``nn.MultiheadAttention`` runs a fused kernel when no
+    gradient is needed, which ``FlopCounterMode`` cannot see into."""
+
+    def __init__(self, d: int = 32, heads: int = 4, classes: int = 5) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(x, x, x, need_weights=False)[0]
+        return self.head(x + self.fc2(torch.relu(self.fc1(x))))
+
+
+def test_macs_before_and_after_come_from_one_counter() -> None:
+    torch.manual_seed(0)
+    model, x = AttentionBlock().eval(), torch.randn(2, 10, 32)
+    dense = copy.deepcopy(model)
+    report = pk.shrink(model, x, ratio=0.5)  # the MLP's 128 neurons -> 64; attention whole
+    tokens, d = 2 * 10, 32
+    projections = 4 * d * d + d * 5  # q, k, v, out and the head, per token
+    assert report.macs_before == count_macs(dense, x) == tokens * (projections + 2 * d * 4 * d)
+    assert report.macs_after == count_macs(model, x) == tokens * (projections + 2 * d * 2 * d)
+    assert report.macs_ratio == count_macs(model, x) / count_macs(dense, x)
+    with torch.no_grad():  # where the fused kernel runs: counted the same
+        assert count_macs(dense, x) == report.macs_before

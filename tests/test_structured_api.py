@@ -11,27 +11,24 @@ from structured_models import assert_equivalent, first_tensor, hf_model, randomi
 from torch import Tensor, nn
 
 import prunekit as pk
-from prunekit.structured import (
+from prunekit.errors import (
     CouplingError,
     InvalidInputsError,
     ShrinkVerificationError,
     UnknownLayerError,
     UntraceableError,
-    keep_whole,
-    register_module_rule,
-    register_rule,
-    trace,
 )
-from prunekit.structured.rules import elementwise
-from prunekit.structured.trace import Tracer
+from prunekit.structured import keep_whole, register_module_rule, register_rule, registry
+from prunekit.structured.rules_elementwise import elementwise
+from prunekit.structured.state import TraceState
 from prunekit.zoo import build_model, example_input
 
 
 @pytest.fixture(autouse=True)
 def _private_rules(monkeypatch) -> None:
     """Rules registered by a test stay in that test."""
-    monkeypatch.setattr(trace, "_FUNCTION_RULES", dict(trace._FUNCTION_RULES))
-    monkeypatch.setattr(trace, "_MODULE_RULES", dict(trace._MODULE_RULES))
+    monkeypatch.setattr(registry, "_FUNCTION_RULES", dict(registry._FUNCTION_RULES))
+    monkeypatch.setattr(registry, "_MODULE_RULES", dict(registry._MODULE_RULES))
 
 
 class Scale(torch.autograd.Function):
@@ -84,7 +81,7 @@ def test_module_rule_keeps_a_layer_whole() -> None:
 
 
 def test_a_rule_coupling_unequal_runs_is_a_clear_error() -> None:
-    def bad(tr: Tracer, func, args, kwargs, out) -> None:
+    def bad(tr: TraceState, func, args, kwargs, out) -> None:
         tr.atoms.unite(tr.label(args[0]).ids, tr.label(args[0]).ids[:-1])
 
     model = CustomNet()

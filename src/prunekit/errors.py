@@ -106,3 +106,27 @@ class RecipeError(PruningError):
 class ExportError(PruningError):
     """An export that cannot be written: an optional extra (ONNX) not installed, an unknown
     format, or a model the format cannot trace."""
+
+
+class UnknownLayerError(PruningError):
+    """A layer named in ``shrink``'s ``ignore`` (or a ratio dict) that the model does not have."""
+
+
+class CouplingError(PruningError):
+    """A channel rule coupled channel runs of different lengths (the members disagree in size)."""
+
+
+class UntraceableError(PruningError):
+    """The structured trace met an operation on channel-carrying tensors that has no rule."""
+
+
+class InvalidInputsError(PruningError):
+    """The example inputs do not run through the model."""
+
+
+class ShrinkVerificationError(PruningError):
+    """The shrunk model failed to run or to compute what the group-masked model computes."""
+
+
+class ShrunkLayoutError(PruningError):
+    """A shrunk checkpoint that does not fit the model it is loaded into."""

@@ -11,9 +11,9 @@ sparsity            ``1 - nnz(W) / numel(W)`` (of the weight only)
 dense bytes         ``numel(W) * e + numel(b) * e_b``
 CSR bytes           ``nnz(W) * e + nnz(W) * 4 + (rows + 1) * 4`` + dense bias
                     (values, int32 column indices, int32 row pointers)
-2:4 bytes           :func:`nm_bytes` ``(numel(W), e, 2, 4)`` + dense bias, or None unless 4
-                    divides the reduction (input) axis of the canonical weight
-MACs                FLOPs / 2 counted by ``torch.utils.flop_counter.FlopCounterMode``
+2:4 bytes           :func:`~prunekit.cost.nm_bytes` ``(numel(W), e, 2, 4)`` + dense bias, or
+                    None unless 4 divides the reduction (input) axis of the canonical weight
+MACs                FLOPs / 2 of the layer, :func:`prunekit.cost.macs_per_module`
 effective MACs      ``MACs * nnz(W) / numel(W)``
 ==================  ===========================================================
 
@@ -37,9 +37,9 @@ from rich.table import Table
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.utils import benchmark
-from torch.utils.flop_counter import FlopCounterMode
 
-from prunekit.errors import PruningError
+from prunekit.cost import count_macs as count_macs  # re-exported for callers of this module
+from prunekit.cost import csr_bytes, macs_per_module, nm_bytes
 from prunekit.inputs import Inputs, call, eval_mode
 from prunekit.layers import Layer, Selector, select_layers, to_canonical, weight_param
 from prunekit.tables import TableReport
@@ -164,30 +164,6 @@ def _cells(p: LayerProfile) -> tuple[str, ...]:
     )
 
 
-def csr_bytes(nnz: int, rows: int, elem_size: int) -> int:
-    """Bytes of a CSR matrix: ``nnz * elem_size`` values + ``nnz * 4`` int32 column
-    indices + ``(rows + 1) * 4`` int32 row pointers."""
-    return nnz * elem_size + nnz * 4 + (rows + 1) * 4
-
-
-def nm_bytes(numel: int, elem_size: int, n: int = 2, m: int = 4) -> int:
-    """Bytes of ``numel`` weights stored N:M-compressed: the ``n`` kept values of every
-    ``m``-group, ``numel * n / m * elem_size``, plus ``ceil(log2 m)`` index bits per kept
-    value, ``ceil(numel * n / m * ceil(log2 m) / 8)``.
-
-    Raises:
-        PruningError: unless ``0 < n <= m`` and ``m`` divides ``numel``.
-    """
-    if not 0 < n <= m or numel % m:
-        raise PruningError(
-            f"N:M storage needs 0 < n <= m and m dividing numel; got n={n}, m={m}, "
-            f"numel={numel}. Fix: pick m dividing the layer's reduction axis."
-        )
-    kept = numel // m * n
-    index_bits = kept * (m - 1).bit_length()  # (m - 1).bit_length() == ceil(log2 m)
-    return kept * elem_size + -(-index_bits // 8)
-
-
 def measure_latency(model: nn.Module, example_inputs: Inputs, min_run_time: float = 0.2) -> float:
     """Median seconds of ``model`` on ``example_inputs`` (see :mod:`prunekit.inputs`), in eval
     mode under ``torch.inference_mode``.
@@ -222,36 +198,6 @@ def measure_latencies(
                 )
                 times.append(timer.blocked_autorange(min_run_time=min_run_time / rounds).median)
     return [statistics.median(times) for times in per_model]
-
-
-def _tracker_names(model: nn.Module) -> dict[nn.Module, str]:
-    """The names ``FlopCounterMode`` (its ``ModuleTracker``) gives the modules of ``model``.
-
-    The root is named after its class, children ``"<parent>.<child>"`` (``"Sequential.0"``
-    for ``model[0]``, not ``"0"``); a module reachable by several paths keeps the last.
-    """
-    names: dict[nn.Module, str] = {}
-    seen: set[nn.Module] = set()
-
-    def visit(module: nn.Module, name: str) -> None:
-        names[module] = name
-        if module not in seen:
-            seen.add(module)
-            for child_name, child in module.named_children():
-                visit(child, f"{name}.{child_name}")
-
-    visit(model, type(model).__name__)
-    return names
-
-
-def _count_macs(model: nn.Module, inputs: Inputs) -> tuple[dict[nn.Module, int], int]:
-    """MACs (FLOPs / 2) of one forward pass: per module, and of the whole model."""
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        call(model, inputs)
-    flops = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
-    per_module = {module: flops.get(name, 0) // 2 for module, name in _tracker_names(model).items()}
-    return per_module, flops.get("Global", 0) // 2
 
 
 def _kind(module: nn.Module) -> str:
@@ -323,17 +269,11 @@ def profile(
     """
     chosen = select_layers(model, layers)
     with eval_mode(model):
-        per_module, total_macs = _count_macs(model, example_inputs)
+        per_module, total_macs = macs_per_module(model, example_inputs)
         latency_s = measure_latency(model, example_inputs, min_run_time) if latency else None
         with torch.no_grad():
             rows = [_layer_profile(layer, per_module.get(layer.module, 0)) for layer in chosen]
     return Profile(rows, _total(rows, chosen, total_macs), latency_s)
-
-
-def count_macs(model: nn.Module, example_inputs: Inputs) -> int:
-    """Dense MACs of one forward pass of ``model`` (eval mode, ``FlopCounterMode``)."""
-    with eval_mode(model):
-        return _count_macs(model, example_inputs)[1]
 
 
 _RATIO_KEYS = ("params", "nonzero", "dense_bytes", "csr_bytes", "macs", "effective_macs")

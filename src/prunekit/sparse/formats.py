@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from prunekit.analysis.profile import csr_bytes, nm_bytes
+from prunekit.cost import csr_bytes, nm_bytes
 from prunekit.errors import IncompatibleLayerError, NotNMError, NotSparseEnoughError
 from prunekit.masks import bake
 from prunekit.sparse.base import SparseLinear, dtype_from_name

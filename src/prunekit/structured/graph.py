@@ -22,15 +22,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from prunekit.errors import PruningError
+from prunekit.errors import UnknownLayerError
 from prunekit.inputs import Inputs
 from prunekit.structured.trace import Trace, trace
 
 Ignore = Iterable[str | type[nn.Module]]
-
-
-class UnknownLayerError(PruningError):
-    """A layer named in ``ignore`` (or a ratio dict) that the model does not have."""
 
 
 @dataclass(frozen=True)

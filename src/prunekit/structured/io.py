@@ -18,14 +18,10 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from prunekit.errors import PruningError
+from prunekit.errors import ShrunkLayoutError
 from prunekit.structured.surgery import assign, size_attributes
 
 WEIGHTS, LAYOUT = "model.safetensors", "shrunk.json"
-
-
-class ShrunkLayoutError(PruningError):
-    """A shrunk checkpoint that does not fit the model it is loaded into."""
 
 
 def _layout(model: nn.Module) -> dict[str, object]:

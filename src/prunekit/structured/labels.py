@@ -21,13 +21,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from prunekit.errors import PruningError
+from prunekit.errors import CouplingError
 
 FIXED = -1
-
-
-class CouplingError(PruningError):
-    """A rule coupled channel runs of different lengths (the members disagree in size)."""
 
 
 @dataclass(frozen=True)

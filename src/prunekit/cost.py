@@ -1,0 +1,108 @@
+"""What a model or a weight costs: the byte formulas of the storage formats and the one
+MAC counter every part of prunekit uses.
+
+==================  ===========================================================
+CSR bytes           ``nnz * e + nnz * 4 + (rows + 1) * 4`` (values, int32 column
+                    indices, int32 row pointers), ``e`` the element size in bytes
+N:M bytes           ``numel * n / m * e + ceil(numel * n / m * ceil(log2 m) / 8)``
+                    (the kept values, plus ``ceil(log2 m)`` index bits per kept value)
+MACs                FLOPs / 2 of one forward pass, counted by
+                    ``torch.utils.flop_counter.FlopCounterMode``
+==================  ===========================================================
+
+MACs are counted one way everywhere (:func:`macs_per_module`): the model in eval mode,
+without gradients, and with the fused inference kernels of ``nn.MultiheadAttention`` and
+``nn.TransformerEncoderLayer`` switched off (``torch.backends.mha``). Those kernels run
+only without gradients and ``FlopCounterMode`` has no formula for them, so counting
+through them would drop the attention products (``Q K^T`` and ``A V``) and make two
+counts of one model depend on the mode they were taken in. Switched off, the modules
+run the linear and matmul operations they are made of, each counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from prunekit.errors import PruningError
+from prunekit.inputs import Inputs, call, eval_mode
+
+
+def csr_bytes(nnz: int, rows: int, elem_size: int) -> int:
+    """Bytes of a CSR matrix: ``nnz * elem_size`` values + ``nnz * 4`` int32 column
+    indices + ``(rows + 1) * 4`` int32 row pointers."""
+    return nnz * elem_size + nnz * 4 + (rows + 1) * 4
+
+
+def nm_bytes(numel: int, elem_size: int, n: int = 2, m: int = 4) -> int:
+    """Bytes of ``numel`` weights stored N:M-compressed: the ``n`` kept values of every
+    ``m``-group, ``numel * n / m * elem_size``, plus ``ceil(log2 m)`` index bits per kept
+    value, ``ceil(numel * n / m * ceil(log2 m) / 8)``.
+
+    Raises:
+        PruningError: unless ``0 < n <= m`` and ``m`` divides ``numel``.
+    """
+    if not 0 < n <= m or numel % m:
+        raise PruningError(
+            f"N:M storage needs 0 < n <= m and m dividing numel; got n={n}, m={m}, "
+            f"numel={numel}. Fix: pick m dividing the layer's reduction axis."
+        )
+    kept = numel // m * n
+    index_bits = kept * (m - 1).bit_length()  # (m - 1).bit_length() == ceil(log2 m)
+    return kept * elem_size + -(-index_bits // 8)
+
+
+def _tracker_names(model: nn.Module) -> dict[nn.Module, str]:
+    """The names ``FlopCounterMode`` (its ``ModuleTracker``) gives the modules of ``model``.
+
+    The root is named after its class, children ``"<parent>.<child>"`` (``"Sequential.0"``
+    for ``model[0]``, not ``"0"``); a module reachable by several paths keeps the last.
+    """
+    names: dict[nn.Module, str] = {}
+    seen: set[nn.Module] = set()
+
+    def visit(module: nn.Module, name: str) -> None:
+        names[module] = name
+        if module not in seen:
+            seen.add(module)
+            for child_name, child in module.named_children():
+                visit(child, f"{name}.{child_name}")
+
+    visit(model, type(model).__name__)
+    return names
+
+
+@contextmanager
+def _unfused_attention() -> Iterator[None]:
+    """Run ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` as their composite
+    operations (see the module docstring); restore the previous setting afterwards."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
+
+
+def macs_per_module(model: nn.Module, inputs: Inputs) -> tuple[dict[nn.Module, int], int]:
+    """MACs (FLOPs / 2) of one forward pass of ``model`` on ``inputs`` (see
+    :mod:`prunekit.inputs`): per module (its own and its children's operations), and of the
+    whole model. Counted as the module docstring says; training flags are restored."""
+    counter = FlopCounterMode(display=False)
+    with eval_mode(model), _unfused_attention(), counter, torch.no_grad():
+        call(model, inputs)
+    flops = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+    per_module = {module: flops.get(name, 0) // 2 for module, name in _tracker_names(model).items()}
+    return per_module, flops.get("Global", 0) // 2
+
+
+def count_macs(model: nn.Module, inputs: Inputs) -> int:
+    """Dense MACs of one forward pass of ``model`` on ``inputs`` (:func:`macs_per_module`)."""
+    return macs_per_module(model, inputs)[1]
+
+
+__all__ = ["count_macs", "csr_bytes", "macs_per_module", "nm_bytes"]

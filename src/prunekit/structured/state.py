@@ -1,0 +1,127 @@
+"""What a channel rule works with: the labels and atoms of one traced forward pass.
+
+:class:`TraceState` is the state the tracer (:mod:`prunekit.structured.trace`) fills and
+every rule (:mod:`prunekit.structured.registry`) reads and writes: the label of each
+activation seen so far, the atoms of each parameter dimension, the union-find that
+couples them, and the attention heads met on the way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
+
+from prunekit.structured.labels import FIXED, Atoms, Label
+
+
+def tensors(tree: Any) -> list[Tensor]:
+    """The tensors among the leaves of ``tree`` (nested tuples, lists and dicts)."""
+    return [x for x in tree_flatten(tree)[0] if isinstance(x, Tensor)]
+
+
+def output_tensors(out: Any) -> list[Tensor]:
+    """The tensors of a model's output (a transformers ``ModelOutput`` included)."""
+    # ModelOutput is a dict subclass; pytree sees through tuples and plain dicts
+    return tensors(dict(out) if isinstance(out, Mapping) else out)
+
+
+def arg(args: tuple, kwargs: dict, i: int, name: str, default: Any = None) -> Any:
+    """Argument ``name`` of a call: by keyword, else the ``i``-th positional one."""
+    if name in kwargs:
+        return kwargs[name]
+    return args[i] if len(args) > i else default
+
+
+@dataclass
+class HeadEvent:
+    """Attention in ``module``: the head labels of its queries and of its keys/values."""
+
+    module: str
+    q_heads: Tensor
+    kv_heads: Tensor
+
+
+class TraceState:
+    """Labels, atoms and heads of one traced forward pass of ``model`` (the rules' API)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.atoms = Atoms()
+        self.members: dict[tuple[str, int], Tensor] = {}
+        self.member_keys: dict[int, tuple[str, int]] = {}  # id(atoms) -> key
+        self.producers: list[tuple[str, int]] = []
+        self.labels: dict[int, tuple[Tensor, Label]] = {}
+        self.names: dict[int, list[str]] = {}
+        self.params: set[int] = set()
+        for name, p in model.named_parameters(remove_duplicate=False):
+            self.names.setdefault(id(p), []).append(name)
+            self.params.add(id(p))
+        for name, b in model.named_buffers(remove_duplicate=False):
+            self.names.setdefault(id(b), []).append(name)
+        self.stack: list[str] = []  # names of the modules being run, innermost last
+        self.heads: list[HeadEvent] = []
+
+    def label(self, t: Any) -> Label | None:
+        """The label of an activation, or of a parameter used as one (see ``param_label``)."""
+        if not isinstance(t, Tensor):
+            return None
+        if id(t) in self.labels:
+            return self.labels[id(t)][1]
+        if id(t) in self.params:
+            return self.param_label(t)
+        return None
+
+    def param_label(self, p: Tensor) -> Label | None:
+        """A parameter used directly by an operation without a rule of its own (a LayerScale
+        gain, a class token): its channels run along its last dimension of size > 1."""
+        dims = [d for d in range(p.dim()) if p.shape[d] > 1]
+        return Label(dims[-1], self.param_atoms(p, dims[-1])) if dims else None
+
+    def is_param(self, t: Any) -> bool:
+        return isinstance(t, Tensor) and id(t) in self.names
+
+    def is_labelled(self, t: Tensor) -> bool:
+        """Whether ``t`` carries channels: a labelled activation or a parameter."""
+        return id(t) in self.labels or id(t) in self.params
+
+    def param_atoms(self, p: Tensor, dim: int) -> Tensor:
+        """The atoms of dimension ``dim`` of parameter or buffer ``p`` (fresh the first time)."""
+        dim = dim % p.dim()
+        key = (self.names[id(p)][0], dim)
+        if key not in self.members:
+            self.members[key] = self.atoms.new(p.shape[dim])
+            self.member_keys[id(self.members[key])] = key
+        return self.members[key]
+
+    def set(self, out: Any, label: Label | None) -> None:
+        if isinstance(out, Tensor) and label is not None:
+            self.labels[id(out)] = (out, Label(label.dim % out.dim(), label.ids))
+            key = self.member_keys.get(id(label.ids))
+            if key is not None and key not in self.producers:
+                self.producers.append(key)
+
+    def set_full(self, out: Any, full: Tensor) -> None:
+        """Label ``out`` from per-element labels (normalised to one varying dimension)."""
+        if isinstance(out, Tensor):
+            self.set(out, self.atoms.normalize(full))
+
+    def full(self, t: Tensor) -> Tensor:
+        """Per-element labels of ``t`` (``FIXED`` everywhere if it carries none)."""
+        label = self.label(t)
+        if label is None:
+            return torch.full(t.shape, FIXED, dtype=torch.long)
+        return label.full(t.shape)
+
+    def block_inputs(self, *tensors: Any) -> None:
+        for t in tensors:
+            label = self.label(t)
+            if label is not None:
+                self.atoms.block(label.ids)
+
+    @property
+    def where(self) -> str:
+        return self.stack[-1] if self.stack and self.stack[-1] else "<model>"
