@@ -21,6 +21,7 @@ browser:
 
 test: .venv/installed browser
 	$(PY) -m ruff check .
+	.venv/bin/lint-imports   # the layer and no-cycle contracts in pyproject.toml
 	$(PY) -m pytest
 
 .PHONY: demo test browser

@@ -22,6 +22,7 @@ from prunekit.errors import (
     UnsupportedModelError,
 )
 from prunekit.layers import to_canonical
+from prunekit.llm.blocks import block_layers, find_blocks
 from prunekit.llm.calibration import calibration_batches
 from prunekit.llm.engine import capture_inputs, sequential
 from prunekit.masks import get_mask as _get_mask
@@ -81,10 +82,8 @@ def outside_blocks_unmasked(model: nn.Module, prefix: str) -> bool:
 def test_engine_prunes_every_block_layer_and_nothing_else(arch: str) -> None:
     model = tiny(arch)
     report = llm.prune(model, ids(), method="wanda", sparsity=0.5, progress=False)
-    prefix, blocks = llm.find_blocks(model)
-    expected = [
-        ly.name for i, b in enumerate(blocks) for ly in llm.block_layers(b, f"{prefix}.{i}")
-    ]
+    prefix, blocks = find_blocks(model)
+    expected = [ly.name for i, b in enumerate(blocks) for ly in block_layers(b, f"{prefix}.{i}")]
     assert [r.name for r in report.layers] == expected
     assert all(r.sparsity == 0.5 and r.target == 0.5 for r in report.layers)
     assert all(0 < r.error < 1 for r in report.layers)

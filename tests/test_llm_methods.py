@@ -12,8 +12,8 @@ from prunekit.criteria.activation import wanda_row_mask, wanda_scores
 from prunekit.criteria.second_order import HessianAccumulator
 from prunekit.errors import InvalidSparsityError
 from prunekit.granularity import NM
-from prunekit.llm import sparsegpt
 from prunekit.llm.owl import outlier_ratio, owl_sparsities
+from prunekit.llm.sparsegpt import sparsegpt
 from prunekit.masks import get_mask as _get_mask
 
 

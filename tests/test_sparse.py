@@ -21,6 +21,7 @@ from prunekit.errors import (
     NotSparseEnoughError,
     UnknownChoiceError,
 )
+from prunekit.sparse.cost import Candidate, choose
 
 GRANULARITY = {"csr": "element", "bsr": "block:4x4", "nm": "2:4"}
 
@@ -180,7 +181,7 @@ def test_bsr_bytes_at_90_percent_block_sparsity():
 def test_fake_cost_model_auto_choice():
     calls = []
 
-    def fake(candidate: sparse.Candidate) -> float:
+    def fake(candidate: Candidate) -> float:
         calls.append((candidate.layer, candidate.format, candidate.batch_size))
         return {"dense": 1.0, "csr": 1.5, "bsr": 0.95, "bsr-gather": 0.97, "nm": 0.3}[
             candidate.format
@@ -209,7 +210,7 @@ def test_fake_cost_model_auto_choice():
 
 @given(costs=st.dictionaries(st.sampled_from(["csr", "bsr", "nm"]), st.floats(1e-6, 10)))
 def test_choose_never_slower_than_dense(costs):
-    fmt, _ = sparse.choose({"dense": 1.0, **costs}, margin=0.9)
+    fmt, _ = choose({"dense": 1.0, **costs}, margin=0.9)
     assert fmt == "dense" or costs[fmt] <= 0.9
     if fmt == "dense":
         assert all(c > 0.9 for c in costs.values())
@@ -224,11 +225,11 @@ def test_measured_cost_caches_per_key():
         runs.append(x.shape)
         return x @ weight.T
 
-    candidate = sparse.Candidate("a", "csr", (8, 16), 0.9012, 4, "", run)
+    candidate = Candidate("a", "csr", (8, 16), 0.9012, 4, "", run)
     first = cost(candidate)
     count = len(runs)
     assert count >= 2 and runs[0] == (4, 16)
-    same_key = sparse.Candidate("b", "csr", (8, 16), 0.9049, 4, "", run)
+    same_key = Candidate("b", "csr", (8, 16), 0.9049, 4, "", run)
     assert cost(same_key) == first and len(runs) == count
     assert list(cost.cache) == [("csr", (8, 16), 0.9, 4, "", torch.float32, torch.device("cpu"))]
 

@@ -12,7 +12,7 @@ from torch import nn
 import prunekit as pk
 from prunekit import sparse
 from prunekit.errors import PermutationError
-from prunekit.sparse import Pair
+from prunekit.sparse.permute import Pair, find_pairs, retained_magnitude, search_permutation
 
 
 def mlp() -> nn.Sequential:
@@ -41,10 +41,10 @@ def randomise_norms(model: nn.Module) -> None:
 
 
 def test_find_pairs_in_sequential_chains():
-    assert sparse.find_pairs(mlp()) == [Pair("0", "3", "1"), Pair("3", "6")]
-    assert sparse.find_pairs(cnn()) == [Pair("0", "3", "1"), Pair("3", "5")]
+    assert find_pairs(mlp()) == [Pair("0", "3", "1"), Pair("3", "6")]
+    assert find_pairs(cnn()) == [Pair("0", "3", "1"), Pair("3", "5")]
     wrapped = nn.Sequential(nn.Linear(4, 4), nn.Flatten(), nn.Linear(4, 4))
-    assert sparse.find_pairs(nn.ModuleDict({"body": wrapped})) == []
+    assert find_pairs(nn.ModuleDict({"body": wrapped})) == []
 
 
 @pytest.mark.parametrize("build, shape", [(mlp, (5, 16)), (cnn, (2, 3, 8, 8))])
@@ -54,14 +54,14 @@ def test_permutation_keeps_function_and_raises_retained_magnitude(build, shape):
     x = torch.randn(shape)
     model.eval()
     expected = model(x).detach()
-    consumers = [p.consumer for p in sparse.find_pairs(model)]
-    before = [sparse.retained_magnitude(model.get_submodule(c).weight, 2, 4) for c in consumers]
+    consumers = [p.consumer for p in find_pairs(model)]
+    before = [retained_magnitude(model.get_submodule(c).weight, 2, 4) for c in consumers]
     report = sparse.permute_channels(model, "2:4", example_inputs=x)
     torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
     assert report.max_abs_diff is not None and report.max_abs_diff < 1e-5
     for r, b, c in zip(report.results, before, consumers, strict=True):
         assert r.before == pytest.approx(b)
-        after = sparse.retained_magnitude(model.get_submodule(c).weight, 2, 4)
+        after = retained_magnitude(model.get_submodule(c).weight, 2, 4)
         assert after == pytest.approx(r.after, rel=1e-6)
         assert r.after > r.before and r.gain > 0
         assert sorted(r.permutation.tolist()) == list(range(len(r.permutation)))
@@ -73,18 +73,18 @@ def test_permutation_keeps_function_and_raises_retained_magnitude(build, shape):
 @given(rows=st.integers(1, 12), groups=st.integers(2, 6), seed=st.integers(0, 999))
 def test_search_never_lowers_retained_magnitude(rows, groups, seed):
     weight = torch.randn(rows, groups * 4, generator=torch.Generator().manual_seed(seed))
-    perm = sparse.search_permutation(weight, 2, 4)
+    perm = search_permutation(weight, 2, 4)
     assert sorted(perm.tolist()) == list(range(groups * 4))
-    base = sparse.retained_magnitude(weight, 2, 4)
-    assert sparse.retained_magnitude(weight, 2, 4, perm) >= base - 1e-6
+    base = retained_magnitude(weight, 2, 4)
+    assert retained_magnitude(weight, 2, 4, perm) >= base - 1e-6
 
 
 def test_search_finds_the_obvious_swap():
     # Two groups; each row's big values sit in one group: swapping spreads them out.
     weight = torch.tensor([[9.0, 9.0, 9.0, 9.0, 1.0, 1.0, 1.0, 1.0]])
-    perm = sparse.search_permutation(weight, 2, 4)
-    assert sparse.retained_magnitude(weight, 2, 4) == pytest.approx(20 / 40)
-    assert sparse.retained_magnitude(weight, 2, 4, perm) == pytest.approx(36 / 40)
+    perm = search_permutation(weight, 2, 4)
+    assert retained_magnitude(weight, 2, 4) == pytest.approx(20 / 40)
+    assert retained_magnitude(weight, 2, 4, perm) == pytest.approx(36 / 40)
 
 
 def test_explicit_pairs_and_then_prune():

@@ -5,19 +5,21 @@ report = pk.prune(model, 0.8, granularity="element", criterion="magnitude", scop
 pk.sparsity(model)
 pk.bake(model)
 pk.shrink(model, example_inputs, ratio=0.5)   # physically remove channels / heads
+
+``import prunekit`` loads the core only (masks, schedules, the Pruner, the errors). The
+engines (``pk.structured``, ``pk.sparse``, ``pk.llm``, ``pk.training``), the application
+layer (``pk.analysis``, ``pk.zoo``, ...) and the names they define (``pk.shrink``,
+``pk.PruneSpec``, ...) are imported on first access (PEP 562 module ``__getattr__``), so
+the import pulls in no matplotlib, no transformers and nothing of the application layer.
 """
 
-from prunekit import (
-    analysis,
-    criteria,
-    granularity,
-    llm,
-    masks,
-    schedules,
-    sparse,
-    structured,
-    training,
-)
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import Any
+
+from prunekit import errors, masks, schedules
 from prunekit.errors import (
     IncompatibleLayerError,
     InvalidSparsityError,
@@ -31,11 +33,18 @@ from prunekit.errors import (
 )
 from prunekit.masks import bake, sparsity
 from prunekit.pruner import Pruner
-from prunekit.pruning import PruneReport, prune
+from prunekit.pruning import prune
 from prunekit.schedules import Cubic, Iterative, OneShot
-from prunekit.structured import ShrinkReport, load_shrunk, save_shrunk, shrink
 
 __version__ = "0.1.0"
+
+# Public names defined outside the core: name -> the module that defines it.
+_LAZY_ATTRIBUTES = {
+    "PruneSpec": "prunekit.spec",
+    "load_shrunk": "prunekit.structured",
+    "save_shrunk": "prunekit.structured",
+    "shrink": "prunekit.structured",
+}
 
 __all__ = [
     "Cubic",
@@ -46,16 +55,16 @@ __all__ = [
     "MissingDataError",
     "NoLayersError",
     "OneShot",
-    "PruneReport",
+    "PruneSpec",
     "Pruner",
     "PrunerStateError",
     "PruningError",
     "ScheduleError",
-    "ShrinkReport",
     "UnknownChoiceError",
     "analysis",
     "bake",
     "criteria",
+    "errors",
     "granularity",
     "llm",
     "load_shrunk",
@@ -69,3 +78,20 @@ __all__ = [
     "structured",
     "training",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Resolve a lazy public name (``pk.shrink``) or a submodule (``pk.llm``, ``pk.zoo``)
+    on first access; Python caches a submodule as an attribute once it is imported."""
+    if name in _LAZY_ATTRIBUTES:
+        value = getattr(importlib.import_module(_LAZY_ATTRIBUTES[name]), name)
+        globals()[name] = value
+        return value
+    module = f"{__name__}.{name}"
+    if name.isidentifier() and not name.startswith("_") and importlib.util.find_spec(module):
+        return importlib.import_module(module)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -6,33 +6,19 @@ The figures live in :mod:`prunekit.analysis.plots`, imported on demand so that
 ``import prunekit`` does not load matplotlib.
 """
 
-from prunekit.analysis.profile import (
-    LayerProfile,
-    Profile,
-    compare,
-    csr_bytes,
-    measure_latencies,
-    measure_latency,
-    nm_bytes,
-    profile,
-)
+from prunekit.analysis.profile import Profile, compare, measure_latencies, measure_latency, profile
 from prunekit.analysis.report import Section, write_report
-from prunekit.analysis.sensitivity import LayerSensitivity, SensitivityReport, sensitivity
-from prunekit.analysis.sweep import SweepPoint, SweepReport, sweep
+from prunekit.analysis.sensitivity import SensitivityReport, sensitivity
+from prunekit.analysis.sweep import SweepReport, sweep
 
 __all__ = [
-    "LayerProfile",
-    "LayerSensitivity",
     "Profile",
     "Section",
     "SensitivityReport",
-    "SweepPoint",
     "SweepReport",
     "compare",
-    "csr_bytes",
     "measure_latencies",
     "measure_latency",
-    "nm_bytes",
     "profile",
     "sensitivity",
     "sweep",

@@ -13,7 +13,7 @@ from prunekit.criteria.base import (
     ScoreContext,
 )
 from prunekit.criteria.channel import FPGM, LAMP, BNScale
-from prunekit.criteria.gradient import Gradient, GradientStatistic, Taylor
+from prunekit.criteria.gradient import Gradient, Taylor
 from prunekit.criteria.init import SNIP, GraSP, SynFlow
 from prunekit.criteria.magnitude import L1, L2, Magnitude
 from prunekit.criteria.random import Random
@@ -72,10 +72,8 @@ __all__ = [
     "SNIP",
     "Criterion",
     "ElementwiseCriterion",
-    "FunctionCriterion",
     "GraSP",
     "Gradient",
-    "GradientStatistic",
     "Magnitude",
     "PreparedCriterion",
     "Random",

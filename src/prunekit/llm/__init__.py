@@ -10,26 +10,11 @@
 Modules: :mod:`~prunekit.llm.engine` (the sequential calibration engine),
 :mod:`~prunekit.llm.methods` (magnitude / Wanda / SparseGPT per layer),
 :mod:`~prunekit.llm.sparsegpt`, :mod:`~prunekit.llm.owl`, :mod:`~prunekit.llm.evaluate`
-(perplexity, embedding similarity), :mod:`~prunekit.llm.cli` (``prunekit llm``).
+(perplexity, embedding similarity); the command ``prunekit llm`` is :mod:`prunekit.cli_llm`.
 """
 
-from prunekit.llm.blocks import block_layers, find_blocks
-from prunekit.llm.evaluate import embedding_similarity, mean_pooled, perplexity
-from prunekit.llm.methods import METHODS
-from prunekit.llm.oneshot import ALLOCATIONS, prune
-from prunekit.llm.report import LayerRecord, LLMPruneReport
-from prunekit.llm.sparsegpt import sparsegpt
+from prunekit.llm.evaluate import embedding_similarity, perplexity
+from prunekit.llm.oneshot import prune
+from prunekit.llm.report import LLMPruneReport
 
-__all__ = [
-    "ALLOCATIONS",
-    "METHODS",
-    "LLMPruneReport",
-    "LayerRecord",
-    "block_layers",
-    "embedding_similarity",
-    "find_blocks",
-    "mean_pooled",
-    "perplexity",
-    "prune",
-    "sparsegpt",
-]
+__all__ = ["LLMPruneReport", "embedding_similarity", "perplexity", "prune"]

@@ -13,48 +13,30 @@ Modules: :class:`CSRLinear`, :class:`BSRLinear`, :class:`NMLinear` (CPU, compres
 :func:`permute_channels`.
 """
 
-from prunekit.sparse.base import SparseLinear
 from prunekit.sparse.bsr import BSRLinear
 from prunekit.sparse.conv import SparseConv2d
-from prunekit.sparse.convert import FORMATS, ConvertReport, LayerChoice, convert
-from prunekit.sparse.cost import Candidate, CostFn, MeasuredCost, choose
+from prunekit.sparse.convert import FORMATS, ConvertReport, convert
+from prunekit.sparse.cost import CostFn, MeasuredCost
 from prunekit.sparse.csr import CSRLinear
 from prunekit.sparse.io import load, save
 from prunekit.sparse.nm import NMTensor
 from prunekit.sparse.nm_linear import NMLinear, SemiStructuredLinear
-from prunekit.sparse.permute import (
-    Pair,
-    PairResult,
-    PermutationReport,
-    find_pairs,
-    permute_channels,
-    retained_magnitude,
-    search_permutation,
-)
+from prunekit.sparse.permute import PermutationReport, permute_channels
 
 __all__ = [
     "FORMATS",
     "BSRLinear",
     "CSRLinear",
-    "Candidate",
     "ConvertReport",
     "CostFn",
-    "LayerChoice",
     "MeasuredCost",
     "NMLinear",
     "NMTensor",
-    "Pair",
-    "PairResult",
     "PermutationReport",
     "SemiStructuredLinear",
     "SparseConv2d",
-    "SparseLinear",
-    "choose",
     "convert",
-    "find_pairs",
     "load",
     "permute_channels",
-    "retained_magnitude",
     "save",
-    "search_permutation",
 ]
