@@ -131,9 +131,12 @@ class Calibration:
         return (batch.inputs for batch in self)
 
     def loss(self, outputs: Any, batch: Batch, scale: float = 1.0) -> Tensor:
-        """The loss of one batch's ``outputs`` (logits divided by ``scale`` first)."""
+        """The loss of one batch's ``outputs`` (logits divided by ``scale`` first, when not
+        1: GraSP's temperature)."""
+        if scale != 1.0:
+            outputs = _logits(outputs) / scale
         if self.loss_fn is not None:
-            return self.loss_fn(_logits(outputs) / scale, batch.targets)
+            return self.loss_fn(outputs, batch.targets)
         if batch.targets is None:
             loss = getattr(outputs, "loss", None)
             if loss is None:
@@ -141,8 +144,8 @@ class Calibration:
                     "a gradient criterion needs a loss, but the batch has no targets and the "
                     "model returned no .loss; Fix: pass data=[(inputs, targets), ...] or loss_fn."
                 )
-            return loss / scale
-        return torch.nn.functional.cross_entropy(_logits(outputs) / scale, batch.targets)
+            return loss
+        return torch.nn.functional.cross_entropy(_logits(outputs), batch.targets)
 
 
 def _logits(outputs: Any) -> Tensor:

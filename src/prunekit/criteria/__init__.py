@@ -25,6 +25,8 @@ REGISTRY: dict[str, type[Criterion]] = {c.name: c for c in (*_ALL, LAMP)}
 
 
 _ENGINES = {"groups": "pk.prune", "channels": "pk.shrink", "rows": "pk.llm.prune"}
+_KIND = {None: "criterion", "groups": "criterion", "channels": "structured criterion",
+         "rows": "LLM criterion"}  # fmt: skip
 
 
 def names(units: str | None = None) -> list[str]:
@@ -39,12 +41,12 @@ def _resolve(spec: str | Criterion | Callable, units: str | None) -> Criterion:
         key = spec.strip().lower()
         if key in REGISTRY:
             return REGISTRY[key]()
-        raise UnknownChoiceError("criterion", spec, names(units))
+        raise UnknownChoiceError(_KIND[units], spec, names(units))
     if isinstance(spec, type) and issubclass(spec, Criterion):
         return spec()
     if callable(spec):
         return FunctionCriterion(spec)
-    raise UnknownChoiceError("criterion", spec, names(units))
+    raise UnknownChoiceError(_KIND[units], spec, names(units))
 
 
 def get(spec: str | Criterion | Callable, units: str | None = None) -> Criterion:
