@@ -12,7 +12,7 @@ from torch import nn
 
 import prunekit as pk
 from prunekit import llm
-from prunekit.criteria.activation import wanda_row_mask, wanda_scores
+from prunekit.criteria.activation import wanda_scores
 from prunekit.errors import (
     CalibrationError,
     IncompatibleLayerError,
@@ -26,6 +26,7 @@ from prunekit.llm.blocks import block_layers, find_blocks
 from prunekit.llm.calibration import calibration_batches
 from prunekit.llm.engine import capture_inputs, sequential
 from prunekit.masks import get_mask as _get_mask
+from prunekit.selection import row_mask as wanda_row_mask
 
 
 def get_mask(module: nn.Module) -> torch.Tensor:

@@ -8,13 +8,14 @@ from torch import nn
 
 import prunekit as pk
 from prunekit import llm
-from prunekit.criteria.activation import wanda_row_mask, wanda_scores
+from prunekit.criteria.activation import wanda_scores
 from prunekit.criteria.second_order import HessianAccumulator
 from prunekit.errors import InvalidSparsityError
 from prunekit.granularity import NM
 from prunekit.llm.owl import outlier_ratio, owl_sparsities
 from prunekit.llm.sparsegpt import sparsegpt
 from prunekit.masks import get_mask as _get_mask
+from prunekit.selection import row_mask as wanda_row_mask
 
 
 def get_mask(module: nn.Module) -> torch.Tensor:

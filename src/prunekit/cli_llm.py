@@ -25,7 +25,7 @@ from rich.console import Console
 import prunekit as pk
 from prunekit import llm_models as models
 from prunekit.llm.evaluate import embedding_similarity, perplexity
-from prunekit.llm.methods import METHODS
+from prunekit.llm.methods import methods
 from prunekit.llm.oneshot import ALLOCATIONS, prune
 from prunekit.zoo import lm
 
@@ -38,7 +38,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
     p = commands.add_parser("prune", help="prune a model on calibration text and save it")
     p.add_argument("--model", required=True, help=zoo_help)
-    p.add_argument("--method", default="wanda", choices=sorted(METHODS))
+    p.add_argument("--method", default="wanda", choices=methods())
     p.add_argument("--sparsity", default="0.5", help="a fraction (0.5) or N:M (2:4, 4:8)")
     p.add_argument("--allocation", default="uniform", choices=ALLOCATIONS)
     p.add_argument("--samples", type=int, default=128, help="calibration samples")

@@ -102,6 +102,18 @@ class LayerPlan:
                 yield scores, alive
 
 
+def row_mask(scores: Tensor, sparsity: float) -> Tensor:
+    """Bool keep-mask pruning exactly ``round(sparsity * in)`` lowest scores of every row
+    of ``scores`` ``(out, in)`` (Wanda's comparison group, Sun et al. 2023).
+
+    Ties go to the lower index (a stable sort), so the mask is deterministic.
+    """
+    n_prune = round(sparsity * scores.shape[1])
+    order = torch.sort(scores, dim=1, stable=True).indices[:, :n_prune]
+    keep = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+    return keep.scatter_(1, order, False)
+
+
 def criterion_scores(
     criterion: Criterion, chunk: Tensor, grouping: Grouping, ctx: ScoreContext, layer: Layer
 ) -> Tensor:

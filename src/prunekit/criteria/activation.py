@@ -54,17 +54,6 @@ def wanda_scores(weight: Tensor, norms: Tensor) -> Tensor:
     return weight.detach().abs().to(torch.float32) * norms.to(weight.device)
 
 
-def wanda_row_mask(scores: Tensor, sparsity: float) -> Tensor:
-    """Bool keep-mask pruning exactly ``round(sparsity * in)`` lowest scores of every row.
-
-    Ties go to the lower index (a stable sort), so the mask is deterministic.
-    """
-    n_prune = round(sparsity * scores.shape[1])
-    order = torch.sort(scores, dim=1, stable=True).indices[:, :n_prune]
-    keep = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
-    return keep.scatter_(1, order, False)
-
-
 class Wanda(Criterion):
     """Wanda scores ``|W_ij| * ||X_j||_2`` for Linear-like layers.
 

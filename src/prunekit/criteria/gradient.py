@@ -29,6 +29,8 @@ from prunekit.inputs import Batch, Calibration, call, eval_mode
 class GradientStatistic(PreparedCriterion):
     """A per-unit statistic of (weight, gradient), averaged over calibration batches."""
 
+    units = frozenset({"groups", "channels"})  # the LLM engine gathers no gradients
+
     def batch_statistic(self, units: Units) -> Tensor:
         """The statistic of one batch, from ``units`` carrying that batch's gradients."""
         raise NotImplementedError

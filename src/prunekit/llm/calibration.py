@@ -2,6 +2,8 @@
 
 Accepted forms (``calibration`` of :func:`prunekit.llm.prune`):
 
+- a :class:`prunekit.inputs.Calibration` (the one data type of prunekit: a DataLoader or
+  any iterable of batches; each batch's inputs are one of the forms below);
 - an integer tensor ``(samples, seq_len)`` (split into batches of ``batch_size`` rows) or
   ``(seq_len,)`` (one sample);
 - a sequence of such tensors, one batch each;
@@ -17,8 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from prunekit.errors import CalibrationError
+from prunekit.inputs import Calibration
 
-Calibration = Tensor | Sequence[Tensor] | Sequence[Mapping[str, Tensor]]
+TokenData = Calibration | Tensor | Sequence[Tensor] | Sequence[Mapping[str, Tensor]]
 Batch = dict[str, Tensor]
 
 
@@ -47,7 +50,7 @@ def _check(ids: object, where: str, vocab: int | None) -> Tensor:
 
 
 def calibration_batches(
-    calibration: Calibration, model: nn.Module, batch_size: int = 8
+    calibration: TokenData, model: nn.Module, batch_size: int = 8
 ) -> list[Batch]:
     """``calibration`` as validated batches on the model's device (see the module docstring).
 
@@ -55,6 +58,8 @@ def calibration_batches(
         CalibrationError: empty, not integer ids, or ids outside the vocabulary.
     """
     vocab = vocab_size(model)
+    if isinstance(calibration, Calibration):
+        calibration = list(calibration.inputs())
     if isinstance(calibration, Tensor):
         ids = _check(calibration, "tensor", vocab)
         raw: list[Batch] = [{"input_ids": chunk} for chunk in ids.split(batch_size)]

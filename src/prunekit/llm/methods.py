@@ -1,5 +1,8 @@
 """The per-layer pruning step of each method, on a block's statistics.
 
+A method is ``"sparsegpt"`` or any criterion of the one registry that scores rows
+(:mod:`prunekit.criteria`: ``units`` holds ``"rows"``), by name or as an object:
+
 ==========  ==========================================  =====================  ===============
 method      score (higher = keep)                       compared within        weights updated
 ==========  ==========================================  =====================  ===============
@@ -7,43 +10,72 @@ magnitude   ``|W_ij|``                                  the layer (one         n
                                                         threshold), via
                                                         :func:`prunekit.prune`
 wanda       ``|W_ij| * ||X_j||_2`` (Sun et al. 2023)    each output row        no
+any other   ``criterion.scores`` of the layer's weights  each output row        no
+criterion   (with the input norms as ``ctx.stats``)
 sparsegpt   ``w^2 / [H^-1]_jj`` during the OBS sweep    each 128-column block  yes (kept ones)
             (Frantar & Alistarh 2023)
 ==========  ==========================================  =====================  ===============
 
 With an N:M target every method keeps the N best of every M consecutive inputs of each
-row (the layout of NVIDIA's sparse tensor cores).
+row (the layout of NVIDIA's sparse tensor cores). SparseGPT is not a criterion: it chooses
+the mask while updating the remaining weights (see :mod:`prunekit.criteria.second_order`).
 """
 
 from __future__ import annotations
 
+import zlib
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
+from prunekit import criteria
 from prunekit import granularity as granularity_mod
 from prunekit.allocation import check_sparsity
-from prunekit.criteria.activation import wanda_row_mask, wanda_scores
+from prunekit.criteria import Criterion, ScoreContext
+from prunekit.criteria.units import GroupUnits
 from prunekit.errors import InvalidSparsityError, UnknownChoiceError
-from prunekit.granularity import NM, NM2D
+from prunekit.granularity import NM, NM2D, Element
 from prunekit.layers import Layer, from_canonical, to_canonical, weight_param
 from prunekit.llm.engine import LayerStats
 from prunekit.llm.sparsegpt import sparsegpt
 from prunekit.masks import apply_mask
 from prunekit.pruning import prune as prune_layers
+from prunekit.selection import row_mask
 
 Target = float | NM
-METHODS = {
-    "magnitude": frozenset(),
-    "wanda": frozenset({"norms"}),
-    "sparsegpt": frozenset({"hessian"}),
-}
+Method = str | Criterion | Callable[..., Any]
+SPARSEGPT = "sparsegpt"
+LAYER_WIDE = frozenset({"magnitude"})  # compared within the layer, as in the papers' baseline
 
 
-def parse_method(method: str) -> str:
-    """The method name, lower-cased, or :class:`UnknownChoiceError`."""
-    key = method.strip().lower() if isinstance(method, str) else method
-    if key not in METHODS:
-        raise UnknownChoiceError("method", method, list(METHODS))
-    return key
+def methods() -> list[str]:
+    """Every method name: the row criteria of the registry and SparseGPT."""
+    return sorted([*criteria.names("rows"), SPARSEGPT])
+
+
+def parse_method(method: Method) -> str | Criterion:
+    """``"sparsegpt"``, or the criterion (which must score rows); else
+    :class:`UnknownChoiceError` listing :func:`methods`."""
+    if isinstance(method, str) and method.strip().lower() == SPARSEGPT:
+        return SPARSEGPT
+    try:
+        return criteria.get(method, units="rows")
+    except UnknownChoiceError:
+        raise UnknownChoiceError("method", method, methods()) from None
+
+
+def method_name(method: str | Criterion) -> str:
+    return method if isinstance(method, str) else repr(method)
+
+
+def needs(method: str | Criterion) -> frozenset[str]:
+    """The block statistics a method needs: ``"hessian"`` (SparseGPT), ``"norms"``
+    (criteria that need data: the input column norms ``||X_j||_2``)."""
+    if method == SPARSEGPT:
+        return frozenset({"hessian"})
+    assert isinstance(method, Criterion)
+    return frozenset({"norms"}) if method.requires_data else frozenset()
 
 
 def parse_target(sparsity: float | str) -> Target:
@@ -72,20 +104,28 @@ def describe(target: Target) -> str:
     return target.name if isinstance(target, NM) else f"{target:.0%}"
 
 
-def prune_layer(method: str, layer: Layer, target: Target, stats: LayerStats) -> None:
+def _criterion_keep(criterion: Criterion, weight: torch.Tensor, target: Target, stats: LayerStats,
+                    name: str) -> torch.Tensor:  # fmt: skip
+    """Keep-mask of a row criterion: N of every M inputs, or the best of each row."""
+    norms = None if stats.norms is None else stats.norms.norms
+    ctx = ScoreContext(name, norms, torch.Generator().manual_seed(zlib.crc32(name.encode())))
+    scores = criterion.scores(GroupUnits(weight, Element().grouping(tuple(weight.shape))), ctx)
+    scores = scores.to(torch.float32)
+    return target.keep(scores) if isinstance(target, NM) else row_mask(scores, target)
+
+
+def prune_layer(method: str | Criterion, layer: Layer, target: Target, stats: LayerStats) -> None:
     """Prune one layer in place (masks through :func:`prunekit.masks.apply_mask`)."""
     module = layer.module
-    if method == "magnitude":
+    if isinstance(method, Criterion) and method.name in LAYER_WIDE:
         if isinstance(target, NM):
-            prune_layers(module, granularity=target)
+            prune_layers(module, granularity=target, criterion=method)
         else:
-            prune_layers(module, target)
+            prune_layers(module, target, criterion=method)
         return
     weight = to_canonical(module, module.weight.detach())
-    if method == "wanda":
-        assert stats.norms is not None
-        scores = wanda_scores(weight, stats.norms.norms)
-        keep = target.keep(scores) if isinstance(target, NM) else wanda_row_mask(scores, target)
+    if isinstance(method, Criterion):
+        keep = _criterion_keep(method, weight, target, stats, layer.name)
     else:
         assert stats.hessian is not None
         new_weight, keep = sparsegpt(weight, stats.hessian.hessian, target)

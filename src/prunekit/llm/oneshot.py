@@ -13,13 +13,15 @@ from prunekit.granularity import NM
 from prunekit.inputs import eval_mode
 from prunekit.layers import Layer, check_weight, to_canonical
 from prunekit.llm.blocks import block_layers, find_blocks
-from prunekit.llm.calibration import Calibration, calibration_batches
+from prunekit.llm.calibration import TokenData, calibration_batches
 from prunekit.llm.engine import BlockInputs, LayerStats, capture_inputs, sequential
 from prunekit.llm.memory import PeakMemory
 from prunekit.llm.methods import (
-    METHODS,
+    Method,
     Target,
     describe,
+    method_name,
+    needs,
     parse_method,
     parse_target,
     prune_layer,
@@ -74,9 +76,9 @@ def _owl_targets(
 
 def prune(
     model: nn.Module,
-    calibration: Calibration,
+    calibration: TokenData,
     *,
-    method: str = "wanda",
+    method: Method = "wanda",
     sparsity: float | str = 0.5,
     allocation: str = "uniform",
     owl_m: float = 5.0,
@@ -91,11 +93,14 @@ def prune(
         model: a Hugging Face causal LM (Llama, Mistral, Qwen2, OPT, GPT-2...) or encoder
             (BERT, MiniLM...), or any model whose forward runs an ``nn.ModuleList`` of blocks.
             Embeddings and the LM head stay dense.
-        calibration: token ids ``(samples, seq_len)``, or a list of id tensors / tokenizer
-            dicts (one batch each). The papers use 128 samples of 2048 tokens.
+        calibration: token ids ``(samples, seq_len)``, a list of id tensors / tokenizer
+            dicts (one batch each), or a :class:`~prunekit.inputs.Calibration` of them.
+            The papers use 128 samples of 2048 tokens.
         method: ``"magnitude"`` (one threshold per layer), ``"wanda"`` (``|W| * ||X||``
-            per output row, Sun et al. 2023) or ``"sparsegpt"`` (OBS sweep with weight
-            updates, Frantar & Alistarh 2023); see :mod:`prunekit.llm.methods`.
+            per output row, Sun et al. 2023), ``"sparsegpt"`` (OBS sweep with weight
+            updates, Frantar & Alistarh 2023), or any criterion that scores rows (a name
+            or a :class:`~prunekit.criteria.Criterion`, compared within each output row);
+            see :mod:`prunekit.llm.methods`.
         sparsity: a fraction in [0, 1) or an N:M pattern ``"2:4"`` / ``"4:8"``.
         allocation: ``"uniform"`` (every layer at ``sparsity``) or ``"owl"`` (Yin et al.
             2024: per-block sparsity from outlier ratios, ``owl_m`` and ``owl_lambda``; see
@@ -157,8 +162,8 @@ def prune(
             prefix,
             inputs,
             visit,
-            needs=METHODS[method],
-            description=f"{method} {describe(target)}",
+            needs=needs(method),
+            description=f"{method_name(method)} {describe(target)}",
             progress=progress,
         )
     seconds = time.perf_counter() - start
@@ -175,7 +180,7 @@ def prune(
         for ly in block_layers(block, f"{prefix}.{index}")
     ]
     return LLMPruneReport(
-        method,
+        method_name(method),
         describe(target),
         allocation,
         sum(len(b["input_ids"]) for b in batches),

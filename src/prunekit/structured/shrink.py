@@ -7,8 +7,12 @@
   ``None`` removes the groups whose producing weights are already all zero, e.g. filters
   masked by ``pk.prune(granularity="filter")`` during fine-tuning (their BatchNorm shift
   and consumer inputs go with them: the result computes what the group-masked model does).
-- ``scope="global"`` ranks groups across families by their score divided by the family's
-  mean score (LAMP scores are compared as they are).
+- ``scope="global"`` ranks groups across families in one ranking, as in
+  :func:`prunekit.prune`. Raw scores of different families live on different scales (a
+  wide layer's filters have larger norms), so by default (``normalize="auto"``) each
+  family's scores are first divided by their mean (``"mean"``), except for criteria
+  whose scores are comparable as they are (LAMP: ``"none"``). ``normalize="none"``
+  ranks the raw scores.
 - ``round_to``: keep a multiple of this many groups per family (8 for tensor cores).
 - Never empties a family: at least ``max(1, round_to)`` groups stay.
 - The model's outputs never change shape, so the final layer keeps its outputs (its
@@ -137,7 +141,7 @@ def plan(
     ratio: Ratio,
     scope: str = "local",
     round_to: int = 1,
-    normalized: bool = False,
+    normalize: str = "mean",
 ) -> list[FamilyDecision]:
     """Which groups of each family go (pure: reads scores, changes nothing)."""
     ratios = _family_ratios(graph, ratio)
@@ -155,7 +159,7 @@ def plan(
                 fam.name, fam.kind, total, _lowest(s, total - kept)
             )
         else:
-            norm = s if normalized else s / s.mean().clamp_min(1e-30)
+            norm = s if normalize == "none" else s / s.mean().clamp_min(1e-30)
             ranked += [(float(v), fam.name, i) for i, v in enumerate(norm.tolist())]
     if ranked:
         sizes = {f.name: len(f.groups) for f in graph.families}
@@ -192,6 +196,18 @@ def _zero_groups_plan(model: nn.Module, graph: DependencyGraph) -> list[FamilyDe
         drop = drop[: len(fam.groups) - 1]  # never empty a family
         out.append(FamilyDecision(fam.name, fam.kind, len(fam.groups), tuple(drop)))
     return out
+
+
+NORMALIZE = ("auto", "mean", "none")
+
+
+def _normalize(normalize: str, criterion: StructuredCriterion) -> str:
+    """``"mean"`` or ``"none"``: what ``normalize="auto"`` means for ``criterion``."""
+    if normalize not in NORMALIZE:
+        raise UnknownChoiceError("normalize", normalize, list(NORMALIZE))
+    if normalize == "auto":
+        return "none" if resolve(criterion).comparable else "mean"
+    return normalize
 
 
 def _validate(scope: str, round_to: int) -> None:
@@ -275,6 +291,7 @@ def shrink(
     criterion: StructuredCriterion = "l2",
     scope: str = "local",
     round_to: int = 1,
+    normalize: str = "auto",
     ignore: Ignore = (),
     data: Iterable[Any] | None = None,
     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
@@ -298,13 +315,14 @@ def shrink(
         UnknownLayerError, UnknownChoiceError, InvalidSparsityError: bad arguments.
     """
     _validate(scope, round_to)
+    normalize = _normalize(normalize, criterion)
     probe = bake(copy.deepcopy(model)) if _is_masked(model) else model
     graph = _graph(probe, example_inputs, ignore)
     if ratio is None:
         decisions = _zero_groups_plan(probe, graph)
     else:
         scores = score(probe, graph, criterion, data=data, loss_fn=loss_fn, seed=seed)
-        decisions = plan(graph, scores, ratio, scope, round_to, resolve(criterion).comparable)
+        decisions = plan(graph, scores, ratio, scope, round_to, normalize)
     removed = {d.name: d.removed for d in decisions if d.removed}
     params_before = sum(p.numel() for p in probe.parameters())
     macs_before = count_macs(probe, example_inputs)
