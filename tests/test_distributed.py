@@ -20,7 +20,7 @@ from prunekit.masks import get_mask
 from prunekit.pruner import Pruner
 from prunekit.schedules import Iterative, OneShot
 from prunekit.training import sync_masks
-from prunekit.training.distributed import register_masks
+from prunekit.training.distributed import MaskSync, register_masks
 
 WORLD = 2
 STEPS = 6
@@ -44,7 +44,8 @@ def global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 def train_pruned(rank: int, world: int) -> dict[str, torch.Tensor]:
     """Train with a Pruner on this rank's share of every global batch; the state dict."""
     model = make_mlp()
-    pruner = Pruner(model, target=0.8, schedule=Iterative(steps=3, every=2))  # before DDP
+    sync = MaskSync.resolve(None)  # under the process group only
+    pruner = Pruner(model, target=0.8, schedule=Iterative(steps=3, every=2), sync=sync)  # pre-DDP
     net = DistributedDataParallel(model) if world > 1 else model
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     share = GLOBAL_BATCH // world
@@ -64,7 +65,7 @@ def worker(rank: int, out: Path) -> None:
     save_file(train_pruned(rank, WORLD), out / f"ddp{rank}.safetensors")
     # Ranks whose weights differ (no DDP): the Pruner still leaves rank 0's masks everywhere.
     model = make_mlp(seed=rank)
-    Pruner(model, target=0.5, distributed=True).step()
+    Pruner(model, target=0.5, sync=MaskSync()).step()
     assert sync_masks(model) == 3  # already equal: a no-op that still agrees
     masks = {name: get_mask(m) for name, m in model.named_modules() if get_mask(m) is not None}
     save_file({k: v.to(torch.uint8) for k, v in masks.items()}, out / f"own{rank}.safetensors")
@@ -102,7 +103,7 @@ def test_two_ranks_match_each_other_and_one_process(ranks: Path) -> None:
 def test_ranks_that_disagree_end_with_rank0_masks(ranks: Path) -> None:
     own0, own1 = (load_file(ranks / f"own{r}.safetensors") for r in range(WORLD))
     alone = make_mlp(seed=1)  # what rank 1 would have pruned on its own
-    Pruner(alone, target=0.5, distributed=False).step()
+    Pruner(alone, target=0.5, sync=False).step()
     differs = False
     for name, mask in own0.items():
         assert torch.equal(own1[name], mask), name
@@ -116,10 +117,12 @@ def test_distributed_required_without_process_group_raises() -> None:
     before = snapshot(model)
     fix = r"call torch\.distributed\.init_process_group first"
     with pytest.raises(DistributedError, match=fix):
-        Pruner(model, target=0.5, schedule=OneShot(), distributed=True)
+        Pruner(model, target=0.5, schedule=OneShot(), sync=MaskSync.resolve(True))
+    with pytest.raises(DistributedError, match=fix):
+        Pruner(model, target=0.5, schedule=OneShot(), sync=MaskSync())
     assert_unchanged(model, before)
     with pytest.raises(DistributedError, match="init_process_group"):
         sync_masks(model)
     assert_unchanged(model, before)
-    Pruner(model, target=0.5).step()  # distributed=None without a process group: plain pruning
+    Pruner(model, target=0.5, sync=MaskSync.resolve(None)).step()  # no process group: plain
     assert get_mask(model[0]) is not None

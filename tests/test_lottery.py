@@ -32,7 +32,7 @@ def trainings(monkeypatch):
     """Spy on every training: the weights it starts from, its masks, its weights at step 3."""
     calls = []
     lottery = sys.modules["prunekit.training.lottery"]
-    real = lottery.train
+    real = lottery.fit
 
     def spy(model, data, *, callback, **kwargs):
         call = {
@@ -48,7 +48,7 @@ def trainings(monkeypatch):
 
         return real(model, data, callback=after, **kwargs)
 
-    monkeypatch.setattr(lottery, "train", spy)
+    monkeypatch.setattr(lottery, "fit", spy)
     return calls
 
 

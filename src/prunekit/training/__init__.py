@@ -2,9 +2,12 @@
 pruning after training (:mod:`~prunekit.training.post`), during training
 (:mod:`~prunekit.training.during`: soft filter pruning, network slimming), at initialisation
 (:mod:`~prunekit.training.at_init`), and the lottery-ticket pipeline with resumable
-checkpoints (:mod:`~prunekit.training.checkpoint`). The pipelines share one training loop
-(:mod:`~prunekit.training.loop`), data-parallel under ``torch.distributed``
-(:mod:`~prunekit.training.distributed`).
+checkpoints (:mod:`~prunekit.training.checkpoint`). The pipelines share one training loop,
+:func:`~prunekit.training.loop.fit`, over any re-iterable of batches (a DataLoader, a list
+of ``(x, y)``, a dataset in memory: :mod:`~prunekit.training.data`) with a training step
+of your choice, data-parallel under ``torch.distributed``
+(:mod:`~prunekit.training.distributed`, whose :class:`MaskSync` hook keeps a Pruner's
+masks identical across ranks).
 
 ``PruningCallback`` (transformers) is resolved lazily, so this package imports without
 transformers installed.
@@ -12,11 +15,22 @@ transformers installed.
 
 from typing import Any
 
-from prunekit.training import at_init, callbacks, checkpoint, distributed, during, loop, post
+from prunekit.training import (
+    at_init,
+    callbacks,
+    checkpoint,
+    data,
+    distributed,
+    during,
+    loop,
+    post,
+)
 from prunekit.training.at_init import reinitialize, shuffle_masks, synflow_prune
 from prunekit.training.callbacks import train_with_pruner
-from prunekit.training.distributed import sync_masks
+from prunekit.training.data import accuracy
+from prunekit.training.distributed import MaskSync, sync_masks
 from prunekit.training.during import DuringReport, network_slimming, soft_filter_pruning
+from prunekit.training.loop import Supervised, fit
 from prunekit.training.lottery import LotteryReport, RoundResult, lottery
 from prunekit.training.post import IterativeReport, han_sparsities, iterative_pruning
 
@@ -24,13 +38,18 @@ __all__ = [
     "DuringReport",
     "IterativeReport",
     "LotteryReport",
+    "MaskSync",
     "PruningCallback",
     "RoundResult",
+    "Supervised",
+    "accuracy",
     "at_init",
     "callbacks",
     "checkpoint",
+    "data",
     "distributed",
     "during",
+    "fit",
     "han_sparsities",
     "iterative_pruning",
     "loop",

@@ -3,8 +3,8 @@
 - :class:`PruningCallback`: a transformers ``TrainerCallback`` that calls
   ``pruner.step()`` after every optimizer step of a ``transformers.Trainer``
   (transformers is imported only when the class is first used).
-- :func:`train_with_pruner`: :func:`prunekit.zoo.train` with the Pruner stepping after
-  every optimizer step.
+- :func:`train_with_pruner`: :func:`~prunekit.training.loop.fit` with the Pruner
+  stepping after every optimizer step.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from torch import nn
 
 from prunekit.errors import PrunerStateError, PruningError, ScheduleError
 from prunekit.pruner import Pruner
-from prunekit.training.loop import steps_per_epoch
-from prunekit.zoo.train import Data, train
+from prunekit.training.data import TrainData, steps_per_epoch, training_batches
+from prunekit.training.loop import fit
 
 
 def _check_model(model: nn.Module | None, pruner: Pruner) -> None:
@@ -71,21 +71,24 @@ def __getattr__(name: str) -> Any:
 
 def train_with_pruner(
     model: nn.Module,
-    data: Data,
+    data: TrainData,
     pruner: Pruner,
     epochs: int,
     lr: float,
     *,
     batch_size: int = 64,
+    seed: int = 0,
     **train_kwargs: Any,
 ) -> list[float]:
-    """Train ``model`` with :func:`prunekit.zoo.train`, stepping ``pruner`` after every
-    optimizer step; returns the mean training loss of each epoch.
+    """Train ``model`` with :func:`~prunekit.training.loop.fit`, stepping ``pruner`` after
+    every optimizer step; returns the mean training loss of each epoch.
 
-    ``train_kwargs`` (``optimizer``, ``momentum``, ``weight_decay``, ``seed``, ``progress``,
-    ``loss_fn``) go to :func:`~prunekit.zoo.train`. Raises :class:`ScheduleError` before
-    training when the schedule would end after the last step, so ``pruner.target`` would
-    never be reached.
+    ``data`` is a dataset in memory (batches of ``batch_size`` drawn from ``seed``) or any
+    re-iterable of batches with a ``len`` (:mod:`~prunekit.training.data`).
+    ``train_kwargs`` (``optimizer``, ``momentum``, ``weight_decay``, ``progress``,
+    ``loss_fn``, ``step``) go to :func:`~prunekit.training.loop.fit`. Raises
+    :class:`ScheduleError` before training when the schedule would end after the last
+    step, so ``pruner.target`` would never be reached.
     """
     _check_model(model, pruner)
     steps = steps_per_epoch(data, batch_size)
@@ -97,12 +100,6 @@ def train_with_pruner(
             f"({epochs} epochs of {steps} steps, from step {pruner.step_count}); "
             "Fix: train longer or end the schedule earlier."
         )
-    return train(
-        model,
-        data,
-        epochs=epochs,
-        lr=lr,
-        batch_size=batch_size,
-        callback=lambda _: pruner.step(),
-        **train_kwargs,
-    )
+    batches = training_batches(data, batch_size, seed)
+    return fit(model, batches, epochs=epochs, lr=lr, callback=lambda _: pruner.step(),
+               **train_kwargs)  # fmt: skip

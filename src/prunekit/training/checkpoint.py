@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from prunekit.errors import CheckpointError
 from prunekit.masks import load_state_dict as load_masked
 from prunekit.training import distributed
-from prunekit.zoo.data import Dataset
+from prunekit.training.data import TrainData, describe
 
 STATE = "state.json"
 FORMAT = 2  # 2: save_round keys "model." and "extra."
@@ -238,14 +238,15 @@ def load(
 
 
 def identity(
-    pipeline: str, model: nn.Module, data: Dataset, config: dict[str, Any]
+    pipeline: str, model: nn.Module, data: TrainData, config: dict[str, Any]
 ) -> dict[str, Any]:
     """What a pipeline's checkpoint must match: its name, the model's state-dict shapes, the
-    data set's name and sizes, and the run arguments (callables stand for their names)."""
+    data's name and sizes (:func:`~prunekit.training.data.describe`), and the run arguments
+    (callables stand for their names)."""
     doc = {
         "pipeline": pipeline,
         "model": {k: list(v.shape) for k, v in model.state_dict().items()},
-        "data": [data.name, len(data.x_train), len(data.x_test)],
+        "data": describe(data),
         "config": config,
     }
     # As it reads back from state.json: tuples as lists, a callable (a loss) by its name.

@@ -1,14 +1,16 @@
 """Identical masks on every rank under ``torch.distributed`` (DDP, launched with torchrun).
 
-A :class:`~prunekit.Pruner` in a process group calls :func:`sync_masks` after every
-:func:`prunekit.prune`: rank 0's packed mask buffers are broadcast to all ranks, so every
-rank holds exactly rank 0's masks. Nothing else is sent: the weights are DDP's business.
+A :class:`~prunekit.Pruner` in a process group calls its :class:`MaskSync` hook, that is
+:func:`sync_masks`, after every :func:`prunekit.prune`: rank 0's packed mask buffers are
+broadcast to all ranks, so every rank holds exactly rank 0's masks. Nothing else is sent:
+the weights are DDP's business.
 
 The pipelines (:func:`~prunekit.training.lottery`,
 :func:`~prunekit.training.iterative_pruning`, soft filter pruning, network slimming) do
-the same after each prune, and train through :func:`data_parallel`: every rank draws the
-same global batches and computes its share, and rank 0 alone writes checkpoints, which
-every rank then reads through :func:`broadcast_bytes`.
+the same after each prune, and train through
+:func:`~prunekit.training.loop.data_parallel`: every rank draws the same global batches
+and computes its share, and rank 0 alone writes checkpoints, which every rank then reads
+through :func:`broadcast_bytes`.
 
 Why broadcast the decision rather than all-reduce the scores:
 
@@ -37,21 +39,21 @@ masks, and DDP's buffer broadcast then also carries rank 0's masks at every forw
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 
 from prunekit.errors import DistributedError
 from prunekit.layers import weight_param
 from prunekit.masks import WeightMask, apply_mask, get_mask, mask_param
 
 __all__ = [
+    "MaskSync",
     "broadcast_bytes",
     "check_shares",
-    "data_parallel",
     "is_initialized",
     "is_writer",
     "register_masks",
@@ -212,40 +214,29 @@ def check_shares(n: int, batch_size: int) -> None:
         )
 
 
-class _Share(nn.Module):
-    """``model`` in DDP, fed this rank's contiguous share of every global batch."""
+@dataclass(frozen=True)
+class MaskSync:
+    """The hook a :class:`~prunekit.Pruner` calls to keep masks identical across ranks:
+    :meth:`register` (all-kept masks that DDP must see, before it wraps the model) when
+    it is built, and ``hook(model)`` (:func:`sync_masks` from rank ``src``) after every
+    prune. :meth:`resolve` gives one for ``distributed=``, or None."""
 
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.ddp = DistributedDataParallel(model)
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+    src: int = 0
 
-    def share(self, batch: Tensor) -> Tensor:
-        return batch.tensor_split(self.world)[self.rank]
+    @staticmethod
+    def resolve(distributed: bool | None) -> MaskSync | None:
+        """A ``MaskSync`` when masks must be synchronised (:func:`resolve`), else None."""
+        return MaskSync() if resolve(distributed) else None
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.ddp(self.share(x))
+    def register(self, modules: Iterable[nn.Module]) -> None:
+        """:func:`register_masks`; a :class:`~prunekit.errors.DistributedError` before any
+        module is touched when there is no process group (nothing to agree with)."""
+        if not is_initialized():
+            raise DistributedError(
+                f"MaskSync needs a torch.distributed process group; {_INIT_FIX}."
+            )
+        register_masks(modules)
 
-
-def data_parallel(
-    model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor]
-) -> tuple[nn.Module, Callable[[Tensor, Tensor], Tensor]]:
-    """``model`` wrapped in DDP to train on global batches, each rank computing its share
-    (see :func:`check_shares`), and the matching loss.
-
-    Rank ``r`` of ``W`` takes ``n_r`` of a global batch of ``B`` examples and minimises
-    ``L_r = loss_fn(shard_r) * W * n_r / B``. DDP averages the gradients, so every rank
-    steps with ``(1/W) sum_r grad L_r = (1/B) sum_i grad l_i``, the gradient of the mean
-    loss over the global batch: the same update as one process (up to float rounding),
-    for any split of the batch and any ``loss_fn`` of the form ``mean + penalty``.
-    BatchNorm still normalises over each rank's share. Build it after the masks exist
-    (see the module docstring).
-    """
-    world = dist.get_world_size()
-    wrapper = _Share(model)
-
-    def loss(logits: Tensor, y: Tensor) -> Tensor:
-        mine = wrapper.share(y)
-        return loss_fn(logits, mine) * (world * len(mine) / len(y))
-
-    return wrapper, loss
+    def __call__(self, model: nn.Module) -> None:
+        """:func:`sync_masks` from rank ``src``."""
+        sync_masks(model, self.src)

@@ -30,9 +30,8 @@ from prunekit.structured import ShrinkReport, build, plan, score, shrink, zero_g
 from prunekit.structured.surgery import removed_groups
 from prunekit.tables import TableReport
 from prunekit.training import distributed as dist_mod
-from prunekit.training import loop
-from prunekit.zoo.data import Dataset
-from prunekit.zoo.train import cross_entropy, evaluate
+from prunekit.training.data import TrainData, source
+from prunekit.training.loop import Evaluate, fit, training_step
 
 
 @dataclass
@@ -64,7 +63,7 @@ class DuringReport(TableReport):
 
 def soft_filter_pruning(
     model: nn.Module,
-    data: Dataset,
+    data: TrainData,
     example_inputs: Inputs,
     *,
     ratio: float = 0.3,
@@ -75,13 +74,17 @@ def soft_filter_pruning(
     seed: int = 0,
     progress: bool = False,
     distributed: bool | None = None,
+    evaluate: Evaluate | None = None,
     **train_kwargs: Any,
 ) -> DuringReport:
     """Train ``model`` for ``epochs``, zeroing the fraction ``ratio`` of each conv family's
     filter groups with the smallest ``criterion`` (``"l2"`` or ``"fpgm"``) after every
     epoch, then remove them physically (in place). See the module docstring.
 
-    ``train_kwargs`` go to :func:`prunekit.zoo.train` (``optimizer``, ``weight_decay``, ...).
+    Training runs :func:`~prunekit.training.loop.fit` on ``data`` (a dataset in memory or
+    any re-iterable of batches, :mod:`~prunekit.training.data`) with ``train_kwargs``
+    (``optimizer``, ``weight_decay``, ``step``, ...); ``evaluate(model)`` gives the
+    accuracies reported (default: on the test split of ``data``).
     ``distributed``: under ``torch.distributed``, train data-parallel as
     :func:`~prunekit.training.lottery` does; the weights stay identical on every rank, so
     every rank zeroes and removes the same filters.
@@ -90,20 +93,20 @@ def soft_filter_pruning(
     ratio = check_sparsity(ratio, "ratio")
     if criterion not in ("l2", "fpgm"):
         raise UnknownChoiceError("soft filter pruning criterion", criterion, ["l2", "fpgm"])
-    loop.check(data, batch_size, sync)
+    src = source(data, batch_size, evaluate)
+    src.check(sync)
     graph = build(model, example_inputs)
-    report = DuringReport("soft filter pruning", evaluate(model, data.x_test, data.y_test))
+    report = DuringReport("soft filter pruning", src.evaluate(model))
 
     def zero_weakest() -> None:
         decisions = plan(graph, score(model, graph, criterion), ratio)
         zero_groups(model, removed_groups(graph, {d.name: d.removed for d in decisions}))
-        report.epoch_accuracy.append(evaluate(model, data.x_test, data.y_test))
+        report.epoch_accuracy.append(src.evaluate(model))
 
-    callback = loop.each_epoch(data, batch_size, zero_weakest)
-    loop.train(model, data, sync=sync, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-               progress=progress, callback=callback, **train_kwargs)  # fmt: skip
+    fit(model, src.batches(seed), sync=sync, epochs=epochs, lr=lr, progress=progress,
+        on_epoch=zero_weakest, **train_kwargs)  # fmt: skip
     report.shrink = shrink(model, example_inputs, ratio=None)
-    report.pruned_accuracy = report.final_accuracy = evaluate(model, data.x_test, data.y_test)
+    report.pruned_accuracy = report.final_accuracy = src.evaluate(model)
     return report
 
 
@@ -121,7 +124,7 @@ def bn_l1(model: nn.Module) -> Tensor:
 
 def network_slimming(
     model: nn.Module,
-    data: Dataset,
+    data: TrainData,
     example_inputs: Inputs,
     *,
     ratio: float = 0.5,
@@ -133,36 +136,37 @@ def network_slimming(
     seed: int = 0,
     progress: bool = False,
     distributed: bool | None = None,
+    evaluate: Evaluate | None = None,
     **train_kwargs: Any,
 ) -> DuringReport:
-    """Train ``model`` for ``epochs`` on ``cross_entropy + sparsity_lambda * sum |gamma|``,
-    remove the fraction ``ratio`` of all BatchNorm channels by one global ranking of
-    ``|gamma|`` (in place), and fine-tune ``finetune_epochs`` without the penalty.
+    """Train ``model`` for ``epochs`` on ``loss + sparsity_lambda * sum |gamma|``, remove
+    the fraction ``ratio`` of all BatchNorm channels by one global ranking of ``|gamma|``
+    (in place), and fine-tune ``finetune_epochs`` without the penalty.
 
-    ``train_kwargs`` go to :func:`prunekit.zoo.train` (``optimizer``, ``weight_decay``, ...).
+    ``data``, ``evaluate`` and ``train_kwargs`` as for :func:`soft_filter_pruning`; the
+    ``loss`` is the training step's (``step`` or ``loss_fn``, default cross-entropy).
     ``distributed``: as for :func:`soft_filter_pruning` (BatchNorm statistics are each
     rank's; DDP broadcasts rank 0's buffers at every forward).
     """
     sync = dist_mod.resolve(distributed)
     ratio = check_sparsity(ratio, "ratio")
     bn_l1(model)  # fail before training on a model without BatchNorm
-    loop.check(data, batch_size, sync)
-    report = DuringReport("network slimming", evaluate(model, data.x_test, data.y_test))
-    common = {"lr": lr, "batch_size": batch_size, "progress": progress, "sync": sync,
-              **train_kwargs}  # fmt: skip
+    src = source(data, batch_size, evaluate)
+    src.check(sync)
+    report = DuringReport("network slimming", src.evaluate(model))
+    step = training_step(train_kwargs.pop("step", None), train_kwargs.pop("loss_fn", None))
 
     def log_accuracy() -> None:
-        report.epoch_accuracy.append(evaluate(model, data.x_test, data.y_test))
+        report.epoch_accuracy.append(src.evaluate(model))
 
-    log = loop.each_epoch(data, batch_size, log_accuracy)
+    def penalised(net: nn.Module, batch: Any) -> Tensor:
+        return step(net, batch) + sparsity_lambda * bn_l1(model)
 
-    def penalised(logits: Tensor, y: Tensor) -> Tensor:
-        return cross_entropy(logits, y) + sparsity_lambda * bn_l1(model)
-
-    loop.train(model, data, epochs=epochs, seed=seed, loss_fn=penalised, callback=log, **common)
+    common = dict(lr=lr, progress=progress, sync=sync, on_epoch=log_accuracy, **train_kwargs)
+    fit(model, src.batches(seed), epochs=epochs, step=penalised, **common)
     report.shrink = shrink(model, example_inputs, ratio=ratio, criterion="bn_scale",
                            scope="global")  # fmt: skip
-    report.pruned_accuracy = evaluate(model, data.x_test, data.y_test)
-    loop.train(model, data, epochs=finetune_epochs, seed=seed + 1, callback=log, **common)
-    report.final_accuracy = evaluate(model, data.x_test, data.y_test)
+    report.pruned_accuracy = src.evaluate(model)
+    fit(model, src.batches(seed + 1), epochs=finetune_epochs, step=step, **common)
+    report.final_accuracy = src.evaluate(model)
     return report

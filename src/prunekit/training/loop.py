@@ -1,56 +1,211 @@
-"""The training loop the pipelines share: :func:`prunekit.zoo.train`, data-parallel under
-``torch.distributed``, with per-epoch callbacks."""
+"""The one training loop of prunekit: any re-iterable of batches, a training step,
+per-step and per-epoch callbacks, data-parallel under ``torch.distributed``.
+
+A *training step* is a callable ``step(model, batch) -> loss``: the loop calls it on every
+batch, then ``zero_grad``, ``loss.backward()`` and ``optimizer.step()``. The default,
+:class:`Supervised`, computes ``loss_fn(model(x), y)`` on a batch ``(x, y)``; a step of
+your own takes batches of any form (a dict for transformers, inputs only, ...). An
+*evaluate* callable ``evaluate(model) -> float`` scores a model: the pipelines report it.
+
+    losses = fit(model, loader, epochs=3, lr=1e-3)                    # (x, y) batches
+    losses = fit(model, loader, step=lambda m, b: m(**b).loss)        # transformers batches
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
+from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
+from prunekit.errors import DistributedError, PruningError, UnknownChoiceError
+from prunekit.inputs import LossFn, batch_size, set_mode
+from prunekit.tables import progress_bar
 from prunekit.training import distributed
-from prunekit.zoo.train import Data, cross_entropy, steps_per_epoch, train_xy
-from prunekit.zoo.train import train as zoo_train
+
+Step = Callable[[nn.Module, Any], Tensor]
+"""``step(model, batch) -> scalar loss``: one training step's loss (see the module docstring)."""
+
+Evaluate = Callable[[nn.Module], float]
+"""``evaluate(model) -> score``, e.g. test accuracy; the pipelines report it."""
+
+OPTIMIZERS = ("adam", "sgd")
 
 
-def each_epoch(data: Data, batch_size: int, fn: Callable[[], None]) -> Callable[[int], None]:
-    """A ``zoo.train`` step callback that runs ``fn`` after the last step of every epoch."""
-    steps = steps_per_epoch(data, batch_size)
-    return lambda step: fn() if step % steps == 0 else None
+def cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
+    """The default training loss, for classification ``((B, C), (B,))`` and language
+    modelling ``((B, T, V), (B, T))`` alike."""
+    return F.cross_entropy(logits.flatten(0, -2), y.flatten())
 
 
-def check(data: Data, batch_size: int, sync: bool) -> None:
-    """Under ``sync``, fail before anything is trained if a batch would leave a rank empty
-    (:func:`~prunekit.training.distributed.check_shares`)."""
-    if sync:
-        distributed.check_shares(len(train_xy(data)[0]), batch_size)
+@dataclass(frozen=True)
+class Supervised:
+    """The default training step: ``loss_fn(model(x), y)`` on a batch ``(x, y)``, both moved
+    to the device of the model's parameters."""
+
+    loss_fn: LossFn = cross_entropy
+
+    def __call__(self, model: nn.Module, batch: Any) -> Tensor:
+        x, y = batch
+        device = next(model.parameters()).device
+        return self.loss_fn(model(x.to(device)), y.to(device))
 
 
-def train(
-    model: nn.Module,
-    data: Data,
-    *,
-    sync: bool,
-    batch_size: int = 64,
-    progress: bool = True,
-    loss_fn: Callable[..., Any] | None = None,
-    **kwargs: Any,
-) -> list[float]:
-    """:func:`prunekit.zoo.train`; with ``sync``, data-parallel over the process group:
-    every rank draws the same global batches, trains on its share through DDP
-    (:func:`~prunekit.training.distributed.data_parallel`) and only rank 0 shows progress.
-    The weights then stay identical on every rank, and the buffers (BatchNorm statistics)
-    are rank 0's at the end."""
-    loss_fn = loss_fn or cross_entropy
-    check(data, batch_size, sync)
-    progress = progress and distributed.is_writer(sync)
-    if not sync:
-        return zoo_train(
-            model, data, batch_size=batch_size, progress=progress, loss_fn=loss_fn, **kwargs
+def training_step(step: Step | None, loss_fn: LossFn | None) -> Step:
+    """``step``, or :class:`Supervised` with ``loss_fn`` (default :func:`cross_entropy`)."""
+    if step is not None and loss_fn is not None:
+        raise PruningError(
+            f"step={step!r} and loss_fn={loss_fn!r} both given, but a step computes its own "
+            "loss; Fix: pass one of them (loss_fn for (x, y) batches)."
         )
-    wrapper, loss_fn = distributed.data_parallel(model, loss_fn)
-    losses = zoo_train(
-        wrapper, data, batch_size=batch_size, progress=progress, loss_fn=loss_fn, **kwargs
-    )
-    distributed.sync_buffers(model)
+    return step if step is not None else Supervised(loss_fn or cross_entropy)
+
+
+def _share(batch: Any, world: int, rank: int) -> Any:
+    """This rank's contiguous share of every tensor of ``batch`` (along dimension 0),
+    in the batch's own structure (a tensor, a sequence or a mapping of tensors)."""
+    if isinstance(batch, Tensor):
+        return batch.tensor_split(world)[rank]
+    if isinstance(batch, Mapping):
+        return {k: _share(v, world, rank) for k, v in batch.items()}
+    return tuple(_share(v, world, rank) for v in batch)
+
+
+def data_parallel(model: nn.Module, step: Step) -> tuple[nn.Module, Step]:
+    """``model`` wrapped in DDP to train on global batches, each rank computing its share
+    (see :func:`~prunekit.training.distributed.check_shares`), and the matching training step.
+
+    Rank ``r`` of ``W`` takes ``n_r`` of a global batch of ``B`` examples and minimises
+    ``L_r = step(shard_r) * W * n_r / B``. DDP averages the gradients, so every rank
+    steps with ``(1/W) sum_r grad L_r = (1/B) sum_i grad l_i``, the gradient of the mean
+    loss over the global batch: the same update as one process (up to float rounding),
+    for any split of the batch and any step whose loss is ``mean + penalty``.
+    BatchNorm still normalises over each rank's share. Build it after the masks exist
+    (see :mod:`~prunekit.training.distributed`).
+    """
+    world, rank = dist.get_world_size(), dist.get_rank()
+
+    def share_step(net: nn.Module, batch: Any) -> Tensor:
+        mine = _share(batch, world, rank)
+        n, total = batch_size(mine), batch_size(batch)
+        if n == 0:
+            raise DistributedError(
+                f"a batch of {total} examples leaves rank {rank} of {world} none; Fix: "
+                f"batches of at least {world} examples."
+            )
+        return step(net, mine) * (world * n / total)
+
+    return DistributedDataParallel(model), share_step
+
+
+def make_optimizer(
+    params: Iterable[nn.Parameter], name: str, lr: float, weight_decay: float, momentum: float
+) -> torch.optim.Optimizer:
+    """``torch.optim.Adam`` (``name="adam"``) or ``SGD`` with ``momentum`` (``"sgd"``)."""
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def _check(batches: Iterable[Any], epochs: int, optimizer: str) -> None:
+    if optimizer not in OPTIMIZERS:
+        raise UnknownChoiceError("optimizer", optimizer, list(OPTIMIZERS))
+    if isinstance(batches, Tensor) or not isinstance(batches, Iterable):
+        raise PruningError(
+            f"training data of type {type(batches).__name__} is not an iterable of batches; "
+            "Fix: a list of (x, y) batches or a torch DataLoader."
+        )
+    if isinstance(batches, Iterator) and epochs > 1:
+        raise PruningError(
+            f"training data is a one-pass iterator ({type(batches).__name__}), empty after "
+            f"the first of {epochs} epochs; Fix: a re-iterable, e.g. a list or a DataLoader."
+        )
+
+
+def fit(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    epochs: int = 1,
+    lr: float = 1e-3,
+    optimizer: str = "adam",
+    weight_decay: float = 0.0,
+    momentum: float = 0.9,
+    step: Step | None = None,
+    loss_fn: LossFn | None = None,
+    callback: Callable[[int], None] | None = None,
+    on_epoch: Callable[[], None] | None = None,
+    progress: bool = True,
+    sync: bool = False,
+) -> list[float]:
+    """Train ``model`` in place for ``epochs`` passes over ``batches``; the mean training
+    loss of each epoch (weighted by the batch sizes).
+
+    ``optimizer`` is ``"adam"`` or ``"sgd"`` (with ``momentum``), fresh for this call.
+    ``step(model, batch)`` gives each batch's loss (default :class:`Supervised` with
+    ``loss_fn``, cross-entropy by default). ``callback(step)`` runs after every optimizer
+    step, with the number of steps taken so far (1, 2, ...); ``on_epoch()`` after every
+    epoch. Modules keep their own train/eval flags afterwards, error or not.
+
+    With ``sync``, data-parallel over the ``torch.distributed`` process group: every rank
+    iterates the same global batches and trains on its share through DDP
+    (:func:`data_parallel`), only rank 0 shows progress;
+    the weights stay identical on every rank and the buffers (BatchNorm statistics) are
+    rank 0's at the end.
+    """
+    _check(batches, epochs, optimizer)
+    step = training_step(step, loss_fn)
+    net = model
+    if sync:
+        net, step = data_parallel(model, step)
+    opt = make_optimizer(net.parameters(), optimizer, lr, weight_decay, momentum)
+    show = progress and distributed.is_writer(sync)
+    losses = _epochs(net, batches, opt, step, epochs, callback, on_epoch, show)
+    if sync:
+        distributed.sync_buffers(model)
+    return losses
+
+
+def _epochs(
+    model: nn.Module,
+    batches: Iterable[Any],
+    opt: torch.optim.Optimizer,
+    step: Step,
+    epochs: int,
+    callback: Callable[[int], None] | None,
+    on_epoch: Callable[[], None] | None,
+    progress: bool,
+) -> list[float]:
+    """The loop of :func:`fit`."""
+    count, losses = 0, []
+    total_steps = epochs * len(batches) if isinstance(batches, Sized) else None
+    with set_mode(model, True), progress_bar(disable=not progress) as bar:
+        task = bar.add_task("training", total=total_steps)
+        for epoch in range(epochs):
+            total, seen = 0.0, 0
+            for batch in batches:
+                loss = step(model, batch)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                count += 1
+                if callback is not None:
+                    callback(count)
+                n = batch_size(batch)
+                total, seen = total + loss.item() * n, seen + n
+                desc = f"epoch {epoch + 1}/{epochs} loss {loss.item():.3f}"
+                bar.update(task, advance=1, description=desc)
+            if not seen:
+                raise PruningError(
+                    f"epoch {epoch + 1} drew no batch from the training data "
+                    f"({type(batches).__name__}); Fix: give at least one batch."
+                )
+            losses.append(total / seen)
+            if on_epoch is not None:
+                on_epoch()
     return losses

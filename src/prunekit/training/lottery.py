@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,18 +27,18 @@ import torch
 from rich.table import Table
 from torch import Tensor, nn
 
-from prunekit.errors import PruningError
+from prunekit.errors import MissingDataError, PruningError
 from prunekit.layers import select_layers
 from prunekit.masks import copy_masks, get_mask
 from prunekit.pruner import kept_share
 from prunekit.pruning import prune
 from prunekit.schedules import check_int
+from prunekit.spec import PruneSpec
 from prunekit.tables import TableReport
-from prunekit.training import checkpoint, loop
-from prunekit.training import distributed as dist_mod
-from prunekit.training.loop import train
-from prunekit.zoo.data import Dataset
-from prunekit.zoo.train import evaluate
+from prunekit.training import checkpoint
+from prunekit.training.data import Source, TrainData, accuracy_on, source
+from prunekit.training.distributed import MaskSync
+from prunekit.training.loop import Evaluate, Step, fit
 
 Rewind = Literal["init"] | int
 _ORIGINAL = ".parametrizations.weight.original"
@@ -90,23 +91,22 @@ class LotteryReport(TableReport):
         return table
 
 
-@dataclass(frozen=True)
-class _Split:
-    x: Tensor
-    y: Tensor
-    x_val: Tensor
-    y_val: Tensor
-    x_test: Tensor
-    y_test: Tensor
-
-    @property
-    def fit(self) -> tuple[Tensor, Tensor]:
-        """The examples trained on."""
-        return self.x, self.y
-
-
-def _split(data: Dataset, val_fraction: float, seed: int) -> _Split:
-    n = len(data.x_train)
+def _split(
+    src: Source, val_fraction: float, seed: int, validate: Evaluate | None
+) -> tuple[Source, Evaluate]:
+    """The examples trained on and the early-stopping score: ``validate`` as given, or the
+    accuracy on ``val_fraction`` of the in-memory training examples (drawn with ``seed``),
+    which are then held out of training."""
+    if validate is not None:
+        return src, validate
+    if src.examples is None:
+        raise MissingDataError(
+            "the lottery picks each training's early-stopping epoch on a validation split, "
+            "which batches of your own do not give; Fix: pass validate=, e.g. "
+            "validate=lambda model: pk.training.accuracy(model, val_loader)."
+        )
+    x, y = src.examples
+    n = len(x)
     n_val = round(n * val_fraction)
     if not 0 < n_val < n:
         raise PruningError(
@@ -114,9 +114,8 @@ def _split(data: Dataset, val_fraction: float, seed: int) -> _Split:
             "validation; Fix: a fraction that keeps both splits non-empty, e.g. 0.1."
         )
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    val, fit = perm[:n_val], perm[n_val:]
-    x, y = data.x_train, data.y_train
-    return _Split(x[fit], y[fit], x[val], y[val], data.x_test, data.y_test)
+    val, kept = perm[:n_val], perm[n_val:]
+    return replace(src, data=(x[kept], y[kept])), partial(accuracy_on, x[val], y[val])
 
 
 def _plain(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -144,36 +143,45 @@ class _Run:
     final: float
 
 
-def _train(
-    model: nn.Module, split: _Split, capture: int, settings: dict[str, Any], sync: bool
-) -> tuple[_Run, dict[str, Tensor]]:
-    """Train (data-parallel under ``sync``), evaluating after every epoch; the run, and the
-    weights after ``capture`` steps (empty unless ``capture`` is one of the steps)."""
-    val: list[float] = []
-    test: list[float] = []
-    captured: dict[str, Tensor] = {}
+@dataclass(frozen=True)
+class _Trainings:
+    """How each training of the search runs: :func:`~prunekit.training.loop.fit` with
+    ``settings`` on ``src``'s batches of ``seed`` (the same order every time), data-parallel
+    under ``sync``, scored after every epoch by ``validate`` and ``src.evaluate``."""
 
-    def evaluate_both() -> None:
-        val.append(evaluate(model, split.x_val, split.y_val))
-        test.append(evaluate(model, split.x_test, split.y_test))
+    src: Source
+    validate: Evaluate
+    seed: int
+    settings: dict[str, Any]
+    sync: bool
 
-    epoch_end = loop.each_epoch(split.fit, settings["batch_size"], evaluate_both)
+    def run(self, model: nn.Module, capture: int = -1) -> tuple[_Run, dict[str, Tensor]]:
+        """Train ``model``; the run, and the weights after ``capture`` steps (empty unless
+        ``capture`` is one of the steps)."""
+        val: list[float] = []
+        test: list[float] = []
+        captured: dict[str, Tensor] = {}
 
-    def after_step(step: int) -> None:
-        if step == capture:
-            captured.update(_plain(model.state_dict()))
-        epoch_end(step)
+        def score_both() -> None:
+            val.append(self.validate(model))
+            test.append(self.src.evaluate(model))
 
-    train(model, split.fit, callback=after_step, sync=sync, **settings)
-    best = max(range(len(val)), key=val.__getitem__)
-    return _Run(best + 1, test[best], test[-1]), captured
+        def after_step(step: int) -> None:
+            if step == capture:
+                captured.update(_plain(model.state_dict()))
+
+        batches = self.src.batches(self.seed)
+        fit(model, batches, callback=after_step, on_epoch=score_both, sync=self.sync,
+            **self.settings)  # fmt: skip
+        best = max(range(len(val)), key=val.__getitem__)
+        return _Run(best + 1, test[best], test[-1]), captured
 
 
 def _control(template: nn.Module, ticket: nn.Module, seed: int) -> nn.Module:
     """``template`` re-initialised from ``seed`` (``reset_parameters``), with ``ticket``'s masks."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        fresh = copy.deepcopy(template)
+        fresh = copy.deepcopy(template)  # state: a new network, not a validation dry run
         for module in fresh.modules():
             if callable(getattr(module, "reset_parameters", None)):
                 module.reset_parameters()
@@ -206,7 +214,7 @@ def _check(
 
 def lottery(
     model: nn.Module | Callable[[], nn.Module],
-    data: Dataset,
+    data: TrainData,
     *,
     rounds: int = 5,
     rate: float = 0.2,
@@ -222,6 +230,9 @@ def lottery(
     checkpoint_dir: str | Path | None = None,
     progress: bool = False,
     distributed: bool | None = None,
+    step: Step | None = None,
+    evaluate: Evaluate | None = None,
+    validate: Evaluate | None = None,
 ) -> LotteryReport:
     """Search a lottery ticket by iterative magnitude pruning (Frankle & Carbin 2019).
 
@@ -234,23 +245,30 @@ def lottery(
     Args:
         model: the dense network (trained in place), or a zero-argument factory called
             under ``torch.manual_seed(seed)``.
-        data: a :class:`~prunekit.zoo.Dataset`; ``val_fraction`` of its training split
-            (drawn with ``seed``) is held out to pick the early-stopping epoch.
+        data: a dataset in memory (:func:`prunekit.zoo.load_dataset`): ``val_fraction``
+            of its training split (drawn with ``seed``) is held out to pick the
+            early-stopping epoch, and its test split scores each epoch. Or any
+            re-iterable of batches (:mod:`~prunekit.training.data`) with ``evaluate``
+            and ``validate``.
         rewind: ``"init"`` (``theta_0``, Frankle & Carbin 2019) or ``k``, an optimizer step
             of the dense training (``theta_k``, Frankle et al. 2020); ``0`` is ``"init"``.
-        epochs / lr / batch_size / optimizer: each training, via :func:`prunekit.zoo.train`
-            (batch order seeded with ``seed``, the same every round).
+        epochs / lr / batch_size / optimizer / step: each training, via
+            :func:`~prunekit.training.loop.fit` (in-memory batches of ``batch_size``
+            drawn from ``seed``, the same order every round).
         control: also train every round's masks from a fresh random initialisation.
         checkpoint_dir: write an atomic checkpoint there after every round; started again
             with the same arguments, the run resumes from the last one and ends with
             exactly the masks and weights of an uninterrupted run.
         distributed: under ``torch.distributed`` (every rank calling ``lottery`` alike,
             e.g. launched with torchrun), train data-parallel: each rank takes its share
-            of every batch of ``batch_size`` through DDP, rank 0's masks are broadcast
-            after every prune, only rank 0 writes checkpoints and shows progress, and
-            every rank resumes from rank 0's checkpoint. ``None`` (default): when a process
-            group is initialised; ``True``: required
-            (:class:`~prunekit.errors.DistributedError` without one); ``False``: never.
+            of every batch through DDP, rank 0's masks are broadcast after every prune,
+            only rank 0 writes checkpoints and shows progress, and every rank resumes
+            from rank 0's checkpoint. ``None`` (default): when a process group is
+            initialised; ``True``: required (:class:`~prunekit.errors.DistributedError`
+            without one); ``False``: never.
+        evaluate / validate: ``score(model) -> float``: the reported score (default: test
+            accuracy) and the early-stopping one (default: accuracy on the held-out
+            ``val_fraction``; given, nothing is held out).
 
     Returns:
         A :class:`LotteryReport` with weights remaining and accuracies per round.
@@ -260,56 +278,49 @@ def lottery(
             :class:`~prunekit.errors.CheckpointError` for a corrupted checkpoint or one of
             another model or run (nothing is modified).
     """
-    sync = dist_mod.resolve(distributed)
+    hook = MaskSync.resolve(distributed)
     if not isinstance(model, nn.Module):
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             model = model()
     output_rate = rate / 2 if output_rate is None else output_rate
-    split = _split(data, val_fraction, seed)
-    settings = dict(
-        epochs=epochs,
-        lr=lr,
-        batch_size=batch_size,
-        optimizer=optimizer,
-        seed=seed,
-        progress=progress,
-    )
-    per_epoch = loop.steps_per_epoch(split.fit, batch_size)
-    k = _check(model, rounds, rate, output_rate, rewind, epochs * per_epoch)
-    loop.check(split.fit, batch_size, sync)
+    src, validate = _split(source(data, batch_size, evaluate), val_fraction, seed, validate)
+    settings = dict(epochs=epochs, lr=lr, optimizer=optimizer, step=step, progress=progress)
+    trainings = _Trainings(src, validate, seed, settings, hook is not None)
+    k = _check(model, rounds, rate, output_rate, rewind, epochs * src.steps_per_epoch)
+    src.check(trainings.sync)
     names = [ly.name for ly in select_layers(model)]
     rates = {**dict.fromkeys(names, rate), names[-1]: output_rate}
-    config = dict(settings, rounds=rounds, rate=rate, output_rate=output_rate, rewind=k)
-    config.update(val_fraction=val_fraction, control=control)
+    spec = PruneSpec(scope="local", layers=names)  # magnitude; each round its allocation
+    config = dict(settings, batch_size=batch_size, seed=seed, rounds=rounds, rate=rate)
+    config.update(output_rate=output_rate, rewind=k, val_fraction=val_fraction, control=control)
     del config["progress"]
     identity = checkpoint.identity("lottery", model, data, config)
-    template = copy.deepcopy(model)
-
-    saved = checkpoint.resume(checkpoint_dir, identity, model, sync=sync)
+    template = copy.deepcopy(model)  # state: theta_0's architecture, re-initialised per control
+    saved = checkpoint.resume(checkpoint_dir, identity, model, sync=trainings.sync)
     if saved is None:
         start, history, theta = 0, [], _plain(model.state_dict())
     else:
         start, theta = saved.round + 1, saved.extra
         history = [RoundResult(**r) for r in saved.state["history"]]
-
     for r in range(start, rounds + 1):
         if r > 0:
-            prune(model, allocation={n: 1 - (1 - p) ** r for n, p in rates.items()}, layers=names)
-            if sync:
-                dist_mod.sync_masks(model)
+            allocation = {n: 1 - (1 - p) ** r for n, p in rates.items()}
+            prune(model, spec=spec.replace(allocation=allocation))
+            if hook is not None:
+                hook(model)
             _rewind(model, theta)
-        run, captured = _train(model, split, k if r == 0 else -1, settings, sync)
+        run, captured = trainings.run(model, k if r == 0 else -1)
         theta = captured or theta
         control_acc = None
         if control and r > 0:
-            fresh = _control(template, model, seed + r)
-            control_acc = _train(fresh, split, -1, settings, sync)[0].accuracy
+            control_acc = trainings.run(_control(template, model, seed + r))[0].accuracy
         layers = [(ly.module, ly.weight.numel()) for ly in select_layers(model, names)]
         history.append(
             RoundResult(r, kept_share(layers), run.best_epoch, run.accuracy, run.final, control_acc)
         )
         if checkpoint_dir is not None:
             state = {"rewind": k, "history": [vars(h) for h in history]}
-            checkpoint.save_round(checkpoint_dir, r, model, identity, state, theta, sync=sync)
+            checkpoint.save_round(checkpoint_dir, r, model, identity, state, theta,
+                                  sync=trainings.sync)  # fmt: skip
     return LotteryReport(rate, rewind, history, model)

@@ -15,7 +15,6 @@ goes in a round:
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,13 +30,14 @@ from prunekit.errors import MissingDataError, PruningError
 from prunekit.layers import select_layers
 from prunekit.masks import get_mask, sparsity
 from prunekit.pruner import check_reachable, check_reusable, kept_share
-from prunekit.pruning import prune
+from prunekit.pruning import plan, prune
 from prunekit.schedules import check_int, geometric
+from prunekit.spec import PruneSpec
 from prunekit.tables import TableReport
-from prunekit.training import checkpoint, loop
-from prunekit.training import distributed as dist_mod
-from prunekit.zoo.data import Dataset
-from prunekit.zoo.train import evaluate
+from prunekit.training import checkpoint
+from prunekit.training.data import TrainData, source
+from prunekit.training.distributed import MaskSync
+from prunekit.training.loop import Evaluate, fit
 
 
 @dataclass(frozen=True)
@@ -118,25 +118,27 @@ def _check(
     target: float | None,
     q: Q | None,
     rounds: int,
-    prune_kwargs: dict[str, Any],
+    spec: PruneSpec,
+    calibration: Batches | None,
 ) -> float | None:
-    """``target`` as a float, or an error before anything is touched: pruning a copy of
-    the model to ``target`` checks the criterion, scope, layers and calibration data."""
+    """``target`` as a float, or an error before anything is touched: planning a prune of
+    the model to ``target`` (:func:`prunekit.pruning.plan`) checks the layers and the
+    calibration data the criterion needs."""
     if (target is None) == (q is None):
         raise PruningError(
             f"target={target!r}, q={q!r}: give exactly one of target= (a sparsity) or q= "
             "(Han's q * std threshold); Fix: e.g. target=0.9 or q=0.7."
         )
     check_int("rounds", rounds, 1, "e.g. rounds=5")
-    chosen = select_layers(model, prune_kwargs["layers"], prune_kwargs["exclude"])
+    chosen = select_layers(model, spec.layers, spec.exclude)
     if q is not None:
         _check_q(q, [ly.name for ly in chosen])
         return None
     target = check_sparsity(target, "target")
     check_reachable(target, 1 - kept_share((ly.module, ly.weight.numel()) for ly in chosen))
-    check_reusable(prune_kwargs["data"], "calibration")
+    check_reusable(calibration, "calibration")
     try:
-        prune(copy.deepcopy(model), target, **prune_kwargs)
+        plan(model, target, spec).check_data(calibration)
     except MissingDataError as err:
         raise MissingDataError(
             f"{err} (iterative_pruning takes them as calibration=, e.g. "
@@ -147,7 +149,7 @@ def _check(
 
 def iterative_pruning(
     model: nn.Module,
-    data: Dataset,
+    data: TrainData,
     *,
     target: float | None = None,
     q: Q | None = None,
@@ -164,6 +166,7 @@ def iterative_pruning(
     progress: bool = True,
     checkpoint_dir: str | Path | None = None,
     distributed: bool | None = None,
+    evaluate: Evaluate | None = None,
     **train_kwargs: Any,
 ) -> IterativeReport:
     """Prune a trained ``model`` over ``rounds`` rounds, retraining ``epochs`` after each.
@@ -171,8 +174,12 @@ def iterative_pruning(
     Give exactly one of ``target`` (with ``criterion`` / ``scope``; data-driven criteria
     take ``calibration`` batches) or ``q`` (Han's per-layer ``q * std`` threshold,
     magnitude; a ``{layer: q}`` mapping gives each layer its own, and is then the default
-    ``layers``). ``train_kwargs`` (``optimizer``, ``weight_decay``, ...) go to
-    :func:`prunekit.zoo.train`. Returns an :class:`IterativeReport`.
+    ``layers``). Retraining runs :func:`~prunekit.training.loop.fit` on ``data``, a
+    dataset in memory (batches of ``batch_size`` drawn from ``seed + k`` in round ``k``)
+    or any re-iterable of batches (:mod:`~prunekit.training.data`), with ``train_kwargs``
+    (``optimizer``, ``weight_decay``, ``step``, ``loss_fn``, ...). ``evaluate(model)``
+    gives the accuracies reported (default: on the test split of ``data``). Returns an
+    :class:`IterativeReport`.
 
     ``checkpoint_dir`` and ``distributed`` work as for :func:`~prunekit.training.lottery`:
     an atomic checkpoint after every round, from which the same call resumes to exactly
@@ -186,21 +193,21 @@ def iterative_pruning(
             ``calibration``, ...), a corrupted checkpoint or one of another model or run,
             ``distributed=True`` without a process group; the model is left unchanged.
     """
-    sync = dist_mod.resolve(distributed)
+    hook = MaskSync.resolve(distributed)
+    sync = hook is not None
     if isinstance(q, Mapping) and layers is None:
         layers = list(q)
-    prune_kwargs: dict[str, Any] = dict(
-        criterion=criterion, scope=scope, layers=layers, exclude=exclude, data=calibration
-    )
-    target = _check(model, target, q, rounds, prune_kwargs)
-    loop.check(data, batch_size, sync)
+    spec = PruneSpec(criterion=criterion, scope=scope, layers=layers, exclude=exclude)
+    src = source(data, batch_size, evaluate)
+    target = _check(model, target, q, rounds, spec, calibration)
+    src.check(sync)
     config = dict(target=target, q=q, rounds=rounds, epochs=epochs, finetune_lr=finetune_lr,
-                  batch_size=batch_size, seed=seed, **prune_kwargs, **train_kwargs)  # fmt: skip
-    del config["data"]
+                  batch_size=batch_size, seed=seed, criterion=criterion, scope=scope,
+                  layers=layers, exclude=exclude, **train_kwargs)  # fmt: skip
     identity = checkpoint.identity("iterative_pruning", model, data, config)
 
     def accuracy() -> float:
-        return evaluate(model, data.x_test, data.y_test)
+        return src.evaluate(model)
 
     saved = checkpoint.resume(checkpoint_dir, identity, model, sync=sync)
     if saved is None:
@@ -210,15 +217,15 @@ def iterative_pruning(
         start, report = saved.round + 1, IterativeReport(saved.state["dense"], rounds_done)
     for k in range(start, rounds + 1):
         if target is not None:
-            prune(model, geometric(target, k / rounds), **prune_kwargs)
+            prune(model, geometric(target, k / rounds), spec=spec, data=calibration)
         else:
             chosen = [ly.name for ly in select_layers(model, layers, exclude)]
-            prune(model, allocation=han_sparsities(model, q, chosen), layers=chosen)
-        if sync:
-            dist_mod.sync_masks(model)
+            prune(model, spec=PruneSpec(allocation=han_sparsities(model, q, chosen), layers=chosen))
+        if hook is not None:
+            hook(model)
         pruned = accuracy()
-        loop.train(model, data, sync=sync, epochs=epochs, lr=finetune_lr, batch_size=batch_size,
-                   seed=seed + k, progress=progress, **train_kwargs)  # fmt: skip
+        fit(model, src.batches(seed + k), sync=sync, epochs=epochs, lr=finetune_lr,
+            progress=progress, **train_kwargs)  # fmt: skip
         total = sparsity(model, layers, exclude).total
         report.rounds.append(Round(k, total, pruned, accuracy()))
         if checkpoint_dir is not None:
