@@ -18,6 +18,7 @@ or call :func:`bake` first and save an ordinary state dict.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -160,19 +161,61 @@ def remove(model: nn.Module) -> nn.Module:
     return model
 
 
+def _expected_shapes(model: nn.Module, state_dict: Mapping[str, Tensor]) -> dict[str, tuple]:
+    """The keys and shapes ``model``'s state dict will have once the masks named in
+    ``state_dict`` are registered (computed, nothing registered). A mask for a module the
+    model lacks is left out (it shows as an unexpected key)."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    modules = dict(model.named_modules())
+    for key in state_dict:
+        if not key.endswith(_MASK_KEY):
+            continue
+        name = key[: -len(_MASK_KEY)]
+        if name not in modules or not hasattr(modules[name], "weight"):
+            continue
+        if mask_param(modules[name]) is None:
+            shape = tuple(weight_param(modules[name]).shape)
+            expected.pop(f"{name}.weight", None)
+            expected[f"{name}.parametrizations.weight.original"] = shape
+            expected[key] = ((math.prod(shape) + 7) // 8,)
+    return expected
+
+
+def state_mismatch(model: nn.Module, state_dict: Mapping[str, Tensor]) -> list[str]:
+    """What keeps ``state_dict`` (masks included) from loading strictly into ``model``:
+    missing and unexpected keys, mismatched shapes; empty when it loads. Touches nothing."""
+    expected = _expected_shapes(model, state_dict)
+    missing = [k for k in expected if k not in state_dict]
+    problems = [f"missing keys {missing[:4]}"] if missing else []
+    unexpected = [k for k in state_dict if k not in expected]
+    if unexpected:
+        problems.append(f"unexpected keys {unexpected[:4]}")
+    problems += [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {expected[k]}"
+        for k, v in state_dict.items()
+        if k in expected and tuple(v.shape) != expected[k]
+    ]
+    return problems
+
+
 def load_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
     """Load a state dict saved from a masked model into an unmasked ``model``.
 
-    Registers an (all-kept) mask on every layer whose packed mask is in ``state_dict``,
-    then loads everything strictly, so the masks, originals and other tensors all arrive.
+    All or nothing: the keys and shapes are checked first (:func:`state_mismatch`), then
+    an (all-kept) mask is registered on every layer whose packed mask is in
+    ``state_dict`` and everything is loaded strictly, so the masks, originals and other
+    tensors all arrive. On a mismatch the model is left as it was.
     """
+    problems = state_mismatch(model, state_dict)
+    if problems:
+        raise PruningError(
+            f"the state dict does not match the model: {'; '.join(problems)}; Fix: load it "
+            "into the architecture (and masks) it was saved from."
+        )
     modules = dict(model.named_modules())
     for key in state_dict:
         if key.endswith(_MASK_KEY):
-            name = key[: -len(_MASK_KEY)]
-            if name not in modules:
-                raise PruningError(f"state dict has a mask for {name!r}, which the model lacks")
-            module = modules[name]
+            module = modules[key[: -len(_MASK_KEY)]]
             if mask_param(module) is None:
                 shape = weight_param(module).shape
                 apply_mask(module, torch.ones(shape, dtype=torch.bool))

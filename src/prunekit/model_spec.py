@@ -19,7 +19,6 @@ subclass before anything is written.
 
 from __future__ import annotations
 
-import copy
 import importlib
 import json
 import math
@@ -35,7 +34,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from prunekit import masks, zoo
-from prunekit.errors import CheckpointError, MissingModelError, ModelSpecError, PruningError
+from prunekit.errors import CheckpointError, MissingModelError, ModelSpecError
 from prunekit.inputs import Inputs
 from prunekit.structured.io import LAYOUT, load_shrunk
 
@@ -218,14 +217,11 @@ def load_checkpoint(model: nn.Module, checkpoint: str | Path, spec: str = "model
         f"Fix: pass the checkpoint saved from {spec!r} (and the --model-kwargs it was built with)."
     )
     if any(k.endswith(masks._MASK_KEY) for k in state):
-        trial = copy.deepcopy(model)  # registering masks changes the model: try a copy first
-        try:
-            masks.load_state_dict(trial, state)
-        except (RuntimeError, PruningError) as err:
-            problems = _mismatch(trial, state) or [str(err).splitlines()[0]]
+        problems = masks.state_mismatch(model, state)  # checked before any mask is registered
+        if problems:
             raise CheckpointError(
                 f"checkpoint {str(path)!r} does not match {spec!r}: {'; '.join(problems)}; {fix}"
-            ) from err
+            )
         masks.load_state_dict(model, state)
         return model
     problems = _mismatch(model, state)
