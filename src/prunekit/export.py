@@ -116,6 +116,7 @@ def export(
     check_format(format)
     if format == "onnx" and example_inputs is None:
         raise ExportError("format 'onnx' traces the model; Fix: pass example_inputs.")
+    # Export converts / bakes the model it writes; the caller's model stays as it was.
     work = copy.deepcopy(model)
     if format in SPARSE:
         report = sparse.convert(work, format, batch_size=batch_size)

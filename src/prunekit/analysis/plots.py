@@ -80,6 +80,7 @@ def _dense_layer(layer_or_weight: nn.Module | Tensor) -> nn.Module:
                 f"{type(layer_or_weight).__name__} is not a prunable layer; Fix: pass a "
                 "Linear / Conv layer of the model (e.g. model.fc1) or its weight tensor."
             )
+        # One layer: its original weights, with the caller's masks left in place.
         return remove(copy.deepcopy(layer_or_weight))
     if not isinstance(layer_or_weight, Tensor) or layer_or_weight.dim() not in _MODULE_FOR_NDIM:
         raise PruningError(
@@ -114,7 +115,7 @@ def granularity_masks(
         if reason is not None:
             masks[gran.name] = reason
             continue
-        trial = copy.deepcopy(base)
+        trial = copy.deepcopy(base)  # one figure panel per granularity, from one base
         prune(trial, None if isinstance(gran, NM) else sparsity, granularity=gran)
         masks[gran.name] = get_mask(trial)
     return masks

@@ -246,6 +246,7 @@ def sensitivity(
     gran = granularity_mod.parse(granularity)
     crit = criteria_mod.get(criterion)
     grid = _grid(sparsities, gran)
+    # The experiment prunes every layer in turn; the caller's model is never touched.
     work = copy.deepcopy(model)
     usable, skipped = _resolve_layers(work, layers, exclude, gran)
     dense = _score(evaluate, work)
@@ -256,7 +257,7 @@ def sensitivity(
             metrics = []
             for s in grid:
                 bar.update(task, description=f"sensitivity {layer.name} @ {s:.0%}")
-                with _swapped(work, layer.name, copy.deepcopy(layer.module)):
+                with _swapped(work, layer.name, copy.deepcopy(layer.module)):  # one layer
                     prune(
                         work,
                         None if isinstance(gran, NM) else s,

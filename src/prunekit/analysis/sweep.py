@@ -304,6 +304,8 @@ def sweep(
             bar.update(task, description=f"seed {seed}: training")
             trained = build_and_train(seed)
             metric = _score(evaluate, trained)
+            # Each (method, sparsity) prunes its own copy of the trained model (an
+            # experiment, not validation).
             dense_model = bake(copy.deepcopy(trained))
             dense = _point((DENSE, 0.0, seed), metric, dense_model, None, timing)
             points.append(dense)

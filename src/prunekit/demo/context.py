@@ -131,7 +131,7 @@ class Context:
         ``timing_batch`` test images of a baked copy of each model (masks then cost
         nothing), timed in interleaved turns (:func:`~prunekit.analysis.measure_latencies`)
         so that a change of load on a shared machine falls on all of them alike."""
-        baked = [bake(copy.deepcopy(model)) for model in models]
+        baked = [bake(copy.deepcopy(model)) for model in models]  # timed baked, callers keep masks
         counts = [profile(model, self.example, latency=False) for model in baked]
         run_time = self.budget.min_run_time * len(baked)
         seconds = measure_latencies(baked, self.example, min_run_time=run_time, rounds=5)

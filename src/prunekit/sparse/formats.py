@@ -117,6 +117,8 @@ def build(name: str, module: nn.Module, fmt: str, opts: Options) -> nn.Module:
     ``"dense"`` gives the module itself when unmasked, else a baked copy (no mask cost).
     """
     if fmt == "dense":
+        # One layer, not the model: the dense module must not share (and strip) the
+        # caller's masks.
         return bake(copy.deepcopy(module)) if parametrize.is_parametrized(module) else module
     if fmt == "nm-cuda":
         if base_type(module) is not nn.Linear:

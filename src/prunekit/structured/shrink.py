@@ -316,6 +316,8 @@ def shrink(
     """
     _validate(scope, round_to)
     normalize = _normalize(normalize, criterion)
+    # Not validation: a masked model is scored, traced and verified through its effective
+    # (baked) weights while the caller's masks stay until the plan is known to apply.
     probe = bake(copy.deepcopy(model)) if _is_masked(model) else model
     graph = _graph(probe, example_inputs, ignore)
     if ratio is None:

@@ -50,6 +50,8 @@ def group_masked(
     model: nn.Module, graph: DependencyGraph, removed: Mapping[str, Sequence[int]]
 ) -> nn.Module:
     """A copy of ``model`` with every member of the ``removed`` groups zeroed."""
+    # The reference of verify=True: the group-masked model the shrunk one must equal
+    # (verify=False skips it).
     masked = copy.deepcopy(model)
     zero_groups(masked, removed_groups(graph, removed))
     return masked
