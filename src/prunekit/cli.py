@@ -28,13 +28,11 @@ code 2, with nothing written.
 from __future__ import annotations
 
 import argparse
-import copy
 from pathlib import Path
 
 from rich.console import Console
 from rich.text import Text
 from safetensors.torch import save_model
-from torch import nn
 
 import prunekit as pk
 from prunekit import (
@@ -44,14 +42,14 @@ from prunekit import (
     cli_model,
     criteria,
     model_spec,
+    pruning,
     recipes,
     zoo,
 )
-from prunekit.criteria.base import Batches
 from prunekit.demo import run_demo, wide_console
 from prunekit.errors import MissingDataError, PruningError
 from prunekit.model_spec import LoadedSpec
-from prunekit.pruning import PruneReport
+from prunekit.spec import PruneSpec
 
 PRUNE_HELP = """Prune a model and save it with the masks baked in.
 
@@ -128,15 +126,12 @@ def _demo(args: argparse.Namespace, console: Console) -> None:
     run_demo(quick=args.quick, out_dir=args.out, seed=args.seed, console=console)
 
 
-def _prune_model(model: nn.Module, args: argparse.Namespace, data: Batches | None) -> PruneReport:
-    return pk.prune(
-        model,
-        args.sparsity,
+def _spec(args: argparse.Namespace) -> PruneSpec:
+    return PruneSpec(
         granularity=args.granularity,
         criterion=args.criterion,
         scope=args.scope,
         exclude=args.exclude,
-        data=data,
         seed=args.seed,
     )
 
@@ -163,8 +158,9 @@ def _epochs(
 
 
 def _prune(args: argparse.Namespace, console: Console) -> None:
-    """Train, prune, fine-tune, report and save. Every option is first tried on a copy, so
-    a bad one fails before any training and nothing is written."""
+    """Train, prune, fine-tune, report and save. The prune is planned first (validated
+    without touching the model), so a bad option fails before any training and nothing
+    is written."""
     data = zoo.load_dataset(args.dataset) if args.dataset else None
     loaded = cli_model.load(args)
     model = loaded.model
@@ -172,7 +168,8 @@ def _prune(args: argparse.Namespace, console: Console) -> None:
     calibration = zoo.calibration_batches(data, seed=args.seed) if data else None
     if data is not None:
         model_spec.check_fits(model, args.model, data)
-    _prune_model(copy.deepcopy(model), args, calibration)
+    spec = _spec(args)
+    pruning.plan(model, args.sparsity, spec).check_data(calibration)
     example = cli_model.example(loaded, args, data)
     accuracy: dict[str, float] = {}
 
@@ -183,7 +180,7 @@ def _prune(args: argparse.Namespace, console: Console) -> None:
     if dense_epochs:
         zoo.train(model, data, epochs=dense_epochs, seed=args.seed)
     measure("dense")
-    console.print(_prune_model(model, args, calibration))
+    console.print(pruning.apply(pruning.plan(model, args.sparsity, spec), calibration))
     measure("pruned")
     if finetune_epochs:
         zoo.train(model, data, epochs=finetune_epochs, lr=1e-4, seed=args.seed + 1)

@@ -23,7 +23,7 @@ from prunekit.pruner import Pruner
 from prunekit.pruning import prune
 from prunekit.schedules import Cubic
 from prunekit.training import lottery, soft_filter_pruning, synflow_prune, train_with_pruner
-from prunekit.training.loop import steps_per_epoch
+from prunekit.training.data import steps_per_epoch
 from prunekit.zoo.models import LeNet5
 
 TARGET = 0.9

@@ -1,6 +1,7 @@
 """Reference models, offline datasets and a small trainer for pruning experiments."""
 
-from prunekit.zoo.data import Dataset, batches, load_dataset
+from prunekit.training.data import batches
+from prunekit.zoo.data import Dataset, load_dataset
 from prunekit.zoo.models import (
     MODELS,
     LeNet5,

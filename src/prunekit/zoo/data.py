@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -107,17 +106,3 @@ def load_dataset(name: str, flat: bool = False) -> Dataset:
         x_test=ds.x_test.flatten(1),
         input_shape=(ds.x_train[0].numel(),),
     )
-
-
-def batches(
-    x: Tensor,
-    y: Tensor,
-    batch_size: int,
-    shuffle: bool = False,
-    generator: torch.Generator | None = None,
-) -> Iterator[tuple[Tensor, Tensor]]:
-    """Yield ``(x, y)`` mini-batches in order, or in a random order drawn from ``generator``;
-    the last batch may be smaller."""
-    order = torch.randperm(len(x), generator=generator) if shuffle else torch.arange(len(x))
-    for idx in order.split(batch_size):
-        yield x[idx], y[idx]
