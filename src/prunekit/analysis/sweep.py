@@ -26,7 +26,6 @@ methods), ``"sparse"`` runs each layer in its fastest format
 from __future__ import annotations
 
 import copy
-import inspect
 import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -35,8 +34,6 @@ from typing import NamedTuple
 from rich.table import Table
 from torch import nn
 
-from prunekit import criteria as criteria_mod
-from prunekit import granularity as granularity_mod
 from prunekit.allocation import check_sparsity
 from prunekit.analysis.profile import measure_latencies, profile
 from prunekit.analysis.sensitivity import Evaluate, _score
@@ -45,6 +42,7 @@ from prunekit.inputs import Inputs, batch_size
 from prunekit.masks import bake
 from prunekit.pruning import prune
 from prunekit.sparse.convert import convert
+from prunekit.spec import SPEC_FIELDS, PruneSpec
 from prunekit.structured.shrink import shrink
 from prunekit.tables import TableReport, progress_bar
 
@@ -173,9 +171,17 @@ class SweepReport(TableReport):
         return table
 
 
-def _check_methods(methods: Mapping[str, Mapping[str, object]]) -> dict[str, dict[str, object]]:
-    """The methods plus the random baseline, each checked before any training."""
-    allowed = set(inspect.signature(prune).parameters) - _FIXED
+class Method(NamedTuple):
+    """One compared method: its typed settings and its calibration data."""
+
+    spec: PruneSpec
+    data: object
+
+
+def _check_methods(methods: Mapping[str, Mapping[str, object]]) -> dict[str, Method]:
+    """The methods plus the random baseline, each a :class:`~prunekit.PruneSpec` built (so
+    checked) before any training."""
+    allowed = ({*SPEC_FIELDS, "data"}) - _FIXED
     checked = {}
     for name, kwargs in methods.items():
         unknown = set(kwargs) - allowed
@@ -185,10 +191,9 @@ def _check_methods(methods: Mapping[str, Mapping[str, object]]) -> dict[str, dic
                 f"arguments must be pk.prune's (not {sorted(_FIXED)}); got unknown "
                 f"{sorted(unknown)}. Fix: pass e.g. {{'global': {{'scope': 'global'}}}}."
             )
-        criteria_mod.get(kwargs.get("criterion", "magnitude"))
-        granularity_mod.parse(kwargs.get("granularity", "element"))
-        checked[name] = dict(kwargs)
-    return {**checked, RANDOM: {"criterion": RANDOM}}
+        settings = {k: v for k, v in kwargs.items() if k != "data"}
+        checked[name] = Method(PruneSpec(**settings), kwargs.get("data"))
+    return {**checked, RANDOM: Method(PruneSpec(criterion=RANDOM), None)}
 
 
 def _check_grid(sparsities: Sequence[float], seeds: Sequence[int]) -> tuple[float, ...]:
@@ -310,10 +315,10 @@ def sweep(
             dense = _point((DENSE, 0.0, seed), metric, dense_model, None, timing)
             points.append(dense)
             bar.advance(task)
-            for (method, kwargs), sparsity in ((m, s) for m in all_methods.items() for s in grid):
+            for (method, how), sparsity in ((m, s) for m in all_methods.items() for s in grid):
                 bar.update(task, description=f"seed {seed}: {method} @ {sparsity:.0%}")
                 model = copy.deepcopy(trained)
-                prune(model, sparsity, seed=seed, **kwargs)
+                prune(model, sparsity, spec=how.spec.replace(seed=seed), data=how.data)
                 if finetune is not None:
                     finetune(model, seed)
                 metric = _score(evaluate, model)
