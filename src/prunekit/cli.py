@@ -62,18 +62,7 @@ input). Writes <out>/model.safetensors (load it with --checkpoint), or a
 save_pretrained directory for a transformers model."""
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prunekit", description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="version", version=f"prunekit {pk.__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    demo = commands.add_parser(
-        "demo", help="the chapter's whole practice on two trained LeNets, as one HTML report"
-    )
-    demo.add_argument("--quick", action="store_true", help="the same path in about 30 s")
-    demo.add_argument("--out", type=Path, default=Path("runs"), help="the report goes to OUT/demo/")
-    demo.add_argument("--seed", type=int, default=0)
-
+def _prune_parser(commands: argparse._SubParsersAction) -> None:
     prune = commands.add_parser(
         "prune",
         help="prune a model (zoo, factory or transformers dir), fine-tune, save",
@@ -96,6 +85,20 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--out", type=Path, default=Path("runs"), help="the pruned model goes here")
     prune.add_argument("--seed", type=int, default=0)
 
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prunekit", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"prunekit {pk.__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser(
+        "demo", help="the chapter's whole practice on two trained LeNets, as one HTML report"
+    )
+    demo.add_argument("--quick", action="store_true", help="the same path in about 30 s")
+    demo.add_argument("--out", type=Path, default=Path("runs"), help="the report goes to OUT/demo/")
+    demo.add_argument("--seed", type=int, default=0)
+
+    _prune_parser(commands)
     profile = commands.add_parser("profile", help="params, bytes, MACs and latency of a model")
     cli_model.add_model_arguments(profile)
 

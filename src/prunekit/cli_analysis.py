@@ -26,7 +26,7 @@ from prunekit import model_spec, zoo
 from prunekit.analysis import plots
 from prunekit.analysis.report import Section, write_report
 from prunekit.analysis.sensitivity import Evaluate, sensitivity
-from prunekit.analysis.sweep import MATERIALIZE, sweep
+from prunekit.analysis.sweep import MATERIALIZE, SweepReport, sweep
 from prunekit.errors import PruningError, SweepError
 
 SCOPES = ("global", "local")
@@ -148,6 +148,27 @@ def run_sensitivity(args: argparse.Namespace, console: Console) -> None:
     console.print(f"report: {folder / 'report.html'}")
 
 
+def _sweep_sections(report: SweepReport, args: argparse.Namespace, seeds: list[int]) -> list:
+    """The sweep report's sections: curves and latency figures, then every seed."""
+    figures = {
+        "accuracy_vs_sparsity": plots.plot_accuracy_vs_sparsity(report.curves()),
+        "latency_vs_macs": plots.plot_latency_vs_macs(report.latency_vs_macs()),
+    }
+    return [
+        Section(
+            "Accuracy vs sparsity",
+            f"Test accuracy, mean +- std over seeds {seeds}; 'random' is the random-pruning "
+            "baseline. Latency vs effective MACs, the pruned models timed as "
+            f"materialize={args.materialize!r} (masks: zeros still run dense kernels).",
+            report.to_rows(),
+            figures,
+        ),
+        Section(
+            "Every seed", "One row per method, sparsity and seed.", report.to_rows(per_seed=True)
+        ),
+    ]
+
+
 def run_sweep(args: argparse.Namespace, console: Console) -> None:
     """Train one model per seed, sweep every method, report curves, latency and the table."""
     grid = _numbers(args.sparsities, float, "--sparsities")
@@ -183,23 +204,7 @@ def run_sweep(args: argparse.Namespace, console: Console) -> None:
     )
     report = sweep(build_and_train, _accuracy(data), seeds=seeds, **options)
     console.print(report)
-    figures = {
-        "accuracy_vs_sparsity": plots.plot_accuracy_vs_sparsity(report.curves()),
-        "latency_vs_macs": plots.plot_latency_vs_macs(report.latency_vs_macs()),
-    }
-    sections = [
-        Section(
-            "Accuracy vs sparsity",
-            f"Test accuracy, mean +- std over seeds {seeds}; 'random' is the random-pruning "
-            "baseline. Latency vs effective MACs, the pruned models timed as "
-            f"materialize={args.materialize!r} (masks: zeros still run dense kernels).",
-            report.to_rows(),
-            figures,
-        ),
-        Section(
-            "Every seed", "One row per method, sparsity and seed.", report.to_rows(per_seed=True)
-        ),
-    ]
+    sections = _sweep_sections(report, args, seeds)
     name = f"sweep-{args.model}-{args.dataset}"
     title = f"Sweep of {args.model} on {args.dataset}"
     folder = write_report(

@@ -74,6 +74,26 @@ def _owl_targets(
     return owl_sparsities(ratios, sparsity, lam)
 
 
+def _check_target(
+    sparsity: float | str, allocation: str, owl_m: float, owl_lambda: float
+) -> Target:
+    """The parsed target, with the allocation and OWL settings checked against it."""
+    target = parse_target(sparsity)
+    if allocation not in ALLOCATIONS:
+        raise UnknownChoiceError("allocation", allocation, ALLOCATIONS)
+    if allocation == "owl" and isinstance(target, NM):
+        raise PruningError(
+            f"allocation 'owl' varies sparsity per block, which N:M ({target.name}) fixes; "
+            "Fix: use a fractional sparsity with OWL, or allocation='uniform'."
+        )
+    if not (owl_m > 0 and 0 <= owl_lambda < 0.5):
+        raise PruningError(
+            f"owl_m={owl_m!r} must be > 0 and owl_lambda={owl_lambda!r} in [0, 0.5); "
+            "Fix: use the paper's defaults 5 and 0.08."
+        )
+    return target
+
+
 def prune(
     model: nn.Module,
     calibration: TokenData,
@@ -126,19 +146,7 @@ def prune(
         >>> pk.bake(model); model.save_pretrained("pruned")
     """
     method = parse_method(method)
-    target = parse_target(sparsity)
-    if allocation not in ALLOCATIONS:
-        raise UnknownChoiceError("allocation", allocation, ALLOCATIONS)
-    if allocation == "owl" and isinstance(target, NM):
-        raise PruningError(
-            f"allocation 'owl' varies sparsity per block, which N:M ({target.name}) fixes; "
-            "Fix: use a fractional sparsity with OWL, or allocation='uniform'."
-        )
-    if not (owl_m > 0 and 0 <= owl_lambda < 0.5):
-        raise PruningError(
-            f"owl_m={owl_m!r} must be > 0 and owl_lambda={owl_lambda!r} in [0, 0.5); "
-            "Fix: use the paper's defaults 5 and 0.08."
-        )
+    target = _check_target(sparsity, allocation, owl_m, owl_lambda)
     prefix, block_list = find_blocks(model, blocks)
     _check_layers(block_list, prefix, target)
     batches = calibration_batches(calibration, model, batch_size)
@@ -167,18 +175,7 @@ def prune(
             progress=progress,
         )
     seconds = time.perf_counter() - start
-    records = [
-        LayerRecord(
-            ly.name,
-            tuple(ly.weight.shape),
-            ly.weight.numel(),
-            _fraction(block_targets[index]),
-            1.0 - kept_fraction(ly.module),
-            errors[ly.name],
-        )
-        for index, block in enumerate(block_list)
-        for ly in block_layers(block, f"{prefix}.{index}")
-    ]
+    records = _records(block_list, prefix, block_targets, errors)
     return LLMPruneReport(
         method_name(method),
         describe(target),
@@ -190,6 +187,24 @@ def prune(
         peak.bytes,
         peak.source,
     )
+
+
+def _records(
+    block_list: nn.ModuleList, prefix: str, targets: list[Target], errors: dict[str, float]
+) -> list[LayerRecord]:
+    """One record per pruned layer: shape, target, achieved sparsity, output error."""
+    return [
+        LayerRecord(
+            ly.name,
+            tuple(ly.weight.shape),
+            ly.weight.numel(),
+            _fraction(targets[index]),
+            1.0 - kept_fraction(ly.module),
+            errors[ly.name],
+        )
+        for index, block in enumerate(block_list)
+        for ly in block_layers(block, f"{prefix}.{index}")
+    ]
 
 
 def _fraction(target: Target) -> float:
