@@ -239,3 +239,29 @@ def test_macs_before_and_after_come_from_one_counter() -> None:
     assert report.macs_ratio == count_macs(model, x) / count_macs(dense, x)
     with torch.no_grad():  # where the fused kernel runs: counted the same
         assert count_macs(dense, x) == report.macs_before
+
+
+def test_global_normalize_mean_none_and_auto() -> None:
+    """Global scope is one ranking; normalize says whether family scores are divided by
+    their mean first ("mean", the default for l1/l2) or ranked raw ("none", as pk.prune)."""
+    model = build_model("vgg").eval()
+    x = example_input("vgg")
+    graph = build(model, x)
+    scores = score(model, graph, "l1")
+    raw = plan(graph, scores, 0.3, scope="global", normalize="none")
+    pooled = sorted((float(v), f.name, i) for f in graph.families
+                    for i, v in enumerate(scores[f.name].tolist()))  # fmt: skip
+    cut = {(name, i) for _, name, i in pooled[: math.floor(0.3 * len(pooled))]}
+    assert {(d.name, i) for d in raw for i in d.removed} == cut  # no family hits its floor here
+    mean = plan(graph, scores, 0.3, scope="global", normalize="mean")
+    assert [d.removed for d in mean] != [d.removed for d in raw]
+    auto = pk.shrink(copy.deepcopy(model), x, 0.3, scope="global", criterion="l1")
+    assert [f.kept for f in auto.families] == [d.kept for d in mean]
+    lamp = pk.shrink(copy.deepcopy(model), x, 0.3, scope="global", criterion="lamp")
+    lamp_scores = score(model, graph, "lamp")
+    none = plan(graph, lamp_scores, 0.3, scope="global", normalize="none")
+    assert [f.kept for f in lamp.families] == [d.kept for d in none]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(pk.UnknownChoiceError, match="normalize"):
+        pk.shrink(model, x, 0.3, scope="global", normalize="max")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
