@@ -9,7 +9,7 @@ pk.shrink(model, example_inputs, ratio=0.5)   # physically remove channels / hea
 ``import prunekit`` loads the core only (masks, schedules, the Pruner, the errors). The
 engines (``pk.structured``, ``pk.sparse``, ``pk.llm``, ``pk.training``), the application
 layer (``pk.analysis``, ``pk.zoo``, ...) and the names they define (``pk.shrink``,
-``pk.PruneSpec``, ...) are imported on first access (PEP 562 module ``__getattr__``), so
+...) are imported on first access (PEP 562 module ``__getattr__``), so
 the import pulls in no matplotlib, no transformers and nothing of the application layer.
 """
 
@@ -31,22 +31,24 @@ from prunekit.errors import (
     ScheduleError,
     UnknownChoiceError,
 )
+from prunekit.inputs import Calibration
 from prunekit.masks import bake, sparsity
 from prunekit.pruner import Pruner
 from prunekit.pruning import prune
 from prunekit.schedules import Cubic, Iterative, OneShot
+from prunekit.spec import PruneSpec
 
 __version__ = "0.1.0"
 
 # Public names defined outside the core: name -> the module that defines it.
 _LAZY_ATTRIBUTES = {
-    "PruneSpec": "prunekit.spec",
     "load_shrunk": "prunekit.structured",
     "save_shrunk": "prunekit.structured",
     "shrink": "prunekit.structured",
 }
 
 __all__ = [
+    "Calibration",
     "Cubic",
     "IncompatibleLayerError",
     "InvalidSparsityError",
