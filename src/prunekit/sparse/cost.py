@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.utils import benchmark
 
 CPU = torch.device("cpu")
 
@@ -61,6 +60,10 @@ class MeasuredCost:
         return (c.format, c.shape, round(c.sparsity, 2), c.batch_size, c.detail, c.dtype, c.device)
 
     def __call__(self, c: Candidate) -> float:
+        # Imported here: torch.utils.benchmark pulls in setuptools (~0.3 s), and only
+        # format="auto" times anything.
+        from torch.utils import benchmark
+
         key = self.key(c)
         if key not in self.cache:
             x = torch.randn(c.batch_size, c.shape[1], dtype=c.dtype, device=c.device)

@@ -20,21 +20,14 @@ from prunekit.structured.shrink import ShrinkReport, plan, shrink
 from prunekit.structured.surgery import remove, zero_groups
 
 __all__ = [
-    "CRITERIA",
     "DependencyGraph",
-    "Family",
-    "Group",
     "ShrinkReport",
     "build",
-    "config_rebuilds",
     "keep_whole",
     "load_shrunk",
     "plan",
     "register_module_rule",
     "register_rule",
-    "remove",
     "save_shrunk",
-    "score",
     "shrink",
-    "zero_groups",
 ]
