@@ -9,8 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from prunekit.inputs import Inputs, call
-from prunekit.structured import build, plan, remove, score
-from prunekit.structured.surgery import group_masked
+from prunekit.structured import build, plan, score
+from prunekit.structured.surgery import group_masked, remove
 from prunekit.zoo.hf import tiny_transformer
 
 

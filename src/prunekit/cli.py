@@ -105,7 +105,7 @@ def _parser() -> argparse.ArgumentParser:
     shrink = commands.add_parser("shrink", help="physically remove channels / heads of a model")
     cli_model.add_model_arguments(shrink)
     shrink.add_argument("--ratio", type=float, default=0.5, help="fraction of groups removed")
-    shrink.add_argument("--criterion", default="l2", help=", ".join(pk.structured.CRITERIA))
+    shrink.add_argument("--criterion", default="l2", help=", ".join(criteria.names("channels")))
     shrink.add_argument("--scope", default="local", help="local or global")
     shrink.add_argument("--round-to", type=int, default=1, help="keep multiples of this")
     shrink.add_argument("--out", type=Path, help="save_shrunk directory (safetensors + json)")

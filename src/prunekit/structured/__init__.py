@@ -12,12 +12,11 @@ channels), :mod:`~prunekit.structured.graph` (groups and families),
 (save and load a shrunk model). Its errors live in :mod:`prunekit.errors`.
 """
 
-from prunekit.structured.graph import DependencyGraph, Family, Group, build
-from prunekit.structured.importance import CRITERIA, score
-from prunekit.structured.io import config_rebuilds, load_shrunk, save_shrunk
+from prunekit.structured.graph import DependencyGraph, build
+from prunekit.structured.importance import score
+from prunekit.structured.io import load_shrunk, save_shrunk
 from prunekit.structured.registry import keep_whole, register_module_rule, register_rule
 from prunekit.structured.shrink import ShrinkReport, plan, shrink
-from prunekit.structured.surgery import remove, zero_groups
 
 __all__ = [
     "DependencyGraph",
@@ -29,5 +28,6 @@ __all__ = [
     "register_module_rule",
     "register_rule",
     "save_shrunk",
+    "score",
     "shrink",
 ]

@@ -39,7 +39,6 @@ from prunekit.structured.graph import DependencyGraph
 from prunekit.structured.units import FamilyUnits
 
 StructuredCriterion = str | Criterion | Callable[[Tensor], Tensor]
-CRITERIA = tuple(criteria.names("channels"))
 
 
 def resolve(criterion: StructuredCriterion) -> Criterion:

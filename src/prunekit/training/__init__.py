@@ -15,24 +15,14 @@ transformers installed.
 
 from typing import Any
 
-from prunekit.training import (
-    at_init,
-    callbacks,
-    checkpoint,
-    data,
-    distributed,
-    during,
-    loop,
-    post,
-)
 from prunekit.training.at_init import reinitialize, shuffle_masks, synflow_prune
 from prunekit.training.callbacks import train_with_pruner
 from prunekit.training.data import accuracy
 from prunekit.training.distributed import MaskSync, sync_masks
 from prunekit.training.during import DuringReport, network_slimming, soft_filter_pruning
 from prunekit.training.loop import Supervised, fit
-from prunekit.training.lottery import LotteryReport, RoundResult, lottery
-from prunekit.training.post import IterativeReport, han_sparsities, iterative_pruning
+from prunekit.training.lottery import LotteryReport, lottery
+from prunekit.training.post import IterativeReport, iterative_pruning
 
 __all__ = [
     "DuringReport",
@@ -57,5 +47,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name == "PruningCallback":
+        from prunekit.training import callbacks
+
         return callbacks.PruningCallback
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

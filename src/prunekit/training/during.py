@@ -26,8 +26,8 @@ from torch import Tensor, nn
 from prunekit.allocation import check_sparsity
 from prunekit.errors import PruningError, UnknownChoiceError
 from prunekit.inputs import Inputs
-from prunekit.structured import ShrinkReport, build, plan, score, shrink, zero_groups
-from prunekit.structured.surgery import removed_groups
+from prunekit.structured import ShrinkReport, build, plan, score, shrink
+from prunekit.structured.surgery import removed_groups, zero_groups
 from prunekit.tables import TableReport
 from prunekit.training import distributed as dist_mod
 from prunekit.training.data import TrainData, source
