@@ -213,13 +213,29 @@ def test_counts_are_exact_at_any_sparsity(crit_name: str, sparsity: float, gran_
         check_masks(net, gran, pk.prune(net, sparsity, data=DATA, **call), sparsity)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="selection._select never takes zero candidates: when "
-    "the groups below the bracket are already nearest, it prunes one group more",
-)
 def test_group_counts_round_to_the_nearest_whole_group() -> None:
     torch.manual_seed(0)
     layer = nn.Linear(3, 8)  # 8 rows of 3: 0.3 * 24 = 7.2 -> 6 pruned (off 1), not 9 (off 2)
     pk.prune(layer, 0.3, granularity="row")
     assert int((~get_mask(layer)).sum()) == 6
+
+
+def test_scores_that_move_between_passes_are_refused_not_misapplied() -> None:
+    """The streamed selection scores twice; a criterion whose scores drift (global RNG,
+    state) must be an error naming the fix, never a wrong mask or an IndexError."""
+
+    class Drift(pk.criteria.Criterion):
+        name = "drift"
+
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def scores(self, units, ctx):
+            shift = (0.0, 10.0, -10.0)[min(self.calls, 2)]
+            self.calls += 1
+            return torch.rand(units.shape, generator=torch.Generator().manual_seed(1)) + shift
+
+    layer = nn.Linear(16, 16)
+    with pytest.raises(pk.PruningError, match=r"ctx\.generator"):
+        pk.prune(layer, 0.5, criterion=Drift())
+    assert get_mask(layer) is None

@@ -349,13 +349,21 @@ def _select(
         bracket = (-math.inf, bracket[1]) if need < 0 else (bracket[0], math.inf)
         marked = _mark(plans, criterion, protected, bracket, capacity)
         need = need_total - marked.below
+        if need < 0 or need > int(marked.candidates["weights"].sum()):
+            # An open bracket always holds the cut, unless the scores moved between passes.
+            raise PruningError(
+                f"criterion {criterion!r} scored the same weights differently in two passes; "
+                "Fix: make its scores reproducible (draw random numbers from ctx.generator, "
+                "not the global RNG)."
+            )
     cand = marked.candidates
     if need > 0 and cand.size:
         order = torch.sort(cand["values"], stable=True).indices
         cum = cand["weights"][order].cumsum(0)
         take = int(torch.searchsorted(cum, torch.tensor([need]))) + 1
-        if take > 1 and abs(int(cum[take - 2]) - need) <= abs(int(cum[take - 1]) - need):
-            take -= 1
+        before = int(cum[take - 2]) if take > 1 else 0  # taking one candidate fewer
+        if abs(before - need) <= abs(int(cum[take - 1]) - need):
+            take -= 1  # the nearest whole group wins (ties: the smaller count)
         chosen = order[:take]
         layer_ids, positions = cand["layer"][chosen], cand["positions"][chosen]
         for li in layer_ids.unique().tolist():

@@ -146,7 +146,7 @@ class PruneSpec(Settings):
             ranking over all selected layers).
         allocation: local scope only: ``"uniform"``, ``"erk"`` or ``{layer: sparsity}``.
         layers / exclude: layer selectors (names, glob patterns, types or a predicate).
-        min_keep: groups each layer keeps at least under global scope (0 allows emptying).
+        min_keep: groups each layer keeps at least, in either scope (0 allows emptying).
         seed: seeds the random criterion and the sampling of large pools.
         loss_fn: ``loss_fn(outputs, targets)`` for gradient criteria (default
             cross-entropy; see :class:`~prunekit.inputs.Calibration`).
