@@ -7,7 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from rich.console import Console
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from prunekit import recipes
 from prunekit.errors import RecipeError
@@ -110,9 +113,10 @@ def test_structural_methods_train_with_the_recipe_optimizer(method: str, monkeyp
 
     from prunekit.recipes import pipeline
 
+    criterion = "criterion: l2, " if method == "soft-filter" else ""  # slimming ranks by |gamma|
     text = (
         "name: s\nmodel: lenet5\ndata: {dataset: digits}\ntrain: {epochs: 1, optimizer: sgd}\n"
-        f"prune: {{granularity: filter, criterion: l2, sparsity: 0.5}}\n"
+        f"prune: {{granularity: filter, {criterion}sparsity: 0.5}}\n"
         f"timing: {{when: during, method: {method}}}\n"
     )
     seen = {}
@@ -128,3 +132,88 @@ def test_structural_methods_train_with_the_recipe_optimizer(method: str, monkeyp
     run.epochs = lambda section: run.recipe[section]["epochs"]
     pipeline._structural(run)
     assert seen["optimizer"] == "sgd" and seen["lr"] == 1e-3 and seen["ratio"] == 0.5
+
+
+class _NewBytes(TorchDispatchMode):
+    """Counts the bytes of every tensor storage an aten op creates (views share their
+    input's storage and are not counted)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        seen = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                if isinstance(t, torch.Tensor)}  # fmt: skip
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+                self.bytes += t.untyped_storage().nbytes()
+        return out
+
+
+def test_llm_recipe_validation_adds_no_model_sized_memory() -> None:
+    transformers = pytest.importorskip("transformers")
+    from prunekit.recipes import llm
+
+    config = transformers.LlamaConfig(
+        vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=8,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert 20e6 < model_bytes < 50e6
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, 4096, (8, 64))
+    text = "name: l\nkind: llm\nmodel: char-llama\nllm: {method: sparsegpt, sparsity: '2:4'}\n"
+    recipe = recipes.loads(text, "l.yaml")
+    with _NewBytes() as counter:
+        model.model.layers[0].mlp.down_proj.weight.abs()  # the counter sees a weight's copy
+    assert counter.bytes >= 256 * 688 * 4
+    with _NewBytes() as counter:
+        llm.check(recipe, model, ids)
+    assert counter.bytes < 0.05 * model_bytes, counter.bytes
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_llm_recipe_validation_names_the_llm_line() -> None:
+    transformers = pytest.importorskip("transformers")
+    from prunekit.recipes import llm
+
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=36, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(config)
+    text = "name: l\nkind: llm\nmodel: char-llama\nllm: {method: wanda, sparsity: '4:8'}\n"
+    with pytest.raises(RecipeError) as info:
+        llm.check(recipes.loads(text, "l.yaml"), model, torch.randint(0, 64, (2, 8)))
+    assert str(info.value).startswith("l.yaml:4: llm = 'wanda' fails on the model: layer ")
+    with pytest.raises(RecipeError, match="outside the model's vocabulary"):
+        llm.check(recipes.loads(text.replace("'4:8'", "0.5")), model, torch.tensor([[70, 1]]))
+
+
+def test_dry_run_plans_without_touching_the_model() -> None:
+    from torch.nn.utils import parametrize
+
+    from prunekit.recipes import pipeline
+
+    text = (
+        "name: d\nmodel: {spec: lenet300, kwargs: {in_features: 64}}\ndata: {dataset: digits}\n"
+        "prune: {sparsity: 0.9, scope: global}\nschedule: {kind: iterative}\n"
+        "materialize: {mode: bake}\nexport: {formats: [csr]}\n"
+    )
+    run = pipeline.prepare(recipes.loads(text, "d.yaml"), True, Console(file=io.StringIO()))
+    before = {k: v.clone() for k, v in run.model.state_dict().items()}
+    pipeline.dry_run(run)
+    assert not any(parametrize.is_parametrized(m) for m in run.model.modules())
+    assert all(torch.equal(run.model.state_dict()[k], v) for k, v in before.items())
+    dense_fc3 = text.replace("scope: global}", "exclude: [fc3]}")  # fc3 stays dense: no CSR
+    run = pipeline.prepare(recipes.loads(dense_fc3, "d.yaml"), True, Console(file=io.StringIO()))
+    with pytest.raises(RecipeError) as info:
+        pipeline.dry_run(run)
+    assert str(info.value).startswith("d.yaml:6: materialize = {'mode': 'bake'")
+    assert "layer 'fc3' is 0.0% sparse" in str(info.value)

@@ -21,6 +21,9 @@
     materialize: {mode: shrink}     # masks | bake | shrink | sparse (format: auto|csr|bsr|nm)
     export: {formats: [safetensors, onnx]}   # also csr, bsr, nm, auto
 
+Each timing method takes only the keys of its own settings class
+(:mod:`prunekit.training.configs`, from which these sections are derived): a key the
+chosen method would ignore is an error naming the method's type and the keys it takes.
 ``kind: llm`` prunes a causal LM instead (sections ``model`` and ``llm``: ``method``
 wanda | sparsegpt | magnitude, ``sparsity`` 0.5 or '2:4', ``allocation`` uniform | owl,
 ``samples``, ``seq_len``). The recipe is checked completely before anything is built or

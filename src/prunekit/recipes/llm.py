@@ -4,23 +4,30 @@ magnitude; uniform or OWL) on a causal LM, with held-out perplexity before and a
 ``model: char-llama`` is the character-level Llama of :mod:`prunekit.zoo.lm` (cached by
 ``prunekit llm build-lm``); with ``--quick`` a tiny one (2 layers, 64 wide, 30 steps) is
 trained on the spot instead, so CI needs no cache. Any ``save_pretrained``
-directory with a tokenizer works too (see :mod:`prunekit.llm_models`).
+directory with a tokenizer works too (see :mod:`prunekit.llm_models`). Before pruning,
+:func:`check` validates the settings against the loaded model without running anything
+on it (no copy: the model is the largest thing in memory).
 """
 
 from __future__ import annotations
 
-import copy
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
 from rich.console import Console
+from torch import Tensor, nn
 
 import prunekit as pk
 from prunekit import llm_models as models
 from prunekit.analysis.report import Section
-from prunekit.errors import PruningError
+from prunekit.errors import IncompatibleLayerError, PruningError
+from prunekit.granularity import NM
+from prunekit.layers import check_weight
+from prunekit.llm.blocks import block_layers, find_blocks
+from prunekit.llm.calibration import calibration_batches
 from prunekit.llm.evaluate import perplexity
+from prunekit.llm.methods import parse_method, parse_target
 from prunekit.recipes.validate import Recipe
 from prunekit.zoo import lm
 
@@ -57,6 +64,33 @@ def load(recipe: Recipe, quick: bool) -> models.LoadedModel:
     return loaded
 
 
+def _check_blocks(model: nn.Module, sparsity: float | str) -> None:
+    """The blocks :func:`prunekit.llm.prune` would prune exist, and each of their layers can
+    take ``sparsity`` (an N:M pattern needs M to divide its inputs); weights are read only
+    through a sum per layer."""
+    target = parse_target(sparsity)
+    prefix, blocks = find_blocks(model)
+    for index, block in enumerate(blocks):
+        for layer in block_layers(block, f"{prefix}.{index}"):
+            check_weight(layer)
+            if isinstance(target, NM) and (reason := target.incompatibility(layer)):
+                raise IncompatibleLayerError(f"layer {layer.name!r}: {reason}")
+
+
+def check(recipe: Recipe, model: nn.Module, calibration: Tensor) -> None:
+    """Validate the recipe's ``llm`` settings against ``model`` and the ``calibration``
+    ids without pruning: the method, the sparsity, the blocks and their layers, the token
+    ids. Nothing runs on the model and nothing of its size is allocated, so this costs a
+    few scalars, not a copy; an error names the ``llm`` line."""
+    s = recipe["llm"]
+    try:
+        parse_method(s["method"])
+        _check_blocks(model, s["sparsity"])
+        calibration_batches(calibration, model)
+    except PruningError as err:
+        raise recipe.fail(("llm",), s["method"], f"fails on the model: {err}", "fix llm:.") from err
+
+
 def run(recipe: Recipe, quick: bool, console: Console, folder: Path) -> list[Section]:
     """Prune, evaluate, optionally save; return the report's sections."""
     s = recipe["llm"]
@@ -67,13 +101,9 @@ def run(recipe: Recipe, quick: bool, console: Console, folder: Path) -> list[Sec
     calibration = lm.calibration_ids(loaded.encode, samples, seq_len, recipe["seed"])
     held_out = lm.held_out_ids(loaded.encode)
     held_out = held_out[:QUICK_EVAL_TOKENS] if quick else held_out
+    check(recipe, loaded.model, calibration)
     dense = perplexity(loaded.model, held_out, seq_len=seq_len)
-    trial = copy.deepcopy(loaded.model)
     options = dict(method=s["method"], sparsity=s["sparsity"], allocation=s["allocation"])
-    try:  # checked on a copy with one sample first, so a bad setting fails fast
-        pk.llm.prune(trial, calibration[:1], progress=False, **options)
-    except PruningError as err:
-        raise recipe.fail(("llm",), s["method"], f"fails on the model: {err}", "fix llm:.") from err
     report = pk.llm.prune(loaded.model, calibration, **options)
     console.print(report)
     pruned = perplexity(loaded.model, held_out, seq_len=seq_len)

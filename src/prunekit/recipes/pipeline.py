@@ -17,20 +17,22 @@ before      lottery      :func:`prunekit.training.lottery` (Frankle & Carbin 201
                          each, so the ticket ends near ``prune.sparsity``
 ==========  ===========  ==================================================================
 
-Schedules are written in fractions of their training phase (``start: 0.0, end: 0.8``) and
-turned into optimizer steps here, so ``--quick`` (fewer epochs, less data) keeps them valid.
-Before any training, the whole pruning and materialisation run once on a copy of the
-untrained model, so every model-specific error (a layer the granularity cannot split, a
-model without BatchNorm to slim, ...) is raised first, at the recipe line it comes from.
+Each pipeline reads the method's typed settings (``recipe.config``, one class of
+:mod:`prunekit.training.configs` per method) and turns them into the keyword arguments of
+the training functions. Schedules are written in fractions of their training phase
+(``start: 0.0, end: 0.8``) and turned into optimizer steps here, so ``--quick`` (fewer
+epochs, less data) keeps them valid. Before any training, :func:`dry_run` plans the
+pruning and materialisation on the untrained model (:mod:`prunekit.recipes.plans`: no
+copy of the model, nothing run on it), so every model-specific error (a layer the
+granularity cannot split, a model without BatchNorm to slim, ...) is raised first, at the
+recipe line it comes from.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 from torch import nn
@@ -40,14 +42,13 @@ from prunekit import model_spec, training, zoo
 from prunekit.analysis import plots
 from prunekit.analysis.report import Section
 from prunekit.errors import PruningError
-from prunekit.export import SPARSE, export
+from prunekit.export import export
 from prunekit.inputs import Inputs
+from prunekit.recipes import plans
 from prunekit.recipes.validate import Recipe
 from prunekit.schedules import Cubic, Iterative, OneShot, Schedule, geometric
+from prunekit.training.configs import AtInit, Lottery, Method, Scheduled, Slimming, SoftFilter
 from prunekit.zoo.train import steps_per_epoch
-
-SPARSE_FORMATS = tuple(f for f in SPARSE if f != "auto")  # each converts as asked
-PRUNE_FIX = "exclude the layer it names (prune.exclude) or choose another setting."
 
 QUICK_TRAIN, QUICK_TEST = 256, 128
 
@@ -66,9 +67,15 @@ class Run:
     stages: dict[str, float] = field(default_factory=dict)
     sections: list[Section] = field(default_factory=list)
 
+    @property
+    def config(self) -> Method:
+        """The timing method's settings."""
+        assert self.recipe.config is not None
+        return self.recipe.config
+
     def epochs(self, section: str) -> int:
         """``section``'s ``epochs`` (``train`` or ``finetune``); at most 1 under ``--quick``."""
-        epochs = self.recipe[section]["epochs"]
+        epochs = getattr(self.config, "epochs" if section == "train" else "finetune_epochs")
         return min(epochs, 1) if self.quick else epochs
 
     def measure(self, stage: str) -> None:
@@ -113,42 +120,39 @@ def prepare(recipe: Recipe, quick: bool, console: Console) -> Run:
     return Run(recipe, loaded.model, data, example, calibration, quick, console)
 
 
-def _prune_kwargs(run: Run) -> dict[str, Any]:
-    p = run.recipe["prune"]
-    data = [run.example] if p["criterion"] == "synflow" else run.calibration
-    return dict(
-        granularity=p["granularity"],
-        criterion=p["criterion"],
-        scope=p["scope"],
-        allocation=p["allocation"],
-        layers=p["layers"],
-        exclude=p["exclude"],
-        data=data,
-        seed=run.recipe["seed"],
-    )
+def _calibration(run: Run) -> list | None:
+    """The batches the criterion scores on (SynFlow: the example input's shape)."""
+    spec = plans.spec(run.recipe)
+    return [run.example] if spec is not None and spec.crit.name == "synflow" else run.calibration
+
+
+def _uses_pruner(cfg: Method) -> bool:
+    """Whether the method prunes through a :class:`~prunekit.Pruner` on its schedule."""
+    return isinstance(cfg, Scheduled) and (cfg.when == "during" or cfg.schedule != "one-shot")
 
 
 def _schedule(run: Run, phase_epochs: int) -> Schedule:
     """The recipe's schedule in optimizer steps of a ``phase_epochs`` training phase."""
-    s = run.recipe["schedule"]
+    cfg = run.config
+    assert isinstance(cfg, Scheduled)
     per_epoch = steps_per_epoch(run.data, run.recipe["data"]["batch_size"])
     total = phase_epochs * per_epoch
-    start = round(s["start"] * total)
-    if s["kind"] == "one-shot":
+    start = round(cfg.start * total)
+    if cfg.schedule == "one-shot":
         return OneShot(at=max(1, start))
-    span = max(1, round(s["end"] * total) - start)
-    rounds = min(s["rounds"], span)  # at most one cut per optimizer step
+    span = max(1, round(cfg.end * total) - start)
+    rounds = min(cfg.rounds, span)  # at most one cut per optimizer step
     every = span // rounds
-    if s["kind"] == "iterative":
-        return Iterative(steps=rounds, every=every, start=start, spacing=s["spacing"])
-    return Cubic(start=start, end=start + every * rounds, every=every, initial=s["initial"])
+    if cfg.schedule == "iterative":
+        return Iterative(steps=rounds, every=every, start=start, spacing=cfg.spacing)
+    return Cubic(start=start, end=start + every * rounds, every=every, initial=cfg.initial)
 
 
-def _train(run: Run, section: str, pruner: pk.Pruner | None = None, lr: float | None = None):
+def _train(run: Run, section: str, pruner: pk.Pruner | None = None) -> None:
+    cfg = run.config
     epochs = run.epochs(section)
-    settings = run.recipe["train"]
-    lr = lr if lr is not None else run.recipe[section]["lr"]
-    common = dict(batch_size=run.recipe["data"]["batch_size"], optimizer=settings["optimizer"])
+    lr = cfg.lr if section == "train" else getattr(cfg, "finetune_lr", cfg.lr)
+    common = dict(batch_size=run.recipe["data"]["batch_size"], optimizer=cfg.optimizer)
     seed = run.recipe["seed"] + (section == "finetune")
     if pruner is not None:
         training.train_with_pruner(run.model, run.data, pruner, epochs, lr, seed=seed, **common)
@@ -156,34 +160,37 @@ def _train(run: Run, section: str, pruner: pk.Pruner | None = None, lr: float | 
         zoo.train(run.model, run.data, epochs=epochs, lr=lr, seed=seed, **common)
 
 
-def _pruner(run: Run, phase: str) -> pk.Pruner:
-    return pk.Pruner(
-        run.model,
-        run.recipe["prune"]["sparsity"] or 0.0,
-        schedule=_schedule(run, run.epochs(phase)),
-        **_prune_kwargs(run),
-    )
+def _phase(run: Run) -> str:
+    """The training phase a schedule spreads over: fine-tuning after training, else training."""
+    return "finetune" if run.config.when == "after" else "train"
+
+
+def _pruner(run: Run) -> pk.Pruner:
+    schedule = _schedule(run, run.epochs(_phase(run)))
+    spec, data = plans.spec(run.recipe), _calibration(run)
+    return pk.Pruner(run.model, run.config.sparsity or 0.0, schedule=schedule, spec=spec, data=data)
 
 
 def _one_shot(run: Run) -> None:
-    run.console.print(pk.prune(run.model, run.recipe["prune"]["sparsity"], **_prune_kwargs(run)))
+    spec, data = plans.spec(run.recipe), _calibration(run)
+    run.console.print(pk.prune(run.model, run.config.sparsity, spec=spec, data=data))
 
 
 def _finetune(run: Run) -> None:
     _train(run, "train")
     run.measure("dense")
-    if run.recipe["schedule"]["kind"] == "one-shot":
+    if not _uses_pruner(run.config):
         _one_shot(run)
         run.measure("pruned")
         _train(run, "finetune")
     else:
-        _train(run, "finetune", _pruner(run, "finetune"))
+        _train(run, "finetune", _pruner(run))
     run.measure("fine-tuned")
 
 
 def _gradual(run: Run) -> None:
     run.measure("untrained")
-    _train(run, "train", _pruner(run, "train"))
+    _train(run, "train", _pruner(run))
     run.measure("trained while pruning")
     if run.epochs("finetune"):
         _train(run, "finetune")
@@ -191,26 +198,27 @@ def _gradual(run: Run) -> None:
 
 
 def _structural(run: Run) -> None:
-    r, t = run.recipe, run.recipe["train"]
+    cfg, r = run.recipe.config, run.recipe
     common = dict(
-        ratio=r["prune"]["sparsity"],
+        ratio=cfg.sparsity,
         epochs=run.epochs("train"),
-        lr=t["lr"],
+        lr=cfg.lr,
         batch_size=r["data"]["batch_size"],
-        optimizer=t["optimizer"],
+        optimizer=cfg.optimizer,
         seed=r["seed"],
         progress=True,
     )
-    if r["timing"]["method"] == "soft-filter":
+    if isinstance(cfg, SoftFilter):
         report = training.soft_filter_pruning(
-            run.model, run.data, run.example, criterion=r["prune"]["criterion"], **common
+            run.model, run.data, run.example, criterion=cfg.criterion, **common
         )
     else:
+        assert isinstance(cfg, Slimming)
         report = training.network_slimming(
             run.model,
             run.data,
             run.example,
-            sparsity_lambda=r["timing"]["sparsity_lambda"],
+            sparsity_lambda=cfg.sparsity_lambda,
             finetune_epochs=run.epochs("finetune"),
             **common,
         )
@@ -219,17 +227,17 @@ def _structural(run: Run) -> None:
 
 
 def _at_init(run: Run) -> None:
-    r = run.recipe
-    if r["schedule"]["kind"] == "iterative":
-        rounds = min(r["schedule"]["rounds"], 5) if run.quick else r["schedule"]["rounds"]
+    cfg = run.config
+    assert isinstance(cfg, AtInit)
+    if cfg.schedule == "iterative":
         report = training.synflow_prune(
             run.model,
-            r["prune"]["sparsity"],
+            cfg.sparsity,
             run.example,
-            rounds=rounds,
-            granularity=r["prune"]["granularity"],
-            layers=r["prune"]["layers"],
-            exclude=r["prune"]["exclude"],
+            rounds=min(cfg.rounds, 5) if run.quick else cfg.rounds,
+            granularity=cfg.spec.granularity,
+            layers=cfg.spec.layers,
+            exclude=cfg.spec.exclude,
         )
         run.console.print(report)
     else:
@@ -240,22 +248,22 @@ def _at_init(run: Run) -> None:
 
 
 def _lottery(run: Run) -> None:
-    r = run.recipe
-    rounds = 1 if r["schedule"]["kind"] == "one-shot" else r["schedule"]["rounds"]
+    cfg = run.config
+    assert isinstance(cfg, Lottery)
+    rounds = 1 if cfg.schedule == "one-shot" else cfg.rounds
     rounds = min(rounds, 2) if run.quick else rounds
-    rate = geometric(r["prune"]["sparsity"], 1 / rounds)
     report = training.lottery(
         run.model,
         run.data,
         rounds=rounds,
-        rate=rate,
-        rewind=r["timing"]["rewind"],
+        rate=geometric(cfg.sparsity, 1 / rounds),
+        rewind=cfg.rewind,
         epochs=run.epochs("train"),
-        lr=r["train"]["lr"],
-        batch_size=r["data"]["batch_size"],
-        optimizer=r["train"]["optimizer"],
-        control=r["timing"]["control"],
-        seed=r["seed"],
+        lr=cfg.lr,
+        batch_size=run.recipe["data"]["batch_size"],
+        optimizer=cfg.optimizer,
+        control=cfg.control,
+        seed=run.recipe["seed"],
         progress=True,
     )
     run.console.print(report)
@@ -292,35 +300,17 @@ def materialize(run: Run) -> None:
 
 
 def dry_run(run: Run) -> None:
-    """Prune, convert and materialise a copy of the untrained model as the recipe will, so
-    that any error is raised before training, at the ``prune`` or ``materialize`` line."""
+    """Plan the pruning and materialisation on the untrained model as the recipe will run
+    them (:func:`prunekit.recipes.plans.dry_run`; a schedule by building its Pruner, which
+    plans too), so that any error is raised before training at its recipe line."""
     r = run.recipe
-    trial = dataclasses.replace(run, model=copy.deepcopy(run.model), console=Console(quiet=True))
-    method = r["timing"]["method"]
-    try:
-        if method == "slimming":
-            training.during.bn_l1(trial.model)
-        if method in ("soft-filter", "slimming"):
-            crit = r["prune"]["criterion"] if method == "soft-filter" else "l2"
-            pk.shrink(trial.model, run.example, ratio=r["prune"]["sparsity"], criterion=crit)
-        else:
-            if r["schedule"]["kind"] != "one-shot" and run.data is not None:
-                _pruner(trial, "finetune" if method == "finetune" else "train")
-            _one_shot(trial)
-    except PruningError as err:
-        raise r.fail(("prune",), r["prune"], f"fails on the model: {err}", PRUNE_FIX) from err
-    sparse_exports = set(r["export"]["formats"]) & set(SPARSE_FORMATS)
-    try:  # in execute's order: exports come after materialising, except for sparse modules
-        if r["materialize"]["mode"] != "sparse":
-            materialize(trial)
-        for fmt in sparse_exports:
-            pk.sparse.convert(copy.deepcopy(trial.model), fmt)
-        if r["materialize"]["mode"] == "sparse":
-            materialize(trial)
-    except PruningError as err:
-        raise r.fail(
-            ("materialize",), r["materialize"], f"fails on the model: {err}", PRUNE_FIX
-        ) from err
+    plans.dry_run(r, run.model, run.example, _calibration(run))
+    if _uses_pruner(run.config) and run.data is not None:  # steps are counted in the data
+        try:
+            _pruner(run)
+        except PruningError as err:
+            problem = f"fails on the model: {err}"
+            raise r.fail(("prune",), r["prune"], problem, plans.PRUNE_FIX) from err
 
 
 def execute(run: Run, folder: Path) -> None:
