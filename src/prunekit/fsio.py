@@ -1,0 +1,129 @@
+"""Atomic saves: a file or a whole directory appears complete or not at all.
+
+Written by hand because no library in our dependencies does both files and directories
+with the cleanup rules we need (``safetensors`` writes in place; ``tempfile`` only gives
+the temporary names).
+
+- :func:`atomic_write`: the bytes go to a temporary sibling file, are fsynced, and the file
+  is moved over the target with ``os.replace`` (atomic on POSIX), then the directory entry
+  is fsynced. A crash leaves the old file or the new one, never a mix.
+- :func:`atomic_directory`: the files of a multi-file save (weights + layout) are written
+  into a temporary sibling directory; only when every one is complete and fsynced does it
+  take the target's name. The old directory is kept, under a sibling name, until the new
+  one is in place, then removed. Leftovers of an interrupted save (``.<name>.tmp-*``,
+  ``.<name>.old-*``) are removed by the next successful save.
+
+Every ``OSError`` (disk full, read-only file system, a path that is a file where a
+directory is wanted...) becomes a :class:`~prunekit.errors.CheckpointError` naming the
+path and the fix, with no partial file left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from prunekit.errors import CheckpointError
+
+_TMP, _OLD = ".tmp-", ".old-"
+
+
+def _fail(path: Path, err: OSError) -> CheckpointError:
+    return CheckpointError(
+        f"cannot write {str(path)!r}: {err.strerror or err}; Fix: check that the folder "
+        "exists, is writable and has free space, and that the path is not taken by a "
+        "file or folder of the other kind."
+    )
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _stale(target: Path) -> list[Path]:
+    """Leftovers of interrupted saves of ``target``."""
+    prefix = f".{target.name}"
+    return [p for p in target.parent.glob(f"{prefix}*")
+            if p.name.startswith((prefix + _TMP, prefix + _OLD))]  # fmt: skip
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def atomic_write(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (see the module docstring)."""
+    path = Path(path)
+    tmp = None
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}{_TMP}", dir=path.parent)
+        tmp = Path(name)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+        _fsync_dir(path.parent)
+    except OSError as err:
+        raise _fail(path, err) from err
+    finally:
+        if tmp is not None:
+            _remove(tmp)
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling directory; when the body returns, it replaces ``target``.
+
+    On an error in the body (or a crash) ``target`` is left exactly as it was and the
+    temporary directory is removed (or, after a crash, by the next successful save).
+    """
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise CheckpointError(
+            f"{str(target)!r} is a file, not a folder; Fix: pass a folder path (it is created)."
+        )
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}{_TMP}", dir=target.parent))
+    except OSError as err:
+        raise _fail(target, err) from err
+    try:
+        yield tmp
+        _commit(tmp, target)
+    except OSError as err:
+        raise _fail(target, err) from err
+    finally:
+        if tmp.exists():
+            _remove(tmp)
+
+
+def _commit(tmp: Path, target: Path) -> None:
+    """fsync every file of ``tmp``, then move it to ``target``, keeping the old ``target``
+    aside until the new one is in place."""
+    for file in tmp.iterdir():
+        with open(file, "rb") as f:
+            os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    old = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}{_OLD}", dir=target.parent))
+        os.rmdir(old)
+        os.rename(target, old)
+    os.rename(tmp, target)
+    _fsync_dir(target.parent)
+    for leftover in ([old] if old else []) + _stale(target):
+        _remove(leftover)

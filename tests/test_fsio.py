@@ -1,0 +1,64 @@
+"""Atomic saves: files and whole directories appear complete or not at all."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from prunekit.errors import CheckpointError
+from prunekit.fsio import atomic_directory, atomic_write
+
+
+def test_atomic_write_replaces_and_leaves_no_temp(tmp_path: Path) -> None:
+    target = tmp_path / "a.bin"
+    atomic_write(target, b"one")
+    atomic_write(target, b"two")
+    assert target.read_bytes() == b"two"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin"]
+
+
+def test_atomic_write_into_a_missing_folder_is_a_checkpoint_error(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="nope"):
+        atomic_write(tmp_path / "nope" / "a.bin", b"x")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_folder_is_a_checkpoint_error(tmp_path: Path) -> None:
+    tmp_path.chmod(0o500)
+    try:
+        with pytest.raises(CheckpointError, match="writable"):
+            atomic_write(tmp_path / "a.bin", b"x")
+    finally:
+        tmp_path.chmod(0o700)
+
+
+def test_directory_swaps_in_whole_and_keeps_the_old_on_error(tmp_path: Path) -> None:
+    target = tmp_path / "model"
+    with atomic_directory(target) as d:
+        (d / "w").write_bytes(b"A")
+        (d / "layout").write_bytes(b"a")
+    with pytest.raises(RuntimeError), atomic_directory(target) as d:
+        (d / "w").write_bytes(b"B")
+        raise RuntimeError("killed halfway")
+    assert (target / "w").read_bytes() == b"A" and (target / "layout").read_bytes() == b"a"
+    with atomic_directory(target) as d:
+        (d / "w").write_bytes(b"C")
+    assert sorted(p.name for p in target.iterdir()) == ["w"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_leftovers_of_a_crash_go_with_the_next_save(tmp_path: Path) -> None:
+    (tmp_path / ".model.tmp-crashed").mkdir()
+    (tmp_path / ".model.old-crashed").mkdir()
+    with atomic_directory(tmp_path / "model") as d:
+        (d / "w").write_bytes(b"A")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_a_file_where_a_folder_is_wanted(tmp_path: Path) -> None:
+    (tmp_path / "model").write_bytes(b"not a folder")
+    with pytest.raises(CheckpointError, match="is a file"), atomic_directory(tmp_path / "model"):
+        pass
+    assert (tmp_path / "model").read_bytes() == b"not a folder"
