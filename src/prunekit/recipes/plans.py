@@ -95,7 +95,7 @@ def check_sparse(model: nn.Module, plan: PrunePlan | None, fmt: str) -> None:
         # so it is tried on a copy of this one layer masked as planned: at most one layer's
         # bytes at a time, never the model. Magnitude stands in for the criterion (the
         # pattern and count of the mask, all a format depends on, are the granularity's).
-        holder = _holder(layer.name, copy.deepcopy(layer.module))
+        holder = _holder(layer.name, copy.deepcopy(layer.module))  # one layer: see above
         if plan is not None and layer.name in planned:
             stand_in = PruneSpec(granularity=plan.spec.gran, min_keep=plan.spec.min_keep)
             pruning.prune(holder, _target(plan, layer.name), spec=stand_in)
