@@ -6,6 +6,13 @@ is raised before the model is touched, so a failed call leaves the model as it w
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
 
 class PruningError(ValueError):
     """Base class of every error prunekit raises on bad input."""
@@ -130,3 +137,38 @@ class ShrinkVerificationError(PruningError):
 
 class ShrunkLayoutError(PruningError):
     """A shrunk checkpoint that does not fit the model it is loaded into."""
+
+
+class UserCallbackError(PruningError):
+    """An exception raised inside a callable of the user's that prunekit calls (a training
+    step, ``evaluate``, ``validate``, a criterion function, a model factory); it names the
+    callable, and the original exception is its ``__cause__``."""
+
+
+class UsageError(PruningError):
+    """A command line that does not parse: an unknown option, a missing argument, a value
+    of the wrong type or out of range."""
+
+
+def guarded(fn: Callable[P, R], what: str) -> Callable[P, R]:
+    """``fn`` (a callable of the user's) wrapped so that an exception it raises becomes a
+    :class:`UserCallbackError` naming ``what``, with the original as ``__cause__``.
+
+    A :class:`PruningError` passes through as it is: it already names the value and the fix.
+    """
+
+    @functools.wraps(fn)
+    def call(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except PruningError:
+            raise
+        except Exception as err:
+            detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise UserCallbackError(
+                f"{what} raised {type(err).__name__}{': ' + detail if detail else ''}; Fix: "
+                "correct it (the original exception and its traceback are this error's "
+                "__cause__)."
+            ) from err
+
+    return call
