@@ -190,12 +190,20 @@ def state_mismatch(model: nn.Module, state_dict: Mapping[str, Tensor]) -> list[s
     unexpected = [k for k in state_dict if k not in expected]
     if unexpected:
         problems.append(f"unexpected keys {unexpected[:4]}")
+    custom = _custom_loaders(model)
     problems += [
         f"{k}: checkpoint {tuple(v.shape)} vs model {expected[k]}"
         for k, v in state_dict.items()
-        if k in expected and tuple(v.shape) != expected[k]
+        if k in expected and tuple(v.shape) != expected[k] and k.rpartition(".")[0] not in custom
     ]
     return problems
+
+
+def _custom_loaders(model: nn.Module) -> set[str]:
+    """Modules that load their own state (``_load_from_state_dict`` overridden, e.g. the
+    sparse formats, whose buffers take the saved sizes): their shapes are theirs to check."""
+    base = nn.Module._load_from_state_dict
+    return {n for n, m in model.named_modules() if type(m)._load_from_state_dict is not base}
 
 
 def load_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
