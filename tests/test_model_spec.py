@@ -12,7 +12,7 @@ from safetensors.torch import save_model
 from torch import nn
 
 import prunekit as pk
-from prunekit import model_spec, zoo
+from prunekit import cli_model, model_spec, zoo
 from prunekit.errors import CheckpointError, MissingModelError, ModelSpecError
 
 FACTORY = """
@@ -205,10 +205,10 @@ def test_example_inputs_of_a_factory(factory: str) -> None:
     loaded = model_spec.load_model(f"{factory}:build")
     with pytest.raises(ModelSpecError, match="needs an example input; Fix: pass --dataset"):
         model_spec.example_inputs(loaded)
-    shape = model_spec.parse_shape("2,8")
+    shape = cli_model.parse_shape("2,8")
     assert model_spec.example_inputs(loaded, input_shape=shape).shape == (2, 8)
     with pytest.raises(ModelSpecError, match="not a list of positive ints"):
-        model_spec.parse_shape("2,x")
+        cli_model.parse_shape("2,x")
 
 
 def test_check_fits_names_the_shapes() -> None:
@@ -218,7 +218,7 @@ def test_check_fits_names_the_shapes() -> None:
 
 
 def test_parse_kwargs() -> None:
-    assert model_spec.parse_kwargs('{"in_features": 64}') == {"in_features": 64}
+    assert cli_model.parse_kwargs('{"in_features": 64}') == {"in_features": 64}
     for bad in ("{in_features: 64}", "[1]"):
         with pytest.raises(ModelSpecError, match="--model-kwargs"):
-            model_spec.parse_kwargs(bad)
+            cli_model.parse_kwargs(bad)

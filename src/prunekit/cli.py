@@ -20,9 +20,11 @@
 ``--model`` (prune, profile, shrink, export) is a model spec (:mod:`prunekit.model_spec`):
 a zoo name, ``package.module:factory`` (``--model-kwargs`` JSON, ``--checkpoint``
 safetensors / weights-only torch file / save_shrunk directory) or a transformers
-directory. A :class:`prunekit.PruningError` (bad sparsity, unknown name, a model or
-checkpoint that does not load, a bad recipe, ...) is printed as one red line and gives exit
-code 2, with nothing written.
+directory. A :class:`prunekit.PruningError` (a usage mistake, bad sparsity, unknown name, a
+model or checkpoint that does not load, a bad recipe, an exception in the user's own
+factory, ...) or an ``OSError`` (a path the file system refuses) is printed as one red line
+and gives exit code 2, with nothing written; any other exception is a bug of prunekit's and
+keeps its traceback.
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ def _prune_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prunekit", description=__doc__.splitlines()[0])
+    parser = cli_model.Parser(prog="prunekit", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"prunekit {pk.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -246,14 +248,19 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
     try:
         args = _parser().parse_args(argv)
-    except SystemExit as exit_:  # --help, --version and usage errors
-        return int(exit_.code or 0)
-    try:
         COMMANDS[args.command](args, wide_console())
-    except PruningError as err:
-        Console(stderr=True).print(Text(f"error: {err}", style="red"), soft_wrap=True)
+    except SystemExit as exit_:  # --help and --version
+        return int(exit_.code or 0)
+    except (PruningError, OSError) as err:  # a user's mistake, or the file system's refusal
+        _error(err)
         return 2
     return 0
+
+
+def _error(err: Exception) -> None:
+    """``err`` as one red line on stderr (an OSError names its path and errno)."""
+    text = " ".join(str(err).split())
+    Console(stderr=True).print(Text(f"error: {text}", style="red"), soft_wrap=True)
 
 
 if __name__ == "__main__":

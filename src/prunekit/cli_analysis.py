@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
 from torch import nn
 
-from prunekit import model_spec, zoo
+from prunekit import cli_model, model_spec, zoo
 from prunekit.analysis import plots
 from prunekit.analysis.report import Section, write_report
 from prunekit.analysis.sensitivity import Evaluate, sensitivity
@@ -65,13 +67,13 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs"), help="reports go here")
 
 
-def _numbers(text: str, kind: type, option: str) -> list:
+def _numbers(text: str, kind: Callable[[str], Any], option: str, example: str) -> list:
     try:
         values = [kind(v) for v in text.split(",") if v.strip()]
-    except ValueError as err:
-        raise PruningError(f"{option} {text!r}: {err}; Fix: pass e.g. {option} 0.5,0.9") from err
+    except (ValueError, argparse.ArgumentTypeError) as err:
+        raise PruningError(f"{option} {text!r}: {err}; Fix: pass e.g. {option} {example}") from err
     if not values:
-        raise PruningError(f"{option} is empty; Fix: pass e.g. {option} 0.5,0.9")
+        raise PruningError(f"{option} is empty; Fix: pass e.g. {option} {example}")
     return values
 
 
@@ -112,12 +114,14 @@ def _accuracy(data: zoo.Dataset) -> Evaluate:
 
 def run_sensitivity(args: argparse.Namespace, console: Console) -> None:
     """Train, run :func:`~prunekit.analysis.sensitivity`, derive the allocation, report."""
-    grid = _numbers(args.sparsities, float, "--sparsities")
+    grid = _numbers(args.sparsities, float, "--sparsities", "0.5,0.9")
     data = _data(args)
     model = _build(args, data)
     options = {"granularity": args.granularity, "criterion": args.criterion}
-    # Every option is first tried on the untrained model, so bad input fails before training.
-    sensitivity(model, lambda m: 0.0, sparsities=grid, progress=False, **options)
+    # Every option is first tried on the untrained model, so bad input fails before training:
+    # with no drop anywhere, the allocation fails only on a bad target or budget.
+    dry = sensitivity(model, lambda m: 0.0, sparsities=grid, progress=False, **options)
+    dry.allocation(args.target, args.budget)
     zoo.train(model, data, epochs=args.epochs, seed=args.seed)
     report = sensitivity(model, _accuracy(data), sparsities=grid, **options)
     console.print(report)
@@ -171,8 +175,8 @@ def _sweep_sections(report: SweepReport, args: argparse.Namespace, seeds: list[i
 
 def run_sweep(args: argparse.Namespace, console: Console) -> None:
     """Train one model per seed, sweep every method, report curves, latency and the table."""
-    grid = _numbers(args.sparsities, float, "--sparsities")
-    seeds = _numbers(args.seeds, int, "--seeds")
+    grid = _numbers(args.sparsities, float, "--sparsities", "0.5,0.9")
+    seeds = _numbers(args.seeds, cli_model.count, "--seeds", "0,1,2")
     data = _data(args)
     calibration = zoo.calibration_batches(data)
     methods = {

@@ -164,7 +164,7 @@ def guarded(fn: Callable[P, R], what: str) -> Callable[P, R]:
         except PruningError:
             raise
         except Exception as err:
-            detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            detail = first_line(err)
             raise UserCallbackError(
                 f"{what} raised {type(err).__name__}{': ' + detail if detail else ''}; Fix: "
                 "correct it (the original exception and its traceback are this error's "
@@ -172,3 +172,8 @@ def guarded(fn: Callable[P, R], what: str) -> Callable[P, R]:
             ) from err
 
     return call
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of ``err``'s message (a library's error can run to pages), or ``""``."""
+    return (str(err).strip().splitlines() or [""])[0]

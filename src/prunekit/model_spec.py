@@ -20,26 +20,43 @@ subclass before anything is written.
 from __future__ import annotations
 
 import importlib
-import json
+import inspect
 import math
-import pickle  # only for its exception type: checkpoints are never unpickled
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from prunekit import masks, zoo
-from prunekit.errors import CheckpointError, MissingModelError, ModelSpecError
+from prunekit.errors import (
+    CheckpointError,
+    MissingModelError,
+    ModelSpecError,
+    PruningError,
+    first_line,
+    guarded,
+)
 from prunekit.inputs import Inputs
 from prunekit.structured.io import LAYOUT, load_shrunk
 
 KINDS = ("zoo", "factory", "transformers")
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+PICKLE_SUFFIXES = (*TORCH_SUFFIXES, ".pkl", ".pickle")
+# What transformers raises on a directory it cannot load (a bad config or weights).
+LOAD_ERRORS = (
+    OSError,
+    ValueError,
+    TypeError,
+    KeyError,
+    AttributeError,
+    RuntimeError,
+    SafetensorError,
+)
 
 
 @dataclass
@@ -84,12 +101,15 @@ def _factory(spec: str, kwargs: Mapping[str, Any]) -> nn.Module:
             "class that builds the model."
         )
     try:
-        model = factory(**kwargs)
+        inspect.signature(factory).bind(**kwargs)
     except TypeError as err:
         raise ModelSpecError(
             f"model {spec!r}: calling {attr}(**{dict(kwargs)!r}) failed ({err}); Fix: pass the "
             "keyword arguments it takes."
         ) from err
+    except ValueError:  # no signature to check (a builtin): the call itself tells
+        pass
+    model = guarded(factory, f"model factory {spec!r} (called with {dict(kwargs)!r})")(**kwargs)
     if not isinstance(model, nn.Module):
         raise ModelSpecError(
             f"model {spec!r}: {attr}() returned a {type(model).__name__}, not an nn.Module; "
@@ -100,7 +120,10 @@ def _factory(spec: str, kwargs: Mapping[str, Any]) -> nn.Module:
 
 def load_transformers(path: Path, kwargs: Mapping[str, Any] | None = None) -> nn.Module:
     """The transformers model saved in ``path``, offline, as the class its config names
-    (``config.architectures``; ``AutoModel`` otherwise), in eval mode.
+    (``config.architectures``; ``AutoModel`` otherwise), in eval mode. Only safetensors
+    weights are read (a pickle such as ``pytorch_model.bin`` is never unpickled), and a
+    config that asks for more weights than the files hold is refused before anything is
+    allocated.
 
     Raises:
         MissingModelError: no ``config.json`` there. ModelSpecError: it does not load.
@@ -113,24 +136,72 @@ def load_transformers(path: Path, kwargs: Mapping[str, Any] | None = None) -> nn
             f"model directory {str(path)!r} has no config.json; Fix: pass a save_pretrained "
             "directory or " + describe() + "."
         )
+    stored = _stored_weights(path)
     cls: Any = transformers.AutoConfig
     try:
         config = cls.from_pretrained(path, local_files_only=True)
         names = [a for a in config.architectures or [] if hasattr(transformers, a)]
         cls = getattr(transformers, names[0]) if names else transformers.AutoModel
-        return cls.from_pretrained(path, local_files_only=True, **kwargs).eval()
-    except (OSError, ValueError, TypeError) as err:
+        if stored is not None:
+            _check_size(path, cls, config, stored)
+        model = cls.from_pretrained(path, local_files_only=True, use_safetensors=True, **kwargs)
+    except PruningError:
+        raise
+    except LOAD_ERRORS as err:
         raise ModelSpecError(
             f"model directory {str(path)!r}: {cls.__name__}.from_pretrained failed: "
-            f"{str(err).splitlines()[0]}; Fix: save the model there with save_pretrained."
+            f"{first_line(err)}; Fix: save the model there with "
+            "save_pretrained."
         ) from err
+    return model.eval()
+
+
+def _stored_weights(path: Path) -> int | None:
+    """How many weights the directory's safetensors files hold (their headers only), or
+    None when it has none; a directory with pickle weights only is refused."""
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(f.name for f in path.iterdir() if f.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise ModelSpecError(
+                f"model directory {str(path)!r} holds its weights as pickles only ({pickles[0]}), "
+                "which prunekit never unpickles (loading a pickle can run any code); Fix: in a "
+                "trusted environment, load it and save_pretrained(dir, safe_serialization=True)."
+            )
+        return None
+    total = 0
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as weights:
+                total += sum(math.prod(weights.get_slice(k).get_shape()) for k in weights.keys())  # noqa: SIM118 (no __iter__)
+        except (SafetensorError, OSError) as err:
+            raise ModelSpecError(
+                f"model directory {str(path)!r}: {file.name} is not a readable safetensors file "
+                f"({err}); Fix: save the model there again with save_pretrained."
+            ) from err
+    return total
+
+
+def _check_size(path: Path, cls: Any, config: Any, stored: int) -> None:
+    """Refuse a config asking for more weights than the files hold (counted on the meta
+    device: nothing allocated): ``from_pretrained`` would allocate and randomly initialise
+    the rest."""
+    build = cls.from_config if hasattr(cls, "from_config") else cls
+    with torch.device("meta"):
+        needed = sum(p.numel() for p in build(config).parameters())
+    if needed > stored:
+        raise ModelSpecError(
+            f"model directory {str(path)!r}: its config.json builds a {cls.__name__} of "
+            f"{needed:,} weights but its safetensors files hold {stored:,}; Fix: pass the "
+            "config.json saved with those weights (save_pretrained writes both)."
+        )
 
 
 def _build(spec: str, kwargs: Mapping[str, Any]) -> tuple[nn.Module, str]:
     if spec in zoo.MODELS:
         try:
             return zoo.build_model(spec, **kwargs), "zoo"
-        except TypeError as err:
+        except (TypeError, ValueError, RuntimeError) as err:  # kwargs that do not build it
             raise ModelSpecError(
                 f"model {spec!r}: kwargs {dict(kwargs)!r} do not fit ({err}); Fix: pass the "
                 f"keyword arguments of {zoo.MODELS[spec].__name__}."
@@ -152,10 +223,10 @@ def _read(path: Path) -> dict[str, Tensor]:
             state = torch.load(path, map_location="cpu", weights_only=True)
         else:
             state = load_file(str(path))
-    except (SafetensorError, RuntimeError, OSError, EOFError, pickle.UnpicklingError) as err:
+    except Exception as err:  # the readers see only the file's bytes: any failure is the file's
         raise CheckpointError(
             f"checkpoint {str(path)!r} does not read as safetensors or a weights-only torch "
-            f"file ({str(err).splitlines()[0]}); Fix: save it with safetensors.torch.save_file "
+            f"file ({first_line(err)}); Fix: save it with safetensors.torch.save_file "
             "or torch.save(model.state_dict())."
         ) from err
     if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
@@ -266,28 +337,9 @@ def check_fits(model: nn.Module, name: str, data: zoo.Dataset) -> None:
     except RuntimeError as err:
         raise ModelSpecError(
             f"model {name!r} does not accept {data.name} inputs of shape "
-            f"{tuple(data.input_shape)}: {str(err).splitlines()[0]}; "
+            f"{tuple(data.input_shape)}: {first_line(err)}; "
             "Fix: pick a model built for that input shape (or pass its --model-kwargs)."
         ) from err
-
-
-def parse_kwargs(text: str | None) -> dict[str, Any]:
-    """``--model-kwargs`` as a dict: a JSON object such as ``'{"in_features": 64}'``."""
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ModelSpecError(
-            f"--model-kwargs {text!r} is not JSON ({err}); Fix: e.g. "
-            "--model-kwargs '{\"in_features\": 64}'."
-        ) from err
-    if not isinstance(value, dict):
-        raise ModelSpecError(
-            f"--model-kwargs {text!r} is not a JSON object; Fix: e.g. "
-            "--model-kwargs '{\"in_features\": 64}'."
-        )
-    return value
 
 
 def example_inputs(
@@ -323,18 +375,3 @@ def example_inputs(
         f"model {loaded.spec!r} needs an example input; Fix: pass --dataset or "
         "--input-shape 1,1,28,28."
     )
-
-
-def parse_shape(text: str | None) -> tuple[int, ...] | None:
-    """``--input-shape 1,1,28,28`` as a tuple of positive ints."""
-    if not text:
-        return None
-    try:
-        shape = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        shape = ()
-    if not shape or math.prod(shape) <= 0 or min(shape) <= 0:
-        raise ModelSpecError(
-            f"--input-shape {text!r} is not a list of positive ints; Fix: e.g. 1,1,28,28."
-        )
-    return shape

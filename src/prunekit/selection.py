@@ -34,7 +34,8 @@ from torch import Tensor
 
 from prunekit import bits
 from prunekit.criteria import Criterion, ScoreContext
-from prunekit.errors import PruningError
+from prunekit.criteria.base import FunctionCriterion
+from prunekit.errors import PruningError, guarded
 from prunekit.granularity import Granularity, Grouping
 from prunekit.layers import Layer, from_canonical, to_canonical
 from prunekit.masks import get_mask, kept_fraction
@@ -117,8 +118,17 @@ def row_mask(scores: Tensor, sparsity: float) -> Tensor:
 def criterion_scores(
     criterion: Criterion, chunk: Tensor, grouping: Grouping, ctx: ScoreContext, layer: Layer
 ) -> Tensor:
-    """Flat float32 scores of one chunk, checked for the right shape and for NaN."""
-    scores = criterion.group_scores(chunk, grouping, ctx)
+    """Flat float32 scores of one chunk, checked for the right shape and for NaN; a user's
+    criterion that raises is named in a :class:`~prunekit.errors.UserCallbackError`."""
+    score = criterion.group_scores
+    what = f"criterion {criterion!r} (scoring layer {layer.name!r})"
+    scores = (guarded(score, what) if _users(criterion) else score)(chunk, grouping, ctx)
+    if not isinstance(scores, Tensor) or scores.is_complex():
+        kind = getattr(scores, "dtype", type(scores).__name__)
+        raise PruningError(
+            f"criterion {criterion!r} returned {kind} scores for layer {layer.name!r}; Fix: "
+            "return a real-valued tensor (one score per group)."
+        )
     if tuple(scores.shape) != grouping.group_shape:
         raise PruningError(
             f"criterion {criterion!r} returned scores of shape {tuple(scores.shape)} for layer "
@@ -132,6 +142,12 @@ def criterion_scores(
             "Fix: check its statistics (data batches, loss) or use another criterion."
         )
     return scores
+
+
+def _users(criterion: Criterion) -> bool:
+    """Whether ``criterion`` runs the user's code: a function, or a class from outside."""
+    outside = type(criterion).__module__.split(".")[0] != "prunekit"
+    return outside or isinstance(criterion, FunctionCriterion)
 
 
 def _weights(idx: Tensor, alive: Tensor | None, group_size: int) -> Tensor:
@@ -184,10 +200,12 @@ def _merge_top(best_v: Tensor, best_i: Tensor, scores: Tensor, offset: int) -> N
     best_i.copy_(merged_i[order])
 
 
-def _top_groups(plans: list[LayerPlan], criterion: Criterion, k: int) -> list[Tensor]:
-    """Flat indices of each layer's ``k`` best alive groups (the ones ``min_keep`` protects)."""
+def _top_groups(plans: list[LayerPlan], criterion: Criterion, min_keep: int) -> list[Tensor]:
+    """Flat indices of each layer's ``min_keep`` best alive groups (all of them, when it has
+    fewer: memory stays bounded by the layer, whatever ``min_keep`` asks)."""
     protected = []
     for plan in plans:
+        k = min(min_keep, plan.grouping.num_groups)
         best_v, best_i, offset = torch.full((k,), -math.inf), torch.zeros(k, dtype=torch.int64), 0
         for scores, _ in plan.scores(criterion):
             _merge_top(best_v, best_i, scores, offset)

@@ -32,6 +32,23 @@ def vocab_size(model: nn.Module) -> int | None:
     return getattr(embedding, "num_embeddings", None)
 
 
+def max_positions(model: nn.Module) -> int | None:
+    """The longest sequence the model takes (``config.max_position_embeddings``; GPT-2's
+    ``n_positions`` is the same attribute), or None when it declares none."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else None
+
+
+def _check_length(batch: Batch, where: str, limit: int | None) -> None:
+    length = batch["input_ids"].shape[-1]
+    if limit is not None and length > limit:
+        raise CalibrationError(
+            f"calibration {where} holds sequences of {length} tokens, longer than the "
+            f"{limit} positions the model takes (config.max_position_embeddings); Fix: cut "
+            f"the text into windows of at most {limit} tokens."
+        )
+
+
 def _check(ids: object, where: str, vocab: int | None) -> Tensor:
     if not isinstance(ids, Tensor) or ids.dtype.is_floating_point or ids.dtype == torch.bool:
         raise CalibrationError(
@@ -55,7 +72,8 @@ def calibration_batches(
     """``calibration`` as validated batches on the model's device (see the module docstring).
 
     Raises:
-        CalibrationError: empty, not integer ids, or ids outside the vocabulary.
+        CalibrationError: empty, not integer ids, ids outside the vocabulary, or sequences
+            longer than the model's positions (:func:`max_positions`).
     """
     vocab = vocab_size(model)
     if isinstance(calibration, Calibration):
@@ -83,5 +101,8 @@ def calibration_batches(
         raise CalibrationError(
             "calibration is empty; Fix: pass at least one sample (128 is usual)."
         )
+    limit = max_positions(model)
+    for i, batch in enumerate(raw):
+        _check_length(batch, f"batch {i}", limit)
     device = next(model.parameters()).device
     return [{k: v.to(device) for k, v in batch.items()} for batch in raw]

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from prunekit.criteria.activation import ColumnNorms, flat_inputs
 from prunekit.criteria.second_order import HessianAccumulator
-from prunekit.errors import UnsupportedModelError
+from prunekit.errors import CalibrationError, PruningError, UnsupportedModelError, first_line
 from prunekit.layers import Layer, layer_hooks, to_canonical
 from prunekit.llm.blocks import block_layers
 from prunekit.llm.calibration import Batch
@@ -73,11 +73,20 @@ def capture_inputs(model: nn.Module, first_block: nn.Module, batches: list[Batch
 
     handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        for batch in batches:
+        for i, batch in enumerate(batches):
             try:
                 model(**batch)
             except _Captured:
                 continue
+            except (TypeError, ValueError, RuntimeError, IndexError) as err:
+                if isinstance(err, PruningError):
+                    raise
+                raise CalibrationError(
+                    f"calibration batch {i} ({_shapes(batch)}) does not run through "
+                    f"{type(model).__name__} ({type(err).__name__}: {first_line(err)}); Fix: "
+                    "pass the tokenizer's output for this model (input_ids and the masks it "
+                    "takes, of one shape)."
+                ) from err
             raise UnsupportedModelError(
                 f"{type(model).__name__}'s forward never called its first block; Fix: pass "
                 "blocks='<name of the layer list the forward runs>'."
@@ -85,6 +94,10 @@ def capture_inputs(model: nn.Module, first_block: nn.Module, batches: list[Batch
     finally:
         handle.remove()
     return inputs
+
+
+def _shapes(batch: Batch) -> str:
+    return ", ".join(f"{k}: {tuple(v.shape)}" for k, v in batch.items())
 
 
 def run_block(block: nn.Module, inputs: BlockInputs) -> list[Tensor]:

@@ -17,7 +17,12 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from prunekit.cost import csr_bytes, nm_bytes
-from prunekit.errors import IncompatibleLayerError, NotNMError, NotSparseEnoughError
+from prunekit.errors import (
+    IncompatibleLayerError,
+    NotNMError,
+    NotSparseEnoughError,
+    first_line,
+)
 from prunekit.masks import bake
 from prunekit.sparse.base import SparseLinear, dtype_from_name
 from prunekit.sparse.bsr import (
@@ -75,10 +80,35 @@ def _check_nm(name: str, weight: Tensor, opts: Options) -> None:
         )
 
 
+def _check_kernel(name: str, fmt: str, gemm: SparseLinear) -> SparseLinear:
+    """``gemm`` once one and two rows have run through it: which sparse kernels exist
+    depends on the dtype, the device and the torch build (CPU has none for float16 or
+    bfloat16), so the only sound check is to call them (batch 1 and batch > 1 take
+    different kernels)."""
+    values = gemm.values
+    try:
+        with torch.no_grad():
+            for rows in (1, 2):
+                gemm(torch.zeros(rows, gemm.in_features, dtype=values.dtype, device=values.device))
+    except (NotImplementedError, RuntimeError) as err:
+        raise IncompatibleLayerError(
+            f"layer {name!r}: format {fmt!r} has no {values.dtype} kernel on "
+            f"{values.device.type} ({first_line(err)}); Fix: convert "
+            "a float32 copy (model.float()), or use format='auto' (keeps such layers dense)."
+        ) from err
+    return gemm
+
+
 def _gemm(
     name: str, fmt: str, weight: Tensor, opts: Options, bias: Tensor | None = None
 ) -> SparseLinear:
-    """The :class:`SparseLinear` of a 2-D ``weight`` in ``fmt``."""
+    """The :class:`SparseLinear` of a 2-D ``weight`` in ``fmt``, checked to run."""
+    return _check_kernel(name, fmt, _sparse(name, fmt, weight, opts, bias))
+
+
+def _sparse(
+    name: str, fmt: str, weight: Tensor, opts: Options, bias: Tensor | None = None
+) -> SparseLinear:
     rows, cols = weight.shape
     if fmt == "csr":
         _too_dense(

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from prunekit.errors import MissingDataError, PruningError
+from prunekit.errors import MissingDataError, PruningError, guarded
 from prunekit.inputs import eval_mode
 from prunekit.training import distributed
 from prunekit.training.loop import Evaluate
@@ -153,9 +153,30 @@ class Source:
             distributed.check_shares(len(self.examples[0]), self.batch_size)
 
 
+def scorer(fn: Evaluate, name: str) -> Evaluate:
+    """A user's ``fn(model) -> score`` (``evaluate``, ``validate``) as the pipelines call
+    it: an exception it raises becomes a :class:`~prunekit.errors.UserCallbackError`
+    naming it, and a score that is not a real number is refused."""
+    call = guarded(fn, f"{name} {getattr(fn, '__qualname__', None) or repr(fn)}")
+
+    def score(model: nn.Module) -> float:
+        value = call(model)
+        try:
+            return float(value)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise PruningError(
+                f"{name}(model) returned {value!r}, not a number; Fix: return the score as a "
+                "float (e.g. the test accuracy)."
+            ) from err
+
+    return score
+
+
 def source(data: TrainData, batch_size: int, evaluate: Evaluate | None = None) -> Source:
     """``data`` (see the module docstring) as a :class:`Source`; ``evaluate`` defaults to
     the accuracy on an in-memory test split.
+
+    A given ``evaluate`` is called through :func:`scorer`.
 
     Raises:
         MissingDataError: no ``evaluate`` and no test split, or ``data`` that is not a
@@ -169,6 +190,8 @@ def source(data: TrainData, batch_size: int, evaluate: Evaluate | None = None) -
                 "evaluate=lambda model: pk.training.accuracy(model, test_loader)."
             )
         evaluate = partial(accuracy_on, data.x_test, data.y_test)
+    else:
+        evaluate = scorer(evaluate, "evaluate")
     in_memory = train_tensors(data) is not None
     if not in_memory and (isinstance(data, Iterator | Tensor) or not isinstance(data, Iterable)):
         raise MissingDataError(

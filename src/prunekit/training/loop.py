@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from prunekit.errors import DistributedError, PruningError, UnknownChoiceError
+from prunekit.errors import DistributedError, PruningError, UnknownChoiceError, guarded
 from prunekit.inputs import LossFn, batch_size, set_mode
 from prunekit.tables import progress_bar
 from prunekit.training import distributed
@@ -57,13 +57,31 @@ class Supervised:
 
 
 def training_step(step: Step | None, loss_fn: LossFn | None) -> Step:
-    """``step``, or :class:`Supervised` with ``loss_fn`` (default :func:`cross_entropy`)."""
+    """``step``, or :class:`Supervised` with ``loss_fn`` (default :func:`cross_entropy`),
+    guarded: an exception it raises becomes a :class:`~prunekit.errors.UserCallbackError`
+    naming it, and a loss that is not a scalar tensor with a gradient is refused."""
     if step is not None and loss_fn is not None:
         raise PruningError(
             f"step={step!r} and loss_fn={loss_fn!r} both given, but a step computes its own "
             "loss; Fix: pass one of them (loss_fn for (x, y) batches)."
         )
-    return step if step is not None else Supervised(loss_fn or cross_entropy)
+    chosen = step if step is not None else Supervised(loss_fn or cross_entropy)
+    name = f"training step {getattr(chosen, '__qualname__', None) or repr(chosen)}"
+    call = guarded(chosen, name)
+
+    def checked(model: nn.Module, batch: Any) -> Tensor:
+        loss = call(model, batch)
+        if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.requires_grad:
+            what = f"shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else type(loss).__name__
+            raise PruningError(
+                f"{name} returned a loss of {what}"
+                f"{'' if getattr(loss, 'requires_grad', True) else ' without a gradient'}; Fix: "
+                "return one scalar loss tensor computed from the model's outputs (with "
+                "trainable parameters, outside torch.no_grad)."
+            )
+        return loss
+
+    return checked
 
 
 def _share(batch: Any, world: int, rank: int) -> Any:
