@@ -388,3 +388,54 @@ def test_example_check_leaves_the_model_as_it_was(factory: str) -> None:
         cli_model.check_example(loaded, torch.randn(1, 3))
     cli_model.check_example(loaded, torch.randn(1, 64))
     assert_unchanged(loaded.model, before)
+
+
+# -- 6. raw Python errors where user input reached torch / files unchecked --------------------
+
+
+def test_a_training_step_that_is_not_callable() -> None:
+    with pytest.raises(PruningError, match=r"step=3 is not callable"):
+        fit(tiny(), blobs(), step=3, progress=False)
+
+
+def test_a_users_cost_function_in_convert(mlp: nn.Module) -> None:
+    pk.prune(mlp, 0.9)
+    before = snapshot(mlp)
+    with pytest.raises(UserCallbackError, match=r"cost .*raised ZeroDivisionError") as info:
+        pk.sparse.convert(mlp, "auto", cost=lambda candidate: 1 / 0)
+    assert isinstance(info.value.__cause__, ZeroDivisionError)
+    with pytest.raises(PruningError, match=r"returned 'cheap', not a number"):
+        pk.sparse.convert(mlp, "auto", cost=lambda candidate: "cheap")
+    with pytest.raises(PruningError, match=r"margin='x' must be in \(0, 1\]"):
+        pk.sparse.convert(mlp, "auto", margin="x")
+    assert_unchanged(mlp, before)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"spec": None}, "model spec None is not a string"),
+        ({"spec": "lenet5", "kwargs": [1]}, r"kwargs=\[1\] is not a mapping"),
+        ({"spec": "lenet5", "checkpoint": 3}, "checkpoint=3 is not a path"),
+    ],
+)
+def test_load_model_argument_types(kwargs: dict, message: str) -> None:
+    spec = kwargs.pop("spec")
+    with pytest.raises(ModelSpecError, match=message):
+        model_spec.load_model(spec, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("calibration", "batch_size", "message"),
+    [
+        (torch.zeros(2, 3, 4, dtype=torch.long), 8, r"has shape \(2, 3, 4\)"),
+        ([{"input_ids": torch.zeros(2, 3, dtype=torch.long), "attention_mask": [1]}], 8,
+         "'attention_mask' is a list, not a tensor"),
+        (torch.zeros(2, 3, dtype=torch.long), 0, "batch_size=0 is not an int >= 1"),
+    ],
+)  # fmt: skip
+def test_calibration_of_the_wrong_form(calibration, batch_size: int, message: str) -> None:
+    from prunekit.llm.calibration import calibration_batches
+
+    with pytest.raises(CalibrationError, match=message):
+        calibration_batches(calibration, tiny(), batch_size)

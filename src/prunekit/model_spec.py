@@ -323,6 +323,12 @@ def load_model(
             or returns no ``nn.Module``; an unknown name.
         CheckpointError: a checkpoint that does not read or does not match the model.
     """
+    if not isinstance(spec, str):
+        raise ModelSpecError(f"model spec {spec!r} is not a string; Fix: pass {describe()}.")
+    if kwargs is not None and not isinstance(kwargs, Mapping):
+        raise ModelSpecError(f"kwargs={kwargs!r} is not a mapping; Fix: e.g. {{'width': 8}}.")
+    if checkpoint is not None and not isinstance(checkpoint, str | Path):
+        raise ModelSpecError(f"checkpoint={checkpoint!r} is not a path; Fix: pass a file name.")
     model, kind = _build(spec, kwargs or {})
     if checkpoint is not None:
         load_checkpoint(model, checkpoint, spec)

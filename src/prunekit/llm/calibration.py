@@ -57,6 +57,11 @@ def _check(ids: object, where: str, vocab: int | None) -> Tensor:
         )
     if ids.numel() == 0:
         raise CalibrationError(f"calibration {where} is empty; Fix: give at least one token.")
+    if ids.dim() > 2:
+        raise CalibrationError(
+            f"calibration {where} has shape {tuple(ids.shape)}; Fix: token ids of shape "
+            "(samples, seq_len) or (seq_len,)."
+        )
     low, high = int(ids.min()), int(ids.max())
     if low < 0 or (vocab is not None and high >= vocab):
         raise CalibrationError(
@@ -75,6 +80,8 @@ def calibration_batches(
         CalibrationError: empty, not integer ids, ids outside the vocabulary, or sequences
             longer than the model's positions (:func:`max_positions`).
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise CalibrationError(f"batch_size={batch_size!r} is not an int >= 1; Fix: e.g. 8.")
     vocab = vocab_size(model)
     if isinstance(calibration, Calibration):
         calibration = list(calibration.inputs())
@@ -91,6 +98,13 @@ def calibration_batches(
                     "Fix: pass the tokenizer's output dict."
                 )
             batch["input_ids"] = _check(batch["input_ids"], f"batch {i}", vocab)
+            others = [k for k, v in batch.items() if not isinstance(v, Tensor)]
+            if others:
+                raise CalibrationError(
+                    f"calibration batch {i}: {others[0]!r} is a "
+                    f"{type(batch[others[0]]).__name__}, not a tensor; Fix: pass the "
+                    "tokenizer's output with return_tensors='pt'."
+                )
             raw.append(batch)
     else:
         raise CalibrationError(

@@ -12,7 +12,7 @@ from rich.table import Table
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from prunekit.errors import IncompatibleLayerError, PruningError, UnknownChoiceError
+from prunekit.errors import IncompatibleLayerError, PruningError, UnknownChoiceError, guarded
 from prunekit.granularity import NM, parse
 from prunekit.layers import Layer, Selector, check_weight, require_unique_modules, select_layers
 from prunekit.sparse.base import SparseLinear
@@ -117,10 +117,31 @@ def _options(nm: str, blocksize: int | tuple[int, int] | None, bsr_kernel: str) 
 def _check_args(format: str, batch_size: int, margin: float) -> None:
     if format not in FORMATS:
         raise UnknownChoiceError("format", format, FORMATS)
-    if not isinstance(batch_size, int) or batch_size < 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise PruningError(f"batch_size={batch_size!r} must be a positive int (rows per call)")
-    if not 0 < margin <= 1:
+    if isinstance(margin, bool) or not isinstance(margin, int | float) or not 0 < margin <= 1:
         raise PruningError(f"margin={margin!r} must be in (0, 1]: sparse must beat dense")
+
+
+def _user_cost(cost: CostFn) -> CostFn:
+    """The user's ``cost(candidate)``, named in a UserCallbackError when it raises, and
+    refused when it returns no number."""
+    call = guarded(cost, f"cost {getattr(cost, '__qualname__', None) or repr(cost)}")
+
+    def checked(candidate: Candidate) -> float:
+        value = call(candidate)
+        try:
+            number = float(value)
+        except (TypeError, ValueError, RuntimeError):
+            number = math.nan
+        if math.isnan(number):
+            raise PruningError(
+                f"cost(candidate {candidate.layer!r} as {candidate.format!r}) returned "
+                f"{value!r}, not a number; Fix: return its cost as a float (lower is better)."
+            )
+        return number
+
+    return checked
 
 
 def _runner(module: nn.Module) -> Callable[[Tensor], Tensor]:
@@ -217,7 +238,7 @@ def convert(
     opts = _options(nm, blocksize, bsr_kernel)
     chosen = select_layers(model, layers, exclude)
     require_unique_modules(chosen)
-    cost = cost or MeasuredCost()
+    cost = MeasuredCost() if cost is None else _user_cost(cost)
     planned: list[tuple[Layer, nn.Module, LayerChoice]] = []
     for layer in chosen:
         reason = unsupported(layer.module)

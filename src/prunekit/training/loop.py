@@ -65,6 +65,12 @@ def training_step(step: Step | None, loss_fn: LossFn | None) -> Step:
             f"step={step!r} and loss_fn={loss_fn!r} both given, but a step computes its own "
             "loss; Fix: pass one of them (loss_fn for (x, y) batches)."
         )
+    for name, fn in (("step", step), ("loss_fn", loss_fn)):
+        if fn is not None and not callable(fn):
+            raise PruningError(
+                f"{name}={fn!r} is not callable; Fix: pass step(model, batch) -> loss or "
+                "loss_fn(outputs, targets) -> loss."
+            )
     chosen = step if step is not None else Supervised(loss_fn or cross_entropy)
     name = f"training step {getattr(chosen, '__qualname__', None) or repr(chosen)}"
     call = guarded(chosen, name)
