@@ -18,12 +18,22 @@ Two kernels compute the product; which is faster depends on the CPU (measured: M
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from prunekit.sparse.base import SparseLinear, compressed_rows, dtype_from_name
+from prunekit.errors import CheckpointError
+from prunekit.sparse.base import (
+    PAIR,
+    Check,
+    SparseLinear,
+    check_compressed_rows,
+    check_tensor,
+    compressed_rows,
+    dtype_from_name,
+)
 
 BLOCK_SIZES = (64, 32, 16, 8, 4, 2)
 KERNELS = ("mkl", "gather")
@@ -64,6 +74,11 @@ class BSRLinear(SparseLinear):
     """A Linear whose weight is stored in BSR with int32 indices."""
 
     format = "bsr"
+    SPEC_FIELDS: ClassVar[dict[str, Check]] = {
+        **SparseLinear.SPEC_FIELDS,
+        "blocksize": PAIR,
+        "kernel": (lambda v: v in KERNELS, f"one of {KERNELS}"),
+    }
 
     def __init__(
         self,
@@ -119,6 +134,28 @@ class BSRLinear(SparseLinear):
 
     def spec(self) -> dict[str, Any]:
         return {**super().spec(), "blocksize": list(self.blocksize), "kernel": self.kernel}
+
+    @classmethod
+    def check_spec(cls, spec: object) -> dict[str, Any]:
+        """The fields, and a block size that tiles the weight (square for ``"mkl"``)."""
+        fields = super().check_spec(spec)
+        (bh, bw), rows, cols = fields["blocksize"], fields["out_features"], fields["in_features"]
+        if rows % bh or cols % bw or (fields["kernel"] == "mkl" and bh != bw):
+            raise CheckpointError(
+                f"spec blocksize {[bh, bw]} does not tile the {rows}x{cols} weight (or is "
+                "not square for the 'mkl' kernel)"
+            )
+        return fields
+
+    def check_state(self, state: Mapping[str, Tensor]) -> None:
+        """int32 block-row pointers (one per block row plus one) and block-column indices,
+        ``(blocks, bh, bw)`` values of the spec's dtype, and the BSR invariants."""
+        super().check_state(state)
+        (bh, bw), rows = self.blocksize, self.out_features
+        crow = check_tensor(state, "crow_indices", torch.int32, (rows // bh + 1,))
+        col = check_tensor(state, "col_indices", torch.int32, (None,))
+        values = check_tensor(state, "values", self.dtype, (None, bh, bw))
+        check_compressed_rows(torch.sparse_bsr, crow, col, values, (rows, self.in_features))
 
     def sparse_weight(self) -> Tensor:
         shape = (self.out_features, self.in_features)

@@ -9,16 +9,37 @@ kernel-major (see :mod:`prunekit.sparse.gemm`); the unfolded rows are reordered 
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from prunekit.sparse.base import SparseLinear
+from prunekit.errors import CheckpointError
+from prunekit.sparse.base import (
+    FLAG,
+    PAIR,
+    SIZE,
+    TEXT,
+    Check,
+    SparseLinear,
+    check_fields,
+    check_tensor,
+    is_pair,
+)
+
+_OBJECT: Check = (lambda v: isinstance(v, dict), "a JSON object")
 
 
 class SparseConv2d(nn.Module):
     """A Conv2d (``groups=1``, zero padding) computed by a :class:`SparseLinear` GEMM."""
+
+    SPEC_FIELDS: ClassVar[dict[str, Check]] = {"format": TEXT, "conv": _OBJECT, "gemm": _OBJECT}
+    CONV_FIELDS: ClassVar[dict[str, Check]] = {
+        "in_channels": SIZE, "out_channels": SIZE, "kernel_size": PAIR, "stride": PAIR,
+        "padding": (lambda v: is_pair(v, low=0), "a list of two ints >= 0"),
+        "dilation": PAIR, "kernel_major": FLAG, "bias": FLAG,
+    }  # fmt: skip
 
     def __init__(self, conv: dict[str, Any], gemm: SparseLinear, bias: Tensor | None) -> None:
         super().__init__()
@@ -52,6 +73,32 @@ class SparseConv2d(nn.Module):
 
     def spec(self) -> dict[str, Any]:
         return {"format": "conv2d", "conv": self.geometry, "gemm": self.gemm.spec()}
+
+    @classmethod
+    def check_spec(cls, spec: object) -> dict[str, Any]:
+        """``spec`` if :meth:`spec` could have written it around its (already checked)
+        ``gemm`` spec: the geometry's fields, and a bias-free GEMM of ``out_channels`` rows
+        and ``in_channels * kh * kw`` columns.
+
+        Raises:
+            CheckpointError: naming the field and the value.
+        """
+        fields = check_fields(spec, cls.SPEC_FIELDS)
+        conv, gemm = check_fields(fields["conv"], cls.CONV_FIELDS), fields["gemm"]
+        kh, kw = conv["kernel_size"]
+        want = (conv["out_channels"], conv["in_channels"] * kh * kw, False)
+        if (gemm["out_features"], gemm["in_features"], gemm["bias"]) != want:
+            raise CheckpointError(
+                f"spec gemm {gemm['out_features']}x{gemm['in_features']} (bias "
+                f"{gemm['bias']}) is not the {want[0]}x{want[1]} bias-free GEMM of the conv"
+            )
+        return fields
+
+    def check_state(self, state: Mapping[str, Tensor]) -> None:
+        """The bias (``out_channels`` values of the GEMM's dtype) and the GEMM's tensors."""
+        if self.bias is not None:
+            check_tensor(state, "bias", self.gemm.dtype, (self.out_channels,))
+        self.gemm.check_state({k[5:]: v for k, v in state.items() if k.startswith("gemm.")})
 
     @property
     def format(self) -> str:

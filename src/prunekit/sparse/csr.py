@@ -10,12 +10,20 @@ the module works under ``torch.inference_mode`` whatever mode it was built in.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from prunekit.sparse.base import SparseLinear, compressed_rows, csr_matmul, dtype_from_name
+from prunekit.sparse.base import (
+    SparseLinear,
+    check_compressed_rows,
+    check_tensor,
+    compressed_rows,
+    csr_matmul,
+    dtype_from_name,
+)
 
 
 class CSRLinear(SparseLinear):
@@ -52,6 +60,16 @@ class CSRLinear(SparseLinear):
         empty = torch.zeros(0, dtype=torch.int32)
         crow = torch.zeros(out + 1, dtype=torch.int32)
         return cls(spec["in_features"], out, crow, empty, torch.zeros(0, dtype=dtype), bias)
+
+    def check_state(self, state: Mapping[str, Tensor]) -> None:
+        """int32 row pointers (one per row plus one) and column indices, values of the
+        spec's dtype, and the CSR invariants (:func:`check_compressed_rows`)."""
+        super().check_state(state)
+        crow = check_tensor(state, "crow_indices", torch.int32, (self.out_features + 1,))
+        col = check_tensor(state, "col_indices", torch.int32, (None,))
+        values = check_tensor(state, "values", self.dtype, (None,))
+        shape = (self.out_features, self.in_features)
+        check_compressed_rows(torch.sparse_csr, crow, col, values, shape)
 
     def sparse_weight(self) -> Tensor:
         shape = (self.out_features, self.in_features)

@@ -17,17 +17,25 @@ with fewer than ``n`` nonzeros keeps some zeros (positions ascending), so
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
+from reprlib import repr as brief  # values from files can be huge
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from prunekit import bits
-from prunekit.errors import CheckpointError, IncompatibleLayerError, NotNMError
+from prunekit.errors import CheckpointError, IncompatibleLayerError, NotNMError, first_line
+from prunekit.sparse.base import (
+    PAIR,
+    SIZE,
+    check_fields,
+    check_tensor,
+    read_tensors,
+    write_tensors,
+)
+
+_HEADER = "prunekit.nm"
 
 
 def index_bits(m: int) -> int:
@@ -105,28 +113,59 @@ class NMTensor:
         """Bytes of values plus metadata."""
         return self.values.numel() * self.values.element_size() + self.metadata.numel()
 
+    def check(self) -> None:
+        """Refuse parts that disagree, or positions that leave their group, before any
+        kernel reads them: ``0 < n < m`` with ``m`` dividing the columns, values of shape
+        ``(rows, cols / m * n)``, exactly ``ceil(kept * b / 8)`` uint8 metadata bytes, and
+        in every group positions below ``m`` and strictly increasing (so every column is
+        in range, and each row's columns are sorted and distinct: the CSR invariants
+        :class:`~prunekit.sparse.nm_linear.NMLinear` relies on).
+
+        Raises:
+            CheckpointError: naming what is wrong.
+        """
+        (rows, cols), n, m = self.shape, self.n, self.m
+        if not 0 < n < m or cols % m:
+            raise CheckpointError(f"{n}:{m} needs 0 < n < m and m dividing the {cols} columns")
+        kept = rows * (cols // m) * n
+        parts = {"values": self.values, "metadata": self.metadata}
+        check_tensor(parts, "values", self.values.dtype, (rows, cols // m * n))
+        check_tensor(parts, "metadata", torch.uint8, (-(-kept * index_bits(m) // 8),))
+        positions = self.positions()
+        if positions.numel() and bool((positions >= m).any() | (positions.diff(dim=-1) <= 0).any()):
+            raise CheckpointError(
+                f"metadata positions leave their group of {m} or are not increasing in it "
+                f"(largest {int(positions.max())})"
+            )
+
     def save(self, path: str | Path) -> None:
-        """Write values and metadata to a safetensors file (shape, n, m in its header)."""
-        header = {"prunekit.nm": json.dumps({"shape": self.shape, "n": self.n, "m": self.m})}
+        """Write values and metadata to a safetensors file (shape, n, m in its header),
+        atomically (:func:`~prunekit.sparse.base.write_tensors`)."""
         tensors = {"values": self.values.contiguous(), "metadata": self.metadata.contiguous()}
-        save_file(tensors, str(path), metadata=header)
+        write_tensors(path, tensors, _HEADER, {"shape": list(self.shape), "n": self.n, "m": self.m})
 
     @classmethod
     def load(cls, path: str | Path) -> NMTensor:
-        """Read a file written by :meth:`save`.
+        """Read a file written by :meth:`save`, checking it first (:meth:`check`).
 
         Raises:
-            CheckpointError: the file has no ``prunekit.nm`` header (not written by :meth:`save`).
+            CheckpointError: the file is not one :meth:`save` wrote (no ``prunekit.nm``
+                header), is unreadable, truncated or corrupted, or its parts disagree.
         """
-        with safe_open(str(path), framework="pt") as f:
-            header = (f.metadata() or {}).get("prunekit.nm")
-        if header is None:
-            raise CheckpointError(
-                f"{str(path)!r} has no 'prunekit.nm' header; Fix: load a file written by "
-                "NMTensor.save."
+        header, tensors = read_tensors(path, _HEADER, "NMTensor.save")
+        try:
+            info = check_fields(header, {"shape": PAIR, "n": SIZE, "m": SIZE})
+            if tensors.keys() != {"values", "metadata"}:
+                raise CheckpointError(
+                    f"tensors {brief(sorted(tensors))}, expected metadata, values"
+                )
+            loaded = cls(
+                tensors["values"], tensors["metadata"], tuple(info["shape"]), info["n"], info["m"]
             )
-        info = json.loads(header)
-        tensors = load_file(str(path))
-        return cls(
-            tensors["values"], tensors["metadata"], tuple(info["shape"]), info["n"], info["m"]
-        )
+            loaded.check()
+        except CheckpointError as err:
+            raise CheckpointError(
+                f"{str(path)!r} is not a sound N:M tensor: {first_line(err)}; Fix: pass a "
+                "file written by NMTensor.save (save it again if it was edited or corrupted)."
+            ) from err
+        return loaded

@@ -15,14 +15,23 @@ fp16 / bf16 on compute capability >= 8.0; Mishra et al. 2021).
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.sparse import to_sparse_semi_structured
 
-from prunekit.errors import CudaRequiredError
-from prunekit.sparse.base import SparseLinear, compressed_rows, csr_matmul, dtype_from_name
+from prunekit.errors import CheckpointError, CudaRequiredError
+from prunekit.sparse.base import (
+    SIZE,
+    Check,
+    SparseLinear,
+    check_tensor,
+    compressed_rows,
+    csr_matmul,
+    dtype_from_name,
+)
 from prunekit.sparse.nm import NMTensor, index_bits
 
 
@@ -30,6 +39,7 @@ class NMLinear(SparseLinear):
     """A Linear whose weight is stored N:M-compressed (values + packed positions)."""
 
     format = "nm"
+    SPEC_FIELDS: ClassVar[dict[str, Check]] = {**SparseLinear.SPEC_FIELDS, "n": SIZE, "m": SIZE}
 
     def __init__(self, weight: NMTensor, bias: Tensor | None = None) -> None:
         out, inp = weight.shape
@@ -57,6 +67,24 @@ class NMLinear(SparseLinear):
 
     def spec(self) -> dict[str, Any]:
         return {**super().spec(), "n": self.n, "m": self.m}
+
+    @classmethod
+    def check_spec(cls, spec: object) -> dict[str, Any]:
+        """The fields, ``0 < n < m`` and ``m`` dividing the inputs."""
+        fields = super().check_spec(spec)
+        n, m, cols = fields["n"], fields["m"], fields["in_features"]
+        if not n < m or cols % m:
+            raise CheckpointError(f"spec {n}:{m} needs n < m and m dividing the {cols} inputs")
+        return fields
+
+    def check_state(self, state: Mapping[str, Tensor]) -> None:
+        """Values and metadata of the spec's dtype and shapes, and sound positions
+        (:meth:`NMTensor.check`)."""
+        super().check_state(state)
+        values = check_tensor(state, "values", self.dtype, tuple(self.values.shape))
+        metadata = check_tensor(state, "metadata", torch.uint8, tuple(self.metadata.shape))
+        shape = (self.out_features, self.in_features)
+        NMTensor(values, metadata, shape, self.n, self.m).check()
 
     def compressed(self) -> NMTensor:
         """The stored weight as an :class:`NMTensor` (sharing this module's tensors)."""
