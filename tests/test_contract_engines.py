@@ -150,10 +150,10 @@ def _check_rows(model: nn.Module, method: str, sparsity: float | str) -> None:
 @pytest.mark.parametrize("method", METHODS)
 def test_llm_contract(method: str, sparsity: float | str) -> None:
     model = tiny_llama()
-    pk.llm.prune(model, IDS, method=method, sparsity=sparsity, progress=False)
+    pk.llm.prune(model, IDS, method=method, sparsity=sparsity, progress=False, keep_masks=True)
     _check_rows(model, method, sparsity)
     twin = tiny_llama()  # deterministic: masks and (SparseGPT) updated weights
-    pk.llm.prune(twin, IDS, method=method, sparsity=sparsity, progress=False)
+    pk.llm.prune(twin, IDS, method=method, sparsity=sparsity, progress=False, keep_masks=True)
     _same_state(model, twin)
 
 
@@ -221,7 +221,7 @@ def _cube_shrink() -> None:
 def _cube_llm() -> None:
     for sparsity in (0.5, "2:4"):
         model = tiny_llama()
-        pk.llm.prune(model, IDS, method=Cube(), sparsity=sparsity, progress=False)
+        pk.llm.prune(model, IDS, method=Cube(), sparsity=sparsity, progress=False, keep_masks=True)
         _check_rows(model, "cube", sparsity)
         for module in _block_linears(model).values():
             cube, keep = weight_param(module).abs().pow(3), get_mask(module)

@@ -107,7 +107,7 @@ def test_pruned_causal_lm_still_generates(arch: str) -> None:
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
 def test_gpt2_conv1d_nm_runs_along_the_input_axis(method: str) -> None:
     model = tiny("gpt2")
-    llm.prune(model, ids(), method=method, sparsity="4:8", progress=False)
+    llm.prune(model, ids(), method=method, sparsity="4:8", progress=False, keep_masks=True)
     attn = model.transformer.h[0].attn.c_attn  # Conv1D, stored (in, out)
     keep = to_canonical(attn, get_mask(attn))
     assert keep.shape == (96, 32)
@@ -119,7 +119,9 @@ def test_sequential_engine_equals_stats_from_the_pruned_so_far_model() -> None:
     model = tiny("llama")
     reference = copy.deepcopy(model)
     calib = ids(6, 10)
-    llm.prune(model, calib, method="wanda", sparsity=0.5, batch_size=3, progress=False)
+    llm.prune(
+        model, calib, method="wanda", sparsity=0.5, batch_size=3, progress=False, keep_masks=True
+    )
     for block in reference.model.layers:  # by hand: full forwards of the reference model
         linears = [m for m in block.modules() if isinstance(m, nn.Linear)]
         sums = {id(m): torch.zeros(m.in_features) for m in linears}
@@ -171,7 +173,7 @@ def test_sequential_leaves_the_captured_inputs_alone_and_measure_false_reports_n
 def test_sparsegpt_overwrites_kept_weights_and_bakes_consistently() -> None:
     model = tiny("llama")
     dense = model.model.layers[0].mlp.up_proj.weight.detach().clone()
-    llm.prune(model, ids(), method="sparsegpt", sparsity=0.5, progress=False)
+    llm.prune(model, ids(), method="sparsegpt", sparsity=0.5, progress=False, keep_masks=True)
     up = model.model.layers[0].mlp.up_proj
     kept = get_mask(up)
     assert not torch.equal(up.weight[kept], dense[kept])  # compensated

@@ -19,6 +19,7 @@ or call :func:`bake` first and save an ordinary state dict.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -28,10 +29,11 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from prunekit import bits
-from prunekit.errors import PruningError
+from prunekit.errors import IncompatibleLayerError, PruningError
 from prunekit.layers import Layer, select_layers, weight_param
 
-_MASK_KEY = ".parametrizations.weight.0.packed"
+_MASK_KEY = ".parametrizations.weight.0.packed"  # the usual one (first in the chain)
+_MASK_RE = re.compile(r"^(?:(.*)\.)?parametrizations\.weight\.\d+\.packed$")
 
 
 class WeightMask(nn.Module):
@@ -129,55 +131,151 @@ def copy_masks(source: nn.Module, target: nn.Module) -> None:
         mask = get_mask(module)
         if mask is not None:
             apply_mask(modules[name], mask)
+    tie_masks(target)
 
 
-def _remove(module: nn.Module, leave_parametrized: bool) -> None:
+def is_mask_key(key: str) -> bool:
+    """True for a packed mask's state-dict key, ``<layer>.parametrizations.weight.<i>.packed``
+    (``i`` > 0 when the mask follows the user's own parametrizations)."""
+    return _MASK_RE.match(key) is not None
+
+
+def _mask_entries(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module, str, int]]:
+    """``(module name, module, tensor name, index in its chain)`` of every prunekit mask."""
+    return [
+        (name, module, tensor, index)
+        for name, module in model.named_modules(prefix=prefix)
+        if parametrize.is_parametrized(module)
+        for tensor, chain in module.parametrizations.items()
+        for index, p in enumerate(chain)
+        if isinstance(p, WeightMask)
+    ]
+
+
+def _holders(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, str]]]:
+    """``id(parameter) -> [(module name, module, attribute)]``: the modules holding each
+    parameter directly (a tied weight has several; a parametrized original is held by its
+    parametrization list, left out)."""
+    out: dict[int, list[tuple[str, nn.Module, str]]] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, parametrize.ParametrizationList):
+            for attr, param in module._parameters.items():
+                if param is not None:
+                    out.setdefault(id(param), []).append((name, module, attr))
+    return out
+
+
+def tie_masks(model: nn.Module) -> None:
+    """Tied weights stay tied: one :class:`WeightMask` per tensor, shared by every module
+    using it (``lm_head.weight is embed.weight``; two Linears holding one Parameter).
+
+    Masks on the same original merge into one (their AND), and every other module holding
+    the original gets that same mask registered, so no user of the tensor sees a dense,
+    untied copy. Every function here that registers masks for a model calls it.
+    """
+    shared: dict[int, WeightMask] = {}
+    for _, module, tensor, index in _mask_entries(model):
+        chain = module.parametrizations[tensor]
+        first = shared.setdefault(id(chain.original), chain[index])
+        if first is not chain[index]:
+            first.packed.bitwise_and_(chain[index].packed)
+            chain[index] = first
+    if not shared:
+        return
+    for key, holders in _holders(model).items():
+        for _, module, attr in holders if key in shared else []:
+            parametrize.register_parametrization(module, attr, shared[key], unsafe=True)
+
+
+def _drop(module: nn.Module, tensor: str, index: int) -> None:
+    """Remove entry ``index`` (prunekit's mask) of ``module``'s chain on ``tensor``; the
+    user's own parametrizations stay, in order."""
+    chain = module.parametrizations[tensor]
+    if len(chain) > 1:
+        del chain[index]
+        return
     # torch's deepcopy of a parametrized module shares its generated class, and removal
     # deletes the property from that class, which would break every copy. Give the module
     # a private class first.
     cls = type(module)
     own = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
     module.__class__ = type(cls.__name__, cls.__bases__, own)
-    parametrize.remove_parametrizations(module, "weight", leave_parametrized=leave_parametrized)
+    parametrize.remove_parametrizations(module, tensor, leave_parametrized=False)
+
+
+def _check_bakeable(entries: list[tuple[str, nn.Module, str, int]]) -> None:
+    for name, module, tensor, index in entries:
+        user = ", ".join(type(p).__name__ for p in list(module.parametrizations[tensor])[:index])
+        if user:
+            raise IncompatibleLayerError(
+                f"layer {name!r}: its {tensor} is {user}(original) * mask (the mask came after "
+                f"your {user}); no original gives that {tensor} without the mask, so baking "
+                "would change what the model computes. Fix: keep the masks (model.state_dict() "
+                "saves them, pk.masks.load_state_dict loads them), or fold both into a plain "
+                "weight with torch.nn.utils.parametrize.remove_parametrizations(model."
+                f"get_submodule({name!r}), {tensor!r}) (that drops {user}). Nothing was changed."
+            )
+
+
+def require_bakeable(model: nn.Module, prefix: str = "") -> None:
+    """Raise what :func:`bake` would raise for ``model`` (module names start with
+    ``prefix``), changing nothing."""
+    _check_bakeable(_mask_entries(model, prefix))
 
 
 def bake(model: nn.Module) -> nn.Module:
     """Write the zeros into every masked weight and remove the masks (in place).
 
-    Returns ``model`` so calls chain. The result is an ordinary model whose
-    ``state_dict`` loads into a fresh instance of the architecture.
+    With ``weight = P(original * mask)`` (a mask alone, or your own parametrization ``P``
+    registered after it) the zeros go into ``original`` and ``P`` stays: the model
+    computes exactly what it did. With ``weight = P(original) * mask`` no original gives
+    that weight without the mask, so :class:`IncompatibleLayerError` names the layer and
+    the fix before anything changes. Tied weights stay tied (the zeros go into the one
+    shared tensor). Returns ``model`` so calls chain.
     """
-    for module in model.modules():
-        if mask_param(module) is not None:
-            _remove(module, leave_parametrized=True)
+    entries = _mask_entries(model)
+    _check_bakeable(entries)
+    for _, module, tensor, _ in entries:
+        chain = module.parametrizations[tensor]
+        with torch.no_grad():
+            chain.original.masked_fill_(~chain[0].mask(), 0)
+        _drop(module, tensor, 0)
     return model
 
 
 def remove(model: nn.Module) -> nn.Module:
-    """Drop every mask and restore the original, unpruned weights (in place)."""
-    for module in model.modules():
-        if mask_param(module) is not None:
-            _remove(module, leave_parametrized=False)
+    """Drop every mask and restore the original, unpruned weights (in place). Only
+    prunekit's masks go: your own parametrizations (spectral_norm, orthogonal...) stay."""
+    for _, module, tensor, index in _mask_entries(model):
+        _drop(module, tensor, index)
     return model
 
 
 def _expected_shapes(model: nn.Module, state_dict: Mapping[str, Tensor]) -> dict[str, tuple]:
     """The keys and shapes ``model``'s state dict will have once the masks named in
-    ``state_dict`` are registered (computed, nothing registered). A mask for a module the
-    model lacks is left out (it shows as an unexpected key)."""
+    ``state_dict`` are registered and tied (computed, nothing registered). A mask for a
+    module the model lacks is left out (it shows as an unexpected key)."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    modules = dict(model.named_modules())
+    modules, holders = dict(model.named_modules()), _holders(model)
     for key in state_dict:
-        if not key.endswith(_MASK_KEY):
+        found = _MASK_RE.match(key)
+        name = (found.group(1) or "") if found else ""
+        module = modules.get(name) if found else None
+        if module is None or not hasattr(module, "weight") or mask_param(module) is not None:
             continue
-        name = key[: -len(_MASK_KEY)]
-        if name not in modules or not hasattr(modules[name], "weight"):
-            continue
-        if mask_param(modules[name]) is None:
-            shape = tuple(weight_param(modules[name]).shape)
-            expected.pop(f"{name}.weight", None)
-            expected[f"{name}.parametrizations.weight.original"] = shape
-            expected[key] = ((math.prod(shape) + 7) // 8,)
+        param = weight_param(module)
+        # the mask goes on every holder of the tensor (tied), and after the user's own
+        # parametrizations on the module itself
+        targets = [(holder, attr, 0) for holder, _, attr in holders.get(id(param), [])]
+        if parametrize.is_parametrized(module, "weight"):
+            targets.append((name, "weight", len(module.parametrizations.weight)))
+        for holder, attr, index in targets:
+            prefix = f"{holder}." if holder else ""
+            expected.pop(f"{prefix}{attr}", None)
+            expected[f"{prefix}parametrizations.{attr}.original"] = tuple(param.shape)
+            expected[f"{prefix}parametrizations.{attr}.{index}.packed"] = (
+                (math.prod(param.shape) + 7) // 8,
+            )
     return expected
 
 
@@ -222,11 +320,11 @@ def load_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
         )
     modules = dict(model.named_modules())
     for key in state_dict:
-        if key.endswith(_MASK_KEY):
-            module = modules[key[: -len(_MASK_KEY)]]
-            if mask_param(module) is None:
-                shape = weight_param(module).shape
-                apply_mask(module, torch.ones(shape, dtype=torch.bool))
+        found = _MASK_RE.match(key)
+        module = modules[found.group(1) or ""] if found else None
+        if module is not None and mask_param(module) is None:
+            apply_mask(module, torch.ones(weight_param(module).shape, dtype=torch.bool))
+    tie_masks(model)
     model.load_state_dict(state_dict)
 
 

@@ -14,6 +14,8 @@ from prunekit import bits
 from prunekit.allocation import allocate, check_sparsity
 from prunekit.criteria import Criterion
 from prunekit.criteria.base import Batches
+from prunekit.criteria.gradient import GradientStatistic
+from prunekit.criteria.init import SynFlow
 from prunekit.criteria.units import LayerUnits
 from prunekit.errors import (
     IncompatibleLayerError,
@@ -28,10 +30,13 @@ from prunekit.layers import (
     Selector,
     check_weight,
     from_canonical,
+    is_prunable,
+    layer_incompatibility,
     require_unique_modules,
     select_layers,
+    skipped_tensors,
 )
-from prunekit.masks import apply_packed, kept_fraction
+from prunekit.masks import apply_packed, kept_fraction, tie_masks
 from prunekit.selection import LayerPlan, element_mask, select_pool
 from prunekit.spec import PruneSpec, spec_of
 from prunekit.tables import TableReport
@@ -60,21 +65,31 @@ class PruneReport(TableReport):
     target: float | None
     layers: list[LayerResult]
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    skipped_numel: int = 0
 
     @property
     def numel(self) -> int:
+        """Weights of the pruned layers: what :attr:`sparsity` is a fraction of."""
         return sum(r.numel for r in self.layers)
 
     @property
     def sparsity(self) -> float:
-        """Achieved sparsity over the pruned layers."""
+        """Achieved sparsity over the pruned layers (``numel`` weights; the ``skipped``
+        layers and tensors, ``skipped_numel`` weights, are not counted)."""
         return sum(r.after * r.numel for r in self.layers) / max(self.numel, 1)
+
+    def summary(self) -> str:
+        """``achieved 50.00% of 12,345 weights in 14 layers; 3 skipped (1,024 weights)``."""
+        skipped = f"; {len(self.skipped)} skipped ({self.skipped_numel:,} weights)"
+        return (
+            f"achieved {self.sparsity:.2%} of {self.numel:,} weights in {len(self.layers)} "
+            f"layer{'' if len(self.layers) == 1 else 's'}{skipped if self.skipped else ''}"
+        )
 
     def table(self) -> Table:
         title = (
             f"prune: {self.granularity} / {self.criterion} / {self.scope}, "
-            f"target {'-' if self.target is None else f'{self.target:.2%}'}, "
-            f"achieved {self.sparsity:.2%}"
+            f"target {'-' if self.target is None else f'{self.target:.2%}'}, {self.summary()}"
         )
         table = Table(title=title)
         for col in ("layer", "type", "shape", "weights", "target", "before", "after"):
@@ -102,7 +117,7 @@ def _resolve_layers(
     require_unique_modules(chosen)
     usable, skipped = [], []
     for layer in chosen:
-        reason = granularity.incompatibility(layer)
+        reason = layer_incompatibility(layer) or granularity.incompatibility(layer)
         if reason is None:
             usable.append(layer)
         elif layers is not None:
@@ -111,12 +126,41 @@ def _resolve_layers(
             skipped.append((layer.name, reason))
     if not usable:
         raise NoLayersError(
-            f"granularity {granularity.name!r} applies to none of the selected layers: "
+            f"none of the selected layers can be pruned (granularity {granularity.name!r}): "
             + "; ".join(f"{n}: {r}" for n, r in skipped)
         )
     for layer in usable:
         check_weight(layer)
     return usable, skipped
+
+
+def _skipped(
+    model: nn.Module, spec: PruneSpec, skipped: list[tuple[str, str]]
+) -> tuple[list[tuple[str, str]], int]:
+    """The skipped layers plus, when every layer was asked for (``layers=None``), the
+    weight-like tensors no prunable layer holds (fused MoE experts...); and their size."""
+    weights = [getattr(model.get_submodule(name), "weight", None) for name, _ in skipped]
+    numel = sum(w.numel() for w in weights if isinstance(w, Tensor))
+    if spec.layers is not None:
+        return skipped, numel
+    covered = [p for m in model.modules() if is_prunable(m) for p in m.parameters()]
+    extra = skipped_tensors(model, covered)
+    return skipped + [(n, r) for n, r, _ in extra], numel + sum(e[2] for e in extra)
+
+
+_NEEDS_GRADIENTS = (GradientStatistic, SynFlow)
+
+
+def _check_criterion(crit: Criterion, layer: Layer) -> None:
+    reason = crit.incompatibility(layer)
+    if reason is None and isinstance(crit, _NEEDS_GRADIENTS) and not layer.weight.requires_grad:
+        reason = (
+            f"its weight is frozen (requires_grad=False) and criterion {crit.name!r} needs its "
+            "gradient; Fix: unfreeze it for the scoring (weight.requires_grad_(True)), exclude "
+            "the layer, or use a data-free criterion such as 'magnitude'"
+        )
+    if reason is not None:
+        raise IncompatibleLayerError(f"layer {layer.name!r} ({layer.kind}): {reason}")
 
 
 def _layer_sparsity(layer: Layer) -> float:
@@ -141,9 +185,11 @@ def _nm_masks(plans: list[LayerPlan], granularity: NM, criterion: Criterion) -> 
 class PrunePlan:
     """What :func:`apply` will do, resolved and validated by :func:`plan` (nothing run).
 
-    ``layers`` are the layers that will be pruned, ``skipped`` the ones the granularity
-    cannot split (with the reason), ``targets`` the per-layer sparsity under local scope
-    (None for global scope and N:M), ``groupings`` each layer's full grouping.
+    ``layers`` are the layers that will be pruned, ``skipped`` the ones it cannot prune
+    (with the reason; with ``layers=None`` also the weight tensors no prunable layer holds,
+    such as fused MoE experts) holding ``skipped_numel`` weights, ``targets`` the
+    per-layer sparsity under local scope (None for global scope and N:M), ``groupings``
+    each layer's full grouping.
     """
 
     model: nn.Module
@@ -153,6 +199,7 @@ class PrunePlan:
     skipped: list[tuple[str, str]]
     targets: dict[str, float] | None
     groupings: dict[str, Grouping]
+    skipped_numel: int = 0
 
     def check_data(self, data: Batches | Calibration | None) -> Calibration | None:
         """``data`` as a :class:`Calibration`, or :class:`MissingDataError` when the
@@ -191,16 +238,15 @@ def plan(model: nn.Module, sparsity: float | None, spec: PruneSpec) -> PrunePlan
     gran, crit = spec.gran, spec.crit
     usable, skipped = _resolve_layers(model, spec.layers, spec.exclude, gran)
     for layer in usable:
-        reason = crit.incompatibility(layer)
-        if reason is not None:
-            raise IncompatibleLayerError(f"layer {layer.name!r} ({layer.kind}): {reason}")
+        _check_criterion(crit, layer)
+    skipped, skipped_numel = _skipped(model, spec, skipped)
     targets = (
         None
         if isinstance(gran, NM) or spec.scope == "global"
         else allocate(usable, sparsity, spec.allocation)
     )
     groupings = {ly.name: gran.grouping(tuple(ly.canonical.shape)) for ly in usable}
-    return PrunePlan(model, spec, sparsity, usable, skipped, targets, groupings)
+    return PrunePlan(model, spec, sparsity, usable, skipped, targets, groupings, skipped_numel)
 
 
 def _masks(plan: PrunePlan, layer_plans: list[LayerPlan]) -> list[Tensor]:
@@ -245,6 +291,7 @@ def apply(plan: PrunePlan, data: Batches | Calibration | None = None) -> PruneRe
     masks = _masks(plan, layer_plans)
     for layer_plan, mask in zip(layer_plans, masks, strict=True):
         apply_packed(layer_plan.layer.module, mask)
+    tie_masks(plan.model)
     return _report(plan, before)
 
 
@@ -266,7 +313,13 @@ def _report(plan: PrunePlan, before: list[float]) -> PruneReport:
     ]
     target = gran.sparsity if isinstance(gran, NM) else plan.sparsity
     return PruneReport(
-        gran.name, repr(plan.spec.crit), plan.spec.scope, target, results, plan.skipped
+        gran.name,
+        repr(plan.spec.crit),
+        plan.spec.scope,
+        target,
+        results,
+        plan.skipped,
+        plan.skipped_numel,
     )
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from prunekit.errors import UnsupportedModelError
-from prunekit.layers import Layer, is_prunable, kernel_ndim
+from prunekit.layers import Layer, is_prunable, kernel_ndim, require_model
 
 
 def _linear_like(module: nn.Module) -> bool:
@@ -28,7 +28,9 @@ def find_blocks(model: nn.Module, path: str | None = None) -> tuple[str, nn.Modu
     Raises:
         UnsupportedModelError: no such path, or no ModuleList of repeated blocks holding
             Linear-like layers.
+        PruningError: ``model`` is not an ``nn.Module``.
     """
+    require_model(model)
     if path is not None:
         try:
             blocks = model.get_submodule(path)

@@ -11,7 +11,13 @@ from prunekit.criteria.activation import wanda_scores
 from prunekit.errors import IncompatibleLayerError, PruningError, UnknownChoiceError
 from prunekit.granularity import NM
 from prunekit.inputs import eval_mode
-from prunekit.layers import Layer, check_weight, to_canonical
+from prunekit.layers import (
+    Layer,
+    check_weight,
+    require_unique_modules,
+    skipped_tensors,
+    to_canonical,
+)
 from prunekit.llm.blocks import block_layers, find_blocks
 from prunekit.llm.calibration import TokenData, calibration_batches
 from prunekit.llm.engine import BlockInputs, LayerStats, capture_inputs, sequential
@@ -28,17 +34,18 @@ from prunekit.llm.methods import (
 )
 from prunekit.llm.owl import outlier_ratio, owl_sparsities
 from prunekit.llm.report import LayerRecord, LLMPruneReport
-from prunekit.masks import kept_fraction
+from prunekit.masks import bake, kept_fraction, require_bakeable, tie_masks
 
 ALLOCATIONS = ["uniform", "owl"]
 
 
 def _check_layers(blocks: nn.ModuleList, prefix: str, target: Target) -> None:
-    for index, block in enumerate(blocks):
-        for layer in block_layers(block, f"{prefix}.{index}"):
-            check_weight(layer)
-            if isinstance(target, NM) and (reason := target.incompatibility(layer)):
-                raise IncompatibleLayerError(f"layer {layer.name!r}: {reason}")
+    layers = [ly for i, b in enumerate(blocks) for ly in block_layers(b, f"{prefix}.{i}")]
+    require_unique_modules(layers)
+    for layer in layers:
+        check_weight(layer)
+        if isinstance(target, NM) and (reason := target.incompatibility(layer)):
+            raise IncompatibleLayerError(f"layer {layer.name!r}: {reason}")
 
 
 def _owl_targets(
@@ -106,6 +113,7 @@ def prune(
     blocks: str | None = None,
     batch_size: int = 8,
     progress: bool = True,
+    keep_masks: bool = False,
 ) -> LLMPruneReport:
     """Prune every Linear / Conv1D of a transformer's blocks, one block at a time.
 
@@ -128,13 +136,20 @@ def prune(
         blocks: qualified name of the block list, when automatic detection picks wrong.
         batch_size: calibration rows per forward when ``calibration`` is one tensor.
         progress: show a progress bar per block.
+        keep_masks: False (default): the zeros are baked into the weights of the blocks
+            (:func:`prunekit.bake`), so ``model.state_dict()`` holds ordinary weights and
+            ``model.save_pretrained`` / ``from_pretrained`` round-trip the pruned model.
+            True: the masks stay registered (``pk.masks.remove`` restores Wanda /
+            magnitude weights; masked fine-tuning keeps the zeros); then call
+            ``pk.bake(model)`` before ``save_pretrained``, which otherwise writes
+            parametrization keys that ``from_pretrained`` ignores, re-initialising every
+            pruned weight at random.
 
     Returns:
-        An :class:`LLMPruneReport`. Masks are registered with
-        :func:`prunekit.masks.apply_mask` (``pk.bake(model)`` writes them in, e.g. before
-        ``save_pretrained``). SparseGPT also *overwrites the kept weights* with their
-        compensated values (and zeroes the pruned ones), so ``pk.masks.remove`` cannot
-        restore the dense model afterwards: copy it first if you need it.
+        An :class:`LLMPruneReport`: per-layer sparsity and error, and the weight tensors in
+        the blocks it left dense (``skipped``: fused MoE expert tensors, routers). SparseGPT
+        *overwrites the kept weights* with their compensated values, so even with
+        ``keep_masks=True`` the dense model cannot be restored: copy it first if you need it.
 
     Raises:
         PruningError subclasses for a bad method, sparsity, allocation, calibration, N:M
@@ -143,12 +158,14 @@ def prune(
 
     Example:
         >>> report = pk.llm.prune(model, ids[:128, :256], method="wanda", sparsity=0.5)
-        >>> pk.bake(model); model.save_pretrained("pruned")
+        >>> model.save_pretrained("pruned")  # ordinary weights, zeros baked in
     """
     method = parse_method(method)
     target = _check_target(sparsity, allocation, owl_m, owl_lambda)
     prefix, block_list = find_blocks(model, blocks)
     _check_layers(block_list, prefix, target)
+    if not keep_masks:
+        require_bakeable(block_list, prefix)
     batches = calibration_batches(calibration, model, batch_size)
     device = next(model.parameters()).device
     start = time.perf_counter()
@@ -174,8 +191,10 @@ def prune(
             description=f"{method_name(method)} {describe(target)}",
             progress=progress,
         )
-    seconds = time.perf_counter() - start
     records = _records(block_list, prefix, block_targets, errors)
+    tie_masks(model)
+    if not keep_masks:
+        bake(block_list)
     return LLMPruneReport(
         method_name(method),
         describe(target),
@@ -183,10 +202,19 @@ def prune(
         sum(len(b["input_ids"]) for b in batches),
         sum(b["input_ids"].numel() for b in batches),
         records,
-        seconds,
+        time.perf_counter() - start,
         peak.bytes,
         peak.source,
+        *_skipped(block_list, prefix),
     )
+
+
+def _skipped(block_list: nn.ModuleList, prefix: str) -> tuple[list[tuple[str, str]], int]:
+    """The weight tensors of the blocks that are no block layer's (fused MoE experts,
+    routers), with the reason, and how many weights they hold."""
+    covered = [p for b in block_list for ly in block_layers(b, "") for p in ly.module.parameters()]
+    found = skipped_tensors(block_list, covered)
+    return [(f"{prefix}.{n}", r) for n, r, _ in found], sum(k for _, _, k in found)
 
 
 def _records(
