@@ -33,9 +33,8 @@ import torch
 from torch import Tensor
 
 from prunekit import bits
-from prunekit.criteria import Criterion, ScoreContext
-from prunekit.criteria.base import FunctionCriterion
-from prunekit.errors import PruningError, guarded
+from prunekit.criteria import Criterion, ScoreContext, guard
+from prunekit.errors import PruningError
 from prunekit.granularity import Granularity, Grouping
 from prunekit.layers import Layer, from_canonical, to_canonical
 from prunekit.masks import get_mask, kept_fraction
@@ -120,9 +119,8 @@ def criterion_scores(
 ) -> Tensor:
     """Flat float32 scores of one chunk, checked for the right shape and for NaN; a user's
     criterion that raises is named in a :class:`~prunekit.errors.UserCallbackError`."""
-    score = criterion.group_scores
-    what = f"criterion {criterion!r} (scoring layer {layer.name!r})"
-    scores = (guarded(score, what) if _users(criterion) else score)(chunk, grouping, ctx)
+    score = guard(criterion, criterion.group_scores, f"scoring layer {layer.name!r}")
+    scores = score(chunk, grouping, ctx)
     if not isinstance(scores, Tensor) or scores.is_complex():
         kind = getattr(scores, "dtype", type(scores).__name__)
         raise PruningError(
@@ -142,12 +140,6 @@ def criterion_scores(
             "Fix: check its statistics (data batches, loss) or use another criterion."
         )
     return scores
-
-
-def _users(criterion: Criterion) -> bool:
-    """Whether ``criterion`` runs the user's code: a function, or a class from outside."""
-    outside = type(criterion).__module__.split(".")[0] != "prunekit"
-    return outside or isinstance(criterion, FunctionCriterion)
 
 
 def _weights(idx: Tensor, alive: Tensor | None, group_size: int) -> Tensor:

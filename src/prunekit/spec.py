@@ -173,7 +173,7 @@ class PruneSpec(Settings):
         "scope": one_of("scope", *SCOPES),
         "allocation": Constraint(_allocation, "uniform | erk | {layer: sparsity}"),
         "min_keep": integer(0),
-        "seed": integer(0),
+        "seed": integer(0, 2**63 - 1),
     }
 
     def check(self) -> None:

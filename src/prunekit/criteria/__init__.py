@@ -17,7 +17,7 @@ from prunekit.criteria.gradient import Gradient, Taylor
 from prunekit.criteria.init import SNIP, GraSP, SynFlow
 from prunekit.criteria.magnitude import L1, L2, Magnitude
 from prunekit.criteria.random import Random
-from prunekit.errors import UnknownChoiceError
+from prunekit.errors import UnknownChoiceError, guarded
 
 _ALL = (Magnitude, L1, L2, Gradient, Taylor, Random, Wanda, SNIP, GraSP, SynFlow, BNScale, FPGM)
 REGISTRY: dict[str, type[Criterion]] = {c.name: c for c in (*_ALL, LAMP)}
@@ -27,6 +27,21 @@ REGISTRY: dict[str, type[Criterion]] = {c.name: c for c in (*_ALL, LAMP)}
 _ENGINES = {"groups": "pk.prune", "channels": "pk.shrink", "rows": "pk.llm.prune"}
 _KIND = {None: "criterion", "groups": "criterion", "channels": "structured criterion",
          "rows": "LLM criterion"}  # fmt: skip
+
+
+def users_code(criterion: Criterion) -> bool:
+    """Whether ``criterion`` runs the user's code: a function, or a class from outside."""
+    outside = type(criterion).__module__.split(".")[0] != "prunekit"
+    return outside or isinstance(criterion, FunctionCriterion)
+
+
+def guard(criterion: Criterion, method: Callable, where: str) -> Callable:
+    """``method`` (a bound method of ``criterion``) wrapped, when it is the user's code, so
+    an exception it raises is a :class:`~prunekit.errors.UserCallbackError` naming the
+    criterion and ``where`` (the original as ``__cause__``)."""
+    if not users_code(criterion):
+        return method
+    return guarded(method, f"criterion {criterion!r} ({where})")
 
 
 def names(units: str | None = None) -> list[str]:

@@ -109,7 +109,8 @@ def _criterion_keep(criterion: Criterion, weight: torch.Tensor, target: Target, 
     """Keep-mask of a row criterion: N of every M inputs, or the best of each row."""
     norms = None if stats.norms is None else stats.norms.norms
     ctx = ScoreContext(name, norms, torch.Generator().manual_seed(zlib.crc32(name.encode())))
-    scores = criterion.scores(GroupUnits(weight, Element().grouping(tuple(weight.shape))), ctx)
+    score = criteria.guard(criterion, criterion.scores, f"scoring layer {name!r}")
+    scores = score(GroupUnits(weight, Element().grouping(tuple(weight.shape))), ctx)
     scores = scores.to(torch.float32)
     return target.keep(scores) if isinstance(target, NM) else row_mask(scores, target)
 

@@ -69,10 +69,12 @@ def score(
                 f"criterion {crit.name!r} needs batches; Fix: pass data=[(inputs, targets), "
                 "...] and, unless it is cross-entropy, loss_fn."
             )
-        stats = crit.prepare(model, units, Calibration(data, loss_fn=loss_fn))
+        prepare = criteria.guard(crit, crit.prepare, "collecting its statistics")
+        stats = prepare(model, units, Calibration(data, loss_fn=loss_fn))
     out: dict[str, Tensor | None] = {}
     for name, unit in units.units().items():
         gen = torch.Generator().manual_seed(seed + zlib.crc32(name.encode()))
-        result = crit.scores(unit, ScoreContext(name, stats.get(name), gen))
+        scores = criteria.guard(crit, crit.scores, f"scoring channel family {name!r}")
+        result = scores(unit, ScoreContext(name, stats.get(name), gen))
         out[name] = None if result is None else torch.as_tensor(result).float()
     return out

@@ -36,7 +36,7 @@ from prunekit.schedules import check_int
 from prunekit.spec import PruneSpec
 from prunekit.tables import TableReport
 from prunekit.training import checkpoint
-from prunekit.training.data import Source, TrainData, accuracy_on, source
+from prunekit.training.data import Source, TrainData, accuracy_on, scorer, source
 from prunekit.training.distributed import MaskSync
 from prunekit.training.loop import Evaluate, Step, fit
 
@@ -98,7 +98,7 @@ def _split(
     accuracy on ``val_fraction`` of the in-memory training examples (drawn with ``seed``),
     which are then held out of training."""
     if validate is not None:
-        return src, validate
+        return src, scorer(validate, "validate")
     if src.examples is None:
         raise MissingDataError(
             "the lottery picks each training's early-stopping epoch on a validation split, "
