@@ -67,3 +67,32 @@ def test_a_raising_validate_is_named() -> None:
             _mlp(), data, rounds=1, epochs=1, evaluate=lambda m: 0.0, validate=validate,
             control=False, progress=False,
         )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"epochs": "2"},
+        {"epochs": -1},
+        {"lr": float("nan")},
+        {"lr": -0.1},
+        {"weight_decay": float("inf")},
+        {"momentum": "0.9"},
+    ],
+)
+def test_fit_refuses_bad_numbers_before_training(kwargs: dict) -> None:
+    model = _mlp()
+    before = snapshot(model)
+    data = [(torch.randn(4, 8), torch.randint(0, 4, (4,)))]
+    with pytest.raises(pk.PruningError, match=next(iter(kwargs))):
+        pk.training.fit(model, data, **kwargs)
+    assert_unchanged(model, before)
+    with pytest.raises(pk.PruningError, match="nn.Module"):
+        pk.training.fit(None, data)
+
+
+def test_method_settings_refuse_nan() -> None:
+    from prunekit.training.configs import between
+
+    with pytest.raises(pk.PruningError, match="NaN"):
+        between(0.0, 1.0).check(float("nan"))

@@ -25,6 +25,7 @@ progress, distributed) are not settings of a method: the caller passes them alon
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -51,8 +52,8 @@ def between(
     def check(value: Any) -> float | None:
         if value is None and optional:
             return None
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise PruningError("is not set" if value is None else "is not a number")
+        if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+            raise PruningError("is not set" if value is None else "is not a number (or NaN)")
         if low is not None and (value < low or (open_low and value == low)):
             raise PruningError(f"must be {parts[0]}")
         if high is not None and (value > high or (open_high and value == high)):

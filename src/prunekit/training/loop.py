@@ -13,6 +13,7 @@ your own takes batches of any form (a dict for transformers, inputs only, ...). 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from dataclasses import dataclass
 from typing import Any
@@ -151,6 +152,21 @@ def _check(batches: Iterable[Any], epochs: int, optimizer: str) -> None:
         )
 
 
+def _check_numbers(model: nn.Module, epochs: int, **hyper: float) -> None:
+    """The model, the epoch count and the optimizer's numbers, before anything trains."""
+    if not isinstance(model, nn.Module):
+        raise PruningError(f"model={model!r} is not a torch.nn.Module; Fix: pass the model.")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+        raise PruningError(f"epochs={epochs!r} is not an int >= 0; Fix: e.g. epochs=3.")
+    for name, value in hyper.items():
+        real = not isinstance(value, bool) and isinstance(value, int | float)
+        if not real or not math.isfinite(value) or value < 0:
+            raise PruningError(
+                f"{name}={value!r} is not a finite number >= 0; Fix: e.g. lr=1e-3, "
+                "weight_decay=0, momentum=0.9."
+            )
+
+
 def fit(
     model: nn.Module,
     batches: Iterable[Any],
@@ -183,6 +199,7 @@ def fit(
     rank 0's at the end.
     """
     _check(batches, epochs, optimizer)
+    _check_numbers(model, epochs, lr=lr, weight_decay=weight_decay, momentum=momentum)
     step = training_step(step, loss_fn)
     net = model
     if sync:
