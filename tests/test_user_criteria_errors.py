@@ -87,7 +87,7 @@ def test_fit_refuses_bad_numbers_before_training(kwargs: dict) -> None:
     with pytest.raises(pk.PruningError, match=next(iter(kwargs))):
         pk.training.fit(model, data, **kwargs)
     assert_unchanged(model, before)
-    with pytest.raises(pk.PruningError, match="nn.Module"):
+    with pytest.raises(pk.PruningError, match=r"nn\.Module"):
         pk.training.fit(None, data)
 
 
