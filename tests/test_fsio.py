@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from prunekit.errors import CheckpointError
+from prunekit import fsio
 from prunekit.fsio import atomic_directory, atomic_write
 
 
@@ -62,3 +63,20 @@ def test_a_file_where_a_folder_is_wanted(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="is a file"), atomic_directory(tmp_path / "model"):
         pass
     assert (tmp_path / "model").read_bytes() == b"not a folder"
+
+
+def test_directories_are_exchanged_in_one_step_on_linux(tmp_path: Path, monkeypatch) -> None:
+    """With renameat2(RENAME_EXCHANGE) the target name is never free: no os.rename runs."""
+    target = tmp_path / "model"
+    with atomic_directory(target) as d:
+        (d / "w").write_bytes(b"A")
+    renames = []
+    monkeypatch.setattr(os, "rename", lambda *a: renames.append(a))
+    with atomic_directory(target) as d:
+        (d / "w").write_bytes(b"B")
+    assert (target / "w").read_bytes() == b"B"
+    (tmp_path / "x").mkdir()
+    (tmp_path / "y").mkdir()
+    if not fsio._exchange(tmp_path / "x", tmp_path / "y"):
+        pytest.skip("this system has no atomic directory exchange")
+    assert renames == []

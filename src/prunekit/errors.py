@@ -135,7 +135,7 @@ class ShrinkVerificationError(PruningError):
     """The shrunk model failed to run or to compute what the group-masked model computes."""
 
 
-class ShrunkLayoutError(PruningError):
+class ShrunkLayoutError(CheckpointError):
     """A shrunk checkpoint that does not fit the model it is loaded into."""
 
 

@@ -9,9 +9,11 @@ the temporary names).
   is fsynced. A crash leaves the old file or the new one, never a mix.
 - :func:`atomic_directory`: the files of a multi-file save (weights + layout) are written
   into a temporary sibling directory; only when every one is complete and fsynced does it
-  take the target's name. The old directory is kept, under a sibling name, until the new
-  one is in place, then removed. Leftovers of an interrupted save (``.<name>.tmp-*``,
-  ``.<name>.old-*``) are removed by the next successful save.
+  take the target's name. On Linux the two directories are exchanged in one atomic
+  ``renameat2(RENAME_EXCHANGE)``, so the target name always holds a whole save; elsewhere
+  (or on a file system without it) the old directory is first moved to a sibling name,
+  and a crash between the two renames leaves it there, whole. Leftovers of an
+  interrupted save (``.<name>.tmp-*``, ``.<name>.old-*``) go with the next successful save.
 
 Every ``OSError`` (disk full, read-only file system, a path that is a file where a
 directory is wanted...) becomes a :class:`~prunekit.errors.CheckpointError` naming the
@@ -21,6 +23,8 @@ path and the fix, with no partial file left behind.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
 import shutil
 import tempfile
@@ -111,19 +115,37 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
             _remove(tmp)
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the names of ``a`` and ``b`` in one atomic step (Linux ``renameat2`` with
+    ``RENAME_EXCHANGE``); False where the system or file system cannot."""
+    rename = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if rename is None:
+        return False
+    at_fdcwd, exchange = -100, 2
+    if rename(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
 def _commit(tmp: Path, target: Path) -> None:
-    """fsync every file of ``tmp``, then move it to ``target``, keeping the old ``target``
-    aside until the new one is in place."""
+    """fsync every file of ``tmp``, then give it ``target``'s name: exchanged atomically
+    with the old ``target`` where possible, else after moving the old one aside."""
     for file in tmp.iterdir():
         with open(file, "rb") as f:
             os.fsync(f.fileno())
     _fsync_dir(tmp)
     old = None
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}{_OLD}", dir=target.parent))
-        os.rmdir(old)
-        os.rename(target, old)
-    os.rename(tmp, target)
+    if target.exists() and _exchange(tmp, target):
+        old = tmp  # now holds the previous save
+    else:
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}{_OLD}", dir=target.parent))
+            os.rmdir(old)
+            os.rename(target, old)
+        os.rename(tmp, target)
     _fsync_dir(target.parent)
     for leftover in ([old] if old else []) + _stale(target):
         _remove(leftover)
