@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from prunekit.errors import CheckpointError
 from prunekit import fsio
+from prunekit.errors import CheckpointError
 from prunekit.fsio import atomic_directory, atomic_write
 
 
