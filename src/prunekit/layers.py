@@ -197,8 +197,10 @@ def _unmatched_hint(model: nn.Module, item: str | type, names: list[str]) -> str
             found = type(model.get_submodule(item)).__name__
         except AttributeError:
             found = None
+        inside = any(n.startswith(f"{item}.") for n in names)
         if found is not None:
-            return f"{item!r} is a {found}, not a prunable layer (its layers match '{item}.*')"
+            where = f"its layers match '{item}.*'" if inside else "prunekit does not prune it"
+            return f"{item!r} is a {found}, not a prunable layer ({where})"
     close = difflib.get_close_matches(item, names, n=3, cutoff=0.6)
     return f"did you mean {' or '.join(map(repr, close))}?" if close else "no close match"
 
