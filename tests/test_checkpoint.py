@@ -3,8 +3,11 @@ iterative pruning likewise; refuse bad checkpoints without touching model or fil
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -102,6 +105,7 @@ def iterative(model: nn.Module, data, checkpoint_dir: Path, rounds: int = 1):
 
 
 PIPELINES = [lottery, iterative]
+BY_NAME = {p.__name__: p for p in PIPELINES}
 
 
 @pytest.fixture(scope="module")
@@ -202,15 +206,145 @@ def test_save_load_round_trip_restores_rng(tmp_path):
 def test_a_failed_write_raises_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     identity = {"model": [1]}
     checkpoint.save(tmp_path, 1, {"w": torch.zeros(2)}, identity, {"n": 1})
-    atomic_write = checkpoint._atomic_write
+    atomic_write = checkpoint.atomic_write
 
     def disk_full_on_state(path: Path, data: bytes) -> None:
         if path.name == checkpoint.STATE:
             raise OSError(28, "No space left on device")
         atomic_write(path, data)
 
-    monkeypatch.setattr(checkpoint, "_atomic_write", disk_full_on_state)
+    monkeypatch.setattr(checkpoint, "atomic_write", disk_full_on_state)
     with pytest.raises(CheckpointError, match=r"could not write the round-2 .*No space.*Fix"):
         checkpoint.save(tmp_path, 2, {"w": torch.ones(2)}, identity, {"n": 2})
     saved = checkpoint.load(tmp_path, identity)
     assert saved.round == 1 and torch.equal(saved.tensors["w"], torch.zeros(2))
+
+
+def _seal(doc: dict) -> str:
+    """``doc`` sealed as the module docstring says: SHA-256 of its canonical JSON."""
+    canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return json.dumps({**doc, "digest": hashlib.sha256(canonical.encode()).hexdigest()})
+
+
+@pytest.fixture(scope="module")
+def halfway(tmp_path_factory, digits) -> dict[str, Path]:
+    """Each pipeline's checkpoint after round 1 of 2 (interrupted there)."""
+    out = {}
+    for pipeline in PIPELINES:
+        directory = tmp_path_factory.mktemp(pipeline.__name__)
+        save_round = checkpoint.save_round
+
+        def stop_after_round_1(directory, round, *args, _save=save_round, **kwargs):
+            _save(directory, round, *args, **kwargs)
+            if round == 1:
+                raise Interrupt
+
+        checkpoint.save_round = stop_after_round_1
+        try:
+            with pytest.raises(Interrupt):
+                pipeline(tiny(), digits, directory, rounds=2)
+        finally:
+            checkpoint.save_round = save_round
+        out[pipeline.__name__] = directory
+    return out
+
+
+def _numpy_keys(doc: dict) -> None:
+    doc["rng"]["numpy"][1] = doc["rng"]["numpy"][1][:3]
+
+
+def _python_index(doc: dict) -> None:
+    doc["rng"]["python"][1][-1] = 10**6
+
+
+# (pipeline, what is edited, the edit, the field the error names)
+EDITS = [
+    ("lottery", "round past the run", lambda d: d.update(round=5), r"round is 5, expected a "),
+    ("lottery", "round as final", lambda d: d.update(round=2), r"state\.history \(length\) is 2"),
+    ("lottery", "round as text", lambda d: d.update(round="1"), r"round is '1'"),
+    ("iterative", "round before the first", lambda d: d.update(round=0), r"round is 0"),
+    ("lottery", "history entry dropped", lambda d: d["state"]["history"].pop(),
+     r"state\.history \(length\) is 1, expected 2"),
+    ("lottery", "history share", lambda d: d["state"]["history"][1].update(remaining=1.5),
+     r"state\.history\[1\]\.remaining is 1\.5"),
+    ("lottery", "history epoch", lambda d: d["state"]["history"][0].update(best_epoch=7),
+     r"state\.history\[0\]\.best_epoch is 7"),
+    ("iterative", "history round", lambda d: d["state"]["rounds"][0].update(round=2),
+     r"state\.rounds\[0\]\.round is 2, expected 1"),
+    ("iterative", "dense accuracy", lambda d: d["state"].update(dense="high"),
+     r"state\.dense is 'high'"),
+    ("lottery", "rewind point", lambda d: d["state"].update(rewind=3), r"state\.rewind is 3"),
+    ("lottery", "numpy rng", _numpy_keys, r"rng\.numpy is"),
+    ("iterative", "python rng", _python_index, r"rng\.python is"),
+    ("lottery", "rng missing", lambda d: d["rng"].pop("python"), r"rng is"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("reseal", [False, True], ids=["edited", "edited-and-resealed"])
+@pytest.mark.parametrize(("pipeline", "what", "edit", "error"), EDITS, ids=[e[1] for e in EDITS])
+def test_an_edited_state_is_refused(tmp_path, digits, halfway, pipeline, what, edit, error, reseal):
+    """Edited (digest mismatch) or edited and resealed (the field's range check): refused,
+    with the model, the RNGs and the files as they were."""
+    shutil.copytree(halfway[pipeline], tmp_path, dirs_exist_ok=True)
+    state = tmp_path / checkpoint.STATE
+    doc = json.loads(state.read_text())
+    digest = doc.pop("digest", None)
+    edit(doc)
+    state.write_text(_seal(doc) if reseal else json.dumps({**doc, "digest": digest}))
+    files = _files(tmp_path)
+    model = tiny()
+    before, rng = snapshot(model), torch.get_rng_state()
+    match = error if reseal else r"state\.json does not match its digest: edited"
+    with pytest.raises(CheckpointError, match=match + r".*nothing was changed\. Fix: delete"):
+        BY_NAME[pipeline](model, digits, tmp_path, rounds=2)
+    assert_unchanged(model, before)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert _files(tmp_path) == files
+
+
+LEFTOVERS = [".state.json.tmp-x1y2", ".round-0002.safetensors.tmp-abc", "round-0009.safetensors"]
+
+
+def test_leftovers_of_interrupted_saves_go_with_the_next_save_or_resume(tmp_path, digits):
+    lottery(tiny(), digits, tmp_path)  # complete: a rerun resumes and saves nothing
+    kept = _files(tmp_path)
+    for name in LEFTOVERS:
+        (tmp_path / name).write_bytes(b"partial")
+    lottery(tiny(), digits, tmp_path)
+    assert _files(tmp_path) == kept
+    identity = {"model": [1]}
+    checkpoint.save(tmp_path / "bare", 1, {"w": torch.zeros(1)}, identity, {})
+    for name in LEFTOVERS:
+        (tmp_path / "bare" / name).write_bytes(b"partial")
+    checkpoint.save(tmp_path / "bare", 2, {"w": torch.ones(1)}, identity, {})
+    assert sorted(_files(tmp_path / "bare")) == ["round-0002.safetensors", checkpoint.STATE]
+
+
+def test_tensors_outside_the_checkpoint_or_of_another_dtype_are_refused(tmp_path, digits, halfway):
+    shutil.copytree(halfway["iterative"], tmp_path / "a")
+    (tmp_path / "a" / "sub").mkdir()
+    shutil.move(tmp_path / "a" / "round-0001.safetensors", tmp_path / "a" / "sub")
+    state = tmp_path / "a" / checkpoint.STATE
+    doc = json.loads(state.read_text())
+    doc.pop("digest", None)
+    state.write_text(_seal({**doc, "tensors": "sub/round-0001.safetensors"}))
+    model = tiny()
+    before = snapshot(model)
+    with pytest.raises(CheckpointError, match=r"corrupted .*not a round-NNNN\.safetensors file"):
+        iterative(model, digits, tmp_path / "a", rounds=2)
+    assert_unchanged(model, before)
+    shutil.copytree(halfway["iterative"], tmp_path / "b")
+    model = tiny().double()
+    before = snapshot(model)
+    with pytest.raises(CheckpointError, match=r"do not fit Sequential .*dtype torch\.float32 vs"):
+        iterative(model, digits, tmp_path / "b", rounds=2)
+    assert_unchanged(model, before)
+
+
+def test_the_schemas_name_every_field_of_the_round_records():
+    from prunekit.training.checkpoint_fields import SCHEMAS
+    from prunekit.training.lottery import RoundResult
+    from prunekit.training.post import Round
+
+    for record, schema in [(RoundResult, "lottery"), (Round, "iterative_pruning")]:
+        assert {f.name for f in dataclasses.fields(record)} == {"round", *SCHEMAS[schema].entry}

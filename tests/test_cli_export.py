@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import textwrap
 import uuid
 from pathlib import Path
@@ -11,7 +13,7 @@ import torch
 from safetensors.torch import save_model
 
 import prunekit as pk
-from prunekit import model_spec
+from prunekit import fsio, model_spec
 from prunekit.cli import main
 
 FACTORY = """
@@ -130,3 +132,84 @@ def test_export_from_a_save_shrunk_directory(tmp_path: Path) -> None:
     (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(got), model(x), rtol=1e-4, atol=1e-5)
+
+
+def _read_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every temporary file prunekit.fsio creates fails as on a read-only file system."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(fsio.tempfile, "mkstemp", refuse)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "csr"])
+@pytest.mark.parametrize("target", ["out is a file", "file is a folder", "read-only"])
+def test_export_to_a_target_it_cannot_write_is_one_line_and_writes_nothing(
+    spec: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch, fmt: str, target: str,
+) -> None:  # fmt: skip
+    _, checkpoint = _checkpoint(spec, tmp_path, "element")
+    out = tmp_path / "out"
+    out.mkdir()
+    if target == "out is a file":
+        out = tmp_path / "file"
+        out.write_text("mine")
+    elif target == "file is a folder":
+        (out / ("mlp.safetensors" if fmt == "safetensors" else f"mlp.{fmt}.safetensors")).mkdir()
+    else:
+        _read_only(monkeypatch)
+    before = sorted(tmp_path.rglob("*"))
+    assert _export(spec, checkpoint, fmt, out) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and str(out) in err
+    assert "Fix:" in err and "Traceback" not in err
+    assert sorted(tmp_path.rglob("*")) == before
+    assert target != "out is a file" or out.read_text() == "mine"
+
+
+def test_prune_save_to_a_target_it_cannot_write_is_one_line_and_keeps_the_old_file(
+    spec: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    argv = ["prune", "--model", spec, "--input-shape", "4,32", "--sparsity", "0.5", "--out"]
+    (tmp_path / "file").write_text("mine")
+    assert main([*argv, str(tmp_path / "file")]) == 2
+    assert (tmp_path / "file").read_text() == "mine"
+    assert main([*argv, str(tmp_path / "out")]) == 0
+    saved = (tmp_path / "out" / "model.safetensors").read_bytes()
+    _read_only(monkeypatch)
+    capsys.readouterr()
+    assert main([*argv[:-2], "0.8", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Read-only file system" in err and "Fix:" in err
+    assert os.listdir(tmp_path / "out") == ["model.safetensors"]
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == saved
+
+
+def test_prune_transformers_save_swaps_the_folder_whole_and_keeps_its_other_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from prunekit.zoo.hf import tiny_transformer
+
+    tiny_transformer("bert")[0].save_pretrained(tmp_path / "bert")
+    argv = ["prune", "--model", str(tmp_path / "bert"), "--sparsity", "0.5", "--out"]
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    assert main([*argv, str(tmp_path / "notes")]) == 2
+    assert "holds files but no config.json" in capsys.readouterr().err
+    assert os.listdir(tmp_path / "notes") == ["todo.txt"]
+    out = tmp_path / "pruned"
+    assert main([*argv, str(out)]) == 0
+    (out / "onnx").mkdir()
+    assert main([*argv, str(out)]) == 2
+    assert "holds folders ['onnx']" in capsys.readouterr().err
+    (out / "onnx").rmdir()
+    (out / "tokenizer.json").write_text("{}")  # saved again: this stays, a stale shard goes
+    (out / "model-00002-of-00002.safetensors").write_bytes(b"stale")
+    assert main([*argv, str(out)]) == 0
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    pruned = model_spec.load_model(str(out)).model
+    layer = pruned.encoder.layer[0].attention.self.query.weight
+    assert (layer == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)

@@ -30,6 +30,7 @@ keeps its traceback.
 from __future__ import annotations
 
 import argparse
+from functools import partial
 from pathlib import Path
 
 from rich.console import Console
@@ -43,6 +44,7 @@ from prunekit import (
     cli_llm,
     cli_model,
     criteria,
+    export,
     model_spec,
     pruning,
     recipes,
@@ -193,13 +195,11 @@ def _prune(args: argparse.Namespace, console: Console) -> None:
     if accuracy:
         console.print("accuracy: " + ", ".join(f"{k} {v:.1%}" for k, v in accuracy.items()))
     console.print(pk.analysis.profile(pk.bake(model), example))
-    args.out.mkdir(parents=True, exist_ok=True)
-    if loaded.kind == "transformers":
-        model.save_pretrained(args.out)
+    if loaded.kind == "transformers":  # atomic: the old folder or the new one, whole
+        export.save_pretrained(model, args.out)
         console.print(f"saved the baked model to {args.out} (a transformers directory)")
         return
-    path = args.out / "model.safetensors"
-    save_model(model, str(path))
+    path = export.write_file(args.out / "model.safetensors", partial(save_model, model))
     console.print(f"saved the baked weights to {path} (prunekit export --checkpoint {path})")
 
 
