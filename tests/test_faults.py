@@ -7,8 +7,13 @@ step of a save (``os.fsync``, ``os.replace``, ``os.rename``, ``os.unlink``, ``os
 SIGKILLs itself when event ``n`` starts. An unkilled run counts its events first; the kill
 points are drawn from them with :data:`SEED`.
 
-CI draws :data:`KILLS` points per scenario. ``PRUNEKIT_FUZZ=<n>`` draws ``n`` (``all``:
-every event), ``PRUNEKIT_FUZZ_SEED`` changes the draw; ``make fuzz`` runs that.
+Saves are also killed in the middle of a write: armed with a byte offset, the process
+dies by SIGXFSZ in the write that crosses it (``RLIMIT_FSIZE``).
+
+CI draws :data:`KILLS` events and as many byte offsets per scenario.
+``PRUNEKIT_FUZZ=<n>`` draws ``n`` of each (``n`` at or above a scenario's event count: every
+event; 50 covers every event of these runs), ``PRUNEKIT_FUZZ_SEED`` changes the draw;
+``make fuzz`` runs that.
 
 The runs are forked from one worker process that has imported torch and prunekit and
 loaded the data once (a fresh interpreter per run would spend ~10 s importing).
@@ -33,7 +38,7 @@ from safetensors.torch import load_file
 from prunekit.training import checkpoint
 
 FUZZ = os.environ.get("PRUNEKIT_FUZZ", "")
-KILLS = 5 if not FUZZ else (10**9 if FUZZ == "all" else int(FUZZ))
+KILLS = int(FUZZ) if FUZZ else 5
 SEED = int(os.environ.get("PRUNEKIT_FUZZ_SEED", "0"))
 IDENTITY = {"model": [2]}
 
