@@ -13,6 +13,7 @@ from rich.table import Table
 from torch import nn
 from torch.nn.utils import parametrize
 
+import prunekit as pk
 from prunekit.analysis import compare, measure_latency, profile
 from prunekit.cost import csr_bytes, nm_bytes
 from prunekit.errors import NoLayersError, PruningError
@@ -196,3 +197,18 @@ def test_linear_formulas_property(in_f: int, out_f: int, bias: bool, dtype: torc
     assert layer.nm_bytes == expected_nm
     assert layer.macs == 2 * in_f * out_f
     assert layer.effective_macs == pytest.approx(2 * nnz)
+
+
+def test_profile_counts_layers_that_sparse_convert_replaced() -> None:
+    """A converted model is profiled with its converted layers, counted from their dense
+    equivalent: same params, nonzeros and sparsity as before the conversion."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    pk.prune(model, 0.9)
+    x = torch.randn(2, 64)
+    before = pk.analysis.profile(model, x, latency=False)
+    pk.sparse.convert(model, "csr")
+    after = pk.analysis.profile(model, x, latency=False)
+    assert [r.name for r in after.layers] == [r.name for r in before.layers]
+    for key in ("params", "nonzero", "weight_params", "weight_nonzero", "dense_bytes"):
+        assert getattr(after.total, key) == getattr(before.total, key), key

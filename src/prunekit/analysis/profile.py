@@ -40,6 +40,7 @@ from torch.utils import benchmark
 
 from prunekit.cost import count_macs as count_macs  # re-exported for callers of this module
 from prunekit.cost import csr_bytes, macs_per_module, nm_bytes
+from prunekit.errors import NoLayersError
 from prunekit.inputs import Inputs, call, eval_mode
 from prunekit.layers import Layer, Selector, select_layers, to_canonical, weight_param
 from prunekit.tables import TableReport
@@ -208,15 +209,23 @@ def _kind(module: nn.Module) -> str:
 
 def _layer_profile(layer: Layer, macs: int) -> LayerProfile:
     weight = layer.module.weight  # the effective (masked) weight
-    bias = getattr(layer.module, "bias", None)
-    bias = bias if isinstance(bias, Tensor) else weight.new_empty(0)
-    canonical = to_canonical(layer.module, weight)
-    numel, nnz, elem = weight.numel(), int(torch.count_nonzero(weight)), weight.element_size()
+    return _counts(layer.name, _kind(layer.module), to_canonical(layer.module, weight),
+                   getattr(layer.module, "bias", None), macs)  # fmt: skip
+
+
+def _counts(name: str, kind: str, canonical: Tensor, bias: object, macs: int) -> LayerProfile:
+    """The row of a weight in canonical ``(out, in, ...)`` layout and its bias."""
+    bias = bias if isinstance(bias, Tensor) else canonical.new_empty(0)
+    numel, nnz, elem = (
+        canonical.numel(),
+        int(torch.count_nonzero(canonical)),
+        canonical.element_size(),
+    )
     bias_bytes = bias.numel() * bias.element_size()
     divisible = canonical.shape[1] % 4 == 0
     return LayerProfile(
-        name=layer.name,
-        kind=_kind(layer.module),
+        name=name,
+        kind=kind,
         params=numel + bias.numel(),
         nonzero=nnz + int(torch.count_nonzero(bias)),
         weight_params=numel,
@@ -229,9 +238,22 @@ def _layer_profile(layer: Layer, macs: int) -> LayerProfile:
     )
 
 
-def _total(rows: list[LayerProfile], layers: list[Layer], total_macs: int) -> LayerProfile:
-    """Sum of ``rows``, each shared weight once; MACs are the whole model's ``total_macs``."""
-    firsts = {id(weight_param(layer.module)): row for layer, row in zip(layers, rows, strict=True)}
+def _converted(model: nn.Module, macs: dict[nn.Module, int]) -> list[tuple[int, LayerProfile]]:
+    """Rows of the layers :func:`prunekit.sparse.convert` replaced (the modules with a
+    ``to_dense()`` weight; duck-typed, so the analysis layer needs no format class): the
+    counts of their dense equivalent, MACs as the counter saw them."""
+    return [
+        (id(module), _counts(name, _kind(module), module.to_dense(),
+                             getattr(module, "bias", None), macs.get(module, 0)))
+        for name, module in model.named_modules()
+        if callable(getattr(module, "to_dense", None)) and hasattr(module, "in_features")
+    ]  # fmt: skip
+
+
+def _total(rows: list[tuple[int, LayerProfile]], total_macs: int) -> LayerProfile:
+    """Sum of ``rows`` (keyed by their weight), each shared weight once; MACs are the whole
+    model's ``total_macs``."""
+    firsts = dict(rows)
     unique = list(firsts.values())
     nm = [row.nm_bytes for row in unique]
     return LayerProfile(
@@ -245,8 +267,18 @@ def _total(rows: list[LayerProfile], layers: list[Layer], total_macs: int) -> La
         csr_bytes=sum(row.csr_bytes for row in unique),
         nm_bytes=None if None in nm else sum(nm),
         macs=total_macs,
-        effective_macs=total_macs - sum(row.macs * row.sparsity for row in rows),
+        effective_macs=total_macs - sum(row.macs * row.sparsity for _, row in rows),
     )
+
+
+def _chosen(model: nn.Module, layers: Selector) -> list[Layer]:
+    """The prunable layers selected; none is fine when converted layers remain to count."""
+    try:
+        return select_layers(model, layers)
+    except NoLayersError:
+        if layers is not None or not _converted(model, {}):
+            raise
+        return []
 
 
 def profile(
@@ -258,7 +290,8 @@ def profile(
     layers: Selector = None,
 ) -> Profile:
     """Count params, nonzeros, bytes and MACs of the prunable ``layers`` of ``model`` (all by
-    default) and time the whole model (see the module docstring for every formula).
+    default, layers :func:`prunekit.sparse.convert` replaced included, counted from their
+    dense equivalent) and time the whole model (see the module docstring for every formula).
 
     The model runs in eval mode on ``example_inputs`` (see :mod:`prunekit.inputs`); its
     training flags are restored and no hook is left. ``latency=False`` skips timing
@@ -267,13 +300,17 @@ def profile(
     Raises:
         NoLayersError: when ``layers`` matches nothing prunable.
     """
-    chosen = select_layers(model, layers)
+    chosen = _chosen(model, layers)
     with eval_mode(model):
         per_module, total_macs = macs_per_module(model, example_inputs)
         latency_s = measure_latency(model, example_inputs, min_run_time) if latency else None
         with torch.no_grad():
-            rows = [_layer_profile(layer, per_module.get(layer.module, 0)) for layer in chosen]
-    return Profile(rows, _total(rows, chosen, total_macs), latency_s)
+            keyed = [(id(weight_param(ly.module)), _layer_profile(ly, per_module.get(ly.module, 0)))
+                     for ly in chosen]  # fmt: skip
+            if layers is None:
+                keyed += _converted(model, per_module)
+    rows = [row for _, row in keyed]
+    return Profile(rows, _total(keyed, total_macs), latency_s)
 
 
 _RATIO_KEYS = ("params", "nonzero", "dense_bytes", "csr_bytes", "macs", "effective_macs")
