@@ -56,13 +56,13 @@ class Interrupt(Exception):
 def run_pipelines(rank: int, out: Path) -> None:
     digits = load_dataset("digits", flat=True)
     writes: list[str] = []
-    atomic_write = checkpoint._atomic_write
+    atomic_write = checkpoint.atomic_write
 
     def counted(path: Path, data: bytes) -> None:
         writes.append(path.name)
         atomic_write(path, data)
 
-    checkpoint._atomic_write = counted
+    checkpoint.atomic_write = counted
     report = lottery(mlp, digits, checkpoint_dir=out / "lottery", **LOTTERY)
     save_file(state(report.model), out / f"lottery{rank}.safetensors")
     (out / f"history{rank}.json").write_text(json.dumps([vars(r) for r in report.rounds]))
@@ -107,7 +107,7 @@ def run_pipelines(rank: int, out: Path) -> None:
 
     # Rank 0 failing to write a checkpoint fails every rank, instead of leaving them waiting.
     if rank == 0:
-        checkpoint._atomic_write = disk_full
+        checkpoint.atomic_write = disk_full
     with pytest.raises(CheckpointError, match="could not write the round-1 checkpoint"):
         checkpoint.save(out / "full", 1, {"w": torch.zeros(1)}, {}, {}, sync=True)
 

@@ -80,3 +80,29 @@ def test_directories_are_exchanged_in_one_step_on_linux(tmp_path: Path, monkeypa
     if not fsio._exchange(tmp_path / "x", tmp_path / "y"):
         pytest.skip("this system has no atomic directory exchange")
     assert renames == []
+
+
+def test_new_files_get_the_usual_mode_and_old_ones_keep_theirs(tmp_path: Path) -> None:
+    umask = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "new.bin", b"x")
+        assert (tmp_path / "new.bin").stat().st_mode & 0o777 == 0o644
+        (tmp_path / "old.bin").write_bytes(b"x")
+        (tmp_path / "old.bin").chmod(0o640)
+        atomic_write(tmp_path / "old.bin", b"y")
+        assert (tmp_path / "old.bin").stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(umask)
+
+
+def test_a_killed_write_leaves_a_temp_file_the_next_write_removes(tmp_path: Path) -> None:
+    (tmp_path / ".a.bin.tmp-killed").write_bytes(b"half")
+    atomic_write(tmp_path / "a.bin", b"whole")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin"]
+
+
+def test_directories_with_subfolders_are_saved_whole(tmp_path: Path) -> None:
+    with atomic_directory(tmp_path / "model") as d:
+        (d / "sub").mkdir()
+        (d / "sub" / "w").write_bytes(b"A")
+    assert (tmp_path / "model" / "sub" / "w").read_bytes() == b"A"

@@ -67,14 +67,27 @@ def _remove(path: Path) -> None:
             path.unlink()
 
 
+def _mode(path: Path) -> int:
+    """The permission bits a new file gets: the old file's, else ``0o666`` under the umask
+    (``mkstemp`` alone would leave ``0o600``)."""
+    try:
+        return path.stat().st_mode & 0o777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 def atomic_write(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (see the module docstring)."""
+    """Write ``data`` to ``path`` atomically (see the module docstring); temporary files
+    that killed writes of ``path`` left behind go with this one's success."""
     path = Path(path)
     tmp = None
     try:
         fd, name = tempfile.mkstemp(prefix=f".{path.name}{_TMP}", dir=path.parent)
         tmp = Path(name)
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), _mode(path))
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -86,6 +99,8 @@ def atomic_write(path: str | Path, data: bytes) -> None:
     finally:
         if tmp is not None:
             _remove(tmp)
+    for leftover in _stale(path):
+        _remove(leftover)
 
 
 @contextlib.contextmanager
@@ -133,10 +148,11 @@ def _exchange(a: Path, b: Path) -> bool:
 def _commit(tmp: Path, target: Path) -> None:
     """fsync every file of ``tmp``, then give it ``target``'s name: exchanged atomically
     with the old ``target`` where possible, else after moving the old one aside."""
-    for file in tmp.iterdir():
-        with open(file, "rb") as f:
-            os.fsync(f.fileno())
-    _fsync_dir(tmp)
+    for folder, _, files in os.walk(tmp, topdown=False):
+        for file in files:
+            with open(os.path.join(folder, file), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(Path(folder))
     old = None
     if target.exists() and _exchange(tmp, target):
         old = tmp  # now holds the previous save
