@@ -92,7 +92,7 @@ BAD = [
     (dict(q=-0.5), pk.PruningError, r"q=-0\.5 must be a number > 0"),
     (dict(q={"fc1": 1.0, "fc2": 0.0}), pk.PruningError, r"q=\{'fc1': 1\.0, 'fc2': 0\.0\} must"),
     (dict(q={"fc1": 1.0, "fc9": 1.0}), pk.PruningError,
-     r"thresholds for \['fc1', 'fc9'\] but the pruned layers are \['fc1'\]"),
+     r"no prunable layer matched layers=\['fc1', 'fc9'\] \(entry 'fc9'\): did you mean"),
     (dict(q={"fc1": 1.0}, layers=["fc1", "fc2"]), pk.PruningError, "one q per pruned layer"),
     (dict(target=1.5), pk.InvalidSparsityError, r"target=1\.5"),
     (dict(target=0.5, rounds=0), pk.PruningError, r"rounds=0 must be an int >= 1"),

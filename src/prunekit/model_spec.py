@@ -287,7 +287,7 @@ def load_checkpoint(model: nn.Module, checkpoint: str | Path, spec: str = "model
     fix = (
         f"Fix: pass the checkpoint saved from {spec!r} (and the --model-kwargs it was built with)."
     )
-    if any(k.endswith(masks._MASK_KEY) for k in state):
+    if any(masks.is_mask_key(k) for k in state):
         problems = masks.state_mismatch(model, state)  # checked before any mask is registered
         if problems:
             raise CheckpointError(

@@ -23,7 +23,7 @@ from torch import nn
 from prunekit.allocation import check_sparsity
 from prunekit.errors import PruningError
 from prunekit.inputs import Inputs
-from prunekit.masks import apply_mask, get_mask, remove, set_mask
+from prunekit.masks import apply_mask, get_mask, remove, set_mask, tie_masks
 from prunekit.pruning import PruneReport, prune
 from prunekit.schedules import check_int, geometric
 
@@ -74,3 +74,4 @@ def reinitialize(model: nn.Module, seed: int = 0) -> None:
         remove(module)  # reset_parameters must write the stored weight, not the masked view
         module.reset_parameters()
         apply_mask(module, mask)
+    tie_masks(model)  # a tied weight keeps one mask, shared by every module using it
