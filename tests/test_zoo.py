@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from prunekit import zoo
-from prunekit.errors import UnknownChoiceError
+from prunekit.errors import UnknownChoiceError, UserCallbackError
 from prunekit.zoo import (
     MODELS,
     LeNet5,
@@ -142,6 +142,7 @@ def test_train_restores_every_modules_own_mode_even_on_error() -> None:
         raise RuntimeError("boom")
 
     model.eval()
-    with pytest.raises(RuntimeError, match="boom"):
+    with pytest.raises(UserCallbackError, match="boom") as info:
         zoo.train(model, data, epochs=1, progress=False, loss_fn=failing_loss)
+    assert isinstance(info.value.__cause__, RuntimeError)  # the user's loss, named and kept
     assert not any(m.training for m in model.modules())
