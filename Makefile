@@ -24,4 +24,11 @@ test: .venv/installed browser
 	.venv/bin/lint-imports   # the layer and no-cycle contracts in pyproject.toml
 	$(PY) -m pytest
 
-.PHONY: demo test browser
+# The bad-input and fault suites at full strength (`make test` runs a bounded sample of
+# both, see docs/RELIABILITY.md): hypothesis draws 150 values per case, and the fault
+# suite kills at PRUNEKIT_FUZZ events and byte offsets per scenario (50 covers every event).
+PRUNEKIT_FUZZ ?= 50
+fuzz: .venv/installed
+	PRUNEKIT_FUZZ=$(PRUNEKIT_FUZZ) $(PY) -m pytest tests/test_bad_inputs*.py tests/test_faults.py
+
+.PHONY: demo test browser fuzz

@@ -1,0 +1,227 @@
+"""Every argument of every public Python entry point, fuzzed with :data:`JUNK` (wrong types,
+NaN, inf, huge and negative numbers, strings, bytes, containers, tensors, callables that
+raise): each value runs or is refused cleanly (:func:`test_bad_inputs.refuses_cleanly`),
+and a value no correct call takes is refused."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import example, given
+from test_bad_inputs import (
+    CANON,
+    DATA,
+    EXAMPLES,
+    IMAGES,
+    JUNK,
+    TOKENS,
+    Hung,
+    always,
+    bounded,
+    cnn,
+    mlp,
+    never,
+    not_fraction,
+    not_module,
+    not_real,
+    not_seed,
+    not_spec,
+    pruned,
+    refuses_cleanly,
+    tame,
+    tiny_lm,
+)
+from torch import nn
+
+import prunekit as pk
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# -- the Python entry points -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    """One argument of one entry point: ``call(model, value)`` on a fresh ``make()``;
+    ``bad(value)``: values that must be refused; ``keys``: names a message may use
+    instead of the value; ``keep(value)``: the values of :data:`JUNK` and :data:`CANON`
+    tried."""
+
+    make: Callable[[], nn.Module]
+    call: Callable[[nn.Module, Any], object]
+    bad: Callable[[Any], bool] = never
+    keys: tuple[str, ...] = ()
+    keep: Callable[[Any], bool] = always
+
+
+def argument(name: str) -> tuple[str, ...]:
+    """How a message may name the argument of case ``name`` ("prune.min_keep (x)"):
+    ``min_keep`` or ``min keep``."""
+    arg = name.split(" ")[0].rsplit(".", 1)[-1]
+    return arg, arg.replace("_", " ")
+
+
+def check_case(case: Case, value: Any, keys: tuple[str, ...] = ()) -> None:
+    model = case.make()
+    keys = (*case.keys, *keys)
+    err = refuses_cleanly(lambda: case.call(model, value), model, value, keys)
+    assert err is not None or not case.bad(value), f"{value!r} was accepted"
+
+
+def fuzz(name: str, case: Case, examples: int = EXAMPLES) -> None:
+    """Run :func:`check_case` on :data:`CANON` and on values drawn from :data:`JUNK`
+    (hypothesis, :func:`bounded`); a message may name the argument of ``name`` instead
+    of the value."""
+
+    @bounded(examples)
+    @given(value=JUNK.filter(case.keep))
+    def run(value: Any) -> None:
+        try:
+            check_case(case, value, argument(name))
+        except Hung as hung:  # not shrunk (each try would take LIMIT_S): say which value
+            raise Hung(f"{name}={value!r}: {hung}") from None
+
+    for value in filter(case.keep, CANON):
+        run = example(value=value)(run)
+    run()
+
+
+def prune_arg(arg: str, bad: Callable[[Any], bool] = never, **fixed: Any) -> Case:
+    call = lambda m, v: pk.prune(m, **{"sparsity": 0.5, **fixed, arg: v})  # noqa: E731
+    return Case(mlp, call, bad)
+
+
+def shrink_arg(arg: str, bad: Callable[[Any], bool] = never, **fixed: Any) -> Case:
+    call = lambda m, v: pk.shrink(m, **{"example_inputs": IMAGES, **fixed, arg: v})  # noqa: E731
+    return Case(cnn, call, bad)
+
+
+def convert_arg(arg: str, bad: Callable[[Any], bool] = never, **fixed: Any) -> Case:
+    granularity = {"nm": "2:4", "bsr": "block:2x2"}.get(fixed.get("format", ""), "element")
+    call = lambda m, v: pk.sparse.convert(m, **{**fixed, arg: v})  # noqa: E731
+    return Case(lambda: pruned(granularity), call, bad)
+
+
+def llm_arg(arg: str, bad: Callable[[Any], bool] = never) -> Case:
+    def call(model: nn.Module, value: Any) -> object:
+        kwargs = {"calibration": TOKENS, "progress": False, arg: value}
+        return pk.llm.prune(model, **kwargs)
+
+    return Case(tiny_lm, call, bad)
+
+
+def iterative_arg(
+    arg: str, bad: Callable[[Any], bool] = never, keep: Callable[[Any], bool] = always
+) -> Case:
+    def call(model: nn.Module, value: Any) -> object:
+        kwargs = {"data": DATA, "target": 0.5, "rounds": 1, "epochs": 1, "batch_size": 16}
+        return pk.training.iterative_pruning(model, **{**kwargs, "progress": False, arg: value})
+
+    return Case(mlp, call, bad, keep=keep)
+
+
+def lottery_arg(
+    arg: str, bad: Callable[[Any], bool] = never, keep: Callable[[Any], bool] = always
+) -> Case:
+    def call(model: nn.Module, value: Any) -> object:
+        kwargs = {"data": DATA, "rounds": 1, "epochs": 1, "batch_size": 16, "control": False}
+        return pk.training.lottery(model, **{**kwargs, arg: value})
+
+    return Case(mlp, call, bad, keep=keep)
+
+
+def profile_arg(arg: str, bad: Callable[[Any], bool] = never) -> Case:
+    def call(model: nn.Module, value: Any) -> object:
+        kwargs = {"example_inputs": IMAGES, "latency": False, arg: value}
+        return pk.analysis.profile(model, **kwargs)
+
+    return Case(cnn, call, bad)
+
+
+CASES: dict[str, Case] = {
+    # pk.prune
+    "prune.model": Case(mlp, lambda m, v: pk.prune(v, 0.5), not_module),
+    "prune.sparsity": Case(mlp, lambda m, v: pk.prune(m, v), not_fraction),
+    "prune.granularity": prune_arg("granularity"),
+    "prune.criterion": prune_arg("criterion"),
+    "prune.scope": prune_arg("scope"),
+    "prune.allocation": prune_arg("allocation"),
+    "prune.layers": prune_arg("layers"),
+    "prune.exclude": prune_arg("exclude"),
+    "prune.min_keep": prune_arg("min_keep", lambda v: not (type(v) is int and v >= 0)),
+    "prune.seed": prune_arg("seed", not_seed),
+    "prune.spec": Case(mlp, lambda m, v: pk.prune(m, 0.5, spec=v), not_spec),
+    "prune.<unknown keyword>": Case(
+        mlp, lambda m, v: pk.prune(m, 0.5, colour=v), always, keys=("colour",)
+    ),
+    # pk.Pruner
+    "Pruner.model": Case(mlp, lambda m, v: pk.Pruner(v, 0.5), not_module),
+    "Pruner.target": Case(mlp, lambda m, v: pk.Pruner(m, v), not_fraction),
+    "Pruner.schedule": Case(
+        mlp, lambda m, v: pk.Pruner(m, 0.5, schedule=v), lambda v: v is not None
+    ),
+    "Pruner.granularity": Case(mlp, lambda m, v: pk.Pruner(m, 0.5, granularity=v)),
+    "Pruner.layers": Case(mlp, lambda m, v: pk.Pruner(m, 0.5, layers=v)),
+    "Pruner.load_state_dict": Case(mlp, lambda m, v: pk.Pruner(m, 0.5).load_state_dict(v), always),
+    # pk.shrink
+    "shrink.example_inputs": Case(cnn, lambda m, v: pk.shrink(m, v), always),
+    "shrink.ratio": shrink_arg("ratio"),
+    "shrink.criterion": shrink_arg("criterion"),
+    "shrink.scope": shrink_arg("scope"),
+    "shrink.normalize": shrink_arg("normalize"),
+    # masks
+    "sparsity.model": Case(pruned, lambda m, v: pk.sparsity(v), not_module),
+    "sparsity.layers": Case(pruned, lambda m, v: pk.sparsity(m, layers=v)),
+    "sparsity.exclude": Case(pruned, lambda m, v: pk.sparsity(m, exclude=v)),
+    # pk.sparse
+    "sparse.convert.model": Case(pruned, lambda m, v: pk.sparse.convert(v), not_module),
+    "sparse.convert.format": convert_arg("format"),
+    "sparse.convert.layers": convert_arg("layers", format="csr"),
+    "sparse.convert.exclude": convert_arg("exclude", format="csr"),
+    "sparse.convert.nm": convert_arg("nm", format="nm"),
+    "sparse.convert.bsr_kernel": convert_arg("bsr_kernel", format="bsr", blocksize=2),
+    "sparse.convert.margin": convert_arg("margin", format="auto"),
+    # structured save / load
+    # pk.llm
+    "llm.prune.model": Case(
+        tiny_lm, lambda m, v: pk.llm.prune(v, torch.ones(1, 4).long()), not_module
+    ),
+    "llm.prune.calibration": llm_arg("calibration", always),
+    "llm.prune.method": llm_arg("method"),
+    "llm.prune.sparsity": llm_arg("sparsity"),
+    "llm.prune.allocation": llm_arg("allocation"),
+    # pk.training
+    "iterative_pruning.model": Case(
+        mlp, lambda m, v: pk.training.iterative_pruning(v, DATA, target=0.5), not_module
+    ),
+    "iterative_pruning.data": iterative_arg("data", always),
+    "iterative_pruning.target": iterative_arg(
+        "target", lambda v: v is not None and not_fraction(v)
+    ),
+    "iterative_pruning.criterion": iterative_arg("criterion"),
+    "iterative_pruning.scope": iterative_arg("scope"),
+    "iterative_pruning.layers": iterative_arg("layers"),
+    "iterative_pruning.evaluate": iterative_arg(
+        "evaluate", lambda v: not callable(v) and v is not None
+    ),
+    "lottery.data": lottery_arg("data", always),
+    "lottery.rewind": lottery_arg("rewind"),
+    "lottery.lr": lottery_arg("lr", not_real, tame),
+    "lottery.optimizer": lottery_arg("optimizer"),
+    "lottery.step": lottery_arg("step", lambda v: v is not None),
+    # pk.analysis
+    "profile.model": Case(
+        cnn, lambda m, v: pk.analysis.profile(v, IMAGES, latency=False), not_module
+    ),
+    "profile.layers": profile_arg("layers"),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_every_argument_runs_or_is_refused_cleanly(name: str) -> None:
+    fuzz(name, CASES[name])
