@@ -30,7 +30,7 @@ from torch.nn.utils import parametrize
 
 from prunekit import bits
 from prunekit.errors import IncompatibleLayerError, PruningError
-from prunekit.layers import Layer, select_layers, weight_param
+from prunekit.layers import Layer, require_model, select_layers, weight_param
 
 _MASK_KEY = ".parametrizations.weight.0.packed"  # the usual one (first in the chain)
 _MASK_RE = re.compile(r"^(?:(.*)\.)?parametrizations\.weight\.\d+\.packed$")
@@ -233,6 +233,7 @@ def bake(model: nn.Module) -> nn.Module:
     the fix before anything changes. Tied weights stay tied (the zeros go into the one
     shared tensor). Returns ``model`` so calls chain.
     """
+    require_model(model)
     entries = _mask_entries(model)
     _check_bakeable(entries)
     for _, module, tensor, _ in entries:
@@ -246,6 +247,7 @@ def bake(model: nn.Module) -> nn.Module:
 def remove(model: nn.Module) -> nn.Module:
     """Drop every mask and restore the original, unpruned weights (in place). Only
     prunekit's masks go: your own parametrizations (spectral_norm, orthogonal...) stay."""
+    require_model(model)
     for _, module, tensor, index in _mask_entries(model):
         _drop(module, tensor, index)
     return model
@@ -312,6 +314,7 @@ def load_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
     ``state_dict`` and everything is loaded strictly, so the masks, originals and other
     tensors all arrive. On a mismatch the model is left as it was.
     """
+    require_model(model)
     problems = state_mismatch(model, state_dict)
     if problems:
         raise PruningError(

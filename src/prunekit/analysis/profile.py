@@ -42,7 +42,14 @@ from prunekit.cost import count_macs as count_macs  # re-exported for callers of
 from prunekit.cost import csr_bytes, macs_per_module, nm_bytes
 from prunekit.errors import NoLayersError
 from prunekit.inputs import Inputs, call, eval_mode
-from prunekit.layers import Layer, Selector, select_layers, to_canonical, weight_param
+from prunekit.layers import (
+    Layer,
+    Selector,
+    require_model,
+    select_layers,
+    to_canonical,
+    weight_param,
+)
 from prunekit.tables import TableReport
 
 _NOTE = (
@@ -300,6 +307,7 @@ def profile(
     Raises:
         NoLayersError: when ``layers`` matches nothing prunable.
     """
+    require_model(model)
     chosen = _chosen(model, layers)
     with eval_mode(model):
         per_module, total_macs = macs_per_module(model, example_inputs)

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from prunekit import masks
 from prunekit.errors import CheckpointError, PruningError, first_line
+from prunekit.layers import require_model
 from prunekit.sparse.base import (
     SparseLinear,
     check_fields,
@@ -50,6 +51,7 @@ def save(model: nn.Module, path: str | Path) -> None:
             the ``"nm"`` form, and convert to ``"nm-cuda"`` after loading.
         CheckpointError: ``path`` cannot be written (missing folder, read-only, disk full).
     """
+    require_model(model)
     cuda = [n for n, m in model.named_modules() if isinstance(m, SemiStructuredLinear)]
     if cuda:
         raise PruningError(
@@ -76,6 +78,7 @@ def load(model: nn.Module, path: str | Path) -> nn.Module:
             written by :func:`save`, or was saved from another architecture or dtype;
             ``model`` is left unchanged.
     """
+    require_model(model)
     specs, state = read_tensors(path, _KEY, "prunekit.sparse.save")
     fail = f"{str(path)!r} does not load into {type(model).__name__}"
     fix = (

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from prunekit.errors import CheckpointError, ShrunkLayoutError
 from prunekit.fsio import atomic_directory
+from prunekit.layers import require_model
 from prunekit.structured.surgery import SIZE_ATTRS, assign, size_attributes
 
 WEIGHTS, LAYOUT = "model.safetensors", "shrunk.json"
@@ -83,6 +84,7 @@ def save_shrunk(model: nn.Module, directory: str | Path) -> bool:
         CheckpointError: ``directory`` holds files that are not a previous save (they
             would be replaced), is a file, or cannot be written; it is left as it was.
     """
+    require_model(model)
     path = Path(directory)
     if path.is_dir() and any(path.iterdir()) and not (path / LAYOUT).is_file():
         raise CheckpointError(
@@ -111,6 +113,7 @@ def load_shrunk(model: nn.Module, directory: str | Path) -> nn.Module:
         ShrunkLayoutError: the layout names tensors, modules or sizes ``model`` does not
             have (it was saved from another class).
     """
+    require_model(model)
     path = Path(directory)
     layout = _read_layout(path / LAYOUT)
     _check_layout(path / LAYOUT, layout, model)

@@ -44,6 +44,7 @@ from prunekit.errors import (
     UnknownLayerError,
 )
 from prunekit.inputs import Inputs, call_eval
+from prunekit.layers import require_model
 from prunekit.masks import bake
 from prunekit.structured.graph import DependencyGraph, Ignore, build
 from prunekit.structured.importance import StructuredCriterion, resolve, score
@@ -314,6 +315,7 @@ def shrink(
         ShrinkVerificationError: the shrunk model did not compute the masked one's outputs.
         UnknownLayerError, UnknownChoiceError, InvalidSparsityError: bad arguments.
     """
+    require_model(model)
     _validate(scope, round_to)
     normalize = _normalize(normalize, criterion)
     # Not validation: a masked model is scored, traced and verified through its effective
