@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections.abc as abc
 import difflib
 import math
+import reprlib
 import types
 import typing
 from collections.abc import Callable
@@ -80,8 +81,13 @@ def item_types(hint: Any) -> tuple[type, ...]:
     return ()
 
 
+_SHORT = reprlib.Repr()  # keyword arguments need Python 3.12
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother = 3, 50, 50
+
+
 def _show(value: Any) -> str:
-    text = repr(value)
+    """A bounded repr: a value built from nested YAML aliases can be exponentially large."""
+    text = _SHORT.repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 

@@ -113,7 +113,10 @@ def _convert(
 
 def parse(text: str, filename: str = "<recipe>") -> Source:
     """Parse ``text``; raise :class:`RecipeError` with the line for invalid YAML."""
-    loader = _Loader(text)
+    try:
+        loader = _Loader(text)
+    except yaml.YAMLError as err:  # a character YAML does not allow (NUL, control codes)
+        raise RecipeError(f"{filename}:1: not valid YAML: {err}; Fix: save it as text.") from err
     try:
         node = loader.get_single_node()
         lines: dict[Path_, int] = {}
@@ -127,6 +130,11 @@ def parse(text: str, filename: str = "<recipe>") -> Source:
         ) from err
     except yaml.YAMLError as err:
         raise RecipeError(f"{filename}:1: not valid YAML: {err}") from err
+    except RecursionError as err:
+        raise RecipeError(
+            f"{filename}:1: values are nested too deeply to read; Fix: a recipe needs a few "
+            "levels at most."
+        ) from err
     finally:
         loader.dispose()
     if not isinstance(data, dict):
