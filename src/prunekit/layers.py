@@ -67,7 +67,16 @@ def is_prunable(module: nn.Module) -> bool:
 def weight_param(module: nn.Module) -> Tensor:
     """The stored weight parameter (the unmasked original when a mask is registered)."""
     if parametrize.is_parametrized(module, "weight"):
-        return module.parametrizations.weight.original
+        chain = module.parametrizations.weight
+        if not hasattr(chain, "original"):  # several originals: weight_norm's g and v
+            raise IncompatibleLayerError(
+                f"{type(module).__name__} layer's weight is computed from several tensors "
+                f"({', '.join(n for n, _ in chain.named_parameters(recurse=False))}) by "
+                f"{', '.join(type(p).__name__ for p in chain)}, so it has no single weight to "
+                "prune; Fix: torch.nn.utils.parametrize.remove_parametrizations(module, "
+                "'weight') first, or exclude the layer."
+            )
+        return chain.original
     return module.weight
 
 
