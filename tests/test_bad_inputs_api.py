@@ -18,6 +18,7 @@ from test_bad_inputs import (
     EXAMPLES,
     IMAGES,
     JUNK,
+    NOWHERE,
     TOKENS,
     Hung,
     always,
@@ -32,6 +33,8 @@ from test_bad_inputs import (
     not_spec,
     pruned,
     refuses_cleanly,
+    shrunk_dir,
+    sparse_file,
     tame,
     tiny_lm,
 )
@@ -169,12 +172,15 @@ CASES: dict[str, Case] = {
     "Pruner.layers": Case(mlp, lambda m, v: pk.Pruner(m, 0.5, layers=v)),
     "Pruner.load_state_dict": Case(mlp, lambda m, v: pk.Pruner(m, 0.5).load_state_dict(v), always),
     # pk.shrink
+    "shrink.model": Case(cnn, lambda m, v: pk.shrink(v, IMAGES), not_module),
     "shrink.example_inputs": Case(cnn, lambda m, v: pk.shrink(m, v), always),
     "shrink.ratio": shrink_arg("ratio"),
     "shrink.criterion": shrink_arg("criterion"),
     "shrink.scope": shrink_arg("scope"),
     "shrink.normalize": shrink_arg("normalize"),
     # masks
+    "bake.model": Case(pruned, lambda m, v: pk.bake(v), not_module),
+    "masks.remove.model": Case(pruned, lambda m, v: pk.masks.remove(v), not_module),
     "sparsity.model": Case(pruned, lambda m, v: pk.sparsity(v), not_module),
     "sparsity.layers": Case(pruned, lambda m, v: pk.sparsity(m, layers=v)),
     "sparsity.exclude": Case(pruned, lambda m, v: pk.sparsity(m, exclude=v)),
@@ -186,7 +192,11 @@ CASES: dict[str, Case] = {
     "sparse.convert.nm": convert_arg("nm", format="nm"),
     "sparse.convert.bsr_kernel": convert_arg("bsr_kernel", format="bsr", blocksize=2),
     "sparse.convert.margin": convert_arg("margin", format="auto"),
+    "sparse.save.model": Case(pruned, lambda m, v: pk.sparse.save(v, NOWHERE), not_module),
+    "sparse.load.model": Case(mlp, lambda m, v: pk.sparse.load(v, sparse_file()), not_module),
     # structured save / load
+    "save_shrunk.model": Case(cnn, lambda m, v: pk.save_shrunk(v, NOWHERE), not_module),
+    "load_shrunk.model": Case(cnn, lambda m, v: pk.load_shrunk(v, shrunk_dir()), not_module),
     # pk.llm
     "llm.prune.model": Case(
         tiny_lm, lambda m, v: pk.llm.prune(v, torch.ones(1, 4).long()), not_module

@@ -312,7 +312,6 @@ OPEN = frozenset(
         ("meta", "sparsity"),
         ("meta", "profile"),
         ("meta", "save_shrunk"),
-        *(("weight_norm", op) for op in OPS if op not in ("sparsity", "shrink", "save_shrunk")),
     }
 )
 """Pairs with an open defect (issue 13), run by tests/test_bad_inputs_pending.py until
