@@ -211,11 +211,22 @@ def _normalize(normalize: str, criterion: StructuredCriterion) -> str:
     return normalize
 
 
-def _validate(scope: str, round_to: int) -> None:
+def _validate(scope: str, round_to: int, seed: int, ignore: Ignore) -> None:
     if scope not in ("local", "global"):
         raise UnknownChoiceError("scope", scope, ["local", "global"])
-    if not isinstance(round_to, int) or round_to < 1:
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
         raise PruningError(f"round_to={round_to!r} must be an int >= 1; Fix: e.g. round_to=8")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise PruningError(f"seed={seed!r} must be an int in [0, 2**63); Fix: e.g. seed=0")
+    items = [ignore] if isinstance(ignore, str | type) else ignore
+    ok = isinstance(items, list | tuple | set) and all(
+        isinstance(i, str) or (isinstance(i, type) and issubclass(i, nn.Module)) for i in items
+    )
+    if not ok:
+        raise PruningError(
+            f"ignore={ignore!r} must list module names, glob patterns or nn.Module types; "
+            "Fix: e.g. ignore=['classifier'] or ignore=[nn.LayerNorm]."
+        )
 
 
 def _graph(model: nn.Module, example_inputs: Inputs, ignore: Ignore) -> DependencyGraph:
@@ -316,7 +327,7 @@ def shrink(
         UnknownLayerError, UnknownChoiceError, InvalidSparsityError: bad arguments.
     """
     require_model(model)
-    _validate(scope, round_to)
+    _validate(scope, round_to, seed, ignore)
     normalize = _normalize(normalize, criterion)
     # Not validation: a masked model is scored, traced and verified through its effective
     # (baked) weights while the caller's masks stay until the plan is known to apply.
