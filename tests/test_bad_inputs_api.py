@@ -178,6 +178,9 @@ CASES: dict[str, Case] = {
     "shrink.criterion": shrink_arg("criterion"),
     "shrink.scope": shrink_arg("scope"),
     "shrink.normalize": shrink_arg("normalize"),
+    "shrink.round_to": shrink_arg("round_to", lambda v: not (type(v) is int and v >= 1)),
+    "shrink.ignore": shrink_arg("ignore"),
+    "shrink.seed": shrink_arg("seed", not_seed),
     # masks
     "bake.model": Case(pruned, lambda m, v: pk.bake(v), not_module),
     "masks.remove.model": Case(pruned, lambda m, v: pk.masks.remove(v), not_module),
