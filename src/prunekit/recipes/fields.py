@@ -12,7 +12,6 @@ from __future__ import annotations
 import collections.abc as abc
 import difflib
 import math
-import reprlib
 import types
 import typing
 from collections.abc import Callable
@@ -81,13 +80,26 @@ def item_types(hint: Any) -> tuple[type, ...]:
     return ()
 
 
-_SHORT = reprlib.Repr()  # keyword arguments need Python 3.12
-_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother = 3, 50, 50
+def _small(value: Any, limit: int = 1000) -> bool:
+    """Whether ``value`` holds at most ``limit`` items, counting shared ones each time they
+    appear (a value built from nested YAML aliases can be exponentially large)."""
+    stack, seen = [value], 0
+    while stack:
+        item = stack.pop()
+        seen += 1
+        if seen > limit:
+            return False
+        if isinstance(item, dict):
+            stack += [*item.keys(), *item.values()]
+        elif isinstance(item, list | tuple | set):
+            stack += list(item)
+    return True
 
 
 def _show(value: Any) -> str:
-    """A bounded repr: a value built from nested YAML aliases can be exponentially large."""
-    text = _SHORT.repr(value)
+    if not _small(value):
+        return f"<a {type(value).__name__} too large to show>"
+    text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
