@@ -17,7 +17,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from test_bad_inputs import EXAMPLES, bounded
+from test_bad_inputs import EXAMPLES, bounded, time_limit
 
 from prunekit.cli import main
 
@@ -63,7 +63,8 @@ def _files() -> st.SearchStrategy:
 def cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
     """Exit code and stderr of ``prunekit argv`` (in this process); a code other than 0
     or 2, or a stderr that is not one ``error:`` line, fails."""
-    code = main(argv)
+    with time_limit():
+        code = main(argv)
     err = capsys.readouterr().err.strip()
     assert code in (0, 2), (argv, code, err)
     if code == 2:
@@ -139,6 +140,9 @@ OPTIONS = [
     (LLM, "--samples", BAD_COUNT, True),
     (LLM, "--seq-len", BAD_COUNT, True),
     (LLM, "--seed", BAD_COUNT, True),
+    (["llm", "eval", "--model", "char-llama"], "--seq-len", BAD_COUNT, True),
+    (["llm", "build-lm", "--out", "{out}/lm"], "--steps", BAD_COUNT, True),
+    (["demo", "--out", "{out}"], "--seed", BAD_COUNT, True),
 ]
 
 
