@@ -71,3 +71,14 @@ def mlp() -> nn.Module:
 def convnet() -> nn.Module:
     torch.manual_seed(0)
     return ConvNet()
+
+
+def small_cnn() -> nn.Module:
+    """Conv-BatchNorm-Conv-Linear, seeded: the small net the hostile-file and bad-input
+    suites shrink, save and load."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(8, 4),
+    )  # fmt: skip

@@ -33,7 +33,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import assert_unchanged, snapshot
+from conftest import assert_unchanged, small_cnn, snapshot
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -69,12 +69,7 @@ def mlp() -> nn.Module:
 
 
 def cnn() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        nn.Linear(8, 4),
-    )  # fmt: skip
+    return small_cnn()
 
 
 def pruned(granularity: str = "element") -> nn.Module:

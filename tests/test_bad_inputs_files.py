@@ -250,8 +250,8 @@ PATHS = {
     "a folder": lambda tmp: tmp,
 }
 OPEN = frozenset({("checkpoint resume", "a file"), ("checkpoint resume", "/dev/zero")})
-"""(loader, path) pairs with an open defect (issue 13), run by
-tests/test_bad_inputs_pending.py until their fix lands."""
+"""(loader, path) pairs with an open defect (listed in docs/RELIABILITY.md, "Open
+cases"), left out of the suite until their fix lands."""
 
 
 def not_the_file(name: str, path: str, tmp: Path) -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_unchanged, snapshot
+from conftest import assert_unchanged, small_cnn, snapshot
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_hostile_files import REFUSED, Net, refuse
@@ -39,12 +39,7 @@ from prunekit.structured.surgery import size_attributes
 
 
 def small_net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        nn.Linear(8, 4),
-    )  # fmt: skip
+    return small_cnn()
 
 
 def shrunk(ratio: float) -> nn.Module:
