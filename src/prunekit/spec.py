@@ -4,7 +4,7 @@ config shares.
 A settings class declares each field's constraint once, in ``constraints`` (the model is
 scikit-learn's ``_parameter_constraints``); :meth:`Settings.__post_init__` checks every
 field at construction, so an instance is always valid, and the recipe schema is derived
-from the same declarations (:func:`describe`). A string choice (``"magnitude"``,
+from the same declarations. A string choice (``"magnitude"``,
 ``"2:4"``) is parsed once, at construction, into the object the engines use.
 
     spec = pk.PruneSpec(granularity="filter", criterion="l2", scope="global")
@@ -63,23 +63,6 @@ def integer(low: int = 0, high: int | None = None) -> Constraint:
     return Constraint(check, f"int >= {low}" if high is None else f"int {low}..{high}")
 
 
-def number(low: float, high: float, *, closed_high: bool = False) -> Constraint:
-    """A real number in ``[low, high)`` (``[low, high]`` with ``closed_high``)."""
-
-    def check(value: Any) -> float:
-        ok = not isinstance(value, bool) and isinstance(value, int | float)
-        if not ok or not low <= value <= high or (value == high and not closed_high):
-            raise PruningError(f"is not a number in [{low}, {high}{']' if closed_high else ')'}")
-        return float(value)
-
-    return Constraint(check, f"number in [{low}, {high}{']' if closed_high else ')'}")
-
-
-def anything(text: str) -> Constraint:
-    """No check (the consumer validates, e.g. layer selectors against a model)."""
-    return Constraint(lambda value: value, text)
-
-
 class Settings:
     """Base of frozen settings dataclasses: checks ``constraints`` at construction.
 
@@ -111,12 +94,6 @@ class Settings:
     def replace(self, **changes: Any) -> Any:
         """A copy with ``changes`` (validated again)."""
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
-
-
-def describe(cls: type[Settings]) -> dict[str, str]:
-    """``{field: accepted values}`` of a settings class, from its declarations."""
-    return {f.name: cls.constraints[f.name].text for f in dataclasses.fields(cls)  # type: ignore[arg-type]
-            if f.name in cls.constraints}  # fmt: skip
 
 
 def _allocation(value: Any) -> Allocation:
