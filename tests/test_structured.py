@@ -227,18 +227,47 @@ class AttentionBlock(nn.Module):
         return self.head(x + self.fc2(torch.relu(self.fc1(x))))
 
 
+def attention_block_macs(batch: int, length: int, d: int, inner: int, mlp: int) -> int:
+    """Analytic MACs of :class:`AttentionBlock`: projections per token (q, k, v to
+    ``inner`` wide, out back to ``d``), ``Q K^T`` and ``A V`` per sequence
+    (``length^2 * inner`` each), the MLP and the 5-class head per token."""
+    tokens = batch * length
+    projections = tokens * (3 * d * inner + inner * d + 2 * d * mlp + d * 5)
+    return projections + batch * length * length * 2 * inner
+
+
 def test_macs_before_and_after_come_from_one_counter() -> None:
     torch.manual_seed(0)
     model, x = AttentionBlock().eval(), torch.randn(2, 10, 32)
     dense = copy.deepcopy(model)
     report = pk.shrink(model, x, ratio=0.5)  # the MLP's 128 neurons -> 64; attention whole
-    tokens, d = 2 * 10, 32
-    projections = 4 * d * d + d * 5  # q, k, v, out and the head, per token
-    assert report.macs_before == count_macs(dense, x) == tokens * (projections + 2 * d * 4 * d)
-    assert report.macs_after == count_macs(model, x) == tokens * (projections + 2 * d * 2 * d)
-    assert report.macs_ratio == count_macs(model, x) / count_macs(dense, x)
-    with torch.no_grad():  # where the fused kernel runs: counted the same
-        assert count_macs(dense, x) == report.macs_before
+    before = attention_block_macs(2, 10, 32, inner=32, mlp=128)
+    after = attention_block_macs(2, 10, 32, inner=32, mlp=64)
+    assert report.macs_before == count_macs(dense, x) == before
+    assert report.macs_after == count_macs(model, x) == after
+    assert report.macs_ratio == after / before
+    for grad in (False, True):  # fused kernel (no grad) or not: counted the same
+        with torch.set_grad_enabled(grad):
+            assert count_macs(dense, x) == before
+
+
+def test_fused_attention_is_counted_on_every_kernel() -> None:
+    """``scaled_dot_product_attention`` costs ``B * Hq * Lq * Lk * (E + Ev)`` MACs (grouped
+    keys and values included), as its explicit matmuls do."""
+
+    class Fused(nn.Module):
+        def forward(self, q, k, v):
+            return nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+    class Explicit(nn.Module):
+        def forward(self, q, k, v):
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+            return torch.softmax(q @ k.transpose(-1, -2), -1) @ v
+
+    q, k, v = torch.randn(2, 4, 10, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 6)
+    expected = 2 * 4 * 10 * 7 * (8 + 6)
+    assert count_macs(Fused(), (q, k, v)) == count_macs(Explicit(), (q, k, v)) == expected
 
 
 def test_global_normalize_mean_none_and_auto() -> None:

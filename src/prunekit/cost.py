@@ -8,6 +8,9 @@ N:M bytes           ``numel * n / m * e + ceil(numel * n / m * ceil(log2 m) / 8)
                     (the kept values, plus ``ceil(log2 m)`` index bits per kept value)
 MACs                FLOPs / 2 of one forward pass, counted by
                     ``torch.utils.flop_counter.FlopCounterMode``
+attention MACs      ``B * Hq * Lq * Lk * (E + Ev)`` for one fused
+                    ``scaled_dot_product_attention`` (``Q K^T`` then ``A V``;
+                    the softmax is not a MAC), whichever kernel runs it
 ==================  ===========================================================
 
 MACs are counted one way everywhere (:func:`macs_per_module`): the model in eval mode,
@@ -17,6 +20,11 @@ only without gradients and ``FlopCounterMode`` has no formula for them, so count
 through them would drop the attention products (``Q K^T`` and ``A V``) and make two
 counts of one model depend on the mode they were taken in. Switched off, the modules
 run the linear and matmul operations they are made of, each counted.
+
+``FlopCounterMode`` knows the CUDA attention kernels but not the CPU ones
+(``_scaled_dot_product_flash_attention_for_cpu``) nor the device-private one, which it
+counts as 0 MACs; :data:`ATTENTION_KERNELS` gives them the attention formula above, so a
+fused attention costs what its two matmuls cost on every device and in every mode.
 """
 
 from __future__ import annotations
@@ -76,6 +84,39 @@ def _tracker_names(model: nn.Module) -> dict[nn.Module, str]:
     return names
 
 
+def attention_macs(
+    query: torch.Size, key: torch.Size, value: torch.Size, *_: object, **__: object
+) -> int:
+    """MACs of ``softmax(Q K^T) V``: ``B * Hq * Lq * Lk * (E + Ev)``.
+
+    ``query`` is ``(..., Hq, Lq, E)``, ``key`` ``(..., Hkv, Lk, E)``, ``value``
+    ``(..., Hkv, Lk, Ev)``; grouped-query attention (``Hkv < Hq``) repeats the keys and
+    values, so the cost follows the query heads. A causal mask is not discounted (the
+    kernels compute the full product), as for ``FlopCounterMode``'s CUDA formulas.
+    """
+    batch = 1
+    for size in query[:-2]:
+        batch *= size
+    return batch * query[-2] * key[-2] * (query[-1] + value[-1])
+
+
+def _attention_flops(
+    query: torch.Size, key: torch.Size, value: torch.Size, *_: object, **__: object
+) -> int:
+    return 2 * attention_macs(query, key, value)
+
+
+ATTENTION_KERNELS = tuple(
+    getattr(torch.ops.aten, name)
+    for name in (
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_fused_attention_overrideable",
+    )
+    if hasattr(torch.ops.aten, name)
+)
+_COUNTED_KERNELS = {kernel: _attention_flops for kernel in ATTENTION_KERNELS}
+
+
 @contextmanager
 def _unfused_attention() -> Iterator[None]:
     """Run ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` as their composite
@@ -92,7 +133,7 @@ def macs_per_module(model: nn.Module, inputs: Inputs) -> tuple[dict[nn.Module, i
     """MACs (FLOPs / 2) of one forward pass of ``model`` on ``inputs`` (see
     :mod:`prunekit.inputs`): per module (its own and its children's operations), and of the
     whole model. Counted as the module docstring says; training flags are restored."""
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=_COUNTED_KERNELS)
     with eval_mode(model), _unfused_attention(), counter, torch.no_grad():
         call(model, inputs)
     flops = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
@@ -105,4 +146,4 @@ def count_macs(model: nn.Module, inputs: Inputs) -> int:
     return macs_per_module(model, inputs)[1]
 
 
-__all__ = ["count_macs", "csr_bytes", "macs_per_module", "nm_bytes"]
+__all__ = ["attention_macs", "count_macs", "csr_bytes", "macs_per_module", "nm_bytes"]
