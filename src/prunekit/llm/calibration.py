@@ -80,8 +80,11 @@ def calibration_batches(
         CalibrationError: empty, not integer ids, ids outside the vocabulary, or sequences
             longer than the model's positions (:func:`max_positions`).
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise CalibrationError(f"batch_size={batch_size!r} is not an int >= 1; Fix: e.g. 8.")
+    bad = isinstance(batch_size, bool) or not isinstance(batch_size, int)
+    if bad or not 1 <= batch_size <= 2**31:
+        raise CalibrationError(
+            f"batch_size={batch_size!r} is not an int >= 1 (at most 2**31); Fix: e.g. 8."
+        )
     vocab = vocab_size(model)
     if isinstance(calibration, Calibration):
         calibration = list(calibration.inputs())

@@ -18,6 +18,7 @@ from prunekit.layers import (
     skipped_tensors,
     to_canonical,
 )
+from prunekit.llm.arguments import PruneArguments
 from prunekit.llm.blocks import block_layers, find_blocks
 from prunekit.llm.calibration import TokenData, calibration_batches
 from prunekit.llm.engine import BlockInputs, LayerStats, capture_inputs, sequential
@@ -53,9 +54,7 @@ def _owl_targets(
     prefix: str,
     inputs: BlockInputs,
     sparsity: float,
-    m: float,
-    lam: float,
-    progress: bool,
+    args: PruneArguments,
 ) -> list[float]:
     """Per-block OWL sparsities from a statistics-only pass over the dense blocks."""
     ratios: list[float] = []
@@ -65,7 +64,7 @@ def _owl_targets(
             wanda_scores(to_canonical(ly.module, ly.module.weight), stats[ly.name].norms.norms)
             for ly in layers
         ]
-        ratios.append(outlier_ratio(scores, m))
+        ratios.append(outlier_ratio(scores, args.owl_m))
         return False
 
     sequential(
@@ -75,16 +74,14 @@ def _owl_targets(
         visit,
         needs=frozenset({"norms"}),
         description="OWL outlier ratios",
-        progress=progress,
+        progress=args.progress,
         measure=False,
     )
-    return owl_sparsities(ratios, sparsity, lam)
+    return owl_sparsities(ratios, sparsity, args.owl_lambda)
 
 
-def _check_target(
-    sparsity: float | str, allocation: str, owl_m: float, owl_lambda: float
-) -> Target:
-    """The parsed target, with the allocation and OWL settings checked against it."""
+def _check_target(sparsity: float | str, allocation: str) -> Target:
+    """The parsed target, with the allocation checked against it."""
     target = parse_target(sparsity)
     if allocation not in ALLOCATIONS:
         raise UnknownChoiceError("allocation", allocation, ALLOCATIONS)
@@ -92,11 +89,6 @@ def _check_target(
         raise PruningError(
             f"allocation 'owl' varies sparsity per block, which N:M ({target.name}) fixes; "
             "Fix: use a fractional sparsity with OWL, or allocation='uniform'."
-        )
-    if not (owl_m > 0 and 0 <= owl_lambda < 0.5):
-        raise PruningError(
-            f"owl_m={owl_m!r} must be > 0 and owl_lambda={owl_lambda!r} in [0, 0.5); "
-            "Fix: use the paper's defaults 5 and 0.08."
         )
     return target
 
@@ -152,6 +144,9 @@ def prune(
         ``keep_masks=True`` the dense model cannot be restored: copy it first if you need it.
 
     Raises:
+        UsageError: ``owl_m`` not a finite real > 0, ``owl_lambda`` not one in [0, 0.5),
+            ``blocks`` neither None nor a string, ``batch_size`` not an int in 1..2**31,
+            ``progress`` / ``keep_masks`` not bools (:mod:`prunekit.llm.arguments`).
         PruningError subclasses for a bad method, sparsity, allocation, calibration, N:M
         not dividing a layer's input size, or blocks that cannot be found; all are
         checked before the model is touched.
@@ -160,22 +155,21 @@ def prune(
         >>> report = pk.llm.prune(model, ids[:128, :256], method="wanda", sparsity=0.5)
         >>> model.save_pretrained("pruned")  # ordinary weights, zeros baked in
     """
+    args = PruneArguments(owl_m, owl_lambda, blocks, batch_size, progress, keep_masks)
     method = parse_method(method)
-    target = _check_target(sparsity, allocation, owl_m, owl_lambda)
-    prefix, block_list = find_blocks(model, blocks)
+    target = _check_target(sparsity, allocation)
+    prefix, block_list = find_blocks(model, args.blocks)
     _check_layers(block_list, prefix, target)
-    if not keep_masks:
+    if not args.keep_masks:
         require_bakeable(block_list, prefix)
-    batches = calibration_batches(calibration, model, batch_size)
+    batches = calibration_batches(calibration, model, args.batch_size)
     device = next(model.parameters()).device
     start = time.perf_counter()
     with eval_mode(model), torch.no_grad(), PeakMemory(device) as peak:
         inputs = capture_inputs(model, block_list[0], batches)
         block_targets: list[Target] = [target] * len(block_list)
         if allocation == "owl":
-            block_targets = _owl_targets(
-                block_list, prefix, inputs, float(target), owl_m, owl_lambda, progress
-            )
+            block_targets = _owl_targets(block_list, prefix, inputs, float(target), args)
 
         def visit(index: int, layers: list[Layer], stats: dict[str, LayerStats]) -> bool:
             for layer in layers:
@@ -189,11 +183,11 @@ def prune(
             visit,
             needs=needs(method),
             description=f"{method_name(method)} {describe(target)}",
-            progress=progress,
+            progress=args.progress,
         )
     records = _records(block_list, prefix, block_targets, errors)
     tie_masks(model)
-    if not keep_masks:
+    if not args.keep_masks:
         bake(block_list)
     return LLMPruneReport(
         method_name(method),
