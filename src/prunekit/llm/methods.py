@@ -14,6 +14,8 @@ any other   ``criterion.scores`` of the layer's weights  each output row        
 criterion   (with the input norms as ``ctx.stats``)
 sparsegpt   ``w^2 / [H^-1]_jj`` during the OBS sweep    each 128-column block  yes (kept ones)
             (Frantar & Alistarh 2023)
+alps        ADMM on ``||W X - W' X||^2`` then a PCG     the layer              yes (kept ones)
+            refit (Meng et al. 2024; :mod:`.alps`)
 ==========  ==========================================  =====================  ===============
 
 With an N:M target every method keeps the N best of every M consecutive inputs of each
@@ -37,6 +39,7 @@ from prunekit.criteria.units import GroupUnits
 from prunekit.errors import InvalidSparsityError, UnknownChoiceError
 from prunekit.granularity import NM, NM2D, Element
 from prunekit.layers import Layer, from_canonical, to_canonical, weight_param
+from prunekit.llm.alps import ALPS, alps
 from prunekit.llm.engine import LayerStats
 from prunekit.llm.sparsegpt import sparsegpt
 from prunekit.masks import apply_mask
@@ -44,19 +47,24 @@ from prunekit.pruning import prune as prune_layers
 from prunekit.selection import row_mask
 
 Target = float | NM
-Method = str | Criterion | Callable[..., Any]
+Method = str | Criterion | ALPS | Callable[..., Any]
 SPARSEGPT = "sparsegpt"
+ALPS_NAME = "alps"  # ALPS() with its defaults; pass ALPS(...) for other settings
 LAYER_WIDE = frozenset({"magnitude"})  # compared within the layer, as in the papers' baseline
 
 
 def methods() -> list[str]:
-    """Every method name: the row criteria of the registry and SparseGPT."""
-    return sorted([*criteria.names("rows"), SPARSEGPT])
+    """Every method name: the row criteria of the registry, SparseGPT and ALPS."""
+    return sorted([*criteria.names("rows"), SPARSEGPT, ALPS_NAME])
 
 
-def parse_method(method: Method) -> str | Criterion:
-    """``"sparsegpt"``, or the criterion (which must score rows); else
-    :class:`UnknownChoiceError` listing :func:`methods`."""
+def parse_method(method: Method) -> str | Criterion | ALPS:
+    """``"sparsegpt"``, ALPS settings (``"alps"``: the defaults), or the criterion (which
+    must score rows); else :class:`UnknownChoiceError` listing :func:`methods`."""
+    if isinstance(method, ALPS):
+        return method
+    if isinstance(method, str) and method.strip().lower() == ALPS_NAME:
+        return ALPS()
     if isinstance(method, str) and method.strip().lower() == SPARSEGPT:
         return SPARSEGPT
     try:
@@ -65,14 +73,14 @@ def parse_method(method: Method) -> str | Criterion:
         raise UnknownChoiceError("method", method, methods()) from None
 
 
-def method_name(method: str | Criterion) -> str:
+def method_name(method: str | Criterion | ALPS) -> str:
     return method if isinstance(method, str) else repr(method)
 
 
-def needs(method: str | Criterion) -> frozenset[str]:
+def needs(method: str | Criterion | ALPS) -> frozenset[str]:
     """The block statistics a method needs: ``"hessian"`` (SparseGPT), ``"norms"``
     (criteria that need data: the input column norms ``||X_j||_2``)."""
-    if method == SPARSEGPT:
+    if method == SPARSEGPT or isinstance(method, ALPS):
         return frozenset({"hessian"})
     assert isinstance(method, Criterion)
     return frozenset({"norms"}) if method.requires_data else frozenset()
@@ -115,7 +123,9 @@ def _criterion_keep(criterion: Criterion, weight: torch.Tensor, target: Target, 
     return target.keep(scores) if isinstance(target, NM) else row_mask(scores, target)
 
 
-def prune_layer(method: str | Criterion, layer: Layer, target: Target, stats: LayerStats) -> None:
+def prune_layer(
+    method: str | Criterion | ALPS, layer: Layer, target: Target, stats: LayerStats
+) -> None:
     """Prune one layer in place (masks through :func:`prunekit.masks.apply_mask`)."""
     module = layer.module
     if isinstance(method, Criterion) and method.name in LAYER_WIDE:
@@ -129,7 +139,8 @@ def prune_layer(method: str | Criterion, layer: Layer, target: Target, stats: La
         keep = _criterion_keep(method, weight, target, stats, layer.name)
     else:
         assert stats.hessian is not None
-        new_weight, keep = sparsegpt(weight, stats.hessian.hessian, target)
+        solve = (lambda *a: alps(*a, method)) if isinstance(method, ALPS) else sparsegpt
+        new_weight, keep = solve(weight, stats.hessian.hessian, target)
         with torch.no_grad():
             stored = weight_param(module)
             stored.copy_(from_canonical(module, new_weight).to(stored.dtype))
