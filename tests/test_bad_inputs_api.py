@@ -26,6 +26,7 @@ from test_bad_inputs import (
     cnn,
     mlp,
     never,
+    not_count,
     not_fraction,
     not_module,
     not_real,
@@ -146,6 +147,12 @@ def profile_arg(arg: str, bad: Callable[[Any], bool] = never) -> Case:
     return Case(cnn, call, bad)
 
 
+def not_blocksize(value: Any) -> bool:
+    """Not None, a block side or a pair of them."""
+    sides = value if isinstance(value, tuple | list) and len(value) == 2 else (value,)
+    return value is not None and not all(type(b) is int and b >= 1 for b in sides)
+
+
 CASES: dict[str, Case] = {
     # pk.prune
     "prune.model": Case(mlp, lambda m, v: pk.prune(v, 0.5), not_module),
@@ -195,6 +202,8 @@ CASES: dict[str, Case] = {
     "sparse.convert.nm": convert_arg("nm", format="nm"),
     "sparse.convert.bsr_kernel": convert_arg("bsr_kernel", format="bsr", blocksize=2),
     "sparse.convert.margin": convert_arg("margin", format="auto"),
+    "sparse.convert.blocksize": convert_arg("blocksize", not_blocksize, format="bsr"),
+    "sparse.convert.batch_size": convert_arg("batch_size", not_count, format="csr"),
     "sparse.save.model": Case(pruned, lambda m, v: pk.sparse.save(v, NOWHERE), not_module),
     "sparse.load.model": Case(mlp, lambda m, v: pk.sparse.load(v, sparse_file()), not_module),
     # structured save / load

@@ -80,11 +80,27 @@ def pruner_states(odd: list[Any], drop: bool = True) -> None:
 
 
 def test_mutated_mask_state_dicts_are_refused_or_load() -> None:
-    mask_states(TENSORS)
+    mask_states(ODD)
+
+
+@pytest.mark.parametrize("state", [None, 3, "w", [torch.zeros(2)], torch.zeros(2), {1: 2}])
+def test_mask_states_that_are_no_mapping_of_tensors_are_refused(state: Any) -> None:
+    model = mlp()
+    keys = ("state_dict", "1")
+    err = refuses_cleanly(lambda: pk.masks.load_state_dict(model, state), model, state, keys)
+    assert err is not None
 
 
 def test_mutated_pruner_states_are_refused_or_load() -> None:
-    pruner_states(OTHERS, drop=False)
+    pruner_states(ODD)
+
+
+def test_a_pruner_state_missing_a_key_names_it() -> None:
+    pruner = pk.Pruner(mlp(), 0.5)
+    state = pruner.state_dict()
+    del state["history"]
+    with pytest.raises(pk.PruningError, match=r"lacks \['history'\]"):
+        pruner.load_state_dict(state)
 
 
 RECIPE = """\

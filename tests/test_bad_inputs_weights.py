@@ -309,7 +309,6 @@ def run(name: str, op: str, tmp: Path) -> None:
 OPEN = frozenset(
     {
         ("inf", "shrink"),
-        ("meta", "sparsity"),
         ("meta", "profile"),
         ("meta", "save_shrunk"),
     }

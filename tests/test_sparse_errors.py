@@ -103,7 +103,12 @@ def test_error_unknown_format_and_bad_arguments():
     check_error(
         model, UnknownChoiceError, r"unknown format 'coo'; valid format values are: auto", "coo"
     )
-    check_error(model, pk.PruningError, r"batch_size=0 must be a positive int", batch_size=0)
+    check_error(model, pk.PruningError, r"batch_size=0 is not an int 1\.\.", batch_size=0)
+    check_error(model, pk.PruningError, r"batch_size=9223372036854775808 is not an int 1\.\.",
+                batch_size=2**63)  # fmt: skip
+    for bad in (True, float("nan"), torch.tensor(2), object(), (2, 0)):
+        check_error(model, pk.PruningError, r"blocksize=.* is not an int 1\.\.", "bsr",
+                    blocksize=bad)  # fmt: skip
     check_error(model, pk.PruningError, r"margin=1\.5 must be in \(0, 1\]", margin=1.5)
     check_error(model, UnknownChoiceError, r"unknown nm pattern 'row'", nm="row")
     check_error(model, UnknownChoiceError, r"unknown bsr_kernel 'cusparse'", bsr_kernel="cusparse")

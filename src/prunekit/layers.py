@@ -31,11 +31,12 @@ from torch.nn.utils import parametrize
 from torch.nn.utils import prune as torch_prune
 from torch.nn.utils.weight_norm import WeightNorm
 
-from prunekit.errors import (
-    IncompatibleLayerError,
-    InvalidWeightError,
-    NoLayersError,
-    PruningError,
+from prunekit.errors import IncompatibleLayerError, InvalidWeightError, NoLayersError, PruningError
+
+META_FIX = (
+    "on the meta device (a shape without values); Fix: materialise it first "
+    "(model.to_empty(device='cpu') then load_state_dict, or from_pretrained without a meta "
+    "device_map)."
 )
 
 
@@ -126,13 +127,18 @@ _SELECTOR_FIX = (
 )
 
 
-def require_model(model: object, role: str = "model") -> nn.Module:
-    """``model`` itself, or :class:`PruningError` when it is not an ``nn.Module``."""
+def require_model(model: object, role: str = "model", *, real: bool = False) -> nn.Module:
+    """``model`` itself, or :class:`PruningError` when it is not an ``nn.Module``; with
+    ``real``, :class:`InvalidWeightError` when a tensor of it is on the meta device."""
     if not isinstance(model, nn.Module):
         raise PruningError(
             f"{role}={model!r} ({type(model).__name__}) is not a torch nn.Module; Fix: pass the "
             "model itself (e.g. the result of from_pretrained, or your nn.Module instance)."
         )
+    tensors = (*model.named_parameters(), *model.named_buffers()) if real else ()
+    meta = next((name for name, t in tensors if t.is_meta), None)
+    if meta is not None:
+        raise InvalidWeightError(f"{role} tensor {meta!r} is {META_FIX}")
     return model
 
 
@@ -334,11 +340,7 @@ def check_weight(layer: Layer) -> None:
             "Fix: exclude this layer, or dequantize it first."
         )
     if w.is_meta:
-        raise InvalidWeightError(
-            f"layer {layer.name!r} ({layer.kind}) has its weight on the meta device (a shape "
-            "without values); Fix: load real weights first (model.to_empty(device='cpu') then "
-            "load_state_dict, or from_pretrained without a meta device_map)."
-        )
+        raise InvalidWeightError(f"layer {layer.name!r} ({layer.kind}) has its weight {META_FIX}")
     # A sum is finite iff no element is NaN/inf (bar overflow, which the exact check clears).
     if not bool(torch.isfinite(w.detach().sum())) and not bool(torch.isfinite(w).all()):
         bad = int((~torch.isfinite(w)).sum())

@@ -58,12 +58,8 @@ class WeightMask(nn.Module):
 
 def get_mask(module: nn.Module) -> Tensor | None:
     """The bool mask on ``module.weight`` (True = kept), or None when unmasked."""
-    if not parametrize.is_parametrized(module, "weight"):
-        return None
-    for p in module.parametrizations.weight:
-        if isinstance(p, WeightMask):
-            return p.mask()
-    return None
+    param = mask_param(module)
+    return None if param is None else param.mask()
 
 
 def kept_fraction(module: nn.Module) -> float:
@@ -99,14 +95,19 @@ def apply_packed(module: nn.Module, packed: Tensor) -> None:
     )
 
 
-def apply_mask(module: nn.Module, mask: Tensor) -> None:
-    """AND a bool mask shaped like the weight into ``module``'s mask."""
+def _packed(module: nn.Module, mask: Tensor) -> Tensor:
+    """``mask`` (bool, shaped like ``module``'s weight) packed; an error for another shape."""
     if mask.shape != weight_param(module).shape:
         raise PruningError(
             f"mask shape {tuple(mask.shape)} does not match the weight "
             f"{tuple(weight_param(module).shape)}; Fix: build the mask in the weight's layout."
         )
-    apply_packed(module, bits.pack(mask.to(torch.bool)))
+    return bits.pack(mask.to(torch.bool))
+
+
+def apply_mask(module: nn.Module, mask: Tensor) -> None:
+    """AND a bool mask shaped like the weight into ``module``'s mask."""
+    apply_packed(module, _packed(module, mask))
 
 
 def set_mask(module: nn.Module, mask: Tensor) -> None:
@@ -115,12 +116,7 @@ def set_mask(module: nn.Module, mask: Tensor) -> None:
     existing = mask_param(module)
     if existing is None:
         return apply_mask(module, mask)
-    if mask.shape != weight_param(module).shape:
-        raise PruningError(
-            f"mask shape {tuple(mask.shape)} does not match the weight "
-            f"{tuple(weight_param(module).shape)}; Fix: build the mask in the weight's layout."
-        )
-    existing.packed.copy_(bits.pack(mask.to(torch.bool)))
+    existing.packed.copy_(_packed(module, mask))
 
 
 def copy_masks(source: nn.Module, target: nn.Module) -> None:
@@ -284,6 +280,11 @@ def _expected_shapes(model: nn.Module, state_dict: Mapping[str, Tensor]) -> dict
 def state_mismatch(model: nn.Module, state_dict: Mapping[str, Tensor]) -> list[str]:
     """What keeps ``state_dict`` (masks included) from loading strictly into ``model``:
     missing and unexpected keys, mismatched shapes; empty when it loads. Touches nothing."""
+    if not isinstance(state_dict, Mapping):
+        return [f"state_dict={state_dict!r:.80} is a {type(state_dict).__name__}, not a mapping"]
+    odd = [k for k, v in state_dict.items() if not (isinstance(k, str) and isinstance(v, Tensor))]
+    if odd:
+        return [f"the values of {odd[:4]} are not tensors under str names"]
     expected = _expected_shapes(model, state_dict)
     missing = [k for k in expected if k not in state_dict]
     problems = [f"missing keys {missing[:4]}"] if missing else []
@@ -318,8 +319,8 @@ def load_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
     problems = state_mismatch(model, state_dict)
     if problems:
         raise PruningError(
-            f"the state dict does not match the model: {'; '.join(problems)}; Fix: load it "
-            "into the architecture (and masks) it was saved from."
+            f"the state dict does not match the model: {'; '.join(problems)}; Fix: load the "
+            "model.state_dict() of the architecture (and masks) it was saved from."
         )
     modules = dict(model.named_modules())
     for key in state_dict:
@@ -394,6 +395,5 @@ def sparsity(model: nn.Module, layers=None, exclude=None) -> SparsityReport:
 
     Counts actual zeros of ``module.weight`` (masked or baked alike).
     """
-    return SparsityReport(
-        [_layer_sparsity(layer) for layer in select_layers(model, layers, exclude)]
-    )
+    chosen = select_layers(require_model(model, real=True), layers, exclude)
+    return SparsityReport([_layer_sparsity(layer) for layer in chosen])

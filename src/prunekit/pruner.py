@@ -237,15 +237,20 @@ class Pruner:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from :meth:`state_dict`; the target and schedule must be this Pruner's."""
-        if not isinstance(state, dict) or not {"target", "schedule", "step", "history"} <= set(
-            state
-        ):
+        keys = ("target", "schedule", "step", "history")
+        missing = [k for k in keys if k not in state] if isinstance(state, dict) else list(keys)
+        if missing:
             raise PrunerStateError(
-                f"not a Pruner state: {state!r:.200}; Fix: pass what Pruner.state_dict() returned."
+                f"not a Pruner state: {state!r:.200} lacks {missing}; Fix: pass what "
+                "Pruner.state_dict() returned."
             )
         ours = self._identity()
         theirs = {"target": state["target"], "schedule": state["schedule"]}
-        if theirs != ours:
+        try:  # a tensor in the state compares element-wise, and its truth is ambiguous
+            same = bool(theirs == ours)
+        except (RuntimeError, TypeError, ValueError):
+            same = False
+        if not same:
             raise PrunerStateError(
                 f"the state belongs to {theirs}, this Pruner is {ours}; Fix: build the Pruner "
                 "with the same target and schedule as the run that saved it."

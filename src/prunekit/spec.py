@@ -15,6 +15,7 @@ from the same declarations. A string choice (``"magnitude"``,
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -63,6 +64,61 @@ def integer(low: int = 0, high: int | None = None) -> Constraint:
     return Constraint(check, f"int >= {low}" if high is None else f"int {low}..{high}")
 
 
+SEED = integer(0, 2**63 - 1)
+"""A seed: what ``torch.manual_seed`` takes (an int in ``0..2**63 - 1``, not a bool)."""
+
+
+def between(
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    open_low: bool = False,
+    open_high: bool = False,
+    optional: bool = False,
+) -> Constraint:
+    """A real number (not a bool, not NaN) within the bounds (``open_*`` excludes them;
+    ``optional`` lets ``None`` through); a failure reads ``must be < 1``."""
+    parts = [f"{'>' if open_low else '>='} {low:g}"] if low is not None else []
+    parts += [f"{'<' if open_high else '<='} {high:g}"] if high is not None else []
+
+    def check(value: Any) -> float | None:
+        if value is None and optional:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+            raise PruningError("is not set" if value is None else "is not a number (or NaN)")
+        if low is not None and (value < low or (open_low and value == low)):
+            raise PruningError(f"must be {parts[0]}")
+        if high is not None and (value > high or (open_high and value == high)):
+            raise PruningError(f"must be {parts[-1]}")
+        return float(value)
+
+    return Constraint(check, " ".join(["a number", " and ".join(parts)]).strip())
+
+
+def boolean() -> Constraint:
+    """``True`` or ``False``."""
+
+    def check(value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise PruningError("is not true or false")
+        return value
+
+    return Constraint(check, "true | false")
+
+
+def checked(owner: str, name: str, value: Any, constraint: Constraint) -> Any:
+    """``constraint.check(value)``; a failure is a :class:`~prunekit.errors.PruningError`
+    reading ``owner.name=value <what is wrong>; Fix: pass <constraint.text>.`` (an
+    :class:`~prunekit.errors.UnknownChoiceError` already names the valid values)."""
+    try:
+        return constraint.check(value)
+    except UnknownChoiceError:
+        raise
+    except PruningError as err:
+        err.args = (f"{owner}.{name}={value!r} {err}; Fix: pass {constraint.text}.",)
+        raise
+
+
 class Settings:
     """Base of frozen settings dataclasses: checks ``constraints`` at construction.
 
@@ -72,20 +128,14 @@ class Settings:
     """
 
     constraints: ClassVar[Mapping[str, Constraint]] = {}
+    label: ClassVar[str] = ""
+    """How messages name the settings (default: the class name)."""
 
     def __post_init__(self) -> None:
+        label = self.label or type(self).__name__
         for name, constraint in self.constraints.items():
-            value = getattr(self, name)
-            try:
-                parsed = constraint.check(value)
-            except UnknownChoiceError:
-                raise  # it names the kind, the value and the valid values already
-            except PruningError as err:
-                err.args = (
-                    f"{type(self).__name__}.{name}={value!r} {err}; Fix: pass {constraint.text}.",
-                )
-                raise
-            object.__setattr__(self, name, parsed)
+            value = checked(label, name, getattr(self, name), constraint)
+            object.__setattr__(self, name, value)
         self.check()
 
     def check(self) -> None:
@@ -150,7 +200,7 @@ class PruneSpec(Settings):
         "scope": one_of("scope", *SCOPES),
         "allocation": Constraint(_allocation, "uniform | erk | {layer: sparsity}"),
         "min_keep": integer(0),
-        "seed": integer(0, 2**63 - 1),
+        "seed": SEED,
     }
 
     def check(self) -> None:

@@ -21,9 +21,12 @@ from prunekit.sparse.conv import SparseConv2d
 from prunekit.sparse.cost import Candidate, CostFn, MeasuredCost, choose
 from prunekit.sparse.formats import SPARSE_FORMATS, Options, build, module_bytes, set_module
 from prunekit.sparse.gemm import base_type, gemm_weight, unsupported
+from prunekit.spec import checked, integer
 from prunekit.tables import TableReport
 
 FORMATS = ["auto", "dense", *SPARSE_FORMATS]
+MAX_BLOCK = 2**16  # a BSR block side; larger blocks than any weight's side cannot tile it
+BATCH = integer(1, 2**20)  # rows per call: auto times the formats on a batch of this size
 # auto's candidates: name -> (format, BSR kernel); both BSR kernels are timed.
 AUTO_CANDIDATES = {
     "csr": ("csr", "mkl"),
@@ -100,15 +103,15 @@ def _options(nm: str, blocksize: int | tuple[int, int] | None, bsr_kernel: str) 
     gran = parse(nm)
     if not isinstance(gran, NM):
         raise UnknownChoiceError("nm pattern", nm, ["N:M (e.g. '2:4')"])
-    if isinstance(blocksize, int):
-        blocksize = (blocksize, blocksize)
-    if blocksize is not None and (
-        len(blocksize) != 2 or not all(isinstance(b, int) and b > 0 for b in blocksize)
-    ):
-        raise PruningError(
-            f"blocksize={blocksize!r} must be a positive int or a pair of them; Fix: pass "
-            "the block you pruned with, e.g. blocksize=32 for granularity='block:32x32'."
-        )
+    pair = (blocksize, blocksize) if isinstance(blocksize, int) else blocksize
+    if blocksize is not None:
+        ok = isinstance(pair, tuple | list) and len(pair) == 2
+        if not ok or not all(type(b) is int and 0 < b <= MAX_BLOCK for b in pair):
+            raise PruningError(
+                f"blocksize={blocksize!r} is not an int 1..{MAX_BLOCK} or a pair of them; Fix: "
+                "pass the block you pruned with, e.g. blocksize=32 for granularity='block:32x32'."
+            )
+        blocksize = (pair[0], pair[1])
     if bsr_kernel not in KERNELS:
         raise UnknownChoiceError("bsr_kernel", bsr_kernel, list(KERNELS))
     return Options(gran.n, gran.m, blocksize, bsr_kernel)
@@ -117,8 +120,7 @@ def _options(nm: str, blocksize: int | tuple[int, int] | None, bsr_kernel: str) 
 def _check_args(format: str, batch_size: int, margin: float) -> None:
     if format not in FORMATS:
         raise UnknownChoiceError("format", format, FORMATS)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise PruningError(f"batch_size={batch_size!r} must be a positive int (rows per call)")
+    checked("sparse.convert", "batch_size", batch_size, BATCH)
     if isinstance(margin, bool) or not isinstance(margin, int | float) or not 0 < margin <= 1:
         raise PruningError(f"margin={margin!r} must be in (0, 1]: sparse must beat dense")
 

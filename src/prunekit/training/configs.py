@@ -25,7 +25,6 @@ progress, distributed) are not settings of a method: the caller passes them alon
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -33,45 +32,7 @@ from typing import Any, ClassVar
 
 from prunekit.errors import PruningError
 from prunekit.granularity import NM
-from prunekit.spec import Constraint, PruneSpec, Settings, integer, one_of
-
-
-def between(
-    low: float | None = None,
-    high: float | None = None,
-    *,
-    open_low: bool = False,
-    open_high: bool = False,
-    optional: bool = False,
-) -> Constraint:
-    """A real number within the bounds (``open_*`` excludes them; ``optional`` lets
-    ``None`` through); a failure reads ``must be < 1``."""
-    parts = [f"{'>' if open_low else '>='} {low:g}"] if low is not None else []
-    parts += [f"{'<' if open_high else '<='} {high:g}"] if high is not None else []
-
-    def check(value: Any) -> float | None:
-        if value is None and optional:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
-            raise PruningError("is not set" if value is None else "is not a number (or NaN)")
-        if low is not None and (value < low or (open_low and value == low)):
-            raise PruningError(f"must be {parts[0]}")
-        if high is not None and (value > high or (open_high and value == high)):
-            raise PruningError(f"must be {parts[-1]}")
-        return float(value)
-
-    return Constraint(check, " ".join(["a number", " and ".join(parts)]).strip())
-
-
-def boolean() -> Constraint:
-    """``True`` or ``False``."""
-
-    def check(value: Any) -> bool:
-        if not isinstance(value, bool):
-            raise PruningError("is not true or false")
-        return value
-
-    return Constraint(check, "true | false")
+from prunekit.spec import Constraint, PruneSpec, Settings, between, boolean, integer, one_of
 
 
 def _rewind(value: Any) -> str | int:
