@@ -3,16 +3,22 @@ student bit-identical, and resuming from its checkpoints."""
 
 from __future__ import annotations
 
+import argparse
 import copy
+import json
 import re
+from io import StringIO
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import assert_unchanged, snapshot
+from rich.console import Console
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import prunekit as pk
-from prunekit.errors import CheckpointError, PruningError, UnknownChoiceError
+from prunekit import cli_llm
+from prunekit.errors import CheckpointError, PruningError, UnknownChoiceError, UsageError
 from prunekit.training.distill import (
     Distillation,
     DistillStep,
@@ -20,6 +26,7 @@ from prunekit.training.distill import (
     kl_divergence,
     next_token_loss,
 )
+from prunekit.zoo import lm
 
 VOCAB = 32
 
@@ -179,3 +186,70 @@ def test_checkpoint_of_another_run_is_refused(tmp_path) -> None:
         pk.training.distill(student, teacher, batches(), steps=2, every=1, lr=0.5,
                             checkpoint_dir=tmp_path, progress=False)  # fmt: skip
     assert_unchanged(student, before)
+
+
+@pytest.fixture(scope="module")
+def char_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A teacher and a narrower student char Llama, each trained a few steps (about 1 s)."""
+    root = tmp_path_factory.mktemp("char")
+    common = dict(batch_size=2, seq_len=32, layers=1, progress=False)
+    lm.build_lm(root / "teacher", steps=3, hidden=32, **common)
+    lm.build_lm(root / "student", steps=1, hidden=16, **common)
+    return root / "teacher", root / "student"
+
+
+def run_llm(argv: list[str]) -> str:
+    parser = argparse.ArgumentParser(prog="prunekit")
+    cli_llm.add_parser(parser.add_subparsers(dest="command", required=True))
+    out = StringIO()
+    cli_llm.run(parser.parse_args(["llm", *argv]), Console(file=out, width=200))
+    return out.getvalue()
+
+
+def test_cli_distill_writes_a_checkpoint_plain_transformers_loads(char_models, tmp_path) -> None:
+    teacher, student = char_models
+    out = tmp_path / "kd"
+    argv = ["distill", "--student", str(student), "--teacher", str(teacher), "--steps", "3"]
+    text = run_llm([*argv, "--batch-size", "2", "--seq-len", "32", "--eval-tokens", "512",
+                    "--out", str(out)])  # fmt: skip
+    assert "distilled 3 steps (192 tokens)" in text and "held-out perplexity" in text
+    record = json.loads((out / "prunekit_distill.json").read_text())
+    assert len(record["losses"]) == 1 and record["tokens"] == 192
+    loaded = LlamaForCausalLM.from_pretrained(out)  # plain transformers, no prunekit
+    before = LlamaForCausalLM.from_pretrained(student)
+    assert loaded.config.hidden_size == 16 and (out / lm.VOCAB_FILE).exists()
+    assert not torch.equal(loaded.model.embed_tokens.weight, before.model.embed_tokens.weight)
+
+
+def test_cli_distill_takes_module_function_data(char_models, tmp_path, monkeypatch) -> None:
+    teacher, student = char_models
+    (tmp_path / "kd_data.py").write_text(
+        "import torch\n"
+        "def batches():\n"
+        "    return (torch.randint(0, 10, (2, 8)) for _ in range(100))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "kd"
+    text = run_llm(["distill", "--student", str(student), "--teacher", str(teacher),
+                    "--data", "kd_data:batches", "--steps", "2", "--eval-tokens", "512",
+                    "--out", str(out)])  # fmt: skip
+    assert "distilled 2 steps (32 tokens)" in text
+
+
+@pytest.mark.parametrize(
+    ("extra", "error", "words"),
+    [
+        (["--data", "nonsense"], UsageError, "neither 'pydoc' nor module:function"),
+        (["--data", "no_such_module_kd:f"], UsageError, "ModuleNotFoundError"),
+        (["--steps", "0"], PruningError, "Distillation.steps=0"),
+        (["--alpha", "2"], PruningError, "Distillation.alpha=2.0"),
+        (["--batch-size", "0"], UsageError, "--batch-size 0 is too small"),
+    ],
+)
+def test_cli_distill_bad_options_write_nothing(char_models, tmp_path, extra, error, words) -> None:
+    teacher, student = char_models
+    out = tmp_path / "kd"
+    argv = ["distill", "--student", str(student), "--teacher", str(teacher), "--out", str(out)]
+    with pytest.raises(error, match=re.escape(words)):
+        run_llm([*argv, *extra])
+    assert not out.exists()

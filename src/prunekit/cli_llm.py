@@ -7,6 +7,7 @@ App layer: drives the :mod:`prunekit.llm` engine on models loaded by
     prunekit llm prune --model char-llama --method wanda --sparsity 0.5 --out pruned/
     prunekit llm prune --model minilm --method sparsegpt --sparsity 2:4 --out pruned-minilm/
     prunekit llm eval --model pruned/                        # perplexity / embedding cosine
+    prunekit llm distill --student pruned/ --teacher char-llama --steps 300 --out kd/
 
 ``--model`` is a zoo name (``char-llama``, ``minilm``) or a ``save_pretrained`` directory.
 ``prune`` writes a ``save_pretrained`` directory (masks baked in, tokenizer alongside) that
@@ -23,6 +24,7 @@ from pathlib import Path
 from rich.console import Console
 
 import prunekit as pk
+from prunekit import cli_distill
 from prunekit import llm_models as models
 from prunekit.llm.evaluate import embedding_similarity, perplexity
 from prunekit.llm.methods import methods
@@ -54,6 +56,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     b = commands.add_parser("build-lm", help="train the char-level zoo Llama and cache it")
     b.add_argument("--steps", type=int, default=600)
     b.add_argument("--out", type=Path, default=None, help=f"default: {lm.cache_dir()}")
+    cli_distill.add_parser(commands, zoo_help)
     return parser
 
 
@@ -121,7 +124,7 @@ def _build_lm(args: argparse.Namespace, console: Console) -> None:
     console.print(f"trained and saved the zoo LM to {path}")
 
 
-HANDLERS = {"prune": _prune, "eval": _eval, "build-lm": _build_lm}
+HANDLERS = {"prune": _prune, "eval": _eval, "build-lm": _build_lm, "distill": cli_distill.run}
 
 
 def run(args: argparse.Namespace, console: Console) -> None:
