@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from prunekit.errors import MissingDataError
+from prunekit.errors import CalibrationError, MissingDataError, guarded
 
 Inputs = Tensor | tuple[Any, ...] | list[Any] | Mapping[str, Any]
 """A tensor (``model(x)``), a tuple of positional arguments (``model(*args)``) or a mapping
@@ -129,6 +129,114 @@ class Calibration:
     def inputs(self) -> Iterator[Inputs]:
         """The model inputs of every batch."""
         return (batch.inputs for batch in self)
+
+    @classmethod
+    def ragged(
+        cls,
+        sequences: Iterable[Any],
+        *,
+        batch_size: int = 8,
+        side: str = "right",
+        tokenizer: Callable[[str], Any] | None = None,
+    ) -> Calibration:
+        """Token sequences of different lengths as padded batches ``{"input_ids",
+        "attention_mask"}`` of ``batch_size`` rows (:func:`pad`): the mask is 1 on real
+        tokens, 0 on the padding (id 0) on ``side``, and statistics skip the padding.
+
+        ``sequences``: lists of token ids, 1-D integer tensors, or texts with
+        ``tokenizer`` (a callable text -> ids, e.g. a Hugging Face tokenizer).
+
+        Example:
+            >>> pk.llm.prune(model, Calibration.ragged(texts, tokenizer=tok), method="wanda")
+        """
+        rows = _token_rows(sequences, tokenizer)
+        _check_count("batch_size", batch_size)
+        return cls(
+            [pad(rows[i : i + batch_size], side) for i in range(0, len(rows), batch_size)],
+            targets=False,
+        )
+
+    @classmethod
+    def packed(
+        cls,
+        sequences: Iterable[Any],
+        seq_len: int,
+        *,
+        batch_size: int = 8,
+        separator: int | None = None,
+        tokenizer: Callable[[str], Any] | None = None,
+    ) -> Calibration:
+        """Sequences (as for :meth:`ragged`) concatenated, with the id ``separator`` between
+        them when given (an end-of-text token), and cut into windows of ``seq_len`` tokens,
+        ``batch_size`` windows a batch (SparseGPT's and Wanda's calibration form); the last,
+        shorter window is right-padded (:func:`pad`), so no token is dropped."""
+        rows = _token_rows(sequences, tokenizer)
+        _check_count("seq_len", seq_len)
+        _check_count("batch_size", batch_size)
+        sep = [] if separator is None else [separator]
+        stream = [t for i, row in enumerate(rows) for t in (sep if i else []) + row]
+        windows = [stream[i : i + seq_len] for i in range(0, len(stream), seq_len)]
+        batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
+        return cls([pad(rows) for rows in batches], targets=False)
+
+
+def pad(rows: list[list[int]], side: str = "right") -> dict[str, Tensor]:
+    """``{"input_ids": (len(rows), longest), "attention_mask": ...}``: ``rows`` padded with
+    id 0 on ``side`` (``"right"`` or ``"left"``), the mask 1 on real tokens, 0 on padding."""
+    if side not in ("left", "right"):
+        raise CalibrationError(f"side={side!r} is not 'left' or 'right'; Fix: pass one of them.")
+    longest = max(len(row) for row in rows)
+    ids = torch.zeros(len(rows), longest, dtype=torch.long)
+    mask = torch.zeros(len(rows), longest, dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(longest - len(row), longest) if side == "left" else slice(0, len(row))
+        ids[i, span] = torch.tensor(row, dtype=torch.long)
+        mask[i, span] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _check_count(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 2**31:
+        raise CalibrationError(f"{name}={value!r} is not an int in 1..2**31; Fix: e.g. 8.")
+
+
+def _token_ids(item: Any, index: int, tokenizer: Callable[[str], Any] | None) -> list[int]:
+    """One sequence as a list of ids: a text through ``tokenizer``, a 1-D integer tensor,
+    or a list of ints."""
+    if isinstance(item, str):
+        if tokenizer is None:
+            raise CalibrationError(
+                f"calibration sequence {index} is text; Fix: pass tokenizer= (e.g. the model's "
+                "AutoTokenizer), or token ids."
+            )
+        item = guarded(tokenizer, "tokenizer")(item)
+        item = item["input_ids"] if isinstance(item, Mapping) else item
+    if isinstance(item, Tensor) and not item.dtype.is_floating_point and item.dim() <= 2:
+        item = item.reshape(-1).tolist()
+    if isinstance(item, list) and len(item) == 1 and isinstance(item[0], list):
+        item = item[0]  # a tokenizer's batch of one
+    ok = isinstance(item, list | tuple) and len(item) > 0
+    if not ok or not all(type(t) is int and t >= 0 for t in item):
+        raise CalibrationError(
+            f"calibration sequence {index} ({type(item).__name__}) is not a non-empty list of "
+            "token ids (ints >= 0); Fix: pass lists of ids, 1-D integer tensors, or texts with "
+            "tokenizer=."
+        )
+    return list(item)
+
+
+def _token_rows(
+    sequences: Iterable[Any], tokenizer: Callable[[str], Any] | None
+) -> list[list[int]]:
+    if isinstance(sequences, str | Tensor | Mapping) or not isinstance(sequences, Iterable):
+        raise CalibrationError(
+            f"calibration sequences of type {type(sequences).__name__} is not a list of "
+            "sequences; Fix: pass a list of texts, id lists or 1-D id tensors."
+        )
+    rows = [_token_ids(item, i, tokenizer) for i, item in enumerate(sequences)]
+    if not rows:
+        raise CalibrationError("calibration sequences is empty; Fix: pass at least one.")
+    return rows
 
     def loss(self, outputs: Any, batch: Batch, scale: float = 1.0) -> Tensor:
         """The loss of one batch's ``outputs`` (logits divided by ``scale`` first, when not

@@ -8,11 +8,22 @@ Accepted forms (``calibration`` of :func:`prunekit.llm.prune`):
   ``(seq_len,)`` (one sample);
 - a sequence of such tensors, one batch each;
 - a sequence of dicts of tensors with at least ``input_ids`` (e.g. with ``attention_mask``),
-  one batch each, passed to the model as keyword arguments.
+  one batch each, passed to the model as keyword arguments;
+- a list of token-id lists of different lengths (ragged), padded into batches of
+  ``batch_size`` rows with an ``attention_mask`` (:meth:`Calibration.ragged
+  <prunekit.inputs.Calibration.ragged>`; :meth:`~prunekit.inputs.Calibration.packed` cuts
+  texts or ids into full windows instead).
+
+Padding: an ``attention_mask`` (1 = real token, 0 = padding, left or right) marks the
+positions every statistic skips (:class:`prunekit.llm.engine.RealTokens`). When a row is
+left-padded (or has holes) and the batch holds no ``position_ids``, they are added as the
+mask's running count (as ``generate`` does), so real tokens keep the positions they have
+unpadded in models with absolute position embeddings.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -86,6 +97,8 @@ def calibration_batches(
             f"batch_size={batch_size!r} is not an int >= 1 (at most 2**31); Fix: e.g. 8."
         )
     vocab = vocab_size(model)
+    if _ragged(calibration):
+        calibration = Calibration.ragged(calibration, batch_size=batch_size)
     if isinstance(calibration, Calibration):
         calibration = list(calibration.inputs())
     if isinstance(calibration, Tensor):
@@ -108,6 +121,7 @@ def calibration_batches(
                     f"{type(batch[others[0]]).__name__}, not a tensor; Fix: pass the "
                     "tokenizer's output with return_tensors='pt'."
                 )
+            _check_mask(batch, i)
             raw.append(batch)
     else:
         raise CalibrationError(
@@ -122,4 +136,64 @@ def calibration_batches(
     for i, batch in enumerate(raw):
         _check_length(batch, f"batch {i}", limit)
     device = next(model.parameters()).device
-    return [{k: v.to(device) for k, v in batch.items()} for batch in raw]
+    positions = _takes_positions(model)
+    return [
+        {k: v.to(device) for k, v in _with_positions(batch, positions).items()} for batch in raw
+    ]
+
+
+def _ragged(calibration: object) -> bool:
+    """A list of id lists (or texts, which :meth:`Calibration.ragged` refuses with a fix)."""
+    return (
+        isinstance(calibration, list | tuple)
+        and len(calibration) > 0
+        and all(isinstance(row, list | tuple | str) for row in calibration)
+    )
+
+
+def _check_mask(batch: Batch, index: int) -> None:
+    """An ``attention_mask`` shaped like the ids, of 0 / 1, with at least one real token."""
+    mask = batch.get("attention_mask")
+    if mask is None:
+        return
+    ids = batch["input_ids"]
+    mask = mask.reshape(1, -1) if mask.dim() == 1 else mask
+    if mask.shape != ids.shape:
+        raise CalibrationError(
+            f"calibration batch {index} (input_ids: {tuple(ids.shape)}, attention_mask: "
+            f"{tuple(mask.shape)}): the mask does not match the ids; Fix: pass the "
+            "tokenizer's own mask (1 = token, 0 = padding)."
+        )
+    if not ((mask == 0) | (mask == 1)).all() or not mask.any():
+        raise CalibrationError(
+            f"calibration batch {index}: attention_mask holds values other than 0 and 1, "
+            "or no real token (1); Fix: pass the tokenizer's own mask (1 = token, 0 = padding)."
+        )
+    batch["attention_mask"] = mask
+
+
+def real_tokens(batch: Batch) -> int:
+    """The tokens of ``batch`` that are not padding."""
+    mask = batch.get("attention_mask")
+    return batch["input_ids"].numel() if mask is None else int((mask != 0).sum())
+
+
+def _takes_positions(model: nn.Module) -> bool:
+    try:
+        return "position_ids" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _with_positions(batch: Batch, takes_positions: bool) -> Batch:
+    """``batch`` with ``position_ids`` counted along the mask when a row is not
+    right-padded only (module docstring)."""
+    mask = batch.get("attention_mask")
+    if mask is None or "position_ids" in batch or not takes_positions:
+        return batch
+    real = mask != 0
+    right_padded = (real.long().cummin(-1).values == real.long()).all()
+    if right_padded:
+        return batch
+    positions = (real.long().cumsum(-1) - 1).clamp(min=0)
+    return {**batch, "position_ids": positions}

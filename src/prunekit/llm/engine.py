@@ -47,6 +47,39 @@ class BlockInputs:
     hidden: list[Tensor] = field(default_factory=list)
     args: list[tuple[Any, ...]] = field(default_factory=list)
     kwargs: list[dict[str, Any]] = field(default_factory=list)
+    tokens: list[Tensor | None] = field(default_factory=list)
+    """Per batch: bool ``(batch, seq_len)``, True on real tokens (the batch's
+    ``attention_mask``); None when the batch has no padding."""
+
+
+class RealTokens:
+    """The real-token mask of the batch a block is running, so statistics skip padding.
+
+    :meth:`rows` flattens a layer input ``(..., features)`` to ``(tokens, features)`` rows
+    and keeps the real ones, when its leading dimensions hold the batch's
+    ``batch x seq_len`` positions in order (every Linear of a decoder block; fused MoE
+    experts see the same rows flattened); an input of any other row count is kept whole.
+    """
+
+    def __init__(self, tokens: list[Tensor | None]) -> None:
+        self.tokens = tokens
+        self.current: Tensor | None = None
+
+    def select(self, index: int) -> None:
+        """The next forward runs batch ``index``."""
+        self.current = self.tokens[index] if index < len(self.tokens) else None
+
+    def rows(self, x: Tensor) -> Tensor:
+        flat = x.detach().reshape(-1, x.shape[-1])
+        keep = self.current
+        if keep is None or flat.shape[0] != keep.numel():
+            return flat
+        return flat[keep.reshape(-1).to(flat.device)]
+
+
+def _real(batch: Batch) -> Tensor | None:
+    mask = batch.get("attention_mask")
+    return None if mask is None or bool((mask != 0).all()) else mask != 0
 
 
 def _no_cache(value: Any) -> Any:
@@ -74,6 +107,7 @@ def capture_inputs(model: nn.Module, first_block: nn.Module, batches: list[Batch
     handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for i, batch in enumerate(batches):
+            inputs.tokens.append(_real(batch))
             try:
                 model(**batch)
             except _Captured:
@@ -100,10 +134,15 @@ def _shapes(batch: Batch) -> str:
     return ", ".join(f"{k}: {tuple(v.shape)}" for k, v in batch.items())
 
 
-def run_block(block: nn.Module, inputs: BlockInputs) -> list[Tensor]:
-    """The block's output hidden states for every captured batch."""
+def run_block(
+    block: nn.Module, inputs: BlockInputs, real: RealTokens | None = None
+) -> list[Tensor]:
+    """The block's output hidden states for every captured batch (``real`` told which)."""
     outputs = []
-    for hidden, args, kwargs in zip(inputs.hidden, inputs.args, inputs.kwargs, strict=True):
+    batches = zip(inputs.hidden, inputs.args, inputs.kwargs, strict=True)
+    for index, (hidden, args, kwargs) in enumerate(batches):
+        if real is not None:
+            real.select(index)
         out = block(hidden, *args, **kwargs)
         outputs.append(out[0] if isinstance(out, tuple) else out)
     return outputs
@@ -130,7 +169,8 @@ class ErrorMeter:
     (minus its bias), only ``W X`` is recomputed from the snapshot.
     """
 
-    def __init__(self, layers: list[Layer]) -> None:
+    def __init__(self, layers: list[Layer], real: RealTokens) -> None:
+        self.real = real
         self.dense = {
             ly.name: to_canonical(ly.module, ly.module.weight.detach()).to(torch.float32).clone()
             for ly in layers
@@ -139,8 +179,9 @@ class ErrorMeter:
         self.den = dict.fromkeys(self.dense, 0.0)
 
     def add(self, layer: Layer, x: Tensor, out: Tensor) -> None:
-        dense = flat_inputs(x) @ self.dense[layer.name].T
-        pruned = flat_inputs(out)
+        """Accumulate one forward of ``layer`` (input ``x``, output ``out``), real tokens only."""
+        dense = flat_inputs(self.real.rows(x)) @ self.dense[layer.name].T
+        pruned = flat_inputs(self.real.rows(out))
         bias = getattr(layer.module, "bias", None)
         if bias is not None:
             pruned = pruned - bias.detach().to(torch.float32)
@@ -174,6 +215,7 @@ def sequential(
     outputs forward in its own copy.
     """
     inputs = replace(inputs)  # shallow: only ``hidden`` is rebound below
+    real = RealTokens(inputs.tokens)
     errors: dict[str, float] = {}
     with progress_bar(disable=not progress) as bar:
         task = bar.add_task(description, total=len(blocks))
@@ -182,12 +224,13 @@ def sequential(
             stats = {ly.name: LayerStats(ly, needs) for ly in layers}
             outputs = None
             if needs:
-                with layer_hooks(layers, lambda ly, x, out, st=stats: st[ly.name].add(x)):
-                    outputs = run_block(block, inputs)
-            meter = ErrorMeter(layers) if measure else None
+                collect = lambda ly, x, out, st=stats: st[ly.name].add(real.rows(x))  # noqa: E731
+                with layer_hooks(layers, collect):
+                    outputs = run_block(block, inputs, real)
+            meter = ErrorMeter(layers, real) if measure else None
             if visit(index, layers, stats) or outputs is None:
                 with layer_hooks(layers, meter.add) if meter else nullcontext():
-                    outputs = run_block(block, inputs)
+                    outputs = run_block(block, inputs, real)
                 if meter:
                     errors.update(meter.relative())
             inputs.hidden = outputs

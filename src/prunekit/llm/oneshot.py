@@ -20,7 +20,7 @@ from prunekit.layers import (
 )
 from prunekit.llm.arguments import PruneArguments
 from prunekit.llm.blocks import block_layers, find_blocks
-from prunekit.llm.calibration import TokenData, calibration_batches
+from prunekit.llm.calibration import TokenData, calibration_batches, real_tokens
 from prunekit.llm.engine import BlockInputs, LayerStats, capture_inputs, sequential
 from prunekit.llm.memory import PeakMemory
 from prunekit.llm.methods import (
@@ -194,7 +194,7 @@ def prune(
         describe(target),
         allocation,
         sum(len(b["input_ids"]) for b in batches),
-        sum(b["input_ids"].numel() for b in batches),
+        sum(real_tokens(b) for b in batches),
         records,
         time.perf_counter() - start,
         peak.bytes,

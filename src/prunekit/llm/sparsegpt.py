@@ -50,7 +50,7 @@ def sparsegpt(
     ``target`` is an unstructured sparsity in [0, 1) or an :class:`~prunekit.granularity.NM`.
     ``new_weight`` is fp32, zero wherever ``keep_mask`` is False.
     """
-    w = weight.detach().to(torch.float32).clone()
+    w = weight.detach().to(torch.float32).clone(memory_format=torch.contiguous_format)
     rows, cols = w.shape
     dead = dead_inputs(hessian)
     w[:, dead] = 0.0
