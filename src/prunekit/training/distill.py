@@ -38,10 +38,9 @@ from torch import Tensor, nn
 
 from prunekit.errors import CheckpointError, PruningError
 from prunekit.inputs import eval_mode
-from prunekit.spec import Constraint, Settings, integer, one_of
+from prunekit.spec import Constraint, Settings, between, integer, one_of
 from prunekit.training import checkpoint
 from prunekit.training.checkpoint_fields import FIX
-from prunekit.training.configs import between
 from prunekit.training.distributed import resolve
 from prunekit.training.loop import Step, fit, training_step
 
