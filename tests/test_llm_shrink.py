@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_unchanged, snapshot
 
 import prunekit as pk
 from prunekit.errors import (
@@ -19,8 +20,6 @@ from prunekit.errors import (
     PruningError,
     UnknownChoiceError,
 )
-
-from conftest import assert_unchanged, snapshot
 
 transformers = pytest.importorskip("transformers")
 VOCAB = 64
@@ -103,7 +102,7 @@ def test_plain_transformers_reloads_every_architecture_with_identical_logits(shr
         timeout=120,
     )
     reloaded = json.loads(done.stdout.strip().splitlines()[-1])
-    for arch, (model, result, path, logits) in shrunk.items():
+    for arch, (_, _, _, logits) in shrunk.items():
         torch.testing.assert_close(torch.tensor(reloaded[arch]), logits, atol=1e-5, rtol=0)
 
 
