@@ -12,6 +12,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+import prunekit as pk
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
 import _results
@@ -81,3 +83,37 @@ def test_lottery_table_marks_rounds_that_match_or_beat_dense() -> None:
         "the weights; theta_25 tickets match or beat dense (91.00 +- 1.41%) from 64.0% down "
         "to 64.0% of the weights."
     )
+
+
+# The examples on architectures outside the zoo, each in its --quick mode (a few seconds).
+
+
+def test_hf_vision_example_shrinks_a_transformers_resnet_and_reloads_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import hf_vision_shrink
+
+    monkeypatch.chdir(tmp_path)
+    result = hf_vision_shrink.main(["--quick"])
+    assert result["reloaded_same"] is True
+    assert result["params"] < 0.6 and result["macs"] < 0.8
+    assert (tmp_path / "runs" / "hf-resnet-shrunk").is_dir()
+    assert all(0 <= result[k] <= 1 for k in ("dense", "shrunk", "finetuned"))
+
+
+def test_llm_example_prunes_a_llama_to_two_four_with_wanda() -> None:
+    import llm_wanda_24
+
+    model = llm_wanda_24.build(16, 1)
+    assert llm_wanda_24.is_two_four(model) is False     # the check sees a dense model
+    result = llm_wanda_24.main(["--quick"])              # asserts 2:4 for both methods
+    assert set(result) == {"dense", "wanda", "magnitude"}
+    assert all(1 < v < 300 for v in result.values())
+
+
+def test_lottery_example_runs_on_a_users_dataloader(tmp_path: Path) -> None:
+    import lottery_dataloader
+
+    report = lottery_dataloader.main(["--quick", "--checkpoint-dir", str(tmp_path / "ck")])
+    counts = {layer.name: layer.zeros / layer.numel for layer in pk.sparsity(report.model).layers}
+    assert counts == pytest.approx({"hidden.0": 0.2, "hidden.2": 0.2, "out": 0.1}, abs=1e-3)
+    assert (tmp_path / "ck").is_dir()
