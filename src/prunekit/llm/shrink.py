@@ -146,7 +146,7 @@ class ShrinkResult:
     dropped_layers: tuple[int, ...]
     removed_heads: dict[int, list[int]] = field(default_factory=dict)
     removed_kv_heads: dict[int, list[int]] = field(default_factory=dict)
-    removed_neurons: dict[int, int] = field(default_factory=dict)
+    removed_neurons: dict[int, list[int]] = field(default_factory=dict)
     removed_hidden: list[int] = field(default_factory=list)
     params_before: int = 0
     params_after: int = 0
@@ -305,7 +305,7 @@ def _record(result: ShrinkResult, keep: Keep, blocks: list[int]) -> None:
     for i, heads, kv, neurons in zip(blocks, keep.heads, keep.kv_heads, keep.neurons, strict=True):
         result.removed_heads[i] = _removed(w.heads, heads)
         result.removed_kv_heads[i] = _removed(w.kv_heads, kv)
-        result.removed_neurons[i] = w.intermediate - len(neurons)
+        result.removed_neurons[i] = _removed(w.intermediate, neurons)
     result.removed_hidden = _removed(w.hidden, keep.hidden)
 
 
