@@ -12,6 +12,11 @@
       this pass each layer's relative reconstruction error
       ``||(W - W') X||_F^2 / ||W X||_F^2`` is measured on its actual inputs ``X``.
 
+Padding: statistics and errors use the real tokens of each batch only (its
+``attention_mask``, :class:`RealTokens`). Fused MoE experts (:mod:`prunekit.llm.experts`)
+get one set of statistics per expert matrix, from the tokens routed to that expert, keyed
+``<experts module>.<gate_up_proj|down_proj>.<expert>`` in the same ``stats`` dict.
+
 Memory: the model, one block's statistics and dense-weight snapshot, and the calibration
 hidden states (``samples x seq_len x hidden``); never all layers' statistics at once.
 Every hook is removed on exit, error or not.
@@ -20,7 +25,7 @@ Every hook is removed on exit, error or not.
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -33,6 +38,7 @@ from prunekit.errors import CalibrationError, PruningError, UnsupportedModelErro
 from prunekit.layers import Layer, layer_hooks, to_canonical
 from prunekit.llm.blocks import block_layers
 from prunekit.llm.calibration import Batch
+from prunekit.llm.experts import FusedExperts, expert_hooks, find_experts
 from prunekit.tables import progress_bar
 
 
@@ -151,48 +157,79 @@ def run_block(
 class LayerStats:
     """Statistics of one layer's inputs: column norms (Wanda, OWL) and/or H (SparseGPT)."""
 
-    def __init__(self, layer: Layer, needs: frozenset[str]) -> None:
-        width, device = layer.canonical.shape[1], layer.weight.device
+    def __init__(self, width: int, device: torch.device, needs: frozenset[str]) -> None:
         self.norms = ColumnNorms(width, device) if "norms" in needs else None
         self.hessian = HessianAccumulator(width, device) if "hessian" in needs else None
+
+    @classmethod
+    def of(cls, layer: Layer, needs: frozenset[str]) -> LayerStats:
+        return cls(layer.canonical.shape[1], layer.weight.device, needs)
 
     def add(self, x: Tensor) -> None:
         for acc in (self.norms, self.hessian):
             if acc is not None:
                 acc.add(x)
 
+    @property
+    def tokens(self) -> int | None:
+        """Tokens seen (None when no statistic is gathered)."""
+        acc = self.norms or self.hessian
+        return None if acc is None else acc.tokens
+
 
 class ErrorMeter:
     """Relative output error ``||(W - W') X||^2 / ||W X||^2`` per layer vs a dense snapshot.
 
     Costs one matmul per layer: the pruned product ``W' X`` is the layer's own output
-    (minus its bias), only ``W X`` is recomputed from the snapshot.
+    (minus its bias), only ``W X`` is recomputed from the snapshot. Expert matrices
+    (``experts``: key -> canonical weight) are measured through :meth:`add_rows`.
     """
 
-    def __init__(self, layers: list[Layer], real: RealTokens) -> None:
+    def __init__(
+        self, layers: list[Layer], real: RealTokens, experts: dict[str, Tensor] | None = None
+    ) -> None:
         self.real = real
-        self.dense = {
-            ly.name: to_canonical(ly.module, ly.module.weight.detach()).to(torch.float32).clone()
-            for ly in layers
-        }
+        weights = {ly.name: to_canonical(ly.module, ly.module.weight.detach()) for ly in layers}
+        weights |= experts or {}
+        self.dense = {k: w.detach().to(torch.float32).clone() for k, w in weights.items()}
         self.num = dict.fromkeys(self.dense, 0.0)
         self.den = dict.fromkeys(self.dense, 0.0)
 
     def add(self, layer: Layer, x: Tensor, out: Tensor) -> None:
         """Accumulate one forward of ``layer`` (input ``x``, output ``out``), real tokens only."""
-        dense = flat_inputs(self.real.rows(x)) @ self.dense[layer.name].T
         pruned = flat_inputs(self.real.rows(out))
         bias = getattr(layer.module, "bias", None)
         if bias is not None:
             pruned = pruned - bias.detach().to(torch.float32)
-        self.num[layer.name] += float((dense - pruned).square().sum())
-        self.den[layer.name] += float(dense.square().sum())
+        self._count(layer.name, flat_inputs(self.real.rows(x)), pruned)
+
+    def add_rows(self, key: str, x: Tensor, weight: Tensor) -> None:
+        """Accumulate inputs ``x`` (tokens, in) of expert matrix ``key`` (now ``weight``)."""
+        rows = flat_inputs(x)
+        self._count(key, rows, rows @ weight.to(torch.float32).T)
+
+    def _count(self, key: str, rows: Tensor, pruned: Tensor) -> None:
+        dense = rows @ self.dense[key].T
+        self.num[key] += float((dense - pruned).square().sum())
+        self.den[key] += float(dense.square().sum())
 
     def relative(self) -> dict[str, float]:
         return {n: self.num[n] / self.den[n] if self.den[n] else 0.0 for n in self.num}
 
 
 Visit = Callable[[int, list[Layer], dict[str, LayerStats]], bool]
+
+
+def _measuring(
+    meter: ErrorMeter | None, layers: list[Layer], experts: list[FusedExperts], real: RealTokens
+) -> AbstractContextManager[None]:
+    """The meter's hooks on the layers and expert matrices (nothing when not measuring)."""
+    if meter is None:
+        return nullcontext()
+    stack = ExitStack()
+    stack.enter_context(layer_hooks(layers, meter.add))
+    stack.enter_context(expert_hooks(experts, real.rows, lambda k, x, w: meter.add_rows(k, x, w)))
+    return stack
 
 
 def sequential(
@@ -221,15 +258,20 @@ def sequential(
         task = bar.add_task(description, total=len(blocks))
         for index, block in enumerate(blocks):
             layers = block_layers(block, f"{prefix}.{index}")
-            stats = {ly.name: LayerStats(ly, needs) for ly in layers}
+            experts = find_experts(block, f"{prefix}.{index}")
+            matrices = {k: p[e] for ex in experts for k, p, e in ex.matrices()}
+            stats = {ly.name: LayerStats.of(ly, needs) for ly in layers} | {
+                k: LayerStats(w.shape[1], w.device, needs) for k, w in matrices.items()
+            }
             outputs = None
             if needs:
                 collect = lambda ly, x, out, st=stats: st[ly.name].add(real.rows(x))  # noqa: E731
-                with layer_hooks(layers, collect):
+                routed = lambda key, x, w, st=stats: st[key].add(x)  # noqa: E731
+                with layer_hooks(layers, collect), expert_hooks(experts, real.rows, routed):
                     outputs = run_block(block, inputs, real)
-            meter = ErrorMeter(layers, real) if measure else None
+            meter = ErrorMeter(layers, real, matrices) if measure else None
             if visit(index, layers, stats) or outputs is None:
-                with layer_hooks(layers, meter.add) if meter else nullcontext():
+                with _measuring(meter, layers, experts, real):
                     outputs = run_block(block, inputs, real)
                 if meter:
                     errors.update(meter.relative())

@@ -115,12 +115,19 @@ def describe(target: Target) -> str:
 def _criterion_keep(criterion: Criterion, weight: torch.Tensor, target: Target, stats: LayerStats,
                     name: str) -> torch.Tensor:  # fmt: skip
     """Keep-mask of a row criterion: N of every M inputs, or the best of each row."""
+    scores = _criterion_scores(criterion, weight, stats, name)
+    return target.keep(scores) if isinstance(target, NM) else row_mask(scores, target)
+
+
+def _criterion_scores(
+    criterion: Criterion, weight: torch.Tensor, stats: LayerStats, name: str
+) -> torch.Tensor:
+    """fp32 per-weight scores of ``criterion`` (input norms as ``ctx.stats``)."""
     norms = None if stats.norms is None else stats.norms.norms
     ctx = ScoreContext(name, norms, torch.Generator().manual_seed(zlib.crc32(name.encode())))
     score = criteria.guard(criterion, criterion.scores, f"scoring layer {name!r}")
     scores = score(GroupUnits(weight, Element().grouping(tuple(weight.shape))), ctx)
-    scores = scores.to(torch.float32)
-    return target.keep(scores) if isinstance(target, NM) else row_mask(scores, target)
+    return scores.to(torch.float32)
 
 
 def prune_layer(
@@ -135,13 +142,26 @@ def prune_layer(
             prune_layers(module, target, criterion=method)
         return
     weight = to_canonical(module, module.weight.detach())
-    if isinstance(method, Criterion):
-        keep = _criterion_keep(method, weight, target, stats, layer.name)
-    else:
-        assert stats.hessian is not None
-        solve = (lambda *a: alps(*a, method)) if isinstance(method, ALPS) else sparsegpt
-        new_weight, keep = solve(weight, stats.hessian.hessian, target)
+    new_weight, keep = solve(method, weight, target, stats, layer.name)
+    if new_weight is not None:
         with torch.no_grad():
             stored = weight_param(module)
             stored.copy_(from_canonical(module, new_weight).to(stored.dtype))
     apply_mask(module, from_canonical(module, keep))
+
+
+def solve(
+    method: str | Criterion | ALPS, weight: torch.Tensor, target: Target, stats: LayerStats,
+    name: str,
+) -> tuple[torch.Tensor | None, torch.Tensor]:  # fmt: skip
+    """``(new_weight, keep)`` for a canonical ``(out, in)`` weight named ``name``:
+    ``new_weight`` is None for a criterion (the weights stay), the compensated fp32 weight
+    for SparseGPT / ALPS. A layer-wide criterion (magnitude) compares the whole matrix."""
+    if isinstance(method, Criterion):
+        if method.name in LAYER_WIDE and not isinstance(target, NM):
+            scores = _criterion_scores(method, weight, stats, name).reshape(1, -1)
+            return None, row_mask(scores, target).reshape(weight.shape)
+        return None, _criterion_keep(method, weight, target, stats, name)
+    assert stats.hessian is not None
+    sweep = (lambda *a: alps(*a, method)) if isinstance(method, ALPS) else sparsegpt
+    return sweep(weight, stats.hessian.hessian, target)

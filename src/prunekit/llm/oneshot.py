@@ -22,6 +22,7 @@ from prunekit.llm.arguments import PruneArguments
 from prunekit.llm.blocks import block_layers, find_blocks
 from prunekit.llm.calibration import TokenData, calibration_batches, real_tokens
 from prunekit.llm.engine import BlockInputs, LayerStats, capture_inputs, sequential
+from prunekit.llm.experts import PARAMS, find_experts
 from prunekit.llm.memory import PeakMemory
 from prunekit.llm.methods import (
     Method,
@@ -33,8 +34,9 @@ from prunekit.llm.methods import (
     parse_target,
     prune_layer,
 )
+from prunekit.llm.moe import check_experts, prune_experts, zeros_fraction
 from prunekit.llm.owl import outlier_ratio, owl_sparsities
-from prunekit.llm.report import LayerRecord, LLMPruneReport
+from prunekit.llm.report import LayerRecord, LLMPruneReport, block_records
 from prunekit.masks import bake, kept_fraction, require_bakeable, tie_masks
 
 ALLOCATIONS = ["uniform", "owl"]
@@ -47,6 +49,9 @@ def _check_layers(blocks: nn.ModuleList, prefix: str, target: Target) -> None:
         check_weight(layer)
         if isinstance(target, NM) and (reason := target.incompatibility(layer)):
             raise IncompatibleLayerError(f"layer {layer.name!r}: {reason}")
+    for i, block in enumerate(blocks):
+        for ex in find_experts(block, f"{prefix}.{i}"):
+            check_experts(ex, target)
 
 
 def _owl_targets(
@@ -112,7 +117,9 @@ def prune(
     Args:
         model: a Hugging Face causal LM (Llama, Mistral, Qwen2, OPT, GPT-2...) or encoder
             (BERT, MiniLM...), or any model whose forward runs an ``nn.ModuleList`` of blocks.
-            Embeddings and the LM head stay dense.
+            Embeddings and the LM head stay dense. Fused MoE experts (Mixtral, Qwen2-MoE,
+            Qwen3-MoE in transformers 5) are pruned expert by expert on the tokens routed
+            to each (:mod:`prunekit.llm.moe`; always baked); routers stay dense.
         calibration: token ids ``(samples, seq_len)``, a list of id tensors / tokenizer
             dicts (one batch each), or a :class:`~prunekit.inputs.Calibration` of them.
             The papers use 128 samples of 2048 tokens.
@@ -138,8 +145,11 @@ def prune(
             pruned weight at random.
 
     Returns:
-        An :class:`LLMPruneReport`: per-layer sparsity and error, and the weight tensors in
-        the blocks it left dense (``skipped``: fused MoE expert tensors, routers). SparseGPT
+        An :class:`LLMPruneReport`: per-layer (and per-expert) sparsity and error, per
+        block what was pruned and what was left dense (``blocks``; ``block_table()``), the
+        weight tensors in the blocks that are no layer's (``skipped``: routers, experts in
+        a layout :mod:`prunekit.llm.experts` does not read) and ``notes`` (experts that got
+        no calibration token and fell back to magnitude). SparseGPT
         *overwrites the kept weights* with their compensated values, so even with
         ``keep_masks=True`` the dense model cannot be restored: copy it first if you need it.
 
@@ -171,9 +181,13 @@ def prune(
         if allocation == "owl":
             block_targets = _owl_targets(block_list, prefix, inputs, float(target), args)
 
+        notes: list[tuple[str, str]] = []
+
         def visit(index: int, layers: list[Layer], stats: dict[str, LayerStats]) -> bool:
             for layer in layers:
                 prune_layer(method, layer, block_targets[index], stats[layer.name])
+            experts = find_experts(block_list[index], f"{prefix}.{index}")
+            notes.extend(prune_experts(method, experts, block_targets[index], stats))
             return True
 
         errors = sequential(
@@ -200,13 +214,21 @@ def prune(
         peak.bytes,
         peak.source,
         *_skipped(block_list, prefix),
+        blocks=block_records(block_list, prefix, records),
+        notes=notes,
     )
 
 
+def _covered(block: nn.Module) -> list[torch.Tensor]:
+    """The tensors a prune handles in ``block``: its layers' parameters, fused experts."""
+    layers = [p for ly in block_layers(block, "") for p in ly.module.parameters()]
+    return layers + [getattr(ex.module, n) for ex in find_experts(block, "") for n in PARAMS]
+
+
 def _skipped(block_list: nn.ModuleList, prefix: str) -> tuple[list[tuple[str, str]], int]:
-    """The weight tensors of the blocks that are no block layer's (fused MoE experts,
-    routers), with the reason, and how many weights they hold."""
-    covered = [p for b in block_list for ly in block_layers(b, "") for p in ly.module.parameters()]
+    """The weight tensors of the blocks that are no block layer's nor a recognised fused
+    expert's (routers, other expert layouts), with the reason, and how many weights."""
+    covered = [p for block in block_list for p in _covered(block)]
     found = skipped_tensors(block_list, covered)
     return [(f"{prefix}.{n}", r) for n, r, _ in found], sum(k for _, _, k in found)
 
@@ -214,19 +236,20 @@ def _skipped(block_list: nn.ModuleList, prefix: str) -> tuple[list[tuple[str, st
 def _records(
     block_list: nn.ModuleList, prefix: str, targets: list[Target], errors: dict[str, float]
 ) -> list[LayerRecord]:
-    """One record per pruned layer: shape, target, achieved sparsity, output error."""
-    return [
-        LayerRecord(
-            ly.name,
-            tuple(ly.weight.shape),
-            ly.weight.numel(),
-            _fraction(targets[index]),
-            1.0 - kept_fraction(ly.module),
-            errors[ly.name],
-        )
-        for index, block in enumerate(block_list)
-        for ly in block_layers(block, f"{prefix}.{index}")
-    ]
+    """One record per pruned layer or expert matrix: shape, target, sparsity, output error."""
+    records = []
+    for index, block in enumerate(block_list):
+        fraction = _fraction(targets[index])
+        for ly in block_layers(block, f"{prefix}.{index}"):
+            shape, sparsity = tuple(ly.weight.shape), 1.0 - kept_fraction(ly.module)
+            records.append(LayerRecord(ly.name, shape, ly.weight.numel(), fraction, sparsity,
+                                       errors[ly.name]))  # fmt: skip
+        for ex in find_experts(block, f"{prefix}.{index}"):
+            for key, param, e in ex.matrices():
+                w = param[e].detach()
+                records.append(LayerRecord(key, tuple(w.shape), w.numel(), fraction,
+                                           zeros_fraction(w), errors[key]))  # fmt: skip
+    return records
 
 
 def _fraction(target: Target) -> float:

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from rich.table import Table
+from torch import nn
 
+from prunekit.llm.experts import PARAMS
 from prunekit.tables import TableReport
 
 
@@ -23,6 +25,58 @@ class LayerRecord:
 
 
 @dataclass(frozen=True)
+class BlockRecord:
+    """One block: how many of its parameters were pruned and to what sparsity, and the
+    parameters left dense (names relative to the block)."""
+
+    name: str
+    numel: int
+    pruned_numel: int
+    zeros: int
+    dense: tuple[str, ...]
+
+    @property
+    def sparsity(self) -> float:
+        """Zeros over the pruned tensors only."""
+        return self.zeros / max(self.pruned_numel, 1)
+
+    @property
+    def share(self) -> float:
+        """Share of all the block's parameters that the pruned tensors hold."""
+        return self.pruned_numel / max(self.numel, 1)
+
+
+def block_records(
+    blocks: nn.ModuleList, prefix: str, layers: list[LayerRecord]
+) -> list[BlockRecord]:
+    """Per block: parameters, pruned weights (``layers`` under ``prefix.i.``) and their
+    zeros, and the names of the parameters left dense (biases, norms, routers...)."""
+    records = []
+    for index, block in enumerate(blocks):
+        name = f"{prefix}.{index}"
+        mine = [r for r in layers if r.name.startswith(f"{name}.")]
+        covered = {_param_name(r.name[len(name) + 1 :]) for r in mine}
+        params = dict(block.named_parameters())
+        dense = tuple(n for n in params if _plain(n) not in covered)
+        zeros = round(sum(r.sparsity * r.numel for r in mine))
+        total = sum(p.numel() for p in params.values())
+        records.append(BlockRecord(name, total, sum(r.numel for r in mine), zeros, dense))
+    return records
+
+
+def _param_name(record: str) -> str:
+    """The parameter a record prunes: ``mlp.up_proj`` -> ``mlp.up_proj.weight``; an expert
+    matrix ``mlp.experts.down_proj.3`` -> ``mlp.experts.down_proj``."""
+    head, _, last = record.rpartition(".")
+    return head if last.isdigit() and head.endswith(PARAMS) else f"{record}.weight"
+
+
+def _plain(name: str) -> str:
+    """``x.parametrizations.weight.original`` (a masked weight) -> ``x.weight``."""
+    return name.replace(".parametrizations.weight.original", ".weight")
+
+
+@dataclass(frozen=True)
 class LLMPruneReport(TableReport):
     """Settings, per-layer records, wall time and peak memory of one pruning run."""
 
@@ -37,6 +91,17 @@ class LLMPruneReport(TableReport):
     peak_source: str = ""
     skipped: list[tuple[str, str]] = field(default_factory=list)
     skipped_numel: int = 0
+    blocks: list[BlockRecord] = field(default_factory=list)
+    notes: list[tuple[str, str]] = field(default_factory=list)
+    """``(layer, note)``: e.g. MoE experts that got no calibration token and fell back to
+    magnitude (:mod:`prunekit.llm.moe`)."""
+
+    @property
+    def share(self) -> float:
+        """Share of all block parameters that the pruned layers hold (1 - the share of
+        biases, norms, routers and skipped tensors)."""
+        total = sum(b.numel for b in self.blocks)
+        return self.numel / total if total else 1.0
 
     @property
     def numel(self) -> int:
@@ -60,7 +125,8 @@ class LLMPruneReport(TableReport):
         )
         return (
             f"{self.method} {self.target} ({self.allocation}): sparsity {self.sparsity:.2%} of "
-            f"{self.numel:,} weights in {len(self.layers)} layers{skipped}, {self.seconds:.2f} s, "
+            f"{self.numel:,} weights in {len(self.layers)} layers ({self.share:.1%} of the block "
+            f"parameters){skipped}, {self.seconds:.2f} s, "
             f"peak memory {peak} ({self.peak_source}), calibration {self.samples} samples / "
             f"{self.tokens:,} tokens"
         )
@@ -74,4 +140,17 @@ class LLMPruneReport(TableReport):
             table.add_row(r.name, shape, f"{r.target:.2%}", f"{r.sparsity:.2%}", f"{r.error:.4f}")
         for name, reason in self.skipped:
             table.add_row(name, "skipped", "", "", reason)
+        for name, note in self.notes:
+            table.add_row(name, "note", "", "", note)
+        return table
+
+    def block_table(self) -> Table:
+        """Per block: sparsity over what was pruned, its share of the block's parameters,
+        and the parameters left dense."""
+        table = Table(title="blocks: pruned and dense parameters")
+        for col in ("block", "pruned", "sparsity", "share of block", "left dense"):
+            table.add_column(col, justify="left" if col in ("block", "left dense") else "right")
+        for b in self.blocks:
+            table.add_row(b.name, f"{b.pruned_numel:,}", f"{b.sparsity:.2%}", f"{b.share:.1%}",
+                          ", ".join(b.dense))  # fmt: skip
         return table
