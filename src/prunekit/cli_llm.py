@@ -8,10 +8,15 @@ App layer: drives the :mod:`prunekit.llm` engine on models loaded by
     prunekit llm prune --model minilm --method sparsegpt --sparsity 2:4 --out pruned-minilm/
     prunekit llm eval --model pruned/                        # perplexity / embedding cosine
     prunekit llm distill --student pruned/ --teacher char-llama --steps 300 --out kd/
+    prunekit llm shrink --model char-llama --target-params 0.5 --out small/   # dense, smaller
 
 ``--model`` is a zoo name (``char-llama``, ``minilm``) or a ``save_pretrained`` directory.
 ``prune`` writes a ``save_pretrained`` directory (masks baked in, tokenizer alongside) that
 ``from_pretrained`` loads, plus ``prunekit_llm.json`` with the settings and the report.
+``shrink`` (:func:`prunekit.llm.shrink`) writes, atomically, a smaller dense checkpoint
+that plain transformers loads without prunekit, plus ``prunekit_shrink.json`` (settings,
+what was removed, parameters before/after); its calibration windows come from the zoo
+text (``--calibration pydoc``) or a UTF-8 file, in the model's tokenizer.
 :func:`add_parser` adds the sub-command to ``prunekit``'s parser; :func:`run` dispatches.
 """
 
@@ -19,16 +24,25 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict
 from pathlib import Path
 
+import torch
 from rich.console import Console
+from torch import Tensor
 
 import prunekit as pk
 from prunekit import cli_distill
 from prunekit import llm_models as models
+from prunekit.errors import UsageError
+from prunekit.fsio import atomic_directory
+from prunekit.llm.depth import DEPTH_IMPORTANCE
 from prunekit.llm.evaluate import embedding_similarity, perplexity
 from prunekit.llm.methods import methods
 from prunekit.llm.oneshot import ALLOCATIONS, prune
+from prunekit.llm.shrink import ShrinkSettings, shrink
+from prunekit.llm.shrink import plan as plan_shrink
+from prunekit.llm.width import WIDTH_IMPORTANCE
 from prunekit.zoo import lm
 
 
@@ -57,7 +71,28 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     b.add_argument("--steps", type=int, default=600)
     b.add_argument("--out", type=Path, default=None, help=f"default: {lm.cache_dir()}")
     cli_distill.add_parser(commands, zoo_help)
+    _add_shrink(commands, zoo_help)
     return parser
+
+
+def _add_shrink(commands: argparse._SubParsersAction, zoo_help: str) -> None:
+    s = commands.add_parser(
+        "shrink", help="width/depth pruning to a smaller dense model plain transformers loads"
+    )
+    s.add_argument("--model", required=True, help=zoo_help)
+    s.add_argument("--out", type=Path, required=True, help="save_pretrained directory")
+    s.add_argument("--target-params", type=float, default=None, help="fraction of params kept")
+    s.add_argument("--depth-fraction", type=float, default=0.25, help="share removed by depth")
+    for name in ("heads", "kv-heads", "intermediate", "hidden"):
+        s.add_argument(f"--{name}", type=int, default=None, help=f"{name} every block keeps")
+    s.add_argument("--drop-layers", default=None, help="a count (3) or block indices (4,5,6)")
+    s.add_argument("--importance", default="activation", choices=WIDTH_IMPORTANCE)
+    s.add_argument("--depth-importance", default="bi", choices=DEPTH_IMPORTANCE)
+    s.add_argument("--calibration", default="pydoc", help="pydoc (zoo text) or a UTF-8 file")
+    s.add_argument("--samples", type=int, default=64, help="calibration windows")
+    s.add_argument("--seq-len", type=int, default=128, help="tokens per calibration window")
+    s.add_argument("--seed", type=int, default=0, help="seeds the calibration windows")
+    s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1...")
 
 
 def _sparsity(text: str) -> float | str:
@@ -124,7 +159,89 @@ def _build_lm(args: argparse.Namespace, console: Console) -> None:
     console.print(f"trained and saved the zoo LM to {path}")
 
 
-HANDLERS = {"prune": _prune, "eval": _eval, "build-lm": _build_lm, "distill": cli_distill.run}
+def _drop_layers(text: str | None) -> int | tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return int(text) if "," not in text else tuple(int(i) for i in text.split(",") if i)
+    except ValueError:
+        raise UsageError(
+            f"--drop-layers {text!r} is neither a count nor block indices; Fix: e.g. "
+            "--drop-layers 2 or --drop-layers 4,5."
+        ) from None
+
+
+def _shrink_calibration(args: argparse.Namespace, loaded: models.LoadedModel) -> Tensor:
+    limit = getattr(loaded.model.config, "max_position_embeddings", args.seq_len)
+    seq_len = min(args.seq_len, limit)
+    if args.samples < 1 or seq_len < 2:
+        raise UsageError("--samples must be >= 1 and --seq-len >= 2; Fix: e.g. 64 and 128.")
+    if args.calibration == "pydoc":
+        return lm.calibration_ids(loaded.encode, args.samples, seq_len, args.seed)
+    path = Path(args.calibration)
+    if not path.is_file():
+        raise UsageError(
+            f"--calibration {args.calibration!r} is neither 'pydoc' nor a file; Fix: pass a "
+            "UTF-8 text file."
+        )
+    ids = loaded.encode(path.read_text(encoding="utf-8", errors="replace"))
+    if len(ids) <= seq_len:
+        raise UsageError(
+            f"--calibration {path} has {len(ids)} tokens, not more than --seq-len {seq_len}; "
+            "Fix: a longer text or a smaller --seq-len."
+        )
+    return lm.windows(ids, args.samples, seq_len, torch.Generator().manual_seed(args.seed))
+
+
+def _device(text: str) -> torch.device:
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or (device.type == "cuda" and not torch.cuda.is_available()):
+        raise UsageError(f"--device {text!r} is not available here; Fix: --device cpu.")
+    return device
+
+
+def _shrink(args: argparse.Namespace, console: Console) -> None:
+    settings = ShrinkSettings(
+        heads=args.heads,
+        kv_heads=args.kv_heads,
+        intermediate=args.intermediate,
+        hidden=args.hidden,
+        drop_layers=_drop_layers(args.drop_layers),
+        target_params=args.target_params,
+        depth_fraction=args.depth_fraction,
+        importance=args.importance,
+        depth_importance=args.depth_importance,
+    )
+    device = _device(args.device)
+    loaded = models.load(args.model)
+    plan = plan_shrink(loaded.model, settings)
+    if plan.after == plan.before and not plan.drop:
+        raise UsageError(
+            "nothing to remove; Fix: pass --target-params (e.g. 0.5) or --heads, --kv-heads, "
+            "--intermediate, --hidden, --drop-layers."
+        )
+    data = _shrink_calibration(args, loaded) if plan.needs_data else None
+    loaded.model.to(device)
+    result = shrink(loaded.model, data=data, settings=settings, progress=console.print)
+    console.print(str(result))
+    record = {"model": args.model, "settings": asdict(settings), "result": asdict(result)}
+    with atomic_directory(args.out) as tmp:
+        loaded.model.to("cpu")
+        loaded.save(tmp)
+        (tmp / "prunekit_shrink.json").write_text(json.dumps(record, indent=1, default=str))
+    console.print(f"saved the shrunk model to {args.out} (plain from_pretrained loads it)")
+
+
+HANDLERS = {
+    "prune": _prune,
+    "eval": _eval,
+    "build-lm": _build_lm,
+    "distill": cli_distill.run,
+    "shrink": _shrink,
+}
 
 
 def run(args: argparse.Namespace, console: Console) -> None:
