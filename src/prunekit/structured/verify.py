@@ -1,0 +1,227 @@
+"""The checks around :func:`prunekit.shrink`: finite weights before, equal outputs after.
+
+Before anything changes, every parameter and buffer must be finite (a NaN or inf makes
+every score and every output comparison meaningless).
+
+After removal, the shrunk model's outputs are compared with the *group-masked* model's
+(the removed groups zeroed, nothing removed), on the example inputs. Both quantities are
+measured relative to the output's scale ``s = max(|y_masked|, |y_dense|)``, so an output
+of scale 1e-3 is held to the same standard as one of scale 10:
+
+=============  ====================================================================
+deviation      ``max |y_shrunk - y_masked| / s``; the check fails above
+               ``max(1e-4, 20 * eps(dtype))``
+sensitivity    ``max |y_dense - y_masked| / s``: how much zeroing the removed groups
+               moves the outputs on these inputs
+=============  ====================================================================
+
+A check is only as strong as its sensitivity: if zeroing the removed groups barely moves
+the outputs (sensitivity < 1e-3, e.g. a model whose outputs do not depend on those
+channels at the example inputs), a wrong channel kept or removed could go unseen. Then
+random inputs are drawn at a larger scale (floating inputs ``N(0, max(1, 10 std(x))^2)``,
+integer inputs uniform over the values seen) and every input set drawn is checked
+too. If none reaches 1e-3 the report says the check was weak,
+with the sensitivity it reached, instead of passing silently.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_map
+
+from prunekit.errors import InvalidWeightError, ShrinkVerificationError
+from prunekit.inputs import Inputs, call_eval
+from prunekit.structured.graph import Group
+from prunekit.structured.state import output_tensors
+from prunekit.structured.surgery import size_attributes
+
+RTOL = 1e-4
+WEAK = 1e-3
+SCALES = (1.0, 10.0)  # random inputs at 1x and 10x the example inputs' scale
+
+
+def require_finite(model: nn.Module) -> None:
+    """Refuse a model holding NaN or inf in a parameter or buffer, naming the tensor."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    for name, t in tensors:
+        if not t.is_floating_point() or t.is_meta or bool(torch.isfinite(t).all()):
+            continue
+        values = sorted({str(v) for v in t[~torch.isfinite(t)].tolist()})
+        layer = name.rpartition(".")[0] or "<model>"
+        raise InvalidWeightError(
+            f"layer {layer!r} holds {int((~torch.isfinite(t)).sum())} non-finite value(s) "
+            f"({', '.join(values)}) in {name!r}; channel scores and the output check would be "
+            "meaningless. Fix: repair the weights (check the training run) before shrinking."
+        )
+
+
+def outputs(model: nn.Module, inputs: Inputs) -> list[Tensor]:
+    """The floating-point output tensors of ``model`` on ``inputs`` (eval mode, no grad)."""
+    with torch.no_grad():
+        found = output_tensors(call_eval(model, inputs))
+    return [t for t in found if t.is_floating_point()]
+
+
+def _relative(a: Sequence[Tensor], b: Sequence[Tensor], scale: Sequence[float]) -> float:
+    return max(
+        ((x.double() - y.double()).abs().max().item() / s if x.numel() else 0.0)
+        for x, y, s in zip(a, b, scale, strict=True)
+    )
+
+
+@dataclass
+class Probe:
+    """One input set of the check: the group-masked outputs expected there."""
+
+    inputs: Inputs
+    expected: list[Tensor]
+    scale: list[float]
+    sensitivity: float
+    what: str
+
+
+def _probe(dense: nn.Module, masked: nn.Module, inputs: Inputs, what: str) -> Probe:
+    ref, expected = outputs(dense, inputs), outputs(masked, inputs)
+    same = [r.shape for r in ref] == [e.shape for e in expected]
+    if not same:
+        return Probe(inputs, expected, [1.0] * len(expected), 0.0, what)
+    scale = [
+        max(r.abs().max().item() if r.numel() else 0.0, e.abs().max().item() if e.numel() else 0.0,
+            torch.finfo(torch.float32).tiny)
+        for r, e in zip(ref, expected, strict=True)
+    ]  # fmt: skip
+    sens = _relative(ref, expected, scale) if expected else 0.0
+    return Probe(inputs, expected, scale, sens, what)
+
+
+def _random_like(inputs: Inputs, factor: float, gen: torch.Generator) -> Inputs:
+    def draw(x: Any) -> Any:
+        if not isinstance(x, Tensor) or x.numel() == 0 or x.dtype == torch.bool:
+            return x
+        if x.is_floating_point():
+            std = max(1.0, factor * float(x.double().std())) if x.numel() > 1 else factor
+            return (torch.randn(x.shape, generator=gen) * std).to(x.dtype).to(x.device)
+        low, high = int(x.min()), int(x.max()) + 1
+        return torch.randint(low, high, x.shape, generator=gen).to(x.dtype).to(x.device)
+
+    return tree_map(draw, inputs)
+
+
+def probes(dense: nn.Module, masked: nn.Module, inputs: Inputs, seed: int = 0) -> list[Probe]:
+    """The input sets to check the shrunk model on: the example inputs, and while the
+    check is weak (sensitivity < :data:`WEAK`), random inputs at a larger scale (each
+    one drawn is checked too)."""
+    found = [_probe(dense, masked, inputs, "the example inputs")]
+    gen = torch.Generator().manual_seed(seed)
+    for factor in SCALES:
+        if max(p.sensitivity for p in found) >= WEAK:
+            break
+        drawn = _random_like(inputs, factor, gen)
+        try:
+            found.append(_probe(dense, masked, drawn, f"random inputs at {factor:g}x scale"))
+        except Exception:  # inputs the model cannot take: keep the probes found
+            continue
+    return found
+
+
+def refilled(masked: nn.Module, groups: Sequence[Group], seed: int = 0) -> nn.Module:
+    """A copy of ``masked`` whose ``groups`` hold random values (``N(0, std^2)`` of each
+    tensor): the sensitivity reference when the removed groups were zero already
+    (``ratio=None``), where the dense model equals the group-masked one."""
+    filled = copy.deepcopy(masked)
+    params = dict(filled.named_parameters(remove_duplicate=False))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for member in (m for g in groups for m in g.members if m.name in params):
+            p = params[member.name]
+            std = float(p.double().std()) if p.numel() > 1 else 1.0
+            shape = list(p.shape)
+            shape[member.dim] = member.index.numel()
+            noise = torch.randn(shape, generator=gen, dtype=p.dtype) * (std or 1.0)
+            p.index_copy_(member.dim, member.index.to(p.device), noise.to(p.device))
+    return filled
+
+
+def tolerance(outs: Sequence[Tensor]) -> float:
+    """``max(1e-4, 20 eps)`` of the widest-error dtype among ``outs``."""
+    eps = max((torch.finfo(t.dtype).eps for t in outs), default=0.0)
+    return max(RTOL, 20 * eps)
+
+
+@dataclass(frozen=True)
+class Check:
+    """What the check measured: the worst relative deviation and the best sensitivity."""
+
+    deviation: float
+    sensitivity: float
+    note: str
+
+
+def check(model: nn.Module, found: Sequence[Probe]) -> Check:
+    """Compare ``model`` (shrunk) with every probe; raise ShrinkVerificationError on a
+    mismatch (the caller undoes the removal)."""
+    deviation, problem = 0.0, ""
+    for probe in found:
+        try:
+            actual = outputs(model, probe.inputs)
+        except Exception as exc:  # any failure of the shrunk model is reported
+            problem = f"the shrunk model does not run ({type(exc).__name__}: {exc})"
+            break
+        shapes = [tuple(t.shape) for t in actual] != [tuple(t.shape) for t in probe.expected]
+        if shapes:
+            problem = "its outputs have other shapes or count than the group-masked model's"
+            break
+        dev = _relative(actual, probe.expected, probe.scale) if actual else 0.0
+        deviation = max(deviation, dev)
+        if not dev <= tolerance(actual):
+            problem = (
+                f"on {probe.what} its outputs differ from the group-masked model's by {dev:.3g} "
+                f"of their scale {max(probe.scale):.3g} (tolerance {tolerance(actual):.3g})"
+            )
+            break
+    if problem:
+        raise ShrinkVerificationError(problem)
+    return Check(deviation, max(p.sensitivity for p in found), _weak_note(found))
+
+
+def _weak_note(found: Sequence[Probe]) -> str:
+    best = max(p.sensitivity for p in found)
+    if best >= WEAK:
+        return ""
+    tried = ", ".join(p.what for p in found)
+    return (
+        f"verify was weak: zeroing the removed groups moves the outputs by at most {best:.2g} "
+        f"of their scale ({tried}; < {WEAK:g}), so a wrong channel could go unseen. Fix: pass "
+        "example inputs on which the removed channels matter (real data), or check accuracy."
+    )
+
+
+Snapshot = tuple[list[tuple[nn.Module, dict, dict, dict]], dict[str, Any]]
+
+
+def snapshot(model: nn.Module) -> Snapshot:
+    """References to every module's tensors and size attributes (removal never mutates a
+    tensor in place, so keeping the old references is enough to undo it)."""
+    modules = [
+        (m, dict(m._parameters), dict(m._buffers), size_attributes(m)) for m in model.modules()
+    ]
+    config = getattr(model, "config", None)
+    return modules, dict(vars(config)) if hasattr(config, "__dict__") else {}
+
+
+def restore(model: nn.Module, saved: Snapshot) -> None:
+    """Undo a removal: put back every tensor, size attribute and config value saved."""
+    modules, config = saved
+    for m, parameters, buffers, attrs in modules:
+        m._parameters.update(parameters)
+        m._buffers.update(buffers)
+        for attr, value in attrs.items():
+            setattr(m, attr, value)
+    if config:
+        vars(model.config).update(config)
