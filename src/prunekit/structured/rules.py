@@ -17,7 +17,11 @@ Families (each rule reads input labels and labels the output, see
   embedding) couple the input's channels to the parameter's input dimension and label the
   output with the parameter's output atoms;
 - **attention and matmul** (:mod:`~prunekit.structured.rules_attention`) between
-  activations unite contracted and batch dimensions.
+  activations unite contracted and batch dimensions;
+- **einsum, sorting, gathering, padding, in-place fills**
+  (:mod:`~prunekit.structured.rules_index`): einsum letters are shared axes; sorting and
+  gathering off the channel dimension keep the channels; padding passes channels unless
+  it pads their dimension; ``zero_`` / ``fill_`` keep the labels.
 
 Importing this module registers them (:mod:`~prunekit.structured.registry`); the tracer
 imports it.
@@ -30,6 +34,16 @@ from torch import nn
 from prunekit.structured.registry import keep_whole, register_module_rule, register_rule
 from prunekit.structured.rules_attention import attention, matmul
 from prunekit.structured.rules_elementwise import ELEMENTWISE_OPS, elementwise
+from prunekit.structured.rules_index import (
+    FILL_OPS,
+    GATHER_OPS,
+    SORT_OPS,
+    einsum,
+    gather,
+    keep_labels,
+    pad,
+    sort_along,
+)
 from prunekit.structured.rules_layers import (
     batch_norm,
     conv,
@@ -61,6 +75,9 @@ def _register_builtins() -> None:
         (POOL_OPS, per_channel),
         (BLOCKING_OPS, block_all),
         (METADATA_OPS, lambda *_: None),
+        (SORT_OPS, sort_along),
+        (GATHER_OPS, gather),
+        (FILL_OPS, keep_labels),
     ):
         for name in names:
             register_rule(name, rule)
@@ -78,6 +95,8 @@ def _register_builtins() -> None:
         ("group_norm", group_norm),
         ("embedding", embedding),
         ("prelu", prelu),
+        ("einsum", einsum),
+        ("pad", pad),
         ("scaled_dot_product_attention", attention),
         ("matmul", matmul),
         ("__matmul__", matmul),

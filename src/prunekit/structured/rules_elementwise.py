@@ -125,4 +125,11 @@ ELEMENTWISE_OPS = [
     "sign",
     "lerp",
     "addcmul",
+    "addcdiv",
+    "copy_",
 ]
+# the in-place form of every named operation (``exp_``, ``lerp_``...): the same rule
+ELEMENTWISE_OPS += [
+    f"{name}_" for name in ELEMENTWISE_OPS
+    if not name.startswith("_") and not name.endswith("_") and f"{name}_" not in ELEMENTWISE_OPS
+]  # fmt: skip

@@ -27,8 +27,18 @@ def consume(tr: TraceState, x: Tensor, dim: int, atoms: Tensor) -> None:
 
 
 def _bias(tr: TraceState, bias: Any, out_atoms: Tensor) -> None:
+    """The bias goes with the output channels: a parameter, or a computed bias carrying
+    channels (Swin V2's ``qkv.bias.clone()`` with its key third zeroed). A computed bias
+    of fixed size keeps every output channel."""
     if tr.is_param(bias):
         tr.atoms.unite(tr.param_atoms(bias, 0), out_atoms)
+    elif isinstance(bias, Tensor) and bias.numel() > 1:
+        label = tr.label(bias)
+        if label is not None and label.dim == bias.dim() - 1:
+            tr.atoms.unite(label.ids, out_atoms)
+        else:
+            tr.block_inputs(bias)
+            tr.atoms.block(out_atoms)
 
 
 def linear(

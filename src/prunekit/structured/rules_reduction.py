@@ -1,8 +1,8 @@
 """Reduction and pooling rules.
 
 Reductions over the channel dimension (mean, softmax, norms) mix channels, so they block
-them; over other dimensions channels pass through. Pooling, padding and resizing work per
-channel on the spatial dimensions.
+them; over other dimensions channels pass through. Pooling and resizing work per channel
+on the spatial dimensions (padding: :mod:`~prunekit.structured.rules_index`).
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ REDUCTION_OPS = [
 def per_channel(
     tr: TraceState, func: Callable[..., Any], args: tuple, kwargs: dict, out: Any
 ) -> None:
-    """Pooling, padding, resizing: spatial work per channel, channels on dim 0 or 1 pass."""
+    """Pooling, resizing: spatial work per channel, channels on dim 0 or 1 pass."""
     label = tr.label(args[0])
     if label is None:
         return
@@ -104,6 +104,5 @@ POOL_OPS = [
     "max_pool2d_with_indices",
     "interpolate",
     "upsample",
-    "pad",
     "lp_pool2d",
 ]

@@ -12,12 +12,18 @@ that. An operation without a rule that touches a labelled tensor stops the trace
 tensors (masks, positions, shapes) need no rule.
 
 Modules can be traced as a whole by a *module rule* (``register_module_rule``): the
-mode is suspended inside them and the rule sees the module, its inputs and its output.
-RNNs and ``nn.MultiheadAttention`` are kept whole this way by default.
+mode is suspended inside them and the rule sees the module, its inputs (keyword
+arguments bound to their positions) and its output. RNNs are kept whole this way.
+
+The pass runs in eval mode. If a module holding parameters did not run there (an
+auxiliary head that only runs in training, as in GoogLeNet / Inception-v3), a second
+pass runs in train mode and adds its couplings, so those branches are resized too; the
+buffers it updates (BatchNorm statistics) are put back afterwards.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,7 +34,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from prunekit.errors import CouplingError, UntraceableError
-from prunekit.inputs import Inputs, call, eval_mode
+from prunekit.inputs import Inputs, call, set_mode
 from prunekit.structured import rules as _builtin_rules  # noqa: F401  (registers them)
 from prunekit.structured.labels import Atoms
 from prunekit.structured.registry import ModuleRule, func_name, function_rule, module_rule
@@ -57,6 +63,7 @@ class Tracer(TorchFunctionMode):
         self.model = model
         self.state = TraceState(model)
         self.suspended = 0  # > 0 inside a module traced whole by a module rule
+        self.ran: set[str] = set()  # names of the modules that ran
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
@@ -87,7 +94,7 @@ class Tracer(TorchFunctionMode):
         for name, module in self.model.named_modules():
             rule = module_rule(module)
             handles.append(module.register_forward_pre_hook(self._enter(name, rule)))
-            handles.append(module.register_forward_hook(self._leave(rule)))
+            handles.append(module.register_forward_hook(self._leave(rule), with_kwargs=True))
         try:
             yield
         finally:
@@ -97,31 +104,66 @@ class Tracer(TorchFunctionMode):
     def _enter(self, name: str, rule: ModuleRule | None) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple) -> None:
             self.state.stack.append(name)
+            self.ran.add(name)
             if rule is not None:
                 self.suspended += 1
 
         return hook
 
     def _leave(self, rule: ModuleRule | None) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple, out: Any) -> None:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
             if rule is not None:
                 self.suspended -= 1
                 if not self.suspended:
-                    rule(self.state, module, args, out)
+                    rule(self.state, module, _positional(module, args, kwargs), out)
             self.state.stack.pop()
 
         return hook
 
 
+def _positional(module: nn.Module, args: tuple, kwargs: dict) -> tuple:
+    """``args`` with ``kwargs`` bound to their positions (defaults fill the gaps)."""
+    if not kwargs:
+        return args
+    try:
+        bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    except TypeError:
+        return (*args, *kwargs.values())
+    bound.apply_defaults()
+    return (*bound.args, *bound.kwargs.values())
+
+
+@contextmanager
+def _buffers_kept(model: nn.Module) -> Iterator[None]:
+    """Put every buffer's values back afterwards (a train-mode pass updates BatchNorm's)."""
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, value in saved:
+                b.copy_(value)
+
+
+def _pass(tracer: Tracer, model: nn.Module, inputs: Inputs, training: bool) -> None:
+    with set_mode(model, training), torch.no_grad(), tracer.hooks(), tracer:
+        out = call(model, inputs)
+    tracer.state.block_inputs(*output_tensors(out))
+
+
 def trace(model: nn.Module, inputs: Inputs) -> Trace:
-    """Run ``model`` once on ``inputs`` (eval mode, no grad) and return the coupling it showed.
+    """Run ``model`` on ``inputs`` (eval mode, no grad; then train mode if some module
+    holding parameters did not run) and return the coupling it showed.
 
     Every channel that reaches a model output is blocked: outputs keep their shape.
     """
     tracer = Tracer(model)
-    with eval_mode(model), torch.no_grad(), tracer.hooks(), tracer:
-        out = call(model, inputs)
+    _pass(tracer, model, inputs, training=False)
+    idle = [n for n, m in model.named_modules()
+            if n not in tracer.ran and any(True for _ in m.parameters(recurse=False))]  # fmt: skip
+    if idle:  # dropout draws from the global generator: fork it
+        with _buffers_kept(model), torch.random.fork_rng(devices=[]):
+            _pass(tracer, model, inputs, training=True)
     state = tracer.state
-    state.block_inputs(*output_tensors(out))
     aliases = {names[0]: names for names in state.names.values()}
     return Trace(state.atoms, state.members, aliases, state.heads, state.producers)
