@@ -17,8 +17,15 @@ from rich.console import Console
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import prunekit as pk
-from prunekit import cli_llm
-from prunekit.errors import CheckpointError, PruningError, UnknownChoiceError, UsageError
+from prunekit import cli_llm, recipes
+from prunekit.errors import (
+    CheckpointError,
+    PruningError,
+    RecipeError,
+    UnknownChoiceError,
+    UsageError,
+)
+from prunekit.recipes import distill as recipe_distill
 from prunekit.training.distill import (
     Distillation,
     DistillStep,
@@ -253,3 +260,55 @@ def test_cli_distill_bad_options_write_nothing(char_models, tmp_path, extra, err
     with pytest.raises(error, match=re.escape(words)):
         run_llm([*argv, *extra])
     assert not out.exists()
+
+
+RECIPE = """name: kd
+kind: llm
+model: char-llama
+llm: {method: wanda, sparsity: 0.5, samples: 4, seq_len: 32}
+distill:
+  steps: 3
+  lr: 0.01
+  batch_size: 2
+"""
+
+
+def test_recipe_distill_section_is_checked_at_its_line() -> None:
+    recipe = recipes.loads(RECIPE, "kd.yaml")
+    assert recipe_distill.settings(recipe) == Distillation(steps=3, lr=0.01)
+    assert recipe_distill.settings(recipes.loads(RECIPE.split("distill:")[0])) is None
+    cases = [
+        ("  lr: 0.01", "  lr: -1", "kd.yaml:7: distill.lr = -1 must be > 0"),
+        ("  steps: 3", "  steps: 0", "kd.yaml:6: distill.steps = 0 is not an int >= 1"),
+        ("  lr: 0.01", "  alpha: 2", "kd.yaml:7: distill.alpha = 2 must be <= 1"),
+        ("  lr: 0.01", "  temprature: 2", "kd.yaml:7: unknown key 'distill.temprature'; "
+                                           "Fix: did you mean 'temperature'?"),
+        ("  lr: 0.01", "  every: 2", "kd.yaml:7: unknown key 'distill.every'"),
+        ("  batch_size: 2", "  batch_size: 0", "kd.yaml:8: distill.batch_size = 0 must be >= 1"),
+    ]  # fmt: skip
+    for old, new, message in cases:
+        with pytest.raises(RecipeError) as info:
+            recipes.loads(RECIPE.replace(old, new), "kd.yaml")
+        assert str(info.value).startswith(message), str(info.value)
+
+
+def test_recipe_distill_section_needs_kind_llm() -> None:
+    text = "name: p\nmodel: lenet5\ndata: {dataset: digits}\nprune: {sparsity: 0.5}\ndistill: {}\n"
+    with pytest.raises(RecipeError, match=r"p.yaml:5: distill = \{\} does not apply to kind"):
+        recipes.loads(text, "p.yaml")
+
+
+@pytest.mark.slow  # trains the --quick char Llama, then prunes and distils it
+def test_recipe_prunes_then_distills_keeping_the_zeros(tmp_path) -> None:
+    console = Console(file=StringIO(), width=160)
+    recipe = recipes.loads(RECIPE + "export: {formats: [safetensors]}\n")
+    folder = recipes.run(recipe, out_dir=tmp_path, quick=True, console=console)
+    results = json.loads((folder / "results.json").read_text())
+    section = next(s for s in results["sections"] if s["heading"] == "Perplexity")
+    assert [row["model"] for row in section["rows"]][2].endswith("+ distilled")
+    assert all(row["perplexity"] > 1 for row in section["rows"])
+    assert "Distilled from the dense model on 3 batches of 2 x 32" in section["text"]
+    model = LlamaForCausalLM.from_pretrained(folder / "model")  # masks baked after distilling
+    for layer in model.model.layers:
+        for linear in (layer.self_attn.q_proj, layer.mlp.down_proj):
+            assert (linear.weight == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)

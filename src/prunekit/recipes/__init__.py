@@ -26,9 +26,11 @@ Each timing method takes only the keys of its own settings class
 chosen method would ignore is an error naming the method's type and the keys it takes.
 ``kind: llm`` prunes a causal LM instead (sections ``model`` and ``llm``: ``method``
 wanda | sparsegpt | magnitude, ``sparsity`` 0.5 or '2:4', ``allocation`` uniform | owl,
-``samples``, ``seq_len``). The recipe is checked completely before anything is built or
-trained (:mod:`prunekit.recipes.validate`); every error names ``file:line``, the key, the
-value and the fix. ``--quick`` trains at most one epoch on 256 images (CI).
+``samples``, ``seq_len``); a ``distill:`` section then recovers the pruned model by
+distillation from the dense one (:mod:`prunekit.recipes.distill`). The recipe is checked
+completely before anything is built or trained (:mod:`prunekit.recipes.validate`); every
+error names ``file:line``, the key, the value and the fix. ``--quick`` trains at most one
+epoch on 256 images (CI).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ __all__ = ["Recipe", "load", "loads", "run", "run_file"]
 def _settings_rows(recipe: Recipe) -> list[dict[str, object]]:
     rows: list[dict[str, object]] = []
     skip = ("llm",) if recipe["kind"] == "prune" else PRUNE_SECTIONS
+    skip += () if recipe.source.data.get("distill") is not None else ("distill",)
     for section, value in recipe.settings.items():
         if section in skip:
             continue

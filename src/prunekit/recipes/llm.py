@@ -1,6 +1,8 @@
 """Run a checked ``kind: llm`` recipe: :func:`prunekit.llm.prune` (Wanda, SparseGPT,
 magnitude; uniform or OWL) on a causal LM, with held-out perplexity before and after.
 
+With a ``distill:`` section the pruned model (masks kept) is then distilled from the dense
+one (:mod:`prunekit.recipes.distill`) and its perplexity reported too.
 ``model: char-llama`` is the character-level Llama of :mod:`prunekit.zoo.lm` (cached by
 ``prunekit llm build-lm``); with ``--quick`` a tiny one (2 layers, 64 wide, 30 steps) is
 trained on the spot instead, so CI needs no cache. Any ``save_pretrained``
@@ -11,6 +13,7 @@ on it (no copy: the model is the largest thing in memory).
 
 from __future__ import annotations
 
+import copy
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -28,6 +31,7 @@ from prunekit.llm.blocks import block_layers, find_blocks
 from prunekit.llm.calibration import calibration_batches
 from prunekit.llm.evaluate import perplexity
 from prunekit.llm.methods import parse_method, parse_target
+from prunekit.recipes import distill
 from prunekit.recipes.validate import Recipe
 from prunekit.zoo import lm
 
@@ -103,19 +107,28 @@ def run(recipe: Recipe, quick: bool, console: Console, folder: Path) -> list[Sec
     held_out = held_out[:QUICK_EVAL_TOKENS] if quick else held_out
     check(recipe, loaded.model, calibration)
     dense = perplexity(loaded.model, held_out, seq_len=seq_len)
+    kd = distill.settings(recipe)
+    teacher = copy.deepcopy(loaded.model) if kd is not None else None  # the dense teacher
     options = dict(method=s["method"], sparsity=s["sparsity"], allocation=s["allocation"])
-    report = pk.llm.prune(loaded.model, calibration, **options)
+    report = pk.llm.prune(loaded.model, calibration, keep_masks=kd is not None, **options)
     console.print(report)
     pruned = perplexity(loaded.model, held_out, seq_len=seq_len)
+    rows = [
+        {"model": "dense", "perplexity": dense},
+        {"model": report.summary(), "perplexity": pruned},
+    ]
+    protocol = ""
+    if kd is not None and teacher is not None:
+        args = (loaded.model, teacher, loaded.encode, seq_len, quick, console.print)
+        protocol = " " + distill.recover(recipe, kd, *args) + "."
+        after = perplexity(loaded.model, held_out, seq_len=seq_len)
+        rows.append({"model": f"{report.summary()} + distilled", "perplexity": after})
     sections = [
         Section(
             "Perplexity",
             f"{models.calibration_protocol(samples, seq_len, recipe['seed'])}; perplexity on "
-            f"{len(held_out):,} held-out tokens in windows of {seq_len}.",
-            [
-                {"model": "dense", "perplexity": dense},
-                {"model": report.summary(), "perplexity": pruned},
-            ],
+            f"{len(held_out):,} held-out tokens in windows of {seq_len}.{protocol}",
+            rows,
         ),
         Section(
             "Layers",

@@ -4,7 +4,7 @@ The sections a timing method reads (``train``, ``prune``, ``schedule``, ``timing
 ``finetune``) are derived from the methods' settings and :class:`~prunekit.PruneSpec`
 (:mod:`prunekit.recipes.methods`): their keys, YAML types and defaults come from those
 classes, and the chosen method's own constraints check their values. The recipe's own
-sections (``model``, ``data``, ``materialize``, ``export``, ``llm``) are declared here,
+sections (``model``, ``data``, ``materialize``, ``export``, ``llm``, ``distill``) are declared here,
 their choices taken from where they live (datasets, export and LLM methods).
 :func:`check` returns the recipe as ``{section: {key: value}}`` with every default filled
 in; every error names ``file:line``, the key, the value and the fix
@@ -19,6 +19,7 @@ from prunekit.errors import RecipeError
 from prunekit.export import FORMATS, SPARSE
 from prunekit.llm.methods import methods as llm_methods
 from prunekit.llm.oneshot import ALLOCATIONS as LLM_ALLOCATIONS
+from prunekit.recipes import distill
 from prunekit.recipes.fields import REQUIRED, Field, error, unknown, value
 from prunekit.recipes.methods import sections
 from prunekit.recipes.source import Source
@@ -69,6 +70,7 @@ SCHEMA: dict[str, dict[str, Field] | Field] = {
         "samples": Field((int,), 32, low=1),
         "seq_len": Field((int,), 128, low=2),
     },
+    "distill": distill.FIELDS,
 }
 
 

@@ -19,7 +19,7 @@ from prunekit import export, granularity
 from prunekit.errors import PruningError, RecipeError
 from prunekit.granularity import NM, Block, Granularity
 from prunekit.llm.methods import parse_target
-from prunekit.recipes import methods, schema
+from prunekit.recipes import distill, methods, schema
 from prunekit.recipes.fields import error
 from prunekit.recipes.methods import PATHS
 from prunekit.recipes.source import Path_, Source, parse
@@ -136,7 +136,7 @@ def _check_outputs(r: Recipe) -> None:
 
 def _check_sections(r: Recipe) -> None:
     given = r.source.data
-    unused = ("llm",) if r["kind"] == "prune" else PRUNE_SECTIONS
+    unused = ("llm", "distill") if r["kind"] == "prune" else PRUNE_SECTIONS
     for section in unused:
         if section in given:
             raise r.fail(
@@ -149,6 +149,7 @@ def _check_sections(r: Recipe) -> None:
 
 def _check_llm(r: Recipe) -> None:
     target = _resolve(r, ("llm", "sparsity"), parse_target)
+    distill.settings(r)
     for key in ("kwargs", "checkpoint"):
         if r["model"][key]:
             raise r.fail(
