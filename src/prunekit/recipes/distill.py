@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -28,8 +28,7 @@ from prunekit.recipes.fields import Field, constrained, yaml_types
 from prunekit.training.distill import Distillation, distill
 from prunekit.zoo import lm
 
-if TYPE_CHECKING:
-    from prunekit.recipes.validate import Recipe
+Recipe = Any  # a checked prunekit.recipes.validate.Recipe (schema imports this module)
 
 SECTION = "distill"
 SKIPPED = ("every",)  # checkpointing belongs to a resumable run, not to a recipe's report
