@@ -361,7 +361,8 @@ def shrink(
         _record(result, keep, kept_blocks)
     else:
         keep = None
-    drop_layers(model, drop)
+    if drop:
+        drop_layers(model, drop)
     if keep is not None:
         slice_widths(describe(model), keep)
     result.params_after = param_count(model)
