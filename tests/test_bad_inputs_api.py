@@ -13,6 +13,7 @@ import pytest
 import torch
 from hypothesis import example, given
 from test_bad_inputs import (
+    BATCHES,
     CANON,
     DATA,
     EXAMPLES,
@@ -24,6 +25,8 @@ from test_bad_inputs import (
     always,
     bounded,
     cnn,
+    is_int,
+    is_real,
     mlp,
     never,
     not_count,
@@ -34,6 +37,7 @@ from test_bad_inputs import (
     not_spec,
     pruned,
     refuses_cleanly,
+    short,
     shrunk_dir,
     sparse_file,
     tame,
@@ -44,6 +48,7 @@ from torch import nn
 import prunekit as pk
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+LABELS = torch.tensor([0, 1])  # classes of IMAGES for cnn's logits
 
 
 # -- the Python entry points -------------------------------------------------------------
@@ -129,12 +134,14 @@ def iterative_arg(
     return Case(mlp, call, bad, keep=keep)
 
 
+LOTTERY = {"data": DATA, "rounds": 1, "epochs": 1, "batch_size": 16, "control": False}
+
+
 def lottery_arg(
     arg: str, bad: Callable[[Any], bool] = never, keep: Callable[[Any], bool] = always
 ) -> Case:
     def call(model: nn.Module, value: Any) -> object:
-        kwargs = {"data": DATA, "rounds": 1, "epochs": 1, "batch_size": 16, "control": False}
-        return pk.training.lottery(model, **{**kwargs, arg: value})
+        return pk.training.lottery(model, **{**LOTTERY, arg: value})
 
     return Case(mlp, call, bad, keep=keep)
 
@@ -145,6 +152,10 @@ def profile_arg(arg: str, bad: Callable[[Any], bool] = never) -> Case:
         return pk.analysis.profile(model, **kwargs)
 
     return Case(cnn, call, bad)
+
+
+def not_rate(value: Any) -> bool:
+    return not is_real(value, 0.0, 1.0) or value == 0
 
 
 def not_blocksize(value: Any) -> bool:
@@ -165,6 +176,10 @@ CASES: dict[str, Case] = {
     "prune.exclude": prune_arg("exclude"),
     "prune.min_keep": prune_arg("min_keep", lambda v: not (type(v) is int and v >= 0)),
     "prune.seed": prune_arg("seed", not_seed),
+    "prune.data (taylor)": prune_arg("data", lambda v: v is not None, criterion="taylor"),
+    "prune.loss_fn (taylor)": prune_arg(
+        "loss_fn", lambda v: v is not None, criterion="taylor", data=BATCHES
+    ),
     "prune.spec": Case(mlp, lambda m, v: pk.prune(m, 0.5, spec=v), not_spec),
     "prune.<unknown keyword>": Case(
         mlp, lambda m, v: pk.prune(m, 0.5, colour=v), always, keys=("colour",)
@@ -188,6 +203,10 @@ CASES: dict[str, Case] = {
     "shrink.round_to": shrink_arg("round_to", lambda v: not (type(v) is int and v >= 1)),
     "shrink.ignore": shrink_arg("ignore"),
     "shrink.seed": shrink_arg("seed", not_seed),
+    "shrink.data (taylor)": shrink_arg("data", lambda v: v is not None, criterion="taylor"),
+    "shrink.loss_fn (taylor)": shrink_arg(
+        "loss_fn", lambda v: v is not None, criterion="taylor", data=[(IMAGES, LABELS)]
+    ),
     # masks
     "bake.model": Case(pruned, lambda m, v: pk.bake(v), not_module),
     "masks.remove.model": Case(pruned, lambda m, v: pk.masks.remove(v), not_module),
@@ -231,6 +250,19 @@ CASES: dict[str, Case] = {
     "iterative_pruning.evaluate": iterative_arg(
         "evaluate", lambda v: not callable(v) and v is not None
     ),
+    "iterative_pruning.rounds": iterative_arg("rounds", not_count, short),
+    "iterative_pruning.epochs": iterative_arg("epochs", lambda v: not is_int(v, 0), short),
+    "iterative_pruning.finetune_lr": iterative_arg("finetune_lr", not_real, tame),
+    "iterative_pruning.batch_size": iterative_arg("batch_size", not_count),
+    "iterative_pruning.seed": iterative_arg("seed", not_seed),
+    "lottery.model": Case(mlp, lambda m, v: pk.training.lottery(v, **LOTTERY), not_module),
+    "lottery.rounds": lottery_arg("rounds", not_count, short),
+    "lottery.epochs": lottery_arg("epochs", not_count, short),
+    "lottery.rate": lottery_arg("rate", not_rate),
+    "lottery.output_rate": lottery_arg("output_rate", lambda v: v is not None and not_rate(v)),
+    "lottery.val_fraction": lottery_arg("val_fraction", not_rate),
+    "lottery.batch_size": lottery_arg("batch_size", not_count),
+    "lottery.seed": lottery_arg("seed", not_seed),
     "lottery.data": lottery_arg("data", always),
     "lottery.rewind": lottery_arg("rewind"),
     "lottery.lr": lottery_arg("lr", not_real, tame),
@@ -241,6 +273,12 @@ CASES: dict[str, Case] = {
         cnn, lambda m, v: pk.analysis.profile(v, IMAGES, latency=False), not_module
     ),
     "profile.layers": profile_arg("layers"),
+    "profile.example_inputs": Case(
+        cnn, lambda m, v: pk.analysis.profile(m, v, latency=False), always
+    ),
+    "profile.min_run_time": profile_arg(
+        "min_run_time", lambda v: not is_real(v, 0.0, 3600.0, closed=True) or v == 0
+    ),
 }
 
 

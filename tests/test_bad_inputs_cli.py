@@ -7,6 +7,7 @@ through the CLI never get unpickled or run."""
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -198,3 +199,20 @@ def test_a_real_process_prints_one_line_and_exits_2() -> None:
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "nan" in lines[0], lines
+
+
+def test_a_raw_pickle_checkpoint_is_one_line_and_never_unpickled(tmp_path: Path) -> None:
+    marker = tmp_path / "unpickled"
+
+    class Plant:
+        def __reduce__(self) -> tuple:
+            return (os.mkdir, (str(marker),))
+
+    (tmp_path / "raw.pt").write_bytes(pickle.dumps({"w": Plant()}, protocol=4))
+    argv = ["profile", "--model", "lenet300", "--checkpoint", str(tmp_path / "raw.pt")]
+    done = subprocess.run(
+        [sys.executable, "-m", "prunekit", *argv], capture_output=True, text=True, timeout=120
+    )
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr  # no torch UserWarning
+    assert lines[0].startswith("error: ") and "raw.pt" in lines[0] and not marker.exists()

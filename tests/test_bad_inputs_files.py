@@ -249,9 +249,6 @@ PATHS = {
     "/dev/zero": lambda tmp: Path("/dev/zero"),
     "a folder": lambda tmp: tmp,
 }
-OPEN = frozenset({("checkpoint resume", "a file"), ("checkpoint resume", "/dev/zero")})
-"""(loader, path) pairs with an open defect (listed in docs/RELIABILITY.md, "Open
-cases"), left out of the suite until their fix lands."""
 
 
 def not_the_file(name: str, path: str, tmp: Path) -> None:
@@ -259,8 +256,6 @@ def not_the_file(name: str, path: str, tmp: Path) -> None:
     attempt(name, PATHS[path](tmp))
 
 
-@pytest.mark.parametrize(
-    ("name", "path"), [(n, p) for n in LOADERS for p in PATHS if (n, p) not in OPEN]
-)
+@pytest.mark.parametrize(("name", "path"), [(n, p) for n in LOADERS for p in PATHS])
 def test_paths_that_are_not_the_file_are_refused(name: str, path: str, tmp_path: Path) -> None:
     not_the_file(name, path, tmp_path)

@@ -309,8 +309,6 @@ def run(name: str, op: str, tmp: Path) -> None:
 OPEN = frozenset(
     {
         ("inf", "shrink"),
-        ("meta", "profile"),
-        ("meta", "save_shrunk"),
     }
 )
 """Pairs with an open defect (docs/RELIABILITY.md, "Open cases"), left out until their

@@ -96,3 +96,44 @@ def test_method_settings_refuse_nan() -> None:
 
     with pytest.raises(pk.PruningError, match="NaN"):
         between(0.0, 1.0).check(float("nan"))
+
+
+def my_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    raise ZeroDivisionError("my loss bug")
+
+
+@pytest.mark.parametrize("engine", ["prune", "shrink"])
+def test_a_raising_loss_fn_is_named(engine: str) -> None:
+    model = _mlp()
+    data = [(torch.randn(4, 8), torch.randint(0, 4, (4,)))]
+    before = snapshot(model)
+    with pytest.raises(UserCallbackError, match="loss_fn 'my_loss' raised ZeroDivisionError"):
+        if engine == "prune":
+            pk.prune(model, 0.5, criterion="taylor", data=data, loss_fn=my_loss)
+        else:
+            pk.shrink(model, data[0][0], 0.5, criterion="taylor", data=data, loss_fn=my_loss)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("data", ["abc", b"\x00", [None], [(None, None)], [("ab", "cd")]])
+@pytest.mark.parametrize("engine", ["prune", "shrink"])
+def test_calibration_batches_no_model_takes_are_refused(engine: str, data: object) -> None:
+    model = _mlp()
+    before = snapshot(model)
+    with pytest.raises(pk.PruningError, match="data"):
+        if engine == "prune":
+            pk.prune(model, 0.5, criterion="taylor", data=data)
+        else:
+            pk.shrink(model, torch.randn(2, 8), 0.5, criterion="taylor", data=data)
+    assert_unchanged(model, before)
+
+
+def test_a_raising_model_factory_is_named() -> None:
+    def factory() -> nn.Module:
+        raise OSError("no weights here")
+
+    data = [(torch.randn(8, 8), torch.randint(0, 4, (8,))) for _ in range(2)]
+    with pytest.raises(UserCallbackError, match=r"model factory .*factory raised OSError") as info:
+        pk.training.lottery(factory, data, rounds=1, epochs=1, evaluate=lambda m: 0.0,
+                            validate=lambda m: 0.0, control=False)  # fmt: skip
+    assert isinstance(info.value.__cause__, OSError)

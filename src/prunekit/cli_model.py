@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import warnings
 from collections.abc import Mapping
 from typing import Any, NoReturn
 
@@ -66,7 +67,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def load(args: argparse.Namespace) -> LoadedSpec:
     """The model named by the parsed model options."""
     kwargs = parse_kwargs(args.model_kwargs)
-    return model_spec.load_model(args.model, kwargs=kwargs, checkpoint=args.checkpoint)
+    with warnings.catch_warnings():  # a refused pickle is one error line, not torch's warning
+        warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
+        return model_spec.load_model(args.model, kwargs=kwargs, checkpoint=args.checkpoint)
 
 
 def example(

@@ -94,11 +94,13 @@ class Calibration:
     ) -> None:
         if isinstance(data, Calibration):
             data, targets, loss_fn = data.data, targets or data.targets, loss_fn or data.loss_fn
-        if isinstance(data, Tensor | Mapping) or not isinstance(data, Iterable):
+        if isinstance(data, Tensor | Mapping | str | bytes) or not isinstance(data, Iterable):
             raise MissingDataError(
                 f"data of type {type(data).__name__} is not an iterable of batches; Fix: pass "
                 "a list of batches, e.g. data=[(x, y)] or data=[x], or a DataLoader."
             )
+        if loss_fn is not None:  # the user's: what it raises is named as theirs
+            loss_fn = guarded(loss_fn, f"loss_fn {getattr(loss_fn, '__qualname__', loss_fn)!r}")
         self.data, self.targets, self.loss_fn = data, targets, loss_fn
 
     @classmethod
@@ -119,9 +121,17 @@ class Calibration:
                 f"a calibration batch of type {type(batch).__name__} has no targets; "
                 "Fix: give (inputs, targets) pairs."
             )
-        if pair and self.targets is not False:
-            return Batch(batch[0], batch[1])
-        return Batch(batch, None)
+        inputs, targets = (
+            (batch[0], batch[1]) if pair and self.targets is not False else (batch, None)
+        )
+        if not isinstance(inputs, Tensor | Mapping | tuple | list):
+            raise CalibrationError(
+                f"calibration data holds a batch whose inputs are {inputs!r:.60} "
+                f"({type(inputs).__name__}), which no model is called with; Fix: batches of "
+                "tensors (x or (x, y)), tuples of positional arguments, or mappings of keyword "
+                "arguments."
+            )
+        return Batch(inputs, targets)
 
     def __iter__(self) -> Iterator[Batch]:
         return (self.split(batch) for batch in self.data)
@@ -129,6 +139,23 @@ class Calibration:
     def inputs(self) -> Iterator[Inputs]:
         """The model inputs of every batch."""
         return (batch.inputs for batch in self)
+
+    def loss(self, outputs: Any, batch: Batch, scale: float = 1.0) -> Tensor:
+        """The loss of one batch's ``outputs`` (logits divided by ``scale`` first, when not
+        1: GraSP's temperature)."""
+        if scale != 1.0:
+            outputs = _logits(outputs) / scale
+        if self.loss_fn is not None:
+            return self.loss_fn(outputs, batch.targets)
+        if batch.targets is None:
+            loss = getattr(outputs, "loss", None)
+            if loss is None:
+                raise MissingDataError(
+                    "a gradient criterion needs a loss, but the batch has no targets and the "
+                    "model returned no .loss; Fix: pass data=[(inputs, targets), ...] or loss_fn."
+                )
+            return loss
+        return torch.nn.functional.cross_entropy(_logits(outputs), batch.targets)
 
     @classmethod
     def ragged(
@@ -237,23 +264,6 @@ def _token_rows(
     if not rows:
         raise CalibrationError("calibration sequences is empty; Fix: pass at least one.")
     return rows
-
-    def loss(self, outputs: Any, batch: Batch, scale: float = 1.0) -> Tensor:
-        """The loss of one batch's ``outputs`` (logits divided by ``scale`` first, when not
-        1: GraSP's temperature)."""
-        if scale != 1.0:
-            outputs = _logits(outputs) / scale
-        if self.loss_fn is not None:
-            return self.loss_fn(outputs, batch.targets)
-        if batch.targets is None:
-            loss = getattr(outputs, "loss", None)
-            if loss is None:
-                raise MissingDataError(
-                    "a gradient criterion needs a loss, but the batch has no targets and the "
-                    "model returned no .loss; Fix: pass data=[(inputs, targets), ...] or loss_fn."
-                )
-            return loss
-        return torch.nn.functional.cross_entropy(_logits(outputs), batch.targets)
 
 
 def _logits(outputs: Any) -> Tensor:

@@ -76,7 +76,7 @@ def between(
     open_high: bool = False,
     optional: bool = False,
 ) -> Constraint:
-    """A real number (not a bool, not NaN) within the bounds (``open_*`` excludes them;
+    """A finite real number (not a bool, not NaN) within the bounds (``open_*`` excludes them;
     ``optional`` lets ``None`` through); a failure reads ``must be < 1``."""
     parts = [f"{'>' if open_low else '>='} {low:g}"] if low is not None else []
     parts += [f"{'<' if open_high else '<='} {high:g}"] if high is not None else []
@@ -86,6 +86,8 @@ def between(
             return None
         if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
             raise PruningError("is not set" if value is None else "is not a number (or NaN)")
+        if math.isinf(value):
+            raise PruningError("is not a finite number")
         if low is not None and (value < low or (open_low and value == low)):
             raise PruningError(f"must be {parts[0]}")
         if high is not None and (value > high or (open_high and value == high)):

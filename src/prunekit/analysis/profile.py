@@ -40,7 +40,7 @@ from torch.utils import benchmark
 
 from prunekit.cost import count_macs as count_macs  # re-exported for callers of this module
 from prunekit.cost import csr_bytes, macs_per_module, nm_bytes
-from prunekit.errors import NoLayersError
+from prunekit.errors import InvalidInputsError, NoLayersError, PruningError, first_line
 from prunekit.inputs import Inputs, call, eval_mode
 from prunekit.layers import (
     Layer,
@@ -50,6 +50,7 @@ from prunekit.layers import (
     to_canonical,
     weight_param,
 )
+from prunekit.spec import between, checked
 from prunekit.tables import TableReport
 
 _NOTE = (
@@ -288,6 +289,25 @@ def _chosen(model: nn.Module, layers: Selector) -> list[Layer]:
         return []
 
 
+MIN_RUN_TIME = between(0.0, 3600.0, open_low=True)  # seconds: a call that ends
+
+
+def _counted(model: nn.Module, example_inputs: Inputs) -> tuple[dict[nn.Module, int], int]:
+    """:func:`~prunekit.cost.macs_per_module`; the model's own failure on the inputs is an
+    :class:`~prunekit.errors.InvalidInputsError` naming both."""
+    try:
+        return macs_per_module(model, example_inputs)
+    except PruningError:
+        raise
+    except Exception as err:  # the model's own forward on the user's inputs
+        raise InvalidInputsError(
+            f"{type(model).__name__} does not run on example_inputs {example_inputs!r:.80} "
+            f"of type {type(example_inputs).__name__} ({type(err).__name__}: "
+            f"{first_line(err)}); Fix: pass inputs its forward takes: "
+            "a tensor, a tuple of positional arguments or a dict of keyword arguments."
+        ) from err
+
+
 def profile(
     model: nn.Module,
     example_inputs: Inputs,
@@ -306,11 +326,14 @@ def profile(
 
     Raises:
         NoLayersError: when ``layers`` matches nothing prunable.
+        InvalidInputsError: the model does not run on ``example_inputs``.
+        InvalidWeightError: a tensor of the model is on the meta device.
     """
-    require_model(model)
+    require_model(model, real=True)
+    checked("profile", "min_run_time", min_run_time, MIN_RUN_TIME)
     chosen = _chosen(model, layers)
     with eval_mode(model):
-        per_module, total_macs = macs_per_module(model, example_inputs)
+        per_module, total_macs = _counted(model, example_inputs)
         latency_s = measure_latency(model, example_inputs, min_run_time) if latency else None
         with torch.no_grad():
             keyed = [(id(weight_param(ly.module)), _layer_profile(ly, per_module.get(ly.module, 0)))

@@ -83,8 +83,9 @@ def save_shrunk(model: nn.Module, directory: str | Path) -> bool:
     Raises:
         CheckpointError: ``directory`` holds files that are not a previous save (they
             would be replaced), is a file, or cannot be written; it is left as it was.
+        InvalidWeightError: a tensor of the model is on the meta device (nothing to save).
     """
-    require_model(model)
+    require_model(model, real=True)
     path = Path(directory)
     if path.is_dir() and any(path.iterdir()) and not (path / LAYOUT).is_file():
         raise CheckpointError(

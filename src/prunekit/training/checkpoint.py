@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import re
 from dataclasses import dataclass
@@ -183,8 +184,21 @@ def _corrupted(path: Path, what: str) -> CheckpointError:
     )
 
 
+def _check_dir(directory: Path) -> None:
+    """Refuse a ``checkpoint_dir`` no checkpoint can be written in (a file, a device, a
+    read-only folder) before the first round runs; nothing is created."""
+    existing = next(p for p in (directory, *directory.parents) if p.exists())
+    problem = "not a folder" if not existing.is_dir() else "not writable"
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise CheckpointError(
+            f"checkpoint_dir {str(directory)!r} cannot hold checkpoints: {str(existing)!r} is "
+            f"{problem}; Fix: pass a writable folder (created if missing)."
+        )
+
+
 def _read(path: Path) -> tuple[bytes, bytes] | None:
     """The bytes of ``state.json`` at ``path`` and of the tensor file it names, or None."""
+    _check_dir(path.parent)
     if not path.exists():
         return None
     try:

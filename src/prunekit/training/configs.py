@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 
 from prunekit.errors import PruningError
 from prunekit.granularity import NM
-from prunekit.spec import Constraint, PruneSpec, Settings, between, boolean, integer, one_of
+from prunekit.spec import SEED, Constraint, PruneSpec, Settings, between, boolean, integer, one_of
 
 
 def _rewind(value: Any) -> str | int:
@@ -41,13 +41,23 @@ def _rewind(value: Any) -> str | int:
     raise PruningError("is neither 'init' nor an optimizer step >= 0")
 
 
+MAX_COUNT = 10**6
+"""The most epochs, rounds or steps a setting takes: a bound a real run stays far below
+(a larger count would only run without end)."""
+COUNT = integer(1, MAX_COUNT)
+COUNT_OR_NONE = integer(0, MAX_COUNT)
+MAX_BATCH = 2**31 - 1
+LR = between(0.0, open_low=True)
+RATE = between(0.0, 1.0, open_low=True, open_high=True)
+RUN = {"batch_size": integer(1, MAX_BATCH), "seed": SEED}
+"""The run-level arguments of every pipeline: in-memory batches of ``batch_size``, ``seed``."""
 ELEMENT_WISE = {"granularity": "element", "scope": "local"}
 FILTERS = {"granularity": "filter", "scope": "local"}
 FRACTION = between(0.0, 1.0, open_high=True)
 OPTIONAL_FRACTION = between(0.0, 1.0, open_high=True, optional=True)
 TRAINING = {
-    "epochs": integer(1),
-    "lr": between(0.0, open_low=True),
+    "epochs": COUNT,
+    "lr": LR,
     "optimizer": one_of("optimizer", "adam", "sgd"),
 }
 
@@ -205,11 +215,11 @@ class Scheduled(Method):
         "schedule": one_of("schedule", "one-shot", "iterative", "cubic"),
         "start": FRACTION,
         "end": between(0.0, 1.0, open_low=True),
-        "rounds": integer(1),
+        "rounds": COUNT,
         "spacing": one_of("spacing", "equal", "geometric"),
         "initial": FRACTION,
-        "finetune_epochs": integer(0),
-        "finetune_lr": between(0.0, open_low=True),
+        "finetune_epochs": COUNT_OR_NONE,
+        "finetune_lr": LR,
     }
 
 
@@ -229,7 +239,7 @@ class PostTraining(Scheduled):
     # the dense training may be skipped (a trained checkpoint)
     constraints: ClassVar[Mapping[str, Constraint]] = {
         **Scheduled.constraints,
-        "epochs": integer(0),
+        "epochs": COUNT_OR_NONE,
     }
 
 
@@ -285,7 +295,7 @@ class Slimming(Method):
     constraints: ClassVar[Mapping[str, Constraint]] = {
         **Method.constraints,
         "sparsity_lambda": between(0.0),
-        "finetune_epochs": integer(0),
+        "finetune_epochs": COUNT_OR_NONE,
     }
 
 
@@ -325,7 +335,7 @@ class AtInit(Method):
         "sparsity": OPTIONAL_FRACTION,
         "spec": SPEC,
         "schedule": one_of("schedule at initialisation", "one-shot", "iterative"),
-        "rounds": integer(1),
+        "rounds": COUNT,
     }
 
 
@@ -351,7 +361,7 @@ class Lottery(Method):
     constraints: ClassVar[Mapping[str, Constraint]] = {
         **Method.constraints,
         "schedule": one_of("lottery schedule", "one-shot", "iterative"),
-        "rounds": integer(1),
+        "rounds": COUNT,
         "rewind": Constraint(_rewind, "'init' | an optimizer step >= 0"),
         "control": boolean(),
     }

@@ -17,25 +17,25 @@ ticket is "winning" when it beats that control.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from rich.table import Table
 from torch import Tensor, nn
 
-from prunekit.errors import MissingDataError, PruningError
-from prunekit.layers import select_layers
+from prunekit.errors import MissingDataError, PruningError, guarded
+from prunekit.layers import require_model, select_layers
 from prunekit.masks import copy_masks, get_mask
 from prunekit.pruner import kept_share
 from prunekit.pruning import prune
-from prunekit.schedules import check_int
-from prunekit.spec import PruneSpec
+from prunekit.spec import Constraint, PruneSpec, Settings, between
 from prunekit.tables import TableReport
 from prunekit.training import checkpoint
+from prunekit.training.configs import COUNT, LR, RATE, RUN
 from prunekit.training.data import Source, TrainData, accuracy_on, scorer, source
 from prunekit.training.distributed import MaskSync
 from prunekit.training.loop import Evaluate, Step, fit
@@ -189,14 +189,52 @@ def _control(template: nn.Module, ticket: nn.Module, seed: int) -> nn.Module:
     return fresh
 
 
-def _check(
-    model: nn.Module, rounds: int, rate: float, output_rate: float, rewind: Rewind, steps: int
-) -> int:
+@dataclass(frozen=True)
+class LotteryArgs(Settings):
+    """The numbers :func:`lottery` takes, checked at entry: ``rounds`` prunings after the
+    dense training (at least one: a ticket is a pruned network), each removing ``rate`` of
+    the remaining weights (``output_rate`` in the last layer)."""
+
+    label: ClassVar[str] = "lottery"
+
+    rounds: int
+    rate: float
+    output_rate: float | None
+    epochs: int
+    lr: float
+    batch_size: int
+    val_fraction: float
+    seed: int
+
+    constraints: ClassVar[Mapping[str, Constraint]] = {
+        "rounds": Constraint(COUNT.check, f"{COUNT.text} (the prunings after the dense round)"),
+        "rate": RATE,
+        "output_rate": between(0.0, 1.0, open_low=True, open_high=True, optional=True),
+        "epochs": COUNT,
+        "lr": LR,
+        "val_fraction": RATE,
+        **RUN,
+    }
+
+
+def _build(model: nn.Module | Callable[[], nn.Module], seed: int) -> nn.Module:
+    """``model``, or what the factory ``model`` builds under ``torch.manual_seed(seed)`` (an
+    exception it raises is a :class:`~prunekit.errors.UserCallbackError` naming it)."""
+    if isinstance(model, nn.Module):
+        return model
+    if not callable(model):
+        raise PruningError(
+            f"model={model!r:.80} ({type(model).__name__}) is neither an nn.Module nor a "
+            "factory; Fix: pass the dense network, or a function of no arguments building it."
+        )
+    name = f"model factory {getattr(model, '__qualname__', None) or repr(model)}"
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return require_model(guarded(model, name)(), f"the result of the {name}")
+
+
+def _check(model: nn.Module, rewind: Rewind, steps: int) -> int:
     """The rewind step ``k`` (0 for ``"init"``), or an error for a bad argument."""
-    check_int("rounds", rounds, 0, "e.g. rounds=5.")
-    for name, value in (("rate", rate), ("output_rate", output_rate)):
-        if not 0 < value < 1:
-            raise PruningError(f"{name}={value!r} must be in (0, 1); Fix: e.g. rate=0.2.")
     k = 0 if rewind == "init" else rewind
     if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= steps:
         raise PruningError(
@@ -278,16 +316,14 @@ def lottery(
             :class:`~prunekit.errors.CheckpointError` for a corrupted checkpoint or one of
             another model or run (nothing is modified).
     """
+    LotteryArgs(rounds, rate, output_rate, epochs, lr, batch_size, val_fraction, seed)
     hook = MaskSync.resolve(distributed)
-    if not isinstance(model, nn.Module):
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            model = model()
+    model = _build(model, seed)
     output_rate = rate / 2 if output_rate is None else output_rate
     src, validate = _split(source(data, batch_size, evaluate), val_fraction, seed, validate)
     settings = dict(epochs=epochs, lr=lr, optimizer=optimizer, step=step, progress=progress)
     trainings = _Trainings(src, validate, seed, settings, hook is not None)
-    k = _check(model, rounds, rate, output_rate, rewind, epochs * src.steps_per_epoch)
+    k = _check(model, rewind, epochs * src.steps_per_epoch)
     src.check(trainings.sync)
     names = [ly.name for ly in select_layers(model)]
     rates = {**dict.fromkeys(names, rate), names[-1]: output_rate}

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from rich.table import Table
@@ -32,9 +32,10 @@ from prunekit.masks import get_mask, sparsity
 from prunekit.pruner import check_reachable, check_reusable, kept_share
 from prunekit.pruning import plan, prune
 from prunekit.schedules import check_int, geometric
-from prunekit.spec import PruneSpec
+from prunekit.spec import Constraint, PruneSpec, Settings
 from prunekit.tables import TableReport
 from prunekit.training import checkpoint
+from prunekit.training.configs import COUNT, COUNT_OR_NONE, LR, RUN
 from prunekit.training.data import TrainData, source
 from prunekit.training.distributed import MaskSync
 from prunekit.training.loop import Evaluate, fit
@@ -67,6 +68,27 @@ class IterativeReport(TableReport):
 
 
 Q = float | Mapping[str, float]
+
+
+@dataclass(frozen=True)
+class IterativeArgs(Settings):
+    """The numbers :func:`iterative_pruning` takes, checked at entry (``epochs``: of
+    retraining after each round's prune; 0 retrains nothing)."""
+
+    label: ClassVar[str] = "iterative_pruning"
+
+    rounds: int
+    epochs: int
+    finetune_lr: float
+    batch_size: int
+    seed: int
+
+    constraints: ClassVar[Mapping[str, Constraint]] = {
+        "rounds": COUNT,
+        "epochs": COUNT_OR_NONE,
+        "finetune_lr": LR,
+        **RUN,
+    }
 
 
 def han_sparsities(model: nn.Module, q: Q, layers: Any = None) -> dict[str, float]:
@@ -129,7 +151,6 @@ def _check(
             f"target={target!r}, q={q!r}: give exactly one of target= (a sparsity) or q= "
             "(Han's q * std threshold); Fix: e.g. target=0.9 or q=0.7."
         )
-    check_int("rounds", rounds, 1, "e.g. rounds=5")
     chosen = select_layers(model, spec.layers, spec.exclude)
     if q is not None:
         _check_q(q, [ly.name for ly in chosen])
@@ -193,6 +214,8 @@ def iterative_pruning(
             ``calibration``, ...), a corrupted checkpoint or one of another model or run,
             ``distributed=True`` without a process group; the model is left unchanged.
     """
+    check_int("rounds", rounds, 1, "e.g. rounds=5")
+    IterativeArgs(rounds, epochs, finetune_lr, batch_size, seed)
     hook = MaskSync.resolve(distributed)
     sync = hook is not None
     if isinstance(q, Mapping) and layers is None:
