@@ -22,7 +22,13 @@ browser:
 test: .venv/installed browser
 	$(PY) -m ruff check .
 	.venv/bin/lint-imports   # the layer and no-cycle contracts in pyproject.toml
+	$(MAKE) docs             # a few seconds: every docstring of the API reference parses
 	$(PY) -m pytest
+
+# The API reference from the docstrings (mkdocs + mkdocstrings, mkdocs.yml) into build/site;
+# --strict: a docstring griffe cannot parse or a broken link fails the build.
+docs: .venv/installed
+	NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict   # (--quiet would hide warnings from strict)
 
 # The bad-input and fault suites at full strength (`make test` runs a bounded sample of
 # both, see docs/RELIABILITY.md): hypothesis draws 150 values per case, and the fault
@@ -31,4 +37,4 @@ PRUNEKIT_FUZZ ?= 50
 fuzz: .venv/installed
 	PRUNEKIT_FUZZ=$(PRUNEKIT_FUZZ) $(PY) -m pytest tests/test_bad_inputs*.py tests/test_faults.py
 
-.PHONY: demo test browser fuzz
+.PHONY: demo test browser fuzz docs
