@@ -19,8 +19,8 @@ Masking first (``pk.prune(granularity="filter")``), fine-tuning with the masks a
 after the zeroed convolution, so removing the channel changes the outputs; shrinking
 before fine-tuning has no such gap.
 
-    python examples/hf_vision_shrink.py           # about a minute on 2 cores
-    python examples/hf_vision_shrink.py --quick   # a few seconds: the same path, smaller
+    python examples/hf_vision_shrink.py           # the full run
+    python examples/hf_vision_shrink.py --quick   # a smoke run: the same path, small (CI runs it)
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ with magnitude. Held-out perplexity before and after, and a check that every pru
 weight matrix of every block is exactly 2:4 (two zeros in each group of four
 consecutive inputs); embeddings and the LM head stay dense.
 
-    python examples/llm_wanda_24.py           # about 2 minutes on 2 cores
-    python examples/llm_wanda_24.py --quick   # a few seconds: the same path, smaller
+    python examples/llm_wanda_24.py           # the full run
+    python examples/llm_wanda_24.py --quick   # a smoke run: the same path, small (CI runs it)
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ round prunes 20% of the surviving weights of every layer (10% in the output laye
 rewinds the survivors to their initial values and trains again; the random
 re-initialisation control trains every round's masks from fresh weights.
 
-    python examples/lottery_dataloader.py           # about a minute on 2 cores
-    python examples/lottery_dataloader.py --quick   # a few seconds: the same path, smaller
+    python examples/lottery_dataloader.py           # the full run
+    python examples/lottery_dataloader.py --quick   # a smoke run: the same path, small (CI runs it)
 """
 
 from __future__ import annotations
