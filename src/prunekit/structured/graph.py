@@ -15,10 +15,10 @@ output produces the channels.
 from __future__ import annotations
 
 import fnmatch
-from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -46,13 +46,60 @@ class Group:
     members: tuple[Member, ...]
 
 
-@dataclass
-class Family:
-    """Groups with the same member tensors; ``kind`` is ``"heads"`` or ``"channels"``."""
+@dataclass(frozen=True)
+class Runs:
+    """One member tensor dimension of a whole family, vectorised: the positions of group
+    ``j`` are ``positions[offsets[j]:offsets[j + 1]]`` (ascending)."""
 
     name: str
-    kind: str
-    groups: list[Group]
+    dim: int
+    positions: Tensor
+    offsets: Tensor
+
+    @property
+    def counts(self) -> Tensor:
+        return self.offsets.diff()
+
+    def group_of(self) -> Tensor:
+        """The group number of every entry of ``positions``."""
+        return torch.repeat_interleave(torch.arange(len(self.offsets) - 1), self.counts)
+
+    def select(self, groups: Sequence[int] | Tensor) -> Tensor:
+        """The positions of ``groups`` (group numbers of the family), concatenated."""
+        chosen = torch.zeros(len(self.offsets) - 1, dtype=torch.bool)
+        chosen[torch.as_tensor(groups, dtype=torch.long)] = True
+        return self.positions[chosen[self.group_of()]]
+
+
+class Family:
+    """Groups with the same member tensors; ``kind`` is ``"heads"`` or ``"channels"``.
+
+    ``ids[j]`` is the id of group ``j`` and ``runs`` hold every member position of every
+    group at once (one :class:`Runs` per member tensor dimension, sorted by name): code
+    that treats a whole family reads them with array operations; ``groups`` builds the
+    per-group :class:`Group` view on first use.
+    """
+
+    def __init__(self, name: str, kind: str, ids: Tensor, runs: tuple[Runs, ...]) -> None:
+        self.name, self.kind, self.ids, self.runs = name, kind, ids, runs
+        self._groups: list[Group] | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __repr__(self) -> str:
+        return f"Family({self.name!r}, {self.kind!r}, {len(self)} groups)"
+
+    @property
+    def groups(self) -> list[Group]:
+        if self._groups is None:
+            parts = [
+                [Member(r.name, r.dim, index) for index in r.positions.split(r.counts.tolist())]
+                for r in self.runs
+            ]
+            rows = zip(*parts, strict=True)
+            self._groups = [Group(i, m) for i, m in zip(self.ids.tolist(), rows, strict=True)]
+        return self._groups
 
 
 @dataclass
@@ -104,31 +151,64 @@ def build(model: nn.Module, example_inputs: Inputs, ignore: Ignore = ()) -> Depe
     for (name, _), ids in tr.members.items():
         if owner(name) in ignored:
             tr.atoms.block(ids)
-    blocked = tr.atoms.blocked_roots()
-    root_of = tr.atoms.all_roots()
-    by_root: dict[int, list[Member]] = defaultdict(list)
-    for (name, dim), ids in tr.members.items():
-        roots = root_of[ids]
-        order = torch.argsort(roots, stable=True)
-        unique, counts = torch.unique_consecutive(roots[order], return_counts=True)
-        for root, index in zip(unique.tolist(), torch.split(order, counts.tolist()), strict=True):
-            by_root[root].append(Member(name, dim, index))
+    blocked = tr.atoms.blocked_root_mask()
+    roots = tr.atoms.all_roots().numpy()
+    keys = list(tr.members)
+    found = [_present(roots[ids.numpy()], blocked) for ids in tr.members.values()]
     head_roots = {tr.atoms.find(a) for ev in tr.heads for a in ev.q_heads.tolist()}
-    families: dict[tuple[tuple[str, int], ...], list[Group]] = {}
-    for root, found in by_root.items():
-        if root in blocked:
-            continue
-        members = tuple(sorted(found, key=lambda m: (m.name, m.dim)))
-        keys = tuple((m.name, m.dim) for m in members)
-        families.setdefault(keys, []).append(Group(root, members))
-    order = {key: i for i, key in enumerate(tr.members)}
     result = []
-    for keys, groups in sorted(families.items(), key=lambda kv: min(order[k] for k in kv[0])):
-        leader = next((k for k in tr.producers if k in keys), min(keys, key=order.__getitem__))
-        kind = "heads" if groups[0].id in head_roots else "channels"
-        result.append(Family(owner(leader[0]), kind, groups))
+    for member_keys, ids in _families(found):
+        named = sorted(member_keys, key=keys.__getitem__)
+        own = {keys[i] for i in named}
+        leader = next((k for k in tr.producers if k in own), keys[member_keys[0]])
+        kind = "heads" if int(ids[0]) in head_roots else "channels"
+        runs = tuple(_runs(keys[k], roots[tr.members[keys[k]].numpy()], ids) for k in named)
+        result.append(Family(owner(leader[0]), kind, torch.from_numpy(ids), runs))
     _dedupe_names(result)
-    return DependencyGraph(result, tr, len(blocked))
+    return DependencyGraph(result, tr, int(blocked.sum()))
+
+
+def _present(roots: np.ndarray, blocked: np.ndarray) -> np.ndarray:
+    """The distinct removable roots among ``roots`` (ascending)."""
+    unique = np.unique(roots)
+    return unique[~blocked[unique]]
+
+
+def _families(found: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Group roots by the set of keys (indices into ``found``) they appear in.
+
+    Returns ``(keys, roots)`` per family, ordered by their first key, then first root
+    (the order the trace met them in). Each root's key set is one row of a padded matrix
+    (keys ascending, ``-1`` after them); equal rows are one family (``np.unique(axis=0)``).
+    """
+    if not any(len(f) for f in found):
+        return []
+    root = np.concatenate(found)
+    key = np.repeat(np.arange(len(found)), [len(f) for f in found])
+    order = np.lexsort((key, root))
+    root, key = root[order], key[order]
+    ids, start, counts = np.unique(root, return_index=True, return_counts=True)
+    row = np.repeat(np.arange(len(ids)), counts)
+    table = np.full((len(ids), int(counts.max())), -1, dtype=np.int64)
+    table[row, np.arange(len(root)) - start[row]] = key
+    rows, first, which = np.unique(table, axis=0, return_index=True, return_inverse=True)
+    which = which.reshape(-1)
+    out = [(r[r >= 0], ids[which == f]) for f, r in enumerate(rows)]
+    rank = sorted(range(len(out)), key=lambda f: (int(rows[f][0]), int(ids[first[f]])))
+    return [out[f] for f in rank]
+
+
+def _runs(key: tuple[str, int], roots: np.ndarray, ids: np.ndarray) -> Runs:
+    """Where each of ``ids`` (ascending) sits in a member dimension whose atoms have
+    ``roots``: the positions of each root, grouped in the order of ``ids``."""
+    order = np.argsort(roots, kind="stable")
+    ordered = roots[order]
+    lo, hi = np.searchsorted(ordered, ids, "left"), np.searchsorted(ordered, ids, "right")
+    counts = hi - lo
+    take = np.repeat(lo - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
+    positions = order[take + np.arange(counts.sum())]
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    return Runs(key[0], key[1], torch.from_numpy(positions), torch.from_numpy(offsets))
 
 
 def _dedupe_names(families: list[Family]) -> None:

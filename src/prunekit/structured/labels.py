@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -41,64 +42,101 @@ class Label:
 
 
 class Atoms:
-    """Union-find over atoms, with blocked (never removable) classes."""
+    """Union-find over atoms, with blocked (never removable) classes, vectorised.
+
+    Unions are recorded as arrays of edges and resolved together when a root is first
+    asked for (``find``, ``all_roots``): every class is then labelled by its smallest
+    atom, found by *hooking and pointer jumping* (Shiloach & Vishkin 1982): each round
+    hooks every root to the smallest root it shares an edge with
+    (``p[max(ru, rv)] = min(ru, rv)``, the minimum over duplicates), then jumps pointers
+    (``p = p[p]``) until every atom points at its root; rounds repeat until every edge
+    joins equal roots. A trace unites O(channels) pairs in a few numpy passes instead of
+    one Python call per channel.
+    """
 
     def __init__(self) -> None:
-        self.parent: list[int] = []
-        self.blocked: set[int] = set()
+        self.size = 0
+        self._edges: list[tuple[np.ndarray, np.ndarray]] = []
+        self._blocked: list[np.ndarray] = []
+        self._roots = np.zeros(0, dtype=np.int64)
 
     def new(self, n: int) -> Tensor:
-        start = len(self.parent)
-        self.parent.extend(range(start, start + n))
+        start, self.size = self.size, self.size + n
         return torch.arange(start, start + n, dtype=torch.long)
 
     def find(self, a: int) -> int:
-        root = a
-        while self.parent[root] != root:
-            root = self.parent[root]
-        while self.parent[a] != root:
-            self.parent[a], a = root, self.parent[a]
-        return root
-
-    def union(self, a: int, b: int) -> None:
-        if a == FIXED or b == FIXED:
-            self.block([a, b])
-            return
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
+        return int(self._resolved()[a])
 
     def unite(self, a: Tensor, b: Tensor) -> None:
         """Unite ``a[i]`` with ``b[i]`` for every ``i`` (a ``FIXED`` side blocks the other)."""
         if a.numel() != b.numel():
             raise CouplingError(f"cannot couple {a.numel()} channels with {b.numel()} channels")
-        for x, y in set(zip(a.tolist(), b.tolist(), strict=True)):
-            if x != y:
-                self.union(x, y)
+        x, y = _array(a), _array(b)
+        fixed = (x == FIXED) | (y == FIXED)
+        if fixed.any():
+            self._block(np.concatenate([x[fixed], y[fixed]]))
+            x, y = x[~fixed], y[~fixed]
+        differ = x != y
+        if differ.any():
+            self._edges.append((x[differ], y[differ]))
 
     def unite_all(self, ids: Tensor) -> None:
         """Unite every atom in ``ids`` into one class (blocked if any is ``FIXED``)."""
-        atoms = ids.unique().tolist()
-        for a in atoms[1:]:
-            self.union(atoms[0], a)
-        if atoms and atoms[0] == FIXED:
-            self.block(atoms)
+        self.unite_rows(ids.reshape(1, -1))
+
+    def unite_rows(self, rows: Tensor) -> None:
+        """``unite_all`` on every row of the 2-D ``rows`` at once."""
+        if rows.numel() == 0:
+            return
+        values = rows.detach().numpy().astype(np.int64, copy=False)
+        pivot = values.min(axis=1, keepdims=True)
+        fixed = (pivot == FIXED).reshape(-1)
+        self._block(values[fixed].reshape(-1))
+        kept = values[~fixed]
+        self.unite(torch.from_numpy(np.broadcast_to(pivot[~fixed], kept.shape).reshape(-1)),
+                   torch.from_numpy(kept.reshape(-1)))  # fmt: skip
 
     def block(self, ids: Tensor | list[int]) -> None:
-        values = ids.unique().tolist() if isinstance(ids, Tensor) else ids
-        self.blocked.update(v for v in values if v != FIXED)
+        self._block(_array(ids) if isinstance(ids, Tensor) else np.asarray(ids, dtype=np.int64))
+
+    def _block(self, values: np.ndarray) -> None:
+        values = values.reshape(-1)
+        self._blocked.append(values[values != FIXED])
 
     def blocked_roots(self) -> set[int]:
-        return {self.find(b) for b in self.blocked}
+        return set(np.flatnonzero(self.blocked_root_mask()).tolist())
+
+    def blocked_root_mask(self) -> np.ndarray:
+        """``mask[r]``: whether ``r`` is the root of a blocked class (one bool per atom)."""
+        roots = self._resolved()
+        mask = np.zeros(self.size, dtype=bool)
+        if self._blocked:
+            mask[roots[np.concatenate(self._blocked)]] = True
+        return mask
 
     def all_roots(self) -> Tensor:
-        """The root of every atom, vectorised (pointer jumping: ``p = p[p]`` until stable)."""
-        parent = torch.tensor(self.parent, dtype=torch.long)
-        while True:
-            jumped = parent[parent]
-            if torch.equal(jumped, parent):
-                return parent
-            parent = jumped
+        """The root (smallest atom of its class) of every atom."""
+        return torch.from_numpy(self._resolved().copy())
+
+    def _resolved(self) -> np.ndarray:
+        if not self._edges and len(self._roots) == self.size:
+            return self._roots
+        parent = np.concatenate([self._roots, np.arange(len(self._roots), self.size)])
+        if self._edges:
+            u = np.concatenate([e[0] for e in self._edges])
+            v = np.concatenate([e[1] for e in self._edges])
+            self._edges = []
+            while True:
+                ru, rv = parent[u], parent[v]
+                differ = ru != rv
+                if not differ.any():
+                    break
+                ru, rv = ru[differ], rv[differ]
+                np.minimum.at(parent, np.maximum(ru, rv), np.minimum(ru, rv))
+                parent = _jump(parent)
+                u, v = u[differ], v[differ]
+        self._roots = parent
+        return parent
 
     def normalize(self, full: Tensor) -> Label | None:
         """Turn per-element labels into a :class:`Label` varying along one dimension.
@@ -120,6 +158,18 @@ class Atoms:
         dim = varying[0]
         rows = full.movedim(dim, 0).reshape(full.shape[dim], -1)
         if len(varying) > 1:
-            for row in rows:
-                self.unite_all(row)
+            self.unite_rows(rows)
         return Label(dim, rows[:, 0].clone())
+
+
+def _array(ids: Tensor) -> np.ndarray:
+    return ids.detach().reshape(-1).numpy().astype(np.int64, copy=False)
+
+
+def _jump(parent: np.ndarray) -> np.ndarray:
+    """Pointer jumping: ``p = p[p]`` until every atom points at its root."""
+    while True:
+        jumped = parent[parent]
+        if np.array_equal(jumped, parent):
+            return parent
+        parent = jumped
