@@ -240,9 +240,10 @@ def test_macs_before_and_after_come_from_one_counter() -> None:
     torch.manual_seed(0)
     model, x = AttentionBlock().eval(), torch.randn(2, 10, 32)
     dense = copy.deepcopy(model)
-    report = pk.shrink(model, x, ratio=0.5)  # the MLP's 128 neurons -> 64; attention whole
+    report = pk.shrink(model, x, ratio=0.5)  # 4 heads -> 2 (inner 32 -> 16), MLP 128 -> 64
+    assert model.attn.num_heads == 2
     before = attention_block_macs(2, 10, 32, inner=32, mlp=128)
-    after = attention_block_macs(2, 10, 32, inner=32, mlp=64)
+    after = attention_block_macs(2, 10, 32, inner=16, mlp=64)
     assert report.macs_before == count_macs(dense, x) == before
     assert report.macs_after == count_macs(model, x) == after
     assert report.macs_ratio == after / before

@@ -21,7 +21,9 @@ Families (each rule reads input labels and labels the output, see
 - **einsum, sorting, gathering, padding, in-place fills**
   (:mod:`~prunekit.structured.rules_index`): einsum letters are shared axes; sorting and
   gathering off the channel dimension keep the channels; padding passes channels unless
-  it pads their dimension; ``zero_`` / ``fill_`` keep the labels.
+  it pads their dimension; ``zero_`` / ``fill_`` keep the labels;
+- **modules traced whole**: RNNs keep every channel; ``nn.MultiheadAttention`` loses
+  whole heads (:mod:`~prunekit.structured.mha`).
 
 Importing this module registers them (:mod:`~prunekit.structured.registry`); the tracer
 imports it.
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from prunekit.structured.mha import multihead_attention
 from prunekit.structured.registry import keep_whole, register_module_rule, register_rule
 from prunekit.structured.rules_attention import attention, matmul
 from prunekit.structured.rules_elementwise import ELEMENTWISE_OPS, elementwise
@@ -106,8 +109,8 @@ def _register_builtins() -> None:
         ("baddbmm", matmul),
     ):
         register_rule(name, rule)
-    for module_type in (nn.RNNBase, nn.MultiheadAttention):
-        register_module_rule(module_type, keep_whole)
+    register_module_rule(nn.RNNBase, keep_whole)
+    register_module_rule(nn.MultiheadAttention, multihead_attention)
 
 
 _register_builtins()

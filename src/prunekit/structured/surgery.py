@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from prunekit.structured.graph import DependencyGraph, Group, owner
+from prunekit.structured.mha import unpack
 
 HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads")
 KV_HEAD_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
@@ -106,6 +107,8 @@ def resize_module(name: str, module: nn.Module) -> list[AttributeChange]:
         values = {"num_embeddings": weight.shape[0], "embedding_dim": weight.shape[1]}
     elif isinstance(module, nn.PReLU):
         values = {"num_parameters": weight.numel()}
+    elif isinstance(module, nn.MultiheadAttention):
+        unpack(module)  # its num_heads follows from the heads the trace saw (_heads)
     elif hasattr(module, "nf") and weight is not None and weight.dim() == 2:  # HF Conv1D
         values = {"nf": weight.shape[1], "nx": weight.shape[0]}
     return _set(name, module, values)
