@@ -17,14 +17,15 @@ Width is uniform: every block keeps the same number of query heads, KV heads (th
 heads per KV head may shrink, never grow) and MLP neurons, each block its own most
 important ones; the embedding channels kept are one set for the whole residual stream.
 
-``target_params=p`` keeps a fraction ``p`` of the parameters (the rule, each part
-overridable by the explicit settings): ``depth_fraction`` (default 0.25) of the
-parameters to remove go by whole blocks (rounded to the nearest block, at least one
-block kept), the rest by width: the hidden size and the MLP width are scaled by one
-common factor (rounded to multiples of ``multiple``) found by bisection on the exact
-parameter count, attention heads kept (GPT-2 ties its attention width to the hidden size,
-so there the heads scale too). Width before depth in the split follows Minitron's finding
-that width-pruned models recover better after distillation than depth-pruned ones.
+``target_params=p`` keeps at most a fraction ``p`` of the parameters, as close to it as
+the rounding allows (the rule; ``depth_fraction`` or explicit sizes override it):
+``depth_fraction`` (default 0.25) of the parameters to remove go by whole blocks (rounded
+to the nearest block, at least one block kept), the rest by width: the hidden size and
+the MLP width are scaled by one common factor (rounded to multiples of ``multiple``)
+found by bisection on the exact parameter count, attention heads kept (GPT-2 ties its
+attention width to the hidden size, so there the heads scale too). Width before depth in
+the split follows Minitron's finding that width-pruned models recover better after
+distillation than depth-pruned ones.
 """
 
 from __future__ import annotations
@@ -230,7 +231,7 @@ def _target(anatomy: Anatomy, s: ShrinkSettings) -> tuple[Widths, int]:
         else:
             high = mid
     widths = _width_for(anatomy, low, s.multiple)
-    if counted_size(anatomy, widths, dropped) > goal * 1.02:
+    if counted_size(anatomy, widths, dropped) > goal:
         raise PruningError(
             f"target_params={s.target_params} cannot be reached by uniform width and depth "
             f"pruning of this model (smallest: {counted_size(anatomy, widths, dropped):,} of "
