@@ -14,8 +14,8 @@ activation of unit ``i`` at token ``s`` of sample ``b``:
 
 Aggregation: the mean over the sequence (real tokens only: padded positions, where
 ``attention_mask`` is 0, are left out), then the L2 norm over the batch (all calibration
-samples): ``F_i = sqrt(sum_b (mean_s a[b, s, i])^2)``, the batch/sequence aggregation the
-paper recommends ("(L2, mean)").
+samples): ``F_i = sqrt(sum_b (mean_s a[b, s, i])^2)``, the "(batch L2, sequence mean)"
+choice of the paper's comparison of aggregations.
 
 ``taylor`` (Molchanov et al. 2019, as :class:`prunekit.criteria.gradient.Taylor`): per
 unit ``(sum_{w in unit} w * dL/dw)^2`` with the next-token loss of each calibration batch
