@@ -60,10 +60,12 @@ from prunekit.structured.rules_layers import (
 from prunekit.structured.rules_reduction import POOL_OPS, REDUCTION_OPS, per_channel, reduction
 from prunekit.structured.rules_shape import (
     BLOCKING_OPS,
+    CONCAT_OPS,
     IDENTITY_OPS,
     METADATA_OPS,
     SHAPE_OPS,
     block_all,
+    concat,
     identity,
     shape,
 )
@@ -72,6 +74,7 @@ from prunekit.structured.rules_shape import (
 def _register_builtins() -> None:
     for names, rule in (
         (SHAPE_OPS, shape),
+        (CONCAT_OPS, concat),
         (IDENTITY_OPS, identity),
         (ELEMENTWISE_OPS, elementwise),
         (REDUCTION_OPS, reduction),

@@ -115,15 +115,23 @@ def batch_norm(
 def normalize_last(
     tr: TraceState, func: Callable[..., Any], args: tuple, kwargs: dict, out: Tensor
 ) -> None:
-    """LayerNorm / RMSNorm normalise over the last dims: channels there must all stay."""
+    """LayerNorm / RMSNorm normalise over the last dims: channels there must all stay,
+    except in approximate mode (:func:`~prunekit.structured.state.approximate_norms`),
+    where channels along the one normalised dimension pass, with the norm's affine."""
     x, normalized = args[0], arg(args, kwargs, 1, "normalized_shape")
     label = tr.label(x)
     if label is None:
         return
-    if label.dim >= x.dim() - len(normalized):
-        tr.atoms.block(label.ids)
-    else:
-        tr.set(out, label)
+    if label.dim < x.dim() - len(normalized):
+        return tr.set(out, label)
+    if not (tr.approximate and len(normalized) == 1):
+        return tr.atoms.block(label.ids)
+    for i, name in ((2, "weight"), (3, "bias")) if "layer" in func.__name__ else ((2, "weight"),):
+        affine = arg(args, kwargs, i, name)
+        if tr.is_param(affine):
+            tr.atoms.unite(label.ids, tr.param_atoms(affine, 0))
+    tr.norms += 1
+    tr.set(out, label)
 
 
 def group_norm(

@@ -39,7 +39,8 @@ def reduction(
         return
     dims = _dims(dim, x.dim())
     if dims is None or label.dim in dims:
-        tr.atoms.block(label.ids)
+        if not _statistic(tr, func, x, dims, out):
+            tr.atoms.block(label.ids)
         return
     for o in tree_flatten(out)[0]:
         if isinstance(o, Tensor) and o.dim() > 0:
@@ -47,6 +48,17 @@ def reduction(
             tr.set(o, Label(label.dim - shift, label.ids))
 
 
+def _statistic(tr: TraceState, func: Callable[..., Any], x: Tensor, dims: Any, out: Any) -> bool:
+    """In approximate mode, a mean / variance over the last dimension kept as size 1 (a
+    hand-written RMSNorm's ``x.pow(2).mean(-1, keepdim=True)``) lets the channels pass."""
+    keep = isinstance(out, Tensor) and out.dim() == x.dim() and out.shape[-1] == 1
+    if tr.approximate and keep and dims == [x.dim() - 1] and func_name(func) in _STATISTICS:
+        tr.norms += 1
+        return True
+    return False
+
+
+_STATISTICS = ("mean", "var", "std", "norm")
 _DIM_ARG = {"norm": (2, "dim"), "normalize": (2, "dim", 1)}
 REDUCTION_OPS = [
     "sum",

@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_map
 
 from prunekit.structured.registry import func_name
-from prunekit.structured.state import TraceState, tensors
+from prunekit.structured.state import TraceState, arg, tensors
 
 
 def shape(tr: TraceState, func: Callable[..., Any], args: tuple, kwargs: dict, out: Any) -> None:
@@ -31,6 +31,24 @@ def shape(tr: TraceState, func: Callable[..., Any], args: tuple, kwargs: dict, o
             tr.set_full(o, lab)
     if func_name(func) in ("chunk", "split") and isinstance(out, tuple | list):
         _equal_pieces(tr, list(out))
+
+
+def concat(tr: TraceState, func: Callable[..., Any], args: tuple, kwargs: dict, out: Any) -> None:
+    """``cat`` along a dimension that is not the channels' (a class token before the patch
+    tokens): the pieces' channels at the same position are one channel. Along the
+    channels, or with pieces labelled along different dimensions: the generic rule."""
+    pieces, dim = list(args[0]), arg(args, kwargs, 1, "dim", 0)
+    labels = [tr.label(t) for t in pieces]
+    dims = {lab.dim for lab in labels if lab is not None}
+    if len(dims) != 1 or not isinstance(out, Tensor) or dim % out.dim() in dims:
+        return shape(tr, func, args, kwargs, out)
+    d = dims.pop()
+    found = [lab for lab in labels if lab is not None]
+    if any(lab is None and t.shape[d] > 1 for t, lab in zip(pieces, labels, strict=True)):
+        return tr.block_inputs(*pieces)  # a piece of fixed size along the channels
+    for lab in found[1:]:
+        tr.atoms.unite(found[0].ids, lab.ids)
+    tr.set(out, found[0])
 
 
 def _equal_pieces(tr: TraceState, pieces: list[Tensor]) -> None:
@@ -60,9 +78,6 @@ SHAPE_OPS = [
     "expand",
     "expand_as",
     "repeat",
-    "cat",
-    "concat",
-    "concatenate",
     "stack",
     "hstack",
     "vstack",
@@ -85,6 +100,9 @@ SHAPE_OPS = [
     "tile",
     "repeat_interleave",
 ]
+
+
+CONCAT_OPS = ["cat", "concat", "concatenate"]
 
 
 def identity(tr: TraceState, func: Callable[..., Any], args: tuple, kwargs: dict, out: Any) -> None:

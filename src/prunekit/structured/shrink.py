@@ -26,6 +26,7 @@ import copy
 import fnmatch
 import math
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +49,7 @@ from prunekit.layers import require_model
 from prunekit.masks import bake
 from prunekit.structured.graph import DependencyGraph, Ignore, build
 from prunekit.structured.importance import StructuredCriterion, resolve, score
+from prunekit.structured.state import approximate_norms
 from prunekit.structured.surgery import AttributeChange, group_masked, remove, removed_groups
 from prunekit.structured.verify import (
     Check,
@@ -92,8 +94,10 @@ class ShrinkReport(TableReport):
     families: list[FamilyDecision]
     attributes: list[AttributeChange]
     notes: list[str] = field(default_factory=list)
-    # max |y_shrunk - y_masked| / output scale measured by verify (None: not verified)
+    # max |y_shrunk - y_reference| / output scale measured by verify (None: not verified);
+    # the reference is the group-masked model (exact) or the original one (approximate)
     deviation: float | None = None
+    exact: bool = True  # False: approximate=True, the outputs deviate by ``deviation``
 
     @property
     def params_ratio(self) -> float:
@@ -223,7 +227,9 @@ def _normalize(normalize: str, criterion: StructuredCriterion) -> str:
     return normalize
 
 
-def _validate(scope: str, round_to: int, seed: int, ignore: Ignore) -> None:
+def _validate(scope: str, round_to: int, seed: int, ignore: Ignore, approximate: bool) -> None:
+    if not isinstance(approximate, bool):
+        raise PruningError(f"approximate={approximate!r} must be True or False")
     if scope not in ("local", "global"):
         raise UnknownChoiceError("scope", scope, ["local", "global"])
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
@@ -258,10 +264,33 @@ def _is_masked(model: nn.Module) -> bool:
     return any(parametrize.is_parametrized(m) for m in model.modules())
 
 
-def _verify(model: nn.Module, found: list[Probe], saved: Snapshot) -> Check:
+def _references(
+    probe: nn.Module, graph: DependencyGraph, removed: Mapping[str, tuple[int, ...]],
+    example_inputs: Inputs, ratio: Ratio, seed: int, verify: bool, approximate: bool,
+) -> list[Probe] | None:  # fmt: skip
+    """The group-masked model's outputs the shrunk model is compared with (none without
+    ``verify``, except in approximate mode, where the deviation is always measured)."""
+    if not (verify or approximate):
+        return None
+    masked = group_masked(probe, graph, removed)
+    dense = probe if ratio is not None else refilled(masked, removed_groups(graph, removed))
+    return probes(dense, masked, example_inputs, seed)
+
+
+def _approximate_note(graph: DependencyGraph, result: Check | None) -> str:
+    measured = "" if result is None else f"{result.deviation:.3g} of their scale"
+    return (
+        f"APPROXIMATE (not equivalent): channels pass through {graph.trace.norms} "
+        f"normalisation(s) over the hidden size, which now average over fewer channels; the "
+        f"outputs deviate from the group-masked model's by {measured} on the example inputs. "
+        "Fine-tune (or distil) to recover; exact shrinking: approximate=False."
+    )
+
+
+def _verify(model: nn.Module, found: list[Probe], saved: Snapshot, exact: bool) -> Check:
     """:func:`~prunekit.structured.verify.check`, undoing the removal if it fails."""
     try:
-        return check(model, found)
+        return check(model, found, exact)
     except ShrinkVerificationError as exc:
         restore(model, saved)
         raise ShrinkVerificationError(
@@ -286,6 +315,7 @@ def shrink(
     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
     seed: int = 0,
     verify: bool = True,
+    approximate: bool = False,
 ) -> ShrinkReport:
     """Physically remove channel / head / neuron groups of ``model`` in place.
 
@@ -300,6 +330,14 @@ def shrink(
     channel count) or differs, every change is undone and ShrinkVerificationError says why.
     ``verify=False`` saves one model copy and three to five forward passes.
 
+    ``approximate=True`` (opt-in, inexact) also removes channels that a LayerNorm /
+    RMSNorm normalises over the last dimension: a transformer's hidden size, through every
+    norm and residual (as in Minitron, Muralidharan et al. 2024). The norms then average
+    over fewer channels, so the result is *not* the group-masked model: ``report.exact``
+    is False, ``report.deviation`` is ``max |y_shrunk - y_masked| / s`` (as for verify,
+    :mod:`~prunekit.structured.verify`) measured on ``example_inputs`` (always, whatever
+    ``verify``), and a note says so.
+
     Raises:
         InvalidInputsError: the example inputs do not run through the model.
         InvalidWeightError: a parameter or buffer holds NaN or inf (named, before tracing).
@@ -308,13 +346,14 @@ def shrink(
         UnknownLayerError, UnknownChoiceError, InvalidSparsityError: bad arguments.
     """
     require_model(model)
-    _validate(scope, round_to, seed, ignore)
+    _validate(scope, round_to, seed, ignore, approximate)
     require_finite(model)
     normalize = _normalize(normalize, criterion)
     # Not validation: a masked model is scored, traced and verified through its effective
     # (baked) weights while the caller's masks stay until the plan is known to apply.
     probe = bake(copy.deepcopy(model)) if _is_masked(model) else model
-    graph = _graph(probe, example_inputs, ignore)
+    with approximate_norms() if approximate else nullcontext():
+        graph = _graph(probe, example_inputs, ignore)
     if ratio is None:
         decisions = _zero_groups_plan(probe, graph)
     else:
@@ -323,17 +362,15 @@ def shrink(
     removed = {d.name: d.removed for d in decisions if d.removed}
     params_before = sum(p.numel() for p in probe.parameters())
     macs_before = count_macs(probe, example_inputs)
-    found = None
-    if verify:
-        masked = group_masked(probe, graph, removed)
-        dense = probe if ratio is not None else refilled(masked, removed_groups(graph, removed))
-        found = probes(dense, masked, example_inputs, seed)
+    found = _references(probe, graph, removed, example_inputs, ratio, seed, verify, approximate)
     if probe is not model:
         bake(model)
     saved = snapshot(model)
     changes, notes = remove(model, graph, removed)
-    result = _verify(model, found, saved) if found is not None else None
-    if result is not None and result.note:
+    result = _verify(model, found, saved, not approximate) if found is not None else None
+    if approximate:
+        notes.append(_approximate_note(graph, result))
+    elif result is not None and result.note:
         notes.append(result.note)
     return ShrinkReport(
         params_before,
@@ -344,6 +381,7 @@ def shrink(
         changes,
         notes,
         deviation=None if result is None else result.deviation,
+        exact=not approximate,
     )
 
 

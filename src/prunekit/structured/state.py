@@ -8,7 +8,9 @@ couples them, and the attention heads met on the way.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +48,22 @@ class HeadEvent:
     kv_heads: Tensor
 
 
+_APPROXIMATE: ContextVar[bool] = ContextVar("approximate", default=False)
+
+
+@contextmanager
+def approximate_norms() -> Iterator[None]:
+    """Trace in *approximate* mode: channels normalised by a LayerNorm / RMSNorm over the
+    last dimension (a transformer's hidden size) become removable. The norm's statistics
+    then run over fewer channels, so the result is no longer exact
+    (:func:`prunekit.shrink` with ``approximate=True`` measures the deviation)."""
+    token = _APPROXIMATE.set(True)
+    try:
+        yield
+    finally:
+        _APPROXIMATE.reset(token)
+
+
 class TraceState:
     """Labels, atoms and heads of one traced forward pass of ``model`` (the rules' API)."""
 
@@ -63,6 +81,8 @@ class TraceState:
         for name, b in model.named_buffers(remove_duplicate=False):
             self.names.setdefault(id(b), []).append(name)
         self.stack: list[str] = []  # names of the modules being run, innermost last
+        self.approximate = _APPROXIMATE.get()  # see approximate_norms
+        self.norms = 0  # normalisations the approximate mode let channels through
         self.heads: list[HeadEvent] = []
 
     def label(self, t: Any) -> Label | None:

@@ -103,6 +103,8 @@ def resize_module(name: str, module: nn.Module) -> list[AttributeChange]:
     elif isinstance(module, nn.modules.batchnorm._NormBase):
         ref = weight if weight is not None else module.running_mean
         values = {"num_features": ref.shape[0]}
+    elif isinstance(module, nn.LayerNorm | nn.RMSNorm) and weight is not None:
+        return _normalized(name, module, weight.shape[0])
     elif isinstance(module, nn.Embedding):
         values = {"num_embeddings": weight.shape[0], "embedding_dim": weight.shape[1]}
     elif isinstance(module, nn.PReLU):
@@ -112,6 +114,15 @@ def resize_module(name: str, module: nn.Module) -> list[AttributeChange]:
     elif hasattr(module, "nf") and weight is not None and weight.dim() == 2:  # HF Conv1D
         values = {"nf": weight.shape[1], "nx": weight.shape[0]}
     return _set(name, module, values)
+
+
+def _normalized(name: str, module: nn.LayerNorm | nn.RMSNorm, size: int) -> list[AttributeChange]:
+    """An approximate-mode norm that lost channels: its ``normalized_shape`` follows."""
+    old = tuple(module.normalized_shape)
+    if old[-1] == size:
+        return []
+    module.normalized_shape = (*old[:-1], size)
+    return [AttributeChange(name, "normalized_shape", old[-1], size)]
 
 
 def _conv_sizes(module: nn.modules.conv._ConvNd, weight: Tensor) -> dict[str, int]:

@@ -53,6 +53,7 @@ class Trace:
     heads: list[HeadEvent] = field(default_factory=list)
     # (tensor name, dim) whose atoms label some operation's output, in call order
     producers: list[tuple[str, int]] = field(default_factory=list)
+    norms: int = 0  # normalisations approximate mode let channels through
 
 
 class Tracer(TorchFunctionMode):
@@ -166,4 +167,4 @@ def trace(model: nn.Module, inputs: Inputs) -> Trace:
             _pass(tracer, model, inputs, training=True)
     state = tracer.state
     aliases = {names[0]: names for names in state.names.values()}
-    return Trace(state.atoms, state.members, aliases, state.heads, state.producers)
+    return Trace(state.atoms, state.members, aliases, state.heads, state.producers, state.norms)
