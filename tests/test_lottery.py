@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import re
 import sys
 
 import pytest
@@ -134,3 +135,41 @@ def test_masked_model_is_refused(digits, tmp_path):
         pk.training.lottery(model, digits, epochs=1, checkpoint_dir=tmp_path / "ckpt")
     assert_unchanged(model, before)
     assert not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.parametrize("where", ["a file", "/dev/zero", 5])
+@pytest.mark.parametrize("pipeline", ["lottery", "iterative_pruning"])
+def test_a_checkpoint_dir_that_cannot_hold_one_is_refused_before_round_1(
+    digits, tmp_path, where, pipeline
+):
+    (tmp_path / "a file").write_text("not a folder")
+    path = tmp_path / where if where == "a file" else where
+    torch.manual_seed(0)
+    model = tiny()
+    before = snapshot(model)
+    kwargs = {"epochs": 1, "rounds": 1, "checkpoint_dir": path}
+    with pytest.raises(pk.errors.CheckpointError, match=re.escape(str(path))):
+        if pipeline == "lottery":
+            pk.training.lottery(model, digits, control=False, **kwargs)
+        else:
+            pk.training.iterative_pruning(model, digits, target=0.5, progress=False, **kwargs)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"rounds": 0}, r"lottery\.rounds=0 is not an int 1\.\.1000000"),
+        ({"rounds": 2**63}, r"rounds=9223372036854775808"),
+        ({"epochs": 0}, r"lottery\.epochs=0"),
+        ({"batch_size": True}, r"lottery\.batch_size=True"),
+        ({"seed": -1}, r"lottery\.seed=-1"),
+        ({"rate": torch.tensor(0.2)}, r"lottery\.rate=tensor"),
+        ({"model": "lenet"}, r"model='lenet' \(str\) is neither an nn\.Module nor a factory"),
+    ],
+)
+def test_bad_numbers_are_refused_before_round_0(digits, kwargs, match):
+    torch.manual_seed(0)
+    model = kwargs.pop("model", None) or tiny()
+    with pytest.raises(pk.PruningError, match=match):
+        pk.training.lottery(model, digits, **{"epochs": 1, **kwargs})

@@ -262,6 +262,11 @@ def load(
         CheckpointError: corrupted, edited or out-of-range files, or an ``identity`` other
             than the caller's (a checkpoint of another model or run); nothing is modified.
     """
+    if not isinstance(directory, str | os.PathLike):
+        raise CheckpointError(
+            f"checkpoint_dir={directory!r} ({type(directory).__name__}) is not a path; Fix: "
+            "pass a folder path (a str or a pathlib.Path)."
+        )
     path = Path(directory) / STATE
     if not sync:
         files = _read(path)

@@ -13,6 +13,7 @@ your own takes batches of any form (a dict for transformers, inputs only, ...). 
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from dataclasses import dataclass
@@ -198,9 +199,9 @@ def fit(
     the weights stay identical on every rank and the buffers (BatchNorm statistics) are
     rank 0's at the end.
     """
-    _check(batches, epochs, optimizer)
-    _check_numbers(model, epochs, lr=lr, weight_decay=weight_decay, momentum=momentum)
-    step = training_step(step, loss_fn)
+    step = _validated(
+        model, batches, epochs, optimizer, lr, weight_decay, momentum, step, loss_fn, sync
+    )
     net = model
     if sync:
         net, step = data_parallel(model, step)
@@ -210,6 +211,42 @@ def fit(
     if sync:
         distributed.sync_buffers(model)
     return losses
+
+
+def _validated(
+    model: nn.Module,
+    batches: Iterable[Any],
+    epochs: int,
+    optimizer: str,
+    lr: float,
+    weight_decay: float,
+    momentum: float,
+    step: Step | None,
+    loss_fn: LossFn | None,
+    sync: bool,
+    **_: Any,
+) -> Step:
+    """:func:`fit`'s checks of its settings, before anything trains; the training step."""
+    _check(batches, epochs, optimizer)
+    _check_numbers(model, epochs, lr=lr, weight_decay=weight_decay, momentum=momentum)
+    if not isinstance(sync, bool):
+        raise PruningError(f"sync={sync!r} is not True or False; Fix: pass a bool.")
+    return training_step(step, loss_fn)
+
+
+def check_fit(model: nn.Module, batches: Iterable[Any], **settings: Any) -> None:
+    """Raise what :func:`fit` with ``settings`` would raise before it trains (an unknown
+    setting too), training nothing: pipelines call it at entry, so that a bad training
+    setting is refused before their first prune changes the model."""
+    try:
+        bound = inspect.signature(fit).bind(model, batches, **settings)
+    except TypeError as err:
+        names = ", ".join(list(inspect.signature(fit).parameters)[2:])
+        raise PruningError(
+            f"training settings {sorted(settings)}: {err}; Fix: use {names}."
+        ) from err
+    bound.apply_defaults()
+    _validated(**bound.arguments)
 
 
 def _epochs(

@@ -32,7 +32,7 @@ from prunekit.layers import require_model, select_layers
 from prunekit.masks import copy_masks, get_mask
 from prunekit.pruner import kept_share
 from prunekit.pruning import prune
-from prunekit.spec import Constraint, PruneSpec, Settings, between
+from prunekit.spec import Constraint, PruneSpec, Settings, between, boolean
 from prunekit.tables import TableReport
 from prunekit.training import checkpoint
 from prunekit.training.configs import COUNT, LR, RATE, RUN
@@ -204,6 +204,7 @@ class LotteryArgs(Settings):
     lr: float
     batch_size: int
     val_fraction: float
+    control: bool
     seed: int
 
     constraints: ClassVar[Mapping[str, Constraint]] = {
@@ -213,6 +214,7 @@ class LotteryArgs(Settings):
         "epochs": COUNT,
         "lr": LR,
         "val_fraction": RATE,
+        "control": boolean(),
         **RUN,
     }
 
@@ -316,7 +318,7 @@ def lottery(
             :class:`~prunekit.errors.CheckpointError` for a corrupted checkpoint or one of
             another model or run (nothing is modified).
     """
-    LotteryArgs(rounds, rate, output_rate, epochs, lr, batch_size, val_fraction, seed)
+    LotteryArgs(rounds, rate, output_rate, epochs, lr, batch_size, val_fraction, control, seed)
     hook = MaskSync.resolve(distributed)
     model = _build(model, seed)
     output_rate = rate / 2 if output_rate is None else output_rate

@@ -38,7 +38,7 @@ from prunekit.training import checkpoint
 from prunekit.training.configs import COUNT, COUNT_OR_NONE, LR, RUN
 from prunekit.training.data import TrainData, source
 from prunekit.training.distributed import MaskSync
-from prunekit.training.loop import Evaluate, fit
+from prunekit.training.loop import Evaluate, check_fit, fit
 
 
 @dataclass(frozen=True)
@@ -224,6 +224,14 @@ def iterative_pruning(
     src = source(data, batch_size, evaluate)
     target = _check(model, target, q, rounds, spec, calibration)
     src.check(sync)
+    training = dict(epochs=epochs, lr=finetune_lr, progress=progress, sync=sync)
+    clash = sorted(set(training) & set(train_kwargs))
+    if clash:
+        raise PruningError(
+            f"train_kwargs {clash} are set by iterative_pruning itself; Fix: pass epochs= and "
+            "finetune_lr= (and progress=) as its own arguments."
+        )
+    check_fit(model, src.batches(seed), **training, **train_kwargs)
     config = dict(target=target, q=q, rounds=rounds, epochs=epochs, finetune_lr=finetune_lr,
                   batch_size=batch_size, seed=seed, criterion=criterion, scope=scope,
                   layers=layers, exclude=exclude, **train_kwargs)  # fmt: skip
@@ -247,8 +255,7 @@ def iterative_pruning(
         if hook is not None:
             hook(model)
         pruned = accuracy()
-        fit(model, src.batches(seed + k), sync=sync, epochs=epochs, lr=finetune_lr,
-            progress=progress, **train_kwargs)  # fmt: skip
+        fit(model, src.batches(seed + k), **training, **train_kwargs)
         total = sparsity(model, layers, exclude).total
         report.rounds.append(Round(k, total, pruned, accuracy()))
         if checkpoint_dir is not None:
