@@ -171,6 +171,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--lr-distill", type=float, default=1e-3)
     p.add_argument("--lr-scratch", type=float, default=3e-3)
     p.add_argument("--samples", type=int, default=128, help="calibration windows for shrink")
+    p.add_argument("--eval-tokens", type=int, default=None, help="held-out tokens (default all)")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
@@ -220,7 +221,7 @@ def main() -> None:
     console, rows = Console(), Rows()
     teacher, tok, teacher_line = teacher_of(args, console)
     held_out = lm.held_out_ids(tok.encode)
-    held_out = held_out[: 8 * args.seq_len] if args.quick else held_out
+    held_out = held_out[: 8 * args.seq_len if args.quick else args.eval_tokens]
     dense = Variant("dense", teacher, params(teacher))
     dense.ppl["dense"] = perplexity(teacher, held_out, seq_len=args.seq_len)
     variants = build(teacher, tok.encode, args)
