@@ -104,8 +104,8 @@ class Attention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b, t, _ = x.shape
         qkv = self.qkv(x).reshape(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
-        return self.proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+        out = F.scaled_dot_product_attention(*qkv.unbind(0))
+        return self.proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
 class Block(nn.Module):
@@ -133,4 +133,3 @@ class ViT(nn.Module):
         x = self.patch(x).flatten(2).transpose(1, 2)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1) + self.pos
         return self.head(self.norm(self.blocks(x))[:, 0])
-

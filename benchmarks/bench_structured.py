@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import subprocess
 import sys
@@ -43,6 +44,7 @@ from prunekit.zoo.hf import TRANSFORMERS, tiny_transformer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import Rows, write_section
+from _structured_models import MobileNetV2, ResNet50, ViT
 
 SPEED_MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[int], torch.Tensor]]] = {
     "ResNet-20 (width 32, 3x64x64)": (
@@ -118,7 +120,7 @@ def _attention_heads(model: nn.Module) -> dict[nn.Module, int]:
         if n is None and hasattr(module, "head_dim") and hasattr(module, "q_proj"):
             n = kv = module.q_proj.out_features // module.head_dim
         for child_name, child in module.named_children():
-            if child_name in ("query", "q_proj", "c_attn") and n:
+            if child_name in ("query", "q_proj", "c_attn", "qkv") and n:
                 heads[child] = n
             elif child_name in ("key", "value", "k_proj", "v_proj") and n:
                 heads[child] = kv
@@ -128,7 +130,7 @@ def _attention_heads(model: nn.Module) -> dict[nn.Module, int]:
 def _fix_heads(model: nn.Module, pruner: Any) -> None:
     """Torch-Pruning's documented post-step update of the attention modules' attributes."""
     for module in model.modules():
-        for child_name in ("query", "q_proj", "c_attn"):
+        for child_name in ("query", "q_proj", "c_attn", "qkv"):
             child = getattr(module, child_name, None)
             if child in pruner.num_heads:
                 new = pruner.num_heads[child]
@@ -255,6 +257,51 @@ def versus_torch_pruning(rows: Rows, ratio: float, timeout: float, console: Cons
              f"{t_ours:.2f} s vs {t_tp:.2f} s", "no slower", t_ours <= t_tp)  # fmt: skip
 
 
+# -- prune time against Torch-Pruning, interleaved ------------------------------------------
+TIME_MODELS: dict[str, Callable[[], nn.Module]] = {
+    "ResNet-50 (3x224x224)": ResNet50,
+    "MobileNetV2 (3x224x224)": MobileNetV2,
+    "ViT-S/16 (3x224x224)": ViT,
+}
+
+
+def _spread(values: list[float]) -> str:
+    return f"{median(values):.3f} s [{min(values):.3f}, {max(values):.3f}]"
+
+
+def prune_time(rows: Rows, ratio: float, repeats: int, console: Console) -> None:
+    """``pk.shrink`` (with and without its check) and Torch-Pruning's MetaPruner + step on
+    fresh copies of the same model, interleaved run by run after one warm-up of each."""
+    x = torch.randn(1, 3, 224, 224)
+    runs: dict[str, Callable[[nn.Module], object]] = {
+        "prunekit": lambda m: pk.shrink(m, x, ratio=ratio),
+        "prunekit verify=False": lambda m: pk.shrink(m, x, ratio=ratio, verify=False),
+        "torch-pruning": lambda m: torch_pruning_run(m, x, ratio),
+    }
+    for name, factory in TIME_MODELS.items():
+        torch.manual_seed(0)
+        model = factory().eval()
+        times: dict[str, list[float]] = {key: [] for key in runs}
+        for repeat in range(repeats + 1):  # the first round warms up
+            for key, run in runs.items():
+                fresh = copy.deepcopy(model)
+                start = time.perf_counter()
+                run(fresh)
+                if repeat:
+                    times[key].append(time.perf_counter() - start)
+        peer = times["torch-pruning"]
+        for key in ("prunekit", "prunekit verify=False"):
+            ratios = [t / p for t, p in zip(times[key], peer, strict=True)]
+            rows.add(
+                f"{name}: {key} vs torch-pruning, prune time (median [min, max])",
+                f"{_spread(times[key])} vs {_spread(peer)}: {median(ratios):.2f}x "
+                f"[{min(ratios):.2f}, {max(ratios):.2f}]",
+                "<= 1.0x",
+                median(ratios) <= 1.0,
+            )
+        console.log(f"{name}: " + ", ".join(f"{k} {median(v):.3f} s" for k, v in times.items()))
+
+
 def _masked_like_ours(model: nn.Module, graph: DependencyGraph, ratio: float) -> nn.Module:
     decisions = plan(graph, score(model, graph, "l2"), ratio)
     return group_masked(model, graph, {d.name: d.removed for d in decisions})
@@ -277,23 +324,32 @@ def main() -> None:
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     parser.add_argument("--timeout", type=float, default=120, help="per Torch-Pruning run")
     parser.add_argument("--tp-worker", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--only-time",
+        action="store_true",
+        help="only prune time against Torch-Pruning (its own section)",
+    )
     args = parser.parse_args()
     if args.tp_worker:
         return tp_worker(args.tp_worker, args.ratio)
     if args.quick:
         args.repeats, args.min_run_time = 1, 0.05
-    console, rows = Console(), Rows()
-    realised_speedup(rows, args.repeats, args.min_run_time, console)
-    try:
-        import torch_pruning  # noqa: F401
-    except ImportError:
+    console, rows, section = Console(), Rows(), "bench_structured"
+    have_peer = importlib.util.find_spec("torch_pruning") is not None
+    if not have_peer:
         console.print("[yellow]torch_pruning not installed: comparison skipped (see docstring)")
+    if args.only_time:
+        section = "bench_structured_time"
     else:
-        versus_torch_pruning(rows, args.ratio, args.timeout, console)
-    rows.show("bench_structured", console)
+        realised_speedup(rows, args.repeats, args.min_run_time, console)
+        if have_peer:
+            versus_torch_pruning(rows, args.ratio, args.timeout, console)
+    if have_peer:
+        prune_time(rows, args.ratio, args.repeats, console)
+    rows.show(section, console)
     if args.write:
         protocol = rows.protocol("bench_structured.py", f"medians of {args.repeats} repeats")
-        write_section("bench_structured", ["", protocol, "", *rows.markdown()])
+        write_section(section, ["", protocol, "", *rows.markdown()])
 
 
 if __name__ == "__main__":

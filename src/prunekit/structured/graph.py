@@ -15,8 +15,11 @@ output produces the channels.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable, Sequence
+import gc
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -29,9 +32,11 @@ from prunekit.structured.trace import Trace, trace
 Ignore = Iterable[str | type[nn.Module]]
 
 
-@dataclass(frozen=True)
-class Member:
-    """Positions ``index`` of dimension ``dim`` of tensor ``name`` (a parameter or buffer)."""
+class Member(NamedTuple):
+    """Positions ``index`` of dimension ``dim`` of tensor ``name`` (a parameter or buffer).
+
+    A named tuple: a family view builds one per group and member tensor (cheaply).
+    """
 
     name: str
     dim: int
@@ -93,13 +98,26 @@ class Family:
     @property
     def groups(self) -> list[Group]:
         if self._groups is None:
-            parts = [
-                [Member(r.name, r.dim, index) for index in r.positions.split(r.counts.tolist())]
-                for r in self.runs
-            ]
-            rows = zip(*parts, strict=True)
-            self._groups = [Group(i, m) for i, m in zip(self.ids.tolist(), rows, strict=True)]
+            with _gc_paused():  # one object per group and member: cycle scans would dominate
+                parts = [
+                    [Member(r.name, r.dim, index) for index in r.positions.split(r.counts.tolist())]
+                    for r in self.runs
+                ]
+                rows = zip(*parts, strict=True)
+                self._groups = [Group(i, m) for i, m in zip(self.ids.tolist(), rows, strict=True)]
         return self._groups
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection inside (building many small acyclic objects)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 @dataclass
