@@ -197,9 +197,16 @@ def test_report_lists_pruned_and_dense_parameters_per_block() -> None:
     report = llm.prune(tiny_moe("qwen2_moe"), ids(), method="wanda", progress=False)
     table = report.block_table()
     assert [c.header for c in table.columns] == [
-        "block", "pruned", "sparsity", "share of block", "left dense"
+        "block", "pruned tensors", "sparsity", "share of block", "left dense"
     ]  # fmt: skip
     block = report.blocks[0]
+    assert block.pruned == ("self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                            "self_attn.v_proj.weight", "self_attn.o_proj.weight",
+                            "mlp.experts.gate_up_proj", "mlp.experts.down_proj",
+                            "mlp.shared_expert.gate_proj.weight",
+                            "mlp.shared_expert.up_proj.weight",
+                            "mlp.shared_expert.down_proj.weight",
+                            "mlp.shared_expert_gate.weight")  # fmt: skip
     assert block.dense == ("self_attn.q_proj.bias", "self_attn.k_proj.bias",
                            "self_attn.v_proj.bias", "mlp.gate.weight",
                            "input_layernorm.weight", "post_attention_layernorm.weight")  # fmt: skip

@@ -26,14 +26,15 @@ class LayerRecord:
 
 @dataclass(frozen=True)
 class BlockRecord:
-    """One block: how many of its parameters were pruned and to what sparsity, and the
-    parameters left dense (names relative to the block)."""
+    """One block: how many of its parameters were pruned and to what sparsity, the
+    parameters pruned and those left dense (names relative to the block)."""
 
     name: str
     numel: int
     pruned_numel: int
     zeros: int
     dense: tuple[str, ...]
+    pruned: tuple[str, ...] = ()
 
     @property
     def sparsity(self) -> float:
@@ -58,9 +59,11 @@ def block_records(
         covered = {_param_name(r.name[len(name) + 1 :]) for r in mine}
         params = dict(block.named_parameters())
         dense = tuple(n for n in params if _plain(n) not in covered)
+        pruned = tuple(_plain(n) for n in params if _plain(n) in covered)
         zeros = round(sum(r.sparsity * r.numel for r in mine))
         total = sum(p.numel() for p in params.values())
-        records.append(BlockRecord(name, total, sum(r.numel for r in mine), zeros, dense))
+        numel = sum(r.numel for r in mine)
+        records.append(BlockRecord(name, total, numel, zeros, dense, pruned))
     return records
 
 
@@ -148,9 +151,10 @@ class LLMPruneReport(TableReport):
         """Per block: sparsity over what was pruned, its share of the block's parameters,
         and the parameters left dense."""
         table = Table(title="blocks: pruned and dense parameters")
-        for col in ("block", "pruned", "sparsity", "share of block", "left dense"):
+        for col in ("block", "pruned tensors", "sparsity", "share of block", "left dense"):
             table.add_column(col, justify="left" if col in ("block", "left dense") else "right")
         for b in self.blocks:
-            table.add_row(b.name, f"{b.pruned_numel:,}", f"{b.sparsity:.2%}", f"{b.share:.1%}",
+            table.add_row(b.name, f"{len(b.pruned)} ({b.pruned_numel:,} weights)",
+                          f"{b.sparsity:.2%}", f"{b.share:.1%}",
                           ", ".join(b.dense))  # fmt: skip
         return table
