@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import fnmatch
 import gc
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -133,6 +133,22 @@ class DependencyGraph:
 
     def groups(self) -> list[Group]:
         return [g for f in self.families for g in f.groups]
+
+    def positions(self, removed: Mapping[str, Sequence[int]]) -> dict[tuple[str, int], Tensor]:
+        """Every member position of the ``removed`` groups (family name -> group numbers),
+        per ``(tensor name, dim)``, without building per-group objects."""
+        out: dict[tuple[str, int], list[Tensor]] = {}
+        for name, index in removed.items():
+            for runs in self.family(name).runs:
+                out.setdefault((runs.name, runs.dim), []).append(runs.select(index))
+        return {key: torch.cat(parts) for key, parts in out.items()}
+
+    def ids(self, removed: Mapping[str, Sequence[int]]) -> set[int]:
+        """The ids of the ``removed`` groups (family name -> group numbers)."""
+        out: set[int] = set()
+        for name, index in removed.items():
+            out.update(self.family(name).ids[torch.as_tensor(index, dtype=torch.long)].tolist())
+        return out
 
 
 def owner(name: str) -> str:
