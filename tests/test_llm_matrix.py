@@ -1,8 +1,9 @@
 """The model matrix (issue 15, item 6): tiny 2-block configs of every supported decoder
-family, each pruned by magnitude, Wanda and SparseGPT to exactly the stated sparsity on
-what it prunes (Linear / Conv1D layers and fused MoE experts; embeddings, head, norms and
-routers stay dense), then saved with ``save_pretrained`` and loaded with
-``from_pretrained`` to the same tensors and bit-identical logits."""
+family (MoE: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3), each pruned by
+magnitude, Wanda and SparseGPT to exactly the stated sparsity on what it prunes (Linear /
+Conv1D layers and fused MoE experts; embeddings, head, norms and routers stay dense), then
+saved with ``save_pretrained`` and loaded with ``from_pretrained`` to the same tensors and
+bit-identical logits."""
 
 from __future__ import annotations
 
@@ -41,6 +42,12 @@ CONFIGS: dict[str, dict[str, object]] = {
     "mixtral": {**_GQA, "num_local_experts": 4, "num_experts_per_tok": 2},
     "qwen2_moe": {**_GQA, **_MOE, "shared_expert_intermediate_size": 48},
     "qwen3_moe": {**_GQA, **_MOE, "head_dim": 8},
+    "olmoe": {**_ATTN, "num_experts": 4, "num_experts_per_tok": 2},
+    "deepseek_v3": {**_ATTN, "moe_intermediate_size": 32, "n_routed_experts": 4,
+                    "num_experts_per_tok": 2, "n_group": 1, "topk_group": 1,
+                    "first_k_dense_replace": 1, "n_shared_experts": 1, "q_lora_rank": 16,
+                    "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8,
+                    "v_head_dim": 8},
 }  # fmt: skip
 """Architecture (``model_type``) -> config overrides: hidden 32, 2 blocks."""
 

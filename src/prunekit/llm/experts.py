@@ -1,9 +1,9 @@
 """Fused mixture-of-experts weights, pruned expert by expert on the tokens routed to each.
 
-In transformers 5, Mixtral, Qwen2-MoE, Qwen3-MoE (and the other models whose experts
-module is built with ``use_experts_implementation``) store all experts of a block in one
-module as 3-D parameters, called as ``experts(hidden (tokens, hidden), top_k_index
-(tokens, k), top_k_weights (tokens, k))``:
+In transformers 5, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3 (and the other
+models whose experts module is built with ``use_experts_implementation``) store all
+experts of a block in one module as 3-D parameters, called as ``experts(hidden (tokens,
+hidden), top_k_index (tokens, k), top_k_weights (tokens, k))``:
 
     gate_up_proj  (experts, 2 * inter, hidden)   gate, up = (x @ gate_up_proj[e].T).chunk(2)
     down_proj     (experts, hidden, inter)       y_e = (act(gate) * up) @ down_proj[e].T
@@ -17,8 +17,8 @@ so it is no part of the input). A forward pre-hook on the experts module reads t
 router's decision (``top_k_index``) from its arguments, so any router and any
 ``experts_implementation`` (eager, grouped_mm...) gives the same statistics.
 
-Other layouts (transposed, interleaved gate/up, with biases, no gate) are not recognised
-here: their tensors stay dense and the report lists them as skipped.
+Other layouts (transposed, interleaved gate/up, with biases as in GPT-OSS, no gate) are
+not recognised here: their tensors stay dense and the report lists them as skipped.
 """
 
 from __future__ import annotations
