@@ -212,3 +212,25 @@ def test_profile_counts_layers_that_sparse_convert_replaced() -> None:
     assert [r.name for r in after.layers] == [r.name for r in before.layers]
     for key in ("params", "nonzero", "weight_params", "weight_nonzero", "dense_bytes"):
         assert getattr(after.total, key) == getattr(before.total, key), key
+
+
+def test_inputs_the_model_cannot_take_are_named() -> None:
+    from prunekit.errors import InvalidInputsError
+
+    with pytest.raises(InvalidInputsError, match=r"Sequential does not run on example_inputs"):
+        profile(mlp(), torch.randn(2, 3), latency=False)
+
+
+@pytest.mark.parametrize("seconds", [0, -1.0, float("nan"), float("inf"), 2**63, "1", True])
+def test_min_run_time_is_a_finite_number_of_seconds_up_to_an_hour(seconds: object) -> None:
+    with pytest.raises(PruningError, match=r"profile\.min_run_time="):
+        profile(mlp(), x_mlp(), min_run_time=seconds)
+
+
+def test_a_meta_device_model_is_refused_with_the_fix() -> None:
+    with torch.device("meta"):
+        model = mlp()
+    with pytest.raises(PruningError, match=r"meta device .*to_empty"):
+        profile(model, x_mlp(), latency=False)
+    with pytest.raises(PruningError, match=r"meta device .*to_empty"):
+        pk.sparsity(model)
