@@ -76,6 +76,7 @@ class RealTokens:
         self.current = self.tokens[index] if index < len(self.tokens) else None
 
     def rows(self, x: Tensor) -> Tensor:
+        """``x`` as ``(rows, features)``: the real tokens' rows of the current batch."""
         flat = x.detach().reshape(-1, x.shape[-1])
         keep = self.current
         if keep is None or flat.shape[0] != keep.numel():
