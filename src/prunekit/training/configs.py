@@ -17,7 +17,9 @@ between its settings are :class:`Rule` s, checked at construction like every fie
 
 Schedules are written in fractions of their training phase (``start=0.0, end=0.8``), so
 they stay valid whatever its length. Run-level arguments (the data, batch size, seed,
-progress, distributed) are not settings of a method: the caller passes them alongside.
+progress, distributed) are not settings of a method: the caller passes them alongside;
+their bounds (:data:`RUN`, :data:`COUNT`) are declared here too, and the pipelines'
+argument settings (``IterativeArgs``, ``LotteryArgs``) check them at entry.
 
     cfg = Lottery(sparsity=0.7, rounds=3, epochs=3)
     Lottery(sparsity=0.7, rewind=-1)   # PruningError: Lottery.rewind=-1 is neither ...
