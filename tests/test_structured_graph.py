@@ -1,0 +1,89 @@
+"""The vectorised dependency graph: union-find, family arrays and the per-group view agree."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from torch import nn
+
+from prunekit.structured import build
+from prunekit.structured.labels import FIXED, Atoms
+from prunekit.zoo import build_model, example_input
+
+
+def _reference_roots(n: int, pairs: list[tuple[int, int]]) -> list[int]:
+    """Plain union-find: every class labelled by its smallest atom."""
+    parent = list(range(n))
+
+    def find(a: int) -> int:
+        while parent[a] != a:
+            a = parent[a]
+        return a
+
+    for a, b in pairs:
+        ra, rb = find(a), find(b)
+        parent[max(ra, rb)] = min(ra, rb)
+    return [find(a) for a in range(n)]
+
+
+def test_union_find_matches_a_plain_one_on_random_unions() -> None:
+    rng = random.Random(0)
+    for trial in range(20):
+        atoms, n, pairs = Atoms(), rng.randint(1, 300), []
+        atoms.new(n)
+        for _ in range(rng.randint(0, 12)):
+            k = rng.randint(1, 40)
+            a = [rng.randrange(n) for _ in range(k)]
+            b = [rng.randrange(n) for _ in range(k)]
+            atoms.unite(torch.tensor(a), torch.tensor(b))
+            pairs += zip(a, b, strict=True)
+            if trial % 3 == 0:  # roots asked for between unions
+                assert atoms.find(a[0]) == _reference_roots(n, pairs)[a[0]]
+        assert atoms.all_roots().tolist() == _reference_roots(n, pairs)
+
+
+def test_fixed_blocks_the_other_side_and_rows_unite() -> None:
+    atoms = Atoms()
+    atoms.new(8)
+    atoms.unite(torch.tensor([0, FIXED]), torch.tensor([1, 2]))
+    atoms.unite_rows(torch.tensor([[3, 4, 5], [FIXED, 6, 7]]))
+    assert atoms.all_roots().tolist() == [0, 0, 2, 3, 3, 3, 6, 7]
+    assert atoms.blocked_roots() == {2, 6, 7}
+
+
+def test_family_arrays_give_the_groups_and_their_positions() -> None:
+    model = build_model("resnet20").eval()
+    graph = build(model, example_input("resnet20", 2))
+    for fam in graph.families:
+        assert len(fam) == len(fam.groups) and fam.ids.tolist() == [g.id for g in fam.groups]
+        for k, runs in enumerate(fam.runs):
+            for j, group in enumerate(fam.groups):
+                member = group.members[k]
+                assert (member.name, member.dim) == (runs.name, runs.dim)
+                assert torch.equal(member.index, runs.select([j]))
+    fam = graph.families[1]
+    removed = {fam.name: [0, 2]}
+    positions = graph.positions(removed)
+    for runs in fam.runs:
+        expected = torch.cat([fam.groups[i].members[fam.runs.index(runs)].index for i in (0, 2)])
+        assert torch.equal(positions[(runs.name, runs.dim)], expected)
+    assert graph.ids(removed) == {fam.groups[0].id, fam.groups[2].id}
+
+
+def test_a_residual_sum_is_one_family_across_both_branches() -> None:
+    class Residual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.head = nn.Linear(4, 6), nn.Linear(4, 6), nn.Linear(6, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.a(x) + self.b(x))
+
+    graph = build(Residual(), torch.randn(2, 4))
+    (fam,) = graph.families
+    assert len(fam) == 6
+    assert [(r.name, r.dim) for r in fam.runs] == [
+        ("a.bias", 0), ("a.weight", 0), ("b.bias", 0), ("b.weight", 0), ("head.weight", 1),
+    ]  # fmt: skip
+    assert all(r.counts.tolist() == [1] * 6 for r in fam.runs)
