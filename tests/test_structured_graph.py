@@ -58,10 +58,11 @@ def test_family_arrays_give_the_groups_and_their_positions() -> None:
     for fam in graph.families:
         assert len(fam) == len(fam.groups) and fam.ids.tolist() == [g.id for g in fam.groups]
         for k, runs in enumerate(fam.runs):
-            for j, group in enumerate(fam.groups):
-                member = group.members[k]
-                assert (member.name, member.dim) == (runs.name, runs.dim)
-                assert torch.equal(member.index, runs.select([j]))
+            members = [group.members[k] for group in fam.groups]
+            assert {(m.name, m.dim) for m in members} == {(runs.name, runs.dim)}
+            assert torch.equal(torch.cat([m.index for m in members]), runs.positions)
+            last = len(fam) - 1
+            assert torch.equal(runs.select([last]), members[last].index)
     fam = graph.families[1]
     removed = {fam.name: [0, 2]}
     positions = graph.positions(removed)
