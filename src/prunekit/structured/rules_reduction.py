@@ -59,7 +59,7 @@ def _statistic(tr: TraceState, func: Callable[..., Any], x: Tensor, dims: Any, o
 
 
 _STATISTICS = ("mean", "var", "std", "norm")
-_DIM_ARG = {"norm": (2, "dim"), "normalize": (2, "dim", 1)}
+_DIM_ARG = {"norm": (2, "dim"), "linalg_vector_norm": (2, "dim"), "normalize": (2, "dim", 1)}
 REDUCTION_OPS = [
     "sum",
     "mean",
@@ -70,6 +70,7 @@ REDUCTION_OPS = [
     "var",
     "std",
     "norm",
+    "linalg_vector_norm",
     "logsumexp",
     "prod",
     "softmax",

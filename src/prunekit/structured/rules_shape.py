@@ -37,10 +37,11 @@ def concat(tr: TraceState, func: Callable[..., Any], args: tuple, kwargs: dict, 
     """``cat`` along a dimension that is not the channels' (a class token before the patch
     tokens): the pieces' channels at the same position are one channel. Along the
     channels, or with pieces labelled along different dimensions: the generic rule."""
-    pieces, dim = list(args[0]), arg(args, kwargs, 1, "dim", 0)
-    labels = [tr.label(t) for t in pieces]
+    pieces = [t for t in args[0] if t.numel()]  # cat skips empty pieces (a fresh KV cache)
+    dim, labels = arg(args, kwargs, 1, "dim", 0), [tr.label(t) for t in pieces]
     dims = {lab.dim for lab in labels if lab is not None}
-    if len(dims) != 1 or not isinstance(out, Tensor) or dim % out.dim() in dims:
+    ranks = {t.dim() for t in pieces}
+    if len(dims) != 1 or ranks != {out.dim()} or dim % out.dim() in dims:
         return shape(tr, func, args, kwargs, out)
     d = dims.pop()
     found = [lab for lab in labels if lab is not None]
