@@ -29,11 +29,6 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```$", re.M | re.S)
 SKIP = re.compile(r"^# doc: skip \((.+)\)$", re.M)
 RUN = "# doc: run"
-# Blocks of files this test's owner may not edit yet, with why; strict: fixing one fails
-# here until its entry goes.
-NOT_YET = {
-    "docs/ARCHITECTURE.md:70": "uses model, x, lm and calibration_ids without defining them",
-}
 
 
 @dataclass(frozen=True)
@@ -108,9 +103,6 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
 
 @pytest.mark.parametrize("block", RUNNABLE, ids=lambda b: b.id)
 def test_python_block_runs(block: Block, results: dict[str, dict]) -> None:
-    if block.id in NOT_YET:
-        assert results[block.id]["error"] is not None, f"{block.id} runs now: drop NOT_YET"
-        pytest.xfail(NOT_YET[block.id])
     assert results[block.id]["error"] is None, results[block.id]["error"]
 
 
