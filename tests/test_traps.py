@@ -227,19 +227,22 @@ def tiny_mixtral() -> nn.Module:
     return transformers.MixtralForCausalLM(config)
 
 
-def test_moe_expert_tensors_are_reported_as_skipped() -> None:
+def test_moe_experts_are_pruned_by_the_llm_engine_and_reported_elsewhere() -> None:
     ids = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(0))
     model = tiny_mixtral()
     experts = {n: p.numel() for n, p in model.named_parameters() if ".mlp." in n}
     assert {n.rsplit(".", 1)[-1] for n in experts} == {"weight", "gate_up_proj", "down_proj"}
+    routers = {n for n in experts if n.endswith("gate.weight")}
     report = pk.llm.prune(model, ids, sparsity=0.5, progress=False)
-    assert {n for n, _ in report.skipped} == set(experts)
-    assert report.skipped_numel == sum(experts.values())
-    assert (
-        "3-D parameter 4x128x32 of MixtralExperts"
-        in dict(report.skipped)["model.layers.0.mlp.experts.gate_up_proj"]
-    )
-    assert f"of {report.numel:,} weights in 8 layers; 6 tensors" in report.summary()
+    # Fused 3-D experts are pruned expert by expert; only the routers stay dense, and say so.
+    assert {n for n, _ in report.skipped} == routers
+    assert "MixtralTopKRouter" in dict(report.skipped)["model.layers.0.mlp.gate.weight"]
+    fused = dict(model.named_parameters())
+    for name in set(experts) - routers:
+        for expert in fused[name]:
+            assert int((expert == 0).sum()) == expert.numel() // 2, name
+    assert "2 tensors in the blocks (256 weights) skipped" in report.summary()
+    # The mask engine prunes Linear / Conv weights only: the 3-D experts are reported.
     report = pk.prune(tiny_mixtral(), 0.5)
     assert {n for n, _ in report.skipped} == set(experts)
     assert f"in 10 layers; 6 skipped ({sum(experts.values()):,} weights)" in report.summary()
