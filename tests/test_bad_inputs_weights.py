@@ -306,18 +306,11 @@ def run(name: str, op: str, tmp: Path) -> None:
         assert_close(outputs(model, the_op.x), dense)
 
 
-OPEN = frozenset(
-    {
-        ("inf", "shrink"),
-    }
-)
-"""Pairs with an open defect (docs/RELIABILITY.md, "Open cases"), left out until their
-fix lands: then they move back into :data:`MATRIX`."""
 MATRIX = [
     (name, op)
     for name in VARIANTS
     for op in OPS
-    if (name, op) not in OPEN and not (name == "zero-size" and OPS[op].make is tiny_lm)
+    if not (name == "zero-size" and OPS[op].make is tiny_lm)
 ]
 
 
