@@ -157,9 +157,9 @@ def prune(
         UsageError: ``owl_m`` not a finite real > 0, ``owl_lambda`` not one in [0, 0.5),
             ``blocks`` neither None nor a string, ``batch_size`` not an int in 1..2**31,
             ``progress`` / ``keep_masks`` not bools (:mod:`prunekit.llm.arguments`).
-        PruningError subclasses for a bad method, sparsity, allocation, calibration, N:M
-        not dividing a layer's input size, or blocks that cannot be found; all are
-        checked before the model is touched.
+        PruningError: subclasses for a bad method, sparsity, allocation, calibration,
+            N:M not dividing a layer's input size, or blocks that cannot be found; all are
+            checked before the model is touched.
 
     Example:
         >>> report = pk.llm.prune(model, ids[:128, :256], method="wanda", sparsity=0.5)

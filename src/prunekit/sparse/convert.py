@@ -229,8 +229,12 @@ def convert(
         A :class:`ConvertReport` of every selected layer's format, bytes and reason.
 
     Raises:
-        UnknownChoiceError, NoLayersError, IncompatibleLayerError, NotSparseEnoughError,
-        NotNMError, CudaRequiredError: before any layer is replaced (model unchanged).
+        UnknownChoiceError: an unknown format; before any layer is replaced.
+        NoLayersError: ``layers`` / ``exclude`` select nothing (model unchanged).
+        IncompatibleLayerError: a selected layer the format cannot hold (model unchanged).
+        NotSparseEnoughError: a layer too dense for the format (model unchanged).
+        NotNMError: a layer that is not N:M for ``nm`` (model unchanged).
+        CudaRequiredError: a CUDA-only format on CPU (model unchanged).
 
     Example:
         >>> pk.prune(model, 0.9)
