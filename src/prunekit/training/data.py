@@ -90,13 +90,15 @@ def train_tensors(data: Any) -> tuple[Tensor, Tensor] | None:
 def steps_per_epoch(data: TrainData, batch_size: int = 64) -> int:
     """Optimizer steps of one epoch over ``data``: ``ceil(n / batch_size)`` for ``n``
     examples in memory (the last batch may be short), else ``len(data)``."""
-    epoch = training_batches(data, batch_size, seed=0)
-    if not isinstance(epoch, Sized):
+    xy = train_tensors(data)
+    if xy is not None:
+        return -(-len(xy[0]) // batch_size)
+    if not isinstance(data, Sized):
         raise PruningError(
             f"training data of type {type(data).__name__} has no len(), so its steps per "
             "epoch are unknown; Fix: a list of batches or a DataLoader over a sized dataset."
         )
-    return len(epoch)
+    return len(data)
 
 
 @torch.no_grad()
@@ -119,9 +121,20 @@ def accuracy_on(x: Tensor, y: Tensor, model: nn.Module, batch_size: int = 512) -
 
 def training_batches(data: TrainData, batch_size: int, seed: int) -> Iterable[Any]:
     """The batches of one training run on ``data``: in memory, a fresh :class:`Shuffled`
-    of ``seed``; otherwise ``data`` itself."""
+    of ``seed``; otherwise ``data`` itself, its own ``generator`` (a DataLoader's, which
+    its shuffling sampler draws from) first seeded with ``seed``.
+
+    So every run's order is a function of ``seed`` alone, and a resumed pipeline draws
+    the orders of an uninterrupted one. A DataLoader without a ``generator`` shuffles
+    from torch's global RNG, which the checkpoints save and restore.
+    """
     xy = train_tensors(data)
-    return data if xy is None else Shuffled(*xy, batch_size, seed)
+    if xy is not None:
+        return Shuffled(*xy, batch_size, seed)
+    generator = getattr(data, "generator", None)
+    if isinstance(generator, torch.Generator):
+        generator.manual_seed(seed)
+    return data
 
 
 @dataclass(frozen=True)
