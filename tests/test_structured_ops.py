@@ -6,6 +6,7 @@ auxiliary heads of GoogLeNet / Inception-v3). Each shrinks exactly."""
 from __future__ import annotations
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -166,3 +167,23 @@ def test_training_only_branches_are_traced_and_resized() -> None:
     pk.shrink(model, x, ratio=0.5)
     model.train()
     model(x)[1].sum().backward()
+
+
+def test_verify_runs_training_only_branches(monkeypatch) -> None:
+    """A surgery that breaks the aux head (only training runs it) is caught and undone."""
+    shrink_module = importlib.import_module("prunekit.structured.shrink")
+    remove = shrink_module.remove
+
+    def broken(model, graph, removed):
+        out = remove(model, graph, removed)
+        model.aux[0].weight = nn.Parameter(model.aux[0].weight[:, :3].clone())
+        return out
+
+    torch.manual_seed(0)
+    model, x = AuxHeadNet(), torch.randn(2, 3, 6, 6)
+    model(x)
+    model.eval()
+    monkeypatch.setattr(shrink_module, "remove", broken)
+    with pytest.raises(pk.PruningError, match="does not run in train mode"):
+        pk.shrink(model, x, ratio=0.5)
+    assert model.aux[0].weight.shape == (8, 16, 1, 1) and not model.training

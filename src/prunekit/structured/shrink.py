@@ -287,10 +287,12 @@ def _approximate_note(graph: DependencyGraph, result: Check | None) -> str:
     )
 
 
-def _verify(model: nn.Module, found: list[Probe], saved: Snapshot, exact: bool) -> Check:
+def _verify(
+    model: nn.Module, found: list[Probe], saved: Snapshot, exact: bool, train: bool
+) -> Check:
     """:func:`~prunekit.structured.verify.check`, undoing the removal if it fails."""
     try:
-        return check(model, found, exact)
+        return check(model, found, exact, train)
     except ShrinkVerificationError as exc:
         restore(model, saved)
         raise ShrinkVerificationError(
@@ -367,7 +369,9 @@ def shrink(
         bake(model)
     saved = snapshot(model)
     changes, notes = remove(model, graph, removed)
-    result = _verify(model, found, saved, not approximate) if found is not None else None
+    result = None
+    if found is not None:
+        result = _verify(model, found, saved, not approximate, graph.trace.trained)
     if approximate:
         notes.append(_approximate_note(graph, result))
     elif result is not None and result.note:

@@ -54,6 +54,7 @@ class Trace:
     # (tensor name, dim) whose atoms label some operation's output, in call order
     producers: list[tuple[str, int]] = field(default_factory=list)
     norms: int = 0  # normalisations approximate mode let channels through
+    trained: bool = False  # a train-mode pass ran (some module runs only in training)
 
 
 class Tracer(TorchFunctionMode):
@@ -135,7 +136,7 @@ def _positional(module: nn.Module, args: tuple, kwargs: dict) -> tuple:
 
 
 @contextmanager
-def _buffers_kept(model: nn.Module) -> Iterator[None]:
+def buffers_kept(model: nn.Module) -> Iterator[None]:
     """Put every buffer's values back afterwards (a train-mode pass updates BatchNorm's)."""
     saved = [(b, b.detach().clone()) for b in model.buffers()]
     try:
@@ -163,8 +164,10 @@ def trace(model: nn.Module, inputs: Inputs) -> Trace:
     idle = [n for n, m in model.named_modules()
             if n not in tracer.ran and any(True for _ in m.parameters(recurse=False))]  # fmt: skip
     if idle:  # dropout draws from the global generator: fork it
-        with _buffers_kept(model), torch.random.fork_rng(devices=[]):
+        with buffers_kept(model), torch.random.fork_rng(devices=[]):
             _pass(tracer, model, inputs, training=True)
     state = tracer.state
     aliases = {names[0]: names for names in state.names.values()}
-    return Trace(state.atoms, state.members, aliases, state.heads, state.producers, state.norms)
+    return Trace(
+        state.atoms, state.members, aliases, state.heads, state.producers, state.norms, bool(idle)
+    )

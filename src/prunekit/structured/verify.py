@@ -36,10 +36,11 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
 from prunekit.errors import InvalidWeightError, ShrinkVerificationError
-from prunekit.inputs import Inputs, call_eval
+from prunekit.inputs import Inputs, call, call_eval, set_mode
 from prunekit.structured.graph import Group
 from prunekit.structured.state import output_tensors
 from prunekit.structured.surgery import size_attributes
+from prunekit.structured.trace import buffers_kept
 
 RTOL = 1e-4
 WEAK = 1e-3
@@ -163,12 +164,27 @@ class Check:
     note: str
 
 
-def check(model: nn.Module, found: Sequence[Probe], exact: bool = True) -> Check:
+def _train_mode_problem(model: nn.Module, inputs: Inputs) -> str:
+    """Whether ``model`` fails in train mode (a branch only training runs), as a message;
+    BatchNorm statistics and the global generator are put back."""
+    try:
+        fork = torch.random.fork_rng(devices=[])
+        with set_mode(model, True), torch.no_grad(), buffers_kept(model), fork:
+            call(model, inputs)
+    except Exception as exc:  # any failure of the shrunk model is reported
+        return f"the shrunk model does not run in train mode ({type(exc).__name__}: {exc})"
+    return ""
+
+
+def check(
+    model: nn.Module, found: Sequence[Probe], exact: bool = True, train: bool = False
+) -> Check:
     """Compare ``model`` (shrunk) with every probe; raise ShrinkVerificationError if it
-    does not run, or (``exact``) on a mismatch (the caller undoes the removal). Not
-    ``exact``: the deviation is measured, never refused."""
-    deviation, problem = 0.0, ""
-    for probe in found:
+    does not run (with ``train``, in train mode too), or (``exact``) on a mismatch (the
+    caller undoes the removal). Not ``exact``: the deviation is measured, never refused."""
+    problem = _train_mode_problem(model, found[0].inputs) if train else ""
+    deviation = 0.0
+    for probe in found if not problem else ():
         try:
             actual = outputs(model, probe.inputs)
         except Exception as exc:  # any failure of the shrunk model is reported
