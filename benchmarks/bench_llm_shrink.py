@@ -52,8 +52,8 @@ NOTE = (
     "figures come from, that is not trainable in a session (the 3.2M zoo LM alone takes "
     "7-16 minutes to train), so the default teacher is a smaller variant of the zoo LM "
     "trained by the same recipe, and `--teacher ~/.cache/prunekit/char-llama` runs the same "
-    "comparison on the zoo LM itself. Throughput is CPU `generate` (2 threads) on a shared "
-    "machine: compare the rows of one run (interleaved repeats), not across runs."
+    "comparison on the zoo LM itself. Throughput is CPU `generate` (threads as above) on a "
+    "shared machine: compare the rows of one run (interleaved repeats), not across runs."
 )
 SHAPES = {  # name: pk.llm.shrink settings (target ~50% of the parameters)
     "width": dict(target_params=0.5, depth_fraction=0.0),
