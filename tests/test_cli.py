@@ -63,7 +63,8 @@ def test_shrink_command_saves_a_loadable_model(
 ) -> None:
     assert main(["shrink", "--model", "vgg", "--ratio", "0.5", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "prunekit shrink" in out and "faster" in out
+    assert "prunekit shrink" in out and "speed-up (batch 1): " in out
+    assert "interleaved repeats" in out and "load " in out and "x fewer" in out
     loaded = prunekit.load_shrunk(zoo.build_model("vgg"), tmp_path)
     assert loaded.features[0].out_channels == 8
 

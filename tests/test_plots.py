@@ -179,3 +179,13 @@ def test_density_and_latency_axes() -> None:
     ax = fig.axes[0]
     assert ax.get_xlabel() == "eff. MACs" and ax.get_ylim()[0] == 0
     assert ax.xaxis.get_major_formatter()(1e6, 0) == "1 M"
+
+
+def test_latency_points_with_an_error_get_error_bars() -> None:
+    fig = plots.plot_latency_vs_macs({"a": [(2e6, 1.0, 0.2), (1e6, 0.6, 0.1)]})
+    (bars,) = fig.axes[0].containers
+    assert bars.has_yerr
+    segments = bars.lines[2][0].get_segments()  # one vertical segment per point, sorted by MACs
+    assert [tuple(seg[:, 1].round(6)) for seg in segments] == [(0.5, 0.7), (0.8, 1.2)]
+    with pytest.raises(pk.PruningError, match="not \\(macs, latency_ms\\)"):
+        plots.plot_latency_vs_macs({"a": [(1e6,)]})  # type: ignore[list-item]

@@ -21,6 +21,7 @@ SEEDS = (0, 1)
 GRID = (0.5, 0.8)
 DATA = zoo.load_dataset("digits", flat=True)
 sweep_mod = importlib.import_module("prunekit.analysis.sweep")  # the attribute is the function
+timing_mod = importlib.import_module("prunekit.analysis.timing")
 
 
 def build_and_train(seed: int) -> nn.Module:
@@ -104,6 +105,7 @@ def test_rows_curves_and_table_feed_csv_json_and_plots(report: SweepReport) -> N
     plot_accuracy_vs_sparsity(curves)
     series = report.latency_vs_macs()
     assert [len(s) for s in series.values()] == [1 + len(GRID)] * 2
+    assert all(len(point) == 3 and point[2] >= 0 for s in series.values() for point in s)
     plot_latency_vs_macs(series)
     text = str(report)
     assert "random" in text and "global" in text and "±" in text
@@ -170,11 +172,11 @@ def _timed_models(monkeypatch: pytest.MonkeyPatch, materialize: str) -> list[nn.
     """Run a one-seed row-pruning sweep; return the (dense, pruned) models timed together."""
     timed: list[nn.Module] = []
 
-    def record(models, example_inputs, min_run_time):  # the real one is timing, not tested here
+    def record(models, example_inputs, min_run_time, rounds):  # the real one is timing's
         timed.extend(models)
-        return [1e-3] * len(models)
+        return [[1e-3] * rounds for _ in models]
 
-    monkeypatch.setattr(sweep_mod, "measure_latencies", record)
+    monkeypatch.setattr(timing_mod, "_turns", record)
     sweep(
         build_and_train,
         accuracy,

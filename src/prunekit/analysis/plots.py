@@ -367,24 +367,33 @@ def plot_accuracy_vs_sparsity(
 
 
 def plot_latency_vs_macs(
-    points: Mapping[str, Sequence[tuple[float, float]]],
+    points: Mapping[str, Sequence[tuple[float, ...]]],
     path: PathLike = None,
     xlabel: str = "MACs per forward pass",
 ) -> Figure:
-    """Measured latency against MACs: ``{series: [(macs, latency_ms), ...]}``, one line
-    with markers per series (e.g. per method, one point per operating point); the y axis
-    starts at 0 so that a flat series reads as flat."""
+    """Measured latency against MACs: ``{series: [(macs, latency_ms[, error_ms]), ...]}``,
+    one series per name (e.g. per method, one point per operating point). With an error
+    (e.g. the std over seeds, :meth:`~prunekit.analysis.SweepReport.latency_vs_macs`) each
+    point gets an error bar of +- error; the y axis starts at 0 so that a flat series reads
+    as flat."""
     if not points or any(not series for series in points.values()):
         raise PruningError("points is empty; Fix: pass {name: [(macs, latency_ms), ...]}")
+    if any(len(p) not in (2, 3) for series in points.values() for p in series):
+        raise PruningError(
+            "a point is not (macs, latency_ms) or (macs, latency_ms, error_ms); "
+            "Fix: pass {name: [(macs, latency_ms, error_ms), ...]}"
+        )
     fig = _figure(7.5, 5)
     ax = fig.add_subplot()
     for name, series in points.items():
-        macs, latency = zip(*sorted(series), strict=True)
-        ax.plot(macs, latency, marker="o", label=name)
+        rows = sorted(series)
+        macs, latency = [p[0] for p in rows], [p[1] for p in rows]
+        errors = [p[2] if len(p) == 3 else 0.0 for p in rows]
+        ax.errorbar(macs, latency, yerr=errors, marker="o", capsize=3, label=name)
     ax.set_xlabel(xlabel)
     ax.xaxis.set_major_formatter(EngFormatter())
     ax.set_ylabel("latency (ms)")
     ax.set_ylim(bottom=0)
-    ax.set_title("Measured latency vs MACs")
+    ax.set_title("Measured latency vs MACs (error bars: ± error)")
     ax.legend()
     return _finish(fig, path)

@@ -28,20 +28,19 @@ kernel or storage format could reach, not what the model runs.
 
 from __future__ import annotations
 
-import statistics
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 from rich.table import Table
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
-from torch.utils import benchmark
 
+from prunekit.analysis.timing import MIN_RUN_TIME, measure_latency
+from prunekit.analysis.timing import measure_latencies as measure_latencies  # re-exported
 from prunekit.cost import count_macs as count_macs  # re-exported for callers of this module
 from prunekit.cost import csr_bytes, macs_per_module, nm_bytes
 from prunekit.errors import InvalidInputsError, NoLayersError, PruningError, first_line
-from prunekit.inputs import Inputs, call, eval_mode
+from prunekit.inputs import Inputs, eval_mode
 from prunekit.layers import (
     Layer,
     Selector,
@@ -50,7 +49,7 @@ from prunekit.layers import (
     to_canonical,
     weight_param,
 )
-from prunekit.spec import between, checked
+from prunekit.spec import checked
 from prunekit.tables import TableReport
 
 _NOTE = (
@@ -173,42 +172,6 @@ def _cells(p: LayerProfile) -> tuple[str, ...]:
     )
 
 
-def measure_latency(model: nn.Module, example_inputs: Inputs, min_run_time: float = 0.2) -> float:
-    """Median seconds of ``model`` on ``example_inputs`` (see :mod:`prunekit.inputs`), in eval
-    mode under ``torch.inference_mode``.
-
-    One warm-up call, then ``torch.utils.benchmark.Timer.blocked_autorange`` for at least
-    ``min_run_time`` seconds with ``torch.get_num_threads()`` threads.
-    """
-    return measure_latencies([model], example_inputs, min_run_time, rounds=1)[0]
-
-
-def measure_latencies(
-    models: Sequence[nn.Module],
-    example_inputs: Inputs,
-    min_run_time: float = 0.2,
-    rounds: int = 3,
-) -> list[float]:
-    """Median seconds of each of ``models``, timed in ``rounds`` interleaved turns.
-
-    Each turn times every model in order (as :func:`measure_latency`, ``min_run_time /
-    rounds`` seconds each), so a change of load on a shared machine falls on all of them
-    alike; a model's result is the median of its turns. Use it for speed-up ratios.
-    """
-    per_model: list[list[float]] = [[] for _ in models]
-    for _ in range(rounds):
-        for model, times in zip(models, per_model, strict=True):
-            with eval_mode(model), torch.inference_mode():
-                call(model, example_inputs)
-                timer = benchmark.Timer(
-                    stmt="call(model, inputs)",
-                    globals={"call": call, "model": model, "inputs": example_inputs},
-                    num_threads=torch.get_num_threads(),
-                )
-                times.append(timer.blocked_autorange(min_run_time=min_run_time / rounds).median)
-    return [statistics.median(times) for times in per_model]
-
-
 def _kind(module: nn.Module) -> str:
     # parametrize swaps the class for a "Parametrized<Class>" subclass; show the original.
     cls = type(module).__bases__[0] if parametrize.is_parametrized(module) else type(module)
@@ -287,9 +250,6 @@ def _chosen(model: nn.Module, layers: Selector) -> list[Layer]:
         if layers is not None or not _converted(model, {}):
             raise
         return []
-
-
-MIN_RUN_TIME = between(0.0, 3600.0, open_low=True)  # seconds: a call that ends
 
 
 def _counted(model: nn.Module, example_inputs: Inputs) -> tuple[dict[nn.Module, int], int]:

@@ -11,8 +11,8 @@ Per point, over the prunable layers, with ``P`` params, ``Z`` nonzeros, ``M`` MA
 
 compression ratio       ``P_dense / Z``
 theoretical speed-up    ``M_dense / E`` (what a kernel skipping every zero could reach)
-measured speed-up       ``t_dense / t``, both timed in interleaved turns
-                        (:func:`~prunekit.analysis.measure_latencies`)
+measured speed-up       ``t_dense / t``, medians of the same 3 interleaved turns
+                        (:func:`~prunekit.analysis.speedup`); its spread is that over seeds
 
 What is timed is the model as ``materialize`` makes it: ``"masks"`` runs the baked dense
 weights (zeros still multiplied, so ~1x), ``"shrink"`` removes every all-zero channel /
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import statistics
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
@@ -35,8 +36,9 @@ from rich.table import Table
 from torch import nn
 
 from prunekit.allocation import check_sparsity
-from prunekit.analysis.profile import measure_latencies, profile
+from prunekit.analysis.profile import profile
 from prunekit.analysis.sensitivity import Evaluate, _score
+from prunekit.analysis.timing import measure_latencies, speedup
 from prunekit.errors import SweepError
 from prunekit.inputs import Inputs, batch_size
 from prunekit.masks import bake
@@ -59,7 +61,9 @@ class SweepPoint:
     """One (method, sparsity, seed); the dense point has method ``"dense"``, sparsity 0.
 
     ``dense_latency_ms`` is the dense model's latency timed in turns with this one (its
-    own for the dense point); ``measured_speedup = dense_latency_ms / latency_ms``.
+    own for the dense point), both medians of the same interleaved turns
+    (:func:`~prunekit.analysis.speedup`); ``measured_speedup = dense_latency_ms /
+    latency_ms``, its spread that over seeds (:meth:`SweepReport.summary`).
     """
 
     method: str
@@ -136,15 +140,20 @@ class SweepReport(TableReport):
                 curve[sparsity] = [p.metric for p in group]
         return curves
 
-    def latency_vs_macs(self) -> dict[str, list[tuple[float, float]]]:
-        """``{method: [(mean effective MACs, mean latency ms), ...]}``, dense point first,
-        for :func:`~prunekit.analysis.plots.plot_latency_vs_macs`."""
+    def latency_vs_macs(self) -> dict[str, list[tuple[float, float, float]]]:
+        """``{method: [(mean effective MACs, mean latency ms, std latency ms), ...]}`` over
+        seeds, dense point first, for :func:`~prunekit.analysis.plots.plot_latency_vs_macs`
+        (error bars)."""
         xy = {
-            (r["method"], r["sparsity"]): (r["effective_macs_mean"], r["latency_ms_mean"])
+            (r["method"], r["sparsity"]): (
+                r["effective_macs_mean"],
+                r["latency_ms_mean"],
+                r["latency_ms_std"],
+            )
             for r in self.summary()
         }
         dense = xy.pop((DENSE, 0.0))
-        series: dict[str, list[tuple[float, float]]] = {}
+        series: dict[str, list[tuple[float, float, float]]] = {}
         for (method, _), point in xy.items():
             series.setdefault(str(method), [dense]).append(point)
         return series
@@ -235,9 +244,11 @@ def _point(
         (latency,) = measure_latencies([model], timing.example_inputs, timing.min_run_time)
         ref_latency, ref_params, ref_macs = latency, total.params, total.macs
     else:
-        ref_latency, latency = measure_latencies(
-            [dense[1], _materialized(model, timing)], timing.example_inputs, timing.min_run_time
-        )
+        with warnings.catch_warnings():  # the spread over seeds is the sweep's error bar
+            warnings.simplefilter("ignore", UserWarning)
+            timed = speedup(dense[1], _materialized(model, timing), timing.example_inputs,
+                            repeats=3, min_run_time=timing.min_run_time)  # fmt: skip
+        ref_latency, latency = timed.latency_a_s, timed.latency_b_s
         ref_params, ref_macs = dense[0].params, dense[0].macs
     return SweepPoint(
         *key,
