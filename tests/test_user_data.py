@@ -5,6 +5,7 @@ over a shuffled DataLoader equals an uninterrupted one bit for bit."""
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -122,7 +123,9 @@ class Interrupt(Exception):
 
 
 @pytest.mark.parametrize("generator", [False, True], ids=["global-rng", "own-generator"])
-def test_resumed_lottery_on_a_shuffled_dataloader_is_bit_exact(tmp_path, monkeypatch, generator):
+def test_resumed_lottery_on_a_shuffled_dataloader_is_bit_exact(
+    tmp_path, monkeypatch, caplog, generator
+):
     def run(directory, global_seed=123):
         torch.manual_seed(global_seed)  # what a generator-less DataLoader shuffles from
         data = loader(generator=generator)
@@ -143,6 +146,10 @@ def test_resumed_lottery_on_a_shuffled_dataloader_is_bit_exact(tmp_path, monkeyp
         run(tmp_path / "ckpt")
     monkeypatch.undo()
     assert json.loads((tmp_path / "ckpt" / checkpoint.STATE).read_text())["round"] == 1
+    caplog.set_level(logging.INFO, logger="prunekit")
     resumed = run(tmp_path / "ckpt", global_seed=999)  # a new process: the checkpoint's RNG
+    assert (
+        f"lottery: resuming from round 2 of 3 (checkpoint {tmp_path / 'ckpt'})" in caplog.messages
+    )
     for key, value in whole.state_dict().items():
         assert torch.equal(resumed.state_dict()[key], value), key

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -63,6 +64,7 @@ STATE = "state.json"
 FORMAT = 3  # 2: save_round keys "model." and "extra."; 3: sealed by "digest"
 _MODEL = "model."
 _TENSORS = re.compile(r"round-\d{4,}\.safetensors")
+logger = logging.getLogger(__name__)
 
 
 def _rng_json() -> dict[str, Any]:
@@ -348,6 +350,17 @@ def _check_model(path: Path, model: nn.Module, state: dict[str, Tensor]) -> None
         )
 
 
+def _log_resume(identity: dict[str, Any], done: int, directory: str | Path) -> None:
+    """Say, through :mod:`logging`, which round a resumed run goes on with."""
+    rounds = identity.get("config", {}).get("rounds")
+    name = identity.get("pipeline", "run")
+    if rounds is not None and done >= rounds:
+        logger.info("%s: all %d rounds done in checkpoint %s", name, rounds, directory)
+    else:
+        logger.info("%s: resuming from round %d of %s (checkpoint %s)", name, done + 1,
+                    rounds, directory)  # fmt: skip
+
+
 def resume(
     directory: str | Path | None, identity: dict[str, Any], model: nn.Module, *, sync: bool = False
 ) -> Resumed | None:
@@ -368,6 +381,7 @@ def resume(
     _check_model(Path(directory) / STATE, model, state)
     load_masked(model, state)
     saved.restore_rng()
+    _log_resume(identity, saved.round, directory)
     if distributed.is_writer(sync):  # resumed: what interrupted saves left can go
         _clean(Path(directory), f"round-{saved.round:04d}.safetensors")
     return Resumed(saved.round, saved.state, fields.prefixed(saved.tensors, fields.EXTRA))

@@ -17,6 +17,7 @@ ticket is "winning" when it beats that control.
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -41,6 +42,7 @@ from prunekit.training.distributed import MaskSync
 from prunekit.training.loop import Evaluate, Step, fit
 
 Rewind = Literal["init"] | int
+logger = logging.getLogger(__name__)
 _ORIGINAL = ".parametrizations.weight.original"
 
 
@@ -357,6 +359,8 @@ def lottery(
         history.append(
             RoundResult(r, kept_share(layers), run.best_epoch, run.accuracy, run.final, control_acc)
         )
+        logger.info("lottery round %d of %d: %.2f%% of the weights left, accuracy %.4f", r,
+                    rounds, 100 * history[-1].remaining, run.accuracy)  # fmt: skip
         if checkpoint_dir is not None:
             state = {"rewind": k, "history": [vars(h) for h in history]}
             checkpoint.save_round(checkpoint_dir, r, model, identity, state, theta,

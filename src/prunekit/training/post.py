@@ -15,6 +15,7 @@ goes in a round:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,8 @@ from prunekit.training.configs import COUNT, COUNT_OR_NONE, LR, RUN
 from prunekit.training.data import TrainData, source
 from prunekit.training.distributed import MaskSync
 from prunekit.training.loop import Evaluate, check_fit, fit
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -258,6 +261,8 @@ def iterative_pruning(
         fit(model, src.batches(seed + k), **training, **train_kwargs)
         total = sparsity(model, layers, exclude).total
         report.rounds.append(Round(k, total, pruned, accuracy()))
+        logger.info("iterative pruning round %d of %d: sparsity %.2f%%, accuracy %.4f", k,
+                    rounds, 100 * total, report.rounds[-1].retrained_accuracy)  # fmt: skip
         if checkpoint_dir is not None:
             state = {"dense": report.dense_accuracy, "rounds": [vars(r) for r in report.rounds]}
             checkpoint.save_round(checkpoint_dir, k, model, identity, state, sync=sync)
