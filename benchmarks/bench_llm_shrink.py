@@ -175,6 +175,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--quick", action="store_true", help="a few steps, for a smoke run")
     p.add_argument("--write", action="store_true", help="write BENCHMARKS.md and docs")
     args = p.parse_args()
@@ -218,6 +219,8 @@ def teacher_of(args: argparse.Namespace, console: Console):
 
 def main() -> None:
     args = parse()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     console, rows = Console(), Rows()
     teacher, tok, teacher_line = teacher_of(args, console)
     held_out = lm.held_out_ids(tok.encode)
