@@ -63,3 +63,20 @@ def test_a_resumed_run_says_from_which_round(tmp_path, caplog):
     caplog.clear()
     run()
     assert f"iterative_pruning: all 2 rounds done in checkpoint {tmp_path}" in caplog.messages
+
+
+def test_cli_v_and_q_set_the_prunekit_logger_level(monkeypatch, capsys):
+    from prunekit import cli
+
+    monkeypatch.setattr(tables.logger, "handlers", [])
+    monkeypatch.setattr(tables.logger, "level", logging.NOTSET)
+    seen = []
+    monkeypatch.setitem(cli.COMMANDS, "demo", lambda args, console: seen.append(args.log_level))
+    for flags, level in (([], logging.INFO), (["-v"], logging.DEBUG), (["-q"], logging.WARNING)):
+        assert cli.main([*flags, "demo"]) == 0
+        assert tables.logger.level == level == seen[-1]
+        assert len(tables.logger.handlers) == 1  # replaced, not stacked
+    tables.logger.warning("shown")
+    tables.logger.info("hidden")
+    assert capsys.readouterr().err.endswith(" shown\n")
+    assert cli.main(["-v", "-q", "demo"]) == 2  # one or the other

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import logging
 from functools import partial
 from pathlib import Path
 
@@ -55,6 +56,7 @@ from prunekit.demo import run_demo, wide_console
 from prunekit.errors import MissingDataError, PruningError
 from prunekit.model_spec import LoadedSpec
 from prunekit.spec import PruneSpec
+from prunekit.tables import log_to_stderr
 
 PRUNE_HELP = """Prune a model and save it with the masks baked in.
 
@@ -94,6 +96,12 @@ def _prune_parser(commands: argparse._SubParsersAction) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = cli_model.Parser(prog="prunekit", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"prunekit {pk.__version__}")
+    talk = parser.add_mutually_exclusive_group()
+    talk.add_argument("-v", "--verbose", dest="log_level", action="store_const",
+                      const=logging.DEBUG, default=logging.INFO,
+                      help="log debug lines too (progress also beside a bar)")  # fmt: skip
+    talk.add_argument("-q", "--quiet", dest="log_level", action="store_const",
+                      const=logging.WARNING, help="log warnings only")  # fmt: skip
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser(
@@ -246,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
     try:
         args = _parser().parse_args(argv)
+        log_to_stderr(args.log_level)
         COMMANDS[args.command](args, wide_console())
     except SystemExit as exit_:  # --help and --version
         return int(exit_.code or 0)

@@ -1,8 +1,9 @@
 """Rich output: reports that show themselves as one rich table, and the progress of long
 work, shown as a transient rich bar on a terminal and reported through :mod:`logging`.
 
-Every progress (:func:`progress_bar`) logs plain lines to the ``"prunekit"`` logger at
-INFO, at most one every :data:`LOG_INTERVAL` seconds and one when it ends::
+Every progress (:func:`progress_bar`) logs plain lines to the ``"prunekit"`` logger (at
+INFO, or DEBUG while a bar shows the same), at most one every :data:`LOG_INTERVAL`
+seconds and one when it ends::
 
     training: epoch 2/5 loss 0.412 - 120/300 (40%), elapsed 0:00:12, ETA 0:00:18
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import datetime
 import io
 import logging
+import sys
 import time
 from typing import Any
 
@@ -46,9 +48,9 @@ class LoggedProgress(Progress):
     (see the module docstring); ``echo`` prints the lines when no logging handler would
     show them."""
 
-    def __init__(self, *columns: Any, echo: bool, **kwargs: Any) -> None:
+    def __init__(self, *columns: Any, echo: bool, level: int, **kwargs: Any) -> None:
         super().__init__(*columns, **kwargs)
-        self.echo = echo
+        self.echo, self.level = echo, level
         self._last: dict[TaskID, tuple[float, float]] = {}  # task: (time, done) last logged
 
     def update(self, task_id: TaskID, **kwargs: Any) -> None:
@@ -79,7 +81,7 @@ class LoggedProgress(Progress):
         line += f", elapsed {_clock(elapsed)}"
         if task.total and task.completed:
             line += f", ETA {_clock(elapsed * (task.total - task.completed) / task.completed)}"
-        logger.info(line)
+        logger.log(self.level, line)
         if self.echo and not logger.hasHandlers() and logger.level <= logging.INFO:
             print(line, flush=True)
 
@@ -90,9 +92,36 @@ def progress_bar(*, disable: bool = False, console: Console | None = None) -> Lo
     shown = console or Console()
     interactive = shown.is_terminal or shown.is_jupyter
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+    drawn = interactive and not disable
     return LoggedProgress(*columns, TimeElapsedColumn(), console=console, transient=True,
-                          disable=disable or not interactive,
-                          echo=not disable and not interactive)  # fmt: skip
+                          disable=not drawn, echo=not disable and not interactive,
+                          level=logging.DEBUG if drawn else logging.INFO)  # fmt: skip
+
+
+class _Stderr(logging.StreamHandler):
+    """A handler writing to whatever ``sys.stderr`` is at each record (not the stream of
+    the moment it was made, which a test's capture may have closed since)."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+def log_to_stderr(level: int) -> None:
+    """Show the ``"prunekit"`` logger's records of ``level`` and above on stderr, one
+    timestamped line each (what ``prunekit -v`` / ``-q`` set: DEBUG / WARNING, else INFO).
+    One handler: a second call replaces the first one's."""
+    handler = _Stderr()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    handler.set_name("prunekit-cli")
+    for old in [h for h in logger.handlers if h.get_name() == "prunekit-cli"]:
+        logger.removeHandler(old)
+    logger.addHandler(handler)
+    logger.setLevel(level)
 
 
 class TableReport:
