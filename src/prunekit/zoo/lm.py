@@ -34,6 +34,7 @@ from torch import Tensor
 
 from prunekit.errors import MissingModelError
 from prunekit.tables import progress_bar
+from prunekit.spec import checked, integer
 
 LM_NAME = "char-llama"
 HELD_OUT_FRACTION = 0.1
@@ -147,6 +148,8 @@ def build_lm(
     """
     from transformers import LlamaForCausalLM
 
+    # An untrained model saved to the cache would silently spoil every later benchmark.
+    checked("build_lm", "steps", steps, integer(1, 10**7))
     directory = Path(directory) if directory is not None else cache_dir()
     train_text, _ = split_text()
     tokenizer = CharTokenizer.from_text(corpus())
