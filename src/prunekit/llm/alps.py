@@ -97,8 +97,8 @@ class ALPS(Settings):
     rho: float = 0.1
     growth: float = 1.3
     update_every: int = 3
-    iterations: int = 300
-    cg_iterations: int = 100
+    iterations: int = 60
+    cg_iterations: int = 50
     damping: float = 0.01
 
     constraints: ClassVar[Mapping[str, Constraint]] = {
