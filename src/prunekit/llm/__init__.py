@@ -27,6 +27,7 @@ from prunekit.llm.depth import (
     drop_loss,
 )
 from prunekit.llm.evaluate import embedding_similarity, perplexity
+from prunekit.llm.offload import prune_checkpoint
 from prunekit.llm.oneshot import prune
 from prunekit.llm.report import LLMPruneReport
 from prunekit.llm.shrink import ShrinkPlan, ShrinkResult, ShrinkSettings, shrink
@@ -48,6 +49,7 @@ __all__ = [
     "perplexity",
     "plan_shrink",
     "prune",
+    "prune_checkpoint",
     "shrink",
     "width_importance",
 ]

@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -221,6 +221,15 @@ class ErrorMeter:
 Visit = Callable[[int, list[Layer], dict[str, LayerStats]], bool]
 
 
+class BlockStream(Protocol):
+    """Brings each block's weights in before the walk reaches it and takes them back after
+    (out-of-core pruning, :mod:`prunekit.llm.offload`); ``errors`` are the block's own."""
+
+    def load(self, index: int, block: nn.Module) -> None: ...
+
+    def done(self, index: int, block: nn.Module, errors: dict[str, float]) -> None: ...
+
+
 def _measuring(
     meter: ErrorMeter | None, layers: list[Layer], experts: list[FusedExperts], real: RealTokens
 ) -> AbstractContextManager[None]:
@@ -243,6 +252,7 @@ def sequential(
     description: str,
     progress: bool = True,
     measure: bool = True,
+    stream: BlockStream | None = None,
 ) -> dict[str, float]:
     """Walk the blocks in order (module docstring); returns each layer's relative error.
 
@@ -250,7 +260,8 @@ def sequential(
     anything; when it did not, the statistics pass's outputs feed the next block directly
     and no error is measured. ``measure=False`` (a statistics-only pass) skips the dense
     snapshot the error needs. ``inputs`` is left as it was: the walk feeds each block's
-    outputs forward in its own copy.
+    outputs forward in its own copy. ``stream`` loads each block first and takes it back
+    once its outputs are computed.
     """
     inputs = replace(inputs)  # shallow: only ``hidden`` is rebound below
     real = RealTokens(inputs.tokens)
@@ -258,6 +269,8 @@ def sequential(
     with progress_bar(disable=not progress) as bar:
         task = bar.add_task(description, total=len(blocks))
         for index, block in enumerate(blocks):
+            if stream is not None:
+                stream.load(index, block)
             layers = block_layers(block, f"{prefix}.{index}")
             experts = find_experts(block, f"{prefix}.{index}")
             matrices = {k: p[e] for ex in experts for k, p, e in ex.matrices()}
@@ -271,11 +284,14 @@ def sequential(
                 with layer_hooks(layers, collect), expert_hooks(experts, real.rows, routed):
                     outputs = run_block(block, inputs, real)
             meter = ErrorMeter(layers, real, matrices) if measure else None
+            mine: dict[str, float] = {}
             if visit(index, layers, stats) or outputs is None:
                 with _measuring(meter, layers, experts, real):
                     outputs = run_block(block, inputs, real)
-                if meter:
-                    errors.update(meter.relative())
+                mine = meter.relative() if meter else {}
+            errors.update(mine)
+            if stream is not None:
+                stream.done(index, block, mine)
             inputs.hidden = outputs
             bar.update(task, advance=1)
     return errors

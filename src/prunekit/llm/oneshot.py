@@ -20,8 +20,14 @@ from prunekit.layers import (
 )
 from prunekit.llm.arguments import PruneArguments
 from prunekit.llm.blocks import block_layers, find_blocks
-from prunekit.llm.calibration import TokenData, calibration_batches, real_tokens
-from prunekit.llm.engine import BlockInputs, LayerStats, capture_inputs, sequential
+from prunekit.llm.calibration import Batch, TokenData, calibration_batches, real_tokens
+from prunekit.llm.engine import (
+    BlockInputs,
+    BlockStream,
+    LayerStats,
+    capture_inputs,
+    sequential,
+)
 from prunekit.llm.experts import PARAMS, find_experts
 from prunekit.llm.memory import PeakMemory
 from prunekit.llm.methods import (
@@ -173,6 +179,22 @@ def prune(
     if not args.keep_masks:
         require_bakeable(block_list, prefix)
     batches = calibration_batches(calibration, model, args.batch_size)
+    return run_prune(model, batches, method, target, allocation, args)
+
+
+def run_prune(
+    model: nn.Module,
+    batches: list[Batch],
+    method: Method,
+    target: Target,
+    allocation: str,
+    args: PruneArguments,
+    stream: BlockStream | None = None,
+) -> LLMPruneReport:
+    """The pass of :func:`prune` on its checked arguments. With ``stream`` (out of core:
+    :mod:`prunekit.llm.offload`; uniform allocation) each block is recorded, then baked
+    unless ``keep_masks``, as it finishes, before the stream takes its weights back."""
+    prefix, block_list = find_blocks(model, args.blocks)
     device = next(model.parameters()).device
     start = time.perf_counter()
     with eval_mode(model), torch.no_grad(), PeakMemory(device) as peak:
@@ -190,6 +212,7 @@ def prune(
             notes.extend(prune_experts(method, experts, block_targets[index], stats))
             return True
 
+        finishing = None if stream is None else _Finishing(stream, prefix, block_targets, args)
         errors = sequential(
             block_list,
             prefix,
@@ -198,11 +221,15 @@ def prune(
             needs=needs(method),
             description=f"{method_name(method)} {describe(target)}",
             progress=args.progress,
+            stream=finishing,
         )
-    records = _records(block_list, prefix, block_targets, errors)
-    tie_masks(model)
-    if not args.keep_masks:
-        bake(block_list)
+    if finishing is None:
+        records = _records(block_list, prefix, block_targets, errors)
+        tie_masks(model)
+        if not args.keep_masks:
+            bake(block_list)
+    else:
+        records = finishing.records
     return LLMPruneReport(
         method_name(method),
         describe(target),
@@ -217,6 +244,26 @@ def prune(
         blocks=block_records(block_list, prefix, records),
         notes=notes,
     )
+
+
+class _Finishing:
+    """Wraps a :class:`BlockStream`: each finished block's records, then its masks baked."""
+
+    def __init__(
+        self, inner: BlockStream, prefix: str, targets: list[Target], args: PruneArguments
+    ) -> None:
+        self.inner, self.prefix, self.targets, self.args = inner, prefix, targets, args
+        self.records: list[LayerRecord] = []
+
+    def load(self, index: int, block: nn.Module) -> None:
+        self.inner.load(index, block)
+
+    def done(self, index: int, block: nn.Module, errors: dict[str, float]) -> None:
+        name = f"{self.prefix}.{index}"
+        self.records += _block_records(block, name, self.targets[index], errors)
+        if not self.args.keep_masks:
+            bake(block)
+        self.inner.done(index, block, errors)
 
 
 def _covered(block: nn.Module) -> list[torch.Tensor]:
@@ -236,19 +283,30 @@ def _skipped(block_list: nn.ModuleList, prefix: str) -> tuple[list[tuple[str, st
 def _records(
     block_list: nn.ModuleList, prefix: str, targets: list[Target], errors: dict[str, float]
 ) -> list[LayerRecord]:
-    """One record per pruned layer or expert matrix: shape, target, sparsity, output error."""
+    """One record per pruned layer or expert matrix of every block."""
+    return [
+        record
+        for index, block in enumerate(block_list)
+        for record in _block_records(block, f"{prefix}.{index}", targets[index], errors)
+    ]
+
+
+def _block_records(
+    block: nn.Module, name: str, target: Target, errors: dict[str, float]
+) -> list[LayerRecord]:
+    """One record per pruned layer or expert matrix of ``block`` (named ``name``): shape,
+    target, sparsity, output error."""
     records = []
-    for index, block in enumerate(block_list):
-        fraction = _fraction(targets[index])
-        for ly in block_layers(block, f"{prefix}.{index}"):
-            shape, sparsity = tuple(ly.weight.shape), 1.0 - kept_fraction(ly.module)
-            records.append(LayerRecord(ly.name, shape, ly.weight.numel(), fraction, sparsity,
-                                       errors[ly.name]))  # fmt: skip
-        for ex in find_experts(block, f"{prefix}.{index}"):
-            for key, param, e in ex.matrices():
-                w = param[e].detach()
-                records.append(LayerRecord(key, tuple(w.shape), w.numel(), fraction,
-                                           zeros_fraction(w), errors[key]))  # fmt: skip
+    fraction = _fraction(target)
+    for ly in block_layers(block, name):
+        shape, sparsity = tuple(ly.weight.shape), 1.0 - kept_fraction(ly.module)
+        records.append(LayerRecord(ly.name, shape, ly.weight.numel(), fraction, sparsity,
+                                   errors[ly.name]))  # fmt: skip
+    for ex in find_experts(block, name):
+        for key, param, e in ex.matrices():
+            w = param[e].detach()
+            records.append(LayerRecord(key, tuple(w.shape), w.numel(), fraction,
+                                       zeros_fraction(w), errors[key]))  # fmt: skip
     return records
 
 

@@ -1,0 +1,251 @@
+"""Out-of-core pruning: a safetensors checkpoint pruned one decoder block at a time.
+
+:func:`prune_checkpoint` never holds the model: it builds the skeleton on the meta device
+(``AutoModelForCausalLM.from_config`` under ``torch.device("meta")``), loads the tensors
+outside the blocks (embeddings, final norm, head) to run the calibration up to the first
+block, then frees them; for each block, in order, it reads only that block's tensors from
+the shards (``safe_open``; the ``model.safetensors.index.json`` names the shard of each),
+runs :func:`prunekit.llm.oneshot.run_prune`'s per-block step on it (statistics, pruning,
+masks baked, outputs for the next block -- the very code of :func:`prunekit.llm.prune`),
+writes it to its own output shard and puts it back on the meta device. The tensors outside
+the blocks are copied from the source shards as they are.
+
+Resident at any time: one block's weights, its statistics and dense snapshot, and the
+calibration hidden states in and out (``samples x seq_len x hidden`` each), on top of the
+interpreter and torch. The result equals the in-memory prune of the loaded model on the
+same calibration (``tests/test_llm_offload.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from prunekit.errors import CheckpointError, PruningError, UnsupportedModelError, UsageError
+from prunekit.fsio import atomic_directory
+from prunekit.llm.arguments import PruneArguments
+from prunekit.llm.blocks import find_blocks
+from prunekit.llm.calibration import TokenData, calibration_batches
+from prunekit.llm.methods import Method, parse_method
+from prunekit.llm.oneshot import _check_target, run_prune
+from prunekit.llm.report import LLMPruneReport
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
+_COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+           "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt",
+           "chat_template.jinja")  # fmt: skip
+
+
+def parse_size(value: int | str) -> int:
+    """Bytes from an int or a string such as ``"300MB"``, ``"8GB"``, ``"2GiB"``, ``"1e9"``.
+
+    Raises:
+        UsageError: not a positive size.
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    match = (
+        re.fullmatch(r"\s*([0-9.eE+]+)\s*([A-Za-z]*)\s*", value) if isinstance(value, str) else None
+    )
+    unit = match[2].upper() if match else ""
+    try:
+        number = float(match[1]) if match and unit in _UNITS else -1.0
+    except ValueError:
+        number = -1.0
+    if not number * _UNITS.get(unit, 1) >= 1:
+        raise UsageError(
+            f"max_memory={value!r} is not a memory size; Fix: pass bytes (an int > 0) or a "
+            "string such as '300MB', '8GB' or '2GiB'."
+        )
+    return int(number * _UNITS[unit])
+
+
+def checkpoint_bytes(src: str | Path) -> int:
+    """Bytes of the safetensors files of a checkpoint folder."""
+    return sum(f.stat().st_size for f in Path(src).glob("*.safetensors"))
+
+
+def _weight_map(src: Path) -> dict[str, str]:
+    """Tensor name -> shard file of the checkpoint in ``src``."""
+    if (src / INDEX).is_file():
+        return dict(json.loads((src / INDEX).read_text())["weight_map"])
+    if (src / SINGLE).is_file():
+        with safe_open(src / SINGLE, framework="pt") as f:
+            return dict.fromkeys(f.keys(), SINGLE)
+    raise CheckpointError(
+        f"{str(src)!r} holds neither {INDEX} nor {SINGLE}; Fix: pass a folder written by "
+        "save_pretrained (safetensors)."
+    )
+
+
+class _Shards:
+    """Reads named tensors from the checkpoint's shards, one shard open at a time."""
+
+    def __init__(self, src: Path) -> None:
+        self.src, self.map = src, _weight_map(src)
+
+    def read(self, names: list[str]) -> dict[str, Tensor]:
+        by_file: dict[str, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.map[name], []).append(name)
+        out = {}
+        for file, keys in by_file.items():
+            with safe_open(self.src / file, framework="pt") as f:
+                out |= {k: f.get_tensor(k) for k in keys}
+        return out
+
+
+def _skeleton(src: Path) -> nn.Module:
+    """The model of ``src``'s config with every parameter and buffer on the meta device."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(src)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def _materialise(model: nn.Module, module: nn.Module, tensors: dict[str, Tensor]) -> None:
+    """Load ``tensors`` (names relative to ``module``) into it; buffers missing from the
+    checkpoint (rotary frequencies) are recomputed by the model's own initialiser."""
+    module.load_state_dict(tensors, strict=False, assign=True)
+    for sub in module.modules():
+        if any(b.is_meta for b in sub.buffers(recurse=False)):
+            sub.to_empty(device="cpu", recurse=False)
+            model._init_weights(sub)
+
+
+def _free(module: nn.Module) -> None:
+    """Every tensor of ``module`` back on the meta device (its memory released)."""
+    module.to(device="meta")
+
+
+class _Writer:
+    """The :class:`~prunekit.llm.engine.BlockStream` of :func:`prune_checkpoint`."""
+
+    def __init__(
+        self, model: nn.Module, shards: _Shards, out: Path, prefix: str, count: int
+    ) -> None:
+        self.model, self.shards, self.out, self.prefix = model, shards, out, prefix
+        self.files = count + 1
+        self.weight_map: dict[str, str] = {}
+        self.bytes = 0
+
+    def file(self, index: int) -> str:
+        return f"model-{index + 1:05d}-of-{self.files:05d}.safetensors"
+
+    def names(self, index: int) -> list[str]:
+        head = f"{self.prefix}.{index}."
+        return [n for n in self.shards.map if n.startswith(head)]
+
+    def load(self, index: int, block: nn.Module) -> None:
+        if index == 0:
+            _free(self.model)  # the embeddings and head were needed for the capture only
+        head = f"{self.prefix}.{index}."
+        tensors = self.shards.read(self.names(index))
+        _materialise(self.model, block, {k[len(head) :]: v for k, v in tensors.items()})
+        missing = [n for n, p in block.named_parameters() if p.is_meta]
+        if missing:
+            raise UnsupportedModelError(
+                f"block {head[:-1]!r}: parameter {missing[0]!r} is not in the checkpoint under "
+                f"{head}{missing[0]}; Fix: prune this model in memory (pk.llm.prune)."
+            )
+
+    def done(self, index: int, block: nn.Module, errors: dict[str, float]) -> None:
+        head = f"{self.prefix}.{index}."
+        keep = set(self.names(index))
+        state = {head + k: v.detach().contiguous() for k, v in block.state_dict().items()}
+        self.write(index, {k: v for k, v in state.items() if k in keep})
+        _free(block)
+
+    def write(self, index: int, tensors: dict[str, Tensor]) -> None:
+        save_file(tensors, self.out / self.file(index), metadata={"format": "pt"})
+        self.weight_map |= dict.fromkeys(tensors, self.file(index))
+        self.bytes += sum(t.numel() * t.element_size() for t in tensors.values())
+
+    def finish(self) -> None:
+        """The tensors outside the blocks, copied as they are; the index."""
+        head = f"{self.prefix}."
+        rest = [n for n in self.shards.map if not n.startswith(head)]
+        self.write(self.files - 1, self.shards.read(rest))
+        index = {
+            "metadata": {"total_size": self.bytes},
+            "weight_map": dict(sorted(self.weight_map.items())),
+        }
+        (self.out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def prune_checkpoint(
+    src_dir: str | Path,
+    out_dir: str | Path,
+    calibration: TokenData,
+    *,
+    method: Method = "wanda",
+    sparsity: float | str = 0.5,
+    max_memory: int | str | None = None,
+    blocks: str | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> LLMPruneReport:
+    """Prune the causal LM saved in ``src_dir`` into ``out_dir`` without loading it whole.
+
+    Same method, sparsity and result as :func:`prunekit.llm.prune` on the loaded model (the
+    module docstring says how); ``out_dir`` gets a sharded safetensors checkpoint (one shard
+    per block, one for the rest), its index, the config and the tokenizer files of
+    ``src_dir``, written atomically, that ``from_pretrained`` loads.
+
+    Args:
+        src_dir: a ``save_pretrained`` folder (safetensors, sharded or not).
+        calibration: as for :func:`prunekit.llm.prune`.
+        max_memory: bytes, or a size such as ``"300MB"`` / ``"8GB"``: refused up front when
+            the largest block alone does not fit in it.
+        blocks, batch_size, progress: as for :func:`prunekit.llm.prune`.
+
+    Raises:
+        UsageError: a bad ``max_memory`` or argument. CheckpointError: no safetensors in
+            ``src_dir``. PruningError: the largest block exceeds ``max_memory``; the method,
+            sparsity or calibration errors of :func:`prunekit.llm.prune`.
+    """
+    args = PruneArguments(blocks=blocks, batch_size=batch_size, progress=progress)
+    budget = None if max_memory is None else parse_size(max_memory)
+    method = parse_method(method)
+    target = _check_target(sparsity, "uniform")
+    src = Path(src_dir)
+    shards = _Shards(src)
+    model = _skeleton(src)
+    prefix, block_list = find_blocks(model, args.blocks)
+    _check_budget(model, prefix, block_list, budget)
+    _materialise(
+        model, model, shards.read([n for n in shards.map if not n.startswith(f"{prefix}.")])
+    )
+    batches = calibration_batches(calibration, model, args.batch_size)
+    with atomic_directory(out_dir) as out:
+        writer = _Writer(model, shards, out, prefix, len(block_list))
+        report = run_prune(model, batches, method, target, "uniform", args, stream=writer)
+        writer.finish()
+        for name in _COPIED:
+            if (src / name).is_file():
+                shutil.copy2(src / name, out / name)
+    return report
+
+
+def _check_budget(
+    model: nn.Module, prefix: str, block_list: nn.ModuleList, budget: int | None
+) -> None:
+    if budget is None:
+        return
+    largest = max(sum(p.numel() * p.element_size() for p in b.parameters()) for b in block_list)
+    if largest > budget:
+        raise PruningError(
+            f"max_memory={budget:,} bytes is below one block of {prefix} ({largest:,} bytes); "
+            "Fix: raise max_memory above one block plus its statistics and activations."
+        )
