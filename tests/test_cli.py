@@ -213,3 +213,44 @@ def test_run_missing_recipe_file_exits_2(
     assert main(["run", str(tmp_path / "none.yaml"), "--out", str(tmp_path / "runs")]) == 2
     assert f"recipe '{tmp_path / 'none.yaml'}' cannot be read" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a cuda device")
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["profile", "--model", "lenet5"],
+        ["shrink", "--model", "vgg"],
+        ["prune", "--model", "lenet5", "--sparsity", "0.5"],
+        ["export", "--model", "lenet5", "--out", "OUT"],
+        ["sensitivity", "--model", "lenet300", "--dataset", "digits"],
+        ["sweep", "--model", "lenet300", "--dataset", "digits"],
+    ],
+)
+def test_an_unavailable_device_is_one_line_and_exit_2(
+    argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [str(tmp_path / "x") if a == "OUT" else a for a in argv]
+    assert main([*argv, "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "device 'cuda' is not available on this machine" in err
+    assert "Fix: pass cpu" in err and list(tmp_path.iterdir()) == []
+
+
+def test_device_cpu_runs_and_an_unknown_device_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["profile", "--model", "lenet5", "--device", "cpu"]) == 0
+    assert main(["profile", "--model", "lenet5", "--device", "tpu"]) == 2
+    assert "invalid choice: 'tpu'" in capsys.readouterr().err
+    with pytest.raises(prunekit.errors.UsageError, match="not one of cpu, cuda, mps"):
+        model_spec.device("tpu")
+
+
+def test_help_of_the_model_commands_shows_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    for command in ("prune", "profile", "shrink", "export"):
+        assert main([command, "--help"]) == 0
+        text = " ".join(capsys.readouterr().out.split())
+        assert "--device {cpu,cuda,mps}" in text and "(default: cpu)" in text, command
+    assert main(["shrink", "--help"]) == 0
+    assert "(default: 0.5)" in capsys.readouterr().out

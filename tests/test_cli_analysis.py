@@ -6,6 +6,7 @@ import argparse
 import csv
 import io
 import json
+import uuid
 from pathlib import Path
 
 import pytest
@@ -106,7 +107,7 @@ def test_parse_method() -> None:
 @pytest.mark.parametrize(
     ("argv", "match"),
     [
-        (["sweep", "--model", "nope", "--dataset", "digits"], "unknown model"),
+        (["sweep", "--model", "nope", "--dataset", "digits"], "model 'nope' does not exist"),
         (["sweep", "--model", "lenet300", "--dataset", "nope"], "unknown dataset"),
         (["sweep", *FAST, "--methods", "nope"], "unknown criterion"),
         (["sweep", *FAST, "--sparsities", "0.5,1.5"], "sparsit"),
@@ -128,3 +129,43 @@ def test_bad_input_raises_pruning_error_before_training(
 def test_main_exits_2_with_a_red_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["sweep", *FAST, "--sparsities", "2"]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+FACTORY = """
+from torch import nn
+
+
+def mlp(hidden=16):
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+"""
+
+
+@pytest.fixture
+def factory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    name = f"cli_analysis_factory_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return f"{name}:mlp"
+
+
+def test_sensitivity_and_sweep_take_a_factory_model_with_kwargs(
+    factory: str, tmp_path: Path
+) -> None:
+    common = ["--model", factory, "--model-kwargs", '{"hidden": 12}', "--dataset", "digits",
+              "--epochs", "1", "--out", str(tmp_path), "--device", "cpu"]  # fmt: skip
+    out = run(["sensitivity", *common, "--sparsities", "0.5", "--target", "0.3", "--budget", "1"])
+    rows = (tmp_path / "sensitivity-mlp-digits" / "sensitivity.csv").read_text().splitlines()
+    assert "report:" in out and [r.split(",")[0] for r in rows[1:]] == ["1", "3"]
+    assert rows[1].split(",")[2] == str(64 * 12)  # the factory's kwargs were used
+    run(["sweep", *common, "--sparsities", "0.5", "--seeds", "0"])
+    assert (tmp_path / "sweep-mlp-digits" / "report.html").exists()
+
+
+@pytest.mark.parametrize("command", ["sensitivity", "sweep"])
+def test_help_shows_defaults_and_device_choices(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main([command, "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--device {cpu,cuda,mps}" in text and "(default: cpu)" in text
+    assert "package.module:factory" in text and "(default: 3)" in text

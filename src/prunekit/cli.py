@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -226,7 +227,9 @@ def _shrink(args: argparse.Namespace, console: Console) -> None:
         model, x, args.ratio, criterion=args.criterion, scope=args.scope, round_to=args.round_to
     )
     console.print(report)
-    timed = pk.analysis.speedup(dense, model, x)  # warns when the load makes it unreliable
+    with warnings.catch_warnings():  # the line below says UNRELIABLE and why, once
+        warnings.simplefilter("ignore", UserWarning)
+        timed = pk.analysis.speedup(dense, model, x)
     console.print(f"speed-up (batch 1): {timed}; MACs {1 / report.macs_ratio:.2f}x fewer")
     if args.out:
         pk.save_shrunk(model, args.out)

@@ -1,10 +1,13 @@
-"""``prunekit sensitivity`` and ``prunekit sweep``: train a zoo model, analyse, write a report.
+"""``prunekit sensitivity`` and ``prunekit sweep``: train a model, analyse, write a report.
 
     prunekit sensitivity --model lenet300 --dataset digits [--epochs 3] \\
         [--granularity element] [--criterion magnitude] [--target 0.8 --budget 0.02] [--out runs]
     prunekit sweep --model lenet300 --dataset digits --methods magnitude-global,l2-filter \\
         --sparsities 0.5,0.8,0.9 --seeds 0,1 [--epochs 3] [--exclude fc3] [--out runs]
 
+``--model`` is any model spec (a zoo name, ``package.module:factory`` with
+``--model-kwargs`` / ``--checkpoint``, or a transformers directory; see
+:mod:`prunekit.model_spec`), trained on ``--dataset`` on ``--device``.
 A method is ``<criterion>[-<granularity>][-global|-local]``: ``magnitude-global`` ranks
 every layer together by magnitude, ``l2-filter`` removes output rows / filters by L2 norm.
 Both commands write ``<out>/<command>-<model>-<dataset>/`` (see
@@ -30,6 +33,7 @@ from prunekit.analysis.report import Section, write_report
 from prunekit.analysis.sensitivity import Evaluate, sensitivity
 from prunekit.analysis.sweep import MATERIALIZE, SweepReport, sweep
 from prunekit.errors import PruningError, SweepError
+from prunekit.model_spec import LoadedSpec
 
 SCOPES = ("global", "local")
 
@@ -61,7 +65,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help=f"one of {', '.join(zoo.MODELS)}")
+    cli_model.add_model_arguments(parser)
     parser.add_argument("--dataset", required=True, help=", ".join(zoo.data.DATASETS))
     parser.add_argument("--epochs", type=int, default=3, help="dense training epochs")
     parser.add_argument("--out", type=Path, default=Path("runs"), help="reports go here")
@@ -100,12 +104,13 @@ def _data(args: argparse.Namespace) -> zoo.Dataset:
     return zoo.load_dataset(args.dataset, flat=args.model == "lenet300")
 
 
-def _build(args: argparse.Namespace, data: zoo.Dataset) -> nn.Module:
-    """The zoo model sized for the dataset (LeNet-300-100 takes its flat input size)."""
+def _build(args: argparse.Namespace, data: zoo.Dataset) -> LoadedSpec:
+    """The model of ``--model`` on ``--device``, checked to take the dataset's inputs (the
+    zoo's LeNet-300-100 is sized for its flat input size)."""
     extra = {"in_features": math.prod(data.input_shape)} if args.model == "lenet300" else {}
-    model = zoo.build_model(args.model, **extra)
-    model_spec.check_fits(model, args.model, data)
-    return model
+    loaded = cli_model.load(args, extra)
+    model_spec.check_fits(loaded.model, args.model, data)
+    return loaded
 
 
 def _accuracy(data: zoo.Dataset) -> Evaluate:
@@ -116,7 +121,8 @@ def run_sensitivity(args: argparse.Namespace, console: Console) -> None:
     """Train, run :func:`~prunekit.analysis.sensitivity`, derive the allocation, report."""
     grid = _numbers(args.sparsities, float, "--sparsities", "0.5,0.9")
     data = _data(args)
-    model = _build(args, data)
+    loaded = _build(args, data)
+    model = loaded.model
     options = {"granularity": args.granularity, "criterion": args.criterion}
     # Every option is first tried on the untrained model, so bad input fails before training:
     # with no drop anywhere, the allocation fails only on a bad target or budget.
@@ -144,8 +150,8 @@ def run_sensitivity(args: argparse.Namespace, console: Console) -> None:
             [{"layer": name, "sparsity": s} for name, s in allocation.items()] or None,
         ),
     ]
-    name = f"sensitivity-{args.model}-{args.dataset}"
-    title = f"Sensitivity of {args.model} on {args.dataset}"
+    name = f"sensitivity-{loaded.name}-{args.dataset}"
+    title = f"Sensitivity of {loaded.name} on {args.dataset}"
     folder = write_report(
         name, title=title, sections=sections, out_dir=args.out, seed=args.seed, data=args.dataset
     )
@@ -186,31 +192,31 @@ def run_sweep(args: argparse.Namespace, console: Console) -> None:
 
     def build_and_train(seed: int) -> nn.Module:
         torch.manual_seed(seed)
-        trained = _build(args, data)
+        trained = _build(args, data).model
         zoo.train(trained, data, epochs=args.epochs, seed=seed)
         return trained
 
     options = {
         "methods": methods,
         "sparsities": grid,
-        "example_inputs": data.x_test[:1],
+        "example_inputs": cli_model.to_device(data.x_test[:1], model_spec.device(args.device)),
         "materialize": args.materialize,
     }
     # Every option is first tried on an untrained model, so bad input fails before training.
-    untrained = _build(args, data)
+    loaded = _build(args, data)
     sweep(
-        lambda seed: untrained,
+        lambda seed: loaded.model,
         lambda m: 0.0,
         seeds=seeds[:1],
-        min_run_time=0.0,
+        min_run_time=1e-4,  # the least timing: this run checks the options
         progress=False,
         **options,
     )
     report = sweep(build_and_train, _accuracy(data), seeds=seeds, **options)
     console.print(report)
     sections = _sweep_sections(report, args, seeds)
-    name = f"sweep-{args.model}-{args.dataset}"
-    title = f"Sweep of {args.model} on {args.dataset}"
+    name = f"sweep-{loaded.name}-{args.dataset}"
+    title = f"Sweep of {loaded.name} on {args.dataset}"
     folder = write_report(
         name, title=title, sections=sections, out_dir=args.out, seed=seeds, data=args.dataset
     )

@@ -1,7 +1,9 @@
 """The command line's shared parts: its parser class (a usage mistake is a
-:class:`~prunekit.errors.UsageError`, an int option is a :func:`count`) and the model
-options of ``prune``, ``profile``, ``shrink`` and ``export``: ``--model`` (a spec, see
-:mod:`prunekit.model_spec`), ``--model-kwargs``, ``--checkpoint`` and ``--input-shape``."""
+:class:`~prunekit.errors.UsageError`, an int option is a :func:`count`, ``--help`` shows
+every default) and the model options of every command that takes ``--model`` (``prune``,
+``profile``, ``shrink``, ``export``, ``sensitivity``, ``sweep``): ``--model`` (a spec, see
+:mod:`prunekit.model_spec`), ``--model-kwargs``, ``--checkpoint``, ``--input-shape`` and
+``--device`` (cpu, cuda or mps; one the machine lacks is refused, exit code 2)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import warnings
 from collections.abc import Mapping
 from typing import Any, NoReturn
 
+import torch
 from torch import Tensor
 
 from prunekit import model_spec, zoo
@@ -35,10 +38,21 @@ def count(text: str) -> int:
     return value
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Help with every option's default, descriptions printed as written."""
+
+
 class Parser(argparse.ArgumentParser):
     """The command line's parser (and its subcommands'): a usage mistake raises a
-    :class:`UsageError` (one line, exit code 2) instead of printing the usage, and an
-    ``int`` option is read by :func:`count`."""
+    :class:`UsageError` (one line, exit code 2) instead of printing the usage, an ``int``
+    option is read by :func:`count`, and help shows defaults (:class:`HelpFormatter`, also
+    for a subcommand asking for ``RawDescriptionHelpFormatter``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        asked = kwargs.get("formatter_class", argparse.HelpFormatter)
+        if asked in (argparse.HelpFormatter, argparse.RawDescriptionHelpFormatter):
+            kwargs["formatter_class"] = HelpFormatter
+        super().__init__(*args, **kwargs)
 
     def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
         if kwargs.get("type") is int:
@@ -62,14 +76,38 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--input-shape", help="example input shape for a factory model, e.g. 1,1,28,28"
     )
+    add_device_argument(parser)
 
 
-def load(args: argparse.Namespace) -> LoadedSpec:
-    """The model named by the parsed model options."""
-    kwargs = parse_kwargs(args.model_kwargs)
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    """Add ``--device`` (cpu, cuda, mps; default cpu) to ``parser``."""
+    parser.add_argument(
+        "--device", choices=model_spec.DEVICES, default="cpu", help="where the model runs"
+    )
+
+
+def load(args: argparse.Namespace, defaults: Mapping[str, Any] | None = None) -> LoadedSpec:
+    """The model named by the parsed model options (``defaults``: factory keywords that
+    ``--model-kwargs`` may override), on ``--device``; an unavailable device is refused
+    before the model is built."""
+    device = model_spec.device(args.device)
+    kwargs = {**(defaults or {}), **parse_kwargs(args.model_kwargs)}
     with warnings.catch_warnings():  # a refused pickle is one error line, not torch's warning
         warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
-        return model_spec.load_model(args.model, kwargs=kwargs, checkpoint=args.checkpoint)
+        loaded = model_spec.load_model(args.model, kwargs=kwargs, checkpoint=args.checkpoint)
+    loaded.model.to(device)
+    return loaded
+
+
+def to_device(inputs: Inputs, device: torch.device) -> Inputs:
+    """``inputs`` (a tensor, a tuple of them or a dict of them) on ``device``."""
+    if isinstance(inputs, Tensor):
+        return inputs.to(device)
+    if isinstance(inputs, Mapping):
+        return {k: to_device(v, device) for k, v in inputs.items()}
+    if isinstance(inputs, tuple | list):
+        return type(inputs)(to_device(v, device) for v in inputs)
+    return inputs
 
 
 def example(
@@ -79,7 +117,7 @@ def example(
     checked to run through the model."""
     shape = parse_shape(args.input_shape)
     example_ = model_spec.example_inputs(loaded, data=data, input_shape=shape)
-    return check_example(loaded, example_)
+    return check_example(loaded, to_device(example_, model_spec.device(args.device)))
 
 
 def parse_kwargs(text: str | None) -> dict[str, Any]:

@@ -38,6 +38,7 @@ from prunekit.errors import (
     MissingModelError,
     ModelSpecError,
     PruningError,
+    UsageError,
     first_line,
     guarded,
 )
@@ -45,18 +46,12 @@ from prunekit.inputs import Inputs
 from prunekit.structured.io import LAYOUT, load_shrunk
 
 KINDS = ("zoo", "factory", "transformers")
+DEVICES = ("cpu", "cuda", "mps")
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 PICKLE_SUFFIXES = (*TORCH_SUFFIXES, ".pkl", ".pickle")
 # What transformers raises on a directory it cannot load (a bad config or weights).
-LOAD_ERRORS = (
-    OSError,
-    ValueError,
-    TypeError,
-    KeyError,
-    AttributeError,
-    RuntimeError,
-    SafetensorError,
-)
+LOAD_ERRORS = (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError,
+               SafetensorError)  # fmt: skip
 
 
 @dataclass
@@ -75,6 +70,24 @@ class LoadedSpec:
         if self.kind == "transformers":
             return Path(self.spec).resolve().name
         return self.spec.rsplit(":", 1)[-1]
+
+
+def device(name: str) -> torch.device:
+    """The device ``name`` (one of :data:`DEVICES`) a command or recipe runs on.
+
+    Raises:
+        UsageError: an unknown name, or a device this machine does not have.
+    """
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": torch.backends.mps.is_available()}  # fmt: skip
+    if name not in available:
+        raise UsageError(f"device {name!r} is not one of {', '.join(DEVICES)}; Fix: pass cpu.")
+    if not available[name]:
+        raise UsageError(
+            f"device {name!r} is not available on this machine (torch sees no {name} device); "
+            "Fix: pass cpu, or run where torch sees one."
+        )
+    return torch.device(name)
 
 
 def describe() -> str:
@@ -339,7 +352,8 @@ def check_fits(model: nn.Module, name: str, data: zoo.Dataset) -> None:
     """Raise a :class:`ModelSpecError` unless ``model`` accepts ``data``'s inputs."""
     try:
         with torch.no_grad():
-            model.eval()(data.x_train[:2])
+            device = next((p.device for p in model.parameters()), torch.device("cpu"))
+            model.eval()(data.x_train[:2].to(device))
     except RuntimeError as err:
         raise ModelSpecError(
             f"model {name!r} does not accept {data.name} inputs of shape "

@@ -38,13 +38,13 @@ from torch import nn
 from prunekit.allocation import check_sparsity
 from prunekit.analysis.profile import profile
 from prunekit.analysis.sensitivity import Evaluate, _score
-from prunekit.analysis.timing import measure_latencies, speedup
+from prunekit.analysis.timing import MIN_RUN_TIME, measure_latencies, speedup
 from prunekit.errors import SweepError
 from prunekit.inputs import Inputs, batch_size
 from prunekit.masks import bake
 from prunekit.pruning import prune
 from prunekit.sparse.convert import convert
-from prunekit.spec import SPEC_FIELDS, PruneSpec
+from prunekit.spec import SPEC_FIELDS, PruneSpec, checked
 from prunekit.structured.shrink import shrink
 from prunekit.tables import TableReport, progress_bar
 
@@ -301,12 +301,14 @@ def sweep(
 
     Raises:
         SweepError: no seeds or sparsities, sparsity 0, an unknown keyword argument, a
-            reserved method name or an unknown ``materialize``; InvalidSparsityError /
+            reserved method name or an unknown ``materialize``; PruningError for a
+            ``min_run_time`` not in (0, 3600] seconds; InvalidSparsityError /
             UnknownChoiceError for a bad sparsity, criterion or granularity. All are raised
             before any training.
     """
     grid = _check_grid(sparsities, seeds)
     all_methods = _check_methods(methods)
+    checked("sweep", "min_run_time", min_run_time, MIN_RUN_TIME)
     points: list[SweepPoint] = []
     if materialize not in MATERIALIZE:
         raise SweepError(
