@@ -10,11 +10,19 @@
 from __future__ import annotations
 
 import functools
+import json
+import logging
+from pathlib import Path
 from typing import Any
 
+from safetensors import safe_open
+from safetensors.torch import load_file
+from safetensors.torch import save as save_tensors
 from torch import nn
 
 from prunekit.errors import PrunerStateError, PruningError, ScheduleError
+from prunekit.fsio import atomic_write
+from prunekit.masks import apply_packed, is_mask_key, mask_param
 from prunekit.pruner import Pruner
 from prunekit.training.data import TrainData, steps_per_epoch, training_batches
 from prunekit.training.loop import fit
@@ -30,6 +38,47 @@ def _check_model(model: nn.Module | None, pruner: Pruner) -> None:
         )
 
 
+logger = logging.getLogger(__name__)
+PRUNER_FILE = "prunekit_pruner.safetensors"
+"""The Pruner's state and masks in a Trainer checkpoint folder (:class:`PruningCallback`)."""
+
+
+def _saved(args: Any, state: Any) -> Path:
+    """Where the Trainer's checkpoint of ``state.global_step`` keeps the Pruner's file."""
+    return Path(args.output_dir) / f"checkpoint-{state.global_step}" / PRUNER_FILE
+
+
+def _save(pruner: Pruner, path: Path) -> None:
+    """The Pruner's :meth:`~prunekit.Pruner.state_dict` (as JSON metadata) and its model's
+    packed masks, in one safetensors file, written atomically."""
+    masks = {k: v.contiguous() for k, v in pruner.model.state_dict().items() if is_mask_key(k)}
+    meta = {"pruner": json.dumps(pruner.state_dict())}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, save_tensors(masks, metadata=meta))
+
+
+def _restore(pruner: Pruner, path: Path) -> None:
+    """Put back what :func:`_save` wrote at ``path`` (nothing when there is no file): the
+    Pruner's state, the masks on its model, then the weights of the Trainer's checkpoint
+    beside it, which the Trainer could not load into the still unmasked model."""
+    if not path.is_file():
+        return
+    with safe_open(str(path), "pt") as f:
+        state = json.loads(f.metadata()["pruner"])
+        masks = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    pruner.load_state_dict(state)
+    modules = dict(pruner.model.named_modules())
+    for key, packed in masks.items():
+        module = modules[key.rsplit(".parametrizations.weight.", 1)[0]]
+        if mask_param(module) is None:
+            apply_packed(module, packed)
+        else:
+            mask_param(module).packed.copy_(packed)
+    for shard in sorted(path.parent.glob("model*.safetensors")):
+        pruner.model.load_state_dict(load_file(shard), strict=False)  # tied weights: absent
+    logger.info("resuming the Pruner at step %d from %s", pruner.step_count, path)
+
+
 @functools.cache
 def _callback_class() -> type:
     from transformers import TrainerCallback
@@ -38,9 +87,14 @@ def _callback_class() -> type:
         """Steps ``pruner`` after every optimizer step of a ``transformers.Trainer``.
 
         ``Trainer(model, args, ..., callbacks=[PruningCallback(pk.Pruner(model, ...))])``.
-        When the Trainer resumes from a checkpoint, load the Pruner's
-        :meth:`~prunekit.Pruner.state_dict` first: training refuses to start if the
-        Pruner's step count differs from the Trainer's ``global_step``.
+        Every Trainer checkpoint gets the Pruner's :meth:`~prunekit.Pruner.state_dict`
+        and masks in :data:`PRUNER_FILE` (written atomically, by the main process);
+        ``trainer.train(resume_from_checkpoint=...)`` with a fresh model and Pruner puts
+        them back, with the checkpoint's masked weights, and goes on exactly as the
+        uninterrupted run. The file is looked for in
+        ``args.output_dir/checkpoint-<global_step>``; resumed from elsewhere, load the
+        Pruner's state yourself: training refuses to start if the Pruner's step count
+        differs from the Trainer's ``global_step``.
         """
 
         def __init__(self, pruner: Pruner) -> None:
@@ -49,6 +103,8 @@ def _callback_class() -> type:
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             _check_model(kwargs.get("model"), self.pruner)
+            if state.global_step != self.pruner.step_count and getattr(args, "output_dir", None):
+                _restore(self.pruner, _saved(args, state))
             if state.global_step != self.pruner.step_count:
                 raise PrunerStateError(
                     f"the Trainer starts at step {state.global_step}, the Pruner at step "
@@ -58,6 +114,10 @@ def _callback_class() -> type:
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             self.pruner.step()
+
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.is_world_process_zero:
+                _save(self.pruner, _saved(args, state))
 
     PruningCallback.__module__ = __name__
     return PruningCallback
