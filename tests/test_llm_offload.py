@@ -140,3 +140,36 @@ def test_out_of_core_peak_stays_near_one_block(tmp_path: Path) -> None:
     memory = _growth(src, tmp_path / "mem", "memory")
     assert memory > weights > offload, (memory, weights, offload)
     assert offload < 3 * block + 48 * 2**20, (offload, block, weights)
+
+
+def test_cli_max_memory_prunes_out_of_core_like_in_memory(tmp_path: Path) -> None:
+    import argparse
+    from io import StringIO
+
+    from rich.console import Console
+
+    from prunekit import cli_llm
+    from prunekit.zoo import lm
+
+    src = tmp_path / "char"
+    lm.build_lm(src, steps=2, batch_size=2, seq_len=32, hidden=32, layers=2, progress=False)
+    parser = argparse.ArgumentParser(prog="prunekit")
+    cli_llm.add_parser(parser.add_subparsers(dest="command", required=True))
+    common = ["llm", "prune", "--model", str(src), "--samples", "4", "--seq-len", "32"]
+    for extra in ([], ["--max-memory", "1GB"]):
+        out = tmp_path / ("ooc" if extra else "mem")
+        text = StringIO()
+        cli_llm.run(parser.parse_args([*common, "--out", str(out), *extra]), Console(file=text))
+        assert ("one block at a time" in text.getvalue()) == bool(extra)
+    mem, ooc = (
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / d) for d in ("mem", "ooc")
+    )
+    for name, tensor in mem.state_dict().items():
+        torch.testing.assert_close(ooc.state_dict()[name], tensor, rtol=0, atol=1e-6, msg=name)
+    assert (tmp_path / "ooc" / lm.VOCAB_FILE).is_file()
+    assert json.loads((tmp_path / "ooc" / "prunekit_llm.json").read_text())["achieved"] == 0.5
+    with pytest.raises(UsageError, match="max_memory"):
+        cli_llm.run(
+            parser.parse_args([*common, "--out", str(tmp_path / "x"), "--max-memory", "lots"]),
+            Console(file=StringIO()),
+        )

@@ -26,10 +26,11 @@ import argparse
 import json
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
-from torch import Tensor
+from torch import Tensor, nn
 
 import prunekit as pk
 from prunekit import cli_distill
@@ -39,7 +40,9 @@ from prunekit.fsio import atomic_directory
 from prunekit.llm.depth import DEPTH_IMPORTANCE
 from prunekit.llm.evaluate import embedding_similarity, perplexity
 from prunekit.llm.methods import methods
+from prunekit.llm.offload import available_memory, checkpoint_bytes, prune_checkpoint
 from prunekit.llm.oneshot import ALLOCATIONS, prune
+from prunekit.llm.report import LLMPruneReport
 from prunekit.llm.shrink import ShrinkSettings, shrink
 from prunekit.llm.shrink import plan as plan_shrink
 from prunekit.llm.width import WIDTH_IMPORTANCE
@@ -61,6 +64,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sample")
     p.add_argument("--seed", type=int, default=0, help="seeds the calibration windows")
     p.add_argument("--out", type=Path, required=True, help="save_pretrained directory")
+    ooc = "prune out of core, one block resident (300MB, 8GB); default: when the model is too big"
+    p.add_argument("--max-memory", default=None, help=ooc)
 
     e = commands.add_parser("eval", help="perplexity (causal LM) or embedding cosine (encoder)")
     e.add_argument("--model", required=True, help=zoo_help)
@@ -102,13 +107,29 @@ def _sparsity(text: str) -> float | str:
         return text
 
 
+def _calibration(encode: Any, config: Any, args: argparse.Namespace) -> tuple[Tensor, str]:
+    """The calibration windows of ``prune`` (capped at the model's positions), and their
+    protocol line."""
+    seq_len = min(args.seq_len, getattr(config, "max_position_embeddings", args.seq_len))
+    calibration = lm.calibration_ids(encode, args.samples, seq_len, args.seed)
+    return calibration, models.calibration_protocol(args.samples, seq_len, args.seed)
+
+
+def _checkpoint(spec: str) -> Path | None:
+    """The safetensors folder of a causal LM ``--model`` names, or None (MiniLM, no folder)."""
+    path = lm.cache_dir() if spec == "char-llama" else Path(spec)
+    return path if spec != "minilm" and checkpoint_bytes(path) > 0 else None
+
+
 def _prune(args: argparse.Namespace, console: Console) -> None:
+    source = _checkpoint(args.model)
+    available = available_memory()
+    too_big = source is not None and available is not None and checkpoint_bytes(source) > available
+    if args.max_memory is not None or too_big:
+        _prune_out_of_core(args, console, source)
+        return
     loaded = models.load(args.model)
-    seq_len = args.seq_len
-    max_positions = getattr(loaded.model.config, "max_position_embeddings", seq_len)
-    seq_len = min(seq_len, max_positions)
-    calibration = lm.calibration_ids(loaded.encode, args.samples, seq_len, args.seed)
-    protocol = models.calibration_protocol(args.samples, seq_len, args.seed)
+    calibration, protocol = _calibration(loaded.encode, loaded.model.config, args)
     report = prune(
         loaded.model,
         calibration,
@@ -121,6 +142,37 @@ def _prune(args: argparse.Namespace, console: Console) -> None:
     pk.bake(loaded.model)
     args.out.mkdir(parents=True, exist_ok=True)
     loaded.save(args.out)
+    _write_record(args, report, protocol)
+    console.print(f"saved the pruned model (masks baked) to {args.out}")
+
+
+def _prune_out_of_core(args: argparse.Namespace, console: Console, source: Path | None) -> None:
+    """``prune`` one block at a time (:func:`prunekit.llm.prune_checkpoint`)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    if source is None or args.allocation != "uniform":
+        raise UsageError(
+            f"--max-memory prunes a causal LM's safetensors folder with --allocation uniform; "
+            f"{args.model!r} with --allocation {args.allocation} is not one; Fix: pass a "
+            "save_pretrained folder of a causal LM, or drop --max-memory."
+        )
+    vocab = source / lm.VOCAB_FILE
+    tokenizer = (
+        lm.CharTokenizer.load(source) if vocab.exists() else AutoTokenizer.from_pretrained(source)
+    )
+    encode = models.LoadedModel(nn.Identity(), True, tokenizer, args.model).encode
+    calibration, protocol = _calibration(encode, AutoConfig.from_pretrained(source), args)
+    report = prune_checkpoint(
+        source, args.out, calibration, method=args.method,
+        sparsity=_sparsity(args.sparsity), max_memory=args.max_memory,
+    )  # fmt: skip
+    console.print(report)
+    console.print(protocol)
+    _write_record(args, report, protocol)
+    console.print(f"saved the pruned model (one block at a time, masks baked) to {args.out}")
+
+
+def _write_record(args: argparse.Namespace, report: LLMPruneReport, protocol: str) -> None:
     record = {
         "model": args.model,
         "method": report.method,
@@ -132,7 +184,6 @@ def _prune(args: argparse.Namespace, console: Console) -> None:
         "protocol": protocol,
     }
     (args.out / "prunekit_llm.json").write_text(json.dumps(record, indent=1))
-    console.print(f"saved the pruned model (masks baked) to {args.out}")
 
 
 def _eval(args: argparse.Namespace, console: Console) -> None:

@@ -41,9 +41,8 @@ INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
-_COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-           "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt",
-           "chat_template.jinja")  # fmt: skip
+_CGROUP = Path("/sys/fs/cgroup/memory.max")
+_MEMINFO = Path("/proc/meminfo")
 
 
 def parse_size(value: int | str) -> int:
@@ -73,6 +72,23 @@ def parse_size(value: int | str) -> int:
 def checkpoint_bytes(src: str | Path) -> int:
     """Bytes of the safetensors files of a checkpoint folder."""
     return sum(f.stat().st_size for f in Path(src).glob("*.safetensors"))
+
+
+def available_memory() -> int | None:
+    """Bytes this process may still use: the cgroup limit (``memory.max``, minus
+    ``memory.current``) when there is one, else ``MemAvailable``; None when unknown."""
+    try:
+        limit = _CGROUP.read_text().strip()
+        if limit != "max":
+            used = _CGROUP.with_name("memory.current").read_text()
+            return int(limit) - int(used)
+    except (OSError, ValueError):
+        pass
+    try:
+        match = re.search(r"^MemAvailable:\s+(\d+) kB", _MEMINFO.read_text(), re.MULTILINE)
+    except OSError:
+        return None
+    return int(match[1]) * 1024 if match else None
 
 
 def _weight_map(src: Path) -> dict[str, str]:
@@ -232,9 +248,9 @@ def prune_checkpoint(
         writer = _Writer(model, shards, out, prefix, len(block_list))
         report = run_prune(model, batches, method, target, "uniform", args, stream=writer)
         writer.finish()
-        for name in _COPIED:
-            if (src / name).is_file():
-                shutil.copy2(src / name, out / name)
+        for file in src.iterdir():  # config, tokenizer files...
+            if file.is_file() and file.suffix != ".safetensors" and file.name != INDEX:
+                shutil.copy2(file, out / file.name)
     return report
 
 
