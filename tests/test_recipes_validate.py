@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+import torch
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -269,3 +270,22 @@ def test_allocation_map_is_refused_on_a_pruner_schedule(timing: str) -> None:
     )
     one_shot = text.replace(timing, "")
     assert loads(one_shot, "r.yaml")["prune"]["allocation"] == {"fc1": 0.8}
+
+
+def test_device_is_checked_with_its_line() -> None:
+    with_device = VALID.replace("model: lenet5\n", "model: lenet5\ndevice: tpu\n")
+    assert error(with_device).startswith("r.yaml:3: device = 'tpu' is not one of cpu, cuda, mps")
+    assert loads(with_device.replace("tpu", "cpu"), "r.yaml")["device"] == "cpu"
+    assert loads(VALID, "r.yaml")["device"] == "cpu"  # the default
+    llm = "name: l\nkind: llm\nmodel: char-llama\ndevice: mps\n"
+    message = error(llm)
+    assert message.startswith("r.yaml:4: device = 'mps' ") and "Fix: device: cpu" in message
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a cuda device")
+def test_a_device_the_machine_lacks_is_refused_at_its_line() -> None:
+    message = error(VALID.replace("model: lenet5\n", "model: lenet5\ndevice: cuda\n"))
+    assert message.startswith(
+        "r.yaml:3: device = 'cuda' is not available on this machine (torch sees no cuda device)"
+    )
+    assert message.endswith("Fix: device: cpu.")

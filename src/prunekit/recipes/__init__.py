@@ -3,6 +3,7 @@
     name: lenet5-filter-l2          # the report goes to runs/<name>/
     description: Filter pruning by L2 norm, fine-tuned.
     seed: 0
+    device: cpu                     # cpu | cuda | mps (one this machine has)
     model: lenet5                   # zoo name, package.module:factory or a transformers dir
     data: {dataset: mnist5k}        # digits | mnist5k | mnist1d (flat, batch_size, ...)
     train: {epochs: 2, lr: 1e-3}    # dense training (optimizer: adam | sgd)

@@ -41,6 +41,7 @@ import prunekit as pk
 from prunekit import model_spec, training, zoo
 from prunekit.analysis import plots
 from prunekit.analysis.report import Section
+from prunekit.cli_model import to_device
 from prunekit.errors import PruningError
 from prunekit.export import export
 from prunekit.inputs import Inputs
@@ -106,7 +107,9 @@ def prepare(recipe: Recipe, quick: bool, console: Console) -> Run:
     data = _data(recipe, quick)
     try:
         loaded = model_spec.load_model(m["spec"], kwargs=m["kwargs"], checkpoint=m["checkpoint"])
-        example = model_spec.example_inputs(loaded, data=data)
+        device = model_spec.device(recipe["device"])  # checked when the recipe was read
+        loaded.model.to(device)
+        example = to_device(model_spec.example_inputs(loaded, data=data), device)
         if data is not None:
             model_spec.check_fits(loaded.model, m["spec"], data)
     except PruningError as err:

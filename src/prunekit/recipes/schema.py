@@ -19,6 +19,7 @@ from prunekit.errors import RecipeError
 from prunekit.export import FORMATS, SPARSE
 from prunekit.llm.methods import methods as llm_methods
 from prunekit.llm.oneshot import ALLOCATIONS as LLM_ALLOCATIONS
+from prunekit.model_spec import DEVICES
 from prunekit.recipes import distill
 from prunekit.recipes.fields import REQUIRED, Field, error, unknown, value
 from prunekit.recipes.methods import sections
@@ -44,6 +45,7 @@ SCHEMA: dict[str, dict[str, Field] | Field] = {
     "description": Field((str,), ""),
     "kind": Field((str,), "prune", choices=("prune", "llm")),
     "seed": Field((int,), 0, low=0, example="seed: 0"),
+    "device": Field((str,), "cpu", choices=DEVICES, example="device: cpu"),
     "model": {
         "spec": Field((str,), REQUIRED, example="spec: lenet5"),
         "kwargs": Field((dict,), {}, example="kwargs: {in_features: 64}"),

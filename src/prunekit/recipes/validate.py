@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prunekit import export, granularity
-from prunekit.errors import PruningError, RecipeError
+from prunekit import export, granularity, model_spec
+from prunekit.errors import PruningError, RecipeError, UsageError
 from prunekit.granularity import NM, Block, Granularity
 from prunekit.llm.methods import parse_target
 from prunekit.recipes import distill, methods, schema
@@ -147,6 +147,18 @@ def _check_sections(r: Recipe) -> None:
             )
 
 
+def _check_device(r: Recipe) -> None:
+    """``device:`` is one this machine has; ``kind: llm`` runs on the cpu only."""
+    try:
+        model_spec.device(r["device"])
+    except UsageError as err:
+        problem = f"is not available on this machine (torch sees no {r['device']} device)"
+        raise r.fail(("device",), r["device"], problem, "device: cpu.") from err
+    if r["kind"] == "llm" and r["device"] != "cpu":
+        raise r.fail(("device",), r["device"], "is not used by kind: llm (it runs on the cpu)",
+                     "device: cpu, or prunekit llm prune --device.")  # fmt: skip
+
+
 def _check_llm(r: Recipe) -> None:
     target = _resolve(r, ("llm", "sparsity"), parse_target)
     distill.settings(r)
@@ -180,6 +192,7 @@ def check(source: Source) -> Recipe:
     settings = schema.check(source)
     recipe = Recipe(settings, source)
     _check_sections(recipe)
+    _check_device(recipe)
     if recipe["kind"] == "llm":
         _check_llm(recipe)
         return recipe
