@@ -115,6 +115,7 @@ def _growth(src: Path, out: Path, mode: str) -> int:
     return int(done.stdout.split()[-1])
 
 
+@pytest.mark.slow  # two fresh processes importing torch and transformers (~20 s idle)
 def test_out_of_core_peak_stays_near_one_block(tmp_path: Path) -> None:
     """What this proves: pruning a 12-block Llama (76 MB of fp32 weights, 6.3 MB a block)
     out of core raises the peak RSS of a fresh process (``PeakMemory``: VmHWM reset after

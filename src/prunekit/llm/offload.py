@@ -28,13 +28,20 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from prunekit.errors import CheckpointError, PruningError, UnsupportedModelError, UsageError
+from prunekit.errors import (
+    CheckpointError,
+    IncompatibleLayerError,
+    PruningError,
+    UnsupportedModelError,
+    UsageError,
+)
 from prunekit.fsio import atomic_directory
+from prunekit.granularity import NM
 from prunekit.llm.arguments import PruneArguments
-from prunekit.llm.blocks import find_blocks
+from prunekit.llm.blocks import block_layers, find_blocks
 from prunekit.llm.calibration import TokenData, calibration_batches
-from prunekit.llm.methods import Method, parse_method
-from prunekit.llm.oneshot import _check_target, run_prune
+from prunekit.llm.methods import Method, Target, parse_method
+from prunekit.llm.oneshot import check_target, run_prune
 from prunekit.llm.report import LLMPruneReport
 
 INDEX = "model.safetensors.index.json"
@@ -134,8 +141,15 @@ def _materialise(model: nn.Module, module: nn.Module, tensors: dict[str, Tensor]
     """Load ``tensors`` (names relative to ``module``) into it; buffers missing from the
     checkpoint (rotary frequencies) are recomputed by the model's own initialiser."""
     module.load_state_dict(tensors, strict=False, assign=True)
-    for sub in module.modules():
-        if any(b.is_meta for b in sub.buffers(recurse=False)):
+    for name, sub in module.named_modules():
+        meta = [b for b, t in sub.named_buffers(recurse=False) if t.is_meta]
+        if meta and "Rotary" not in type(sub).__name__:
+            raise UnsupportedModelError(
+                f"buffer {name}.{meta[0]} of {type(sub).__name__} is not in the checkpoint and "
+                "prunekit cannot rebuild it off the meta device; Fix: prune this model in "
+                "memory (pk.llm.prune)."
+            )
+        if meta:
             sub.to_empty(device="cpu", recurse=False)
             model._init_weights(sub)
 
@@ -234,12 +248,12 @@ def prune_checkpoint(
     args = PruneArguments(blocks=blocks, batch_size=batch_size, progress=progress)
     budget = None if max_memory is None else parse_size(max_memory)
     method = parse_method(method)
-    target = _check_target(sparsity, "uniform")
+    target = check_target(sparsity, "uniform")
     src = Path(src_dir)
     shards = _Shards(src)
     model = _skeleton(src)
     prefix, block_list = find_blocks(model, args.blocks)
-    _check_budget(model, prefix, block_list, budget)
+    _check_fit(model, shards, target, budget, args.blocks)
     _materialise(
         model, model, shards.read([n for n in shards.map if not n.startswith(f"{prefix}.")])
     )
@@ -254,9 +268,22 @@ def prune_checkpoint(
     return report
 
 
-def _check_budget(
-    model: nn.Module, prefix: str, block_list: nn.ModuleList, budget: int | None
+def _check_fit(
+    model: nn.Module, shards: _Shards, target: Target, budget: int | None, blocks: str | None
 ) -> None:
+    """Before anything is written: the checkpoint holds every block tensor under the
+    model's own names, N:M divides every layer, one block fits in ``budget``."""
+    prefix, block_list = find_blocks(model, blocks)
+    absent = [n for n in model.state_dict() if n.startswith(f"{prefix}.") and n not in shards.map]
+    if absent:
+        raise UnsupportedModelError(
+            f"the checkpoint has no tensor {absent[0]!r} (stored under another layout, e.g. "
+            "per-expert MoE weights); Fix: prune this model in memory (pk.llm.prune)."
+        )
+    for index, block in enumerate(block_list):
+        for layer in block_layers(block, f"{prefix}.{index}"):
+            if isinstance(target, NM) and (reason := target.incompatibility(layer)):
+                raise IncompatibleLayerError(f"layer {layer.name!r}: {reason}")
     if budget is None:
         return
     largest = max(sum(p.numel() * p.element_size() for p in b.parameters()) for b in block_list)

@@ -91,7 +91,7 @@ def _owl_targets(
     return owl_sparsities(ratios, sparsity, args.owl_lambda)
 
 
-def _check_target(sparsity: float | str, allocation: str) -> Target:
+def check_target(sparsity: float | str, allocation: str) -> Target:
     """The parsed target, with the allocation checked against it."""
     target = parse_target(sparsity)
     if allocation not in ALLOCATIONS:
@@ -173,7 +173,7 @@ def prune(
     """
     args = PruneArguments(owl_m, owl_lambda, blocks, batch_size, progress, keep_masks)
     method = parse_method(method)
-    target = _check_target(sparsity, allocation)
+    target = check_target(sparsity, allocation)
     prefix, block_list = find_blocks(model, args.blocks)
     _check_layers(block_list, prefix, target)
     if not args.keep_masks:
