@@ -10,8 +10,8 @@ with a training step of your choice, data-parallel under ``torch.distributed``
 (:mod:`~prunekit.training.distributed`, whose :class:`MaskSync` hook keeps a Pruner's
 masks identical across ranks).
 
-``PruningCallback`` (transformers) is resolved lazily, so this package imports without
-transformers installed.
+``PruningCallback`` (transformers) and ``LightningPruning`` (lightning) are resolved
+lazily, so this package imports without either installed.
 """
 
 from typing import Any
@@ -31,6 +31,7 @@ __all__ = [
     "Distillation",
     "DuringReport",
     "IterativeReport",
+    "LightningPruning",
     "LotteryReport",
     "MaskSync",
     "PruningCallback",
@@ -52,8 +53,8 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name == "PruningCallback":
+    if name in ("PruningCallback", "LightningPruning"):
         from prunekit.training import callbacks
 
-        return callbacks.PruningCallback
+        return getattr(callbacks, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,7 +2,10 @@
 
 - :class:`PruningCallback`: a transformers ``TrainerCallback`` that calls
   ``pruner.step()`` after every optimizer step of a ``transformers.Trainer``
-  (transformers is imported only when the class is first used).
+  (transformers is imported only when the class is first used); its Trainer
+  checkpoints carry the Pruner's state and masks, and resume bit-exact.
+- :class:`LightningPruning`: the same for a ``lightning.Trainer`` (lightning imported
+  only when the class is first used).
 - :func:`train_with_pruner`: :func:`~prunekit.training.loop.fit` with the Pruner
   stepping after every optimizer step.
 """
@@ -67,13 +70,7 @@ def _restore(pruner: Pruner, path: Path) -> None:
         state = json.loads(f.metadata()["pruner"])
         masks = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
     pruner.load_state_dict(state)
-    modules = dict(pruner.model.named_modules())
-    for key, packed in masks.items():
-        module = modules[key.rsplit(".parametrizations.weight.", 1)[0]]
-        if mask_param(module) is None:
-            apply_packed(module, packed)
-        else:
-            mask_param(module).packed.copy_(packed)
+    _register_masks(pruner.model, masks)
     for shard in sorted(path.parent.glob("model*.safetensors")):
         pruner.model.load_state_dict(load_file(shard), strict=False)  # tied weights: absent
     logger.info("resuming the Pruner at step %d from %s", pruner.step_count, path)
@@ -123,9 +120,62 @@ def _callback_class() -> type:
     return PruningCallback
 
 
+def _register_masks(model: nn.Module, masks: dict[str, Any]) -> None:
+    """Put the packed ``masks`` (state-dict keys of ``model``) on ``model``'s layers."""
+    modules = dict(model.named_modules())
+    for key, packed in masks.items():
+        module = modules[key.rsplit(".parametrizations.weight.", 1)[0]]
+        existing = mask_param(module)
+        if existing is None:
+            apply_packed(module, packed)
+        else:
+            existing.packed.copy_(packed)
+
+
+def _masks_first(module: nn.Module, state: dict[str, Any], prefix: str, *_: Any) -> None:
+    """A load-state-dict pre-hook: the packed masks of ``state`` on ``module``'s layers."""
+    masks = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    _register_masks(module, {k: v for k, v in masks.items() if is_mask_key(k)})
+
+
+@functools.cache
+def _lightning_class() -> type:
+    import lightning.pytorch as pl
+
+    class LightningPruning(pl.Callback):
+        """Steps ``pruner`` after every optimizer step of a ``lightning.Trainer``
+        (``Trainer(callbacks=[LightningPruning(pk.Pruner(module.model, ...))])``); the
+        Pruner's state goes into Lightning checkpoints, and ``trainer.fit(...,
+        ckpt_path=...)`` puts it back, the masks registered before the masked weights load.
+        """
+
+        def __init__(self, pruner: Pruner) -> None:
+            _check_model(None, pruner)
+            self.pruner = pruner
+
+        def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+            if stage == "fit":  # a checkpoint's masks exist before its masked weights load
+                pl_module.register_load_state_dict_pre_hook(_masks_first)
+
+        def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+            while self.pruner.step_count < trainer.global_step:  # optimizer steps so far
+                self.pruner.step()
+
+        def state_dict(self) -> dict[str, Any]:
+            return self.pruner.state_dict()
+
+        def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+            self.pruner.load_state_dict(state_dict)
+
+    LightningPruning.__module__ = __name__
+    return LightningPruning
+
+
 def __getattr__(name: str) -> Any:
     if name == "PruningCallback":
         return _callback_class()
+    if name == "LightningPruning":
+        return _lightning_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
