@@ -47,15 +47,26 @@ def saved(tmp_path: Path, arch: str) -> Path:
     return src
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
-def test_checkpoint_equals_in_memory_prune(tmp_path: Path, arch: str, method: str) -> None:
+@pytest.mark.parametrize(
+    ("arch", "method", "budget"),
+    [("llama", "wanda", None), ("llama", "sparsegpt", None), ("gpt2", "wanda", None),
+     ("gpt2", "sparsegpt", None), ("llama", "sparsegpt", "115kB")],
+)  # fmt: skip
+def test_checkpoint_equals_in_memory_prune(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, arch: str, method: str, budget: str | None
+) -> None:
+    """``budget`` 115 kB: 3 blocks of 37 kB leave 4 kB, less than the 9 kB of hidden
+    states, which then go through memory-mapped files."""
+    loads: list[object] = []
+    load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a) or load(*a, **k))
     src = saved(tmp_path, arch)
     model = transformers.AutoModelForCausalLM.from_pretrained(src)
     expected = llm.prune(model, ids(), method=method, sparsity=0.5, batch_size=4, progress=False)
     report = llm.prune_checkpoint(
-        src, tmp_path / "out", ids(), method=method, sparsity=0.5, batch_size=4, progress=False
-    )
+        src, tmp_path / "out", ids(), method=method, sparsity=0.5, batch_size=4,
+        max_memory=budget, progress=False,
+    )  # fmt: skip
     pruned = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     want, got = model.state_dict(), pruned.state_dict()
     assert want.keys() == got.keys()
@@ -66,6 +77,8 @@ def test_checkpoint_equals_in_memory_prune(tmp_path: Path, arch: str, method: st
     ]
     for mine, theirs in zip(report.layers, expected.layers, strict=True):
         assert mine.error == pytest.approx(theirs.error, rel=1e-4, abs=1e-9)
+    assert len(loads) == (3 * 2 if budget else 0)  # 3 blocks' outputs, 2 batches each
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("tmp")]  # spill folder gone
     index = json.loads((tmp_path / "out" / INDEX).read_text())
     assert len(set(index["weight_map"].values())) == 4  # one shard per block + the rest
     assert (tmp_path / "out" / "config.json").is_file()

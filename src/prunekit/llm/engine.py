@@ -223,11 +223,14 @@ Visit = Callable[[int, list[Layer], dict[str, LayerStats]], bool]
 
 class BlockStream(Protocol):
     """Brings each block's weights in before the walk reaches it and takes them back after
-    (out-of-core pruning, :mod:`prunekit.llm.offload`); ``errors`` are the block's own."""
+    (out-of-core pruning, :mod:`prunekit.llm.offload`); ``errors`` are the block's own,
+    ``inputs`` the next block's (its ``hidden`` may be moved, e.g. to disk)."""
 
     def load(self, index: int, block: nn.Module) -> None: ...
 
-    def done(self, index: int, block: nn.Module, errors: dict[str, float]) -> None: ...
+    def done(
+        self, index: int, block: nn.Module, errors: dict[str, float], inputs: BlockInputs
+    ) -> None: ...
 
 
 def _measuring(
@@ -290,8 +293,8 @@ def sequential(
                     outputs = run_block(block, inputs, real)
                 mine = meter.relative() if meter else {}
             errors.update(mine)
-            if stream is not None:
-                stream.done(index, block, mine)
             inputs.hidden = outputs
+            if stream is not None:
+                stream.done(index, block, mine, inputs)
             bar.update(task, advance=1)
     return errors

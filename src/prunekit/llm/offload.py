@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -40,6 +41,7 @@ from prunekit.granularity import NM
 from prunekit.llm.arguments import PruneArguments
 from prunekit.llm.blocks import block_layers, find_blocks
 from prunekit.llm.calibration import TokenData, calibration_batches
+from prunekit.llm.engine import BlockInputs
 from prunekit.llm.methods import Method, Target, parse_method
 from prunekit.llm.oneshot import check_target, run_prune
 from prunekit.llm.report import LLMPruneReport
@@ -154,6 +156,18 @@ def _materialise(model: nn.Module, module: nn.Module, tensors: dict[str, Tensor]
             model._init_weights(sub)
 
 
+def _spill(inputs: BlockInputs, index: int, folder: Path, budget: int) -> None:
+    """Over ``budget`` bytes, the hidden states go to files in ``folder`` and come back
+    memory-mapped (pages the kernel can drop and re-read); the previous block's go."""
+    if sum(h.numel() * h.element_size() for h in inputs.hidden) <= budget:
+        return
+    for i, hidden in enumerate(inputs.hidden):
+        path = folder / f"{index}-{i}.pt"
+        torch.save(hidden.detach().cpu(), path)
+        inputs.hidden[i] = torch.load(path, mmap=True).to(hidden.device)
+        (folder / f"{index - 1}-{i}.pt").unlink(missing_ok=True)
+
+
 def _free(module: nn.Module) -> None:
     """Every tensor of ``module`` back on the meta device (its memory released)."""
     module.to(device="meta")
@@ -167,6 +181,8 @@ class _Writer:
     ) -> None:
         self.model, self.shards, self.out, self.prefix = model, shards, out, prefix
         self.files = count + 1
+        self.spill: tuple[Path, int] | None = None
+        """(folder, bytes): hidden states above that many bytes go to files there."""
         self.weight_map: dict[str, str] = {}
         self.bytes = 0
 
@@ -190,12 +206,16 @@ class _Writer:
                 f"{head}{missing[0]}; Fix: prune this model in memory (pk.llm.prune)."
             )
 
-    def done(self, index: int, block: nn.Module, errors: dict[str, float]) -> None:
+    def done(
+        self, index: int, block: nn.Module, errors: dict[str, float], inputs: BlockInputs
+    ) -> None:
         head = f"{self.prefix}.{index}."
         keep = set(self.names(index))
         state = {head + k: v.detach().contiguous() for k, v in block.state_dict().items()}
         self.write(index, {k: v for k, v in state.items() if k in keep})
         _free(block)
+        if self.spill is not None:
+            _spill(inputs, index, *self.spill)
 
     def write(self, index: int, tensors: dict[str, Tensor]) -> None:
         save_file(tensors, self.out / self.file(index), metadata={"format": "pt"})
@@ -237,7 +257,10 @@ def prune_checkpoint(
         src_dir: a ``save_pretrained`` folder (safetensors, sharded or not).
         calibration: as for :func:`prunekit.llm.prune`.
         max_memory: bytes, or a size such as ``"300MB"`` / ``"8GB"``: refused up front when
-            the largest block alone does not fit in it.
+            the largest block alone does not fit in it; the calibration hidden states
+            spill to memory-mapped files (a temporary folder beside ``out_dir``) when
+            they exceed it minus 3 times the largest block (its weights, dense snapshot
+            and statistics).
         blocks, batch_size, progress: as for :func:`prunekit.llm.prune`.
 
     Raises:
@@ -258,14 +281,21 @@ def prune_checkpoint(
         model, model, shards.read([n for n in shards.map if not n.startswith(f"{prefix}.")])
     )
     batches = calibration_batches(calibration, model, args.batch_size)
-    with atomic_directory(out_dir) as out:
+    with atomic_directory(out_dir) as out, tempfile.TemporaryDirectory(dir=out.parent) as spill:
         writer = _Writer(model, shards, out, prefix, len(block_list))
+        if budget is not None:
+            writer.spill = (Path(spill), max(budget - 3 * _largest(block_list), 0))
         report = run_prune(model, batches, method, target, "uniform", args, stream=writer)
         writer.finish()
         for file in src.iterdir():  # config, tokenizer files...
             if file.is_file() and file.suffix != ".safetensors" and file.name != INDEX:
                 shutil.copy2(file, out / file.name)
     return report
+
+
+def _largest(block_list: nn.ModuleList) -> int:
+    """Bytes of the largest block's parameters."""
+    return max(sum(p.numel() * p.element_size() for p in b.parameters()) for b in block_list)
 
 
 def _check_fit(
@@ -286,7 +316,7 @@ def _check_fit(
                 raise IncompatibleLayerError(f"layer {layer.name!r}: {reason}")
     if budget is None:
         return
-    largest = max(sum(p.numel() * p.element_size() for p in b.parameters()) for b in block_list)
+    largest = _largest(block_list)
     if largest > budget:
         raise PruningError(
             f"max_memory={budget:,} bytes is below one block of {prefix} ({largest:,} bytes); "

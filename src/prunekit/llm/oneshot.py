@@ -258,12 +258,14 @@ class _Finishing:
     def load(self, index: int, block: nn.Module) -> None:
         self.inner.load(index, block)
 
-    def done(self, index: int, block: nn.Module, errors: dict[str, float]) -> None:
+    def done(
+        self, index: int, block: nn.Module, errors: dict[str, float], inputs: BlockInputs
+    ) -> None:
         name = f"{self.prefix}.{index}"
         self.records += _block_records(block, name, self.targets[index], errors)
         if not self.args.keep_masks:
             bake(block)
-        self.inner.done(index, block, errors)
+        self.inner.done(index, block, errors, inputs)
 
 
 def _covered(block: nn.Module) -> list[torch.Tensor]:
