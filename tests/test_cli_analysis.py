@@ -169,3 +169,44 @@ def test_help_shows_defaults_and_device_choices(
     text = " ".join(capsys.readouterr().out.split())
     assert "--device {cpu,cuda,mps}" in text and "(default: cpu)" in text
     assert "package.module:factory" in text and "(default: 3)" in text
+
+
+DATA_MODULE = """
+from torch.utils.data import DataLoader, TensorDataset
+
+from prunekit import zoo
+
+
+def loaders():
+    d = zoo.load_dataset("digits")
+    train = DataLoader(TensorDataset(d.x_train, d.y_train), batch_size=64, shuffle=True)
+    return {"train": train, "eval": DataLoader(TensorDataset(d.x_test, d.y_test), batch_size=256)}
+
+
+def wrong():
+    return [1, 2]
+"""
+
+
+@pytest.fixture
+def data_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    name = f"cli_analysis_data_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(DATA_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return name
+
+
+def test_user_loaders_from_a_data_function(factory: str, data_module: str, tmp_path: Path) -> None:
+    out_dir = tmp_path / "out"
+    common = ["--model", factory, "--dataset", f"{data_module}:loaders", "--epochs", "5",
+              "--out", str(out_dir)]  # fmt: skip
+    run(["sensitivity", *common, "--sparsities", "0.5", "--target", "0.3", "--budget", "1"])
+    results = json.loads((out_dir / "sensitivity-mlp-loaders" / "results.json").read_text())
+    dense = float(results["sections"][0]["text"].split()[2].rstrip(";"))
+    assert dense > 0.5  # trained on the user's DataLoader, scored on theirs
+    run(["sweep", *common, "--sparsities", "0.5", "--seeds", "0", "--methods", "l2-row"])
+    assert (out_dir / "sweep-mlp-loaders" / "report.html").exists()
+    with pytest.raises(PruningError, match=r"returned list \[1, 2\], not a mapping with keys"):
+        run(["sweep", *common[:2], "--dataset", f"{data_module}:wrong", "--out", str(out_dir)])
+    with pytest.raises(PruningError, match="data 'nope_xyz:f': module 'nope_xyz' does not"):
+        run(["sweep", *common[:2], "--dataset", "nope_xyz:f", "--out", str(out_dir)])

@@ -7,7 +7,8 @@
 
 ``--model`` is any model spec (a zoo name, ``package.module:factory`` with
 ``--model-kwargs`` / ``--checkpoint``, or a transformers directory; see
-:mod:`prunekit.model_spec`), trained on ``--dataset`` on ``--device``.
+:mod:`prunekit.model_spec`), trained on ``--dataset`` on ``--device``: a zoo dataset, or
+``package.module:function`` returning the user's loaders (:class:`Loaders`).
 A method is ``<criterion>[-<granularity>][-global|-local]``: ``magnitude-global`` ranks
 every layer together by magnitude, ``l2-filter`` removes output rows / filters by L2 norm.
 Both commands write ``<out>/<command>-<model>-<dataset>/`` (see
@@ -19,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +35,10 @@ from prunekit.analysis import plots
 from prunekit.analysis.report import Section, write_report
 from prunekit.analysis.sensitivity import Evaluate, sensitivity
 from prunekit.analysis.sweep import MATERIALIZE, SweepReport, sweep
-from prunekit.errors import PruningError, SweepError
+from prunekit.errors import MissingDataError, PruningError, SweepError, guarded
+from prunekit.inputs import Inputs
 from prunekit.model_spec import LoadedSpec
+from prunekit.training.data import accuracy
 
 SCOPES = ("global", "local")
 
@@ -66,7 +71,12 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
 
 def _common(parser: argparse.ArgumentParser) -> None:
     cli_model.add_model_arguments(parser)
-    parser.add_argument("--dataset", required=True, help=", ".join(zoo.data.DATASETS))
+    parser.add_argument(
+        "--dataset",
+        required=True,
+        help=f"{', '.join(zoo.data.DATASETS)}, or package.module:function returning "
+        "{'train': loader, 'eval': loader[, 'calibration': batches]}",
+    )
     parser.add_argument("--epochs", type=int, default=3, help="dense training epochs")
     parser.add_argument("--out", type=Path, default=Path("runs"), help="reports go here")
 
@@ -100,21 +110,71 @@ def parse_method(spec: str) -> dict[str, object]:
     return kwargs
 
 
-def _data(args: argparse.Namespace) -> zoo.Dataset:
-    return zoo.load_dataset(args.dataset, flat=args.model == "lenet300")
+@dataclass(frozen=True)
+class Loaders:
+    """What ``--dataset package.module:function`` returns, called without arguments:
+    ``{"train": ..., "eval": ..., "calibration": ...}``, each a re-iterable of ``(x, y)``
+    batches (a ``DataLoader``); ``calibration`` defaults to the first 4 training batches."""
+
+    name: str
+    train: Any
+    eval: Any
+    calibration: list
 
 
-def _build(args: argparse.Namespace, data: zoo.Dataset) -> LoadedSpec:
-    """The model of ``--model`` on ``--device``, checked to take the dataset's inputs (the
-    zoo's LeNet-300-100 is sized for its flat input size)."""
-    extra = {"in_features": math.prod(data.input_shape)} if args.model == "lenet300" else {}
+Data = zoo.Dataset | Loaders
+LOADER_KEYS = ("train", "eval", "calibration")
+
+
+def _data(args: argparse.Namespace) -> Data:
+    """A zoo dataset by name, or the loaders of a user's ``package.module:function``."""
+    if ":" not in args.dataset:
+        return zoo.load_dataset(args.dataset, flat=args.model == "lenet300")
+    function = model_spec.resolve(args.dataset, "data")
+    out = guarded(function, f"data function {args.dataset!r}")()
+    if not isinstance(out, Mapping) or {"train", "eval"} - set(out) or set(out) - {*LOADER_KEYS}:
+        raise MissingDataError(
+            f"data {args.dataset!r} returned {type(out).__name__} {out!r:.60}, not a mapping "
+            "with keys train and eval (and optionally calibration); Fix: return "
+            "{'train': train_loader, 'eval': eval_loader}."
+        )
+    calibration = out.get("calibration") or islice(out["train"], 4)
+    return Loaders(args.dataset.rsplit(":", 1)[-1], out["train"], out["eval"], list(calibration))
+
+
+def _build(args: argparse.Namespace, data: Data) -> LoadedSpec:
+    """The model of ``--model`` on ``--device``, checked to take the data's inputs (the
+    zoo's LeNet-300-100 is sized for a zoo dataset's flat input size)."""
+    zoo_data = isinstance(data, zoo.Dataset)
+    extra = (
+        {"in_features": math.prod(data.input_shape)}
+        if args.model == "lenet300" and zoo_data
+        else {}
+    )
     loaded = cli_model.load(args, extra)
-    model_spec.check_fits(loaded.model, args.model, data)
+    if zoo_data:
+        model_spec.check_fits(loaded.model, args.model, data)
+    else:
+        cli_model.check_example(loaded, _example(args, data))
     return loaded
 
 
-def _accuracy(data: zoo.Dataset) -> Evaluate:
-    return lambda model: zoo.evaluate(model, data.x_test, data.y_test)
+def _example(args: argparse.Namespace, data: Data) -> Inputs:
+    """One evaluation input on ``--device``: what the sweep times."""
+    x = data.x_test[:1] if isinstance(data, zoo.Dataset) else next(iter(data.eval))[0][:1]
+    return cli_model.to_device(x, model_spec.device(args.device))
+
+
+def _train(model: nn.Module, data: Data, epochs: int, seed: int) -> None:
+    zoo.train(
+        model, data if isinstance(data, zoo.Dataset) else data.train, epochs=epochs, seed=seed
+    )
+
+
+def _accuracy(data: Data) -> Evaluate:
+    if isinstance(data, zoo.Dataset):
+        return lambda model: zoo.evaluate(model, data.x_test, data.y_test)
+    return lambda model: accuracy(model, data.eval)
 
 
 def run_sensitivity(args: argparse.Namespace, console: Console) -> None:
@@ -128,7 +188,7 @@ def run_sensitivity(args: argparse.Namespace, console: Console) -> None:
     # with no drop anywhere, the allocation fails only on a bad target or budget.
     dry = sensitivity(model, lambda m: 0.0, sparsities=grid, progress=False, **options)
     dry.allocation(args.target, args.budget)
-    zoo.train(model, data, epochs=args.epochs, seed=args.seed)
+    _train(model, data, args.epochs, args.seed)
     report = sensitivity(model, _accuracy(data), sparsities=grid, **options)
     console.print(report)
     try:
@@ -150,8 +210,8 @@ def run_sensitivity(args: argparse.Namespace, console: Console) -> None:
             [{"layer": name, "sparsity": s} for name, s in allocation.items()] or None,
         ),
     ]
-    name = f"sensitivity-{loaded.name}-{args.dataset}"
-    title = f"Sensitivity of {loaded.name} on {args.dataset}"
+    name = f"sensitivity-{loaded.name}-{data.name}"
+    title = f"Sensitivity of {loaded.name} on {data.name}"
     folder = write_report(
         name, title=title, sections=sections, out_dir=args.out, seed=args.seed, data=args.dataset
     )
@@ -184,7 +244,9 @@ def run_sweep(args: argparse.Namespace, console: Console) -> None:
     grid = _numbers(args.sparsities, float, "--sparsities", "0.5,0.9")
     seeds = _numbers(args.seeds, cli_model.count, "--seeds", "0,1,2")
     data = _data(args)
-    calibration = zoo.calibration_batches(data)
+    calibration = (
+        zoo.calibration_batches(data) if isinstance(data, zoo.Dataset) else data.calibration
+    )
     methods = {
         spec: parse_method(spec) | {"exclude": args.exclude, "data": calibration}
         for spec in args.methods.split(",")
@@ -193,13 +255,13 @@ def run_sweep(args: argparse.Namespace, console: Console) -> None:
     def build_and_train(seed: int) -> nn.Module:
         torch.manual_seed(seed)
         trained = _build(args, data).model
-        zoo.train(trained, data, epochs=args.epochs, seed=seed)
+        _train(trained, data, args.epochs, seed)
         return trained
 
     options = {
         "methods": methods,
         "sparsities": grid,
-        "example_inputs": cli_model.to_device(data.x_test[:1], model_spec.device(args.device)),
+        "example_inputs": _example(args, data),
         "materialize": args.materialize,
     }
     # Every option is first tried on an untrained model, so bad input fails before training.
@@ -215,8 +277,8 @@ def run_sweep(args: argparse.Namespace, console: Console) -> None:
     report = sweep(build_and_train, _accuracy(data), seeds=seeds, **options)
     console.print(report)
     sections = _sweep_sections(report, args, seeds)
-    name = f"sweep-{loaded.name}-{args.dataset}"
-    title = f"Sweep of {loaded.name} on {args.dataset}"
+    name = f"sweep-{loaded.name}-{data.name}"
+    title = f"Sweep of {loaded.name} on {data.name}"
     folder = write_report(
         name, title=title, sections=sections, out_dir=args.out, seed=seeds, data=args.dataset
     )

@@ -22,7 +22,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,20 +73,15 @@ class LoadedSpec:
 
 
 def device(name: str) -> torch.device:
-    """The device ``name`` (one of :data:`DEVICES`) a command or recipe runs on.
-
-    Raises:
-        UsageError: an unknown name, or a device this machine does not have.
-    """
+    """The device ``name`` (one of :data:`DEVICES`) a command or recipe runs on; an unknown
+    name, or a device this machine lacks, is a :class:`~prunekit.errors.UsageError`."""
     available = {"cpu": True, "cuda": torch.cuda.is_available(),
                  "mps": torch.backends.mps.is_available()}  # fmt: skip
     if name not in available:
         raise UsageError(f"device {name!r} is not one of {', '.join(DEVICES)}; Fix: pass cpu.")
     if not available[name]:
-        raise UsageError(
-            f"device {name!r} is not available on this machine (torch sees no {name} device); "
-            "Fix: pass cpu, or run where torch sees one."
-        )
+        why = f"is not available on this machine (torch sees no {name} device)"
+        raise UsageError(f"device {name!r} {why}; Fix: pass cpu, or run where torch sees one.")
     return torch.device(name)
 
 
@@ -98,21 +93,27 @@ def describe() -> str:
     )
 
 
-def _factory(spec: str, kwargs: Mapping[str, Any]) -> nn.Module:
+def resolve(spec: str, what: str = "model") -> Callable[..., Any]:
+    """The callable ``package.module:name`` names: a model factory, a data function."""
     module_name, _, attr = spec.rpartition(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
         raise ModelSpecError(
-            f"model {spec!r}: module {module_name!r} does not import ({err}); Fix: install it "
+            f"{what} {spec!r}: module {module_name!r} does not import ({err}); Fix: install it "
             "or put its folder on PYTHONPATH."
         ) from err
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise ModelSpecError(
-            f"model {spec!r}: {module_name} has no callable {attr!r}; Fix: name a function or "
-            "class that builds the model."
+            f"{what} {spec!r}: {module_name} has no callable {attr!r}; Fix: name a function or "
+            f"class that builds the {what}."
         )
+    return factory
+
+
+def _factory(spec: str, kwargs: Mapping[str, Any]) -> nn.Module:
+    attr, factory = spec.rpartition(":")[2], resolve(spec)
     try:
         inspect.signature(factory).bind(**kwargs)
     except TypeError as err:
