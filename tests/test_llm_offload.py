@@ -97,6 +97,8 @@ def test_sizes_and_bad_input(tmp_path: Path) -> None:
     with pytest.raises(PruningError, match="below one block"):
         llm.prune_checkpoint(src, tmp_path / "out", ids(), max_memory="1KB", progress=False)
     assert not (tmp_path / "out").exists()
+    with pytest.raises(UsageError, match="is src_dir"):
+        llm.prune_checkpoint(src, src, ids(), progress=False)
 
 
 _CHILD = textwrap.dedent(

@@ -264,15 +264,21 @@ def prune_checkpoint(
         blocks, batch_size, progress: as for :func:`prunekit.llm.prune`.
 
     Raises:
-        UsageError: a bad ``max_memory`` or argument. CheckpointError: no safetensors in
-            ``src_dir``. PruningError: the largest block exceeds ``max_memory``; the method,
-            sparsity or calibration errors of :func:`prunekit.llm.prune`.
+        UsageError: a bad ``max_memory`` or argument, ``out_dir`` = ``src_dir``.
+        CheckpointError: no safetensors in ``src_dir``.
+        PruningError: the largest block exceeds ``max_memory``; the method, sparsity or
+            calibration errors of :func:`prunekit.llm.prune`.
     """
     args = PruneArguments(blocks=blocks, batch_size=batch_size, progress=progress)
     budget = None if max_memory is None else parse_size(max_memory)
     method = parse_method(method)
     target = check_target(sparsity, "uniform")
     src = Path(src_dir)
+    if src.resolve() == Path(out_dir).resolve():
+        raise UsageError(
+            f"out_dir {str(out_dir)!r} is src_dir, whose shards are read while the pruned "
+            "ones are written; Fix: pass another folder."
+        )
     shards = _Shards(src)
     model = _skeleton(src)
     prefix, block_list = find_blocks(model, args.blocks)
