@@ -154,6 +154,7 @@ def test_out_of_core_peak_stays_near_one_block(tmp_path: Path) -> None:
     del model
     offload = _growth(src, tmp_path / "ooc", "offload")
     memory = _growth(src, tmp_path / "mem", "memory")
+    print(f"peak growth: out of core {offload:,} B, in memory {memory:,} B; model {weights:,} B")
     assert memory > weights > offload, (memory, weights, offload)
     assert offload < 3 * block + 48 * 2**20, (offload, block, weights)
 
