@@ -349,6 +349,7 @@ def main() -> None:
     rows.show(section, console)
     if args.write:
         protocol = rows.protocol("bench_structured.py", f"medians of {args.repeats} repeats")
+        protocol = protocol.replace(".venv/bin/python", sys.executable)  # the peer's venv
         write_section(section, ["", protocol, "", *rows.markdown()])
 
 
