@@ -19,6 +19,7 @@ Modules: :mod:`~prunekit.llm.engine` (the sequential calibration engine),
 is :mod:`prunekit.cli_llm`.
 """
 
+from prunekit.llm.alps import ALPS
 from prunekit.llm.depth import (
     angular_distance,
     block_influence,
@@ -35,6 +36,7 @@ from prunekit.llm.shrink import plan as plan_shrink
 from prunekit.llm.width import WidthScores, width_importance
 
 __all__ = [
+    "ALPS",
     "LLMPruneReport",
     "ShrinkPlan",
     "ShrinkResult",

@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from prunekit.errors import MissingModelError
-from prunekit.tables import progress_bar
 from prunekit.spec import checked, integer
+from prunekit.tables import progress_bar
 
 LM_NAME = "char-llama"
 HELD_OUT_FRACTION = 0.1
