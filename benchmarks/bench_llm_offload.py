@@ -1,7 +1,8 @@
 """Out-of-core vs in-memory one-shot pruning: peak memory and time on one checkpoint.
 
-A random Llama (hidden 768, 12 blocks, MLP 2048, vocab 32000: ~134M parameters, fp32) is
-saved to a temporary folder in 100 MB shards; each mode then runs in a fresh process:
+A random Llama (hidden 768, 12 blocks, MLP 2048, vocab 32000: 125M parameters, 476 MiB
+fp32) is saved to a temporary folder in 100 MB shards; each mode then runs in a fresh
+process:
 
 - in memory: ``from_pretrained`` + ``pk.llm.prune`` + ``save_pretrained``;
 - out of core: ``pk.llm.prune_checkpoint`` (one block resident).
