@@ -54,21 +54,30 @@ def group_masked(
     # The reference of verify=True: the group-masked model the shrunk one must equal
     # (verify=False skips it).
     masked = copy.deepcopy(model)
-    zero_groups(masked, removed_groups(graph, removed))
+    zero_positions(masked, graph.positions(removed))
     return masked
 
 
-def zero_groups(model: nn.Module, groups: Sequence[Group]) -> None:
-    """Zero every parameter position of ``groups`` in place: the *group-masked* model.
+def zero_positions(model: nn.Module, positions: Mapping[tuple[str, int], Tensor]) -> None:
+    """Zero every parameter position of removed groups in place (``positions``: what
+    :meth:`DependencyGraph.positions` gives): the *group-masked* model.
 
     Removing the groups physically computes exactly what this model computes.
     """
     params = dict(model.named_parameters(remove_duplicate=False))
     with torch.no_grad():
-        for g in groups:
-            for m in g.members:
-                if m.name in params:
-                    params[m.name].index_fill_(m.dim, m.index, 0.0)
+        for (name, dim), index in positions.items():
+            if name in params:
+                params[name].index_fill_(dim, index, 0.0)
+
+
+def zero_groups(model: nn.Module, groups: Sequence[Group]) -> None:
+    """:func:`zero_positions` of ``groups`` (per-group objects)."""
+    positions: dict[tuple[str, int], list[Tensor]] = {}
+    for g in groups:
+        for m in g.members:
+            positions.setdefault((m.name, m.dim), []).append(m.index)
+    zero_positions(model, {key: torch.cat(parts) for key, parts in positions.items()})
 
 
 def _tensors(model: nn.Module) -> dict[str, Tensor]:
@@ -218,15 +227,11 @@ def remove(
 
     Returns the attribute changes and notes on the transformers config (if any).
     """
-    groups = removed_groups(graph, removed)
     keep: dict[tuple[str, int], Tensor] = {}
     tensors = _tensors(model)
-    for g in groups:
-        for m in g.members:
-            mask = keep.setdefault(
-                (m.name, m.dim), torch.ones(tensors[m.name].shape[m.dim], dtype=torch.bool)
-            )
-            mask[m.index] = False
+    for (name, dim), index in graph.positions(removed).items():
+        keep[(name, dim)] = torch.ones(tensors[name].shape[dim], dtype=torch.bool)
+        keep[(name, dim)][index] = False
     by_tensor: dict[str, list[tuple[int, Tensor]]] = {}
     for (name, dim), mask in keep.items():
         by_tensor.setdefault(name, []).append((dim, mask.nonzero().flatten()))
@@ -240,5 +245,5 @@ def remove(
     changes = []
     for name in sorted({owner(alias) for n in by_tensor for alias in graph.trace.aliases[n]}):
         changes += resize_module(name, model.get_submodule(name))
-    counts = head_counts(graph, {g.id for g in groups})
+    counts = head_counts(graph, graph.ids(removed))
     return changes + _heads(model, counts), update_config(model, graph, removed, counts)

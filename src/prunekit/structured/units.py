@@ -34,30 +34,29 @@ class ChannelUnits(Units):
         batchnorms: frozenset[str] = frozenset(),
     ) -> None:
         self.family, self.params, self.grads = family, params, grads
-        self.shape = (len(family.groups),)
+        self.shape = (len(family),)
         self.size = None
         self._kinds = {
-            m.name: "batchnorm" if owner(m.name) in batchnorms and m.name.endswith(".weight")
+            r.name: "batchnorm" if owner(r.name) in batchnorms and r.name.endswith(".weight")
             else "param"
-            for m in family.groups[0].members
-            if m.name in params
+            for r in family.runs
+            if r.name in params
         }  # fmt: skip
 
     def has(self, kind: str) -> bool:
         return kind in self._kinds.values()
 
     def sum(self, fn: Contribution, kind: str | None = None) -> Tensor:
-        total = torch.zeros(len(self.family.groups), dtype=torch.float64)
-        for k, member in enumerate(self.family.groups[0].members):
-            if member.name not in self._kinds or kind not in (None, self._kinds[member.name]):
+        total = torch.zeros(len(self.family), dtype=torch.float64)
+        for runs in self.family.runs:
+            if runs.name not in self._kinds or kind not in (None, self._kinds[runs.name]):
                 continue
-            w = self.params[member.name].detach()
-            g = None if self.grads is None else self.grads.get(member.name)
+            w = self.params[runs.name].detach()
+            g = None if self.grads is None else self.grads.get(runs.name)
             values = fn(w, None if g is None else g.detach())
-            per_position = values.movedim(member.dim, 0).reshape(w.shape[member.dim], -1)
+            per_position = values.movedim(runs.dim, 0).reshape(w.shape[runs.dim], -1)
             per_position = per_position.sum(1, dtype=torch.float64)
-            total += torch.stack([per_position[g_.members[k].index].sum()
-                                  for g_ in self.family.groups])  # fmt: skip
+            total.index_add_(0, runs.group_of(), per_position[runs.positions])
         return total.float()
 
     def vectors(self) -> list[Tensor]:
@@ -73,7 +72,7 @@ class FamilyUnits:
     def __init__(self, model: nn.Module, graph: DependencyGraph) -> None:
         self.model, self.graph = model, graph
         self._params = dict(model.named_parameters(remove_duplicate=False))
-        members = {m.name for g in graph.groups() for m in g.members}
+        members = {r.name for f in graph.families for r in f.runs}
         self.names = sorted(n for n in members if n in self._params)
         self._bns = frozenset(_batchnorms(model))
 
