@@ -171,6 +171,20 @@ def _check(
     return target
 
 
+def _training(
+    epochs: int, lr: float, progress: bool, sync: bool, train_kwargs: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The retraining settings iterative pruning sets itself; ``train_kwargs`` may not."""
+    training = dict(epochs=epochs, lr=lr, progress=progress, sync=sync)
+    clash = sorted(set(training) & set(train_kwargs))
+    if clash:
+        raise PruningError(
+            f"train_kwargs {clash} are set by iterative_pruning itself; Fix: pass epochs= and "
+            "finetune_lr= (and progress=) as its own arguments."
+        )
+    return training
+
+
 def iterative_pruning(
     model: nn.Module,
     data: TrainData,
@@ -227,13 +241,7 @@ def iterative_pruning(
     src = source(data, batch_size, evaluate)
     target = _check(model, target, q, rounds, spec, calibration)
     src.check(sync)
-    training = dict(epochs=epochs, lr=finetune_lr, progress=progress, sync=sync)
-    clash = sorted(set(training) & set(train_kwargs))
-    if clash:
-        raise PruningError(
-            f"train_kwargs {clash} are set by iterative_pruning itself; Fix: pass epochs= and "
-            "finetune_lr= (and progress=) as its own arguments."
-        )
+    training = _training(epochs, finetune_lr, progress, sync, train_kwargs)
     check_fit(model, src.batches(seed), **training, **train_kwargs)
     config = dict(target=target, q=q, rounds=rounds, epochs=epochs, finetune_lr=finetune_lr,
                   batch_size=batch_size, seed=seed, criterion=criterion, scope=scope,
