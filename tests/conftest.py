@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import pytest
 import torch
 from torch import nn
@@ -82,3 +85,28 @@ def small_cnn() -> nn.Module:
         nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         nn.Linear(8, 4),
     )  # fmt: skip
+
+
+class Interrupt(Exception):
+    """Stands for a kill right after a round's checkpoint."""
+
+
+@contextlib.contextmanager
+def killed_after_round(k: int = 1) -> Iterator[None]:
+    """The pipeline run inside the block is 'killed' (raises :class:`Interrupt`, which the
+    block expects) right after round ``k``'s checkpoint is saved."""
+    from prunekit.training import checkpoint
+
+    save_round = checkpoint.save_round
+
+    def stop(directory, round, *args, **kwargs):
+        save_round(directory, round, *args, **kwargs)
+        if round == k:
+            raise Interrupt
+
+    checkpoint.save_round = stop
+    try:
+        with pytest.raises(Interrupt):
+            yield
+    finally:
+        checkpoint.save_round = save_round

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_unchanged, snapshot
+from conftest import assert_unchanged, killed_after_round, snapshot
 from safetensors.torch import load_file
 from torch import nn
 
@@ -155,24 +155,11 @@ def test_corrupted_checkpoint_is_refused(tmp_path, digits, damage, pipeline):
     assert_unchanged(model, before)
 
 
-class Interrupt(Exception):
-    """Stands for a kill right after round 1's checkpoint."""
-
-
-def test_iterative_pruning_resumes_to_the_same_masks_and_weights(tmp_path, digits, monkeypatch):
+def test_iterative_pruning_resumes_to_the_same_masks_and_weights(tmp_path, digits):
     whole = tiny()
     iterative(whole, digits, tmp_path / "whole", rounds=3)
-    save_round = checkpoint.save_round
-
-    def stop_after_round_1(directory, round, *args, **kwargs):
-        save_round(directory, round, *args, **kwargs)
-        if round == 1:
-            raise Interrupt
-
-    monkeypatch.setattr(checkpoint, "save_round", stop_after_round_1)
-    with pytest.raises(Interrupt):
+    with killed_after_round(1):
         iterative(tiny(), digits, tmp_path / "ckpt", rounds=3)
-    monkeypatch.undo()
     assert json.loads((tmp_path / "ckpt" / checkpoint.STATE).read_text())["round"] == 1
     resumed = tiny()
     report = iterative(resumed, digits, tmp_path / "ckpt", rounds=3)
@@ -232,19 +219,8 @@ def halfway(tmp_path_factory, digits) -> dict[str, Path]:
     out = {}
     for pipeline in PIPELINES:
         directory = tmp_path_factory.mktemp(pipeline.__name__)
-        save_round = checkpoint.save_round
-
-        def stop_after_round_1(directory, round, *args, _save=save_round, **kwargs):
-            _save(directory, round, *args, **kwargs)
-            if round == 1:
-                raise Interrupt
-
-        checkpoint.save_round = stop_after_round_1
-        try:
-            with pytest.raises(Interrupt):
-                pipeline(tiny(), digits, directory, rounds=2)
-        finally:
-            checkpoint.save_round = save_round
+        with killed_after_round(1):
+            pipeline(tiny(), digits, directory, rounds=2)
         out[pipeline.__name__] = directory
     return out
 

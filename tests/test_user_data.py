@@ -10,6 +10,7 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import killed_after_round
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -118,14 +119,8 @@ def test_hf_datasets_dataset_through_a_dataloader():
     assert kept(report.model)[0] == 0.5
 
 
-class Interrupt(Exception):
-    """Stands for a kill right after round 1's checkpoint."""
-
-
 @pytest.mark.parametrize("generator", [False, True], ids=["global-rng", "own-generator"])
-def test_resumed_lottery_on_a_shuffled_dataloader_is_bit_exact(
-    tmp_path, monkeypatch, caplog, generator
-):
+def test_resumed_lottery_on_a_shuffled_dataloader_is_bit_exact(tmp_path, caplog, generator):
     def run(directory, global_seed=123):
         torch.manual_seed(global_seed)  # what a generator-less DataLoader shuffles from
         data = loader(generator=generator)
@@ -134,17 +129,8 @@ def test_resumed_lottery_on_a_shuffled_dataloader_is_bit_exact(
                                    checkpoint_dir=directory).model  # fmt: skip
 
     whole = run(tmp_path / "whole")
-    save_round = checkpoint.save_round
-
-    def stop_after_round_1(directory, round, *args, **kwargs):
-        save_round(directory, round, *args, **kwargs)
-        if round == 1:
-            raise Interrupt
-
-    monkeypatch.setattr(checkpoint, "save_round", stop_after_round_1)
-    with pytest.raises(Interrupt):
+    with killed_after_round(1):
         run(tmp_path / "ckpt")
-    monkeypatch.undo()
     assert json.loads((tmp_path / "ckpt" / checkpoint.STATE).read_text())["round"] == 1
     caplog.set_level(logging.INFO, logger="prunekit")
     resumed = run(tmp_path / "ckpt", global_seed=999)  # a new process: the checkpoint's RNG
