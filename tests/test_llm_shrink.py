@@ -276,3 +276,15 @@ def test_other_architectures_are_refused_by_name(arch: str) -> None:
     with pytest.raises(IncompatibleLayerError, match=f"model_type '{arch}'"):
         pk.llm.shrink(model, importance="magnitude", heads=2)
     assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma", "gpt2"])
+def test_a_shrunk_model_distils_towards_its_unpruned_teacher(shrunk, arch: str) -> None:
+    from prunekit.training.distill import kl_divergence
+
+    student, teacher = copy.deepcopy(shrunk[arch][0]), tiny(arch)
+    data = list(ids(16, 12, seed=3).split(4))
+    before = kl_divergence(student, teacher, data)
+    report = pk.training.distill(student, teacher, data, steps=12, lr=1e-3, progress=False)
+    assert report.steps == 12
+    assert kl_divergence(student, teacher, data) < 0.75 * before
