@@ -8,6 +8,7 @@ from conftest import assert_unchanged, snapshot
 from torch import nn
 
 import prunekit as pk
+from prunekit.errors import UserCallbackError
 
 
 @pytest.fixture(params=["fresh", "masked"])
@@ -118,6 +119,6 @@ def test_data_driven_failure_midway_leaves_model_unchanged(model):
         raise RuntimeError("boom")
 
     before = snapshot(model)
-    with pytest.raises(RuntimeError, match="boom"):
+    with pytest.raises(UserCallbackError, match="exploding_loss' raised RuntimeError: boom"):
         pk.prune(model, 0.5, criterion="taylor", data=batches(), loss_fn=exploding_loss)
     assert_unchanged(model, before)

@@ -32,9 +32,19 @@ def test_training_logs_step_elapsed_and_eta(monkeypatch, caplog):
 def test_lines_are_throttled_to_one_every_interval_plus_the_last(monkeypatch, caplog):
     monkeypatch.setattr(tables, "LOG_INTERVAL", 3600.0)
     caplog.set_level(logging.INFO, logger="prunekit")
-    pk.training.fit(nn.Linear(4, 2), data(), epochs=2, progress=False)
+    pk.training.fit(nn.Linear(4, 2), data(), epochs=2, progress=True)
     lines = [r.getMessage() for r in caplog.records if r.name == "prunekit"]
     assert len(lines) == 1 and " - 6/6 (100%)" in lines[0]
+
+
+def test_progress_off_logs_at_debug_only(caplog):
+    caplog.set_level(logging.INFO, logger="prunekit")
+    pk.training.fit(nn.Linear(4, 2), data(), epochs=2, progress=False)
+    assert not [r for r in caplog.records if r.name == "prunekit"]
+    caplog.set_level(logging.DEBUG, logger="prunekit")
+    pk.training.fit(nn.Linear(4, 2), data(), epochs=2, progress=False)
+    lines = [r for r in caplog.records if r.name == "prunekit"]
+    assert lines and all(r.levelno == logging.DEBUG for r in lines)
 
 
 def test_plain_lines_are_printed_when_nothing_handles_the_logger(monkeypatch, capsys):

@@ -2,8 +2,8 @@
 work, shown as a transient rich bar on a terminal and reported through :mod:`logging`.
 
 Every progress (:func:`progress_bar`) logs plain lines to the ``"prunekit"`` logger (at
-INFO, or DEBUG while a bar shows the same), at most one every :data:`LOG_INTERVAL`
-seconds and one when it ends::
+INFO; at DEBUG while a bar shows the same, or when the caller turned progress off), at
+most one every :data:`LOG_INTERVAL` seconds and one when it ends::
 
     training: epoch 2/5 loss 0.412 - 120/300 (40%), elapsed 0:00:12, ETA 0:00:18
 
@@ -95,7 +95,7 @@ def progress_bar(*, disable: bool = False, console: Console | None = None) -> Lo
     drawn = interactive and not disable
     return LoggedProgress(*columns, TimeElapsedColumn(), console=console, transient=True,
                           disable=not drawn, echo=not disable and not interactive,
-                          level=logging.DEBUG if drawn else logging.INFO)  # fmt: skip
+                          level=logging.DEBUG if drawn or disable else logging.INFO)  # fmt: skip
 
 
 class _Stderr(logging.StreamHandler):
