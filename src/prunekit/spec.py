@@ -147,6 +147,27 @@ class Settings:
         """A copy with ``changes`` (validated again)."""
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
 
+    @classmethod
+    def merged(cls, settings: Any, options: Mapping[str, Any], *, what: str, argument: str,
+               public: str) -> Any:
+        """``settings`` (an instance, or None for the defaults) with keyword ``options``
+        applied: what a function taking ``argument=`` and ``**options`` runs with. An
+        unknown option, or ``settings`` of another type, is a
+        :class:`~prunekit.errors.PruningError` (``what`` and ``public`` name them)."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(options) - set(names))
+        if unknown:
+            raise PruningError(
+                f"unknown {what} setting(s) {unknown}; Fix: use {', '.join(names)}."
+            )
+        if settings is None:
+            return cls(**options)
+        if not isinstance(settings, cls):
+            raise PruningError(
+                f"{argument}={settings!r} is not a {cls.__name__}; Fix: pass {public}(...)."
+            )
+        return settings.replace(**options) if options else settings
+
 
 def _allocation(value: Any) -> Allocation:
     if isinstance(value, Mapping):
@@ -235,13 +256,4 @@ SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(PruneSpec))
 def spec_of(spec: PruneSpec | None, settings: Mapping[str, Any]) -> PruneSpec:
     """``spec`` with ``settings`` (keyword arguments of :func:`prunekit.prune`) applied;
     an unknown keyword is a :class:`~prunekit.errors.PruningError`."""
-    unknown = sorted(set(settings) - set(SPEC_FIELDS))
-    if unknown:
-        raise PruningError(
-            f"unknown pruning setting(s) {unknown}; Fix: use {', '.join(SPEC_FIELDS)}."
-        )
-    if spec is None:
-        return PruneSpec(**settings)
-    if not isinstance(spec, PruneSpec):
-        raise PruningError(f"spec={spec!r} is not a PruneSpec; Fix: pass pk.PruneSpec(...).")
-    return spec.replace(**settings) if settings else spec
+    return PruneSpec.merged(spec, settings, what="pruning", argument="spec", public="pk.PruneSpec")

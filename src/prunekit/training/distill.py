@@ -92,7 +92,6 @@ class Distillation(Settings):
         return self.every if self.every is not None else max(1, self.steps // 10)
 
 
-FIELDS = tuple(f.name for f in dataclasses.fields(Distillation))
 
 
 @dataclass(frozen=True)
@@ -238,21 +237,6 @@ class Steps:
                 )
 
 
-def _settings(settings: Distillation | None, options: Mapping[str, Any]) -> Distillation:
-    unknown = sorted(set(options) - set(FIELDS))
-    if unknown:
-        raise PruningError(
-            f"unknown distillation setting(s) {unknown}; Fix: use {', '.join(FIELDS)}."
-        )
-    if settings is None:
-        return Distillation(**options)
-    if not isinstance(settings, Distillation):
-        raise PruningError(
-            f"settings={settings!r} is not a Distillation; Fix: pass pk.training.Distillation(...)."
-        )
-    return settings.replace(**options) if options else settings
-
-
 def _width(model: nn.Module) -> int | None:
     return getattr(getattr(model, "config", None), "hidden_size", None)
 
@@ -340,7 +324,8 @@ def distill(
         PruningError: bad settings, models or data, before anything changes;
             :class:`~prunekit.errors.CheckpointError` for a checkpoint of another run.
     """
-    cfg = _settings(settings, options)
+    cfg = Distillation.merged(settings, options, what="distillation", argument="settings",
+                              public="pk.training.Distillation")
     _check_models(student, teacher, cfg)
     _check_data(data)
     training_step(task, None)  # a task that is not callable fails here, not mid-run
