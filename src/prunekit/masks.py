@@ -1,4 +1,5 @@
-"""Masks on weights: apply, compose, bake, remove; sparsity statistics.
+"""Masks on weights: apply, compose, bake, remove (and :func:`sparsity`, re-exported from
+:mod:`prunekit.coverage`).
 
 A mask is a ``torch.nn.utils.parametrize`` parametrization on ``weight`` holding a
 packed bit mask (see :mod:`prunekit.bits`). ``module.weight`` is then
@@ -21,16 +22,16 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 
 import torch
-from rich.table import Table
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from prunekit import bits
+from prunekit.coverage import SparsityReport as SparsityReport  # re-exported: pk.masks.*
+from prunekit.coverage import sparsity as sparsity
 from prunekit.errors import IncompatibleLayerError, PruningError
-from prunekit.layers import Layer, require_model, select_layers, weight_param
+from prunekit.layers import require_model, weight_param
 
 _MASK_KEY = ".parametrizations.weight.0.packed"  # the usual one (first in the chain)
 _MASK_RE = re.compile(r"^(?:(.*)\.)?parametrizations\.weight\.\d+\.packed$")
@@ -330,70 +331,3 @@ def load_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
             apply_mask(module, torch.ones(weight_param(module).shape, dtype=torch.bool))
     tie_masks(model)
     model.load_state_dict(state_dict)
-
-
-@dataclass(frozen=True)
-class LayerSparsity:
-    """Zeros of one layer's effective weight."""
-
-    name: str
-    numel: int
-    zeros: int
-
-    @property
-    def sparsity(self) -> float:
-        return self.zeros / self.numel if self.numel else 0.0
-
-
-@dataclass(frozen=True)
-class SparsityReport:
-    """Per-layer and total sparsity of a model's prunable weights."""
-
-    layers: list[LayerSparsity] = field(default_factory=list)
-
-    @property
-    def numel(self) -> int:
-        return sum(r.numel for r in self.layers)
-
-    @property
-    def zeros(self) -> int:
-        return sum(r.zeros for r in self.layers)
-
-    @property
-    def total(self) -> float:
-        return self.zeros / self.numel if self.numel else 0.0
-
-    def __getitem__(self, name: str) -> float:
-        for row in self.layers:
-            if row.name == name:
-                return row.sparsity
-        raise KeyError(name)
-
-    def to_dict(self) -> dict[str, float]:
-        return {**{r.name: r.sparsity for r in self.layers}, "total": self.total}
-
-    def __rich__(self) -> Table:
-        table = Table(title="weight sparsity")
-        for col in ("layer", "weights", "zeros", "sparsity"):
-            table.add_column(col, justify="left" if col == "layer" else "right")
-        for r in self.layers:
-            table.add_row(r.name, f"{r.numel:,}", f"{r.zeros:,}", f"{r.sparsity:.2%}")
-        table.add_row("total", f"{self.numel:,}", f"{self.zeros:,}", f"{self.total:.2%}")
-        return table
-
-
-def _layer_sparsity(layer: Layer) -> LayerSparsity:
-    with torch.no_grad():
-        weight = layer.module.weight
-        return LayerSparsity(
-            layer.name, weight.numel(), int(weight.numel() - weight.count_nonzero())
-        )
-
-
-def sparsity(model: nn.Module, layers=None, exclude=None) -> SparsityReport:
-    """Zeros in the effective weights of the prunable layers, per layer and in total.
-
-    Counts actual zeros of ``module.weight`` (masked or baked alike).
-    """
-    chosen = select_layers(require_model(model, real=True), layers, exclude)
-    return SparsityReport([_layer_sparsity(layer) for layer in chosen])

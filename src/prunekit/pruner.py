@@ -131,9 +131,10 @@ class Pruner:
         target: the final sparsity in [0, 1) of the selected layers; at least their
             current sparsity.
         spec / settings: a :class:`~prunekit.PruneSpec`, or its fields as keywords
-            (``granularity``, ``criterion``, ``scope`` (default ``"global"`` here),
-            ``allocation``, ``layers``, ``exclude``, ``min_keep``, ``seed``, ``loss_fn``),
-            as for :func:`prunekit.prune`.
+            (``granularity``, ``criterion``, ``scope``, ``allocation``, ``layers``,
+            ``exclude``, ``min_keep``, ``seed``, ``loss_fn``, ``include_output``,
+            ``include_embeddings``), with the defaults of :func:`prunekit.prune` (local
+            scope; the output layer and embeddings kept dense).
         data: calibration batches for data-driven criteria; re-iterable (a list, a
             DataLoader): it is used at every milestone.
         schedule: :class:`~prunekit.OneShot` (default), :class:`~prunekit.Iterative` or
@@ -168,8 +169,6 @@ class Pruner:
                 "pk.Iterative(steps, every) or pk.Cubic(start, end, every)."
             )
         target = schedule.check(target)
-        if spec is None:
-            settings.setdefault("scope", "global")
         self.spec = spec_of(spec, settings)
         if isinstance(self.spec.gran, NM) and not isinstance(schedule, OneShot):
             raise ScheduleError(

@@ -10,8 +10,8 @@ import torch
 from rich.table import Table
 from torch import Tensor, nn
 
-from prunekit import bits
-from prunekit.allocation import allocate, check_sparsity
+from prunekit import bits, coverage
+from prunekit.allocation import Allocation, allocate, check_sparsity
 from prunekit.criteria import Criterion
 from prunekit.criteria.base import Batches
 from prunekit.criteria.gradient import GradientStatistic
@@ -23,17 +23,15 @@ from prunekit.errors import (
     MissingDataError,
     NoLayersError,
 )
-from prunekit.granularity import NM, Granularity, Grouping
+from prunekit.granularity import NM, Grouping
 from prunekit.inputs import Calibration
 from prunekit.layers import (
     Layer,
-    Selector,
     check_weight,
     from_canonical,
     is_prunable,
     layer_incompatibility,
     require_unique_modules,
-    select_layers,
     skipped_tensors,
 )
 from prunekit.masks import apply_packed, kept_fraction, tie_masks
@@ -57,7 +55,9 @@ class LayerResult:
 
 @dataclass(frozen=True)
 class PruneReport(TableReport):
-    """What :func:`prune` did: settings, per-layer sparsity before/after, skipped layers."""
+    """What :func:`prune` did: settings, per-layer sparsity before/after, and the
+    ``skipped`` layers with the reason (kept dense by default, see :mod:`prunekit.coverage`,
+    or not prunable at this granularity), which :attr:`sparsity` does not count."""
 
     granularity: str
     criterion: str
@@ -105,33 +105,40 @@ class PruneReport(TableReport):
                 f"{r.before:.2%}",
                 f"{r.after:.2%}",
             )
-        for name, reason in self.skipped:
-            table.add_row(name, "skipped", "", "", "", "", reason)
+        table.caption, table.caption_justify = coverage.not_counted(self.skipped), "left"
         return table
 
 
 def _resolve_layers(
-    model: nn.Module, layers: Selector, exclude: Selector, granularity: Granularity
-) -> tuple[list[Layer], list[tuple[str, str]]]:
-    chosen = select_layers(model, layers, exclude)
+    model: nn.Module, spec: PruneSpec
+) -> tuple[list[Layer], list[tuple[str, str]], dict[str, coverage.Dense]]:
+    """The layers to prune (see :func:`prunekit.coverage.select`), the skipped ones with the
+    reason (kept dense by default, or not prunable at this granularity), and the former."""
+    chosen, dense = coverage.select(
+        model,
+        spec.layers,
+        spec.exclude,
+        include_output=spec.include_output,
+        include_embeddings=spec.include_embeddings,
+    )
     require_unique_modules(chosen)
-    usable, skipped = [], []
+    usable, skipped = [], [(name, str(why)) for name, why in dense.items()]
     for layer in chosen:
-        reason = layer_incompatibility(layer) or granularity.incompatibility(layer)
+        reason = layer_incompatibility(layer) or spec.gran.incompatibility(layer)
         if reason is None:
             usable.append(layer)
-        elif layers is not None:
+        elif spec.layers is not None:
             raise IncompatibleLayerError(f"layer {layer.name!r}: {reason}")
         else:
             skipped.append((layer.name, reason))
     if not usable:
         raise NoLayersError(
-            f"none of the selected layers can be pruned (granularity {granularity.name!r}): "
+            f"none of the selected layers can be pruned (granularity {spec.gran.name!r}): "
             + "; ".join(f"{n}: {r}" for n, r in skipped)
         )
     for layer in usable:
         check_weight(layer)
-    return usable, skipped
+    return usable, skipped, dense
 
 
 def _skipped(
@@ -140,7 +147,8 @@ def _skipped(
     """The skipped layers plus, when every layer was asked for (``layers=None``), the
     weight-like tensors no prunable layer holds (fused MoE experts...); and their size."""
     weights = [getattr(model.get_submodule(name), "weight", None) for name, _ in skipped]
-    numel = sum(w.numel() for w in weights if isinstance(w, Tensor))
+    unique = {id(w): w for w in weights if isinstance(w, Tensor)}  # a tied weight once
+    numel = sum(w.numel() for w in unique.values())
     if spec.layers is not None:
         return skipped, numel
     covered = [p for m in model.modules() if is_prunable(m) for p in m.parameters()]
@@ -227,6 +235,14 @@ def _check_sparsity(sparsity: float | None, spec: PruneSpec) -> None:
         raise InvalidSparsityError(f"granularity {gran.name!r} needs sparsity=<fraction in [0, 1)>")
 
 
+def _allocation(spec: PruneSpec, dense: Mapping[str, object]) -> Allocation:
+    """``spec.allocation`` without the entries of the ``dense`` layers (kept dense by
+    default): a ``{layer: sparsity}`` naming every layer prunes all but those."""
+    if not isinstance(spec.allocation, Mapping):
+        return spec.allocation
+    return {k: v for k, v in spec.allocation.items() if k not in dense}
+
+
 def plan(model: nn.Module, sparsity: float | None, spec: PruneSpec) -> PrunePlan:
     """Resolve and validate a prune of ``model`` to ``sparsity`` under ``spec``: which
     layers, their groupings and targets. Pure and data-free: the model is not touched.
@@ -236,14 +252,14 @@ def plan(model: nn.Module, sparsity: float | None, spec: PruneSpec) -> PrunePlan
     """
     _check_sparsity(sparsity, spec)
     gran, crit = spec.gran, spec.crit
-    usable, skipped = _resolve_layers(model, spec.layers, spec.exclude, gran)
+    usable, skipped, dense = _resolve_layers(model, spec)
     for layer in usable:
         _check_criterion(crit, layer)
     skipped, skipped_numel = _skipped(model, spec, skipped)
     targets = (
         None
         if isinstance(gran, NM) or spec.scope == "global"
-        else allocate(usable, sparsity, spec.allocation)
+        else allocate(usable, sparsity, _allocation(spec, dense))
     )
     groupings = {ly.name: gran.grouping(tuple(ly.canonical.shape)) for ly in usable}
     return PrunePlan(model, spec, sparsity, usable, skipped, targets, groupings, skipped_numel)
@@ -336,13 +352,17 @@ def prune(
 
     Args:
         model: any ``nn.Module``; its Linear, Conv1d/2d/3d, ConvTranspose2d, Embedding and
-            transformers ``Conv1D`` layers are prunable.
+            transformers ``Conv1D`` layers are prunable. By default its output layer
+            (classifier, ``lm_head``) and embeddings stay dense and are reported as
+            skipped (:mod:`prunekit.coverage` says how they are found); ``include_output=True``
+            / ``include_embeddings=True`` prune them too.
         sparsity: fraction in [0, 1) of the selected weights to be zero afterwards,
             counting weights already masked (so masks compose: 0.5 then 0.9 gives 0.9).
             Not needed for N:M (fixed at ``1 - N/M``).
         spec: a :class:`~prunekit.PruneSpec`; keyword ``settings`` (its field names:
             ``granularity``, ``criterion``, ``scope``, ``allocation``, ``layers``,
-            ``exclude``, ``min_keep``, ``seed``, ``loss_fn``) build one or override it.
+            ``exclude``, ``min_keep``, ``seed``, ``loss_fn``, ``include_output``,
+            ``include_embeddings``) build one or override it.
         data: calibration batches for data-driven criteria: anything
             :class:`~prunekit.inputs.Calibration` accepts (``[(x, y), ...]``, a DataLoader).
 

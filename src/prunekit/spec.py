@@ -200,6 +200,9 @@ class PruneSpec(Settings):
         seed: seeds the random criterion and the sampling of large pools.
         loss_fn: ``loss_fn(outputs, targets)`` for gradient criteria (default
             cross-entropy; see :class:`~prunekit.inputs.Calibration`).
+        include_output / include_embeddings: also prune the output layer (classifier,
+            ``lm_head``) / the embeddings, which are kept dense by default
+            (:mod:`prunekit.coverage` says how they are found).
     """
 
     granularity: str | Granularity = "element"
@@ -211,6 +214,8 @@ class PruneSpec(Settings):
     min_keep: int = 1
     seed: int = 0
     loss_fn: LossFn | None = None
+    include_output: bool = False
+    include_embeddings: bool = False
 
     constraints: ClassVar[Mapping[str, Constraint]] = {
         "granularity": Constraint(
@@ -224,6 +229,8 @@ class PruneSpec(Settings):
         "allocation": Constraint(_allocation, "uniform | erk | {layer: sparsity}"),
         "min_keep": integer(0),
         "seed": SEED,
+        "include_output": boolean(),
+        "include_embeddings": boolean(),
     }
 
     def check(self) -> None:
