@@ -12,17 +12,31 @@ channels), :mod:`~prunekit.structured.graph` (groups and families),
 (save and load a shrunk model). Its errors live in :mod:`prunekit.errors`.
 """
 
+from prunekit.structured.fold import FoldReport, fold_batchnorm
 from prunekit.structured.graph import DependencyGraph, build
 from prunekit.structured.importance import score
 from prunekit.structured.io import load_shrunk, save_shrunk
+from prunekit.structured.latency import (
+    LatencyPlan,
+    LatencyShrink,
+    LatencyTargetError,
+    latency_plan,
+    shrink_to_latency,
+)
 from prunekit.structured.registry import keep_whole, register_module_rule, register_rule
 from prunekit.structured.shrink import ShrinkReport, plan, shrink
 
 __all__ = [
     "DependencyGraph",
+    "FoldReport",
+    "LatencyPlan",
+    "LatencyShrink",
+    "LatencyTargetError",
     "ShrinkReport",
     "build",
+    "fold_batchnorm",
     "keep_whole",
+    "latency_plan",
     "load_shrunk",
     "plan",
     "register_module_rule",
@@ -30,4 +44,5 @@ __all__ = [
     "save_shrunk",
     "score",
     "shrink",
+    "shrink_to_latency",
 ]
