@@ -106,7 +106,8 @@ def prune_arg(arg: str, bad: Callable[[Any], bool] = never, **fixed: Any) -> Cas
 
 
 def shrink_arg(arg: str, bad: Callable[[Any], bool] = never, **fixed: Any) -> Case:
-    call = lambda m, v: pk.shrink(m, **{"example_inputs": IMAGES, **fixed, arg: v})  # noqa: E731
+    kwargs = {"example_inputs": IMAGES, "ratio": 0.5, **fixed}
+    call = lambda m, v: pk.shrink(m, **{**kwargs, arg: v})  # noqa: E731
     return Case(cnn, call, bad)
 
 
@@ -194,8 +195,8 @@ CASES: dict[str, Case] = {
     "Pruner.layers": Case(mlp, lambda m, v: pk.Pruner(m, 0.5, layers=v)),
     "Pruner.load_state_dict": Case(mlp, lambda m, v: pk.Pruner(m, 0.5).load_state_dict(v), always),
     # pk.shrink
-    "shrink.model": Case(cnn, lambda m, v: pk.shrink(v, IMAGES), not_module),
-    "shrink.example_inputs": Case(cnn, lambda m, v: pk.shrink(m, v), always),
+    "shrink.model": Case(cnn, lambda m, v: pk.shrink(v, IMAGES, 0.5), not_module),
+    "shrink.example_inputs": Case(cnn, lambda m, v: pk.shrink(m, v, 0.5), always),
     "shrink.ratio": shrink_arg("ratio"),
     "shrink.criterion": shrink_arg("criterion"),
     "shrink.scope": shrink_arg("scope"),

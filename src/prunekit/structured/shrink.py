@@ -1,12 +1,17 @@
 """``pk.shrink``: rank coupled channel groups, remove the weakest, return a smaller model.
 
+    report = pk.shrink(model, example_inputs)             # the masked groups, exactly
     report = pk.shrink(model, example_inputs, ratio=0.5, criterion="l2", scope="local")
 
-- ``ratio``: the fraction of each family's groups to remove (local), or of all groups
-  (global), or a dict ``{family glob: ratio}`` (local, unmatched families untouched).
-  ``None`` removes the groups whose producing weights are already all zero, e.g. filters
-  masked by ``pk.prune(granularity="filter")`` during fine-tuning (their BatchNorm shift
-  and consumer inputs go with them: the result computes what the group-masked model does).
+- ``ratio=None`` (default) removes exactly the groups whose producing weights are all
+  zero, e.g. filters masked by ``pk.prune(granularity="filter")`` (their BatchNorm shift
+  and consumer inputs go with them: the result computes what the group-masked model does);
+  a model without any is refused (pass a ratio). A float is the fraction of each family's
+  groups to remove (local) or of all groups (global); a dict ``{family glob: ratio}``
+  (local, unmatched families untouched).
+- Masks stay: a mask that is not whole groups (element, N:M) is sliced like its weight
+  and registered again on the shrunk weight (:mod:`~prunekit.structured.carry`), so
+  fine-tuning cannot refill its zeros; group masks go with the groups they masked.
 - ``scope="global"`` ranks groups across families in one ranking, as in
   :func:`prunekit.prune`. Raw scores of different families live on different scales (a
   wide layer's filters have larger norms), so by default (``normalize="auto"``) each
@@ -27,11 +32,9 @@ import fnmatch
 import math
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from rich.table import Table
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
@@ -39,6 +42,7 @@ from prunekit.allocation import check_sparsity
 from prunekit.cost import count_macs
 from prunekit.errors import (
     InvalidInputsError,
+    InvalidSparsityError,
     PruningError,
     ShrinkVerificationError,
     UnknownChoiceError,
@@ -47,14 +51,22 @@ from prunekit.errors import (
 from prunekit.inputs import Inputs
 from prunekit.layers import require_model
 from prunekit.masks import bake
+from prunekit.masks import remove as remove_masks
+from prunekit.structured import carry
 from prunekit.structured.graph import DependencyGraph, Ignore, build
 from prunekit.structured.importance import StructuredCriterion, resolve, score
+from prunekit.structured.report import FamilyDecision, ShrinkReport, summary
 from prunekit.structured.state import approximate_norms
-from prunekit.structured.surgery import AttributeChange, group_masked, remove, removed_groups
+from prunekit.structured.surgery import (
+    AttributeChange,
+    group_masked,
+    kept_indices,
+    remove,
+    removed_groups,
+)
 from prunekit.structured.verify import (
     Check,
     Probe,
-    Snapshot,
     check,
     probes,
     refilled,
@@ -62,63 +74,8 @@ from prunekit.structured.verify import (
     restore,
     snapshot,
 )
-from prunekit.tables import TableReport
 
 Ratio = float | Mapping[str, float] | None
-
-
-@dataclass(frozen=True)
-class FamilyDecision:
-    name: str
-    kind: str
-    total: int
-    removed: tuple[int, ...]
-    note: str = ""
-
-    @property
-    def kept(self) -> int:
-        return self.total - len(self.removed)
-
-
-@dataclass
-class ShrinkReport(TableReport):
-    """Sizes before and after, and what was removed from each family. Both MAC counts come
-    from :func:`prunekit.cost.count_macs`, taken the same way."""
-
-    text_width = 120
-
-    params_before: int
-    params_after: int
-    macs_before: int
-    macs_after: int
-    families: list[FamilyDecision]
-    attributes: list[AttributeChange]
-    notes: list[str] = field(default_factory=list)
-    # max |y_shrunk - y_reference| / output scale measured by verify (None: not verified);
-    # the reference is the group-masked model (exact) or the original one (approximate)
-    deviation: float | None = None
-    exact: bool = True  # False: approximate=True, the outputs deviate by ``deviation``
-
-    @property
-    def params_ratio(self) -> float:
-        return self.params_after / max(self.params_before, 1)
-
-    @property
-    def macs_ratio(self) -> float:
-        return self.macs_after / max(self.macs_before, 1)
-
-    def table(self) -> Table:
-        table = Table(
-            title="prunekit shrink",
-            caption=f"params {self.params_before:,} -> {self.params_after:,} "
-            f"({self.params_ratio:.2f}x), MACs {self.macs_before:,} -> {self.macs_after:,} "
-            f"({self.macs_ratio:.2f}x)" + "".join(f"\n{n}" for n in self.notes),
-        )
-        for col in ("family", "kind", "kept / total", "note"):
-            table.add_column(col, justify="right" if col == "kept / total" else "left")
-        for f in self.families:
-            table.add_row(f.name, f.kind, f"{f.kept} / {f.total}", f.note)
-        return table
 
 
 def _min_keep(total: int, round_to: int) -> int:
@@ -288,13 +245,13 @@ def _approximate_note(graph: DependencyGraph, result: Check | None) -> str:
 
 
 def _verify(
-    model: nn.Module, found: list[Probe], saved: Snapshot, exact: bool, train: bool
+    model: nn.Module, found: list[Probe], undo: Callable[[], None], exact: bool, train: bool
 ) -> Check:
     """:func:`~prunekit.structured.verify.check`, undoing the removal if it fails."""
     try:
         return check(model, found, exact, train)
     except ShrinkVerificationError as exc:
-        restore(model, saved)
+        undo()
         raise ShrinkVerificationError(
             f"shrinking {type(model).__name__} was undone: {exc}. This usually means model "
             "code computes a shape from a channel count (a hard-coded view or split size) or "
@@ -303,10 +260,46 @@ def _verify(
         ) from None
 
 
+def _masked_groups(model: nn.Module, probe: nn.Module, graph: DependencyGraph) -> list:
+    """:func:`_zero_groups_plan`, refused when there is none (``ratio=None``)."""
+    decisions = _zero_groups_plan(probe, graph)
+    if not any(d.removed for d in decisions):
+        raise InvalidSparsityError(
+            f"no masked channel group to remove in {type(model).__name__}; Fix: pass "
+            "ratio=0.5 (fraction of groups to remove) or prune with pk.prune(model, s, "
+            "granularity='filter') first"
+        )
+    return decisions
+
+
+def _apply(
+    model: nn.Module, probe: nn.Module, graph: DependencyGraph,
+    removed: Mapping[str, tuple[int, ...]], masks: carry.Masks,
+) -> tuple[list[AttributeChange], list[str], Callable[[], None]]:  # fmt: skip
+    """Remove the groups from ``model``, its masks kept (sliced): the attribute changes,
+    the notes, and a function that undoes it all (masks included)."""
+    cuts = kept_indices(probe, graph, removed) if masks else {}
+    classes = {n: type(m) for n, m in model.named_modules() if parametrize.is_parametrized(m)}
+    if probe is not model:
+        remove_masks(model)  # the originals come back; their masks follow, sliced
+    saved = snapshot(model)
+    changes, notes = remove(model, graph, removed)
+    carry.register(model, carry.sliced(masks, cuts, graph.trace.aliases))
+
+    def undo() -> None:
+        remove_masks(model)
+        restore(model, saved)
+        carry.register(model, masks)
+        for name, cls in classes.items():  # the very classes (their properties still stand)
+            model.get_submodule(name).__class__ = cls
+
+    return changes, notes, undo
+
+
 def shrink(
     model: nn.Module,
     example_inputs: Inputs,
-    ratio: Ratio = 0.5,
+    ratio: Ratio = None,
     *,
     criterion: StructuredCriterion = "l2",
     scope: str = "local",
@@ -351,13 +344,14 @@ def shrink(
     _validate(scope, round_to, seed, ignore, approximate)
     require_finite(model)
     normalize = _normalize(normalize, criterion)
+    masks = carry.masks_of(model)
     # Not validation: a masked model is scored, traced and verified through its effective
     # (baked) weights while the caller's masks stay until the plan is known to apply.
     probe = bake(copy.deepcopy(model)) if _is_masked(model) else model
     with approximate_norms() if approximate else nullcontext():
         graph = _graph(probe, example_inputs, ignore)
     if ratio is None:
-        decisions = _zero_groups_plan(probe, graph)
+        decisions = _masked_groups(model, probe, graph)
     else:
         scores = score(probe, graph, criterion, data=data, loss_fn=loss_fn, seed=seed)
         decisions = plan(graph, scores, ratio, scope, round_to, normalize)
@@ -365,13 +359,10 @@ def shrink(
     params_before = sum(p.numel() for p in probe.parameters())
     macs_before = count_macs(probe, example_inputs)
     found = _references(probe, graph, removed, example_inputs, ratio, seed, verify, approximate)
-    if probe is not model:
-        bake(model)
-    saved = snapshot(model)
-    changes, notes = remove(model, graph, removed)
+    changes, notes, undo = _apply(model, probe, graph, removed, masks)
     result = None
     if found is not None:
-        result = _verify(model, found, saved, not approximate, graph.trace.trained)
+        result = _verify(model, found, undo, not approximate, graph.trace.trained)
     if approximate:
         notes.append(_approximate_note(graph, result))
     elif result is not None and result.note:
@@ -386,6 +377,7 @@ def shrink(
         notes,
         deviation=None if result is None else result.deviation,
         exact=not approximate,
+        summary=summary(decisions, ratio, resolve(criterion).name, scope),
     )
 
 

@@ -220,6 +220,23 @@ def update_config(model: nn.Module, graph: DependencyGraph, removed: Mapping[str
     return notes
 
 
+Cuts = dict[str, list[tuple[int, Tensor]]]
+
+
+def kept_indices(
+    model: nn.Module, graph: DependencyGraph, removed: Mapping[str, Sequence[int]]
+) -> Cuts:
+    """Per tensor (its first name; ``graph.trace.aliases`` lists the others):
+    ``[(dim, kept indices)]``, what :func:`remove` keeps of the ``removed`` groups."""
+    tensors = _tensors(model)
+    out: Cuts = {}
+    for (name, dim), index in graph.positions(removed).items():
+        keep = torch.ones(tensors[name].shape[dim], dtype=torch.bool)
+        keep[index] = False
+        out.setdefault(name, []).append((dim, keep.nonzero().flatten()))
+    return out
+
+
 def remove(
     model: nn.Module, graph: DependencyGraph, removed: Mapping[str, Sequence[int]]
 ) -> tuple[list[AttributeChange], list[str]]:
@@ -227,14 +244,8 @@ def remove(
 
     Returns the attribute changes and notes on the transformers config (if any).
     """
-    keep: dict[tuple[str, int], Tensor] = {}
     tensors = _tensors(model)
-    for (name, dim), index in graph.positions(removed).items():
-        keep[(name, dim)] = torch.ones(tensors[name].shape[dim], dtype=torch.bool)
-        keep[(name, dim)][index] = False
-    by_tensor: dict[str, list[tuple[int, Tensor]]] = {}
-    for (name, dim), mask in keep.items():
-        by_tensor.setdefault(name, []).append((dim, mask.nonzero().flatten()))
+    by_tensor = kept_indices(model, graph, removed)
     with torch.no_grad():
         for name, cuts in by_tensor.items():
             old = tensors[name]
