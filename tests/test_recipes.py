@@ -203,7 +203,7 @@ def test_dry_run_plans_without_touching_the_model() -> None:
 
     text = (
         "name: d\nmodel: {spec: lenet300, kwargs: {in_features: 64}}\ndata: {dataset: digits}\n"
-        "prune: {sparsity: 0.9, scope: global}\nschedule: {kind: iterative}\n"
+        "prune: {sparsity: 0.9, include_output: true, scope: global}\nschedule: {kind: iterative}\n"
         "materialize: {mode: bake}\nexport: {formats: [csr]}\n"
     )
     run = pipeline.prepare(recipes.loads(text, "d.yaml"), True, Console(file=io.StringIO()))

@@ -56,7 +56,7 @@ from prunekit import (
 from prunekit.demo import run_demo, wide_console
 from prunekit.errors import MissingDataError, PruningError
 from prunekit.model_spec import LoadedSpec
-from prunekit.spec import PruneSpec
+from prunekit.spec import SCOPES, PruneSpec
 from prunekit.tables import log_to_stderr
 
 PRUNE_HELP = """Prune a model and save it with the masks baked in.
@@ -78,13 +78,9 @@ def _prune_parser(commands: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     cli_model.add_model_arguments(prune)
-    prune.add_argument(
-        "--dataset", help=f"{', '.join(zoo.data.DATASETS)} (training, data criteria)"
-    )
+    prune.add_argument("--dataset", help=cli_model.DATA_HELP)
     prune.add_argument("--sparsity", type=float, help="fraction in [0, 1); omit for N:M")
-    prune.add_argument("--granularity", default="element")
-    prune.add_argument("--criterion", default="magnitude")
-    prune.add_argument("--scope", default="local", help="local or global")
+    cli_model.add_spec_arguments(prune)
     prune.add_argument("--exclude", nargs="+", help="layer names or globs to keep dense (fc3)")
     prune.add_argument(
         "--epochs", type=int, help="dense training epochs (default 3 for an untrained zoo model)"
@@ -120,7 +116,7 @@ def _parser() -> argparse.ArgumentParser:
     cli_model.add_model_arguments(shrink)
     shrink.add_argument("--ratio", type=float, default=0.5, help="fraction of groups removed")
     shrink.add_argument("--criterion", default="l2", help=", ".join(criteria.names("channels")))
-    shrink.add_argument("--scope", default="local", help="local or global")
+    shrink.add_argument("--scope", default="local", choices=SCOPES, help="local or global")
     shrink.add_argument("--round-to", type=int, default=1, help="keep multiples of this")
     shrink.add_argument("--out", type=Path, help="save_shrunk directory (safetensors + json)")
 
@@ -154,7 +150,7 @@ def _spec(args: argparse.Namespace) -> PruneSpec:
 
 
 def _epochs(
-    args: argparse.Namespace, loaded: LoadedSpec, data: zoo.Dataset | None
+    args: argparse.Namespace, loaded: LoadedSpec, data: cli_model.Data | None
 ) -> tuple[int, int]:
     """(dense, fine-tune) epochs: 3 and 1 for an untrained zoo model, else 0 and 1; both
     need ``--dataset``."""
@@ -178,12 +174,12 @@ def _prune(args: argparse.Namespace, console: Console) -> None:
     """Train, prune, fine-tune, report and save. The prune is planned first (validated
     without touching the model), so a bad option fails before any training and nothing
     is written."""
-    data = zoo.load_dataset(args.dataset) if args.dataset else None
+    data = cli_model.load_data(args.dataset) if args.dataset else None
     loaded = cli_model.load(args)
     model = loaded.model
     dense_epochs, finetune_epochs = _epochs(args, loaded, data)
-    calibration = zoo.calibration_batches(data, seed=args.seed) if data else None
-    if data is not None:
+    calibration = cli_model.calibration(data, seed=args.seed) if data else None
+    if isinstance(data, zoo.Dataset):
         model_spec.check_fits(model, args.model, data)
     spec = _spec(args)
     pruning.plan(model, args.sparsity, spec).check_data(calibration)
@@ -192,15 +188,16 @@ def _prune(args: argparse.Namespace, console: Console) -> None:
 
     def measure(stage: str) -> None:
         if data is not None:
-            accuracy[stage] = zoo.evaluate(model, data.x_test, data.y_test)
+            accuracy[stage] = cli_model.evaluator(data)(model)
 
     if dense_epochs:
-        zoo.train(model, data, epochs=dense_epochs, seed=args.seed)
+        zoo.train(model, cli_model.train_data(data), epochs=dense_epochs, seed=args.seed)
     measure("dense")
     console.print(pruning.apply(pruning.plan(model, args.sparsity, spec), calibration))
     measure("pruned")
     if finetune_epochs:
-        zoo.train(model, data, epochs=finetune_epochs, lr=1e-4, seed=args.seed + 1)
+        train = cli_model.train_data(data)
+        zoo.train(model, train, epochs=finetune_epochs, lr=1e-4, seed=args.seed + 1)
     measure("fine-tuned")
     if accuracy:
         console.print("accuracy: " + ", ".join(f"{k} {v:.1%}" for k, v in accuracy.items()))

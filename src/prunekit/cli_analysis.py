@@ -8,7 +8,8 @@
 ``--model`` is any model spec (a zoo name, ``package.module:factory`` with
 ``--model-kwargs`` / ``--checkpoint``, or a transformers directory; see
 :mod:`prunekit.model_spec`), trained on ``--dataset`` on ``--device``: a zoo dataset, or
-``package.module:function`` returning the user's loaders (:class:`Loaders`).
+``package.module:function`` returning the user's loaders
+(:class:`prunekit.cli_model.Loaders`).
 A method is ``<criterion>[-<granularity>][-global|-local]``: ``magnitude-global`` ranks
 every layer together by magnitude, ``l2-filter`` removes output rows / filters by L2 norm.
 Both commands write ``<out>/<command>-<model>-<dataset>/`` (see
@@ -20,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from itertools import islice
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +32,12 @@ from torch import nn
 from prunekit import cli_model, model_spec, zoo
 from prunekit.analysis import plots
 from prunekit.analysis.report import Section, write_report
-from prunekit.analysis.sensitivity import Evaluate, sensitivity
+from prunekit.analysis.sensitivity import sensitivity
 from prunekit.analysis.sweep import MATERIALIZE, SweepReport, sweep
-from prunekit.errors import MissingDataError, PruningError, SweepError, guarded
+from prunekit.cli_model import Data, evaluator, train_data
+from prunekit.errors import PruningError, SweepError
 from prunekit.inputs import Inputs
 from prunekit.model_spec import LoadedSpec
-from prunekit.training.data import accuracy
 
 SCOPES = ("global", "local")
 
@@ -47,8 +46,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     """Add the ``sensitivity`` and ``sweep`` subcommands to ``commands``."""
     sens = commands.add_parser("sensitivity", help="prune each layer alone; report and plot")
     _common(sens)
-    sens.add_argument("--granularity", default="element")
-    sens.add_argument("--criterion", default="magnitude")
+    cli_model.add_spec_arguments(sens, scope=False)
     sens.add_argument("--sparsities", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9")
     sens.add_argument("--target", type=float, default=0.8, help="overall sparsity to allocate")
     sens.add_argument("--budget", type=float, default=0.02, help="accuracy drop allowed per layer")
@@ -56,7 +54,11 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
 
     sw = commands.add_parser("sweep", help="accuracy, MACs and latency vs sparsity over seeds")
     _common(sw)
-    sw.add_argument("--methods", default="magnitude-global", help="comma-separated methods")
+    sw.add_argument(
+        "--methods",
+        default="magnitude-global",
+        help="comma-separated <criterion>[-<granularity>][-global|-local], e.g. l2-filter",
+    )
     sw.add_argument("--sparsities", default="0.5,0.8,0.9")
     sw.add_argument("--seeds", default="0,1,2")
     sw.add_argument("--exclude", nargs="+", help="layer names or globs to keep dense (fc3)")
@@ -71,12 +73,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
 
 def _common(parser: argparse.ArgumentParser) -> None:
     cli_model.add_model_arguments(parser)
-    parser.add_argument(
-        "--dataset",
-        required=True,
-        help=f"{', '.join(zoo.data.DATASETS)}, or package.module:function returning "
-        "{'train': loader, 'eval': loader[, 'calibration': batches]}",
-    )
+    parser.add_argument("--dataset", required=True, help=cli_model.DATA_HELP)
     parser.add_argument("--epochs", type=int, default=3, help="dense training epochs")
     parser.add_argument("--out", type=Path, default=Path("runs"), help="reports go here")
 
@@ -110,36 +107,9 @@ def parse_method(spec: str) -> dict[str, object]:
     return kwargs
 
 
-@dataclass(frozen=True)
-class Loaders:
-    """What ``--dataset package.module:function`` returns, called without arguments:
-    ``{"train": ..., "eval": ..., "calibration": ...}``, each a re-iterable of ``(x, y)``
-    batches (a ``DataLoader``); ``calibration`` defaults to the first 4 training batches."""
-
-    name: str
-    train: Any
-    eval: Any
-    calibration: list
-
-
-Data = zoo.Dataset | Loaders
-LOADER_KEYS = ("train", "eval", "calibration")
-
-
 def _data(args: argparse.Namespace) -> Data:
-    """A zoo dataset by name, or the loaders of a user's ``package.module:function``."""
-    if ":" not in args.dataset:
-        return zoo.load_dataset(args.dataset, flat=args.model == "lenet300")
-    function = model_spec.resolve(args.dataset, "data")
-    out = guarded(function, f"data function {args.dataset!r}")()
-    if not isinstance(out, Mapping) or {"train", "eval"} - set(out) or set(out) - {*LOADER_KEYS}:
-        raise MissingDataError(
-            f"data {args.dataset!r} returned {type(out).__name__} {out!r:.60}, not a mapping "
-            "with keys train and eval (and optionally calibration); Fix: return "
-            "{'train': train_loader, 'eval': eval_loader}."
-        )
-    calibration = out.get("calibration") or islice(out["train"], 4)
-    return Loaders(args.dataset.rsplit(":", 1)[-1], out["train"], out["eval"], list(calibration))
+    """``--dataset`` (the zoo's LeNet-300-100 reads a zoo dataset flat)."""
+    return cli_model.load_data(args.dataset, flat=args.model == "lenet300")
 
 
 def _build(args: argparse.Namespace, data: Data) -> LoadedSpec:
@@ -161,20 +131,11 @@ def _build(args: argparse.Namespace, data: Data) -> LoadedSpec:
 
 def _example(args: argparse.Namespace, data: Data) -> Inputs:
     """One evaluation input on ``--device``: what the sweep times."""
-    x = data.x_test[:1] if isinstance(data, zoo.Dataset) else next(iter(data.eval))[0][:1]
-    return cli_model.to_device(x, model_spec.device(args.device))
+    return cli_model.to_device(cli_model.first_input(data), model_spec.device(args.device))
 
 
 def _train(model: nn.Module, data: Data, epochs: int, seed: int) -> None:
-    zoo.train(
-        model, data if isinstance(data, zoo.Dataset) else data.train, epochs=epochs, seed=seed
-    )
-
-
-def _accuracy(data: Data) -> Evaluate:
-    if isinstance(data, zoo.Dataset):
-        return lambda model: zoo.evaluate(model, data.x_test, data.y_test)
-    return lambda model: accuracy(model, data.eval)
+    zoo.train(model, train_data(data), epochs=epochs, seed=seed)
 
 
 def run_sensitivity(args: argparse.Namespace, console: Console) -> None:
@@ -189,7 +150,7 @@ def run_sensitivity(args: argparse.Namespace, console: Console) -> None:
     dry = sensitivity(model, lambda m: 0.0, sparsities=grid, progress=False, **options)
     dry.allocation(args.target, args.budget)
     _train(model, data, args.epochs, args.seed)
-    report = sensitivity(model, _accuracy(data), sparsities=grid, **options)
+    report = sensitivity(model, evaluator(data), sparsities=grid, **options)
     console.print(report)
     try:
         allocation = report.allocation(args.target, args.budget)
@@ -244,9 +205,7 @@ def run_sweep(args: argparse.Namespace, console: Console) -> None:
     grid = _numbers(args.sparsities, float, "--sparsities", "0.5,0.9")
     seeds = _numbers(args.seeds, cli_model.count, "--seeds", "0,1,2")
     data = _data(args)
-    calibration = (
-        zoo.calibration_batches(data) if isinstance(data, zoo.Dataset) else data.calibration
-    )
+    calibration = cli_model.calibration(data)
     methods = {
         spec: parse_method(spec) | {"exclude": args.exclude, "data": calibration}
         for spec in args.methods.split(",")
@@ -274,7 +233,7 @@ def run_sweep(args: argparse.Namespace, console: Console) -> None:
         progress=False,
         **options,
     )
-    report = sweep(build_and_train, _accuracy(data), seeds=seeds, **options)
+    report = sweep(build_and_train, evaluator(data), seeds=seeds, **options)
     console.print(report)
     sections = _sweep_sections(report, args, seeds)
     name = f"sweep-{loaded.name}-{data.name}"

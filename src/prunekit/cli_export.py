@@ -12,7 +12,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from prunekit import cli_model, export, zoo
+from prunekit import cli_model, export
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -26,7 +26,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     cli_model.add_model_arguments(parser)
     parser.add_argument("--format", default="safetensors", choices=export.FORMATS)
     parser.add_argument("--out", type=Path, required=True, help="folder the file goes to")
-    parser.add_argument("--dataset", help="take the example input from this dataset (onnx)")
+    parser.add_argument(
+        "--dataset", help=f"take the onnx example input from this data: {cli_model.DATA_HELP}"
+    )
     parser.add_argument("--batch-size", type=int, default=1, help="batch 'auto' times at")
 
 
@@ -34,7 +36,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
     """Load the model, export it, print the table."""
     export.check_format(args.format)
     loaded = cli_model.load(args)
-    data = zoo.load_dataset(args.dataset) if args.dataset else None
+    data = cli_model.load_data(args.dataset) if args.dataset else None
     inputs = cli_model.example(loaded, args, data) if args.format == "onnx" else None
     report = export.export(
         loaded.model, args.format, args.out, inputs, batch_size=args.batch_size, stem=loaded.name

@@ -3,7 +3,9 @@
 every default) and the model options of every command that takes ``--model`` (``prune``,
 ``profile``, ``shrink``, ``export``, ``sensitivity``, ``sweep``): ``--model`` (a spec, see
 :mod:`prunekit.model_spec`), ``--model-kwargs``, ``--checkpoint``, ``--input-shape`` and
-``--device`` (cpu, cuda or mps; one the machine lacks is refused, exit code 2)."""
+``--device`` (cpu, cuda or mps; one the machine lacks is refused, exit code 2); and the data
+of every command and recipe that trains or scores (:func:`load_data`): a zoo dataset by
+name, or ``package.module:function`` returning the user's loaders (:class:`Loaders`)."""
 
 from __future__ import annotations
 
@@ -11,16 +13,27 @@ import argparse
 import json
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from itertools import islice
 from typing import Any, NoReturn
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from prunekit import model_spec, zoo
-from prunekit.errors import InvalidInputsError, ModelSpecError, UsageError, first_line
+from prunekit import criteria, granularity, model_spec, zoo
+from prunekit.errors import (
+    InvalidInputsError,
+    MissingDataError,
+    ModelSpecError,
+    UsageError,
+    first_line,
+    guarded,
+)
 from prunekit.inputs import Inputs, call_eval
 from prunekit.model_spec import LoadedSpec
+from prunekit.spec import SCOPES
+from prunekit.training.data import TrainData, accuracy
 
 INT_MAX = 2**63 - 1  # torch's seeds and sizes are 64-bit
 MAX_INPUT_ELEMENTS = 1 << 28  # an example input of 1 GiB in float32
@@ -79,11 +92,126 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     add_device_argument(parser)
 
 
+def add_spec_arguments(parser: argparse.ArgumentParser, scope: bool = True) -> None:
+    """Add ``--granularity`` and ``--criterion`` (and ``--scope``), their choices in the
+    help (the criterion and granularity names are checked by :class:`~prunekit.PruneSpec`,
+    which suggests the closest for a typo)."""
+    parser.add_argument(
+        "--granularity", default="element", help="one of " + ", ".join(granularity.VALID)
+    )
+    parser.add_argument(
+        "--criterion", default="magnitude", help="one of " + ", ".join(criteria.names("groups"))
+    )
+    if scope:
+        help_ = "local: each layer to the sparsity; global: one ranking"
+        parser.add_argument("--scope", default="local", choices=SCOPES, help=help_)
+
+
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
     """Add ``--device`` (cpu, cuda, mps; default cpu) to ``parser``."""
     parser.add_argument(
         "--device", choices=model_spec.DEVICES, default="cpu", help="where the model runs"
     )
+
+
+DATA_HELP = (
+    f"{', '.join(zoo.data.DATASETS)}, or package.module:function returning "
+    "{'train': loader, 'eval': loader[, 'calibration': batches]}"
+)
+LOADER_KEYS = ("train", "eval", "calibration")
+CONTRACT_FIX = (
+    "Fix: return {'train': train_loader, 'eval': eval_loader} (optionally 'calibration': "
+    "batches), each a re-iterable of (x, y) batches such as a DataLoader."
+)
+
+
+@dataclass(frozen=True)
+class Loaders:
+    """The data of a user's ``package.module:function``, called without arguments. The
+    contract (one for every command and recipe): it returns a mapping
+    ``{"train": ..., "eval": ...[, "calibration": ...]}``, each value a re-iterable of
+    ``(x, y)`` batches (a ``torch.utils.data.DataLoader``, a list); ``train`` trains,
+    ``eval`` gives the accuracy and the example input (its first ``x``), ``calibration``
+    (default: the first ``n_calibration`` training batches) feeds data-driven criteria."""
+
+    name: str
+    train: Iterable[Any]
+    eval: Iterable[Any]
+    calibration: list[Any]
+
+
+Data = zoo.Dataset | Loaders
+"""What a command trains and scores on: a zoo dataset in memory, or the user's loaders."""
+
+
+def _reiterable(value: Any) -> bool:
+    return isinstance(value, Iterable) and iter(value) is not value
+
+
+def user_loaders(spec: str, n_calibration: int = 4) -> Loaders:
+    """Call the data function ``spec`` (``package.module:function``) and check what it
+    returns against the :class:`Loaders` contract.
+
+    Raises:
+        ModelSpecError: the module does not import or has no such callable.
+        UserCallbackError: the function raised.
+        MissingDataError: it returned anything else than the contract's mapping, or an
+            ``eval`` whose first batch is not an ``(x, y)`` pair.
+    """
+    out = guarded(model_spec.resolve(spec, "data"), f"data function {spec!r}")()
+    if not isinstance(out, Mapping) or {"train", "eval"} - set(out) or set(out) - {*LOADER_KEYS}:
+        raise MissingDataError(
+            f"data {spec!r} returned {type(out).__name__} {out!r:.60}, not a mapping with keys "
+            f"train and eval (and optionally calibration); {CONTRACT_FIX}"
+        )
+    for key, value in out.items():
+        if not _reiterable(value):
+            raise MissingDataError(
+                f"data {spec!r}: {key!r} is a {type(value).__name__}, not a re-iterable of "
+                f"batches (a generator runs out after one epoch); {CONTRACT_FIX}"
+            )
+    first = next(iter(out["eval"]), None)
+    if not isinstance(first, tuple | list) or len(first) != 2:
+        raise MissingDataError(
+            f"data {spec!r}: the first 'eval' batch is {type(first).__name__} {first!r:.60}, "
+            f"not an (x, y) pair; {CONTRACT_FIX}"
+        )
+    calibration = out.get("calibration") or islice(out["train"], n_calibration)
+    return Loaders(spec.rsplit(":", 1)[-1], out["train"], out["eval"], list(calibration))
+
+
+def load_data(spec: str, flat: bool = False, n_calibration: int = 4) -> Data:
+    """``--dataset`` / a recipe's ``data``: a zoo dataset by name (``flat``: images as
+    vectors), or the :func:`user_loaders` of ``package.module:function``."""
+    if ":" in spec:
+        return user_loaders(spec, n_calibration)
+    return zoo.load_dataset(spec, flat=flat)
+
+
+def train_data(data: Data | None) -> TrainData | None:
+    """What training takes from ``data``: the zoo split in memory, or the train loader."""
+    return data.train if isinstance(data, Loaders) else data
+
+
+def evaluator(data: Data) -> Callable[[nn.Module], float]:
+    """``model -> accuracy`` on ``data``'s test split or eval loader."""
+    if isinstance(data, zoo.Dataset):
+        return lambda model: zoo.evaluate(model, data.x_test, data.y_test)
+    return lambda model: accuracy(model, data.eval)
+
+
+def calibration(data: Data, n_batches: int = 4, batch_size: int = 64, seed: int = 0) -> list:
+    """The batches data-driven criteria score on: seeded training batches of a zoo dataset,
+    or the loaders' calibration batches."""
+    if isinstance(data, zoo.Dataset):
+        return zoo.calibration_batches(data, n_batches, batch_size, seed)
+    return data.calibration
+
+
+def first_input(data: Data) -> Inputs:
+    """One example input of ``data``: its first test row / eval batch's first ``x``."""
+    x = data.x_test if isinstance(data, zoo.Dataset) else next(iter(data.eval))[0]
+    return x[:1] if isinstance(x, Tensor) else x
 
 
 def load(args: argparse.Namespace, defaults: Mapping[str, Any] | None = None) -> LoadedSpec:
@@ -110,13 +238,20 @@ def to_device(inputs: Inputs, device: torch.device) -> Inputs:
     return inputs
 
 
-def example(
-    loaded: LoadedSpec, args: argparse.Namespace, data: zoo.Dataset | None = None
+def example_input(
+    loaded: LoadedSpec, data: Data | None = None, shape: tuple[int, ...] | None = None
 ) -> Inputs:
+    """An example input for ``loaded``: ``randn(shape)``, else ``data``'s first input, else
+    the model's default (:func:`prunekit.model_spec.example_inputs`)."""
+    if shape is None and data is not None:
+        return first_input(data)
+    return model_spec.example_inputs(loaded, input_shape=shape)
+
+
+def example(loaded: LoadedSpec, args: argparse.Namespace, data: Data | None = None) -> Inputs:
     """An example input for ``loaded``: ``--input-shape``, else ``data``, else the default;
-    checked to run through the model."""
-    shape = parse_shape(args.input_shape)
-    example_ = model_spec.example_inputs(loaded, data=data, input_shape=shape)
+    on ``--device``, checked to run through the model."""
+    example_ = example_input(loaded, data, parse_shape(args.input_shape))
     return check_example(loaded, to_device(example_, model_spec.device(args.device)))
 
 

@@ -98,7 +98,7 @@ def resolve(spec: str, what: str = "model") -> Callable[..., Any]:
     module_name, _, attr = spec.rpartition(":")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as err:
+    except Exception as err:  # not found, an empty or relative name, or its own code failed
         raise ModelSpecError(
             f"{what} {spec!r}: module {module_name!r} does not import ({err}); Fix: install it "
             "or put its folder on PYTHONPATH."
@@ -363,24 +363,17 @@ def check_fits(model: nn.Module, name: str, data: zoo.Dataset) -> None:
         ) from err
 
 
-def example_inputs(
-    loaded: LoadedSpec,
-    *,
-    data: zoo.Dataset | None = None,
-    input_shape: tuple[int, ...] | None = None,
-) -> Inputs:
+def example_inputs(loaded: LoadedSpec, *, input_shape: tuple[int, ...] | None = None) -> Inputs:
     """One input the model accepts, the first that applies: a seeded ``randn(input_shape)``,
-    a row of ``data``'s test split, the zoo's example input, or for transformers a token /
-    pixel batch sized by the config.
+    the zoo's example input, or for transformers a token / pixel batch sized by the config
+    (an input of the data: :func:`prunekit.cli_model.example_input`).
 
     Raises:
-        ModelSpecError: a factory model given neither ``data`` nor ``input_shape``.
+        ModelSpecError: a factory model given no ``input_shape``.
     """
     gen = torch.Generator().manual_seed(0)
     if input_shape is not None:
         return torch.randn(*input_shape, generator=gen)
-    if data is not None:
-        return data.x_test[:1]
     if loaded.kind == "zoo":
         return zoo.example_input(loaded.spec)
     if loaded.kind == "transformers":

@@ -5,7 +5,8 @@
     seed: 0
     device: cpu                     # cpu | cuda | mps (one this machine has)
     model: lenet5                   # zoo name, package.module:factory or a transformers dir
-    data: {dataset: mnist5k}        # digits | mnist5k | mnist1d (flat, batch_size, ...)
+    data: {dataset: mnist5k}        # digits | mnist5k | mnist1d (flat, batch_size, ...),
+                                    # or package.module:function returning loaders
     train: {epochs: 2, lr: 1e-3}    # dense training (optimizer: adam | sgd)
     prune:
       granularity: filter           # element, row, column, kernel, filter, channel,
@@ -27,8 +28,12 @@ Each timing method takes only the keys of its own settings class
 chosen method would ignore is an error naming the method's type and the keys it takes.
 ``kind: llm`` prunes a causal LM instead (sections ``model`` and ``llm``: ``method``
 wanda | sparsegpt | magnitude, ``sparsity`` 0.5 or '2:4', ``allocation`` uniform | owl,
-``samples``, ``seq_len``); a ``distill:`` section then recovers the pruned model by
-distillation from the dense one (:mod:`prunekit.recipes.distill`). The recipe is checked
+``samples``, ``seq_len``; on ``device``); a ``distill:`` section then recovers the pruned model by
+distillation from the dense one (:mod:`prunekit.recipes.distill`). ``data:
+package.module:function`` (or ``data: {dataset: ..., calibration_batches: 4}``) is called
+once when the recipe is read and must return ``{'train': loader, 'eval': loader[,
+'calibration': batches]}`` (:class:`prunekit.cli_model.Loaders`); training, accuracy and
+calibration then use those loaders as they are. The recipe is checked
 completely before anything is built or trained (:mod:`prunekit.recipes.validate`); every
 error names ``file:line``, the key, the value and the fix. ``--quick`` trains at most one
 epoch on 256 images (CI).

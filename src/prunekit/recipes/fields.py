@@ -37,7 +37,8 @@ _NAMES = {
 @dataclass(frozen=True)
 class Field:
     """One key: its accepted YAML ``types`` (``items``: of a list's elements), default
-    (``REQUIRED`` for none), allowed ``choices``, inclusive numeric bounds ``low`` /
+    (``REQUIRED`` for none), allowed ``choices`` (``also``: a test admitting other values,
+    checked later: a data function beside the dataset names), inclusive numeric bounds ``low`` /
     ``high`` (``open_low`` / ``open_high`` exclude them), an extra ``test`` returning an
     error text, and an ``example`` for the fix. Keys a timing method reads carry no range
     here: the method's own :class:`~prunekit.spec.Constraint` checks them."""
@@ -52,6 +53,7 @@ class Field:
     test: Callable[[Any], str | None] | None = None
     example: str = ""
     items: tuple[type, ...] = ()
+    also: Callable[[Any], bool] | None = None
 
 
 def yaml_types(hint: Any) -> tuple[type, ...]:
@@ -129,7 +131,8 @@ def fails(value: Any, spec: Field) -> str | None:
         return f"is {type(value).__name__}, expected {_type_name(spec.types)}"
     if isinstance(value, list) and spec.items and not all(_is(v, spec.items) for v in value):
         return f"must list {_type_name(spec.items).removeprefix('a ')}s"
-    if spec.choices is not None and value not in spec.choices:
+    admitted = spec.also is not None and spec.also(value)
+    if spec.choices is not None and value not in spec.choices and not admitted:
         return f"is not one of {', '.join(map(str, spec.choices))}"
     if isinstance(value, int | float) and not isinstance(value, bool):
         problem = _bounds(value, spec)

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 import prunekit as pk
 from prunekit import llm_models as models
+from prunekit import model_spec
 from prunekit.analysis.report import Section
 from prunekit.errors import IncompatibleLayerError, PruningError
 from prunekit.granularity import NM
@@ -99,6 +100,7 @@ def run(recipe: Recipe, quick: bool, console: Console, folder: Path) -> list[Sec
     """Prune, evaluate, optionally save; return the report's sections."""
     s = recipe["llm"]
     loaded = load(recipe, quick)
+    loaded.model.to(model_spec.device(recipe["device"]))  # checked when the recipe was read
     samples = min(s["samples"], QUICK_SAMPLES) if quick else s["samples"]
     max_len = getattr(loaded.model.config, "max_position_embeddings", s["seq_len"])
     seq_len = min(s["seq_len"], QUICK_SEQ if quick else s["seq_len"], max_len)

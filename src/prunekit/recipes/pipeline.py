@@ -38,10 +38,10 @@ from rich.console import Console
 from torch import nn
 
 import prunekit as pk
-from prunekit import model_spec, training, zoo
+from prunekit import cli_model, model_spec, training, zoo
 from prunekit.analysis import plots
 from prunekit.analysis.report import Section
-from prunekit.cli_model import to_device
+from prunekit.cli_model import Data, Loaders, evaluator
 from prunekit.errors import PruningError
 from prunekit.export import export
 from prunekit.inputs import Inputs
@@ -60,7 +60,7 @@ class Run:
 
     recipe: Recipe
     model: nn.Module
-    data: zoo.Dataset | None
+    data: Data | None
     example: Inputs
     calibration: list | None
     quick: bool
@@ -82,13 +82,24 @@ class Run:
     def measure(self, stage: str) -> None:
         """Record the test accuracy after ``stage`` (nothing without data)."""
         if self.data is not None:
-            self.stages[stage] = zoo.evaluate(self.model, self.data.x_test, self.data.y_test)
+            self.stages[stage] = evaluator(self.data)(self.model)
 
 
-def _data(recipe: Recipe, quick: bool) -> zoo.Dataset | None:
+def _scores(data: Data | None, validate: bool = False) -> dict[str, object]:
+    """``evaluate`` (and ``validate``, early stopping) for a pipeline on the user's loaders:
+    accuracy on their eval loader; none for a zoo dataset (its test split is the default)."""
+    if not isinstance(data, Loaders):
+        return {}
+    score = evaluator(data)
+    return {"evaluate": score, "validate": score} if validate else {"evaluate": score}
+
+
+def _data(recipe: Recipe, quick: bool) -> Data | None:
+    """The recipe's data: the loaders its data function returned when the recipe was read
+    (used as they are, also under ``--quick``), or a zoo dataset (``--quick``: trimmed)."""
     d = recipe["data"]
-    if d["dataset"] is None:
-        return None
+    if recipe.loaders is not None or d["dataset"] is None:
+        return recipe.loaders
     data = zoo.load_dataset(d["dataset"], flat=d["flat"])
     if not quick:
         return data
@@ -109,18 +120,20 @@ def prepare(recipe: Recipe, quick: bool, console: Console) -> Run:
         loaded = model_spec.load_model(m["spec"], kwargs=m["kwargs"], checkpoint=m["checkpoint"])
         device = model_spec.device(recipe["device"])  # checked when the recipe was read
         loaded.model.to(device)
-        example = to_device(model_spec.example_inputs(loaded, data=data), device)
-        if data is not None:
+        example = cli_model.to_device(cli_model.example_input(loaded, data), device)
+        if isinstance(data, zoo.Dataset):
             model_spec.check_fits(loaded.model, m["spec"], data)
+        else:
+            cli_model.check_example(loaded, example)
     except PruningError as err:
         raise recipe.fail(("model",), m["spec"], f"does not load: {err}", "fix the model.") from err
-    batches = recipe["data"]["calibration_batches"]
-    calibration = (
-        zoo.calibration_batches(data, batches, recipe["data"]["batch_size"], recipe["seed"])
+    d = recipe["data"]
+    batches = (
+        cli_model.calibration(data, d["calibration_batches"], d["batch_size"], recipe["seed"])
         if data is not None
         else None
     )
-    return Run(recipe, loaded.model, data, example, calibration, quick, console)
+    return Run(recipe, loaded.model, data, example, batches, quick, console)
 
 
 def _calibration(run: Run) -> list | None:
@@ -138,7 +151,7 @@ def _schedule(run: Run, phase_epochs: int) -> Schedule:
     """The recipe's schedule in optimizer steps of a ``phase_epochs`` training phase."""
     cfg = run.config
     assert isinstance(cfg, Scheduled)
-    per_epoch = steps_per_epoch(run.data, run.recipe["data"]["batch_size"])
+    per_epoch = steps_per_epoch(cli_model.train_data(run.data), run.recipe["data"]["batch_size"])
     total = phase_epochs * per_epoch
     start = round(cfg.start * total)
     if cfg.schedule == "one-shot":
@@ -157,10 +170,11 @@ def _train(run: Run, section: str, pruner: pk.Pruner | None = None) -> None:
     lr = cfg.lr if section == "train" else getattr(cfg, "finetune_lr", cfg.lr)
     common = dict(batch_size=run.recipe["data"]["batch_size"], optimizer=cfg.optimizer)
     seed = run.recipe["seed"] + (section == "finetune")
+    data = cli_model.train_data(run.data)
     if pruner is not None:
-        training.train_with_pruner(run.model, run.data, pruner, epochs, lr, seed=seed, **common)
+        training.train_with_pruner(run.model, data, pruner, epochs, lr, seed=seed, **common)
     elif epochs:
-        zoo.train(run.model, run.data, epochs=epochs, lr=lr, seed=seed, **common)
+        zoo.train(run.model, data, epochs=epochs, lr=lr, seed=seed, **common)
 
 
 def _phase(run: Run) -> str:
@@ -210,16 +224,18 @@ def _structural(run: Run) -> None:
         optimizer=cfg.optimizer,
         seed=r["seed"],
         progress=True,
+        **_scores(run.data),
     )
+    data = cli_model.train_data(run.data)
     if isinstance(cfg, SoftFilter):
         report = training.soft_filter_pruning(
-            run.model, run.data, run.example, criterion=cfg.criterion, **common
+            run.model, data, run.example, criterion=cfg.criterion, **common
         )
     else:
         assert isinstance(cfg, Slimming)
         report = training.network_slimming(
             run.model,
-            run.data,
+            data,
             run.example,
             sparsity_lambda=cfg.sparsity_lambda,
             finetune_epochs=run.epochs("finetune"),
@@ -257,7 +273,7 @@ def _lottery(run: Run) -> None:
     rounds = min(rounds, 2) if run.quick else rounds
     report = training.lottery(
         run.model,
-        run.data,
+        cli_model.train_data(run.data),
         rounds=rounds,
         rate=geometric(cfg.sparsity, 1 / rounds),
         rewind=cfg.rewind,
@@ -268,6 +284,7 @@ def _lottery(run: Run) -> None:
         control=cfg.control,
         seed=run.recipe["seed"],
         progress=True,
+        **_scores(run.data, validate=True),
     )
     run.console.print(report)
     run.model = report.model

@@ -39,6 +39,8 @@ def _formats(formats: list) -> str | None:
     return f"has unknown formats {bad} (valid: {', '.join(FORMATS)})" if bad else None
 
 
+SHORTHAND = {"model": "spec", "data": "dataset"}
+"""Sections that may be written as their one main key's value."""
 _METHOD_SECTIONS = sections()
 SCHEMA: dict[str, dict[str, Field] | Field] = {
     "name": Field((str,), REQUIRED, test=_folder, example="name: lenet5-filter"),
@@ -51,8 +53,8 @@ SCHEMA: dict[str, dict[str, Field] | Field] = {
         "kwargs": Field((dict,), {}, example="kwargs: {in_features: 64}"),
         "checkpoint": Field((str, type(None)), None),
     },
-    "data": {
-        "dataset": Field((str,), None, choices=DATASETS),
+    "data": {  # shorthand: data: mnist5k, data: mypkg.data:loaders
+        "dataset": Field((str,), None, choices=DATASETS, also=lambda v: ":" in v),
         "flat": Field((bool,), False),
         "calibration_batches": Field((int,), 4, low=1),
         "batch_size": Field((int,), 64, low=1),
@@ -106,8 +108,8 @@ def check(source: Source) -> dict[str, Any]:
     for key, spec in SCHEMA.items():
         given = source.data.get(key)
         if isinstance(spec, dict):
-            if key == "model" and isinstance(given, str):  # shorthand: model: lenet5
-                given = {"spec": given}
+            if key in SHORTHAND and isinstance(given, str):  # model: lenet5, data: digits
+                given = {SHORTHAND[key]: given}
             out[key] = _section(source, key, given, spec)
         elif key not in source.data:
             if spec.default is REQUIRED:

@@ -3,19 +3,23 @@
 :func:`load` parses and checks a recipe completely (nothing is built or trained): the
 per-key schema (:mod:`prunekit.recipes.schema`), then the chosen timing method's own
 settings (:mod:`prunekit.recipes.methods`: its constraints, the keys it takes, the rules
-between them), then what no single section can say: a data-driven criterion or any
-training without data, masks that the chosen materialisation or export cannot use (N:M
+between them), then what no single section can say: a data function
+(``data: package.module:function``) that does not import or does not return
+:class:`~prunekit.cli_model.Loaders` (it is called here, once), a data-driven criterion or
+any training without data, masks that the chosen materialisation or export cannot use (N:M
 or element masks with physical shrink, ...). Each raises a
 :class:`~prunekit.errors.RecipeError` at the line of the key that has to change.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prunekit import export, granularity, model_spec
+from prunekit import cli_model, export, granularity, model_spec
+from prunekit.cli_model import Loaders
 from prunekit.errors import PruningError, RecipeError, UsageError
 from prunekit.granularity import NM, Block, Granularity
 from prunekit.llm.methods import parse_target
@@ -34,11 +38,13 @@ PRUNE_SECTIONS = ("data", "train", "prune", "schedule", "timing", "finetune", "m
 class Recipe:
     """A checked recipe: ``settings`` (``{section: {key: value}}``, defaults filled in), its
     :class:`Source` for line numbers, and for ``kind: prune`` the timing method's
-    ``config`` (:mod:`prunekit.training.configs`) and the parsed ``granularity``."""
+    ``config`` (:mod:`prunekit.training.configs`), the parsed ``granularity`` and the
+    ``loaders`` a data function returned."""
 
     settings: dict[str, Any]
     source: Source
     config: Method | None = None
+    loaders: Loaders | None = None
 
     @property
     def name(self) -> str:
@@ -70,9 +76,30 @@ def _resolve(recipe: Recipe, path: Path_, parse_fn: Any) -> Any:
         raise recipe.fail(path, value, f"is invalid: {err}", "pick a listed value.") from err
 
 
-def _check_data(r: Recipe) -> None:
-    if r["data"]["dataset"] is not None:
-        return
+LOADER_FIXED = ("flat", "batch_size")  # a data function's loaders set both
+
+
+def _data_function(r: Recipe) -> Loaders:
+    """The loaders of ``data.dataset: package.module:function``, called and checked now."""
+    given = r.source.data["data"]
+    given = given if isinstance(given, dict) else {}
+    for key in LOADER_FIXED:
+        if key in given:
+            raise r.fail(("data", key), given[key], "is not used with a data function (its "
+                         "loaders make the batches)", f"drop data.{key}.")  # fmt: skip
+    spec = r["data"]["dataset"]
+    try:
+        return cli_model.user_loaders(spec, r["data"]["calibration_batches"])
+    except PruningError as err:
+        raise r.fail(("data", "dataset"), spec, f"is invalid: {err}", "fix the data.") from err
+
+
+def _check_data(r: Recipe) -> Loaders | None:
+    """The loaders of a data function (None for a zoo dataset); an error when the method
+    needs data and there is none."""
+    spec = r["data"]["dataset"]
+    if spec is not None:
+        return _data_function(r) if ":" in spec else None
     spec = getattr(r.config, "spec", None)
     if spec is not None and spec.crit.requires_data:
         raise r.fail(
@@ -90,6 +117,7 @@ def _check_data(r: Recipe) -> None:
                 "trains the model, which needs data.dataset",
                 f"add 'data: {{dataset: mnist5k}}' or {path[1]}: 0.",
             )
+    return None
 
 
 def _check_outputs(r: Recipe) -> None:
@@ -148,15 +176,12 @@ def _check_sections(r: Recipe) -> None:
 
 
 def _check_device(r: Recipe) -> None:
-    """``device:`` is one this machine has; ``kind: llm`` runs on the cpu only."""
+    """``device:`` is one this machine has (every kind runs its model there)."""
     try:
         model_spec.device(r["device"])
     except UsageError as err:
         problem = f"is not available on this machine (torch sees no {r['device']} device)"
         raise r.fail(("device",), r["device"], problem, "device: cpu.") from err
-    if r["kind"] == "llm" and r["device"] != "cpu":
-        raise r.fail(("device",), r["device"], "is not used by kind: llm (it runs on the cpu)",
-                     "device: cpu, or prunekit llm prune --device.")  # fmt: skip
 
 
 def _check_llm(r: Recipe) -> None:
@@ -198,9 +223,9 @@ def check(source: Source) -> Recipe:
         return recipe
     method = methods.method(source, settings["timing"])
     recipe = Recipe(settings, source, methods.settings(source, settings, method))
-    _check_data(recipe)
+    loaders = _check_data(recipe)
     _check_outputs(recipe)
-    return recipe
+    return dataclasses.replace(recipe, loaders=loaders)
 
 
 def loads(text: str, filename: str = "<recipe>") -> Recipe:
