@@ -25,6 +25,7 @@ methods), ``"sparse"`` runs each layer in its fastest format
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import statistics
 import warnings
@@ -39,7 +40,7 @@ from prunekit.allocation import check_sparsity
 from prunekit.analysis.profile import profile
 from prunekit.analysis.sensitivity import Evaluate, _score
 from prunekit.analysis.timing import MIN_RUN_TIME, measure_latencies, speedup
-from prunekit.errors import SweepError
+from prunekit.errors import InvalidSparsityError, SweepError
 from prunekit.inputs import Inputs, batch_size
 from prunekit.masks import bake
 from prunekit.pruning import prune
@@ -224,7 +225,8 @@ def _materialized(model: nn.Module, timing: _Timing) -> nn.Module:
     """The baked ``model`` as ``timing.materialize`` runs it (module docstring)."""
     bake(model)
     if timing.materialize == "shrink":
-        shrink(model, timing.example_inputs, ratio=None)
+        with contextlib.suppress(InvalidSparsityError):  # no all-zero group: timed as is
+            shrink(model, timing.example_inputs, ratio=None)
     elif timing.materialize == "sparse":
         convert(model, "auto", batch_size=batch_size(timing.example_inputs))
     return model
