@@ -72,6 +72,7 @@ def model() -> nn.Module:
 
 _gen = torch.Generator().manual_seed(1)
 DATA = [(torch.randn(8, 4, 8, 8, generator=_gen), torch.randint(0, 4, (8,), generator=_gen))]
+EVERY = {"include_output": True, "include_embeddings": True}  # every layer type is pruned
 
 
 def _subclasses(cls: type) -> set[type]:
@@ -162,7 +163,7 @@ def test_masks_contract(crit_name: str, gran_name: str) -> None:
     net = model()
     by_gran, by_crit = _incompatible(net, gran, crit)
     sparsity = None if isinstance(gran, NM) else 0.3
-    call = {"granularity": gran_name, "criterion": crit_name, "data": DATA}
+    call = {"granularity": gran_name, "criterion": crit_name, "data": DATA, **EVERY}
     for name in by_gran:  # an incompatible layer named explicitly is refused
         _refused(net, IncompatibleLayerError, sparsity, layers=[name], **call)
     usable = _usable(net, gran, crit)
@@ -188,11 +189,11 @@ def test_masks_contract(crit_name: str, gran_name: str) -> None:
 def test_bad_input_leaves_the_model_unchanged(crit_name: str, gran_name: str) -> None:
     gran, crit = granularity.parse(gran_name), criteria.get(crit_name)
     net = model()
-    pk.prune(net, 0.3)  # masks already in place must survive a failed call too
+    pk.prune(net, 0.3, **EVERY)  # masks already in place must survive a failed call too
     layers = _usable(net, gran, crit)
     if not layers:
         pytest.skip(f"no layer takes {crit_name} x {gran_name} (test_masks_contract checks why)")
-    call = {"granularity": gran_name, "criterion": crit_name, "layers": layers}
+    call = {"granularity": gran_name, "criterion": crit_name, "layers": layers, **EVERY}
     valid = None if isinstance(gran, NM) else 0.5  # the sparsity that would be accepted
     _refused(net, InvalidSparsityError, 1.5, data=DATA, **call)
     _refused(net, NoLayersError, valid, data=DATA, **{**call, "layers": ["no_such_layer"]})
@@ -209,7 +210,7 @@ def test_counts_are_exact_at_any_sparsity(crit_name: str, sparsity: float, gran_
     net = model()
     layers = _usable(net, gran, crit)
     if layers:  # (wanda x kernel takes none: test_masks_contract checks it is refused)
-        call = {"granularity": gran_name, "criterion": crit_name, "layers": layers}
+        call = {"granularity": gran_name, "criterion": crit_name, "layers": layers, **EVERY}
         check_masks(net, gran, pk.prune(net, sparsity, data=DATA, **call), sparsity)
 
 

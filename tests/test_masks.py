@@ -120,7 +120,7 @@ def test_deepcopy_of_a_masked_model(mlp):
 
 
 def test_mask_memory_is_one_bit_per_weight(mlp):
-    pk.prune(mlp, 0.5)
+    pk.prune(mlp, 0.5, include_output=True)
     buf = io.BytesIO()
     masks = {k: v for k, v in mlp.state_dict().items() if k.endswith(".packed")}
     torch.save(masks, buf)
@@ -132,7 +132,7 @@ def test_mask_memory_is_one_bit_per_weight(mlp):
 
 def test_sparsity_report(mlp):
     pk.prune(mlp, 0.25)
-    report = pk.sparsity(mlp)
+    report = pk.sparsity(mlp, include_output=True)
     assert report["0"] == pytest.approx(0.25, abs=1e-3)
     assert set(report.to_dict()) == {"0", "2", "4", "total"}
     with pytest.raises(KeyError):
@@ -160,7 +160,7 @@ def test_copy_masks_copies_masks_by_name() -> None:
     torch.manual_seed(0)
     trained = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
     fresh = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
-    pk.prune(trained, 0.75, scope="global")
+    pk.prune(trained, 0.75, scope="global", include_output=True)
     before = fresh[0].weight.detach().clone()
     copy_masks(trained, fresh)
     for name in ("0", "2"):

@@ -76,7 +76,8 @@ def test_data_driven_criteria_take_2d_nm(criterion):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 8))
     data = [(torch.randn(4, 16), torch.randint(0, 8, (4,)))]
-    report = pk.prune(model, granularity="2:4-2d", criterion=criterion, data=data)
+    report = pk.prune(model, granularity="2:4-2d", criterion=criterion, data=data,
+                      include_output=True)  # fmt: skip
     assert report.sparsity == 0.5
     for layer in (model[0], model[2]):
         w = layer.weight.detach()
@@ -85,7 +86,7 @@ def test_data_driven_criteria_take_2d_nm(criterion):
 
 def test_output_axis_must_divide():
     model = nn.Sequential(nn.Linear(8, 6), nn.Linear(8, 8))  # never run: pruned only
-    report = pk.prune(model, granularity="2:4-2d")
+    report = pk.prune(model, granularity="2:4-2d", include_output=True)
     reason = "2:4-2d needs the output axis (6) to be a multiple of M=4; exclude the layer or "
     assert report.skipped == [("0", reason + "use 1-D N:M")]
     with pytest.raises(pk.IncompatibleLayerError, match=r"layer '0': 2:4-2d needs the output"):

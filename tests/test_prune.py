@@ -90,14 +90,14 @@ def test_local_prunes_each_layer_to_its_own_threshold(mlp):
 def test_global_uses_one_threshold_across_layers(mlp):
     linears = [m for m in mlp if isinstance(m, nn.Linear)]
     original = [m.weight.detach().abs().clone() for m in linears]
-    pk.prune(mlp, 0.6, scope="global")
+    pk.prune(mlp, 0.6, scope="global", include_output=True)
     pairs = list(zip(original, linears, strict=True))
     kept_min = min(o[m.weight != 0].min() for o, m in pairs)
     pruned_max = max(o[m.weight == 0].max() for o, m in pairs)
     assert pruned_max <= kept_min
-    per_layer = [r.sparsity for r in pk.sparsity(mlp).layers]
+    per_layer = [r.sparsity for r in pk.sparsity(mlp, include_output=True).layers]
     assert max(per_layer) - min(per_layer) > 0.01  # layers end at different sparsities
-    assert pk.sparsity(mlp).total == pytest.approx(0.6, abs=1e-4)
+    assert pk.sparsity(mlp, include_output=True).total == pytest.approx(0.6, abs=1e-4)
 
 
 def test_global_never_empties_a_layer_unless_asked():
@@ -105,14 +105,14 @@ def test_global_never_empties_a_layer_unless_asked():
     model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 10))
     with torch.no_grad():
         model[1].weight.mul_(1e-4)
-    report = pk.prune(model, 0.95, scope="global")
+    report = pk.prune(model, 0.95, scope="global", include_output=True)
     assert int((model[1].weight != 0).sum()) == 1  # min_keep=1 group survives
-    assert pk.sparsity(model).zeros == round(0.95 * (64 * 32 + 320))
+    assert pk.sparsity(model, include_output=True).zeros == round(0.95 * (64 * 32 + 320))
     assert report.layers[1].after == pytest.approx(319 / 320)
     model2 = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 10))
     with torch.no_grad():
         model2[1].weight.mul_(1e-4)
-    pk.prune(model2, 0.95, scope="global", min_keep=0)
+    pk.prune(model2, 0.95, scope="global", min_keep=0, include_output=True)
     assert int((model2[1].weight != 0).sum()) == 0
 
 
@@ -129,8 +129,8 @@ def test_sampled_large_pool_path_matches_exact_selection(monkeypatch):
         m.load_state_dict(model.state_dict())
         monkeypatch.setattr(selection, "SAMPLE_SIZE", sample_size)
         monkeypatch.setattr(selection, "CHUNK_ELEMENTS", 1 << 12)
-        pk.prune(m, 0.8, scope="global")
-        assert pk.sparsity(m).zeros == k
+        pk.prune(m, 0.8, scope="global", include_output=True)
+        assert pk.sparsity(m, include_output=True).zeros == k
         for ref, layer in zip(reference, m, strict=True):
             assert torch.equal(layer.weight.detach().flatten() == 0, ref <= threshold)
 
@@ -173,8 +173,8 @@ def test_erk_allocation_matches_formula_and_budget():
 
 def test_explicit_allocation(mlp):
     alloc = {"0": 0.25, "2": 0.5, "4": 0.75}
-    pk.prune(mlp, allocation=alloc)
-    got = pk.sparsity(mlp).to_dict()
+    pk.prune(mlp, allocation=alloc, include_output=True)
+    got = pk.sparsity(mlp, include_output=True).to_dict()
     for name, s in alloc.items():
         assert got[name] == pytest.approx(s, abs=1e-3)
 
@@ -253,7 +253,7 @@ def test_layer_types_coverage(convnet):
     emb = nn.Embedding(20, 8)
     conv3 = nn.Conv3d(4, 4, 2)
     model = nn.ModuleDict({"net": convnet, "c1d": conv1d, "emb": emb, "c3": conv3})
-    report = pk.prune(model, 0.5)
+    report = pk.prune(model, 0.5, include_output=True, include_embeddings=True)
     assert {r.kind for r in report.layers} == {
         "Conv2d",
         "ConvTranspose2d",
@@ -269,7 +269,7 @@ def test_layer_types_coverage(convnet):
 
 def test_selection_by_pattern_type_predicate_and_exclude(convnet):
     assert [r.name for r in pk.prune(convnet, 0.1, layers="conv*").layers] == ["conv"]
-    assert [r.name for r in pk.prune(convnet, 0.1, layers=nn.Linear).layers] == ["head"]
+    assert [r.name for r in pk.prune(convnet, 0.1, layers=nn.Linear, include_output=True).layers] == ["head"]
     names = [r.name for r in pk.prune(convnet, 0.1, exclude=["head", nn.ConvTranspose2d]).layers]
     assert names == ["conv", "depthwise"]
     pred = pk.prune(convnet, 0.1, layers=lambda n, m: n.startswith("d")).layers
@@ -277,7 +277,7 @@ def test_selection_by_pattern_type_predicate_and_exclude(convnet):
 
 
 def test_incompatible_layers_are_skipped_by_default_and_reported(convnet):
-    report = pk.prune(convnet, 0.5, granularity="kernel")
+    report = pk.prune(convnet, 0.5, granularity="kernel", include_output=True)
     assert [r.name for r in report.layers] == ["conv", "depthwise", "up"]
     assert report.skipped and report.skipped[0][0] == "head"
     assert "skipped" in str(report)

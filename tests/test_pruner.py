@@ -59,7 +59,7 @@ def numel(model) -> int:
 def test_sgd_momentum_loop_follows_schedule_and_masks_only_grow(schedule):
     model = make_mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
-    pruner = Pruner(model, target=0.8, schedule=schedule)
+    pruner = Pruner(model, target=0.8, schedule=schedule, scope="global", include_output=True)
     previous = [None] * 3
 
     def check(step):
@@ -83,9 +83,9 @@ def test_sgd_momentum_loop_follows_schedule_and_masks_only_grow(schedule):
 
 def test_milestones_below_the_current_sparsity_leave_masks_alone():
     model = make_mlp()
-    pk.prune(model, 0.5, scope="global")
+    pk.prune(model, 0.5, scope="global", include_output=True)
     before = [m.clone() for m in masks(model)]
-    pruner = Pruner(model, 0.6, schedule=Iterative(3, 1))
+    pruner = Pruner(model, 0.6, schedule=Iterative(3, 1), scope="global", include_output=True)
     assert pruner.step() is None and pruner.step() is None  # targets 0.2, 0.4 < 0.5
     assert all(torch.equal(a, b) for a, b in zip(before, masks(model), strict=True))
     assert [e.achieved for e in pruner.history] == [pytest.approx(0.5)] * 2
@@ -175,10 +175,10 @@ CASES = [
 @pytest.mark.parametrize(("kwargs", "error", "match"), CASES)
 def test_bad_input_raises_before_touching_the_model(kwargs, error, match):
     model = make_mlp()
-    pk.prune(model, 0.3, scope="global")  # a masked model must keep its masks too
+    pk.prune(model, 0.3, scope="global", include_output=True)  # masks must stay too
     before = snapshot(model)
     with pytest.raises(error, match=match):
-        Pruner(model, **{"target": 0.9, **kwargs})
+        Pruner(model, **{"target": 0.9, "include_output": True, **kwargs})
     assert_unchanged(model, before)
 
 
@@ -190,7 +190,8 @@ def test_gradual_magnitude_pruning_reaches_90_percent_with_dense_accuracy():
     train(dense, data, epochs=12, lr=0.05, **kwargs)
     torch.manual_seed(0)
     model = LeNet300100(in_features=64)
-    pruner = Pruner(model, 0.9, schedule=Cubic(start=0, end=180, every=20))  # 23 steps/epoch
+    pruner = Pruner(model, 0.9, schedule=Cubic(start=0, end=180, every=20), scope="global",
+                    include_output=True)  # 23 steps/epoch; every layer, as Zhu & Gupta
     train_with_pruner(model, data, pruner, epochs=12, lr=0.05, **kwargs)
     total = sum(m.weight.numel() for m in (model.fc1, model.fc2, model.fc3))
     zeros = sum(int((m.weight == 0).sum()) for m in (model.fc1, model.fc2, model.fc3))

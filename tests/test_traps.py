@@ -96,7 +96,7 @@ def test_prune_refuses_or_skips_a_layer_with_a_user_parametrization(mlp) -> None
     ):
         pk.prune(mlp, 0.5, layers=["0", "2"])
     assert_unchanged(mlp, before)
-    report = pk.prune(mlp, 0.5)  # every layer asked for: skipped and reported
+    report = pk.prune(mlp, 0.5, include_output=True)  # every layer asked for: skipped, reported
     assert [r.name for r in report.layers] == ["0", "4"]
     assert report.skipped[0][0] == "2" and report.skipped_numel == 64 * 16
     assert mask_param(mlp[2]) is None and chain(mlp[2]) == ["_SpectralNorm"]
@@ -121,8 +121,8 @@ def test_shared_parameter_gets_one_mask_and_stays_tied() -> None:
     torch.manual_seed(0)
     model = Shared()
     with pytest.raises(PruningError, match=r"'a' and 'b' share one weight.*exclude=\['b'\]"):
-        pk.prune(model, 0.5)
-    pk.prune(model, 0.5, exclude=["b"])  # the error message's own fix
+        pk.prune(model, 0.5, include_output=True)
+    pk.prune(model, 0.5, exclude=["b"], include_output=True)  # the error message's own fix
     assert mask_param(model.a) is mask_param(model.b)  # one mask, shared
     assert torch.equal(model.a.weight, model.b.weight) and (model.b.weight == 0).sum() == 32
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -146,7 +146,7 @@ def tiny_llama(**config) -> nn.Module:
 def test_tied_embeddings_share_the_mask_through_prune_and_bake() -> None:
     model = tiny_llama(tie_word_embeddings=True)
     head, embed = model.lm_head, model.model.embed_tokens
-    pk.prune(model, 0.5, exclude=["lm_head"])
+    pk.prune(model, 0.5, exclude=["lm_head"], include_output=True, include_embeddings=True)
     assert mask_param(head) is mask_param(embed)
     assert torch.equal(head.weight, embed.weight) and (head.weight == 0).float().mean() == 0.5
     pk.bake(model)
@@ -243,10 +243,11 @@ def test_moe_experts_are_pruned_by_the_llm_engine_and_reported_elsewhere() -> No
             assert int((expert == 0).sum()) == expert.numel() // 2, name
     assert "2 tensors in the blocks (256 weights) skipped" in report.summary()
     # The mask engine prunes Linear / Conv weights only: the 3-D experts are reported.
-    report = pk.prune(tiny_mixtral(), 0.5)
+    report = pk.prune(tiny_mixtral(), 0.5, include_output=True, include_embeddings=True)
     assert {n for n, _ in report.skipped} == set(experts)
     assert f"in 10 layers; 6 skipped ({sum(experts.values()):,} weights)" in report.summary()
-    assert pk.prune(tiny_mixtral(), 0.5, layers="model.*").skipped == []  # chose its layers
+    chosen = pk.prune(tiny_mixtral(), 0.5, layers="model.*", include_embeddings=True)
+    assert chosen.skipped == []  # chose its layers
 
 
 # 5. The masked-save trap ----------------------------------------------------------------
@@ -322,7 +323,7 @@ def test_layers_prunekit_cannot_prune_raise_and_leave_the_model(
 
 def test_skipped_layers_are_reported_when_every_layer_is_asked_for() -> None:
     for model in (weight_norm_net(), torch_pruned_net()):
-        report = pk.prune(model, 0.5)
+        report = pk.prune(model, 0.5, include_output=True)
         assert [n for n, _ in report.skipped] == ["0"] and [r.name for r in report.layers] == ["1"]
 
 

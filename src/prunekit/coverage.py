@@ -43,10 +43,14 @@ from prunekit.spec import boolean, checked
 EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
 
 
+OUTPUT, EMBEDDING = "output layer", "embedding"
+FIXES = {OUTPUT: "include_output=True", EMBEDDING: "include_embeddings=True"}
+
+
 @dataclass(frozen=True)
 class Dense:
     """Why the default selection keeps one layer dense: ``what`` it is (``"output layer"``,
-    ``"embedding"``, with the tie if any) and the ``fix`` that prunes it."""
+    ``"embedding"``, or what its weight is tied to) and the ``fix`` that prunes it."""
 
     what: str
     fix: str
@@ -56,8 +60,9 @@ class Dense:
 
     @property
     def role(self) -> str:
-        """``the output layer`` / ``an embedding`` (with the tie if any)."""
-        return f"{'an' if self.what.startswith('embedding') else 'the'} {self.what}"
+        """``the output layer``, ``an embedding`` or ``a layer`` (tied to one of those)."""
+        article = {"output": "the", "embedding": "an"}.get(self.what.split()[0], "a")
+        return f"{article} {self.what}"
 
 
 def _hf_module(model: nn.Module, method: str) -> nn.Module | None:
@@ -91,28 +96,39 @@ def _output(model: nn.Module, prunable: list[Layer]) -> Layer | None:
     return next((ly for ly in prunable if ly.module is head), None)
 
 
+def _roles(model: nn.Module, prunable: list[Layer]) -> dict[str, str]:
+    """``{layer name: OUTPUT or EMBEDDING}`` (see the module docstring)."""
+    inputs = _hf_module(model, "get_input_embeddings")
+    roles = {ly.name: EMBEDDING for ly in prunable
+             if isinstance(ly.module, EMBEDDINGS) or ly.module is inputs}  # fmt: skip
+    output = _output(model, prunable)
+    if output is not None:
+        roles[output.name] = OUTPUT
+    return roles
+
+
 def kept_dense(
     model: nn.Module, include_output: bool = False, include_embeddings: bool = False
 ) -> dict[str, Dense]:
     """``{layer name: why}`` for each prunable layer of ``model`` that the default
-    selection keeps dense under these flags, in ``named_modules()`` order."""
+    selection keeps dense under these flags, in ``named_modules()`` order. A layer holding
+    the same weight tensor as one kept dense (tied weights) is kept dense with it."""
     prunable = [Layer(n, m) for n, m in model.named_modules() if is_prunable(m)]
-    inputs = _hf_module(model, "get_input_embeddings")
-    embeds = [ly for ly in prunable if isinstance(ly.module, EMBEDDINGS) or ly.module is inputs]
-    out = {} if include_embeddings else {ly.name: Dense("embedding", "include_embeddings=True")
-                                         for ly in embeds}  # fmt: skip
-    output = _output(model, prunable)
-    if output is None:
-        return out
-    if not include_output:
-        out[output.name] = Dense("output layer", "include_output=True")
-    weight = _weight(output.module)
-    tied = [ly.name for ly in embeds if ly is not output and _weight(ly.module) is weight]
-    if tied and not (include_output and include_embeddings):
-        both = "include_output=True and include_embeddings=True"
-        out[output.name] = Dense(f"output layer, its weight tied to embedding {tied[0]!r}", both)
-        out.update((n, Dense(f"embedding, its weight tied to output layer {output.name!r}", both))
-                   for n in tied)  # fmt: skip
+    roles = _roles(model, prunable)
+    included = {OUTPUT: include_output, EMBEDDING: include_embeddings}
+    tensors: dict[int, list[str]] = {}
+    for ly in prunable:
+        weight = _weight(ly.module)
+        tensors.setdefault(id(ly.module if weight is None else weight), []).append(ly.name)
+    out = {}
+    for names in tensors.values():
+        if all(n not in roles or included[roles[n]] for n in names):
+            continue
+        fix = " and ".join(dict.fromkeys(FIXES[roles[n]] for n in names if n in roles))
+        for name in names:
+            tied = [f"{roles.get(n, 'layer')} {n!r}" for n in names if n != name]
+            what = roles.get(name, "layer") + (f" tied to {', '.join(tied)}" if tied else "")
+            out[name] = Dense(what, fix)
     return {ly.name: out[ly.name] for ly in prunable if ly.name in out}
 
 
