@@ -34,16 +34,16 @@ def summary(
     """What was removed and why: ``"removed the 12 masked groups"`` (``ratio=None``) or
     ``"removed 50% of each family's groups by l2 (12 groups)"``."""
     count = sum(len(d.removed) for d in decisions)
-    groups = f"{count} group{'' if count == 1 else 's'}"
+    noun = "group" if count == 1 else "groups"
     if ratio is None:
-        return f"removed the {count} masked {groups[len(str(count)) + 1:]} (all-zero weights)"
+        return f"removed the {count} masked {noun} (all-zero weights)"
     if isinstance(ratio, Mapping):
         how = "per-family ratios " + ", ".join(f"{k}: {v:.0%}" for k, v in ratio.items())
     elif scope == "global":
         how = f"{ratio:.0%} of all groups (global)"
     else:
         how = f"{ratio:.0%} of each family's groups"
-    return f"removed {how} by {criterion} ({groups})"
+    return f"removed {how} by {criterion} ({count} {noun})"
 
 
 @dataclass

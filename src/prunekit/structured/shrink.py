@@ -331,14 +331,18 @@ def shrink(
     over fewer channels, so the result is *not* the group-masked model: ``report.exact``
     is False, ``report.deviation`` is ``max |y_shrunk - y_masked| / s`` (as for verify,
     :mod:`~prunekit.structured.verify`) measured on ``example_inputs`` (always, whatever
-    ``verify``), and a note says so.
+    ``verify``), and a note says so. A transformers ``config`` gets the new width
+    (``hidden_size``, ``n_embd``...) where it still describes the layers, so
+    ``save_pretrained`` / ``from_pretrained`` rebuild the model.
 
     Raises:
         InvalidInputsError: the example inputs do not run through the model.
+        InvalidSparsityError: ``ratio=None`` on a model without any all-zero group.
+        IncompatibleLayerError: a parametrization other than prunekit's masks (unsliceable).
         InvalidWeightError: a parameter or buffer holds NaN or inf (named, before tracing).
         UntraceableError: an operation without a channel rule (register one).
         ShrinkVerificationError: the shrunk model did not compute the masked one's outputs.
-        UnknownLayerError, UnknownChoiceError, InvalidSparsityError: bad arguments.
+        UnknownLayerError, UnknownChoiceError, InvalidSparsityError: other bad arguments.
     """
     require_model(model)
     _validate(scope, round_to, seed, ignore, approximate)

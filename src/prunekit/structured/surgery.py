@@ -23,6 +23,7 @@ from prunekit.structured.mha import unpack
 HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads")
 KV_HEAD_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
 WIDTH_ATTRS = ("all_head_size", "split_size", "inner_dim")
+HIDDEN_ATTRS = ("hidden_size", "n_embd", "d_model")  # a transformers config's stream width
 SIZE_ATTRS = (
     "in_features", "out_features", "in_channels", "out_channels", "groups", "num_features",
     "embedding_dim", "num_embeddings", "nf", "nx", "num_parameters",
@@ -179,6 +180,48 @@ def _heads(model: nn.Module, counts: Mapping[str, tuple[int, int, int, int]]) ->
     return changes
 
 
+def _norm_weight(model: nn.Module, name: str) -> bool:
+    """Whether tensor ``name`` is the affine of a LayerNorm / RMSNorm-like module."""
+    module = model.get_submodule(owner(name))
+    return "norm" in type(module).__name__.lower() and not isinstance(
+        module, nn.modules.batchnorm._NormBase | nn.GroupNorm
+    )
+
+
+def _hidden_updates(model: nn.Module, config: object, graph: DependencyGraph,
+                    removed: Mapping[str, Sequence[int]]) -> dict[str, set[int]]:  # fmt: skip
+    """Approximate mode: the new width of the normalised residual stream, under the
+    config's width attribute (``hidden_size``, ``n_embd``, ``d_model``)."""
+    out: dict[str, set[int]] = {}
+    streams = [
+        f for f in graph.families
+        if graph.trace.norms and any(_norm_weight(model, m.name) for m in f.groups[0].members)
+    ]  # fmt: skip
+    for attr in HIDDEN_ATTRS:
+        size = getattr(config, attr, None)
+        for fam in streams if isinstance(size, int) else ():
+            if len(fam.groups) == size:
+                out.setdefault(attr, set()).add(size - len(removed.get(fam.name, ())))
+    return out
+
+
+def _derived_heads_fit(config: object, updates: Mapping[str, set[int]]) -> bool:
+    """A config without ``head_dim`` derives it as width / heads: whether that still gives
+    the head size the layers have (removed heads and a narrower stream must agree)."""
+    if isinstance(getattr(config, "head_dim", None), int):
+        return True
+    for heads_attr in ("num_attention_heads", "n_head"):
+        for width_attr in HIDDEN_ATTRS:
+            heads, width = getattr(config, heads_attr, None), getattr(config, width_attr, None)
+            if not (isinstance(heads, int) and isinstance(width, int)) or width % heads:
+                continue
+            new_heads = next(iter(updates.get(heads_attr, {heads})))
+            new_width = next(iter(updates.get(width_attr, {width})))
+            if new_width != new_heads * (width // heads):
+                return False
+    return True
+
+
 def update_config(model: nn.Module, graph: DependencyGraph, removed: Mapping[str, Sequence[int]],
                   counts: Mapping[str, tuple[int, int, int, int]]) -> list[str]:  # fmt: skip
     """Write the new sizes into a transformers ``config`` where every layer agrees."""
@@ -186,29 +229,34 @@ def update_config(model: nn.Module, graph: DependencyGraph, removed: Mapping[str
     if config is None:
         return []
     notes: list[str] = []
-    updates: dict[str, set[int]] = {}
-    heads_changed = any(h != nh for h, nh, _, _ in counts.values())
-    if heads_changed and not isinstance(getattr(config, "head_dim", None), int):
-        notes.append(
-            "this config derives the head size from hidden_size / num_attention_heads, so it "
-            "cannot describe removed heads: save with prunekit.save_shrunk, load with load_shrunk"
-        )
-        counts = {}
+    updates = _hidden_updates(model, config, graph, removed)
     for heads, new_heads, kv, new_kv in counts.values():
         for attr in ("num_attention_heads", "n_head"):
             if getattr(config, attr, None) == heads:
                 updates.setdefault(attr, set()).add(new_heads)
         if getattr(config, "num_key_value_heads", None) == kv:
             updates.setdefault("num_key_value_heads", set()).add(new_kv)
+    if not _derived_heads_fit(config, updates):
+        notes.append(
+            "this config derives the head size from its width / heads, so it cannot describe "
+            "removed heads at this width: save with prunekit.save_shrunk, load with load_shrunk"
+        )
+        derived = (*HIDDEN_ATTRS, *HEAD_ATTRS, *KV_HEAD_ATTRS)
+        updates = {k: v for k, v in updates.items() if k not in derived}
     hidden = getattr(config, "n_embd", None)
     for attr, default in (("intermediate_size", None), ("n_inner", 4 * hidden if hidden else None)):
         size = getattr(config, attr, None) or default
         for fam in graph.families:
             if size and fam.kind == "channels" and len(fam.groups) == size:
                 updates.setdefault(attr, set()).add(size - len(removed.get(fam.name, ())))
+    return notes + _write(config, updates)
+
+
+def _write(config: object, updates: Mapping[str, set[int]]) -> list[str]:
+    notes = []
     for attr, values in updates.items():
         if len(values) == 1:
-            old, new = getattr(config, attr), values.pop()
+            old, new = getattr(config, attr), next(iter(values))
             if old != new:
                 setattr(config, attr, new)
                 notes.append(f"config.{attr}: {old} -> {new}")
