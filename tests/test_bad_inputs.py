@@ -75,7 +75,8 @@ def cnn() -> nn.Module:
 def pruned(granularity: str = "element") -> nn.Module:
     """:func:`mlp` carrying prunekit masks (90% of its weights, or 2:4)."""
     model = mlp()
-    pk.prune(model, None if granularity == "2:4" else 0.9, granularity=granularity)
+    sparsity = None if granularity == "2:4" else 0.9
+    pk.prune(model, sparsity, granularity=granularity, include_output=True)  # its weights: all
     return model
 
 

@@ -55,12 +55,12 @@ CASES = [
         r"layer 'conv': 4:8 needs the input axis \(4\) to be a multiple of M=8",
     ),
     (
-        dict(sparsity=0.5, granularity="kernel", layers=["head"]),
+        dict(sparsity=0.5, granularity="kernel", layers=["head"], include_output=True),
         pk.IncompatibleLayerError,
         "layer 'head': Linear has no kernel",
     ),
     (
-        dict(sparsity=0.5, granularity="block:3x3", layers=["head"]),
+        dict(sparsity=0.5, granularity="block:3x3", layers=["head"], include_output=True),
         pk.IncompatibleLayerError,
         "layer 'head': block 3x3 does not tile its 4x8 matrix",
     ),
@@ -71,7 +71,11 @@ CASES = [
     ),
     (dict(sparsity=0.5, criterion="taylor"), pk.MissingDataError, "needs calibration batches"),
     (dict(sparsity=0.5, criterion="gradient", data=[]), pk.MissingDataError, "empty"),
-    (dict(allocation={"conv": 0.5}), pk.PruningError, r"missing \['depthwise', 'up', 'head'\]"),
+    (
+        dict(allocation={"conv": 0.5}, include_output=True),
+        pk.PruningError,
+        r"missing \['depthwise', 'up', 'head'\]",
+    ),
     (
         dict(allocation={"conv": 1.5, "depthwise": 0, "up": 0, "head": 0}),
         pk.InvalidSparsityError,
@@ -106,7 +110,7 @@ def test_weight_of_the_wrong_kind():
     model[1].weight = nn.Parameter(torch.ones(2, 4, dtype=torch.int32), requires_grad=False)
     before = snapshot(model)
     with pytest.raises(pk.InvalidWeightError, match=r"layer '1' .* torch.int32"):
-        pk.prune(model, 0.5)
+        pk.prune(model, 0.5, include_output=True)
     assert_unchanged(model, before)
 
 

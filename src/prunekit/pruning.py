@@ -23,10 +23,11 @@ from prunekit.errors import (
     MissingDataError,
     NoLayersError,
 )
-from prunekit.granularity import NM, Grouping
+from prunekit.granularity import NM, Granularity, Grouping
 from prunekit.inputs import Calibration
 from prunekit.layers import (
     Layer,
+    Selector,
     check_weight,
     from_canonical,
     is_prunable,
@@ -110,10 +111,30 @@ class PruneReport(TableReport):
 
 
 def _resolve_layers(
+    model: nn.Module,
+    layers: Selector,
+    exclude: Selector,
+    granularity: Granularity,
+    *,
+    include_output: bool = False,
+    include_embeddings: bool = False,
+) -> tuple[list[Layer], list[tuple[str, str]]]:
+    """The layers a prune with these settings covers, and the skipped ones with the reason
+    (kept dense by default, or not prunable at this granularity)."""
+    spec = PruneSpec(
+        granularity=granularity,
+        layers=layers,
+        exclude=exclude,
+        include_output=include_output,
+        include_embeddings=include_embeddings,
+    )
+    return _usable(model, spec)[:2]
+
+
+def _usable(
     model: nn.Module, spec: PruneSpec
 ) -> tuple[list[Layer], list[tuple[str, str]], dict[str, coverage.Dense]]:
-    """The layers to prune (see :func:`prunekit.coverage.select`), the skipped ones with the
-    reason (kept dense by default, or not prunable at this granularity), and the former."""
+    """:func:`_resolve_layers` for ``spec``, and the layers kept dense by default."""
     chosen, dense = coverage.select(
         model,
         spec.layers,
@@ -252,7 +273,7 @@ def plan(model: nn.Module, sparsity: float | None, spec: PruneSpec) -> PrunePlan
     """
     _check_sparsity(sparsity, spec)
     gran, crit = spec.gran, spec.crit
-    usable, skipped, dense = _resolve_layers(model, spec)
+    usable, skipped, dense = _usable(model, spec)
     for layer in usable:
         _check_criterion(crit, layer)
     skipped, skipped_numel = _skipped(model, spec, skipped)
