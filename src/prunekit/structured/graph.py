@@ -54,12 +54,14 @@ class Group:
 @dataclass(frozen=True)
 class Runs:
     """One member tensor dimension of a whole family, vectorised: the positions of group
-    ``j`` are ``positions[offsets[j]:offsets[j + 1]]`` (ascending)."""
+    ``j`` are ``positions[offsets[j]:offsets[j + 1]]`` (ascending); ``group[k]`` is the
+    group number of ``positions[k]``."""
 
     name: str
     dim: int
     positions: Tensor
     offsets: Tensor
+    group: Tensor
 
     @property
     def counts(self) -> Tensor:
@@ -67,13 +69,43 @@ class Runs:
 
     def group_of(self) -> Tensor:
         """The group number of every entry of ``positions``."""
-        return torch.repeat_interleave(torch.arange(len(self.offsets) - 1), self.counts)
+        return self.group
 
     def select(self, groups: Sequence[int] | Tensor) -> Tensor:
         """The positions of ``groups`` (group numbers of the family), concatenated."""
         chosen = torch.zeros(len(self.offsets) - 1, dtype=torch.bool)
         chosen[torch.as_tensor(groups, dtype=torch.long)] = True
-        return self.positions[chosen[self.group_of()]]
+        return self.positions[chosen[self.group]]
+
+
+class _Groups(Sequence[Group]):
+    """A family's per-group view: its length is free, its :class:`Group` objects are
+    built on first access (one object per group and member: planning needs only counts)."""
+
+    def __init__(self, family: Family) -> None:
+        self._family = family
+        self._built: list[Group] | None = None
+
+    def __len__(self) -> int:
+        return len(self._family.ids)
+
+    def __getitem__(self, i):  # type: ignore[no-untyped-def]  (int or slice, as a list)
+        return self._list()[i]
+
+    def __iter__(self) -> Iterator[Group]:
+        return iter(self._list())
+
+    def _list(self) -> list[Group]:
+        if self._built is None:
+            fam = self._family
+            with _gc_paused():  # many small acyclic objects: cycle scans would dominate
+                parts = [
+                    [Member(r.name, r.dim, index) for index in r.positions.split(r.counts.tolist())]
+                    for r in fam.runs
+                ]
+                rows = zip(*parts, strict=True)
+                self._built = [Group(i, m) for i, m in zip(fam.ids.tolist(), rows, strict=True)]
+        return self._built
 
 
 class Family:
@@ -87,7 +119,7 @@ class Family:
 
     def __init__(self, name: str, kind: str, ids: Tensor, runs: tuple[Runs, ...]) -> None:
         self.name, self.kind, self.ids, self.runs = name, kind, ids, runs
-        self._groups: list[Group] | None = None
+        self._groups = _Groups(self)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -96,15 +128,8 @@ class Family:
         return f"Family({self.name!r}, {self.kind!r}, {len(self)} groups)"
 
     @property
-    def groups(self) -> list[Group]:
-        if self._groups is None:
-            with _gc_paused():  # one object per group and member: cycle scans would dominate
-                parts = [
-                    [Member(r.name, r.dim, index) for index in r.positions.split(r.counts.tolist())]
-                    for r in self.runs
-                ]
-                rows = zip(*parts, strict=True)
-                self._groups = [Group(i, m) for i, m in zip(self.ids.tolist(), rows, strict=True)]
+    def groups(self) -> Sequence[Group]:
+        """The per-group view (a sequence: ``len`` is free, objects are built on access)."""
         return self._groups
 
 
@@ -242,7 +267,8 @@ def _runs(key: tuple[str, int], roots: np.ndarray, ids: np.ndarray) -> Runs:
     take = np.repeat(lo - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
     positions = order[take + np.arange(counts.sum())]
     offsets = np.concatenate([[0], np.cumsum(counts)])
-    return Runs(key[0], key[1], torch.from_numpy(positions), torch.from_numpy(offsets))
+    group = np.repeat(np.arange(len(ids)), counts)
+    return Runs(key[0], key[1], *(torch.from_numpy(a) for a in (positions, offsets, group)))
 
 
 def _dedupe_names(families: list[Family]) -> None:

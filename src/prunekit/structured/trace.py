@@ -55,6 +55,9 @@ class Trace:
     producers: list[tuple[str, int]] = field(default_factory=list)
     norms: int = 0  # normalisations approximate mode let channels through
     trained: bool = False  # a train-mode pass ran (some module runs only in training)
+    # the floating-point outputs of the eval-mode pass: the model's outputs on the example
+    # inputs (eval mode, no grad), so verify need not run the unpruned model again
+    outputs: list[Tensor] = field(default_factory=list)
 
 
 class Tracer(TorchFunctionMode):
@@ -147,10 +150,13 @@ def buffers_kept(model: nn.Module) -> Iterator[None]:
                 b.copy_(value)
 
 
-def _pass(tracer: Tracer, model: nn.Module, inputs: Inputs, training: bool) -> None:
+def _pass(tracer: Tracer, model: nn.Module, inputs: Inputs, training: bool) -> list[Tensor]:
+    """One traced forward pass; returns the model's floating-point output tensors."""
     with set_mode(model, training), torch.no_grad(), tracer.hooks(), tracer:
         out = call(model, inputs)
-    tracer.state.block_inputs(*output_tensors(out))
+    found = output_tensors(out)
+    tracer.state.block_inputs(*found)
+    return [t for t in found if t.is_floating_point()]
 
 
 def trace(model: nn.Module, inputs: Inputs) -> Trace:
@@ -160,7 +166,7 @@ def trace(model: nn.Module, inputs: Inputs) -> Trace:
     Every channel that reaches a model output is blocked: outputs keep their shape.
     """
     tracer = Tracer(model)
-    _pass(tracer, model, inputs, training=False)
+    outputs = _pass(tracer, model, inputs, training=False)
     idle = [n for n, m in model.named_modules()
             if n not in tracer.ran and any(True for _ in m.parameters(recurse=False))]  # fmt: skip
     if idle:  # dropout draws from the global generator: fork it
@@ -168,6 +174,5 @@ def trace(model: nn.Module, inputs: Inputs) -> Trace:
             _pass(tracer, model, inputs, training=True)
     state = tracer.state
     aliases = {names[0]: names for names in state.names.values()}
-    return Trace(
-        state.atoms, state.members, aliases, state.heads, state.producers, state.norms, bool(idle)
-    )
+    return Trace(state.atoms, state.members, aliases, state.heads, state.producers,
+                 state.norms, bool(idle), outputs)  # fmt: skip

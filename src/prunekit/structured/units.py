@@ -2,10 +2,11 @@
 
 A channel group is the union of slices of several coupled parameters (a conv's filter,
 its bias, its BatchNorm scale and shift, the consumer's input channels...), so
-``ChannelUnits.sum(f)`` adds ``f`` over every member parameter position of each group,
-in float64 (a family can hold millions of positions). Buffers (BatchNorm running
-statistics) are not scored. With this view every registered criterion that declares the
-``"channels"`` unit kind (:mod:`prunekit.criteria`) scores families unchanged.
+``ChannelUnits.sum(f)`` adds ``f`` over every member parameter position of each group
+(each position's slice in float32 or wider, positions in float64: a family can hold
+millions of them). Buffers (BatchNorm running statistics) are not scored. With this
+view every registered criterion that declares the ``"channels"`` unit kind
+(:mod:`prunekit.criteria`) scores families unchanged.
 """
 
 from __future__ import annotations
@@ -21,6 +22,15 @@ from prunekit.structured.graph import DependencyGraph, Family, owner
 
 def _batchnorms(model: nn.Module) -> set[str]:
     return {n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+
+
+def _per_position(values: Tensor, dim: int) -> Tensor:
+    """``values`` summed over every dimension but ``dim`` (no copy of ``values``), as
+    float64: one position's slice is summed in float32 (or ``values``' wider dtype)."""
+    others = [d for d in range(values.dim()) if d != dim % values.dim()]
+    if not others:
+        return values.double()
+    return values.sum(others, dtype=torch.promote_types(values.dtype, torch.float32)).double()
 
 
 class ChannelUnits(Units):
@@ -54,9 +64,7 @@ class ChannelUnits(Units):
             w = self.params[runs.name].detach()
             g = None if self.grads is None else self.grads.get(runs.name)
             values = fn(w, None if g is None else g.detach())
-            per_position = values.movedim(runs.dim, 0).reshape(w.shape[runs.dim], -1)
-            per_position = per_position.sum(1, dtype=torch.float64)
-            total.index_add_(0, runs.group_of(), per_position[runs.positions])
+            total.index_add_(0, runs.group, _per_position(values, runs.dim)[runs.positions])
         return total.float()
 
     def vectors(self) -> list[Tensor]:

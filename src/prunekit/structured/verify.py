@@ -27,8 +27,10 @@ with the sensitivity it reached, instead of passing silently.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -51,7 +53,7 @@ def require_finite(model: nn.Module) -> None:
     """Refuse a model holding NaN or inf in a parameter or buffer, naming the tensor."""
     tensors = [*model.named_parameters(), *model.named_buffers()]
     for name, t in tensors:
-        if not t.is_floating_point() or t.is_meta or bool(torch.isfinite(t).all()):
+        if not t.is_floating_point() or t.is_meta or _all_finite(t):
             continue
         values = sorted({str(v) for v in t[~torch.isfinite(t)].tolist()})
         layer = name.rpartition(".")[0] or "<model>"
@@ -60,6 +62,13 @@ def require_finite(model: nn.Module) -> None:
             f"({', '.join(values)}) in {name!r}; channel scores and the output check would be "
             "meaningless. Fix: repair the weights (check the training run) before shrinking."
         )
+
+
+def _all_finite(t: Tensor) -> bool:
+    """Whether every value of ``t`` is finite, in one reduction: a NaN or inf makes the
+    sum NaN or inf, so a finite sum proves them all finite; a non-finite one (or an
+    overflow of large finite values) is settled element by element."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def outputs(model: nn.Module, inputs: Inputs) -> list[Tensor]:
@@ -87,8 +96,8 @@ class Probe:
     what: str
 
 
-def _probe(dense: nn.Module, masked: nn.Module, inputs: Inputs, what: str) -> Probe:
-    ref, expected = outputs(dense, inputs), outputs(masked, inputs)
+def _probe(ref: list[Tensor], expected: list[Tensor], inputs: Inputs, what: str) -> Probe:
+    """A probe from the dense outputs ``ref`` and the group-masked ones ``expected``."""
     same = [r.shape for r in ref] == [e.shape for e in expected]
     if not same:
         return Probe(inputs, expected, [1.0] * len(expected), 0.0, what)
@@ -114,21 +123,70 @@ def _random_like(inputs: Inputs, factor: float, gen: torch.Generator) -> Inputs:
     return tree_map(draw, inputs)
 
 
+Outputs = Callable[[Inputs], list[Tensor]]
+"""A model's floating-point outputs on some inputs (eval mode, no grad)."""
+
+
 def probes(dense: nn.Module, masked: nn.Module, inputs: Inputs, seed: int = 0) -> list[Probe]:
     """The input sets to check the shrunk model on: the example inputs, and while the
     check is weak (sensitivity < :data:`WEAK`), random inputs at a larger scale (each
     one drawn is checked too)."""
-    found = [_probe(dense, masked, inputs, "the example inputs")]
+    return compared(partial(outputs, dense), partial(outputs, masked), inputs, seed)
+
+
+def compared(dense: Outputs, masked: Outputs, inputs: Inputs, seed: int = 0) -> list[Probe]:
+    """:func:`probes` of two functions giving the dense and the group-masked outputs."""
+    found = [_probe(dense(inputs), masked(inputs), inputs, "the example inputs")]
     gen = torch.Generator().manual_seed(seed)
     for factor in SCALES:
         if max(p.sensitivity for p in found) >= WEAK:
             break
         drawn = _random_like(inputs, factor, gen)
+        what = f"random inputs at {factor:g}x scale"
         try:
-            found.append(_probe(dense, masked, drawn, f"random inputs at {factor:g}x scale"))
+            found.append(_probe(dense(drawn), masked(drawn), drawn, what))
         except Exception:  # inputs the model cannot take: keep the probes found
             continue
     return found
+
+
+@contextmanager
+def zeroed(model: nn.Module, positions: Mapping[tuple[str, int], Tensor]) -> Iterator[None]:
+    """``model`` made the group-masked model in place: the parameter ``positions``
+    (:meth:`~prunekit.structured.graph.DependencyGraph.positions`) are zero inside,
+    their values are put back on exit (a copy of the removed slices, not of the model)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    slices = [(params[name], dim, index.to(params[name].device))
+              for (name, dim), index in positions.items() if name in params]  # fmt: skip
+    with torch.no_grad():
+        saved = [p.index_select(dim, index) for p, dim, index in slices]
+        for p, dim, index in slices:
+            p.index_fill_(dim, index, 0.0)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for (p, dim, index), values in zip(slices, saved, strict=True):
+                p.index_copy_(dim, index, values)
+
+
+def in_place_probes(
+    model: nn.Module, positions: Mapping[tuple[str, int], Tensor], inputs: Inputs,
+    dense_outputs: list[Tensor] | None = None, seed: int = 0,
+) -> list[Probe]:  # fmt: skip
+    """:func:`probes` without a copy of the model: the group-masked outputs come from
+    ``model`` while :func:`zeroed`, the dense ones on the example inputs from
+    ``dense_outputs`` where given (the trace's, :attr:`~prunekit.structured.trace.Trace.
+    outputs`), so the example inputs cost one forward pass, not two."""
+
+    def dense(x: Inputs) -> list[Tensor]:
+        return dense_outputs if x is inputs and dense_outputs is not None else outputs(model, x)
+
+    def masked(x: Inputs) -> list[Tensor]:
+        with zeroed(model, positions):
+            return outputs(model, x)
+
+    return compared(dense, masked, inputs, seed)
 
 
 def refilled(masked: nn.Module, groups: Sequence[Group], seed: int = 0) -> nn.Module:
