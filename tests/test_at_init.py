@@ -41,7 +41,7 @@ def test_snip_is_abs_w_times_grad() -> None:
     scores = torch.cat(
         [(m.weight * g).abs().flatten() for m, g in zip(linears, grads, strict=True)]
     )
-    pk.prune(model, 0.75, criterion="snip", scope="global", data=data)
+    pk.prune(model, 0.75, criterion="snip", scope="global", data=data, include_output=True)
     kept = torch.cat([pk.masks.get_mask(m).flatten() for m in model if isinstance(m, nn.Linear)])
     threshold = scores.sort().values[math.floor(0.75 * scores.numel())]
     assert bool((scores[kept] >= threshold).all()) and int(kept.sum()) == scores.numel() // 4

@@ -129,7 +129,7 @@ def test_bad_arguments_leave_model_unchanged(digits, kwargs, match):
 
 def test_masked_model_is_refused(digits, tmp_path):
     model = tiny()
-    pk.prune(model, 0.5)
+    pk.prune(model, 0.5, include_output=True)
     before = snapshot(model)
     with pytest.raises(pk.PruningError, match=r"\['0', '2'\] are already masked.*masks\.remove"):
         pk.training.lottery(model, digits, epochs=1, checkpoint_dir=tmp_path / "ckpt")

@@ -110,7 +110,7 @@ BAD = [
 def test_bad_arguments_touch_nothing(digits, tmp_path, kwargs, error, match) -> None:
     torch.manual_seed(0)
     model = LeNet300100(in_features=64)
-    pk.prune(model, 0.3, scope="global")  # a pruned model keeps its masks too
+    pk.prune(model, 0.3, scope="global", include_output=True)  # a pruned model keeps masks
     before = snapshot(model)
     with pytest.raises(error, match=match):
         iterative_pruning(model, digits, checkpoint_dir=tmp_path / "ckpt", **kwargs)
