@@ -1,7 +1,7 @@
 """The ``prunekit`` command line: ``demo``, ``run``, ``prune``, ``profile``, ``shrink``,
 ``export``, ``sensitivity``, ``sweep``, ``llm``, ``--version``; ``--help`` on each.
 
-    prunekit demo [--quick] [--out DIR] [--seed N]
+    prunekit demo [--quick] [--out DIR] [--seed N] [--device cpu|cuda|mps]
     prunekit run recipe.yaml [--out runs] [--quick]       # a YAML recipe -> runs/<name>/
     prunekit prune --model lenet5 --dataset mnist5k --sparsity 0.5 --granularity filter \\
         --criterion taylor --scope local [--exclude fc3] [--epochs N] [--finetune-epochs N] \\
@@ -87,7 +87,7 @@ def _prune_parser(commands: argparse._SubParsersAction) -> None:
     )
     prune.add_argument("--finetune-epochs", type=int, help="default 1 with --dataset")
     prune.add_argument("--out", type=Path, default=Path("runs"), help="the pruned model goes here")
-    prune.add_argument("--seed", type=int, default=0)
+    prune.add_argument("--seed", type=int, default=0, help="seeds training and calibration")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -106,7 +106,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--quick", action="store_true", help="the same path in about 30 s")
     demo.add_argument("--out", type=Path, default=Path("runs"), help="the report goes to OUT/demo/")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int, default=0, help="seeds every training and prune")
+    cli_model.add_device_argument(demo)
 
     _prune_parser(commands)
     profile = commands.add_parser("profile", help="params, bytes, MACs and latency of a model")
@@ -136,7 +137,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _demo(args: argparse.Namespace, console: Console) -> None:
-    run_demo(quick=args.quick, out_dir=args.out, seed=args.seed, console=console)
+    device = model_spec.device(args.device)  # an unavailable one is refused before any work
+    run_demo(quick=args.quick, out_dir=args.out, seed=args.seed, console=console, device=device)
 
 
 def _spec(args: argparse.Namespace) -> PruneSpec:
@@ -178,7 +180,8 @@ def _prune(args: argparse.Namespace, console: Console) -> None:
     loaded = cli_model.load(args)
     model = loaded.model
     dense_epochs, finetune_epochs = _epochs(args, loaded, data)
-    calibration = cli_model.calibration(data, seed=args.seed) if data else None
+    device = model_spec.device(args.device)
+    calibration = cli_model.calibration(data, device, seed=args.seed) if data else None
     if isinstance(data, zoo.Dataset):
         model_spec.check_fits(model, args.model, data)
     spec = _spec(args)

@@ -47,10 +47,14 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     sens = commands.add_parser("sensitivity", help="prune each layer alone; report and plot")
     _common(sens)
     cli_model.add_spec_arguments(sens, scope=False)
-    sens.add_argument("--sparsities", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9")
+    sens.add_argument(
+        "--sparsities",
+        default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9",
+        help="comma-separated grid each layer is pruned to",
+    )
     sens.add_argument("--target", type=float, default=0.8, help="overall sparsity to allocate")
     sens.add_argument("--budget", type=float, default=0.02, help="accuracy drop allowed per layer")
-    sens.add_argument("--seed", type=int, default=0)
+    sens.add_argument("--seed", type=int, default=0, help="seeds the training")
 
     sw = commands.add_parser("sweep", help="accuracy, MACs and latency vs sparsity over seeds")
     _common(sw)
@@ -59,8 +63,8 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         default="magnitude-global",
         help="comma-separated <criterion>[-<granularity>][-global|-local], e.g. l2-filter",
     )
-    sw.add_argument("--sparsities", default="0.5,0.8,0.9")
-    sw.add_argument("--seeds", default="0,1,2")
+    sw.add_argument("--sparsities", default="0.5,0.8,0.9", help="comma-separated sparsities")
+    sw.add_argument("--seeds", default="0,1,2", help="comma-separated seeds: one model each")
     sw.add_argument("--exclude", nargs="+", help="layer names or globs to keep dense (fc3)")
     sw.add_argument(
         "--materialize",
@@ -205,7 +209,7 @@ def run_sweep(args: argparse.Namespace, console: Console) -> None:
     grid = _numbers(args.sparsities, float, "--sparsities", "0.5,0.9")
     seeds = _numbers(args.seeds, cli_model.count, "--seeds", "0,1,2")
     data = _data(args)
-    calibration = cli_model.calibration(data)
+    calibration = cli_model.calibration(data, model_spec.device(args.device))
     methods = {
         spec: parse_method(spec) | {"exclude": args.exclude, "data": calibration}
         for spec in args.methods.split(",")

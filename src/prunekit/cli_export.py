@@ -24,7 +24,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     cli_model.add_model_arguments(parser)
-    parser.add_argument("--format", default="safetensors", choices=export.FORMATS)
+    parser.add_argument("--format", default="safetensors", choices=export.FORMATS, help="format")
     parser.add_argument("--out", type=Path, required=True, help="folder the file goes to")
     parser.add_argument(
         "--dataset", help=f"take the onnx example input from this data: {cli_model.DATA_HELP}"

@@ -57,9 +57,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
     p = commands.add_parser("prune", help="prune a model on calibration text and save it")
     p.add_argument("--model", required=True, help=zoo_help)
-    p.add_argument("--method", default="wanda", choices=methods())
+    p.add_argument("--method", default="wanda", choices=methods(), help="pruning method")
     p.add_argument("--sparsity", default="0.5", help="a fraction (0.5) or N:M (2:4, 4:8)")
-    p.add_argument("--allocation", default="uniform", choices=ALLOCATIONS)
+    p.add_argument("--allocation", default="uniform", choices=ALLOCATIONS, help="per block")
     p.add_argument("--samples", type=int, default=128, help="calibration samples")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sample")
     p.add_argument("--seed", type=int, default=0, help="seeds the calibration windows")
@@ -73,7 +73,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     e.add_argument("--reference", default="minilm", help="encoders: the dense model to compare")
 
     b = commands.add_parser("build-lm", help="train the char-level zoo Llama and cache it")
-    b.add_argument("--steps", type=int, default=600)
+    b.add_argument("--steps", type=int, default=600, help="training steps")
     b.add_argument("--out", type=Path, default=None, help=f"default: {lm.cache_dir()}")
     cli_distill.add_parser(commands, zoo_help)
     _add_shrink(commands, zoo_help)
@@ -91,8 +91,10 @@ def _add_shrink(commands: argparse._SubParsersAction, zoo_help: str) -> None:
     for name in ("heads", "kv-heads", "intermediate", "hidden"):
         s.add_argument(f"--{name}", type=int, default=None, help=f"{name} every block keeps")
     s.add_argument("--drop-layers", default=None, help="a count (3) or block indices (4,5,6)")
-    s.add_argument("--importance", default="activation", choices=WIDTH_IMPORTANCE)
-    s.add_argument("--depth-importance", default="bi", choices=DEPTH_IMPORTANCE)
+    s.add_argument("--importance", default="activation", choices=WIDTH_IMPORTANCE,
+                   help="scores the width units")  # fmt: skip
+    s.add_argument("--depth-importance", default="bi", choices=DEPTH_IMPORTANCE,
+                   help="scores the blocks")  # fmt: skip
     s.add_argument("--calibration", default="pydoc", help="pydoc (zoo text) or a UTF-8 file")
     s.add_argument("--samples", type=int, default=64, help="calibration windows")
     s.add_argument("--seq-len", type=int, default=128, help="tokens per calibration window")

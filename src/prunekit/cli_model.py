@@ -200,12 +200,16 @@ def evaluator(data: Data) -> Callable[[nn.Module], float]:
     return lambda model: accuracy(model, data.eval)
 
 
-def calibration(data: Data, n_batches: int = 4, batch_size: int = 64, seed: int = 0) -> list:
-    """The batches data-driven criteria score on: seeded training batches of a zoo dataset,
-    or the loaders' calibration batches."""
+def calibration(
+    data: Data, device: torch.device, n_batches: int = 4, batch_size: int = 64, seed: int = 0
+) -> list:
+    """The batches data-driven criteria score on, on ``device`` (the model's): seeded
+    training batches of a zoo dataset, or the loaders' calibration batches."""
     if isinstance(data, zoo.Dataset):
-        return zoo.calibration_batches(data, n_batches, batch_size, seed)
-    return data.calibration
+        batches = zoo.calibration_batches(data, n_batches, batch_size, seed)
+    else:
+        batches = data.calibration
+    return [to_device(batch, device) for batch in batches]
 
 
 def first_input(data: Data) -> Inputs:

@@ -1,7 +1,8 @@
 """What every section of the demo shares: the budget, the trained LeNets and their data.
 
 Both LeNets read the same image-shaped mnist5k split (LeNet-300-100 flattens its input),
-train once with Adam, and every section prunes private copies of them.
+train once with Adam, and every section prunes private copies of them. Models and data
+live on one device (the split is small enough to move there whole).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -17,12 +19,14 @@ from torch import nn
 
 from prunekit import zoo
 from prunekit.analysis.profile import Profile, measure_latencies, profile
+from prunekit.analysis.timing import Speedup, speedup
 from prunekit.masks import bake
 from prunekit.pruning import prune
 
 DATASET = "mnist5k"
 LR = 1e-3
 FINETUNE_LR = 3e-4
+REPEATS = 5  # interleaved turns of a speed-up: its median and spread
 
 
 @dataclass(frozen=True)
@@ -71,15 +75,23 @@ class Trained:
 
 class Context:
     """The data, the budget and the two trained LeNets; helpers to train, fine-tune and
-    evaluate copies of them. ``status(text)`` reports progress (the demo's progress bar)."""
+    evaluate copies of them. ``status(text)`` reports progress (the demo's progress bar);
+    every model and tensor lives on ``device``."""
 
     def __init__(
-        self, budget: Budget, seed: int, status: Callable[[str], None] = lambda _: None
+        self,
+        budget: Budget,
+        seed: int,
+        status: Callable[[str], None] = lambda _: None,
+        device: torch.device | str = "cpu",
     ) -> None:
         self.budget = budget
         self.seed = seed
         self.status = status
+        self.device = torch.device(device)
         full = zoo.load_dataset(DATASET)
+        tensors = ("x_train", "y_train", "x_test", "y_test")
+        full = dataclasses.replace(full, **{k: getattr(full, k).to(self.device) for k in tensors})
         n = budget.train_images
         self.data = dataclasses.replace(full, x_train=full.x_train[:n], y_train=full.y_train[:n])
         m = budget.finetune_images
@@ -92,7 +104,7 @@ class Context:
     def fresh(self, name: str, seed: int | None = None) -> nn.Module:
         """An untrained zoo model initialised from ``seed`` (default: the demo's)."""
         torch.manual_seed(self.seed if seed is None else seed)
-        return zoo.build_model(name)
+        return zoo.build_model(name).to(self.device)
 
     def train(self, model: nn.Module, seed: int | None = None) -> nn.Module:
         """Train ``model`` in place (Adam at :data:`LR`, the budget's images and epochs,
@@ -136,6 +148,20 @@ class Context:
         run_time = self.budget.min_run_time * len(baked)
         seconds = measure_latencies(baked, self.example, min_run_time=run_time, rounds=5)
         return [(c, s * 1e3) for c, s in zip(counts, seconds, strict=True)]
+
+    def speedups(self, models: Sequence[nn.Module]) -> list[tuple[Profile, Speedup | None]]:
+        """Counts of a baked copy of each of ``models`` and the speed-up of each but the
+        first over the first (:func:`prunekit.analysis.speedup`: the median ratio of
+        :data:`REPEATS` interleaved turns, its spread and the load average; None for the
+        first). An unreliable figure is not a warning here: its row says so."""
+        baked = [bake(copy.deepcopy(model)) for model in models]
+        counts = [profile(model, self.example, latency=False) for model in baked]
+        seconds = 2 * self.budget.min_run_time
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            timed = [speedup(baked[0], b, self.example, repeats=REPEATS, min_run_time=seconds)
+                     for b in baked[1:]]  # fmt: skip
+        return list(zip(counts, [None, *timed], strict=True))
 
     def prune_and_finetune(
         self, trained: Trained, sparsity: float | None, **prune_kwargs: object

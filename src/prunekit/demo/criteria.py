@@ -3,9 +3,10 @@ chapter 3.2.2).
 
 Criteria: on LeNet-300-100, 90% of single weights by magnitude, gradient, Taylor
 ``|w g|`` and random (global scope), and 50% of the neurons (rows) by L1, L2, Taylor and
-random (local scope, the classifier kept). Scope: 95% by magnitude with every layer at
-95% (local), one global ranking, or per-layer sparsities from a sensitivity analysis
-(:func:`prunekit.analysis.sensitivity`), with each model's per-layer density.
+random (local scope), the classifier kept dense (the default). Scope: 95% by magnitude
+with every layer, the classifier included, at 95% (local), one global ranking, or
+per-layer sparsities from a sensitivity analysis (:func:`prunekit.analysis.sensitivity`),
+with each model's per-layer density.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import contextlib
 from prunekit.analysis import SensitivityReport, plots, sensitivity
 from prunekit.analysis.report import Section
 from prunekit.demo.context import Context
-from prunekit.demo.granularity import exclusions
 from prunekit.errors import PruningError
 from prunekit.masks import sparsity as layer_sparsity
 
@@ -24,7 +24,8 @@ ROW = ("l1", "l2", "taylor", "random")
 SCOPE_SPARSITY = 0.95
 CRITERIA_TEXT = (
     "LeNet-300-100 pruned with each criterion and fine-tuned once: 90% of the weights one "
-    "by one (global scope), and 50% of the neurons (rows; local, classifier kept). Gradient "
+    "by one (global scope), and 50% of the neurons (rows; local), the classifier kept dense "
+    "(the default). Gradient "
     "and Taylor scores use 4 calibration batches of 64 images. Random is the baseline every "
     "criterion must beat."
 )
@@ -51,7 +52,6 @@ def criteria_section(ctx: Context) -> Section:
             granularity=granularity,
             criterion=criterion,
             scope=scope,
-            exclude=exclusions(granularity),
         )
         rows.append({"granularity": granularity, "criterion": criterion, "scope": scope, **row})
     return Section("Criteria", CRITERIA_TEXT, rows)
@@ -73,18 +73,23 @@ def scope_section(ctx: Context) -> Section:
     ctx.status("sensitivity analysis")
     report = sensitivity(ctx.lenet300.model, ctx.accuracy, sparsities=GRID, progress=False)
     budget, alloc = sensitivity_allocation(report, SCOPE_SPARSITY)
+    # Every layer, the classifier too (include_output): the chapter's setup (Han et al.
+    # 2015 prune all of LeNet-300-100), where global scope shows how the classifier fares.
+    every = {"include_output": True}
     settings = [  # figure name, scope, allocation, prune arguments
-        ("local", "local", "uniform", {"scope": "local"}),
-        ("global", "global", "one ranking", {"scope": "global"}),
-        ("sensitivity", "local", f"sensitivity (drop <= {budget:.3f})", {"allocation": alloc}),
-    ]
+        ("local", "local", "uniform", {"scope": "local", **every}),
+        ("global", "global", "one ranking", {"scope": "global", **every}),
+        ("sensitivity", "local", f"sensitivity (drop <= {budget:.3f})",
+         {"allocation": alloc, "layers": list(alloc), **every}),
+    ]  # fmt: skip
     curves = plots.plot_sensitivity(report, budget=budget, ylabel="test accuracy")
     rows, figures = [], {"sensitivity": curves}
     for name, scope, how, kwargs in settings:
         ctx.status(f"{scope} scope, {how}")
         sparsity = None if "allocation" in kwargs else SCOPE_SPARSITY
         model, row = ctx.prune_and_finetune(ctx.lenet300, sparsity, **kwargs)
-        per_layer = {f"{r.name} sparsity": r.sparsity for r in layer_sparsity(model).layers}
+        layers = layer_sparsity(model, include_output=True).layers
+        per_layer = {f"{r.name} sparsity": r.sparsity for r in layers}
         rows.append({"scope": scope, "allocation": how, **row, **per_layer})
         figures[f"density-{name}"] = plots.plot_layer_density(model, label=f"{scope} scope, {how}")
     return Section("Scope and allocation", SCOPE_TEXT, rows, figures)

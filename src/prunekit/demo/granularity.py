@@ -1,7 +1,8 @@
 """Section: what each granularity removes (chapter 3.2.3), on the trained LeNets' own layers.
 
 Every granularity prunes 50% of a copy of its model by magnitude (local scope, the
-classifier kept whole where a group would cut a class out), which is then fine-tuned.
+classifier fc3 kept dense: prunekit's default for a model's output layer), which is then
+fine-tuned.
 The figures show the masks on a trained layer, a conv mask in 3-D and the weight
 distribution before and after.
 """
@@ -16,22 +17,14 @@ from prunekit.layers import weight_param
 SPARSITY = 0.5
 LINEAR = ("element", "2:4", "row", "column", "block:4x4")
 CONV = ("element", "kernel", "filter", "channel")
-# Groups of these granularities would cut whole classes out of the classifier.
-KEEP_CLASSIFIER = frozenset({"row", "column", "filter", "channel"})
-CLASSIFIER = "fc3"
 TEXT = (
     "Each granularity prunes 50% of the weights by magnitude (2:4 fixes it at 50%), local "
-    "scope, then one fine-tuning pass. Finer groups keep more accuracy; coarser ones are "
-    "what hardware can skip. The figures draw every granularity's mask on the trained "
-    "LeNet-5 (conv2, and fc1 for what conv2 cannot take; white: pruned), the kernel-pruned "
-    "conv2 in 3-D, and LeNet-300-100 fc1's weights before and after element pruning and "
-    "fine-tuning (a gap opens around zero)."
+    "scope, the classifier kept dense (the default), then one fine-tuning pass. Finer "
+    "groups keep more accuracy; coarser ones are what hardware can skip. The figures draw "
+    "every granularity's mask on the trained LeNet-5 (conv2, and fc1 for what conv2 cannot "
+    "take; white: pruned), the kernel-pruned conv2 in 3-D, and LeNet-300-100 fc1's weights "
+    "before and after element pruning and fine-tuning (a gap opens around zero)."
 )
-
-
-def exclusions(granularity: str) -> list[str] | None:
-    """The layers a granularity must leave alone: the classifier for row-like groups."""
-    return [CLASSIFIER] if granularity in KEEP_CLASSIFIER else None
 
 
 def section(ctx: Context) -> Section:
@@ -41,9 +34,7 @@ def section(ctx: Context) -> Section:
         for granularity in granularities:
             ctx.status(f"granularity {granularity} on {trained.name}")
             sparsity = None if granularity == "2:4" else SPARSITY
-            model, row = ctx.prune_and_finetune(
-                trained, sparsity, granularity=granularity, exclude=exclusions(granularity)
-            )
+            model, row = ctx.prune_and_finetune(trained, sparsity, granularity=granularity)
             pruned[trained.name, granularity] = model
             rows.append({"model": trained.name, "granularity": granularity, **row})
     lenet5 = ctx.lenet5.model

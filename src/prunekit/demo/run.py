@@ -73,10 +73,15 @@ def dense_section(ctx: Context) -> Section:
 
 
 def run_demo(
-    quick: bool = False, out_dir: Path = Path("runs"), seed: int = 0, console: Console | None = None
+    quick: bool = False,
+    out_dir: Path = Path("runs"),
+    seed: int = 0,
+    console: Console | None = None,
+    device: torch.device | str = "cpu",
 ) -> Path:
-    """Run the chapter's practice and write ``<out_dir>/demo/`` (report.html, report.md,
-    figures, CSV / JSON; see :func:`prunekit.analysis.write_report`); return that folder.
+    """Run the chapter's practice on ``device`` and write ``<out_dir>/demo/`` (report.html,
+    report.md, figures, CSV / JSON; see :func:`prunekit.analysis.write_report`); return
+    that folder.
 
     Every section prints its table as it finishes, under one progress bar. ``quick`` runs
     the same path on a small budget (:data:`~prunekit.demo.context.QUICK`) in seconds.
@@ -92,7 +97,7 @@ def run_demo(
         def status(text: str) -> None:
             bar.update(task, description=text)
 
-        ctx = Context(budget, seed, status)
+        ctx = Context(budget, seed, status, device)
         for make in (dense_section, *SECTIONS):
             sections.append(make(ctx))
             console.print(rich_table(sections[-1]))

@@ -23,7 +23,8 @@ COLUMNS = {
     "retrained_accuracy": "acc fine-tuned",
 }
 TEXT = (
-    "97% of LeNet-300-100's weights by global magnitude, with the same fine-tuning budget "
+    "97% of LeNet-300-100's weights by global magnitude (the classifier kept dense, the "
+    "default), with the same fine-tuning budget "
     f"({ROUNDS} passes): all at once, or in {ROUNDS} rounds of prune + fine-tune "
     "(s_k = 1 - (1 - 0.97)^(k/3)). Iterative pruning lets the survivors adapt before the "
     "next cut."

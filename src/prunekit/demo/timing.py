@@ -40,7 +40,8 @@ LOTTERY_COLUMNS = {
     "control_accuracy": "random re-init",
 }
 TIMING_TEXT = (
-    "90% of LeNet-300-100's weights (global scope) removed after training (prune, then one "
+    "90% of LeNet-300-100's weights (global scope; the classifier kept dense, the default, "
+    "and not counted) removed after training (prune, then one "
     "fine-tuning pass), during training from scratch (cubic schedule over the first two "
     "thirds of the steps) or before it (masks chosen at initialisation, then the same "
     "training). Soft filter pruning zeroes the weakest half of LeNet-5's conv filters after "

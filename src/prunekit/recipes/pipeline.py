@@ -127,9 +127,9 @@ def prepare(recipe: Recipe, quick: bool, console: Console) -> Run:
             cli_model.check_example(loaded, example)
     except PruningError as err:
         raise recipe.fail(("model",), m["spec"], f"does not load: {err}", "fix the model.") from err
-    d = recipe["data"]
+    d, seed = recipe["data"], recipe["seed"]
     batches = (
-        cli_model.calibration(data, d["calibration_batches"], d["batch_size"], recipe["seed"])
+        cli_model.calibration(data, device, d["calibration_batches"], d["batch_size"], seed)
         if data is not None
         else None
     )

@@ -1,0 +1,251 @@
+"""Data as ``package.module:function`` (one contract: :class:`prunekit.cli_model.Loaders`) in
+``prunekit prune``, ``export`` and recipes; ``--device`` on ``demo``; help with defaults and
+choices."""
+
+from __future__ import annotations
+
+import argparse
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from prunekit import cli, cli_model, recipes
+from prunekit.cli import main
+from prunekit.errors import MissingDataError, RecipeError
+
+# ruff: noqa: E501  (the expected messages read best unbroken)
+
+MODULE = """
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from prunekit import zoo
+
+CALLS = []
+
+
+def mlp(hidden=16):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+
+
+def loaders():
+    CALLS.append(1)
+    d = zoo.load_dataset("digits")
+    train = DataLoader(TensorDataset(d.x_train, d.y_train), batch_size=64, shuffle=True)
+    return {"train": train, "eval": DataLoader(TensorDataset(d.x_test, d.y_test), batch_size=256)}
+
+
+def with_calibration():
+    out = loaders()
+    return {**out, "calibration": [next(iter(out["train"]))]}
+
+
+def a_list():
+    return [1, 2]
+
+
+def a_generator():
+    out = loaders()
+    return {"train": (b for b in out["train"]), "eval": out["eval"]}
+
+
+def not_pairs():
+    return {"train": [torch.zeros(2, 64)], "eval": [torch.zeros(2, 64)]}
+
+
+def raises():
+    raise RuntimeError("no data here")
+"""
+
+
+@pytest.fixture
+def user(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A user's module on sys.path (a model factory and data functions); its name."""
+    name = f"cli_data_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return name
+
+
+def test_loaders_contract(user: str) -> None:
+    loaders = cli_model.user_loaders(f"{user}:loaders", n_calibration=3)
+    assert loaders.name == "loaders" and len(loaders.calibration) == 3
+    x, y = loaders.calibration[0]
+    assert x.shape == (64, 1, 8, 8) and y.shape == (64,)
+    given = cli_model.user_loaders(f"{user}:with_calibration")
+    assert len(given.calibration) == 1  # the function's own calibration batches
+    assert cli_model.first_input(given).shape == (1, 1, 8, 8)  # the first eval x
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    assert 0 <= cli_model.evaluator(given)(model) <= 1
+    assert cli_model.train_data(given) is given.train
+    assert cli_model.train_data(None) is None
+
+
+@pytest.mark.parametrize(
+    ("function", "message"),
+    [
+        ("a_list", "returned list [1, 2], not a mapping with keys train and eval"),
+        ("a_generator", "'train' is a generator, not a re-iterable of batches"),
+        ("not_pairs", "the first 'eval' batch is Tensor"),
+        ("missing", "has no callable 'missing'"),
+        ("raises", "RuntimeError: no data here"),
+    ],
+)
+def test_a_data_function_that_breaks_the_contract_is_named(
+    user: str, function: str, message: str
+) -> None:
+    with pytest.raises(Exception, match="") as info:
+        cli_model.user_loaders(f"{user}:{function}")
+    assert f"'{user}:{function}'" in str(info.value) and message in str(info.value)
+    if function in ("a_list", "a_generator", "not_pairs"):
+        assert isinstance(info.value, MissingDataError) and "Fix: return {'train'" in str(
+            info.value
+        )
+
+
+def test_prune_trains_scores_and_calibrates_on_a_data_function(
+    user: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["prune", "--model", f"{user}:mlp", "--dataset", f"{user}:loaders", "--sparsity",
+            "0.5", "--criterion", "taylor", "--epochs", "5", "--out", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    dense = float(out.split("accuracy: dense ")[1].split("%")[0]) / 100
+    assert dense > 0.5  # trained on the user's DataLoader and scored on theirs
+    weights = load_file(tmp_path / "model.safetensors")
+    hidden = weights["1.weight"]
+    assert (hidden == 0).float().mean().item() == pytest.approx(0.5, abs=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("{user}:a_list", "returned list [1, 2], not a mapping"),
+        ("{user}:raises", "no data here"),
+        ("nope_module_xyz:f", "data 'nope_module_xyz:f': module 'nope_module_xyz' does not"),
+        (":", "data ':': module '' does not import"),
+        ("..:f", "data '..:f': module '..' does not import"),
+    ],
+)
+def test_prune_with_a_bad_data_function_is_one_line_and_exit_2(
+    user: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], spec: str, message: str
+) -> None:
+    out = tmp_path / "out"
+    argv = ["prune", "--model", f"{user}:mlp", "--dataset", spec.format(user=user),
+            "--sparsity", "0.5", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and message in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_export_takes_the_onnx_example_from_a_data_function(user: str, tmp_path: Path) -> None:
+    pytest.importorskip("onnx")
+    argv = ["export", "--model", f"{user}:mlp", "--dataset", f"{user}:loaders", "--format",
+            "onnx", "--out", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0
+    assert (tmp_path / "mlp.onnx").stat().st_size > 0
+
+
+RECIPE = """\
+name: loaders
+model: {user}:mlp
+data: {user}:loaders
+train: {{epochs: 2}}
+prune: {{sparsity: 0.5, criterion: taylor}}
+finetune: {{epochs: 1}}
+"""
+
+
+def test_recipe_data_function_is_called_once_at_load_and_runs(
+    user: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import importlib
+
+    module = importlib.import_module(user)
+    recipe = recipes.loads(RECIPE.format(user=user), "r.yaml")
+    assert module.CALLS == [1] and recipe.loaders is not None  # checked when read
+    assert recipe["data"]["dataset"] == f"{user}:loaders"
+    path = tmp_path / "r.yaml"
+    path.write_text(RECIPE.format(user=user))
+    assert main(["run", str(path), "--quick", "--out", str(tmp_path / "runs")]) == 0
+    assert "report:" in capsys.readouterr().out
+    results = (tmp_path / "runs" / "loaders" / "results.json").read_text()
+    assert '"stage": "fine-tuned"' in results
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ("{user}:a_list", "r.yaml:3: data.dataset = '{user}:a_list' is invalid: data '{user}:a_list' returned list [1, 2], not a mapping"),
+        ("{user}:missing", "r.yaml:3: data.dataset = '{user}:missing' is invalid: data '{user}:missing': {user} has no callable 'missing'"),
+        ("{{dataset: '{user}:loaders', flat: true}}", "r.yaml:3: data.flat = True is not used with a data function (its loaders make the batches); Fix: drop data.flat."),
+        ("mnist", "r.yaml:3: data.dataset = 'mnist' is not one of digits, mnist5k, mnist1d; Fix: did you mean 'mnist5k'?"),
+    ],
+)  # fmt: skip
+def test_recipe_data_errors_name_their_line(user: str, data: str, message: str) -> None:
+    data = data.format(user=user).replace("{{", "{").replace("}}", "}")
+    text = RECIPE.format(user=user).replace(f"data: {user}:loaders", f"data: {data}")
+    with pytest.raises(RecipeError) as info:
+        recipes.loads(text, "r.yaml")
+    assert str(info.value).startswith(message.format(user=user)), str(info.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a cuda device")
+def test_demo_refuses_an_unavailable_device_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["demo", "--quick", "--device", "cuda", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "device 'cuda' is not available on this machine" in err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("command", "shown"),
+    [
+        ("demo", ["--device {cpu,cuda,mps}", "(default: cpu)", "(default: 0)"]),
+        ("prune", ["--scope {local,global}", "(default: local)", "(default: element)",
+                   "one of element, row, column, kernel, filter, channel, N:M",
+                   "one of gradient, grasp, l1, l2, magnitude", "(default: magnitude)",
+                   "package.module:function returning"]),
+        ("shrink", ["--scope {local,global}", "(default: l2)", "(default: 1)"]),
+        ("sensitivity", ["one of element, row", "(default: magnitude)", "(default: 0.8)"]),
+        ("sweep", ["<criterion>[-<granularity>][-global|-local]", "{masks,shrink,sparse}"]),
+        ("export", ["{safetensors,", "package.module:function returning"]),
+    ],
+)  # fmt: skip
+def test_help_lists_defaults_and_choices(
+    command: str, shown: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main([command, "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for item in shown:
+        assert item in text, (command, item)
+
+
+def _options(parser: argparse.ArgumentParser, name: str) -> list[tuple[str, argparse.Action]]:
+    """Every option of ``parser`` and of its subcommands, with the command it belongs to."""
+    found = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub, subparser in action.choices.items():
+                found += _options(subparser, f"{name} {sub}")
+        else:
+            found.append((name, action))
+    return found
+
+
+def test_every_option_with_a_default_shows_it_in_help() -> None:
+    # argparse prints "(default: ...)" only beside a help text
+    options = _options(cli._parser(), "prunekit")
+    assert len(options) > 50
+    silent = [(command, action.option_strings) for command, action in options
+              if action.default not in (None, False, argparse.SUPPRESS)
+              and not (action.help and action.help.strip())]  # fmt: skip
+    assert silent == []
