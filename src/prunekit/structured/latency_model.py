@@ -82,11 +82,12 @@ class Curve:
 
 
 def grid(size: int) -> list[int]:
-    """The widths a curve is measured at: full, 3/4, 1/2, 3/8, 1/4 and 1/8 of ``size``,
-    multiples of 8 where ``size >= 64``."""
+    """The widths a curve is measured at: full, 3/4, 1/2, 3/8 and 1/4 of ``size``,
+    multiples of 8 where ``size >= 64`` (below 1/4 the curve is held flat: no family loses
+    more than ``max_ratio`` of its groups, 0.8 by default)."""
     align = 8 if size >= 64 else 1
     out = {size}
-    for fraction in (0.75, 0.5, 0.375, 0.25, 0.125):
+    for fraction in (0.75, 0.5, 0.375, 0.25):
         out.add(max(1, int(size * fraction) // align * align))
     return sorted(out)
 

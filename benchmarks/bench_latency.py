@@ -1,0 +1,216 @@
+"""Benchmark latency-aware shrinking: realised speed-up / MACs reduction on CPU.
+
+For ResNet-50, MobileNetV2 (benchmarks/_structured_models.py) and a ConvNeXt-nano
+(benchmarks/_convnext.py), 3x224x224, random weights, 2 threads, batch 1 and 32:
+
+(a) ``pk.shrink`` at a uniform ratio 0.5 (local, L2);
+(b) ``pk.structured.shrink_to_latency`` at the MACs of (a) (``macs_ratio``), planned at
+    the batch size it is timed at;
+(c) Torch-Pruning's MetaPruner at ratio 0.5, group L2 (``bench_structured.torch_pruning_run``;
+    only when ``torch_pruning`` imports: run this script with the peer's interpreter).
+
+Every model, the dense one included, is BatchNorm-folded (``fold_batchnorm``) before
+timing. Each speed-up is ``pk.analysis.speedup(dense, shrunk)``: interleaved turns, the
+median ratio with its min-max spread and the 1-minute load average. ``realised`` is the
+speed-up divided by the MACs reduction (1.0: latency falls as fast as MACs).
+
+One (model, batch) per run keeps each run short; results go to ``--results`` as JSON and
+``--write`` turns all of them into the BENCHMARKS.md section and docs/latency_realised.png:
+
+    flock /work/notes/bench.lock /tmp/tp-venv/bin/python benchmarks/bench_latency.py \\
+        --model resnet50 --batch 1
+    /tmp/tp-venv/bin/python benchmarks/bench_latency.py --write
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import importlib.util
+import json
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import prunekit as pk
+from prunekit.cost import count_macs
+from prunekit.structured import fold_batchnorm, shrink_to_latency
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write_section
+from _convnext import ConvNeXt
+from _structured_models import MobileNetV2, ResNet50
+
+MODELS: dict[str, tuple[str, Callable[[], nn.Module]]] = {
+    "resnet50": ("ResNet-50", ResNet50),
+    "mobilenetv2": ("MobileNetV2", MobileNetV2),
+    "convnext": ("ConvNeXt-nano", ConvNeXt),
+}
+RESULTS = Path("/tmp/bench_latency")
+PLOT = Path(__file__).resolve().parent.parent / "docs" / "latency_realised.png"
+
+
+def _peer() -> tuple[Callable[..., Any] | None, str]:
+    if importlib.util.find_spec("torch_pruning") is None:
+        return None, "not installed"
+    import torch_pruning
+    from bench_structured import torch_pruning_run
+
+    return torch_pruning_run, torch_pruning.__version__
+
+
+def variants(dense: nn.Module, x1: torch.Tensor, batch: int) -> dict[str, dict[str, Any]]:
+    """The shrunk models (unfolded), with how long each took and what it predicted."""
+    out: dict[str, dict[str, Any]] = {}
+    start = time.perf_counter()
+    uniform = copy.deepcopy(dense)
+    pk.shrink(uniform, x1, ratio=0.5, verify=False)
+    out["uniform 0.5"] = {"model": uniform, "seconds": time.perf_counter() - start}
+    target = count_macs(uniform, x1) / count_macs(dense, x1)
+    start = time.perf_counter()
+    aware = copy.deepcopy(dense)
+    plan, _ = shrink_to_latency(aware, x1, macs_ratio=target, batch_size=batch, verify=False)
+    out["latency-aware, same MACs"] = {
+        "model": aware, "seconds": time.perf_counter() - start,
+        "predicted": plan.speedup, "round_to": sorted(set(plan.round_to.values())),
+    }  # fmt: skip
+    run, version = _peer()
+    if run is not None:
+        peer = copy.deepcopy(dense)
+        try:
+            seconds, _ = run(peer, x1, 0.5)
+            out[f"torch-pruning {version} 0.5"] = {"model": peer, "seconds": seconds}
+        except Exception as exc:  # the peer failing on a model is the finding
+            out[f"torch-pruning {version} 0.5"] = {"error": f"fails ({type(exc).__name__})"}
+    return out
+
+
+def _time(dense: nn.Module, small: nn.Module, xb: torch.Tensor, args: argparse.Namespace) -> dict:
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        sp = pk.analysis.speedup(dense, small, xb, repeats=args.repeats,
+                                 min_run_time=args.min_run_time)  # fmt: skip
+    return sp.to_dict()
+
+
+def run_one(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    label, factory = MODELS[args.model]
+    torch.manual_seed(0)
+    dense = factory().eval()
+    x1, xb = torch.randn(1, 3, 224, 224), torch.randn(args.batch, 3, 224, 224)
+    load0 = os.getloadavg()[0]
+    found = variants(dense, x1, args.batch)
+    macs0 = count_macs(dense, x1)
+    folded = copy.deepcopy(dense)
+    fold_batchnorm(folded, x1)
+    rows = []
+    for name, info in found.items():
+        row = {k: v for k, v in info.items() if k != "model"}
+        if "model" in info:
+            small = info["model"]
+            fold_batchnorm(small, x1)
+            row["macs_reduction"] = macs0 / count_macs(small, x1)
+            row["speedup"] = _time(folded, small, xb, args)
+            print(f"{label} b{args.batch} {name}: {row['speedup']['ratio']:.2f}x, "
+                  f"MACs / {row['macs_reduction']:.2f}", flush=True)  # fmt: skip
+        rows.append({"variant": name, **row})
+    result = {"model": label, "batch": args.batch, "threads": args.threads,
+              "torch": torch.__version__, "load": [load0, os.getloadavg()[0]],
+              "date": datetime.date.today().isoformat(), "rows": rows,
+              "command": " ".join(sys.argv)}  # fmt: skip
+    args.results.mkdir(parents=True, exist_ok=True)
+    path = args.results / f"{args.model}_b{args.batch}_t{args.threads}.json"
+    path.write_text(json.dumps(result, indent=1))
+
+
+def _cell(row: dict) -> str:
+    if "error" in row:
+        return row["error"]
+    sp, red = row["speedup"], row["macs_reduction"]
+    text = (f"{sp['ratio'] / red:.2f} [{sp['low'] / red:.2f}, {sp['high'] / red:.2f}] "
+            f"({sp['ratio']:.2f}x, MACs / {red:.2f})")  # fmt: skip
+    if "predicted" in row:
+        text += f", predicted {row['predicted']:.2f}x"
+    return text if sp["reliable"] else f"{text}, flagged unreliable"
+
+
+def write(results: Path) -> None:
+    found = [json.loads(p.read_text()) for p in sorted(results.glob("*.json"))]
+    names = list(dict.fromkeys(r["variant"] for f in found for r in f["rows"]))
+    lines = [
+        "",
+        "Realised speed-up / MACs reduction, median [min, max] over interleaved turns "
+        "(`pk.analysis.speedup`), BatchNorm folded in every model, CPU, torch "
+        f"{found[0]['torch'] if found else ''}, random weights, 3x224x224, measured "
+        f"{found[0]['date'] if found else ''}. Target >= 0.85; "
+        "each run under `flock /work/notes/bench.lock`, one (model, batch) per run: "
+        "`/tmp/tp-venv/bin/python benchmarks/bench_latency.py --model M --batch B`, then "
+        "`--write`. Load average at start -> end of each run in its row.",
+        "",
+        "| Model, batch (load) | " + " | ".join(names) + " |",
+        "|---|" + "---:|" * len(names),
+    ]
+    for f in found:
+        cells = {r["variant"]: _cell(r) for r in f["rows"]}
+        head = (f"{f['model']}, b{f['batch']}, {f['threads']} threads "
+                f"({f['load'][0]:.1f} -> {f['load'][1]:.1f})")  # fmt: skip
+        lines.append(f"| {head} | " + " | ".join(cells.get(n, "-") for n in names) + " |")
+    write_section("bench_latency", lines)
+    _plot(found, names)
+
+
+def _plot(found: list[dict], names: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.8 / max(len(names), 1)
+    for i, name in enumerate(names):
+        xs, ys, lo, hi = [], [], [], []
+        for j, f in enumerate(found):
+            row = next((r for r in f["rows"] if r["variant"] == name and "speedup" in r), None)
+            if row is not None:
+                sp, red = row["speedup"], row["macs_reduction"]
+                xs.append(j + i * width)
+                ys.append(sp["ratio"] / red)
+                lo.append((sp["ratio"] - sp["low"]) / red)
+                hi.append((sp["high"] - sp["ratio"]) / red)
+        ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, label=name)
+    ax.axhline(0.85, color="k", ls="--", lw=1)
+    ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(found))])
+    ax.set_xticklabels([f"{f['model']}\nb{f['batch']} t{f['threads']}" for f in found], fontsize=7)
+    ax.set_ylabel("speed-up / MACs reduction")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(PLOT, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(MODELS))
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--min-run-time", type=float, default=1.0)
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--write", action="store_true", help="BENCHMARKS.md and the plot")
+    args = parser.parse_args()
+    if args.model:
+        run_one(args)
+    if args.write:
+        write(args.results)
+
+
+if __name__ == "__main__":
+    main()
