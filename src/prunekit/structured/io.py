@@ -19,6 +19,12 @@ digest must match (a layout written before digests is accepted on the other chec
 every weight must have the layout's shape. Only then are the tensors swapped in and the
 attributes set: a refused directory leaves the model exactly as it was. No pickle is
 ever read.
+
+What shrinking changed beyond sizes comes back too: every LayerNorm / RMSNorm's
+``normalized_shape`` (``norms`` in the layout, narrowed by approximate mode; it must
+match the norm's weight) and, for an ``nn.MultiheadAttention`` whose heads were pruned,
+the class :class:`~prunekit.structured.mha.HeadPrunedMultiheadAttention` (from its
+in-projection, which must hold ``3 * num_heads * head_dim`` rows).
 """
 
 from __future__ import annotations
@@ -37,20 +43,31 @@ from torch import Tensor, nn
 from prunekit.errors import CheckpointError, ShrunkLayoutError
 from prunekit.fsio import atomic_directory
 from prunekit.layers import require_model
+from prunekit.structured.mha import unpack
 from prunekit.structured.surgery import SIZE_ATTRS, assign, size_attributes
 
 WEIGHTS, LAYOUT = "model.safetensors", "shrunk.json"
 FORMAT, _DIGEST = "prunekit-shrunk/1", "sha256"
+_OPTIONAL = (_DIGEST, "norms")  # layouts written before them are read without them
 _FIX = "Fix: pass a directory written by pk.save_shrunk (save it again if it was edited or cut)."
+
+
+def _normalized(module: nn.Module | None) -> tuple[int, ...] | None:
+    """``module.normalized_shape`` (LayerNorm, RMSNorm), or None."""
+    shape = getattr(module, "normalized_shape", None)
+    ok = isinstance(shape, tuple) and all(type(s) is int for s in shape)
+    return shape if ok else None
 
 
 def _layout(model: nn.Module) -> dict[str, Any]:
     tensors = {**dict(model.named_buffers()), **dict(model.named_parameters())}
     attributes = {name: size_attributes(m) for name, m in model.named_modules()}
+    norms = {name: _normalized(m) for name, m in model.named_modules()}
     return {
         "format": FORMAT,
         "shapes": {name: list(t.shape) for name, t in tensors.items()},
         "attributes": {name: attrs for name, attrs in attributes.items() if attrs},
+        "norms": {name: list(shape) for name, shape in norms.items() if shape is not None},
     }
 
 
@@ -94,10 +111,10 @@ def save_shrunk(model: nn.Module, directory: str | Path) -> bool:
             "pk.save_shrunk wrote."
         )
     with atomic_directory(path) as tmp:
-        save_model(model, str(tmp / WEIGHTS))
         rebuilds = config_rebuilds(model)
-        if rebuilds:
+        if rebuilds:  # its config.json; from_pretrained also reads the weights saved next
             model.save_pretrained(tmp)  # type: ignore[operator]
+        save_model(model, str(tmp / WEIGHTS))  # over save_pretrained's (renamed keys)
         layout = _layout(model)
         layout[_DIGEST] = _digest(tmp / WEIGHTS, layout)
         (tmp / LAYOUT).write_text(json.dumps(layout, indent=1))
@@ -130,6 +147,11 @@ def load_shrunk(model: nn.Module, directory: str | Path) -> nn.Module:
     for name, attrs in layout["attributes"].items():
         for attr, size in attrs.items():
             setattr(modules[name], attr, size)
+    for name, shape in layout.get("norms", {}).items():
+        modules[name].normalized_shape = tuple(shape)
+    for module in modules.values():
+        if isinstance(module, nn.MultiheadAttention):
+            unpack(module)  # heads pruned: the class that runs them
     return model
 
 
@@ -139,14 +161,14 @@ def _read_layout(file: Path) -> dict[str, Any]:
         layout = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as err:
         raise CheckpointError(f"cannot read {str(file)!r} as JSON ({err}); {_FIX}") from err
-    kinds = {"format": str, "shapes": dict, "attributes": dict, _DIGEST: str}
+    kinds = {"format": str, "shapes": dict, "attributes": dict, "norms": dict, _DIGEST: str}
     if not isinstance(layout, dict):
         bad = [f"the file holds {brief(layout)}, not an object"]
     else:
         bad = [f"unknown key {k!r}" for k in layout if k not in kinds] + [
             f"{k!r} = {brief(layout.get(k))} is not a {t.__name__}"
             for k, t in kinds.items()
-            if (k in layout or k != _DIGEST) and not isinstance(layout.get(k), t)
+            if (k in layout or k not in _OPTIONAL) and not isinstance(layout.get(k), t)
         ]
         if not bad and layout["format"] != FORMAT:
             bad = [f"'format' = {brief(layout['format'])}, not {FORMAT!r}"]
@@ -194,6 +216,9 @@ def _check_layout(file: Path, layout: dict[str, Any], model: nn.Module) -> None:
             problems.append((CheckpointError, f"attributes[{name!r}] = {brief(attrs)} {why}"))
         else:
             problems += _attributes(name, attrs, size_attributes(modules[name]))
+    for name, shape in layout.get("norms", {}).items():
+        problems += _norm(name, shape, modules.get(name), layout["shapes"])
+    problems += [] if problems else _heads(layout, modules)
     if problems:
         kind, what = problems[0]
         raise kind(
@@ -213,6 +238,44 @@ def _attributes(name: str, attrs: dict[str, Any], current: dict[str, int]) -> li
             out.append((ShrunkLayoutError, f"{where}: the module has no such size"))
         else:
             out += _size(where, value, current[attr])
+    return out
+
+
+def _norm(name: str, shape: object, module: nn.Module | None,
+          shapes: dict[str, Any]) -> list[Problem]:  # fmt: skip
+    """The problems of ``normalized_shape`` = ``shape`` for module ``name``: a list of as
+    many sizes, each in ``[1, current]``, equal to the norm's weight shape if it has one."""
+    where, current = f"norms[{brief(name)}]", _normalized(module)
+    if current is None:
+        return [(ShrunkLayoutError, f"{where}: the model has no LayerNorm / RMSNorm there")]
+    if not isinstance(shape, list) or len(shape) != len(current):
+        return [
+            (CheckpointError, f"{where} = {brief(shape)} is not a list of {len(current)} sizes")
+        ]
+    out = [p for axis, (size, now) in enumerate(zip(shape, current, strict=True))
+           for p in _size(f"{where}[{axis}]", size, now)]  # fmt: skip
+    weight = getattr(module, "weight", None)
+    want = shapes.get(
+        f"{name}.weight" if name else "weight", None if weight is None else list(weight.shape)
+    )
+    if not out and want is not None and want != shape:
+        out.append((CheckpointError, f"{where} = {shape} but its weight is {want}"))
+    return out
+
+
+def _heads(layout: dict[str, Any], modules: dict[str, nn.Module]) -> list[Problem]:
+    """Each nn.MultiheadAttention's in-projection must hold ``3 * num_heads * head_dim``
+    rows after loading (heads are removed whole)."""
+    out: list[Problem] = []
+    for name, m in modules.items():
+        if not isinstance(m, nn.MultiheadAttention) or m.in_proj_weight is None:
+            continue
+        key = f"{name}.in_proj_weight" if name else "in_proj_weight"
+        rows = layout["shapes"].get(key, list(m.in_proj_weight.shape))[0]
+        heads = layout["attributes"].get(name, {}).get("num_heads", m.num_heads)
+        if rows != 3 * heads * m.head_dim:
+            why = f"3 x num_heads {heads} x head_dim {m.head_dim}"
+            out.append((CheckpointError, f"shapes[{key!r}] has {rows} rows, not {why}"))
     return out
 
 
