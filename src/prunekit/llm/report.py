@@ -128,8 +128,9 @@ class LLMPruneReport(TableReport):
         )
         return (
             f"{self.method} {self.target} ({self.allocation}): sparsity {self.sparsity:.2%} of "
-            f"{self.numel:,} weights in {len(self.layers)} layers ({self.share:.1%} of the block "
-            f"parameters){skipped}, {self.seconds:.2f} s, "
+            f"{self.numel:,} weights in {len(self.layers)} layers of the blocks ({self.share:.1%} "
+            "of the block parameters; the embeddings and the output layer are not pruned nor "
+            f"counted){skipped}, {self.seconds:.2f} s, "
             f"peak memory {peak} ({self.peak_source}), calibration {self.samples} samples / "
             f"{self.tokens:,} tokens"
         )
