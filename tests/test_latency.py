@@ -202,3 +202,11 @@ def test_corrupt_cache_is_refused(tmp_path, content):
     path.write_text(content)
     with pytest.raises(lm.LatencyCacheError, match=r"corrupt.*delete it"):
         meter.layer(_spec(), "out", [4])
+
+
+def test_inputs_are_grown_to_the_timed_batch_size():
+    x, ids = torch.randn(2, 3), torch.tensor([[1, 2], [3, 4]])
+    assert lm.batched(x, 5).shape == (5, 3)
+    grown = lm.batched({"input_ids": ids, "flag": True}, 3)
+    assert grown["input_ids"].tolist() == [[1, 2], [3, 4], [1, 2]] and grown["flag"] is True
+    assert [t.shape[0] for t in lm.batched((x, torch.zeros(7)), 4)] == [4, 7]
