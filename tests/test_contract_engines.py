@@ -194,13 +194,14 @@ def _lowest_pruned(scores: Tensor, keep: Tensor) -> bool:
 
 def _cube_masks() -> None:
     net = bn_net()
-    pk.prune(net, 0.3, criterion=Cube(), granularity="filter")
+    pk.prune(net, 0.3, criterion=Cube(), granularity="filter", include_output=True)
     for layer in (net.conv1, net.conv2, net.fc1, net.fc2):
         keep = to_canonical(layer, get_mask(layer)).flatten(1)
         assert (keep.all(1) | ~keep.any(1)).all()
         assert _lowest_pruned(weight_param(layer).abs().pow(3).flatten(1).sum(1), keep[:, 0])
     net = bn_net()
-    pk.prune(net, granularity="2:4", criterion=Cube(), layers=["conv2", "fc1", "fc2"])
+    pk.prune(net, granularity="2:4", criterion=Cube(), layers=["conv2", "fc1", "fc2"],
+             include_output=True)  # fmt: skip
     for layer in (net.conv2, net.fc1, net.fc2):
         keep = to_canonical(layer, get_mask(layer)).movedim(1, -1).reshape(-1, 4)
         cube = to_canonical(layer, weight_param(layer)).abs().pow(3).movedim(1, -1)

@@ -45,7 +45,8 @@ def train_pruned(rank: int, world: int) -> dict[str, torch.Tensor]:
     """Train with a Pruner on this rank's share of every global batch; the state dict."""
     model = make_mlp()
     sync = MaskSync.resolve(None)  # under the process group only
-    pruner = Pruner(model, target=0.8, schedule=Iterative(steps=3, every=2), sync=sync)  # pre-DDP
+    pruner = Pruner(model, target=0.8, schedule=Iterative(steps=3, every=2), sync=sync,
+                    scope="global", include_output=True)  # pre-DDP; every layer
     net = DistributedDataParallel(model) if world > 1 else model
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     share = GLOBAL_BATCH // world
@@ -65,7 +66,7 @@ def worker(rank: int, out: Path) -> None:
     save_file(train_pruned(rank, WORLD), out / f"ddp{rank}.safetensors")
     # Ranks whose weights differ (no DDP): the Pruner still leaves rank 0's masks everywhere.
     model = make_mlp(seed=rank)
-    Pruner(model, target=0.5, sync=MaskSync()).step()
+    Pruner(model, target=0.5, sync=MaskSync(), scope="global", include_output=True).step()
     assert sync_masks(model) == 3  # already equal: a no-op that still agrees
     masks = {name: get_mask(m) for name, m in model.named_modules() if get_mask(m) is not None}
     save_file({k: v.to(torch.uint8) for k, v in masks.items()}, out / f"own{rank}.safetensors")
@@ -103,7 +104,7 @@ def test_two_ranks_match_each_other_and_one_process(ranks: Path) -> None:
 def test_ranks_that_disagree_end_with_rank0_masks(ranks: Path) -> None:
     own0, own1 = (load_file(ranks / f"own{r}.safetensors") for r in range(WORLD))
     alone = make_mlp(seed=1)  # what rank 1 would have pruned on its own
-    Pruner(alone, target=0.5, sync=False).step()
+    Pruner(alone, target=0.5, sync=False, scope="global", include_output=True).step()
     differs = False
     for name, mask in own0.items():
         assert torch.equal(own1[name], mask), name
