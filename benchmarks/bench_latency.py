@@ -4,7 +4,7 @@ For ResNet-50, MobileNetV2 (benchmarks/_structured_models.py) and a ConvNeXt-nan
 (benchmarks/_convnext.py), 3x224x224, random weights, 2 threads, batch 1 and 32:
 
 (a) ``pk.shrink`` at a uniform ratio 0.5 (local, L2);
-(b) ``pk.structured.shrink_to_latency`` at the MACs of (a) (``macs_ratio``), planned at
+(b) ``pk.structured.shrink_to_latency`` at the MACs of (a) (``macs_ratio``, ``fold_bn``), planned at
     the batch size it is timed at;
 (c) Torch-Pruning's MetaPruner at ratio 0.5, group L2 (``bench_structured.torch_pruning_run``;
     only when ``torch_pruning`` imports: run this script with the peer's interpreter).
@@ -77,7 +77,9 @@ def variants(dense: nn.Module, x1: torch.Tensor, batch: int) -> dict[str, dict[s
     target = count_macs(uniform, x1) / count_macs(dense, x1)
     start = time.perf_counter()
     aware = copy.deepcopy(dense)
-    plan, _ = shrink_to_latency(aware, x1, macs_ratio=target, batch_size=batch, verify=False)
+    plan, _ = shrink_to_latency(
+        aware, x1, macs_ratio=target, batch_size=batch, fold_bn=True, verify=False
+    )
     out["latency-aware, same MACs"] = {
         "model": aware, "seconds": time.perf_counter() - start,
         "predicted": plan.speedup, "round_to": sorted(set(plan.round_to.values())),

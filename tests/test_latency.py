@@ -17,7 +17,15 @@ import prunekit as pk
 from prunekit.errors import PruningError
 from prunekit.structured import latency_measure as lm
 from prunekit.structured.latency import LatencyTargetError, latency_plan, shrink_to_latency
-from prunekit.structured.latency_model import Curve, isotonic, learn_step, probe_widths, ratio_for
+from prunekit.structured.latency_model import (
+    Axis,
+    Curve,
+    LayerCost,
+    isotonic,
+    learn_step,
+    probe_widths,
+    ratio_for,
+)
 
 STEP = 8
 
@@ -80,6 +88,17 @@ def test_isotonic_fit_is_monotone_and_interpolates():
     assert curve.seconds == (1.0, 2.5, 2.5, 4.0)
     assert curve(12) == pytest.approx(1.75)
     assert curve(4) == 1.0 and curve(40) == 4.0
+
+
+def test_layer_cost_scales_its_curves_and_the_work_on_its_output():
+    flat = Curve.fit({8: 1.0, 16: 2.0})
+    layer = LayerCost("conv", 2.0, 100, {
+        "in": Axis(16, flat, (("a", tuple(range(17))),)),
+        "out": Axis(16, flat, (("b", tuple(range(17))),)),
+    }, follow=0.5)  # fmt: skip
+    kept = {"a": 8, "b": 12}  # in at 8 of 16 (curve 1/2), out at 12 (curve 3/4)
+    assert layer.latency(kept) == pytest.approx(2.0 * 0.5 * 0.75 + 0.5 * 12 / 16)
+    assert layer.macs_at(kept) == pytest.approx(100 * 8 / 16 * 12 / 16)
 
 
 @pytest.mark.parametrize("step", [1, 4, 8, 16])
@@ -152,6 +171,7 @@ def test_unreachable_target_leaves_the_model_unchanged():
         ({"speedup": 2.0, "max_ratio": 1.0}, "max_ratio"),
         ({"speedup": 2.0, "device": "nonsense"}, "device"),
         ({"speedup": 2.0, "criterion": "nope"}, "nope"),
+        ({"speedup": 2.0, "fold_bn": "yes"}, "fold_bn"),
     ],
 )
 def test_bad_arguments_are_refused_before_anything_runs(kwargs, match):

@@ -36,36 +36,28 @@ from typing import Any, NamedTuple
 
 import torch
 from rich.table import Table
-from torch import Tensor, nn
+from torch import nn
 
-from prunekit.cost import macs_per_module
 from prunekit.errors import PruningError
 from prunekit.inputs import Inputs, LossFn
 from prunekit.inputs import batch_size as batch_size_of
 from prunekit.layers import require_model
 from prunekit.spec import between, checked, integer
-from prunekit.structured.graph import DependencyGraph, Ignore, owner
+from prunekit.structured.graph import Ignore
 from prunekit.structured.importance import StructuredCriterion, score
 from prunekit.structured.latency_alloc import Allocation, Family, allocate
+from prunekit.structured.latency_cost import (
+    allocator_families,
+    learned_steps,
+    model_cost,
+    orders_of,
+)
 from prunekit.structured.latency_measure import (
-    TIMED,
     LatencyMeter,
-    LayerSpec,
     MeasuredLatency,
-    batched,
-    spec_of,
-    timed_layers,
 )
 from prunekit.structured.latency_model import (
-    Axis,
-    Curve,
-    LayerCost,
     ModelCost,
-    cumulative,
-    grid,
-    learn_step,
-    probe_base,
-    probe_widths,
     ratio_for,
 )
 from prunekit.structured.shrink import ShrinkReport, _graph, _normalize, shrink
@@ -139,106 +131,10 @@ def _target(speedup: float | None, macs_ratio: float | None) -> tuple[str, float
     return "macs_ratio", checked("latency_plan", "macs_ratio", macs_ratio, MACS_RATIO)
 
 
-def _orders(graph: DependencyGraph, scores: Mapping[str, Tensor | None]) -> dict[str, Tensor]:
-    """Each family's groups, least important first (as ``pk.shrink`` removes them)."""
-    out = {}
-    for fam in graph.families:
-        s = scores.get(fam.name)
-        out[fam.name] = torch.arange(len(fam)) if s is None else torch.argsort(s, stable=True)
-    return out
-
-
-def _axes(model: nn.Module, graph: DependencyGraph, orders: Mapping[str, Tensor]) -> dict:
-    """``{layer: {axis: [(family, cumulative positions)]}}`` of the timed layers."""
-    modules = dict(model.named_modules())
-    out: dict[str, dict[str, list[tuple[str, tuple[int, ...]]]]] = {}
-    for fam in graph.families:
-        for runs in fam.runs:
-            name = owner(runs.name)
-            module = modules.get(name)
-            if not isinstance(module, TIMED) or runs.name != f"{name}.weight" or runs.dim > 1:
-                continue
-            axis = "out" if runs.dim == 0 else "in"
-            if getattr(module, "groups", 1) > 1:
-                depthwise = module.groups == module.in_channels == module.out_channels
-                if not depthwise:
-                    continue
-                axis = "both"
-            cum = cumulative(runs.counts[orders[fam.name]].tolist())
-            out.setdefault(name, {}).setdefault(axis, []).append((fam.name, cum))
-    return out
-
-
-def _cost(
-    model: nn.Module, inputs: Inputs, size: int, graph: DependencyGraph,
-    orders: Mapping[str, Tensor], meter: LatencyMeter,
-) -> tuple[ModelCost, dict[str, LayerSpec], dict[str, dict[str, list]]]:  # fmt: skip
-    """The fitted :class:`ModelCost` at batch ``size``, the layers' specs and axes."""
-    axes = _axes(model, graph, orders)
-    big = batched(inputs, size)
-    shapes = timed_layers(model, big, axes)
-    dtype = next((p.dtype for p in model.parameters()), torch.float32)
-    modules = dict(model.named_modules())
-    specs = {n: spec_of(modules[n], shapes[n], dtype) for n in axes if n in shapes}
-    per_module, total_macs = macs_per_module(model, inputs)
-    layers = []
-    for name, spec in specs.items():
-        fitted = {}
-        for axis, fams in axes[name].items():
-            size_a = spec.out_ch if axis != "in" else spec.in_ch
-            curve = Curve.fit(meter.layer(spec, axis, grid(size_a)))
-            fitted[axis] = Axis(size_a, curve, tuple(fams))
-        full = next(iter(fitted.values())).curve(next(iter(fitted.values())).size)
-        layers.append(LayerCost(name, full, per_module.get(modules[name], 0), fitted))
-    timed = sum(layer.seconds for layer in layers)
-    rest = max(0.0, meter.model(model, big) - timed)
-    rest_macs = total_macs - sum(layer.macs for layer in layers)
-    return ModelCost(tuple(layers), rest, rest_macs), specs, axes
-
-
-def _steps(
-    cost: ModelCost, specs: Mapping[str, LayerSpec], graph: DependencyGraph, meter: LatencyMeter
-) -> dict[str, int]:
-    """Each family's ``round_to`` in groups, learned on its slowest layer's axis."""
-    out = {}
-    layers = cost.of_family()
-    for fam in graph.families:
-        candidates = [
-            (layer.seconds, layer.name, axis_name, axis)
-            for layer in layers.get(fam.name, [])
-            for axis_name, axis in layer.axes.items()
-            if probe_base(axis.size) and any(f == fam.name for f, _ in axis.families)
-        ]
-        if not candidates:
-            out[fam.name] = 1
-            continue
-        _, name, axis_name, axis = max(candidates, key=lambda c: c[0])
-        w0 = probe_base(axis.size)
-        assert w0 is not None
-        channels = learn_step(meter.layer(specs[name], axis_name, probe_widths(w0)), w0)
-        per_group = next(c[-1] / (len(c) - 1) for f, c in axis.families if f == fam.name)
-        out[fam.name] = max(1, round(channels / per_group))
-    return out
-
-
-def _families(
-    graph: DependencyGraph, scores: Mapping[str, Tensor | None], steps: Mapping[str, int],
-    normalize: str,
-) -> dict[str, Family]:  # fmt: skip
-    out = {}
-    for fam in graph.families:
-        s = scores.get(fam.name)
-        if s is None:
-            continue
-        norm = s if normalize == "none" else s / s.mean().clamp_min(1e-30)
-        lost = (0.0, *torch.sort(norm).values.double().cumsum(0).tolist())
-        out[fam.name] = Family(len(fam), min(steps[fam.name], len(fam)), lost)
-    return out
-
-
 def _checked_args(
     model: nn.Module, speedup: float | None, macs_ratio: float | None, batch_size: int | None,
     round_to: int | None, max_ratio: float, criterion: StructuredCriterion, normalize: str,
+    fold_bn: bool,
 ) -> tuple[str, float, str]:  # fmt: skip
     """Every argument checked before anything runs: ``(target kind, value, normalize)``."""
     require_model(model, real=True)
@@ -248,6 +144,8 @@ def _checked_args(
     if round_to is not None:
         checked("latency_plan", "round_to", round_to, ROUND_TO)
     checked("latency_plan", "max_ratio", max_ratio, MAX_RATIO)
+    if not isinstance(fold_bn, bool):
+        raise PruningError(f"fold_bn={fold_bn!r} must be True or False")
     return kind, value, _normalize(normalize, criterion)
 
 
@@ -275,9 +173,10 @@ def _result(
     whole = {name: f.total for name, f in families.items()}
     ratios = {n: ratio_for(f.total, alloc.kept[n]) for n, f in families.items()
               if alloc.kept[n] < f.total}  # fmt: skip
+    follow = sum(layer.follow for layer in cost.layers)
     notes = [
         f"{len(cost.layers)} layers timed in isolation ({type(meter).__name__}); the rest "
-        f"of the model ({cost.rest_seconds * 1e3:.3f} ms) is held constant"
+        f"of the model ({follow * 1e3:.3f} ms) scales with their output widths"
     ]
     return LatencyPlan(
         ratios, dict(alloc.kept), {n: f.total for n, f in families.items()},
@@ -302,6 +201,7 @@ def latency_plan(
     data: Iterable[Any] | None = None,
     loss_fn: LossFn | None = None,
     seed: int = 0,
+    fold_bn: bool = False,
     meter: LatencyMeter | None = None,
     cache: bool = True,
     cache_dir: str | Path | None = None,
@@ -313,7 +213,9 @@ def latency_plan(
     with the same ``criterion``, or call :func:`shrink_to_latency`.
 
     ``round_to=None`` learns each family's block from the measurements; an int imposes
-    it on every family. No family loses more than ``max_ratio`` of its groups. ``meter``
+    it on every family. No family loses more than ``max_ratio`` of its groups. With
+    ``fold_bn`` the whole model is timed as :func:`~prunekit.structured.fold.fold_batchnorm`
+    leaves it (fold before deploying; the plan itself changes nothing). ``meter``
     replaces the timing (default :class:`~prunekit.structured.latency_measure.MeasuredLatency`
     on ``device``, cached under ``cache_dir``; ``cache=False``: no cache).
 
@@ -324,17 +226,18 @@ def latency_plan(
         LatencyCacheError: a corrupt latency cache file (named).
     """
     kind, value, normalize = _checked_args(
-        model, speedup, macs_ratio, batch_size, round_to, max_ratio, criterion, normalize
+        model, speedup, macs_ratio, batch_size, round_to, max_ratio, criterion, normalize, fold_bn
     )
     where = _device(model, device)
     meter = meter or MeasuredLatency(where, cache=cache, cache_dir=cache_dir)
     graph = _graph(model, example_inputs, ignore)
     scores = score(model, graph, criterion, data=data, loss_fn=loss_fn, seed=seed)
     size = batch_size or batch_size_of(example_inputs)
-    cost, specs, _ = _cost(model, example_inputs, size, graph, _orders(graph, scores), meter)
-    steps = _steps(cost, specs, graph, meter) if round_to is None else {}
+    orders = orders_of(graph, scores)
+    cost, specs = model_cost(model, example_inputs, size, graph, orders, meter, fold_bn)
+    steps = learned_steps(cost, specs, graph, meter) if round_to is None else {}
     steps = {f.name: steps.get(f.name, round_to or 1) for f in graph.families}
-    families = _families(graph, scores, steps, normalize)
+    families = allocator_families(graph, scores, steps, normalize)
     whole = {name: f.total for name, f in families.items()}
     t0, m0 = cost.latency(whole), cost.macs(whole)
     goal = t0 / value if kind == "speedup" else m0 * value
@@ -345,8 +248,8 @@ def latency_plan(
         raise LatencyTargetError(
             f"{kind}={value:g} is out of reach of {type(model).__name__}'s removable "
             f"channels with max_ratio={max_ratio:g}: the plan reaches {kind} {best:.3g} "
-            f"(layers outside the families take {cost.rest_seconds * 1e3:.3f} ms of "
-            f"{t0 * 1e3:.3f} ms). Fix: ask for less, or raise max_ratio."
+            f"(predicted {t0 * 1e3:.3f} -> {alloc.latency * 1e3:.3f} ms). Fix: ask for "
+            "less, or raise max_ratio."
         )
     return _result(alloc, families, cost, size, where, meter)
 

@@ -12,14 +12,18 @@ flat beyond the measured range.
 The axes of a layer are timed one at a time, with the others at full width, and combined
 multiplicatively (the GEMM a convolution or linear layer runs costs about ``in * out``):
 
-    t_layer(w)  = T * prod_a c_a(w_a) / c_a(C_a)      (T: the layer at full width)
-    macs(w)     = M * prod_a w_a / C_a                (M: its MACs at full width)
+    t_layer(w)  = T * prod_a c_a(w_a) / c_a(C_a) + R * w_out / C_out
+    macs(w)     = M * prod_a w_a / C_a
     latency(k)  = T_rest + sum_layers t_layer(w(k))
 
 ``w_a = C_a - (positions of the removed groups of every family on axis a)``, ``k`` the
-groups each family keeps, ``T_rest`` what the model spends outside the timed layers
-(BatchNorm, activations, additions, pooling; held constant, so predictions err on the
-slow side).
+groups each family keeps, ``T`` and ``M`` the layer's seconds and MACs at full width.
+What the model spends outside the timed layers (BatchNorm, activations, additions,
+pooling: the whole model's time minus theirs) is elementwise work on the layers'
+outputs, so it is shared among the timed layers in proportion to their output elements
+(``R``) and shrinks with their output width ``w_out`` (``"out"`` or ``"both"`` axis; a
+layer whose outputs keep their width keeps its share, as does ``T_rest``, the part no
+layer is timed for).
 
 **round_to** (:func:`learn_step`): kernels that work on channel blocks (oneDNN's 8- and
 16-channel blocks on CPU, tensor-core tiles on GPU) run a width that is not a multiple of
@@ -128,18 +132,21 @@ class Axis:
 
 @dataclass(frozen=True)
 class LayerCost:
-    """A timed layer: full-width ``seconds`` and ``macs``, and its shrinking ``axes``."""
+    """A timed layer: full-width ``seconds`` and ``macs``, its shrinking ``axes`` and
+    ``follow``, the seconds of the elementwise work on its output (``R``)."""
 
     name: str
     seconds: float
     macs: int
     axes: Mapping[str, Axis]
+    follow: float = 0.0
 
     def latency(self, kept: Mapping[str, int]) -> float:
         out = self.seconds
         for axis in self.axes.values():
             out *= axis.curve(axis.width(kept)) / max(axis.curve(axis.size), 1e-30)
-        return out
+        output = self.axes.get("out") or self.axes.get("both")
+        return out + self.follow * (1.0 if output is None else output.width(kept) / output.size)
 
     def macs_at(self, kept: Mapping[str, int]) -> float:
         out = float(self.macs)

@@ -1,0 +1,159 @@
+"""Building the latency cost model of a real model for
+:func:`~prunekit.structured.latency.latency_plan`: which layers each family shrinks (from
+the dependency graph), their measured curves, the rest of the model's time, each family's
+learned ``round_to`` and the importance the allocator weighs (see
+:mod:`~prunekit.structured.latency_model` for the formulas)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from prunekit.cost import macs_per_module
+from prunekit.inputs import Inputs
+from prunekit.structured.fold import fold_batchnorm
+from prunekit.structured.graph import DependencyGraph, owner
+from prunekit.structured.latency_alloc import Family
+from prunekit.structured.latency_measure import (
+    TIMED,
+    LatencyMeter,
+    LayerSpec,
+    batched,
+    spec_of,
+    timed_layers,
+)
+from prunekit.structured.latency_model import (
+    Axis,
+    Curve,
+    LayerCost,
+    ModelCost,
+    cumulative,
+    grid,
+    learn_step,
+    probe_base,
+    probe_widths,
+)
+
+
+def orders_of(graph: DependencyGraph, scores: Mapping[str, Tensor | None]) -> dict[str, Tensor]:
+    """Each family's groups, least important first (as ``pk.shrink`` removes them)."""
+    out = {}
+    for fam in graph.families:
+        s = scores.get(fam.name)
+        out[fam.name] = torch.arange(len(fam)) if s is None else torch.argsort(s, stable=True)
+    return out
+
+
+def _axes(model: nn.Module, graph: DependencyGraph, orders: Mapping[str, Tensor]) -> dict:
+    """``{layer: {axis: [(family, cumulative positions)]}}`` of the timed layers."""
+    modules = dict(model.named_modules())
+    out: dict[str, dict[str, list[tuple[str, tuple[int, ...]]]]] = {}
+    for fam in graph.families:
+        for runs in fam.runs:
+            name = owner(runs.name)
+            module = modules.get(name)
+            if not isinstance(module, TIMED) or runs.name != f"{name}.weight" or runs.dim > 1:
+                continue
+            axis = "out" if runs.dim == 0 else "in"
+            if getattr(module, "groups", 1) > 1:
+                depthwise = module.groups == module.in_channels == module.out_channels
+                if not depthwise:
+                    continue
+                axis = "both"
+            cum = cumulative(runs.counts[orders[fam.name]].tolist())
+            out.setdefault(name, {}).setdefault(axis, []).append((fam.name, cum))
+    return out
+
+
+def model_cost(
+    model: nn.Module, inputs: Inputs, size: int, graph: DependencyGraph,
+    orders: Mapping[str, Tensor], meter: LatencyMeter, fold_bn: bool,
+) -> tuple[ModelCost, dict[str, LayerSpec]]:  # fmt: skip
+    """The fitted :class:`ModelCost` at batch ``size`` and the timed layers' specs."""
+    axes = _axes(model, graph, orders)
+    big = batched(inputs, size)
+    shapes = timed_layers(model, big, axes)
+    dtype = next((p.dtype for p in model.parameters()), torch.float32)
+    modules = dict(model.named_modules())
+    specs = {n: spec_of(modules[n], shapes[n], dtype) for n in axes if n in shapes}
+    per_module, total_macs = macs_per_module(model, inputs)
+    layers = []
+    for name, spec in specs.items():
+        fitted = {}
+        for axis, fams in axes[name].items():
+            size_a = spec.out_ch if axis != "in" else spec.in_ch
+            curve = Curve.fit(meter.layer(spec, axis, grid(size_a)))
+            fitted[axis] = Axis(size_a, curve, tuple(fams))
+        full = next(iter(fitted.values())).curve(next(iter(fitted.values())).size)
+        layers.append(LayerCost(name, full, per_module.get(modules[name], 0), fitted))
+    timed = sum(layer.seconds for layer in layers)
+    rest = max(0.0, meter.model(_as_deployed(model, big, fold_bn), big) - timed)
+    rest_macs = total_macs - sum(layer.macs for layer in layers)
+    return ModelCost(_shared(layers, specs, rest), 0.0 if layers else rest, rest_macs), specs
+
+
+def _as_deployed(model: nn.Module, inputs: Inputs, fold_bn: bool) -> nn.Module:
+    """``model``, or with ``fold_bn`` an eval-mode copy with its BatchNorms folded."""
+    if not fold_bn:
+        return model
+    folded = copy.deepcopy(model).eval()
+    fold_batchnorm(folded, inputs)
+    return folded
+
+
+def _shared(layers: list[LayerCost], specs: Mapping[str, LayerSpec], rest: float) -> tuple:
+    """``layers`` with ``rest`` seconds shared in proportion to their output elements
+    (``macs / (in / groups x kernel)``; :mod:`~prunekit.structured.latency_model`)."""
+    outputs = [
+        layer.macs / max(1, specs[layer.name].in_ch // specs[layer.name].groups)
+        / math.prod(specs[layer.name].kernel or (1,))
+        for layer in layers
+    ]  # fmt: skip
+    total = sum(outputs) or 1.0
+    pairs = zip(layers, outputs, strict=True)
+    return tuple(dataclasses.replace(x, follow=rest * n / total) for x, n in pairs)
+
+
+def learned_steps(
+    cost: ModelCost, specs: Mapping[str, LayerSpec], graph: DependencyGraph, meter: LatencyMeter
+) -> dict[str, int]:
+    """Each family's ``round_to`` in groups, learned on its slowest layer's axis."""
+    out = {}
+    layers = cost.of_family()
+    for fam in graph.families:
+        candidates = [
+            (layer.seconds, layer.name, axis_name, axis)
+            for layer in layers.get(fam.name, [])
+            for axis_name, axis in layer.axes.items()
+            if probe_base(axis.size) and any(f == fam.name for f, _ in axis.families)
+        ]
+        if not candidates:
+            out[fam.name] = 1
+            continue
+        _, name, axis_name, axis = max(candidates, key=lambda c: c[0])
+        w0 = probe_base(axis.size)
+        assert w0 is not None
+        channels = learn_step(meter.layer(specs[name], axis_name, probe_widths(w0)), w0)
+        per_group = next(c[-1] / (len(c) - 1) for f, c in axis.families if f == fam.name)
+        out[fam.name] = max(1, round(channels / per_group))
+    return out
+
+
+def allocator_families(
+    graph: DependencyGraph, scores: Mapping[str, Tensor | None], steps: Mapping[str, int],
+    normalize: str,
+) -> dict[str, Family]:  # fmt: skip
+    out = {}
+    for fam in graph.families:
+        s = scores.get(fam.name)
+        if s is None:
+            continue
+        norm = s if normalize == "none" else s / s.mean().clamp_min(1e-30)
+        lost = (0.0, *torch.sort(norm).values.double().cumsum(0).tolist())
+        out[fam.name] = Family(len(fam), min(steps[fam.name], len(fam)), lost)
+    return out
