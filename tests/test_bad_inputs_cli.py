@@ -105,7 +105,7 @@ def _setup(folder: Path) -> None:
 
 
 PRUNE = ["prune", "--model", "lenet300", "--sparsity", "0.5", "--epochs", "0", "--out", "{out}"]
-SHRINK = ["shrink", "--model", "lenet5", "--out", "{out}"]
+SHRINK = ["shrink", "--model", "lenet5", "--ratio", "0.5", "--out", "{out}"]  # none masked
 EXPORT = ["export", "--model", "lenet300", "--format", "safetensors", "--out", "{out}"]
 PROFILE = ["profile", "--model", "lenet300"]
 SENS = ["sensitivity", "--model", "lenet300", "--dataset", "digits", "--epochs", "0"]

@@ -253,4 +253,4 @@ def test_help_of_the_model_commands_shows_defaults(capsys: pytest.CaptureFixture
         text = " ".join(capsys.readouterr().out.split())
         assert "--device {cpu,cuda,mps}" in text and "(default: cpu)" in text, command
     assert main(["shrink", "--help"]) == 0
-    assert "(default: 0.5)" in capsys.readouterr().out
+    assert "(default: None)" in capsys.readouterr().out  # --ratio: exactly the masked groups

@@ -1,6 +1,7 @@
 """Data as ``package.module:function`` (one contract: :class:`prunekit.cli_model.Loaders`) in
 ``prunekit prune``, ``export`` and recipes; ``--device`` on ``demo``; help with defaults and
-choices."""
+choices; ``--include-output`` / ``--include-embeddings``; ``prunekit shrink`` removing the
+masked groups by default, and ``--approximate``."""
 
 from __future__ import annotations
 
@@ -31,6 +32,11 @@ CALLS = []
 def mlp(hidden=16):
     torch.manual_seed(0)
     return nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+
+
+def normed():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 32), nn.LayerNorm(32), nn.ReLU(), nn.Linear(32, 10))
 
 
 def loaders():
@@ -249,3 +255,89 @@ def test_every_option_with_a_default_shows_it_in_help() -> None:
               if action.default not in (None, False, argparse.SUPPRESS)
               and not (action.help and action.help.strip())]  # fmt: skip
     assert silent == []
+
+
+def _zeros(path: Path, name: str) -> float:
+    return (load_file(path)[name] == 0).float().mean().item()
+
+
+def test_prune_keeps_the_output_layer_dense_unless_include_output(
+    user: str, tmp_path: Path
+) -> None:
+    common = ["prune", "--model", f"{user}:mlp", "--sparsity", "0.5", "--input-shape", "1,64"]
+    assert main([*common, "--out", str(tmp_path / "a")]) == 0
+    assert _zeros(tmp_path / "a" / "model.safetensors", "1.weight") == pytest.approx(0.5)
+    assert _zeros(tmp_path / "a" / "model.safetensors", "3.weight") == 0  # the classifier
+    assert main([*common, "--include-output", "--out", str(tmp_path / "b")]) == 0
+    assert _zeros(tmp_path / "b" / "model.safetensors", "3.weight") == pytest.approx(0.5)
+
+
+def test_sweep_passes_include_output_to_every_method(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from prunekit import cli_analysis
+
+    seen: list[dict] = []
+
+    def fake_sweep(*args, methods, **kwargs):
+        seen.append(methods)
+        raise RecipeError("stop here")  # the options are all the test needs
+
+    monkeypatch.setattr(cli_analysis, "sweep", fake_sweep)
+    argv = ["sweep", "--model", "lenet300", "--dataset", "digits", "--methods",
+            "magnitude-global,l2-row", "--out", str(tmp_path)]  # fmt: skip
+    assert main([*argv, "--include-output", "--include-embeddings"]) == 2
+    assert [m["include_output"] and m["include_embeddings"] for m in seen[0].values()] == [
+        True,
+        True,
+    ]
+    assert main(argv) == 2
+    assert not any(m["include_output"] for m in seen[1].values())
+
+
+def test_shrink_removes_exactly_the_pruned_filters_by_default(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pruned = tmp_path / "pruned"
+    assert main(["prune", "--model", "lenet5", "--sparsity", "0.5", "--granularity", "filter",
+                 "--criterion", "l2", "--epochs", "0", "--out", str(pruned)]) == 0  # fmt: skip
+    weights = pruned / "model.safetensors"
+    assert main(["shrink", "--model", "lenet5", "--out", str(tmp_path / "s")]) == 2  # none zero
+    assert "no masked channel group to remove" in capsys.readouterr().err
+    argv = [
+        "shrink",
+        "--model",
+        "lenet5",
+        "--checkpoint",
+        str(weights),
+        "--out",
+        str(tmp_path / "s"),
+    ]
+    assert main(argv) == 0
+    from prunekit import load_shrunk, model_spec, zoo
+
+    shrunk = load_shrunk(zoo.build_model("lenet5"), tmp_path / "s")
+    masked = model_spec.load_model("lenet5", checkpoint=weights).model
+    assert shrunk.conv1.out_channels == masked.conv1.out_channels // 2
+    kept = masked.conv1.weight.flatten(1).abs().sum(1) > 0  # the filters prune kept
+    assert torch.equal(shrunk.conv1.weight, masked.conv1.weight[kept])
+    assert "approximate" not in capsys.readouterr().out
+
+
+def test_shrink_approximate_reports_its_deviation(
+    user: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    common = ["shrink", "--model", f"{user}:normed", "--input-shape", "4,64", "--ratio", "0.5"]
+    assert main(common) == 0
+    assert "approximate (inexact)" not in capsys.readouterr().out
+    assert main([*common, "--approximate"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    deviation = float(out.split("approximate (inexact): the outputs deviate by ")[1].split()[0])
+    assert deviation > 0 and "APPROXIMATE (not equivalent)" in out
+
+
+def test_shrink_help_says_what_the_default_ratio_does(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["shrink", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "default: exactly the groups whose weights are all zero" in text
+    assert "--approximate INEXACT" in text

@@ -4,27 +4,35 @@
     prunekit demo [--quick] [--out DIR] [--seed N] [--device cpu|cuda|mps]
     prunekit run recipe.yaml [--out runs] [--quick]       # a YAML recipe -> runs/<name>/
     prunekit prune --model lenet5 --dataset mnist5k --sparsity 0.5 --granularity filter \\
-        --criterion taylor --scope local [--exclude fc3] [--epochs N] [--finetune-epochs N] \\
-        [--out DIR] [--seed N]
+        --criterion taylor --scope local [--exclude conv1] [--include-output] [--epochs N] \\
+        [--finetune-epochs N] [--out DIR] [--seed N] [--device cpu|cuda|mps]
+    prunekit prune --model mypkg.nets:build --dataset mypkg.data:loaders --sparsity 0.5
     prunekit prune --model mypkg.nets:build --checkpoint w.safetensors --sparsity 0.8
-    prunekit prune --model path/to/hf-dir --sparsity 0.5 --exclude lm_head
+    prunekit prune --model path/to/hf-dir --sparsity 0.5     # lm_head, embeddings kept dense
     prunekit profile --model resnet20
     prunekit shrink --model resnet20 --ratio 0.5 [--criterion l2] [--scope local] \\
-        [--round-to 8] [--out DIR]
+        [--round-to 8] [--approximate] [--out DIR]
+    prunekit shrink --model lenet5 --checkpoint runs/model.safetensors   # the pruned filters
     prunekit export --model lenet5 --checkpoint runs/model.safetensors --format csr --out out/
     prunekit sensitivity --model lenet300 --dataset digits [--epochs 3] [--target 0.8] [--out DIR]
     prunekit sweep --model lenet300 --dataset digits --methods magnitude-global,l2-filter \\
-        --sparsities 0.5,0.8,0.9 --seeds 0,1 [--exclude fc3] [--out DIR]
+        --sparsities 0.5,0.8,0.9 --seeds 0,1 [--exclude fc1] [--out DIR]
     prunekit llm build-lm | prune | eval ...   (see ``prunekit llm --help``)
 
 ``--model`` (prune, profile, shrink, export) is a model spec (:mod:`prunekit.model_spec`):
 a zoo name, ``package.module:factory`` (``--model-kwargs`` JSON, ``--checkpoint``
 safetensors / weights-only torch file / save_shrunk directory) or a transformers
-directory. A :class:`prunekit.PruningError` (a usage mistake, bad sparsity, unknown name, a
-model or checkpoint that does not load, a bad recipe, an exception in the user's own
-factory, ...) or an ``OSError`` (a path the file system refuses) is printed as one red line
-and gives exit code 2, with nothing written; any other exception is a bug of prunekit's and
-keeps its traceback.
+directory. ``--dataset`` (prune, export, sensitivity, sweep) is a zoo dataset or
+``package.module:function`` returning ``{'train': loader, 'eval': loader[, 'calibration':
+batches]}`` (:class:`prunekit.cli_model.Loaders`). ``--device`` (cpu, cuda, mps) is
+refused with exit code 2 when this machine lacks it. The model's output layer and
+embeddings are kept dense unless ``--include-output`` / ``--include-embeddings``.
+
+A :class:`prunekit.PruningError` (a usage mistake, bad sparsity, unknown name, a model or
+checkpoint that does not load, a bad recipe, an exception in the user's own factory or
+data function, ...) or an ``OSError`` (a path the file system refuses) is printed as one
+red line and gives exit code 2, with nothing written; any other exception is a bug of
+prunekit's and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -81,7 +89,8 @@ def _prune_parser(commands: argparse._SubParsersAction) -> None:
     prune.add_argument("--dataset", help=cli_model.DATA_HELP)
     prune.add_argument("--sparsity", type=float, help="fraction in [0, 1); omit for N:M")
     cli_model.add_spec_arguments(prune)
-    prune.add_argument("--exclude", nargs="+", help="layer names or globs to keep dense (fc3)")
+    cli_model.add_coverage_arguments(prune)
+    prune.add_argument("--exclude", nargs="+", help="layer names or globs to keep dense (conv1)")
     prune.add_argument(
         "--epochs", type=int, help="dense training epochs (default 3 for an untrained zoo model)"
     )
@@ -115,10 +124,22 @@ def _parser() -> argparse.ArgumentParser:
 
     shrink = commands.add_parser("shrink", help="physically remove channels / heads of a model")
     cli_model.add_model_arguments(shrink)
-    shrink.add_argument("--ratio", type=float, default=0.5, help="fraction of groups removed")
+    shrink.add_argument(
+        "--ratio",
+        type=float,
+        help="fraction of groups removed, ranked by --criterion; default: exactly the groups "
+        "whose weights are all zero (e.g. filters pruned by prunekit prune --granularity "
+        "filter), refused when there are none",
+    )
     shrink.add_argument("--criterion", default="l2", help=", ".join(criteria.names("channels")))
     shrink.add_argument("--scope", default="local", choices=SCOPES, help="local or global")
     shrink.add_argument("--round-to", type=int, default=1, help="keep multiples of this")
+    shrink.add_argument(
+        "--approximate",
+        action="store_true",
+        help="INEXACT: also remove a transformer's hidden size through LayerNorm / RMSNorm; "
+        "the outputs then differ from the masked model's, by the deviation printed",
+    )
     shrink.add_argument("--out", type=Path, help="save_shrunk directory (safetensors + json)")
 
     cli_export.add_parser(commands)
@@ -148,6 +169,7 @@ def _spec(args: argparse.Namespace) -> PruneSpec:
         scope=args.scope,
         exclude=args.exclude,
         seed=args.seed,
+        **cli_model.coverage(args),
     )
 
 
@@ -223,10 +245,13 @@ def _shrink(args: argparse.Namespace, console: Console) -> None:
     model = loaded.model.eval()
     x = cli_model.example(loaded, args)
     dense = copy.deepcopy(model)
-    report = pk.shrink(
-        model, x, args.ratio, criterion=args.criterion, scope=args.scope, round_to=args.round_to
-    )
+    report = pk.shrink(model, x, args.ratio, criterion=args.criterion, scope=args.scope,
+                       round_to=args.round_to, approximate=args.approximate)  # fmt: skip
     console.print(report)
+    if not report.exact:
+        deviation = f"{report.deviation:.3g}" if report.deviation is not None else "n/a"
+        console.print(f"approximate (inexact): the outputs deviate by {deviation} (max "
+                      "difference / output scale, on the example input)")  # fmt: skip
     with warnings.catch_warnings():  # the line below says UNRELIABLE and why, once
         warnings.simplefilter("ignore", UserWarning)
         timed = pk.analysis.speedup(dense, model, x)

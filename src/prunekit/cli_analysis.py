@@ -3,7 +3,8 @@
     prunekit sensitivity --model lenet300 --dataset digits [--epochs 3] \\
         [--granularity element] [--criterion magnitude] [--target 0.8 --budget 0.02] [--out runs]
     prunekit sweep --model lenet300 --dataset digits --methods magnitude-global,l2-filter \\
-        --sparsities 0.5,0.8,0.9 --seeds 0,1 [--epochs 3] [--exclude fc3] [--out runs]
+        --sparsities 0.5,0.8,0.9 --seeds 0,1 [--epochs 3] [--exclude fc1] [--include-output] \\
+        [--out runs]
 
 ``--model`` is any model spec (a zoo name, ``package.module:factory`` with
 ``--model-kwargs`` / ``--checkpoint``, or a transformers directory; see
@@ -65,7 +66,8 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     )
     sw.add_argument("--sparsities", default="0.5,0.8,0.9", help="comma-separated sparsities")
     sw.add_argument("--seeds", default="0,1,2", help="comma-separated seeds: one model each")
-    sw.add_argument("--exclude", nargs="+", help="layer names or globs to keep dense (fc3)")
+    sw.add_argument("--exclude", nargs="+", help="layer names or globs to keep dense (fc1)")
+    cli_model.add_coverage_arguments(sw)
     sw.add_argument(
         "--materialize",
         choices=MATERIALIZE,
@@ -211,7 +213,8 @@ def run_sweep(args: argparse.Namespace, console: Console) -> None:
     data = _data(args)
     calibration = cli_model.calibration(data, model_spec.device(args.device))
     methods = {
-        spec: parse_method(spec) | {"exclude": args.exclude, "data": calibration}
+        spec: parse_method(spec)
+        | {"exclude": args.exclude, "data": calibration, **cli_model.coverage(args)}
         for spec in args.methods.split(",")
     }
 

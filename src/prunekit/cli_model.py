@@ -107,6 +107,22 @@ def add_spec_arguments(parser: argparse.ArgumentParser, scope: bool = True) -> N
         parser.add_argument("--scope", default="local", choices=SCOPES, help=help_)
 
 
+def add_coverage_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--include-output`` and ``--include-embeddings``: the model's output layer
+    (classifier, ``lm_head``) and its embeddings are kept dense unless asked
+    (:class:`~prunekit.PruneSpec` ``include_output`` / ``include_embeddings``)."""
+    parser.add_argument("--include-output", action="store_true",
+                        help="also prune the output layer (classifier, lm_head), kept dense "
+                        "by default")  # fmt: skip
+    parser.add_argument("--include-embeddings", action="store_true",
+                        help="also prune the embeddings, kept dense by default")  # fmt: skip
+
+
+def coverage(args: argparse.Namespace) -> dict[str, bool]:
+    """The parsed :func:`add_coverage_arguments` as :class:`~prunekit.PruneSpec` fields."""
+    return {"include_output": args.include_output, "include_embeddings": args.include_embeddings}
+
+
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
     """Add ``--device`` (cpu, cuda, mps; default cpu) to ``parser``."""
     parser.add_argument(
