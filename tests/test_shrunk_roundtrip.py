@@ -13,11 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import assert_unchanged, snapshot
+from safetensors.torch import save_file
 from torch import nn
 
 import prunekit as pk
 from prunekit.errors import CheckpointError, ShrunkLayoutError
 from prunekit.inputs import call
+from prunekit.masks import get_mask
 from prunekit.structured import registry
 from prunekit.structured.mha import HeadPrunedMultiheadAttention
 from prunekit.zoo import build_model, example_input
@@ -167,3 +169,53 @@ def test_transformers_approximate_shrink_reloads_with_from_pretrained(name, tmp_
         want = small(**x).logits
         assert torch.equal(reloaded(**x).logits, want)
         assert torch.equal(loaded(**x).logits, want)
+
+
+def masked_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                         nn.Linear(32, 4)).eval()  # fmt: skip
+
+
+def test_masks_kept_through_shrink_are_saved_and_loaded(tmp_path: Path) -> None:
+    small = masked_mlp()
+    pk.prune(small, 0.5, granularity="filter", layers=["0"])
+    pk.prune(small, 0.75, granularity="element", layers=["0", "2"])
+    pk.shrink(small, torch.randn(4, 8))
+    pk.save_shrunk(small, tmp_path / "s")
+    loaded = pk.load_shrunk(masked_mlp(), tmp_path / "s")
+    for name in ("0", "2"):
+        mask = get_mask(loaded.get_submodule(name))
+        assert mask is not None and torch.equal(mask, get_mask(small.get_submodule(name)))
+    with torch.no_grad():
+        x = torch.randn(4, 8)
+        assert torch.equal(loaded(x), small(x))
+    layout = json.loads((tmp_path / "s" / "shrunk.json").read_text())
+    assert set(layout["masks"]) == {"0.weight", "2.weight"}
+
+
+def test_masks_that_do_not_fit_are_refused(tmp_path: Path) -> None:
+    small = masked_mlp()
+    pk.prune(small, 0.5, granularity="filter", layers=["0"])
+    pk.prune(small, 0.75, granularity="element", layers=["2"])
+    pk.shrink(small, torch.randn(4, 8))
+    pk.save_shrunk(small, tmp_path / "s")
+    file, masks = tmp_path / "s" / "shrunk.json", tmp_path / "s" / "masks.safetensors"
+    layout = json.loads(file.read_text())
+    del layout["sha256"]  # as if saved before digests: every other check must hold
+    cases = [
+        ({**layout, "masks": {"2.weight": [3, 3]}}, None, CheckpointError, r"but the weight is"),
+        ({**layout, "masks": {"9.weight": [1]}}, None, ShrunkLayoutError, "no such weight"),
+        (layout, {"2.weight": torch.full((32, 16), 2, dtype=torch.uint8)}, CheckpointError,
+         "not 0 / 1 bytes"),
+        (layout, {}, CheckpointError, "missing, unlisted"),
+    ]  # fmt: skip
+    for edit, stored, error, match in cases:
+        file.write_text(json.dumps(edit))
+        if stored is not None:
+            save_file(stored, str(masks))
+        model = masked_mlp()
+        before = snapshot(model)
+        with pytest.raises(error, match=match):
+            pk.load_shrunk(model, tmp_path / "s")
+        assert_unchanged(model, before)

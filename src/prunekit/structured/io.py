@@ -43,12 +43,13 @@ from torch import Tensor, nn
 from prunekit.errors import CheckpointError, ShrunkLayoutError
 from prunekit.fsio import atomic_directory
 from prunekit.layers import require_model
+from prunekit.structured import shrunk_masks
 from prunekit.structured.mha import unpack
 from prunekit.structured.surgery import SIZE_ATTRS, assign, size_attributes
 
 WEIGHTS, LAYOUT = "model.safetensors", "shrunk.json"
 FORMAT, _DIGEST = "prunekit-shrunk/1", "sha256"
-_OPTIONAL = (_DIGEST, "norms")  # layouts written before them are read without them
+_OPTIONAL = (_DIGEST, "norms", "masks")  # layouts without them are read without them
 _FIX = "Fix: pass a directory written by pk.save_shrunk (save it again if it was edited or cut)."
 
 
@@ -72,11 +73,13 @@ def _layout(model: nn.Module) -> dict[str, Any]:
 
 
 def _digest(weights: Path, layout: dict[str, Any]) -> str:
-    """SHA-256 of the weights file's bytes and of the layout (without its digest)."""
+    """SHA-256 of the weights file's bytes (and the masks file's, if the layout lists
+    masks) and of the layout (without its digest)."""
     digest = hashlib.sha256()
-    with open(weights, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
+    for file in [weights, *([weights.parent / shrunk_masks.MASKS] if "masks" in layout else [])]:
+        with open(file, "rb") as f:
+            for chunk in iter(lambda f=f: f.read(1 << 20), b""):
+                digest.update(chunk)
     body = {k: v for k, v in layout.items() if k != _DIGEST}
     digest.update(json.dumps(body, sort_keys=True).encode())
     return digest.hexdigest()
@@ -110,12 +113,15 @@ def save_shrunk(model: nn.Module, directory: str | Path) -> bool:
             "replaces the whole folder; Fix: pass a new or empty folder, or one "
             "pk.save_shrunk wrote."
         )
+    plain, masks = shrunk_masks.split(model)
     with atomic_directory(path) as tmp:
-        rebuilds = config_rebuilds(model)
+        rebuilds = config_rebuilds(plain)
         if rebuilds:  # its config.json; from_pretrained also reads the weights saved next
-            model.save_pretrained(tmp)  # type: ignore[operator]
-        save_model(model, str(tmp / WEIGHTS))  # over save_pretrained's (renamed keys)
-        layout = _layout(model)
+            plain.save_pretrained(tmp)  # type: ignore[operator]
+        save_model(plain, str(tmp / WEIGHTS))  # over save_pretrained's (renamed keys)
+        layout = _layout(plain)
+        if masks:
+            layout["masks"] = shrunk_masks.write(tmp / shrunk_masks.MASKS, masks)
         layout[_DIGEST] = _digest(tmp / WEIGHTS, layout)
         (tmp / LAYOUT).write_text(json.dumps(layout, indent=1))
     return rebuilds
@@ -137,6 +143,9 @@ def load_shrunk(model: nn.Module, directory: str | Path) -> nn.Module:
     _check_layout(path / LAYOUT, layout, model)
     state = _read_weights(path / WEIGHTS, layout)
     plan = _plan(path / WEIGHTS, model, layout["shapes"], state)
+    masks = (
+        shrunk_masks.read(path / shrunk_masks.MASKS, layout["masks"]) if "masks" in layout else {}
+    )
     with torch.no_grad():
         for names, old, value in plan:
             if value.shape == old.shape:
@@ -152,6 +161,7 @@ def load_shrunk(model: nn.Module, directory: str | Path) -> nn.Module:
     for module in modules.values():
         if isinstance(module, nn.MultiheadAttention):
             unpack(module)  # heads pruned: the class that runs them
+    shrunk_masks.register(model, masks)
     return model
 
 
@@ -161,7 +171,8 @@ def _read_layout(file: Path) -> dict[str, Any]:
         layout = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as err:
         raise CheckpointError(f"cannot read {str(file)!r} as JSON ({err}); {_FIX}") from err
-    kinds = {"format": str, "shapes": dict, "attributes": dict, "norms": dict, _DIGEST: str}
+    kinds = {"format": str, "shapes": dict, "attributes": dict, "norms": dict, "masks": dict}
+    kinds[_DIGEST] = str
     if not isinstance(layout, dict):
         bad = [f"the file holds {brief(layout)}, not an object"]
     else:
@@ -218,6 +229,7 @@ def _check_layout(file: Path, layout: dict[str, Any], model: nn.Module) -> None:
             problems += _attributes(name, attrs, size_attributes(modules[name]))
     for name, shape in layout.get("norms", {}).items():
         problems += _norm(name, shape, modules.get(name), layout["shapes"])
+    problems += shrunk_masks.problems(layout.get("masks", {}), model, layout["shapes"])
     problems += [] if problems else _heads(layout, modules)
     if problems:
         kind, what = problems[0]
