@@ -24,7 +24,8 @@ What shrinking changed beyond sizes comes back too: every LayerNorm / RMSNorm's
 ``normalized_shape`` (``norms`` in the layout, narrowed by approximate mode; it must
 match the norm's weight) and, for an ``nn.MultiheadAttention`` whose heads were pruned,
 the class :class:`~prunekit.structured.mha.HeadPrunedMultiheadAttention` (from its
-in-projection, which must hold ``3 * num_heads * head_dim`` rows).
+in-projection, which must hold ``3 * num_heads * head_dim`` rows). Masks the model kept
+through the shrink are saved and registered again (:mod:`~prunekit.structured.shrunk_masks`).
 """
 
 from __future__ import annotations
