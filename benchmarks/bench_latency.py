@@ -42,7 +42,7 @@ from torch import nn
 
 import prunekit as pk
 from prunekit.cost import count_macs
-from prunekit.structured import fold_batchnorm, shrink_to_latency
+from prunekit.structured import build, fold_batchnorm, shrink_to_latency
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_section
@@ -67,6 +67,15 @@ def _peer() -> tuple[Callable[..., Any] | None, str]:
     return torch_pruning_run, torch_pruning.__version__
 
 
+def _peer_exact(dense: nn.Module, peer: nn.Module, x1: torch.Tensor, pruner: Any) -> str:
+    """Whether the peer's model computes its group-masked original (bench_structured's
+    check: positions it cut outside every exact group are zeroed alone)."""
+    from bench_structured import _check, _group_masked
+
+    masked = _group_masked(dense, build(dense, x1), pruner.pruning_history())
+    return _check(peer, masked, x1)
+
+
 def variants(dense: nn.Module, x1: torch.Tensor, batch: int) -> dict[str, dict[str, Any]]:
     """The shrunk models (unfolded), with how long each took and what it predicted."""
     out: dict[str, dict[str, Any]] = {}
@@ -88,8 +97,10 @@ def variants(dense: nn.Module, x1: torch.Tensor, batch: int) -> dict[str, dict[s
     if run is not None:
         peer = copy.deepcopy(dense)
         try:
-            seconds, _ = run(peer, x1, 0.5)
-            out[f"torch-pruning {version} 0.5"] = {"model": peer, "seconds": seconds}
+            seconds, pruner = run(peer, x1, 0.5)
+            out[f"torch-pruning {version} 0.5"] = {
+                "model": peer, "seconds": seconds, "exact": _peer_exact(dense, peer, x1, pruner)
+            }  # fmt: skip
         except Exception as exc:  # the peer failing on a model is the finding
             out[f"torch-pruning {version} 0.5"] = {"error": f"fails ({type(exc).__name__})"}
     return out
@@ -140,6 +151,8 @@ def _cell(row: dict) -> str:
     sp, red = row["speedup"], row["macs_reduction"]
     text = (f"{sp['ratio'] / red:.2f} [{sp['low'] / red:.2f}, {sp['high'] / red:.2f}] "
             f"({sp['ratio']:.2f}x, MACs / {red:.2f})")  # fmt: skip
+    if row.get("exact", "exact") != "exact":
+        text += f", result {row['exact']}"
     if "predicted" in row:
         text += f", predicted {row['predicted']:.2f}x"
     return text if sp["reliable"] else f"{text}, flagged unreliable"
