@@ -29,13 +29,11 @@ fused attention costs what its two matmuls cost on every device and in every mod
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import torch
-from torch import Tensor, nn
-from torch.utils._pytree import tree_map
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from prunekit.errors import PruningError
@@ -131,74 +129,23 @@ def _unfused_attention() -> Iterator[None]:
         torch.backends.mha.set_fastpath_enabled(enabled)
 
 
-def _on_meta(inputs: Inputs) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """``inputs`` as (positional, keyword) arguments, every tensor moved to ``meta``."""
-    meta = tree_map(lambda x: x.to("meta") if isinstance(x, Tensor) else x, _arguments(inputs))
-    return meta[0], meta[1]
-
-
-def _arguments(inputs: Inputs) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    if isinstance(inputs, Tensor):
-        return (inputs,), {}
-    if isinstance(inputs, Mapping):
-        return (), dict(inputs)
-    return tuple(inputs), {}
-
-
 @contextmanager
-def _meta_cleared(model: nn.Module) -> Iterator[None]:
-    """Put back every module attribute, parameter and buffer that a run on ``meta``
-    tensors replaced by a ``meta`` tensor (a cache the forward fills lazily)."""
-    saved = [(m, [dict(d) for d in (vars(m), m._parameters, m._buffers)]) for m in model.modules()]
-    try:
-        yield
-    finally:
-        for m, olds in saved:
-            for store, old in zip((vars(m), m._parameters, m._buffers), olds, strict=True):
-                for key, value in list(store.items()):
-                    if isinstance(value, Tensor) and value.is_meta and old.get(key) is not value:
-                        if key in old:
-                            store[key] = old[key]
-                        else:
-                            del store[key]
-
-
-def _call_on_shapes(model: nn.Module, inputs: Inputs) -> None:
-    """Run ``model`` with every parameter, buffer and input replaced by a ``meta`` tensor
-    of its shape: every operation's shape, no arithmetic (tied tensors stay tied)."""
-    memo: dict[int, Tensor] = {}
-    state = {
-        name: memo.setdefault(id(t), t.detach().to("meta"))
-        for name, t in (*model.named_parameters(remove_duplicate=False),
-                        *model.named_buffers(remove_duplicate=False))
-    }  # fmt: skip
-    args, kwargs = _on_meta(inputs)
-    with _meta_cleared(model):
-        torch.func.functional_call(model, state, args, kwargs, strict=False)
-
-
-def _counted(
-    model: nn.Module, inputs: Inputs, run: Callable[[nn.Module, Inputs], Any]
-) -> FlopCounterMode:
-    """A ``FlopCounterMode`` that watched ``run(model, inputs)`` as the module docstring says."""
+def counting() -> Iterator[FlopCounterMode]:
+    """Count the operations run inside, as every count here is taken: with the fused
+    attention kernels off and :data:`ATTENTION_KERNELS` given their formula. The caller
+    runs the model in eval mode without gradients (a traced forward pass counts itself
+    this way instead of running the model once more)."""
     counter = FlopCounterMode(display=False, custom_mapping=_COUNTED_KERNELS)
-    with eval_mode(model), _unfused_attention(), counter, torch.no_grad():
-        run(model, inputs)
-    return counter
+    with _unfused_attention(), counter:
+        yield counter
 
 
 def macs_per_module(model: nn.Module, inputs: Inputs) -> tuple[dict[nn.Module, int], int]:
     """MACs (FLOPs / 2) of one forward pass of ``model`` on ``inputs`` (see
     :mod:`prunekit.inputs`): per module (its own and its children's operations), and of the
-    whole model. Counted as the module docstring says; training flags are restored.
-
-    The counts follow from shapes alone, so the model first runs on ``meta`` tensors (no
-    arithmetic, no memory); a model that cannot (it reads values, ``x.item()``, or makes
-    tensors of its own on another device) runs on the real ``inputs`` instead."""
-    try:
-        counter = _counted(model, inputs, _call_on_shapes)
-    except Exception:  # values needed: count the real forward (same counter, same modes)
-        counter = _counted(model, inputs, call)
+    whole model. Counted as the module docstring says; training flags are restored."""
+    with eval_mode(model), counting() as counter, torch.no_grad():
+        call(model, inputs)
     flops = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
     per_module = {module: flops.get(name, 0) // 2 for module, name in _tracker_names(model).items()}
     return per_module, flops.get("Global", 0) // 2
@@ -209,4 +156,4 @@ def count_macs(model: nn.Module, inputs: Inputs) -> int:
     return macs_per_module(model, inputs)[1]
 
 
-__all__ = ["attention_macs", "count_macs", "csr_bytes", "macs_per_module", "nm_bytes"]
+__all__ = ["attention_macs", "count_macs", "counting", "csr_bytes", "macs_per_module", "nm_bytes"]

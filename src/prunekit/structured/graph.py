@@ -198,22 +198,25 @@ def _ignored(model: nn.Module, ignore: Ignore) -> set[str]:
     return names
 
 
-def build(model: nn.Module, example_inputs: Inputs, ignore: Ignore = ()) -> DependencyGraph:
-    """Trace ``model`` and group its removable channels (see the module docstring).
+def build(
+    model: nn.Module, example_inputs: Inputs, ignore: Ignore = (), macs: bool = False
+) -> DependencyGraph:
+    """Trace ``model`` and group its removable channels (see the module docstring);
+    ``macs``: the trace also counts the model's MACs (``graph.trace.macs``).
 
     Channels of ``ignore``d modules (names, globs or types) and of the model's outputs are
     blocked, as are channels mixed by an operation that cannot lose them (a LayerNorm over
     them, a reshape to a fixed size, an unlabelled operand of the same size).
     """
     ignored = _ignored(model, ignore)
-    tr = trace(model, example_inputs)
+    tr = trace(model, example_inputs, macs)
     for (name, _), ids in tr.members.items():
         if owner(name) in ignored:
             tr.atoms.block(ids)
     blocked = tr.atoms.blocked_root_mask()
     roots = tr.atoms.all_roots().numpy()
     keys = list(tr.members)
-    found = [_present(roots[ids.numpy()], blocked) for ids in tr.members.values()]
+    found = _present([roots[ids.numpy()] for ids in tr.members.values()], blocked)
     head_roots = {tr.atoms.find(a) for ev in tr.heads for a in ev.q_heads.tolist()}
     result = []
     for member_keys, ids in _families(found):
@@ -227,10 +230,16 @@ def build(model: nn.Module, example_inputs: Inputs, ignore: Ignore = ()) -> Depe
     return DependencyGraph(result, tr, int(blocked.sum()))
 
 
-def _present(roots: np.ndarray, blocked: np.ndarray) -> np.ndarray:
-    """The distinct removable roots among ``roots`` (ascending)."""
-    unique = np.unique(roots)
-    return unique[~blocked[unique]]
+def _present(roots: list[np.ndarray], blocked: np.ndarray) -> list[np.ndarray]:
+    """The distinct removable roots among each of ``roots`` (ascending), all at once:
+    ``key * atoms + root`` codes are made unique together, then split by key."""
+    n = max(len(blocked), 1)
+    key = np.repeat(np.arange(len(roots)), [len(r) for r in roots])
+    code = np.unique(key * n + np.concatenate(roots)) if roots else np.zeros(0, np.int64)
+    key, root = np.divmod(code, n)
+    keep = ~blocked[root]
+    key, root = key[keep], root[keep]
+    return np.split(root, np.searchsorted(key, np.arange(1, len(roots))))
 
 
 def _families(found: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:

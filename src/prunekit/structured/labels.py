@@ -142,21 +142,27 @@ class Atoms:
         """Turn per-element labels into a :class:`Label` varying along one dimension.
 
         The outermost varying dimension keeps its atoms; atoms along any other varying
-        dimension are united per index of the kept one. Labels that do not vary at all
-        (one channel everywhere) are blocked: removing it would remove the whole tensor.
+        dimension are united per index of the kept one. Dimensions the labels do not vary
+        along are narrowed to one index first, so uniting costs the distinct labels, not
+        every element (a token dimension repeats the same atoms). Labels that do not vary
+        at all (one channel everywhere) are blocked: removing it would remove the whole
+        tensor.
         """
-        if full.numel() == 0 or bool((full == FIXED).all()):
+        if full.numel() == 0:
             return None
-        varying = [
-            d
-            for d in range(full.dim())
-            if full.shape[d] > 1 and not bool((full == full.narrow(d, 0, 1)).all())
-        ]
+        core, varying = full, []
+        for d in range(full.dim()):  # constant along d: index 0 of d says it all
+            if core.shape[d] > 1 and bool((core != core.narrow(d, 0, 1)).any()):
+                varying.append(d)
+            else:
+                core = core.narrow(d, 0, 1)
+        if bool((core == FIXED).all()):
+            return None
         if not varying:
-            self.block(full)
+            self.block(core)
             return None
         dim = varying[0]
-        rows = full.movedim(dim, 0).reshape(full.shape[dim], -1)
+        rows = core.movedim(dim, 0).reshape(core.shape[dim], -1)
         if len(varying) > 1:
             self.unite_rows(rows)
         return Label(dim, rows[:, 0].clone())

@@ -68,6 +68,7 @@ from prunekit.structured.verify import (
     Check,
     Probe,
     check,
+    in_place_probes,
     probes,
     refilled,
     require_finite,
@@ -206,7 +207,7 @@ def _validate(scope: str, round_to: int, seed: int, ignore: Ignore, approximate:
 
 def _graph(model: nn.Module, example_inputs: Inputs, ignore: Ignore) -> DependencyGraph:
     try:
-        return build(model, example_inputs, ignore)
+        return build(model, example_inputs, ignore, macs=True)  # the MACs before, counted
     except PruningError:
         raise
     except (RuntimeError, TypeError, ValueError, IndexError) as exc:
@@ -226,12 +227,16 @@ def _references(
     example_inputs: Inputs, ratio: Ratio, seed: int, verify: bool, approximate: bool,
 ) -> list[Probe] | None:  # fmt: skip
     """The group-masked model's outputs the shrunk model is compared with (none without
-    ``verify``, except in approximate mode, where the deviation is always measured)."""
+    ``verify``, except in approximate mode, where the deviation is always measured): made
+    in place (the trace's outputs are the dense ones), or from a copy whose removed groups
+    are refilled with noise when they were zero already (``ratio=None``)."""
     if not (verify or approximate):
         return None
+    if ratio is not None:
+        positions = graph.positions(removed)
+        return in_place_probes(probe, positions, example_inputs, graph.trace.outputs, seed)
     masked = group_masked(probe, graph, removed)
-    dense = probe if ratio is not None else refilled(masked, removed_groups(graph, removed))
-    return probes(dense, masked, example_inputs, seed)
+    return probes(refilled(masked, removed_groups(graph, removed)), masked, example_inputs, seed)
 
 
 def _approximate_note(graph: DependencyGraph, result: Check | None) -> str:
@@ -361,7 +366,7 @@ def shrink(
         decisions = plan(graph, scores, ratio, scope, round_to, normalize)
     removed = {d.name: d.removed for d in decisions if d.removed}
     params_before = sum(p.numel() for p in probe.parameters())
-    macs_before = count_macs(probe, example_inputs)
+    macs_before = int(graph.trace.macs or 0)
     found = _references(probe, graph, removed, example_inputs, ratio, seed, verify, approximate)
     changes, notes, undo = _apply(model, probe, graph, removed, masks)
     result = None

@@ -25,14 +25,16 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import _disable_current_modes
 
+from prunekit.cost import counting
 from prunekit.errors import CouplingError, UntraceableError
 from prunekit.inputs import Inputs, call, set_mode
 from prunekit.structured import rules as _builtin_rules  # noqa: F401  (registers them)
@@ -58,6 +60,7 @@ class Trace:
     # the floating-point outputs of the eval-mode pass: the model's outputs on the example
     # inputs (eval mode, no grad), so verify need not run the unpruned model again
     outputs: list[Tensor] = field(default_factory=list)
+    macs: int | None = None  # MACs of the eval-mode pass (trace(macs=True)), as count_macs
 
 
 class Tracer(TorchFunctionMode):
@@ -69,6 +72,8 @@ class Tracer(TorchFunctionMode):
         self.state = TraceState(model)
         self.suspended = 0  # > 0 inside a module traced whole by a module rule
         self.ran: set[str] = set()  # names of the modules that ran
+        # around every rule: a MAC count of the pass (trace(macs=True)) skips label work
+        self.uncounted: Callable[[], AbstractContextManager[Any]] = nullcontext
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
@@ -85,7 +90,8 @@ class Tracer(TorchFunctionMode):
                 "type(module), prunekit.structured.keep_whole)."
             )
         try:
-            rule(self.state, func, args, kwargs, out)
+            with self.uncounted():
+                rule(self.state, func, args, kwargs, out)
         except CouplingError as exc:
             raise CouplingError(
                 f"{exc} in {name!r} of module {where!r}; Fix: the rule for {name!r} must "
@@ -159,14 +165,20 @@ def _pass(tracer: Tracer, model: nn.Module, inputs: Inputs, training: bool) -> l
     return [t for t in found if t.is_floating_point()]
 
 
-def trace(model: nn.Module, inputs: Inputs) -> Trace:
+def trace(model: nn.Module, inputs: Inputs, macs: bool = False) -> Trace:
     """Run ``model`` on ``inputs`` (eval mode, no grad; then train mode if some module
     holding parameters did not run) and return the coupling it showed.
 
-    Every channel that reaches a model output is blocked: outputs keep their shape.
+    Every channel that reaches a model output is blocked: outputs keep their shape. With
+    ``macs``, the eval-mode pass is also counted as :func:`prunekit.cost.count_macs`
+    counts (:attr:`Trace.macs`; the rules' own label work is not counted).
     """
     tracer = Tracer(model)
-    outputs = _pass(tracer, model, inputs, training=False)
+    with counting() if macs else nullcontext() as counter:
+        if counter is not None:
+            tracer.uncounted = _disable_current_modes
+        outputs = _pass(tracer, model, inputs, training=False)
+    tracer.uncounted = nullcontext
     idle = [n for n, m in model.named_modules()
             if n not in tracer.ran and any(True for _ in m.parameters(recurse=False))]  # fmt: skip
     if idle:  # dropout draws from the global generator: fork it
@@ -174,5 +186,6 @@ def trace(model: nn.Module, inputs: Inputs) -> Trace:
             _pass(tracer, model, inputs, training=True)
     state = tracer.state
     aliases = {names[0]: names for names in state.names.values()}
+    found = None if counter is None else counter.get_total_flops() // 2
     return Trace(state.atoms, state.members, aliases, state.heads, state.producers,
-                 state.norms, bool(idle), outputs)  # fmt: skip
+                 state.norms, bool(idle), outputs, found)  # fmt: skip

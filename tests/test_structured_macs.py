@@ -1,0 +1,57 @@
+"""The trace counts MACs as prunekit.cost.count_macs does (one counter, the same modes):
+on every transformers architecture of the structured suite, on the zoo, and on
+nn.MultiheadAttention before and after its heads are pruned, the count taken inside the
+traced forward pass equals count_macs' count, so pk.shrink needs no extra forward pass
+for its "before" figure; the rules' own label work is not counted."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from test_structured_hf import MODELS, build_model
+from test_structured_mha import encoder
+from torch import nn
+
+import prunekit as pk
+from prunekit.cost import count_macs
+from prunekit.inputs import Inputs
+from prunekit.structured.trace import trace
+from prunekit.zoo import MODELS as ZOO
+from prunekit.zoo import build_model as build_zoo
+from prunekit.zoo import example_input
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    yield
+
+
+def assert_trace_counts(model: nn.Module, inputs: Inputs) -> None:
+    expected = count_macs(model, inputs)
+    assert expected > 0
+    assert trace(model, inputs, macs=True).macs == expected
+    assert trace(model, inputs).macs is None
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_transformers_architectures(name: str) -> None:
+    assert_trace_counts(*build_model(name))
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_zoo(name: str) -> None:
+    assert_trace_counts(build_zoo(name).eval(), example_input(name, 2))
+
+
+def test_multihead_attention_before_and_after_head_pruning() -> None:
+    """The fused attention is counted unfused in the trace too, and so is the unpacked
+    head-pruned module; shrink's report agrees with count_macs."""
+    model, x = encoder(), torch.randn(2, 10, 32)
+    assert_trace_counts(model, x)
+    small = copy.deepcopy(model)
+    report = pk.shrink(small, x, ratio=0.5)
+    assert_trace_counts(small, x)
+    assert report.macs_before == count_macs(model, x)
+    assert report.macs_after == count_macs(small, x) < report.macs_before
