@@ -219,3 +219,23 @@ def test_masks_that_do_not_fit_are_refused(tmp_path: Path) -> None:
         with pytest.raises(error, match=match):
             pk.load_shrunk(model, tmp_path / "s")
         assert_unchanged(model, before)
+
+
+def test_a_width_the_config_cannot_say_is_not_written(tmp_path: Path) -> None:
+    """BERT derives its head size as hidden_size / num_attention_heads: a narrower stream
+    with all 4 heads kept cannot be written, so the config stays and a note says why."""
+    T = pytest.importorskip("transformers")
+    config = T.BertConfig(vocab_size=64, num_labels=3, hidden_size=32, num_hidden_layers=2,
+                          num_attention_heads=4, intermediate_size=64)  # fmt: skip
+    torch.manual_seed(0)
+    small = T.BertForSequenceClassification(config).eval()
+    fresh = copy.deepcopy(small)
+    x = {"input_ids": torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))}
+    report = pk.shrink(small, x, {"bert.embeddings.word_embeddings": 0.5}, approximate=True)
+    assert any("cannot describe removed heads at this width" in n for n in report.notes)
+    assert (small.config.hidden_size, small.config.num_attention_heads) == (32, 4)
+    assert small.bert.embeddings.word_embeddings.embedding_dim == 16
+    assert not pk.save_shrunk(small, tmp_path / "s")  # from_pretrained could not rebuild it
+    loaded = pk.load_shrunk(fresh, tmp_path / "s")
+    with torch.no_grad():
+        assert torch.equal(loaded(**x).logits, small(**x).logits)
