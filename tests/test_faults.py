@@ -94,7 +94,7 @@ def mlp(sparsity=0.0):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
     if sparsity:
-        pk.prune(model, sparsity)
+        pk.prune(model, sparsity, include_output=True)
     return model
 
 

@@ -45,7 +45,7 @@ def _report() -> SensitivityReport:
 
 def _masked_convnet(convnet: nn.Module) -> nn.Module:
     pk.prune(convnet, 0.5, granularity="kernel", layers=["conv"])
-    pk.prune(convnet, 0.7, layers=["head"])
+    pk.prune(convnet, 0.7, layers=["head"], include_output=True)
     return convnet
 
 
@@ -170,7 +170,7 @@ def test_conv_mask_3d_draws_one_box_per_run_of_kept_positions() -> None:
 
 def test_density_and_latency_axes() -> None:
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
-    pk.prune(model, 0.5)
+    pk.prune(model, 0.5, include_output=True)
     title = plots.plot_layer_density(model, label="local scope").axes[0].get_title()
     assert title == "Per-layer density, local scope\n(total 50.0% of 24 weights)"
     sensitivity = plots.plot_sensitivity(_report(), ylabel="test accuracy")

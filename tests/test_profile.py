@@ -204,7 +204,7 @@ def test_profile_counts_layers_that_sparse_convert_replaced() -> None:
     equivalent: same params, nonzeros and sparsity as before the conversion."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
-    pk.prune(model, 0.9)
+    pk.prune(model, 0.9, include_output=True)
     x = torch.randn(2, 64)
     before = pk.analysis.profile(model, x, latency=False)
     pk.sparse.convert(model, "csr")

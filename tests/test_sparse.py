@@ -108,7 +108,7 @@ def mixed_model() -> Mixed:
     model = Mixed()
     pk.prune(model, granularity="2:4", layers=["conv", "fc1"])
     pk.prune(model, 0.9, granularity="block:4x4", layers=["fc2"])
-    pk.prune(model, 0.95, layers=["fc3", "emb"])
+    pk.prune(model, 0.95, layers=["fc3", "emb"], include_output=True, include_embeddings=True)
     return model
 
 

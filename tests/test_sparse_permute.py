@@ -95,7 +95,7 @@ def test_explicit_pairs_and_then_prune():
     report = sparse.permute_channels(model, pairs=[("3", "6")], example_inputs=x)
     assert [r.pair for r in report.results] == [Pair("3", "6")]
     torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
-    pk.prune(model, granularity="2:4", layers=["6"])
+    pk.prune(model, granularity="2:4", layers=["6"], include_output=True)
     with torch.no_grad():
         kept = model[6].weight.abs().sum() / model[6].parametrizations.weight.original.abs().sum()
     assert float(kept) == pytest.approx(report.results[0].after, rel=1e-5)
