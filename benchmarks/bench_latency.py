@@ -76,25 +76,31 @@ def _peer_exact(dense: nn.Module, peer: nn.Module, x1: torch.Tensor, pruner: Any
     return _check(peer, masked, x1)
 
 
-def variants(dense: nn.Module, x1: torch.Tensor, batch: int) -> dict[str, dict[str, Any]]:
-    """The shrunk models (unfolded), with how long each took and what it predicted."""
+def variants(
+    dense: nn.Module, x1: torch.Tensor, batch: int, only: set[str]
+) -> dict[str, dict[str, Any]]:
+    """The shrunk models (unfolded) of ``only`` (``uniform``, ``aware``, ``peer``), with how
+    long each took and what it predicted."""
     out: dict[str, dict[str, Any]] = {}
     start = time.perf_counter()
     uniform = copy.deepcopy(dense)
     pk.shrink(uniform, x1, ratio=0.5, verify=False)
     out["uniform 0.5"] = {"model": uniform, "seconds": time.perf_counter() - start}
     target = count_macs(uniform, x1) / count_macs(dense, x1)
-    start = time.perf_counter()
-    aware = copy.deepcopy(dense)
-    plan, _ = shrink_to_latency(
-        aware, x1, macs_ratio=target, batch_size=batch, fold_bn=True, verify=False
-    )
-    out["latency-aware, same MACs"] = {
-        "model": aware, "seconds": time.perf_counter() - start,
-        "predicted": plan.speedup, "round_to": sorted(set(plan.round_to.values())),
-    }  # fmt: skip
+    if "uniform" not in only:
+        del out["uniform 0.5"]
+    if "aware" in only:
+        start = time.perf_counter()
+        aware = copy.deepcopy(dense)
+        plan, _ = shrink_to_latency(
+            aware, x1, macs_ratio=target, batch_size=batch, fold_bn=True, verify=False
+        )
+        out["latency-aware, same MACs"] = {
+            "model": aware, "seconds": time.perf_counter() - start,
+            "predicted": plan.speedup, "round_to": sorted(set(plan.round_to.values())),
+        }  # fmt: skip
     run, version = _peer()
-    if run is not None:
+    if run is not None and "peer" in only:
         peer = copy.deepcopy(dense)
         try:
             seconds, pruner = run(peer, x1, 0.5)
@@ -121,7 +127,7 @@ def run_one(args: argparse.Namespace) -> None:
     dense = factory().eval()
     x1, xb = torch.randn(1, 3, 224, 224), torch.randn(args.batch, 3, 224, 224)
     load0 = os.getloadavg()[0]
-    found = variants(dense, x1, args.batch)
+    found = variants(dense, x1, args.batch, set(args.only.split(",")))
     macs0 = count_macs(dense, x1)
     folded = copy.deepcopy(dense)
     fold_batchnorm(folded, x1)
@@ -133,6 +139,7 @@ def run_one(args: argparse.Namespace) -> None:
             fold_batchnorm(small, x1)
             row["macs_reduction"] = macs0 / count_macs(small, x1)
             row["speedup"] = _time(folded, small, xb, args)
+            row["load"] = row["speedup"]["load_average"]
             print(f"{label} b{args.batch} {name}: {row['speedup']['ratio']:.2f}x, "
                   f"MACs / {row['macs_reduction']:.2f}", flush=True)  # fmt: skip
         rows.append({"variant": name, **row})
@@ -142,6 +149,10 @@ def run_one(args: argparse.Namespace) -> None:
               "command": " ".join(sys.argv)}  # fmt: skip
     args.results.mkdir(parents=True, exist_ok=True)
     path = args.results / f"{args.model}_b{args.batch}_t{args.threads}.json"
+    if path.exists():  # a run of some variants: keep the others' rows
+        new = {r["variant"] for r in rows}
+        kept = [r for r in json.loads(path.read_text())["rows"] if r["variant"] not in new]
+        result["rows"] = kept + rows
     path.write_text(json.dumps(result, indent=1))
 
 
@@ -151,6 +162,8 @@ def _cell(row: dict) -> str:
     sp, red = row["speedup"], row["macs_reduction"]
     text = (f"{sp['ratio'] / red:.2f} [{sp['low'] / red:.2f}, {sp['high'] / red:.2f}] "
             f"({sp['ratio']:.2f}x, MACs / {red:.2f})")  # fmt: skip
+    if "load" in row:
+        text += f", load {row['load']:.1f}"
     if row.get("exact", "exact") != "exact":
         text += f", result {row['exact']}"
     if "predicted" in row:
@@ -219,6 +232,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--min-run-time", type=float, default=1.0)
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--only", default="uniform,aware,peer", help="variants to run")
     parser.add_argument("--write", action="store_true", help="BENCHMARKS.md and the plot")
     args = parser.parse_args()
     if args.model:
