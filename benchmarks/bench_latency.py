@@ -139,7 +139,6 @@ def run_one(args: argparse.Namespace) -> None:
             fold_batchnorm(small, x1)
             row["macs_reduction"] = macs0 / count_macs(small, x1)
             row["speedup"] = _time(folded, small, xb, args)
-            row["load"] = row["speedup"]["load_average"]
             print(f"{label} b{args.batch} {name}: {row['speedup']['ratio']:.2f}x, "
                   f"MACs / {row['macs_reduction']:.2f}", flush=True)  # fmt: skip
         rows.append({"variant": name, **row})
@@ -162,13 +161,19 @@ def _cell(row: dict) -> str:
     sp, red = row["speedup"], row["macs_reduction"]
     text = (f"{sp['ratio'] / red:.2f} [{sp['low'] / red:.2f}, {sp['high'] / red:.2f}] "
             f"({sp['ratio']:.2f}x, MACs / {red:.2f})")  # fmt: skip
-    if "load" in row:
-        text += f", load {row['load']:.1f}"
+    if sp.get("load_average") is not None:
+        text += f", load {sp['load_average']:.1f}"
     if row.get("exact", "exact") != "exact":
         text += f", result {row['exact']}"
     if "predicted" in row:
         text += f", predicted {row['predicted']:.2f}x"
-    return text if sp["reliable"] else f"{text}, flagged unreliable"
+    return f"{text}, not flagged" if sp["reliable"] else text
+
+
+def _cpu() -> str:
+    from prunekit.structured.latency_measure import device_name
+
+    return device_name(torch.device("cpu")).removeprefix("cpu:")
 
 
 def write(results: Path) -> None:
@@ -176,21 +181,28 @@ def write(results: Path) -> None:
     names = list(dict.fromkeys(r["variant"] for f in found for r in f["rows"]))
     lines = [
         "",
-        "Realised speed-up / MACs reduction, median [min, max] over interleaved turns "
-        "(`pk.analysis.speedup`), BatchNorm folded in every model, CPU, torch "
-        f"{found[0]['torch'] if found else ''}, random weights, 3x224x224, measured "
-        f"{found[0]['date'] if found else ''}. Target >= 0.85; "
-        "each run under `flock /work/notes/bench.lock`, one (model, batch) per run: "
-        "`/tmp/tp-venv/bin/python benchmarks/bench_latency.py --model M --batch B`, then "
-        "`--write`. Load average at start -> end of each run in its row.",
+        "Realised speed-up / MACs reduction: median [min, max] over interleaved turns "
+        "(`pk.analysis.speedup`, 5 turns at batch 1, 3 at batch 32), then the speed-up, the "
+        "MACs reduction, the plan's own prediction and the load average while timing. "
+        "BatchNorm folded in every model (`fold_batchnorm`); CPU "
+        f"({_cpu()}), torch {found[0]['torch'] if found else ''}, random weights, "
+        f"3x224x224, measured {found[0]['date'] if found else ''} on a 2-core machine "
+        "shared with other jobs (load 7-10, so `pk.analysis.speedup` flags every figure "
+        "unreliable unless marked 'not flagged'; at 2 threads the two OpenMP threads also wait on each other behind "
+        "other processes, so the 1-thread rows are the steadier ones). Target >= 0.85. "
+        "Each (model, batch, threads) is one run under `flock /work/notes/bench.lock`: "
+        "`/tmp/tp-venv/bin/python benchmarks/bench_latency.py --model M --batch B "
+        "--threads T --repeats 5 --min-run-time 1` (batch 32: `--repeats 3 --min-run-time "
+        "3`; ResNet-50 at batch 32 in two runs, `--only uniform,aware` and `--only peer`), "
+        "then `--write`. Plot: docs/latency_realised.png.",
         "",
-        "| Model, batch (load) | " + " | ".join(names) + " |",
+        "| Model, batch, threads | " + " | ".join(names) + " |",
         "|---|" + "---:|" * len(names),
     ]
     for f in found:
         cells = {r["variant"]: _cell(r) for r in f["rows"]}
-        head = (f"{f['model']}, b{f['batch']}, {f['threads']} threads "
-                f"({f['load'][0]:.1f} -> {f['load'][1]:.1f})")  # fmt: skip
+        threads = f"{f['threads']} thread" + "s" * (f["threads"] > 1)
+        head = f"{f['model']}, batch {f['batch']}, {threads}"
         lines.append(f"| {head} | " + " | ".join(cells.get(n, "-") for n in names) + " |")
     write_section("bench_latency", lines)
     _plot(found, names)
