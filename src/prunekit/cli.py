@@ -99,6 +99,28 @@ def _prune_parser(commands: argparse._SubParsersAction) -> None:
     prune.add_argument("--seed", type=int, default=0, help="seeds training and calibration")
 
 
+def _shrink_parser(commands: argparse._SubParsersAction) -> None:
+    shrink = commands.add_parser("shrink", help="physically remove channels / heads of a model")
+    cli_model.add_model_arguments(shrink)
+    shrink.add_argument(
+        "--ratio",
+        type=float,
+        help="fraction of groups removed, ranked by --criterion; default: exactly the groups "
+        "whose weights are all zero (e.g. filters pruned by prunekit prune --granularity "
+        "filter), refused when there are none",
+    )
+    shrink.add_argument("--criterion", default="l2", help=", ".join(criteria.names("channels")))
+    shrink.add_argument("--scope", default="local", choices=SCOPES, help="local or global")
+    shrink.add_argument("--round-to", type=int, default=1, help="keep multiples of this")
+    shrink.add_argument(
+        "--approximate",
+        action="store_true",
+        help="INEXACT: also remove a transformer's hidden size through LayerNorm / RMSNorm; "
+        "the outputs then differ from the masked model's, by the deviation printed",
+    )
+    shrink.add_argument("--out", type=Path, help="save_shrunk directory (safetensors + json)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = cli_model.Parser(prog="prunekit", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"prunekit {pk.__version__}")
@@ -122,26 +144,7 @@ def _parser() -> argparse.ArgumentParser:
     profile = commands.add_parser("profile", help="params, bytes, MACs and latency of a model")
     cli_model.add_model_arguments(profile)
 
-    shrink = commands.add_parser("shrink", help="physically remove channels / heads of a model")
-    cli_model.add_model_arguments(shrink)
-    shrink.add_argument(
-        "--ratio",
-        type=float,
-        help="fraction of groups removed, ranked by --criterion; default: exactly the groups "
-        "whose weights are all zero (e.g. filters pruned by prunekit prune --granularity "
-        "filter), refused when there are none",
-    )
-    shrink.add_argument("--criterion", default="l2", help=", ".join(criteria.names("channels")))
-    shrink.add_argument("--scope", default="local", choices=SCOPES, help="local or global")
-    shrink.add_argument("--round-to", type=int, default=1, help="keep multiples of this")
-    shrink.add_argument(
-        "--approximate",
-        action="store_true",
-        help="INEXACT: also remove a transformer's hidden size through LayerNorm / RMSNorm; "
-        "the outputs then differ from the masked model's, by the deviation printed",
-    )
-    shrink.add_argument("--out", type=Path, help="save_shrunk directory (safetensors + json)")
-
+    _shrink_parser(commands)
     cli_export.add_parser(commands)
     run = commands.add_parser(
         "run",
