@@ -6,6 +6,7 @@ masked groups by default, and ``--approximate``."""
 from __future__ import annotations
 
 import argparse
+import json
 import uuid
 from pathlib import Path
 
@@ -341,3 +342,26 @@ def test_shrink_help_says_what_the_default_ratio_does(capsys: pytest.CaptureFixt
     text = " ".join(capsys.readouterr().out.split())
     assert "default: exactly the groups whose weights are all zero" in text
     assert "--approximate INEXACT" in text
+
+
+@pytest.mark.parametrize(
+    ("method", "stage"),
+    [
+        ("prune: {sparsity: 0.5}\nschedule: {kind: cubic}\ntiming: {when: during, method: gradual}",
+         "trained while pruning"),
+        ("prune: {sparsity: 0.5}\nschedule: {kind: iterative, rounds: 2}\n"
+         "timing: {when: before, method: lottery}", "round 2"),
+        ("prune: {sparsity: 0.5, granularity: filter, criterion: l2}\n"
+         "timing: {when: during, method: soft-filter}", "final"),
+    ],
+)  # fmt: skip
+def test_every_recipe_pipeline_runs_on_a_data_function(
+    user: str, tmp_path: Path, method: str, stage: str
+) -> None:
+    path = tmp_path / "r.yaml"
+    path.write_text(f"name: loaders\nmodel: {user}:mlp\ndata: {user}:loaders\n{method}\n")
+    assert main(["run", str(path), "--quick", "--out", str(tmp_path / "runs")]) == 0
+    results = json.loads((tmp_path / "runs" / "loaders" / "results.json").read_text())
+    rows = next(s["rows"] for s in results["sections"] if s["heading"] == "Accuracy")
+    assert stage in [row["stage"] for row in rows]
+    assert all(0 <= row["accuracy"] <= 1 for row in rows)  # scored on the eval loader
