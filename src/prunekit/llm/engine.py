@@ -17,8 +17,13 @@ Padding: statistics and errors use the real tokens of each batch only (its
 get one set of statistics per expert matrix, from the tokens routed to that expert, keyed
 ``<experts module>.<gate_up_proj|down_proj>.<expert>`` in the same ``stats`` dict.
 
-Memory: the model, one block's statistics and dense-weight snapshot, and the calibration
-hidden states (``samples x seq_len x hidden``); never all layers' statistics at once.
+Memory: the model, one block's statistics, and the calibration hidden states in and out
+(``samples x seq_len x hidden`` each); never all layers' statistics at once. The
+statistics pass's outputs are dropped before the block is pruned (they would be stale),
+each layer's statistics go as it is pruned, and with ``consume`` the captured inputs go
+as soon as the first block's outputs replace them. The error meter copies no weight
+(:class:`ErrorMeter`) unless the method rewrites weights (SparseGPT, ALPS): then the dense
+weights it replaces stay until the block is measured (``measure=False`` frees them).
 Every hook is removed on exit, error or not.
 """
 
@@ -190,9 +195,13 @@ class ErrorMeter:
         self, layers: list[Layer], real: RealTokens, experts: dict[str, Tensor] | None = None
     ) -> None:
         self.real = real
-        weights = {ly.name: to_canonical(ly.module, ly.module.weight.detach()) for ly in layers}
-        weights |= experts or {}
-        self.dense = {k: w.detach().to(torch.float32).clone() for k, w in weights.items()}
+        # The layers' weights are referenced, not copied: no method writes into a layer's
+        # stored tensor (masks are parametrizations; SparseGPT and ALPS give the layer a
+        # new tensor, :func:`prunekit.llm.methods.prune_layer`), so it stays the dense
+        # weight until measured, at no memory cost for Wanda-like methods. Fused experts
+        # are pruned in place (:mod:`prunekit.llm.moe`), so theirs are copied.
+        self.dense = {ly.name: to_canonical(ly.module, ly.module.weight.detach()) for ly in layers}
+        self.dense |= {k: w.detach().clone() for k, w in (experts or {}).items()}
         self.num = dict.fromkeys(self.dense, 0.0)
         self.den = dict.fromkeys(self.dense, 0.0)
 
@@ -210,7 +219,7 @@ class ErrorMeter:
         self._count(key, rows, rows @ weight.to(torch.float32).T)
 
     def _count(self, key: str, rows: Tensor, pruned: Tensor) -> None:
-        dense = rows @ self.dense[key].T
+        dense = rows @ self.dense[key].to(torch.float32).T
         self.num[key] += float((dense - pruned).square().sum())
         self.den[key] += float(dense.square().sum())
 
@@ -256,6 +265,8 @@ def sequential(
     progress: bool = True,
     measure: bool = True,
     stream: BlockStream | None = None,
+    prunes: bool = True,
+    consume: bool = False,
 ) -> dict[str, float]:
     """Walk the blocks in order (module docstring); returns each layer's relative error.
 
@@ -264,37 +275,69 @@ def sequential(
     and no error is measured. ``measure=False`` (a statistics-only pass) skips the dense
     snapshot the error needs. ``inputs`` is left as it was: the walk feeds each block's
     outputs forward in its own copy. ``stream`` loads each block first and takes it back
-    once its outputs are computed.
+    once its outputs are computed. ``prunes``: every ``visit`` changes its block, so the
+    statistics pass keeps no outputs (False: a statistics-only walk reuses them).
+    ``consume``: the walk takes ``inputs.hidden`` over (the caller's list is emptied), so
+    the captured hidden states are freed once the first block has run.
     """
-    inputs = replace(inputs)  # shallow: only ``hidden`` is rebound below
+    hidden = list(inputs.hidden)
+    if consume:
+        inputs.hidden.clear()
+    inputs = replace(inputs, hidden=hidden)  # shallow: only ``hidden`` is rebound below
     real = RealTokens(inputs.tokens)
     errors: dict[str, float] = {}
+    walk = _Walk(prefix, inputs, real, needs, measure, prunes)
     with progress_bar(disable=not progress) as bar:
         task = bar.add_task(description, total=len(blocks))
         for index, block in enumerate(blocks):
             if stream is not None:
                 stream.load(index, block)
-            layers = block_layers(block, f"{prefix}.{index}")
-            experts = find_experts(block, f"{prefix}.{index}")
-            matrices = {k: p[e] for ex in experts for k, p, e in ex.matrices()}
-            stats = {ly.name: LayerStats.of(ly, needs) for ly in layers} | {
-                k: LayerStats(w.shape[1], w.device, needs) for k, w in matrices.items()
-            }
-            outputs = None
-            if needs:
-                collect = lambda ly, x, out, st=stats: st[ly.name].add(real.rows(x))  # noqa: E731
-                routed = lambda key, x, w, st=stats: st[key].add(x)  # noqa: E731
-                with layer_hooks(layers, collect), expert_hooks(experts, real.rows, routed):
-                    outputs = run_block(block, inputs, real)
-            meter = ErrorMeter(layers, real, matrices) if measure else None
-            mine: dict[str, float] = {}
-            if visit(index, layers, stats) or outputs is None:
-                with _measuring(meter, layers, experts, real):
-                    outputs = run_block(block, inputs, real)
-                mine = meter.relative() if meter else {}
+            mine = walk.block(index, block, visit)
             errors.update(mine)
-            inputs.hidden = outputs
             if stream is not None:
                 stream.done(index, block, mine, inputs)
             bar.update(task, advance=1)
     return errors
+
+
+@dataclass
+class _Walk:
+    """One step of :func:`sequential`; whatever references a block's tensors (statistics,
+    meter, expert views) is local to :meth:`block`, so it is gone when the step returns."""
+
+    prefix: str
+    inputs: BlockInputs
+    real: RealTokens
+    needs: frozenset[str]
+    measure: bool
+    prunes: bool
+
+    def block(self, index: int, block: nn.Module, visit: Visit) -> dict[str, float]:
+        """Statistics, ``visit``, outputs (and errors) of block ``index``; its outputs
+        replace ``inputs.hidden``; returns its layers' errors."""
+        inputs, real, needs = self.inputs, self.real, self.needs
+        layers = block_layers(block, f"{self.prefix}.{index}")
+        experts = find_experts(block, f"{self.prefix}.{index}")
+        matrices = {k: p[e] for ex in experts for k, p, e in ex.matrices()}
+        stats = {ly.name: LayerStats.of(ly, needs) for ly in layers} | {
+            k: LayerStats(w.shape[1], w.device, needs) for k, w in matrices.items()
+        }
+        outputs = None
+        if needs:
+            collect = lambda ly, x, out: stats[ly.name].add(real.rows(x))  # noqa: E731
+            routed = lambda key, x, w: stats[key].add(x)  # noqa: E731
+            with layer_hooks(layers, collect), expert_hooks(experts, real.rows, routed):
+                outputs = run_block(block, inputs, real)
+            if self.prunes:
+                outputs = None
+        meter = ErrorMeter(layers, real, matrices) if self.measure else None
+        del matrices
+        mine: dict[str, float] = {}
+        changed = visit(index, layers, stats)
+        stats.clear()
+        if changed or outputs is None:
+            with _measuring(meter, layers, experts, real):
+                outputs = run_block(block, inputs, real)
+            mine = meter.relative() if meter else {}
+        inputs.hidden = outputs
+        return mine

@@ -143,10 +143,9 @@ def prune_layer(
         return
     weight = to_canonical(module, module.weight.detach())
     new_weight, keep = solve(method, weight, target, stats, layer.name)
-    if new_weight is not None:
-        with torch.no_grad():
-            stored = weight_param(module)
-            stored.copy_(from_canonical(module, new_weight).to(stored.dtype))
+    if new_weight is not None:  # a new tensor, not written into the old one: the error
+        stored = weight_param(module)  # meter may still reference the dense weight
+        stored.data = from_canonical(module, new_weight).to(stored.dtype).contiguous()
     apply_mask(module, from_canonical(module, keep))
 
 
@@ -163,5 +162,14 @@ def solve(
             return None, row_mask(scores, target).reshape(weight.shape)
         return None, _criterion_keep(method, weight, target, stats, name)
     assert stats.hessian is not None
-    sweep = (lambda *a: alps(*a, method)) if isinstance(method, ALPS) else sparsegpt
-    return sweep(weight, stats.hessian.hessian, target)
+    if isinstance(method, ALPS):
+        return alps(weight, stats.hessian.hessian, target, method)
+    return sparsegpt(weight, take_hessian(stats), target, overwrite=True)
+
+
+def take_hessian(stats: LayerStats) -> torch.Tensor:
+    """``H = (2/n) X X^T`` scaled in place in the statistics' own buffer, which ``stats``
+    gives up (no second in x in matrix; ``stats`` holds no Hessian afterwards)."""
+    accumulator, stats.hessian = stats.hessian, None
+    assert accumulator is not None
+    return accumulator.sum_xxt.mul_(2 / max(accumulator.tokens, 1))

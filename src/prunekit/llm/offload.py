@@ -2,18 +2,22 @@
 
 :func:`prune_checkpoint` never holds the model: it builds the skeleton on the meta device
 (``AutoModelForCausalLM.from_config`` under ``torch.device("meta")``), loads the tensors
-outside the blocks (embeddings, final norm, head) to run the calibration up to the first
-block, then frees them; for each block, in order, it reads only that block's tensors from
-the shards (``safe_open``; the ``model.safetensors.index.json`` names the shard of each),
+outside the blocks that the calibration needs to reach the first block (the final norm,
+position embeddings...; of the input embedding only the rows of the calibration's tokens,
+:func:`_embedding_rows`; never the head), then frees them; for each block, in order, it
+reads only that block's tensors from
+the shards (plain reads; the ``model.safetensors.index.json`` names the shard of each),
 runs :func:`prunekit.llm.oneshot.run_prune`'s per-block step on it (statistics, pruning,
 masks baked, outputs for the next block -- the very code of :func:`prunekit.llm.prune`),
 writes it to its own output shard and puts it back on the meta device. The tensors outside
-the blocks are copied from the source shards as they are.
+the blocks are copied from the source shards byte for byte, a chunk at a time
+(:mod:`prunekit.llm.tensorfiles`).
 
-Resident at any time: one block's weights, its statistics and dense snapshot, and the
-calibration hidden states in and out (``samples x seq_len x hidden`` each), on top of the
-interpreter and torch. The result equals the in-memory prune of the loaded model on the
-same calibration (``tests/test_llm_offload.py``).
+Resident at any time: one block's weights, its statistics (each layer's freed once it is
+pruned), and the calibration hidden states in and out (``samples x seq_len x hidden``
+each), on top of the interpreter and torch; with ``measure_error`` and SparseGPT, also
+the dense weights of the block until it is measured. The result equals the in-memory
+prune of the loaded model on the same calibration (``tests/test_llm_offload.py``).
 """
 
 from __future__ import annotations
@@ -25,12 +29,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from prunekit.errors import (
-    CheckpointError,
     IncompatibleLayerError,
     PruningError,
     UnsupportedModelError,
@@ -40,14 +42,14 @@ from prunekit.fsio import atomic_directory
 from prunekit.granularity import NM
 from prunekit.llm.arguments import PruneArguments
 from prunekit.llm.blocks import block_layers, find_blocks
-from prunekit.llm.calibration import TokenData, calibration_batches
+from prunekit.llm.calibration import Batch, TokenData, calibration_batches
 from prunekit.llm.engine import BlockInputs
 from prunekit.llm.methods import Method, Target, parse_method
 from prunekit.llm.oneshot import check_target, run_prune
 from prunekit.llm.report import LLMPruneReport
+from prunekit.llm.tensorfiles import INDEX, Shards
 
-INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"
+__all__ = ["INDEX", "available_memory", "checkpoint_bytes", "parse_size", "prune_checkpoint"]
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
 _CGROUP = Path("/sys/fs/cgroup/memory.max")
@@ -100,36 +102,6 @@ def available_memory() -> int | None:
     return int(match[1]) * 1024 if match else None
 
 
-def _weight_map(src: Path) -> dict[str, str]:
-    """Tensor name -> shard file of the checkpoint in ``src``."""
-    if (src / INDEX).is_file():
-        return dict(json.loads((src / INDEX).read_text())["weight_map"])
-    if (src / SINGLE).is_file():
-        with safe_open(src / SINGLE, framework="pt") as f:
-            return dict.fromkeys(f.keys(), SINGLE)
-    raise CheckpointError(
-        f"{str(src)!r} holds neither {INDEX} nor {SINGLE}; Fix: pass a folder written by "
-        "save_pretrained (safetensors)."
-    )
-
-
-class _Shards:
-    """Reads named tensors from the checkpoint's shards, one shard open at a time."""
-
-    def __init__(self, src: Path) -> None:
-        self.src, self.map = src, _weight_map(src)
-
-    def read(self, names: list[str]) -> dict[str, Tensor]:
-        by_file: dict[str, list[str]] = {}
-        for name in names:
-            by_file.setdefault(self.map[name], []).append(name)
-        out = {}
-        for file, keys in by_file.items():
-            with safe_open(self.src / file, framework="pt") as f:
-                out |= {k: f.get_tensor(k) for k in keys}
-        return out
-
-
 def _skeleton(src: Path) -> nn.Module:
     """The model of ``src``'s config with every parameter and buffer on the meta device."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -177,7 +149,7 @@ class _Writer:
     """The :class:`~prunekit.llm.engine.BlockStream` of :func:`prune_checkpoint`."""
 
     def __init__(
-        self, model: nn.Module, shards: _Shards, out: Path, prefix: str, count: int
+        self, model: nn.Module, shards: Shards, out: Path, prefix: str, count: int
     ) -> None:
         self.model, self.shards, self.out, self.prefix = model, shards, out, prefix
         self.files = count + 1
@@ -223,10 +195,11 @@ class _Writer:
         self.bytes += sum(t.numel() * t.element_size() for t in tensors.values())
 
     def finish(self) -> None:
-        """The tensors outside the blocks, copied as they are; the index."""
+        """The tensors outside the blocks, copied byte for byte a chunk at a time; the index."""
         head = f"{self.prefix}."
         rest = [n for n in self.shards.map if not n.startswith(head)]
-        self.write(self.files - 1, self.shards.read(rest))
+        self.bytes += self.shards.copy(rest, self.out / self.file(self.files - 1))
+        self.weight_map |= dict.fromkeys(rest, self.file(self.files - 1))
         index = {
             "metadata": {"total_size": self.bytes},
             "weight_map": dict(sorted(self.weight_map.items())),
@@ -245,6 +218,7 @@ def prune_checkpoint(
     blocks: str | None = None,
     batch_size: int = 8,
     progress: bool = True,
+    measure_error: bool = True,
 ) -> LLMPruneReport:
     """Prune the causal LM saved in ``src_dir`` into ``out_dir`` without loading it whole.
 
@@ -261,7 +235,7 @@ def prune_checkpoint(
             spill to memory-mapped files (a temporary folder beside ``out_dir``) when
             they exceed it minus 3 times the largest block (its weights, dense snapshot
             and statistics).
-        blocks, batch_size, progress: as for :func:`prunekit.llm.prune`.
+        blocks, batch_size, progress, measure_error: as for :func:`prunekit.llm.prune`.
 
     Raises:
         UsageError: a bad ``max_memory`` or argument, ``out_dir`` = ``src_dir``.
@@ -279,24 +253,54 @@ def prune_checkpoint(
             f"out_dir {str(out_dir)!r} is src_dir, whose shards are read while the pruned "
             "ones are written; Fix: pass another folder."
         )
-    shards = _Shards(src)
+    shards = Shards(src)
     model = _skeleton(src)
     prefix, block_list = find_blocks(model, args.blocks)
     _check_fit(model, shards, target, budget, args.blocks)
-    _materialise(
-        model, model, shards.read([n for n in shards.map if not n.startswith(f"{prefix}.")])
-    )
-    batches = calibration_batches(calibration, model, args.batch_size)
+    embedding, skip = _embedding_names(model)
+    outside = [n for n in shards.map if not n.startswith(f"{prefix}.") and n not in skip]
+    _materialise(model, model, shards.read(outside))
+    batches = _embedding_rows(model, shards, embedding, calibration, args.batch_size)
     with atomic_directory(out_dir) as out, tempfile.TemporaryDirectory(dir=out.parent) as spill:
         writer = _Writer(model, shards, out, prefix, len(block_list))
         if budget is not None:
             writer.spill = (Path(spill), max(budget - 3 * _largest(block_list), 0))
-        report = run_prune(model, batches, method, target, "uniform", args, stream=writer)
+        report = run_prune(
+            model, batches, method, target, "uniform", args, stream=writer, measure=measure_error
+        )
         writer.finish()
         for file in src.iterdir():  # config, tokenizer files...
             if file.is_file() and file.suffix != ".safetensors" and file.name != INDEX:
                 shutil.copy2(file, out / file.name)
     return report
+
+
+def _embedding_names(model: nn.Module) -> tuple[str, set[str]]:
+    """The input embedding's weight name, and the names of it and of the head's tensors
+    (the capture needs only some embedding rows, pruning never needs the head)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    embedding = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    weight = f"{names[id(embedding)]}.weight".lstrip(".")
+    heads = [] if head is None else [f"{names[id(head)]}.{n}" for n, _ in head.named_parameters()]
+    return weight, {weight, *heads}
+
+
+def _embedding_rows(
+    model: nn.Module, shards: Shards, name: str, calibration: TokenData, batch_size: int
+) -> list[Batch]:
+    """The calibration batches, with the input embedding holding only the rows of the
+    tokens they use (read from the shards) and ``input_ids`` renumbered into those rows:
+    the same hidden states for the capture without the whole vocabulary in memory."""
+    embedding = model.get_input_embeddings()
+    width = embedding.weight.shape[1]
+    embedding.weight = nn.Parameter(torch.empty(0, width), requires_grad=False)  # the device
+    batches = calibration_batches(calibration, model, batch_size)
+    used = torch.unique(torch.cat([b["input_ids"].reshape(-1) for b in batches]))
+    embedding.weight = nn.Parameter(shards.rows(name, used), requires_grad=False)
+    if getattr(embedding, "padding_idx", None) is not None:
+        embedding.padding_idx = None  # a training-time notion; its row may not be among these
+    return [{**b, "input_ids": torch.searchsorted(used, b["input_ids"])} for b in batches]
 
 
 def _largest(block_list: nn.ModuleList) -> int:
@@ -305,7 +309,7 @@ def _largest(block_list: nn.ModuleList) -> int:
 
 
 def _check_fit(
-    model: nn.Module, shards: _Shards, target: Target, budget: int | None, blocks: str | None
+    model: nn.Module, shards: Shards, target: Target, budget: int | None, blocks: str | None
 ) -> None:
     """Before anything is written: the checkpoint holds every block tensor under the
     model's own names, N:M divides every layer, one block fits in ``budget``."""

@@ -46,6 +46,7 @@ from prunekit.llm.report import LayerRecord, LLMPruneReport, block_records
 from prunekit.masks import bake, kept_fraction, require_bakeable, tie_masks
 
 ALLOCATIONS = ["uniform", "owl"]
+NAN = float("nan")  # the error of a layer when ``measure_error=False``
 
 
 def _check_layers(blocks: nn.ModuleList, prefix: str, target: Target) -> None:
@@ -87,6 +88,7 @@ def _owl_targets(
         description="OWL outlier ratios",
         progress=args.progress,
         measure=False,
+        prunes=False,
     )
     return owl_sparsities(ratios, sparsity, args.owl_lambda)
 
@@ -117,6 +119,7 @@ def prune(
     batch_size: int = 8,
     progress: bool = True,
     keep_masks: bool = False,
+    measure_error: bool = True,
 ) -> LLMPruneReport:
     """Prune every Linear / Conv1D of a transformer's blocks, one block at a time.
 
@@ -149,6 +152,10 @@ def prune(
             ``pk.bake(model)`` before ``save_pretrained``, which otherwise writes
             parametrization keys that ``from_pretrained`` ignores, re-initialising every
             pruned weight at random.
+        measure_error: True (default): each layer's relative output error is measured on
+            the block's inputs (a second forward of each block). For SparseGPT / ALPS this
+            keeps the block's dense weights until it is measured (one block's worth of
+            memory); False skips it (``error`` is NaN in the report) for the lowest peak.
 
     Returns:
         An :class:`LLMPruneReport`: per-layer (and per-expert) sparsity and error, per
@@ -179,7 +186,7 @@ def prune(
     if not args.keep_masks:
         require_bakeable(block_list, prefix)
     batches = calibration_batches(calibration, model, args.batch_size)
-    return run_prune(model, batches, method, target, allocation, args)
+    return run_prune(model, batches, method, target, allocation, args, measure=measure_error)
 
 
 def run_prune(
@@ -190,10 +197,13 @@ def run_prune(
     allocation: str,
     args: PruneArguments,
     stream: BlockStream | None = None,
+    *,
+    measure: bool = True,
 ) -> LLMPruneReport:
     """The pass of :func:`prune` on its checked arguments. With ``stream`` (out of core:
     :mod:`prunekit.llm.offload`; uniform allocation) each block is recorded, then baked
-    unless ``keep_masks``, as it finishes, before the stream takes its weights back."""
+    unless ``keep_masks``, as it finishes, before the stream takes its weights back.
+    ``measure``: :func:`prune`'s ``measure_error``."""
     prefix, block_list = find_blocks(model, args.blocks)
     device = next(model.parameters()).device
     start = time.perf_counter()
@@ -206,8 +216,8 @@ def run_prune(
         notes: list[tuple[str, str]] = []
 
         def visit(index: int, layers: list[Layer], stats: dict[str, LayerStats]) -> bool:
-            for layer in layers:
-                prune_layer(method, layer, block_targets[index], stats[layer.name])
+            for layer in layers:  # each layer's statistics freed once it is pruned
+                prune_layer(method, layer, block_targets[index], stats.pop(layer.name))
             experts = find_experts(block_list[index], f"{prefix}.{index}")
             notes.extend(prune_experts(method, experts, block_targets[index], stats))
             return True
@@ -221,7 +231,9 @@ def run_prune(
             needs=needs(method),
             description=f"{method_name(method)} {describe(target)}",
             progress=args.progress,
+            measure=measure,
             stream=finishing,
+            consume=True,  # the OWL pass is done: the captured states can go
         )
     if finishing is None:
         records = _records(block_list, prefix, block_targets, errors)
@@ -303,12 +315,12 @@ def _block_records(
     for ly in block_layers(block, name):
         shape, sparsity = tuple(ly.weight.shape), 1.0 - kept_fraction(ly.module)
         records.append(LayerRecord(ly.name, shape, ly.weight.numel(), fraction, sparsity,
-                                   errors[ly.name]))  # fmt: skip
+                                   errors.get(ly.name, NAN)))  # fmt: skip
     for ex in find_experts(block, name):
         for key, param, e in ex.matrices():
             w = param[e].detach()
             records.append(LayerRecord(key, tuple(w.shape), w.numel(), fraction,
-                                       zeros_fraction(w), errors[key]))  # fmt: skip
+                                       zeros_fraction(w), errors.get(key, NAN)))  # fmt: skip
     return records
 
 

@@ -14,9 +14,11 @@ For one layer with canonical weight ``W`` (``out x in``) and Hessian ``H = (2/n)
    zeroed); update the block's later columns by ``-err * U[j, j:]``; after the block,
    apply the deferred (lazy batch) update ``-Err @ U[block, later]`` to all later columns.
 
-Everything runs in fp32. The *kept* weights change (that is the point: they compensate for
-the pruned ones), so the result is a new dense weight with zeros at pruned positions and a
-mask; the caller writes both into the model.
+Everything runs in fp32. Memory beyond the weight: its fp32 working copy and ``U``, and
+``H`` while ``U`` is computed when the caller hands ``H`` over (``overwrite=True``: it is
+damped in place instead of copied). The *kept* weights change (that is the point: they
+compensate for the pruned ones), so the result is a new dense weight with zeros at pruned
+positions and a mask; the caller writes both into the model.
 
 Not a :class:`~prunekit.criteria.Criterion` because the mask is chosen during the sweep on
 weights the sweep itself updates; it has no fixed per-weight score.
@@ -44,17 +46,23 @@ def sparsegpt(
     *,
     block_size: int = BLOCK_SIZE,
     damping: float = 0.01,
+    overwrite: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """``(new_weight, keep_mask)`` for a canonical ``(out, in)`` weight (see module docstring).
 
     ``target`` is an unstructured sparsity in [0, 1) or an :class:`~prunekit.granularity.NM`.
-    ``new_weight`` is fp32, zero wherever ``keep_mask`` is False.
+    ``new_weight`` is fp32, zero wherever ``keep_mask`` is False. ``overwrite``: the fp32
+    ``hessian`` is the caller's to give up; it is damped in place (same ``U``, less memory).
     """
     w = weight.detach().to(torch.float32).clone(memory_format=torch.contiguous_format)
     rows, cols = w.shape
     dead = dead_inputs(hessian)
     w[:, dead] = 0.0
-    u = inverse_hessian_cholesky(hessian, damping)
+    if overwrite and hessian.dtype == torch.float32:
+        u = _upper_inverse_factor(hessian, dead, damping)
+    else:
+        u = inverse_hessian_cholesky(hessian, damping)
+    del hessian
     nm = target if isinstance(target, NM) else None
     if nm is not None:
         block_size = max(nm.m, block_size - block_size % nm.m)
@@ -84,3 +92,18 @@ def sparsegpt(
         pruned[:, i1:i2] = mask1
         w[:, i2:] -= err1 @ u[i1:i2, i2:]
     return w, ~pruned
+
+
+def _upper_inverse_factor(h: Tensor, dead: Tensor, damping: float) -> Tensor:
+    """:func:`~prunekit.criteria.second_order.inverse_hessian_cholesky` with ``h`` damped in
+    place and every later step written into one buffer (``out=``; the same LAPACK calls, so
+    the same bits): two ``in x in`` matrices at most, where the shared function holds four."""
+    h[dead, dead] = 1.0
+    h.diagonal().add_(damping * torch.diagonal(h).mean())
+    factor, info = torch.linalg.cholesky_ex(h)
+    if int(info):  # not positive definite in fp32: the shared function's float64 retry
+        h64 = h.to(torch.float64)
+        inverse = torch.cholesky_inverse(torch.linalg.cholesky(h64))
+        return torch.linalg.cholesky(inverse, upper=True).to(torch.float32)
+    torch.cholesky_inverse(factor, out=factor)
+    return torch.linalg.cholesky(factor, upper=True, out=factor)
