@@ -131,7 +131,7 @@ def run_one(args: argparse.Namespace) -> None:
     macs0 = count_macs(dense, x1)
     folded = copy.deepcopy(dense)
     fold_batchnorm(folded, x1)
-    rows = []
+    rows: list[dict] = []
     for name, info in found.items():
         row = {k: v for k, v in info.items() if k != "model"}
         if "model" in info:
@@ -142,13 +142,18 @@ def run_one(args: argparse.Namespace) -> None:
             print(f"{label} b{args.batch} {name}: {row['speedup']['ratio']:.2f}x, "
                   f"MACs / {row['macs_reduction']:.2f}", flush=True)  # fmt: skip
         rows.append({"variant": name, **row})
+        _save(args, label, load0, rows)  # after each variant: a run cut short keeps them
+
+
+def _save(args: argparse.Namespace, label: str, load0: float, rows: list[dict]) -> None:
+    """This run's rows into its results file (rows of variants it did not run stay)."""
     result = {"model": label, "batch": args.batch, "threads": args.threads,
               "torch": torch.__version__, "load": [load0, os.getloadavg()[0]],
               "date": datetime.date.today().isoformat(), "rows": rows,
               "command": " ".join(sys.argv)}  # fmt: skip
     args.results.mkdir(parents=True, exist_ok=True)
     path = args.results / f"{args.model}_b{args.batch}_t{args.threads}.json"
-    if path.exists():  # a run of some variants: keep the others' rows
+    if path.exists():
         new = {r["variant"] for r in rows}
         kept = [r for r in json.loads(path.read_text())["rows"] if r["variant"] not in new]
         result["rows"] = kept + rows
