@@ -11,6 +11,9 @@ MACs                FLOPs / 2 of one forward pass, counted by
 attention MACs      ``B * Hq * Lq * Lk * (E + Ev)`` for one fused
                     ``scaled_dot_product_attention`` (``Q K^T`` then ``A V``;
                     the softmax is not a MAC), whichever kernel runs it
+batch norm MACs     0 (elementwise, as its decomposition counts): given by
+                    :data:`BATCH_NORM_KERNELS`, so ``FlopCounterMode`` runs the
+                    kernel instead of decomposing it into five operations
 ==================  ===========================================================
 
 MACs are counted one way everywhere (:func:`macs_per_module`): the model in eval mode,
@@ -114,7 +117,24 @@ ATTENTION_KERNELS = tuple(
     )
     if hasattr(torch.ops.aten, name)
 )
-_COUNTED_KERNELS = {kernel: _attention_flops for kernel in ATTENTION_KERNELS}
+BATCH_NORM_KERNELS = tuple(
+    getattr(torch.ops.aten, name)
+    for name in ("native_batch_norm", "_native_batch_norm_legit",
+                 "_native_batch_norm_legit_no_training")
+    if hasattr(torch.ops.aten, name)
+)  # fmt: skip
+
+
+def _no_flops(*_: object, **__: object) -> int:
+    return 0
+
+
+_COUNTED_KERNELS = {
+    **{kernel: _attention_flops for kernel in ATTENTION_KERNELS},
+    **{kernel: _no_flops for kernel in BATCH_NORM_KERNELS},
+    # FlopCounterMode decomposes an overload missing from its table: list them too
+    **{getattr(k, o): _no_flops for k in BATCH_NORM_KERNELS for o in k.overloads()},
+}
 
 
 @contextmanager

@@ -235,7 +235,8 @@ def _present(roots: list[np.ndarray], blocked: np.ndarray) -> list[np.ndarray]:
     ``key * atoms + root`` codes are made unique together, then split by key."""
     n = max(len(blocked), 1)
     key = np.repeat(np.arange(len(roots)), [len(r) for r in roots])
-    code = np.unique(key * n + np.concatenate(roots)) if roots else np.zeros(0, np.int64)
+    code = np.sort(key * n + np.concatenate(roots)) if roots else np.zeros(0, np.int64)
+    code = code[np.concatenate([[True], code[1:] != code[:-1]])]
     key, root = np.divmod(code, n)
     keep = ~blocked[root]
     key, root = key[keep], root[keep]

@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import _disable_current_modes
 
 from prunekit.cost import counting
 from prunekit.errors import CouplingError, UntraceableError
@@ -72,13 +71,11 @@ class Tracer(TorchFunctionMode):
         self.state = TraceState(model)
         self.suspended = 0  # > 0 inside a module traced whole by a module rule
         self.ran: set[str] = set()  # names of the modules that ran
-        # around every rule: a MAC count of the pass (trace(macs=True)) skips label work
-        self.uncounted: Callable[[], AbstractContextManager[Any]] = nullcontext
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if self.suspended or not any(map(self.state.is_labelled, tensors((args, kwargs)))):
+        if self.suspended or not _any_labelled(self.state, args, kwargs):
             return out
         name, where = func_name(func), self.state.where
         rule = function_rule(func)
@@ -90,8 +87,7 @@ class Tracer(TorchFunctionMode):
                 "type(module), prunekit.structured.keep_whole)."
             )
         try:
-            with self.uncounted():
-                rule(self.state, func, args, kwargs, out)
+            rule(self.state, func, args, kwargs, out)
         except CouplingError as exc:
             raise CouplingError(
                 f"{exc} in {name!r} of module {where!r}; Fix: the rule for {name!r} must "
@@ -130,6 +126,17 @@ class Tracer(TorchFunctionMode):
             self.state.stack.pop()
 
         return hook
+
+
+def _any_labelled(state: TraceState, args: tuple, kwargs: dict) -> bool:
+    """Whether a tensor among ``args`` / ``kwargs`` (or in a list, tuple or dict among
+    them, as ``torch.cat`` takes) carries channels; faster than flattening the tree."""
+    for x in (*args, *kwargs.values()):
+        if isinstance(x, Tensor) and state.is_labelled(x):
+            return True
+        if isinstance(x, list | tuple | dict) and any(map(state.is_labelled, tensors(x))):
+            return True
+    return False
 
 
 def _positional(module: nn.Module, args: tuple, kwargs: dict) -> tuple:
@@ -171,14 +178,12 @@ def trace(model: nn.Module, inputs: Inputs, macs: bool = False) -> Trace:
 
     Every channel that reaches a model output is blocked: outputs keep their shape. With
     ``macs``, the eval-mode pass is also counted as :func:`prunekit.cost.count_macs`
-    counts (:attr:`Trace.macs`; the rules' own label work is not counted).
+    counts (:attr:`Trace.macs`; the rules' label work is views, comparisons and index
+    operations on int64 labels, none of which the counter counts).
     """
     tracer = Tracer(model)
     with counting() if macs else nullcontext() as counter:
-        if counter is not None:
-            tracer.uncounted = _disable_current_modes
         outputs = _pass(tracer, model, inputs, training=False)
-    tracer.uncounted = nullcontext
     idle = [n for n, m in model.named_modules()
             if n not in tracer.ran and any(True for _ in m.parameters(recurse=False))]  # fmt: skip
     if idle:  # dropout draws from the global generator: fork it

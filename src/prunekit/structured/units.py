@@ -11,7 +11,7 @@ view every registered criterion that declares the ``"channels"`` unit kind
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +33,27 @@ def _per_position(values: Tensor, dim: int) -> Tensor:
     return values.sum(others, dtype=torch.promote_types(values.dtype, torch.float32)).double()
 
 
+class PositionSums:
+    """Per-position sums of ``fn(w, g)`` shared by the families of one unit set: a tensor
+    of several families (a conv's outputs in one, its inputs in another) is passed
+    through ``fn`` once, then reduced along every dimension ``dims[name]`` the graph uses.
+    Only a plain function (no closure, no defaults: same code, same result) is shared."""
+
+    def __init__(self, dims: dict[str, set[int]]) -> None:
+        self.dims = dims
+        self._done: dict[tuple[object, str], dict[int, Tensor]] = {}
+
+    def get(self, fn: Contribution, name: str, dim: int, values: Callable[[], Tensor]) -> Tensor:
+        plain = getattr(fn, "__closure__", True) is None and not getattr(fn, "__defaults__", 1)
+        if not plain:
+            return _per_position(values(), dim)
+        key = (fn.__code__, name)  # type: ignore[attr-defined]
+        if key not in self._done:
+            computed = values()
+            self._done[key] = {d: _per_position(computed, d) for d in self.dims[name] | {dim}}
+        return self._done[key][dim]
+
+
 class ChannelUnits(Units):
     """The groups of one ``family``; ``params`` / ``grads`` map tensor names to tensors."""
 
@@ -42,8 +63,10 @@ class ChannelUnits(Units):
         params: dict[str, Tensor],
         grads: dict[str, Tensor] | None = None,
         batchnorms: frozenset[str] = frozenset(),
+        sums: PositionSums | None = None,
     ) -> None:
         self.family, self.params, self.grads = family, params, grads
+        self._sums = sums or PositionSums({})
         self.shape = (len(family),)
         self.size = None
         self._kinds = {
@@ -63,8 +86,9 @@ class ChannelUnits(Units):
                 continue
             w = self.params[runs.name].detach()
             g = None if self.grads is None else self.grads.get(runs.name)
-            values = fn(w, None if g is None else g.detach())
-            total.index_add_(0, runs.group, _per_position(values, runs.dim)[runs.positions])
+            grad = None if g is None else g.detach()
+            sums = self._sums.get(fn, runs.name, runs.dim, lambda w=w, g=grad: fn(w, g))
+            total.index_add_(0, runs.group, sums[runs.positions])
         return total.float()
 
     def vectors(self) -> list[Tensor]:
@@ -80,8 +104,10 @@ class FamilyUnits:
     def __init__(self, model: nn.Module, graph: DependencyGraph) -> None:
         self.model, self.graph = model, graph
         self._params = dict(model.named_parameters(remove_duplicate=False))
-        members = {r.name for f in graph.families for r in f.runs}
-        self.names = sorted(n for n in members if n in self._params)
+        self._dims: dict[str, set[int]] = {}
+        for r in (r for f in graph.families for r in f.runs):
+            self._dims.setdefault(r.name, set()).add(r.dim)
+        self.names = sorted(n for n in self._dims if n in self._params)
         self._bns = frozenset(_batchnorms(model))
 
     def params(self) -> list[Tensor]:
@@ -94,7 +120,8 @@ class FamilyUnits:
                 n: torch.zeros_like(self._params[n]) if g is None else g
                 for n, g in zip(self.names, grads, strict=True)
             }
+        sums = PositionSums(self._dims)  # these grads: a fresh cache
         return {
-            fam.name: ChannelUnits(fam, self._params, grad_map, self._bns)
+            fam.name: ChannelUnits(fam, self._params, grad_map, self._bns, sums)
             for fam in self.graph.families
         }
