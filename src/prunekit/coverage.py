@@ -96,6 +96,13 @@ def _output(model: nn.Module, prunable: list[Layer]) -> Layer | None:
     return next((ly for ly in prunable if ly.module is head), None)
 
 
+def output_layer(model: nn.Module) -> str | None:
+    """The name of ``model``'s output layer (see the module docstring); None for a model
+    with fewer than two prunable layers or whose ``get_output_embeddings()`` is not one."""
+    output = _output(model, [Layer(n, m) for n, m in model.named_modules() if is_prunable(m)])
+    return None if output is None else output.name
+
+
 def _roles(model: nn.Module, prunable: list[Layer]) -> dict[str, str]:
     """``{layer name: OUTPUT or EMBEDDING}`` (see the module docstring)."""
     inputs = _hf_module(model, "get_input_embeddings")
