@@ -269,7 +269,8 @@ def test_layer_types_coverage(convnet):
 
 def test_selection_by_pattern_type_predicate_and_exclude(convnet):
     assert [r.name for r in pk.prune(convnet, 0.1, layers="conv*").layers] == ["conv"]
-    assert [r.name for r in pk.prune(convnet, 0.1, layers=nn.Linear, include_output=True).layers] == ["head"]
+    head = pk.prune(convnet, 0.1, layers=nn.Linear, include_output=True)
+    assert [r.name for r in head.layers] == ["head"]
     names = [r.name for r in pk.prune(convnet, 0.1, exclude=["head", nn.ConvTranspose2d]).layers]
     assert names == ["conv", "depthwise"]
     pred = pk.prune(convnet, 0.1, layers=lambda n, m: n.startswith("d")).layers
