@@ -22,9 +22,13 @@ Which layers those are:
   gets the wrong layer (or one of them) kept dense; name the layers yourself then
   (``layers=`` / ``exclude=``, with ``include_output=True``). A model with a single prunable
   layer has no separate output layer: that layer is pruned;
-* tied weights: an output layer that shares its weight with an embedding
-  (``lm_head.weight is embed_tokens.weight``) is one tensor, so both stay dense unless both
-  flags are set.
+* tied weights: a layer that shares its weight tensor with one kept dense stays dense with
+  it (one tensor, one mask): a tied ``lm_head`` (``lm_head.weight is
+  embed_tokens.weight``) and its embedding are pruned only when both flags are set.
+
+The reports list what they leave out and why (:attr:`PruneReport.skipped
+<prunekit.pruning.PruneReport>`, :attr:`SparsityReport.skipped`), in words such as
+``not counted: fc3 (output layer; include_output=True prunes it)``.
 """
 
 from __future__ import annotations
