@@ -6,11 +6,11 @@ import argparse
 import csv
 import io
 import json
-import uuid
 from pathlib import Path
 
 import pytest
 from rich.console import Console
+from test_cli_data import user_module
 
 from prunekit import cli
 from prunekit.cli_analysis import HANDLERS, add_parsers, parse_method
@@ -143,10 +143,7 @@ def mlp(hidden=16):
 
 @pytest.fixture
 def factory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    name = f"cli_analysis_factory_{uuid.uuid4().hex[:8]}"
-    (tmp_path / f"{name}.py").write_text(FACTORY)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    return f"{name}:mlp"
+    return f"{user_module(FACTORY, tmp_path, monkeypatch)}:mlp"
 
 
 def test_sensitivity_and_sweep_take_a_factory_model_with_kwargs(
@@ -192,10 +189,7 @@ def wrong():
 
 @pytest.fixture
 def data_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    name = f"cli_analysis_data_{uuid.uuid4().hex[:8]}"
-    (tmp_path / f"{name}.py").write_text(DATA_MODULE)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    return name
+    return user_module(DATA_MODULE, tmp_path, monkeypatch)
 
 
 def test_user_loaders_from_a_data_function(factory: str, data_module: str, tmp_path: Path) -> None:

@@ -70,13 +70,18 @@ def raises():
 """
 
 
+def user_module(source: str, folder: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """``source`` as a module of a fresh name in ``folder``, put on sys.path; its name."""
+    name = f"user_{uuid.uuid4().hex[:8]}"
+    (folder / f"{name}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(folder))
+    return name
+
+
 @pytest.fixture
 def user(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """A user's module on sys.path (a model factory and data functions); its name."""
-    name = f"cli_data_{uuid.uuid4().hex[:8]}"
-    (tmp_path / f"{name}.py").write_text(MODULE)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    return name
+    return user_module(MODULE, tmp_path, monkeypatch)
 
 
 def test_loaders_contract(user: str) -> None:
