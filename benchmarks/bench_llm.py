@@ -261,6 +261,39 @@ def cost_rows(args: argparse.Namespace, console: Console) -> Rows:
     return rows
 
 
+def memory(args: argparse.Namespace) -> None:
+    """The memory-floor table, prunekit and llmcompressor (``bench_llm_offload``): runs
+    ``--repeats`` rounds (appended to ``--rounds``), prints and with ``--write`` writes the
+    table of every round in that file."""
+    import bench_llm_offload as floor
+
+    peer = args.llmc_python if args.llmc_python and Path(args.llmc_python).exists() else None
+    if peer is None:
+        print(f"llmcompressor skipped: no interpreter at --llmc-python {args.llmc_python!r} "
+              "(python3 -m venv /tmp/llmc-venv && /tmp/llmc-venv/bin/pip install "
+              "torch==2.13.0 llmcompressor==0.14.0)")  # fmt: skip
+    store = Path(args.rounds or tempfile.mkstemp(suffix=".json")[1])
+    rounds = json.loads(store.read_text()) if store.exists() and store.stat().st_size else []
+    work = store.with_suffix(".models")
+    for _ in range(args.repeats if args.repeats else 0):
+        load = f"{os.getloadavg()[0]:.1f}"
+        rows = floor.one_round(work, peer)
+        rounds.append({"load": f"{load} -> {os.getloadavg()[0]:.1f}", "rows": rows})
+        store.write_text(json.dumps(rounds))
+    lines = [*floor.table([r["rows"] for r in rounds]), "", *floor.floor_lines()]
+    print("\n".join(lines))
+    if args.write:
+        loads = "; ".join(r["load"] for r in rounds)
+        cmd = "PYTHONPATH=src .venv/bin/python benchmarks/bench_llm.py " + " ".join(sys.argv[1:])
+        head = (
+            f"Measured {time.strftime('%Y-%m-%d')} with `{cmd}`, rounds run the same way under "
+            f"`flock /work/notes/bench.lock` (torch {torch.__version__}, {len(rounds)} "
+            f"interleaved round(s), median (each round); load average per round {loads})."
+        )
+        lines = [head, "", floor.PROTOCOL, "", *lines]
+        write_section("bench_llm_memory", ["", *lines])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=128, help="calibration samples")
@@ -270,6 +303,8 @@ def main() -> None:
     parser.add_argument("--skip-minilm", action="store_true")
     parser.add_argument("--write", action="store_true", help=f"update {MD_FILE.name}")
     parser.add_argument("--llmc-python", help="python of a venv with llmcompressor installed")
+    parser.add_argument("--memory", action="store_true", help="only the memory-floor table")
+    parser.add_argument("--rounds", help="JSON file: --memory appends its round(s) to it")
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--llmc-worker", choices=METHODS[1:], help=argparse.SUPPRESS)
     parser.add_argument("--llmc-out", help=argparse.SUPPRESS)
@@ -280,6 +315,8 @@ def main() -> None:
         return llmc_worker(
             str(lm.cache_dir()), args.llmc_out, args.llmc_worker, args.samples, args.seq_len
         )
+    if args.memory:
+        return memory(args)
     if args.quick:
         args.repeats, args.samples = 1, 16
     console = Console(width=130)

@@ -44,6 +44,7 @@ from prunekit.layers import Layer, layer_hooks, to_canonical
 from prunekit.llm.blocks import block_layers
 from prunekit.llm.calibration import Batch
 from prunekit.llm.experts import FusedExperts, expert_hooks, find_experts
+from prunekit.llm.memory import release
 from prunekit.tables import progress_bar
 
 
@@ -280,10 +281,10 @@ def sequential(
     ``consume``: the walk takes ``inputs.hidden`` over (the caller's list is emptied), so
     the captured hidden states are freed once the first block has run.
     """
-    hidden = list(inputs.hidden)
+    captured = inputs
+    inputs = replace(inputs, hidden=list(inputs.hidden))  # only ``hidden`` is rebound below
     if consume:
-        inputs.hidden.clear()
-    inputs = replace(inputs, hidden=hidden)  # shallow: only ``hidden`` is rebound below
+        captured.hidden.clear()
     real = RealTokens(inputs.tokens)
     errors: dict[str, float] = {}
     walk = _Walk(prefix, inputs, real, needs, measure, prunes)
@@ -296,6 +297,7 @@ def sequential(
             errors.update(mine)
             if stream is not None:
                 stream.done(index, block, mine, inputs)
+            release()
             bar.update(task, advance=1)
     return errors
 

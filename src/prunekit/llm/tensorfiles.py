@@ -21,7 +21,7 @@ from prunekit.errors import CheckpointError
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
-CHUNK = 8 * 2**20
+CHUNK = 2**21
 """Bytes read or copied at a time."""
 
 
