@@ -67,3 +67,13 @@ def test_multihead_attention_before_and_after_head_pruning() -> None:
     assert_trace_counts(small, x)
     assert report.macs_before == count_macs(model, x)
     assert report.macs_after == count_macs(small, x) < report.macs_before
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_shrink_reports_count_macs_counts(verify: bool) -> None:
+    """Before: counted in the trace; after: in verify's forward pass, or by count_macs."""
+    model, x = build_zoo("resnet20").eval(), example_input("resnet20", 2)
+    small = copy.deepcopy(model)
+    report = pk.shrink(small, x, ratio=0.5, verify=verify)
+    assert report.macs_before == count_macs(model, x)
+    assert report.macs_after == count_macs(small, x) < report.macs_before

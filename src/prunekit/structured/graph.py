@@ -236,7 +236,7 @@ def _present(roots: list[np.ndarray], blocked: np.ndarray) -> list[np.ndarray]:
     n = max(len(blocked), 1)
     key = np.repeat(np.arange(len(roots)), [len(r) for r in roots])
     code = np.sort(key * n + np.concatenate(roots)) if roots else np.zeros(0, np.int64)
-    code = code[np.concatenate([[True], code[1:] != code[:-1]])]
+    code = code[np.concatenate([code[:1] == code[:1], code[1:] != code[:-1]])]
     key, root = np.divmod(code, n)
     keep = ~blocked[root]
     key, root = key[keep], root[keep]

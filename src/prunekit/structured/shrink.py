@@ -372,6 +372,7 @@ def shrink(
     result = None
     if found is not None:
         result = _verify(model, found, undo, not approximate, graph.trace.trained)
+    macs_after = None if result is None else result.macs  # counted in verify's forward
     if approximate:
         notes.append(_approximate_note(graph, result))
     elif result is not None and result.note:
@@ -380,7 +381,7 @@ def shrink(
         params_before,
         sum(p.numel() for p in model.parameters()),
         macs_before,
-        count_macs(model, example_inputs),
+        count_macs(model, example_inputs) if macs_after is None else macs_after,
         decisions,
         changes,
         notes,

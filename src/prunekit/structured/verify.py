@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
+from prunekit.cost import counting
 from prunekit.errors import InvalidWeightError, ShrinkVerificationError
 from prunekit.inputs import Inputs, call, call_eval, set_mode
 from prunekit.structured.graph import Group
@@ -220,6 +221,7 @@ class Check:
     deviation: float
     sensitivity: float
     note: str
+    macs: int | None = None  # of the shrunk model on the example inputs (count_macs' count)
 
 
 def _train_mode_problem(model: nn.Module, inputs: Inputs) -> str:
@@ -239,12 +241,16 @@ def check(
 ) -> Check:
     """Compare ``model`` (shrunk) with every probe; raise ShrinkVerificationError if it
     does not run (with ``train``, in train mode too), or (``exact``) on a mismatch (the
-    caller undoes the removal). Not ``exact``: the deviation is measured, never refused."""
+    caller undoes the removal). Not ``exact``: the deviation is measured, never refused.
+    The forward pass on the example inputs (the first probe) is counted as
+    :func:`prunekit.cost.count_macs` counts (:attr:`Check.macs`)."""
     problem = _train_mode_problem(model, found[0].inputs) if train else ""
-    deviation = 0.0
+    deviation, counter = 0.0, None
     for probe in found if not problem else ():
         try:
-            actual = outputs(model, probe.inputs)
+            with counting() if counter is None else nullcontext() as counting_now:
+                actual = outputs(model, probe.inputs)
+            counter = counter or counting_now
         except Exception as exc:  # any failure of the shrunk model is reported
             problem = f"the shrunk model does not run ({type(exc).__name__}: {exc})"
             break
@@ -263,7 +269,8 @@ def check(
     if problem:
         raise ShrinkVerificationError(problem)
     note = _weak_note(found) if exact else ""
-    return Check(deviation, max(p.sensitivity for p in found), note)
+    macs = None if counter is None else counter.get_total_flops() // 2
+    return Check(deviation, max(p.sensitivity for p in found), note, macs)
 
 
 def _weak_note(found: Sequence[Probe]) -> str:
