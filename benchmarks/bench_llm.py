@@ -277,9 +277,13 @@ def memory(args: argparse.Namespace) -> None:
     work = store.with_suffix(".models")
     for _ in range(args.repeats if args.repeats else 0):
         load = f"{os.getloadavg()[0]:.1f}"
-        rows = floor.one_round(work, peer)
-        rounds.append({"load": f"{load} -> {os.getloadavg()[0]:.1f}", "rows": rows})
+        rounds.append({"load": load, "rows": []})
+        floor.one_round(work, peer, rounds[-1]["rows"], save=lambda: store.write_text(
+            json.dumps(rounds)), methods=tuple(args.methods.split(",")))  # fmt: skip
+        rounds[-1]["load"] = f"{load} -> {os.getloadavg()[0]:.1f}"
         store.write_text(json.dumps(rounds))
+    if not rounds:
+        return print(f"no round in {store}: pass --repeats 1 or more")
     lines = [*floor.table([r["rows"] for r in rounds]), "", *floor.floor_lines()]
     print("\n".join(lines))
     if args.write:
@@ -294,7 +298,7 @@ def memory(args: argparse.Namespace) -> None:
         write_section("bench_llm_memory", ["", *lines])
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=128, help="calibration samples")
     parser.add_argument("--seq-len", type=int, default=256)
@@ -305,18 +309,28 @@ def main() -> None:
     parser.add_argument("--llmc-python", help="python of a venv with llmcompressor installed")
     parser.add_argument("--memory", action="store_true", help="only the memory-floor table")
     parser.add_argument("--rounds", help="JSON file: --memory appends its round(s) to it")
+    parser.add_argument("--methods", default="wanda,sparsegpt", help="--memory: which methods")
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--llmc-worker", choices=METHODS[1:], help=argparse.SUPPRESS)
     parser.add_argument("--llmc-out", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser
+
+
+def dispatch(args: argparse.Namespace) -> None:
+    """The subprocess workers, or the memory-floor table alone."""
     if args.worker:
         return worker(args.worker, args.samples, args.seq_len)
     if args.llmc_worker:
         return llmc_worker(
             str(lm.cache_dir()), args.llmc_out, args.llmc_worker, args.samples, args.seq_len
         )
-    if args.memory:
-        return memory(args)
+    return memory(args)
+
+
+def main() -> None:
+    args = _parser().parse_args()
+    if args.worker or args.llmc_worker or args.memory:
+        return dispatch(args)
     if args.quick:
         args.repeats, args.samples = 1, 16
     console = Console(width=130)

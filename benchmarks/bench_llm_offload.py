@@ -35,6 +35,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 SAMPLES, SEQ_LEN, VOCAB = 16, 256, 8000
@@ -66,6 +67,14 @@ freed so far, and the heap then keeps freed tensors resident)."""
 
 def _kib(field: str) -> int:
     return int(re.search(rf"^{field}:\s+(\d+) kB", STATUS.read_text(), re.MULTILINE)[1]) * 1024
+
+
+def resident(model) -> None:
+    """Every tensor of a loaded ``model`` copied into process memory: ``from_pretrained``
+    may leave them views of the memory-mapped files, paged in (and counted) only when
+    first used, inside the measured region. Same for both tools."""
+    for tensor in [*model.parameters(), *model.buffers()]:
+        tensor.data = tensor.data.clone()
 
 
 class Peak:
@@ -120,6 +129,7 @@ def prunekit_child(src: str, out: str, mode: str, method: str) -> dict[str, floa
     options["measure_error"] = False
     if mode == "in memory":
         model = transformers.AutoModelForCausalLM.from_pretrained(src)
+        resident(model)
         with Peak() as peak:
             llm.prune(model, ids, **options)
         model.save_pretrained(out)
@@ -160,6 +170,7 @@ def llmc_child(src: str, out: str, mode: str, method: str) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as folder:  # the offload folder, out of core
         if mode == "in memory":
             model = AutoModelForCausalLM.from_pretrained(src)
+            resident(model)
             with Peak() as peak:
                 oneshot(model=model, **run)
         else:
@@ -202,8 +213,15 @@ def _child(python: str, tool: str, src: Path, out: Path, mode: str, method: str)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def one_round(work: Path, llmc_python: str | None, log=print) -> list[dict]:
-    """Every (method, mode, tool) once, the tools interleaved; rows with peak and time."""
+def one_round(
+    work: Path,
+    llmc_python: str | None,
+    rows: list[dict],
+    save: Callable[[], object],
+    methods: tuple[str, ...] = METHODS,
+) -> list[dict]:
+    """Every (method, mode, tool) once, the tools interleaved, appended to ``rows`` as each
+    finishes (peak, time, output folder)."""
     src = work / "src"
     if not src.exists():
         save_model(src)
@@ -221,19 +239,19 @@ def one_round(work: Path, llmc_python: str | None, log=print) -> list[dict]:
     tools = [("prunekit", sys.executable)] + (
         [("llmcompressor", llmc_python)] if llmc_python else []
     )
-    rows = []
-    for method in METHODS:
+    for method in methods:
         for mode in MODES:
             for tool, python in tools:
                 out = work / f"{tool}-{method}-{mode.replace(' ', '-')}"
                 result = _child(python, tool, src, out, mode, method)
-                log(
+                print(
                     f"{tool} {method} {mode}: {result['peak'] / 2**20:.1f} MiB, "
                     f"{result['seconds']:.1f} s"
                 )
                 rows.append(
                     {"tool": tool, "method": method, "mode": mode, **result, "out": str(out)}
                 )
+                save()
     return rows
 
 
@@ -259,11 +277,8 @@ def table(rounds: list[list[dict]]) -> list[str]:
                 each = ", ".join(f"{r['seconds']:.1f}" for r in runs)
                 cells[tool] = (f"{peak:.1f}", f"{peak / low:.2f}",
                                f"{median(r['seconds'] for r in runs):.1f} ({each})")  # fmt: skip
-            outs = {
-                r["tool"]: Path(r["out"])
-                for r in rounds[-1]
-                if (r["method"], r["mode"]) == (method, mode)
-            }
+            outs = {r["tool"]: Path(r["out"]) for rows in rounds for r in rows
+                    if (r["method"], r["mode"]) == (method, mode)}  # fmt: skip
             agree = (
                 f"{agreement(outs['prunekit'], outs['llmcompressor']):.4%}"
                 if len(outs) == 2
