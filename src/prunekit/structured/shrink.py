@@ -328,7 +328,8 @@ def shrink(
     outputs, and a note says when the check stayed weak); ``report.deviation`` is what it
     measured. If the shrunk model fails to run (model code that computes a shape from a
     channel count) or differs, every change is undone and ShrinkVerificationError says why.
-    ``verify=False`` saves one model copy and three to five forward passes.
+    ``verify=False`` saves one to seven forward passes (the group-masked model is made in
+    place, the trace's outputs are the dense ones).
 
     ``approximate=True`` (opt-in, inexact) also removes channels that a LayerNorm /
     RMSNorm normalises over the last dimension: a transformer's hidden size, through every
