@@ -90,7 +90,8 @@ def run(name: str, plan: Plan, seed: int) -> tuple[float, float, dict[str, float
     dense = evaluate(model, data.x_test, data.y_test)
     report = iterative_pruning(
         model, data, target=plan.target, q=plan.q, rounds=plan.rounds, epochs=plan.epochs,
-        finetune_lr=plan.lr, seed=seed, progress=False,
+        finetune_lr=plan.lr, seed=seed, scope="global", include_output=True,
+        progress=False,
     )  # fmt: skip
     return dense, evaluate(model, data.x_test, data.y_test), report.kept
 

@@ -84,13 +84,14 @@ def main(argv: list[str] | None = None) -> pk.training.LotteryReport:
         MLP,                              # a factory, called under torch.manual_seed(seed)
         data["train"],
         rounds=rounds, rate=0.2, rewind="init", epochs=epochs, lr=3e-3, seed=args.seed,
+        include_output=True,              # Frankle & Carbin: the output layer at rate / 2
         step=step,
         evaluate=partial(accuracy, data["test"]),
         validate=partial(accuracy, data["val"]),  # picks each training's early-stop epoch
         checkpoint_dir=args.checkpoint_dir,
     )
     print(report)
-    counts = pk.sparsity(report.model)
+    counts = pk.sparsity(report.model, include_output=True)
     print(f"last ticket: {1 - counts.total:.1%} of {counts.numel:,} weights left; per layer "
           + ", ".join(f"{layer.name} {1 - layer.zeros / layer.numel:.1%}"
                       for layer in counts.layers))

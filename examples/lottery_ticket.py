@@ -118,7 +118,7 @@ def _curves(
             bar.update(task, description=f"{name} seed {seed}: rewind to {label}")
             report = lottery(
                 s.factory, data, rounds=args.rounds, rewind=rewind, epochs=epochs, lr=s.lr,
-                control=rewind == "init", seed=seed,
+                control=rewind == "init", seed=seed, include_output=True,
             )  # fmt: skip
             for r in report.rounds:
                 runs[label].setdefault(r.round, []).append(r.accuracy)

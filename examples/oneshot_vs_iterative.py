@@ -68,7 +68,7 @@ def main() -> None:
                     report = iterative_pruning(
                         copy.deepcopy(trained), data, target=s, rounds=rounds,
                         epochs=args.budget // rounds, finetune_lr=args.lr, seed=seed,
-                        progress=False,
+                        scope="global", progress=False,
                     )  # fmt: skip
                     acc[model_name][method][s].append(report.rounds[-1].retrained_accuracy)
                     bar.advance(task)

@@ -29,9 +29,13 @@ from prunekit.zoo import SmallVGG, load_dataset
 WORLD = 2
 # 1293 training examples after the 10% validation split: batches of 256 end with 13.
 LOTTERY = dict(
-    rounds=2, rate=0.3, rewind=2, epochs=1, lr=1e-2, batch_size=256, seed=3, control=False
+    rounds=2, rate=0.3, rewind=2, epochs=1, lr=1e-2, batch_size=256, seed=3, control=False,
+    include_output=True,  # every layer, as the two masks below
 )
-ITERATIVE = dict(target=0.8, rounds=2, epochs=1, finetune_lr=1e-3, batch_size=256)
+ITERATIVE = dict(
+    target=0.8, rounds=2, epochs=1, finetune_lr=1e-3, batch_size=256, scope="global",
+    include_output=True,
+)
 X8 = torch.zeros(1, 1, 8, 8)
 
 

@@ -61,7 +61,8 @@ def test_iterative_pruning_reaches_the_target_and_recovers(digits, dense_state) 
 
 def test_q_threshold_rounds_only_grow(digits, dense_state) -> None:
     model = _trained(dense_state)
-    report = iterative_pruning(model, digits, q=0.5, rounds=2, epochs=1, progress=False)
+    report = iterative_pruning(model, digits, q=0.5, rounds=2, epochs=1, progress=False,
+                               include_output=True)  # fmt: skip
     first, second = (r.sparsity for r in report.rounds)
     assert 0.2 < first < second < 1.0
     assert set(report.kept) == {"fc1", "fc2", "fc3"}
@@ -72,7 +73,8 @@ def test_per_layer_q_prunes_each_layer_by_its_own_threshold(digits, dense_state)
     q = {"fc1": 1.0, "fc3": 0.25}
     expected = han_sparsities(model, q, list(q))
     assert expected["fc1"] > 0.5 > expected["fc3"] > 0.1
-    report = iterative_pruning(model, digits, q=q, rounds=1, epochs=1, progress=False)
+    report = iterative_pruning(model, digits, q=q, rounds=1, epochs=1, progress=False,
+                               include_output=True)  # fmt: skip
     assert report.kept == {n: pytest.approx(1 - s, abs=1e-9) for n, s in expected.items()}
     assert pk.masks.get_mask(model.fc2) is None  # not in the mapping: not pruned
 
@@ -110,7 +112,7 @@ BAD = [
 def test_bad_arguments_touch_nothing(digits, tmp_path, kwargs, error, match) -> None:
     torch.manual_seed(0)
     model = LeNet300100(in_features=64)
-    pk.prune(model, 0.3, scope="global", include_output=True)  # a pruned model keeps masks
+    pk.prune(model, 0.3, scope="global")  # a pruned model keeps its masks too
     before = snapshot(model)
     with pytest.raises(error, match=match):
         iterative_pruning(model, digits, checkpoint_dir=tmp_path / "ckpt", **kwargs)

@@ -58,7 +58,7 @@ def test_dense_point_and_model_unchanged(trained: ScaledMLP, digits: zoo.Dataset
     before = snapshot(trained)
     evaluate = _evaluate(digits)
     dense = evaluate(trained)
-    report = sensitivity(trained, evaluate, sparsities=GRID, progress=False)
+    report = sensitivity(trained, evaluate, sparsities=GRID, progress=False, include_output=True)
     assert_unchanged(trained, before)
     assert pk.sparsity(trained)["fc1"] == 0.0 and pk.sparsity(trained)["fc2"] == pytest.approx(
         0.2, abs=1e-3
@@ -90,7 +90,8 @@ def test_fragile_layer_ranks_last(trained: ScaledMLP, digits: zoo.Dataset) -> No
     assert evaluate(model) == pytest.approx(dense, abs=0.01)
     fragile = sensitivity(model, evaluate, progress=False)
     assert fragile.ranking()[-1] == "fc1"
-    assert sensitivity(trained, evaluate, progress=False).ranking()[-1] != "fc1"
+    every = sensitivity(trained, evaluate, progress=False, include_output=True)
+    assert every.ranking()[-1] != "fc1"
 
 
 def test_allocation_meets_target_and_prunes(trained: ScaledMLP, digits: zoo.Dataset) -> None:
@@ -163,11 +164,12 @@ def test_structured_and_nm_granularities(convnet: nn.Module) -> None:
         return -float((model(x) - reference).abs().mean())
 
     report = sensitivity(
-        convnet, closeness, granularity="kernel", sparsities=(0.5,), progress=False
+        convnet, closeness, granularity="kernel", sparsities=(0.5,), progress=False,
+        include_output=True,
     )
     assert [r.name for r in report.layers] == ["conv", "depthwise", "up"]
     assert report.skipped[0][0] == "head"
-    nm = sensitivity(convnet, closeness, granularity="2:4", progress=False)
+    nm = sensitivity(convnet, closeness, granularity="2:4", progress=False, include_output=True)
     assert nm.sparsities == (0.5,)
     assert [r.name for r in nm.layers] == ["conv", "up", "head"]
     assert all(r.metrics[0] < 0 for r in nm.layers)

@@ -40,7 +40,7 @@ def report() -> SweepReport:
     return sweep(
         build_and_train,
         accuracy,
-        methods={"global": {"scope": "global"}},
+        methods={"global": {"scope": "global", "include_output": True}},  # every layer
         sparsities=GRID,
         seeds=SEEDS,
         example_inputs=DATA.x_test[:1],

@@ -296,7 +296,7 @@ def plot_weight_histogram(
 def plot_layer_density(model: nn.Module, path: PathLike = None, label: str = "") -> Figure:
     """Horizontal bars of each prunable layer's density ``1 - sparsity``
     (from :func:`prunekit.sparsity`), the total density and ``label`` in the title."""
-    report = sparsity(model)
+    report = sparsity(model, include_output=True, include_embeddings=True)  # every layer
     names = [r.name for r in report.layers]
     density = [1 - r.sparsity for r in report.layers]
     fig = _figure(7, 1.2 + 0.45 * len(names))

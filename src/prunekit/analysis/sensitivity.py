@@ -218,6 +218,8 @@ def sensitivity(
     data: Batches | None = None,
     loss_fn: LossFn | None = None,
     progress: bool = True,
+    include_output: bool = False,
+    include_embeddings: bool = False,
 ) -> SensitivityReport:
     """Prune each layer alone at each sparsity and measure ``evaluate(model)``.
 
@@ -230,9 +232,10 @@ def sensitivity(
         model: the trained model.
         evaluate: ``f(model) -> float``, higher is better (accuracy, minus loss...).
         sparsities: the grid; default 0.1, 0.2, ..., 0.9 (for N:M, its fixed sparsity).
-        granularity / criterion / layers / exclude / data / loss_fn: as in
-            :func:`prunekit.prune`. Layers the granularity cannot split are skipped
-            (and listed) unless named in ``layers``.
+        granularity / criterion / layers / exclude / data / loss_fn / include_output /
+            include_embeddings: as in :func:`prunekit.prune` (the output layer and the
+            embeddings are not analysed unless included). Layers the granularity cannot
+            split are skipped (and listed) unless named in ``layers``.
         progress: show a rich progress bar over (layer, sparsity).
 
     Returns:
@@ -248,7 +251,8 @@ def sensitivity(
     grid = _grid(sparsities, gran)
     # The experiment prunes every layer in turn; the caller's model is never touched.
     work = copy.deepcopy(model)
-    usable, skipped = _resolve_layers(work, layers, exclude, gran)
+    ends = dict(include_output=include_output, include_embeddings=include_embeddings)
+    usable, skipped = _resolve_layers(work, layers, exclude, gran, **ends)
     dense = _score(evaluate, work)
     results = []
     with progress_bar(disable=not progress) as bar:
@@ -266,6 +270,7 @@ def sensitivity(
                         layers=lambda n, m, target=layer.name: n == target,
                         data=data,
                         loss_fn=loss_fn,
+                        **ends,
                     )
                     metrics.append(_score(evaluate, work))
                 bar.advance(task)

@@ -203,7 +203,10 @@ def _check_methods(methods: Mapping[str, Mapping[str, object]]) -> dict[str, Met
             )
         settings = {k: v for k, v in kwargs.items() if k != "data"}
         checked[name] = Method(PruneSpec(**settings), kwargs.get("data"))
-    return {**checked, RANDOM: Method(PruneSpec(criterion=RANDOM), None)}
+    # the baseline covers the layers the methods prune (output layer, embeddings: as the first)
+    first = next(iter(checked.values()), Method(PruneSpec(), None)).spec
+    ends = dict(include_output=first.include_output, include_embeddings=first.include_embeddings)
+    return {**checked, RANDOM: Method(PruneSpec(criterion=RANDOM, **ends), None)}
 
 
 def _check_grid(sparsities: Sequence[float], seeds: Sequence[int]) -> tuple[float, ...]:

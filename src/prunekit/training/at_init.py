@@ -37,8 +37,12 @@ def synflow_prune(
     granularity: str = "element",
     layers: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
+    include_output: bool = False,
+    include_embeddings: bool = False,
 ) -> PruneReport:
-    """Iterative SynFlow to ``sparsity`` in ``rounds`` rounds; returns the last round's report."""
+    """Iterative SynFlow to ``sparsity`` in ``rounds`` rounds; returns the last round's report.
+    The output layer and the embeddings stay dense unless ``include_output`` /
+    ``include_embeddings`` (as in :func:`prunekit.prune`)."""
     sparsity = check_sparsity(sparsity)
     check_int("rounds", rounds, 1, "e.g. rounds=100")
     report = None
@@ -46,6 +50,7 @@ def synflow_prune(
         report = prune(
             model, geometric(sparsity, k / rounds), granularity=granularity,
             criterion="synflow", scope="global", layers=layers, exclude=exclude,
+            include_output=include_output, include_embeddings=include_embeddings,
             data=[example_inputs],
         )  # fmt: skip
     assert report is not None

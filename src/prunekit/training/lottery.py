@@ -28,6 +28,7 @@ import torch
 from rich.table import Table
 from torch import Tensor, nn
 
+from prunekit import coverage
 from prunekit.errors import MissingDataError, PruningError, guarded
 from prunekit.layers import require_model, select_layers
 from prunekit.masks import copy_masks, get_mask
@@ -261,6 +262,8 @@ def lottery(
     rounds: int = 5,
     rate: float = 0.2,
     output_rate: float | None = None,
+    include_output: bool = False,
+    include_embeddings: bool = False,
     rewind: Rewind = "init",
     epochs: int = 5,
     lr: float = 1e-3,
@@ -279,8 +282,10 @@ def lottery(
     """Search a lottery ticket by iterative magnitude pruning (Frankle & Carbin 2019).
 
     Round 0 trains the dense network; each of the ``rounds`` further rounds prunes
-    ``rate`` of the remaining weights of every prunable layer (``output_rate``, default
-    ``rate / 2``, in the last one) by magnitude (:func:`prunekit.prune`, local scope),
+    ``rate`` of the remaining weights of every prunable layer but the output layer and the
+    embeddings (``include_output=True`` prunes the output layer at ``output_rate``, default
+    ``rate / 2``, as Frankle & Carbin do; see :mod:`prunekit.coverage`) by magnitude
+    (:func:`prunekit.prune`, local scope),
     rewinds the survivors to ``theta_k`` and trains ``epochs`` epochs with a fresh
     optimizer, so after ``r`` rounds a layer keeps ``(1 - rate) ** r``.
 
@@ -298,6 +303,8 @@ def lottery(
             :func:`~prunekit.training.loop.fit` (in-memory batches of ``batch_size``
             drawn from ``seed``, the same order every round).
         control: also train every round's masks from a fresh random initialisation.
+        include_output / include_embeddings: also prune the output layer (at
+            ``output_rate``) / the embeddings, kept dense by default.
         checkpoint_dir: write an atomic checkpoint there after every round; started again
             with the same arguments, the run resumes from the last one and ends with
             exactly the masks and weights of an uninterrupted run.
@@ -329,11 +336,14 @@ def lottery(
     trainings = _Trainings(src, validate, seed, settings, hook is not None)
     k = _check(model, rewind, epochs * src.steps_per_epoch)
     src.check(trainings.sync)
-    names = [ly.name for ly in select_layers(model)]
-    rates = {**dict.fromkeys(names, rate), names[-1]: output_rate}
-    spec = PruneSpec(scope="local", layers=names)  # magnitude; each round its allocation
+    ends = dict(include_output=include_output, include_embeddings=include_embeddings)
+    spec = PruneSpec(scope="local", **ends)  # magnitude; each round its allocation
+    names = [ly.name for ly in coverage.select(model, **ends)[0]]
+    rates = {n: output_rate if n == coverage.output_layer(model) else rate for n in names}
+    spec = spec.replace(layers=names)
     config = dict(settings, batch_size=batch_size, seed=seed, rounds=rounds, rate=rate)
-    config.update(output_rate=output_rate, rewind=k, val_fraction=val_fraction, control=control)
+    config.update(output_rate=output_rate, rewind=k, val_fraction=val_fraction, control=control,
+                  **ends)  # fmt: skip
     del config["progress"]
     identity = checkpoint.identity("lottery", model, data, config)
     template = copy.deepcopy(model)  # state: theta_0's architecture, re-initialised per control

@@ -25,6 +25,7 @@ import torch
 from rich.table import Table
 from torch import nn
 
+from prunekit import coverage
 from prunekit.allocation import check_sparsity
 from prunekit.criteria.base import Batches
 from prunekit.errors import MissingDataError, PruningError
@@ -154,7 +155,8 @@ def _check(
             f"target={target!r}, q={q!r}: give exactly one of target= (a sparsity) or q= "
             "(Han's q * std threshold); Fix: e.g. target=0.9 or q=0.7."
         )
-    chosen = select_layers(model, spec.layers, spec.exclude)
+    chosen = coverage.select(model, spec.layers, spec.exclude, include_output=spec.include_output,
+                             include_embeddings=spec.include_embeddings)[0]  # fmt: skip
     if q is not None:
         _check_q(q, [ly.name for ly in chosen])
         return None
@@ -195,9 +197,11 @@ def iterative_pruning(
     epochs: int = 2,
     finetune_lr: float = 1e-4,
     criterion: str = "magnitude",
-    scope: str = "global",
+    scope: str = "local",
     layers: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
+    include_output: bool = False,
+    include_embeddings: bool = False,
     calibration: Batches | None = None,
     batch_size: int = 64,
     seed: int = 0,
@@ -212,7 +216,9 @@ def iterative_pruning(
     Give exactly one of ``target`` (with ``criterion`` / ``scope``; data-driven criteria
     take ``calibration`` batches) or ``q`` (Han's per-layer ``q * std`` threshold,
     magnitude; a ``{layer: q}`` mapping gives each layer its own, and is then the default
-    ``layers``). Retraining runs :func:`~prunekit.training.loop.fit` on ``data``, a
+    ``layers``); the output layer and the embeddings stay dense unless ``include_output``
+    / ``include_embeddings`` (:mod:`prunekit.coverage`). Retraining runs
+    :func:`~prunekit.training.loop.fit` on ``data``, a
     dataset in memory (batches of ``batch_size`` drawn from ``seed + k`` in round ``k``)
     or any re-iterable of batches (:mod:`~prunekit.training.data`), with ``train_kwargs``
     (``optimizer``, ``weight_decay``, ``step``, ``loss_fn``, ...). ``evaluate(model)``
@@ -237,7 +243,8 @@ def iterative_pruning(
     sync = hook is not None
     if isinstance(q, Mapping) and layers is None:
         layers = list(q)
-    spec = PruneSpec(criterion=criterion, scope=scope, layers=layers, exclude=exclude)
+    ends = dict(include_output=include_output, include_embeddings=include_embeddings)
+    spec = PruneSpec(criterion=criterion, scope=scope, layers=layers, exclude=exclude, **ends)
     src = source(data, batch_size, evaluate)
     target = _check(model, target, q, rounds, spec, calibration)
     src.check(sync)
@@ -245,7 +252,7 @@ def iterative_pruning(
     check_fit(model, src.batches(seed), **training, **train_kwargs)
     config = dict(target=target, q=q, rounds=rounds, epochs=epochs, finetune_lr=finetune_lr,
                   batch_size=batch_size, seed=seed, criterion=criterion, scope=scope,
-                  layers=layers, exclude=exclude, **train_kwargs)  # fmt: skip
+                  layers=layers, exclude=exclude, **ends, **train_kwargs)  # fmt: skip
     identity = checkpoint.identity("iterative_pruning", model, data, config)
 
     def accuracy() -> float:
@@ -261,13 +268,14 @@ def iterative_pruning(
         if target is not None:
             prune(model, geometric(target, k / rounds), spec=spec, data=calibration)
         else:
-            chosen = [ly.name for ly in select_layers(model, layers, exclude)]
-            prune(model, spec=PruneSpec(allocation=han_sparsities(model, q, chosen), layers=chosen))
+            chosen = [ly.name for ly in coverage.select(model, layers, exclude, **ends)[0]]
+            alloc = han_sparsities(model, q, chosen)
+            prune(model, spec=PruneSpec(allocation=alloc, layers=chosen, **ends))
         if hook is not None:
             hook(model)
         pruned = accuracy()
         fit(model, src.batches(seed + k), **training, **train_kwargs)
-        total = sparsity(model, layers, exclude).total
+        total = sparsity(model, layers, exclude, **ends).total
         report.rounds.append(Round(k, total, pruned, accuracy()))
         logger.info("iterative pruning round %d of %d: sparsity %.2f%%, accuracy %.4f", k,
                     rounds, 100 * total, report.rounds[-1].retrained_accuracy)  # fmt: skip
@@ -275,5 +283,6 @@ def iterative_pruning(
             state = {"dense": report.dense_accuracy, "rounds": [vars(r) for r in report.rounds]}
             checkpoint.save_round(checkpoint_dir, k, model, identity, state, sync=sync)
     with torch.no_grad():
-        report.kept = {r.name: 1 - r.sparsity for r in sparsity(model, layers, exclude).layers}
+        kept = sparsity(model, layers, exclude, **ends).layers
+        report.kept = {r.name: 1 - r.sparsity for r in kept}
     return report
