@@ -48,6 +48,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     sens = commands.add_parser("sensitivity", help="prune each layer alone; report and plot")
     _common(sens)
     cli_model.add_spec_arguments(sens, scope=False)
+    cli_model.add_coverage_arguments(sens)
     sens.add_argument(
         "--sparsities",
         default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9",
@@ -150,7 +151,8 @@ def run_sensitivity(args: argparse.Namespace, console: Console) -> None:
     data = _data(args)
     loaded = _build(args, data)
     model = loaded.model
-    options = {"granularity": args.granularity, "criterion": args.criterion}
+    options = {"granularity": args.granularity, "criterion": args.criterion,
+               **cli_model.coverage(args)}  # fmt: skip
     # Every option is first tried on the untrained model, so bad input fails before training:
     # with no drop anywhere, the allocation fails only on a bad target or budget.
     dry = sensitivity(model, lambda m: 0.0, sparsities=grid, progress=False, **options)

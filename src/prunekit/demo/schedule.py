@@ -49,6 +49,7 @@ def section(ctx: Context) -> Section:
         epochs=ctx.budget.finetune_epochs,
         finetune_lr=FINETUNE_LR,
         seed=ctx.seed,
+        scope="global",  # as the one-shot row above
         progress=False,
     )
     rows += [{"method": "iterative", **renamed(r, COLUMNS)} for r in report.rounds]

@@ -128,6 +128,7 @@ def lottery_section(ctx: Context) -> Section:
         epochs=ctx.budget.train_epochs,
         lr=LR,
         seed=ctx.seed,
+        include_output=True,  # Frankle & Carbin prune the classifier at half the rate
     )
     rows = [renamed(r, LOTTERY_COLUMNS) for r in report.rounds]
     return Section("Lottery ticket", LOTTERY_TEXT, rows)

@@ -257,6 +257,8 @@ def _at_init(run: Run) -> None:
             granularity=cfg.spec.granularity,
             layers=cfg.spec.layers,
             exclude=cfg.spec.exclude,
+            include_output=cfg.spec.include_output,
+            include_embeddings=cfg.spec.include_embeddings,
         )
         run.console.print(report)
     else:

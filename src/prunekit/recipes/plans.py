@@ -97,7 +97,9 @@ def check_sparse(model: nn.Module, plan: PrunePlan | None, fmt: str) -> None:
         # pattern and count of the mask, all a format depends on, are the granularity's).
         holder = _holder(layer.name, copy.deepcopy(layer.module))  # one layer: see above
         if plan is not None and layer.name in planned:
-            stand_in = PruneSpec(granularity=plan.spec.gran, min_keep=plan.spec.min_keep)
+            # the one layer was chosen by the plan already: the stand-in prunes it whatever it is
+            stand_in = PruneSpec(granularity=plan.spec.gran, min_keep=plan.spec.min_keep,
+                                 include_output=True, include_embeddings=True)  # fmt: skip
             pruning.prune(holder, _target(plan, layer.name), spec=stand_in)
         sparse.convert(holder, fmt)
 
