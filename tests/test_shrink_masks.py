@@ -141,3 +141,28 @@ def test_a_failed_verification_restores_the_masks(monkeypatch) -> None:
         pk.shrink(model, X)
     assert_unchanged(model, before)
     assert structure(model) == shape
+
+
+def _two_convs(bias: bool) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, bias=bias), nn.ReLU(), nn.Conv2d(8, 8, 3, bias=bias), nn.ReLU(),
+        nn.Flatten(), nn.Linear(8 * 6 * 6, 4),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_masked_groups_that_still_emit_a_bias_are_reported(bias: bool) -> None:
+    model, x = _two_convs(bias), torch.randn(2, 3, 10, 10)
+    pk.prune(model, 0.5, granularity="filter", criterion="l2")
+    with torch.no_grad():
+        before = model(x)
+    report = pk.shrink(model, x)
+    with torch.no_grad():
+        moved = (model(x) - before).abs().max().item()
+    assert report.summary.startswith("removed the 8 masked groups")
+    notes = [n for n in report.notes if "still emitted a bias" in n]
+    if bias:  # the zeroed filters' biases went with them: said, with the measured departure
+        assert moved > 1e-3 and len(notes) == 1 and "differs from your masked model" in notes[0]
+    else:  # nothing else came out of those channels: the same function, no note
+        assert moved < 1e-5 and not notes

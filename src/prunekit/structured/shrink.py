@@ -68,6 +68,7 @@ from prunekit.structured.verify import (
     Check,
     Probe,
     check,
+    departed,
     in_place_probes,
     probes,
     refilled,
@@ -378,6 +379,8 @@ def shrink(
         notes.append(_approximate_note(graph, result))
     elif result is not None and result.note:
         notes.append(result.note)
+    if ratio is None:  # exactly the masked groups: does it still compute the caller's model?
+        notes += departed(graph.trace.outputs, model, example_inputs)
     return ShrinkReport(
         params_before,
         sum(p.numel() for p in model.parameters()),

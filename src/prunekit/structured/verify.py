@@ -111,6 +111,27 @@ def _probe(ref: list[Tensor], expected: list[Tensor], inputs: Inputs, what: str)
     return Probe(inputs, expected, scale, sens, what)
 
 
+def departed(before: list[Tensor], model: nn.Module, inputs: Inputs) -> list[str]:
+    """A note when the shrunk ``model`` no longer computes the caller's own (masked) model,
+    whose eval outputs on ``inputs`` were ``before``: removing all-zero weight groups also
+    drops what those channels still emitted (a bias or a BatchNorm shift), which the
+    group-masked model verify compares with has zeroed too. Empty when they agree to
+    :func:`tolerance` of the outputs' scale ``max |y|``."""
+    after = outputs(model, inputs)
+    if not before or [t.shape for t in before] != [t.shape for t in after]:
+        return []
+    found = _probe(before, after, inputs, "your model")
+    if found.sensitivity <= tolerance(after):
+        return []
+    return [
+        f"the removed channels' weights were zero but they still emitted a bias or a "
+        f"BatchNorm shift: the shrunk model differs from your masked model by "
+        f"{found.sensitivity:.3g} of its output scale on the example inputs (it equals the "
+        "group-masked model, where those are zero too). Fix: fine-tune after shrinking, or "
+        "zero those biases / shifts before it to keep the function exactly."
+    ]
+
+
 def _random_like(inputs: Inputs, factor: float, gen: torch.Generator) -> Inputs:
     def draw(x: Any) -> Any:
         if not isinstance(x, Tensor) or x.numel() == 0 or x.dtype == torch.bool:
