@@ -80,13 +80,11 @@ class Shards:
             )
         row = dtype.itemsize * int(torch.Size(shape[1:]).numel())
         count = shape[0] - first if count is None else min(count, shape[0] - first)
-        data = bytearray(row * count)
+        data = torch.empty(row * count, dtype=torch.uint8)  # torch's allocator: aligned
         with path.open("rb") as f:
             f.seek(start + row * first)
-            f.readinto(data)
-        if not data:
-            return torch.empty([0, *shape[1:]], dtype=dtype)
-        return torch.frombuffer(data, dtype=dtype).reshape(count, *shape[1:])
+            f.readinto(memoryview(data.numpy()))
+        return data.view(dtype).reshape(count, *shape[1:])
 
     def read(self, names: list[str]) -> dict[str, Tensor]:
         out = {}
