@@ -139,6 +139,14 @@ class ShrunkLayoutError(CheckpointError):
     """A shrunk checkpoint that does not fit the model it is loaded into."""
 
 
+class LatencyTargetError(PruningError):
+    """A latency or MACs target out of reach of the model's removable channels."""
+
+
+class LatencyCacheError(CheckpointError):
+    """A latency cache file that is unreadable or not a latency measurement."""
+
+
 class UserCallbackError(PruningError):
     """An exception raised inside a callable of the user's that prunekit calls (a training
     step, ``evaluate``, ``validate``, a criterion function, a model factory); it names the

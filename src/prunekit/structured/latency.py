@@ -38,7 +38,7 @@ import torch
 from rich.table import Table
 from torch import nn
 
-from prunekit.errors import PruningError
+from prunekit.errors import LatencyTargetError, PruningError
 from prunekit.inputs import Inputs, LossFn
 from prunekit.inputs import batch_size as batch_size_of
 from prunekit.layers import require_model
@@ -68,10 +68,6 @@ MACS_RATIO = between(0.0, 1.0, open_low=True, open_high=True)
 MAX_RATIO = between(0.0, 1.0, open_low=True, open_high=True)
 BATCH = integer(1, 1 << 20)
 ROUND_TO = integer(1, 1 << 16)
-
-
-class LatencyTargetError(PruningError):
-    """The latency or MACs target is out of reach of the model's removable channels."""
 
 
 @dataclass

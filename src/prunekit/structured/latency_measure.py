@@ -29,17 +29,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from prunekit.errors import CheckpointError
+from prunekit.errors import LatencyCacheError
 from prunekit.fsio import atomic_write
 from prunekit.inputs import Inputs, batch_size, call, eval_mode
 
 TIMED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _CONV = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
 CACHE_VERSION = 1
-
-
-class LatencyCacheError(CheckpointError):
-    """A latency cache file is unreadable or not a latency measurement."""
 
 
 @dataclass(frozen=True)
