@@ -232,10 +232,11 @@ def sensitivity(
         model: the trained model.
         evaluate: ``f(model) -> float``, higher is better (accuracy, minus loss...).
         sparsities: the grid; default 0.1, 0.2, ..., 0.9 (for N:M, its fixed sparsity).
-        granularity / criterion / layers / exclude / data / loss_fn / include_output /
-            include_embeddings: as in :func:`prunekit.prune` (the output layer and the
-            embeddings are not analysed unless included). Layers the granularity cannot
-            split are skipped (and listed) unless named in ``layers``.
+        granularity / criterion / layers / exclude / data / loss_fn: as in
+            :func:`prunekit.prune`. Layers the granularity cannot split are skipped (and
+            listed) unless named in ``layers``.
+        include_output / include_embeddings: as in :func:`prunekit.prune`: the output
+            layer and the embeddings are not analysed unless included.
         progress: show a rich progress bar over (layer, sparsity).
 
     Returns:
