@@ -20,7 +20,6 @@ import prunekit as pk
 from prunekit.errors import CheckpointError, ShrunkLayoutError
 from prunekit.inputs import call
 from prunekit.masks import get_mask
-from prunekit.structured import registry
 from prunekit.structured.mha import HeadPrunedMultiheadAttention
 from prunekit.zoo import build_model, example_input
 
@@ -60,14 +59,6 @@ def zoo_vit() -> nn.Module:
 IMAGES = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
 
-@pytest.fixture
-def traces_is_nested(monkeypatch: pytest.MonkeyPatch) -> None:
-    """TransformerEncoderLayer reads ``src.is_nested`` (metadata, like ``dim``); the rule
-    is registered for this test only."""
-    rules = registry._FUNCTION_RULES
-    monkeypatch.setitem(rules, "is_nested", rules.get("is_nested", rules["dim"]))
-
-
 def round_trip(make: Callable[[], nn.Module], x, tmp_path: Path, **kwargs) -> nn.Module:
     """Shrink ``make()`` at 0.5, save, load into a fresh ``make()``: identical outputs."""
     small = make()
@@ -80,7 +71,7 @@ def round_trip(make: Callable[[], nn.Module], x, tmp_path: Path, **kwargs) -> nn
     return loaded
 
 
-def test_a_vit_with_mha_heads_pruned_round_trips(traces_is_nested, tmp_path: Path) -> None:
+def test_a_vit_with_mha_heads_pruned_round_trips(tmp_path: Path) -> None:
     loaded = round_trip(vit, IMAGES, tmp_path)
     attn = loaded.blocks[1].self_attn
     assert isinstance(attn, HeadPrunedMultiheadAttention) and attn.num_heads == 2
@@ -128,7 +119,7 @@ def test_contradicting_norms_are_refused(tmp_path, edit, error, match) -> None:
     assert_unchanged(model, before)
 
 
-def test_heads_that_contradict_the_in_projection_are_refused(traces_is_nested, tmp_path) -> None:
+def test_heads_that_contradict_the_in_projection_are_refused(tmp_path) -> None:
     small = vit()
     pk.shrink(small, IMAGES, 0.5)
     pk.save_shrunk(small, tmp_path / "s")

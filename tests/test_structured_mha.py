@@ -82,3 +82,30 @@ def test_unsupported_configurations_stay_whole() -> None:
     biased = nn.MultiheadAttention(16, 4, add_bias_kv=True, batch_first=True).eval()
     x = torch.randn(2, 5, 16)
     assert not any(f.kind == "heads" for f in build(biased, (x, x, x)).families)
+
+
+class PatchEncoder(nn.Module):
+    """A ViT built from nn.TransformerEncoder after a patch embedding: the encoder layer
+    reads ``x.is_nested`` of an intermediate tensor (metadata, no channel moves)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, 32, 4, 4)
+        layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.patch(x).flatten(2).transpose(1, 2)
+        return self.head(self.encoder(tokens).mean(1))
+
+
+def test_an_encoder_after_a_patch_embedding_is_shrunk_exactly() -> None:
+    torch.manual_seed(0)
+    model, x = PatchEncoder().eval(), torch.randn(2, 3, 16, 16)
+    masked, small, decisions = masked_and_shrunk(model, x, 0.5)
+    assert {d.kind for d in decisions if d.removed} >= {"heads"}
+    with torch.no_grad():
+        assert (masked(x) - small(x)).abs().max() < 1e-5
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+    assert_trains(small, x)

@@ -93,7 +93,8 @@ class Atoms:
         fixed = (pivot == FIXED).reshape(-1)
         self._block(values[fixed].reshape(-1))
         kept = values[~fixed]
-        self.unite(torch.from_numpy(np.broadcast_to(pivot[~fixed], kept.shape).reshape(-1)),
+        pivots = np.repeat(pivot[~fixed], kept.shape[1], axis=1)  # a writable array
+        self.unite(torch.from_numpy(pivots.reshape(-1)),
                    torch.from_numpy(kept.reshape(-1)))  # fmt: skip
 
     def block(self, ids: Tensor | list[int]) -> None:

@@ -153,4 +153,5 @@ METADATA_OPS = [
     "is_cuda",
     "data_ptr",
     "get_device",
+    "is_nested",
 ]
