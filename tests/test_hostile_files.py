@@ -49,7 +49,7 @@ def converted(seed: int = 0) -> Net:
     model = Net()
     pk.prune(model, granularity="2:4", layers=["conv", "fc1"])
     pk.prune(model, 0.75, granularity="block:4x4", layers=["fc2"])
-    pk.prune(model, 0.75, layers=["fc3"])
+    pk.prune(model, 0.75, layers=["fc3"], include_output=True)
     sparse.convert(model, "nm", layers=["conv", "fc1"])
     sparse.convert(model, "bsr", layers=["fc2"], blocksize=4)
     sparse.convert(model, "csr", layers=["fc3"])
