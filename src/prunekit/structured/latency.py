@@ -60,7 +60,7 @@ from prunekit.structured.latency_model import (
     ModelCost,
     ratio_for,
 )
-from prunekit.structured.shrink import ShrinkReport, _graph, _normalize, shrink
+from prunekit.structured.shrink import ShrinkReport, resolve_normalize, shrink, traced_graph
 from prunekit.tables import TableReport
 
 SPEEDUP = between(1.0, 100.0, open_low=True)
@@ -142,7 +142,7 @@ def _checked_args(
     checked("latency_plan", "max_ratio", max_ratio, MAX_RATIO)
     if not isinstance(fold_bn, bool):
         raise PruningError(f"fold_bn={fold_bn!r} must be True or False")
-    return kind, value, _normalize(normalize, criterion)
+    return kind, value, resolve_normalize(normalize, criterion)
 
 
 def _device(model: nn.Module, device: torch.device | str | None) -> torch.device:
@@ -226,7 +226,7 @@ def latency_plan(
     )
     where = _device(model, device)
     meter = meter or MeasuredLatency(where, cache=cache, cache_dir=cache_dir)
-    graph = _graph(model, example_inputs, ignore)
+    graph = traced_graph(model, example_inputs, ignore)
     scores = score(model, graph, criterion, data=data, loss_fn=loss_fn, seed=seed)
     size = batch_size or batch_size_of(example_inputs)
     orders = orders_of(graph, scores)

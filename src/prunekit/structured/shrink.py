@@ -177,7 +177,7 @@ def _zero_groups_plan(model: nn.Module, graph: DependencyGraph) -> list[FamilyDe
 NORMALIZE = ("auto", "mean", "none")
 
 
-def _normalize(normalize: str, criterion: StructuredCriterion) -> str:
+def resolve_normalize(normalize: str, criterion: StructuredCriterion) -> str:
     """``"mean"`` or ``"none"``: what ``normalize="auto"`` means for ``criterion``."""
     if normalize not in NORMALIZE:
         raise UnknownChoiceError("normalize", normalize, list(NORMALIZE))
@@ -206,7 +206,8 @@ def _validate(scope: str, round_to: int, seed: int, ignore: Ignore, approximate:
         )
 
 
-def _graph(model: nn.Module, example_inputs: Inputs, ignore: Ignore) -> DependencyGraph:
+def traced_graph(model: nn.Module, example_inputs: Inputs, ignore: Ignore) -> DependencyGraph:
+    """The dependency graph (MACs counted); inputs the model rejects: InvalidInputsError."""
     try:
         return build(model, example_inputs, ignore, macs=True)  # the MACs before, counted
     except PruningError:
@@ -354,13 +355,13 @@ def shrink(
     require_model(model)
     _validate(scope, round_to, seed, ignore, approximate)
     require_finite(model)
-    normalize = _normalize(normalize, criterion)
+    normalize = resolve_normalize(normalize, criterion)
     masks = carry.masks_of(model)
     # Not validation: a masked model is scored, traced and verified through its effective
     # (baked) weights while the caller's masks stay until the plan is known to apply.
     probe = bake(copy.deepcopy(model)) if _is_masked(model) else model
     with approximate_norms() if approximate else nullcontext():
-        graph = _graph(probe, example_inputs, ignore)
+        graph = traced_graph(probe, example_inputs, ignore)
     if ratio is None:
         decisions = _masked_groups(model, probe, graph)
     else:
