@@ -46,7 +46,11 @@ class WeightMask(nn.Module):
         self.register_buffer("packed", packed)
 
     def forward(self, original: Tensor) -> Tensor:
-        return original * self.mask().to(original.dtype)
+        # ``where`` allocates only the result (``original * mask.to(dtype)`` also made a
+        # weight-sized float copy of the mask on every call); its gradient is the same,
+        # ``mask`` for ``original``, and a pruned entry is +0.0 even where ``original``
+        # is inf or NaN.
+        return torch.where(self.mask(), original, 0)
 
     def mask(self) -> Tensor:
         """The mask as a bool tensor shaped like the weight (True = kept)."""

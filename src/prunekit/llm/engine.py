@@ -17,13 +17,15 @@ Padding: statistics and errors use the real tokens of each batch only (its
 get one set of statistics per expert matrix, from the tokens routed to that expert, keyed
 ``<experts module>.<gate_up_proj|down_proj>.<expert>`` in the same ``stats`` dict.
 
-Memory: the model, one block's statistics, and the calibration hidden states in and out
-(``samples x seq_len x hidden`` each); never all layers' statistics at once. The
-statistics pass's outputs are dropped before the block is pruned (they would be stale),
-each layer's statistics go as it is pruned, and with ``consume`` the captured inputs go
-as soon as the first block's outputs replace them. The error meter copies no weight
-(:class:`ErrorMeter`) unless the method rewrites weights (SparseGPT, ALPS): then the dense
-weights it replaces stay until the block is measured (``measure=False`` frees them).
+Memory: the model, one block's statistics, and one set of calibration hidden states
+(``samples x seq_len x hidden``); never all layers' statistics at once. A statistics
+pass that precedes pruning keeps none of its outputs (they would be stale); the pass
+that computes the block's outputs drops each batch's input as it runs it, so inputs left
+and outputs made hold one set together; each layer's statistics go as it is pruned, and
+with ``consume`` the captured inputs are the walk's alone. The error meter copies no
+weight (:class:`ErrorMeter`) unless the method rewrites weights (SparseGPT, ALPS): then
+the dense weights it replaces stay until the block is measured (``measure=False`` frees
+them). Repeated block arguments (rotary embeddings) are held once (:func:`_reuse`).
 Every hook is removed on exit, error or not.
 """
 
@@ -113,8 +115,8 @@ def capture_inputs(model: nn.Module, first_block: nn.Module, batches: list[Batch
         else:
             hidden, rest = kwargs.pop("hidden_states"), ()
         inputs.hidden.append(hidden)
-        inputs.args.append(rest)
-        inputs.kwargs.append(kwargs)
+        inputs.args.append(_reuse(rest, inputs.args[-1] if inputs.args else None))
+        inputs.kwargs.append(_reuse(kwargs, inputs.kwargs[-1] if inputs.kwargs else None))
         raise _Captured
 
     handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
@@ -143,22 +145,56 @@ def capture_inputs(model: nn.Module, first_block: nn.Module, batches: list[Batch
     return inputs
 
 
+def _reuse(value: Any, previous: Any) -> Any:
+    """``value`` with every tensor equal to the one in the same place of ``previous`` (the
+    last batch's arguments) replaced by that one, so arguments that repeat across batches
+    (rotary position embeddings, position ids of same-length windows) are held once."""
+    if isinstance(value, Tensor):
+        same = (
+            isinstance(previous, Tensor)
+            and (previous.shape, previous.dtype, previous.device)
+            == (value.shape, value.dtype, value.device)
+            and bool(torch.equal(previous, value))
+        )
+        return previous if same else value
+    if isinstance(value, tuple) and isinstance(previous, tuple) and len(value) == len(previous):
+        items = [_reuse(v, p) for v, p in zip(value, previous, strict=True)]
+        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
+    if isinstance(value, dict) and isinstance(previous, dict):
+        return {k: _reuse(v, previous.get(k)) for k, v in value.items()}
+    return value
+
+
 def _shapes(batch: Batch) -> str:
     return ", ".join(f"{k}: {tuple(v.shape)}" for k, v in batch.items())
 
 
 def run_block(
-    block: nn.Module, inputs: BlockInputs, real: RealTokens | None = None
-) -> list[Tensor]:
-    """The block's output hidden states for every captured batch (``real`` told which)."""
+    block: nn.Module,
+    inputs: BlockInputs,
+    real: RealTokens | None = None,
+    *,
+    keep: bool = True,
+    consume: bool = False,
+) -> list[Tensor] | None:
+    """The block's output hidden states for every captured batch (``real`` told which).
+
+    ``keep=False``: run it for its hooks only, each output dropped as soon as it is made
+    (returns None), so a statistics pass holds no second set of hidden states.
+    ``consume``: each batch's input leaves ``inputs.hidden`` as it is run, so the inputs
+    still to run and the outputs made so far together hold one set of hidden states.
+    """
     outputs = []
-    batches = zip(inputs.hidden, inputs.args, inputs.kwargs, strict=True)
-    for index, (hidden, args, kwargs) in enumerate(batches):
+    for index, (args, kwargs) in enumerate(zip(inputs.args, inputs.kwargs, strict=True)):
+        hidden = inputs.hidden.pop(0) if consume else inputs.hidden[index]
         if real is not None:
             real.select(index)
         out = block(hidden, *args, **kwargs)
-        outputs.append(out[0] if isinstance(out, tuple) else out)
-    return outputs
+        del hidden
+        if keep:
+            outputs.append(out[0] if isinstance(out, tuple) else out)
+        del out
+    return outputs if keep else None
 
 
 class LayerStats:
@@ -329,9 +365,7 @@ class _Walk:
             collect = lambda ly, x, out: stats[ly.name].add(real.rows(x))  # noqa: E731
             routed = lambda key, x, w: stats[key].add(x)  # noqa: E731
             with layer_hooks(layers, collect), expert_hooks(experts, real.rows, routed):
-                outputs = run_block(block, inputs, real)
-            if self.prunes:
-                outputs = None
+                outputs = run_block(block, inputs, real, keep=not self.prunes)
         meter = ErrorMeter(layers, real, matrices) if self.measure else None
         del matrices
         mine: dict[str, float] = {}
@@ -339,7 +373,7 @@ class _Walk:
         stats.clear()
         if changed or outputs is None:
             with _measuring(meter, layers, experts, real):
-                outputs = run_block(block, inputs, real)
+                outputs = run_block(block, inputs, real, consume=True)
             mine = meter.relative() if meter else {}
         inputs.hidden = outputs
         return mine

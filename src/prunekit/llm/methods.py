@@ -131,9 +131,16 @@ def _criterion_scores(
 
 
 def prune_layer(
-    method: str | Criterion | ALPS, layer: Layer, target: Target, stats: LayerStats
+    method: str | Criterion | ALPS,
+    layer: Layer,
+    target: Target,
+    stats: LayerStats,
+    *,
+    in_place: bool = False,
 ) -> None:
-    """Prune one layer in place (masks through :func:`prunekit.masks.apply_mask`)."""
+    """Prune one layer in place (masks through :func:`prunekit.masks.apply_mask`).
+    ``in_place``: nothing references the dense weight (no error meter), so SparseGPT
+    sweeps an fp32 Linear weight in its own storage instead of a working copy."""
     module = layer.module
     if isinstance(method, Criterion) and method.name in LAYER_WIDE:
         if isinstance(target, NM):
@@ -142,7 +149,7 @@ def prune_layer(
             prune_layers(module, target, criterion=method)
         return
     weight = to_canonical(module, module.weight.detach())
-    new_weight, keep = solve(method, weight, target, stats, layer.name)
+    new_weight, keep = solve(method, weight, target, stats, layer.name, in_place=in_place)
     if new_weight is not None:  # a new tensor, not written into the old one: the error
         stored = weight_param(module)  # meter may still reference the dense weight
         stored.data = from_canonical(module, new_weight).to(stored.dtype).contiguous()
@@ -151,11 +158,12 @@ def prune_layer(
 
 def solve(
     method: str | Criterion | ALPS, weight: torch.Tensor, target: Target, stats: LayerStats,
-    name: str,
+    name: str, *, in_place: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:  # fmt: skip
     """``(new_weight, keep)`` for a canonical ``(out, in)`` weight named ``name``:
     ``new_weight`` is None for a criterion (the weights stay), the compensated fp32 weight
-    for SparseGPT / ALPS. A layer-wide criterion (magnitude) compares the whole matrix."""
+    for SparseGPT / ALPS (``in_place``: SparseGPT's is ``weight`` itself when that is fp32
+    and contiguous). A layer-wide criterion (magnitude) compares the whole matrix."""
     if isinstance(method, Criterion):
         if method.name in LAYER_WIDE and not isinstance(target, NM):
             scores = _criterion_scores(method, weight, stats, name).reshape(1, -1)
@@ -164,7 +172,7 @@ def solve(
     assert stats.hessian is not None
     if isinstance(method, ALPS):
         return alps(weight, stats.hessian.hessian, target, method)
-    return sparsegpt(weight, take_hessian(stats), target, overwrite=True)
+    return sparsegpt(weight, take_hessian(stats), target, overwrite=True, in_place=in_place)
 
 
 def take_hessian(stats: LayerStats) -> torch.Tensor:

@@ -213,16 +213,9 @@ def run_prune(
         if allocation == "owl":
             block_targets = _owl_targets(block_list, prefix, inputs, float(target), args)
 
-        notes: list[tuple[str, str]] = []
-
-        def visit(index: int, layers: list[Layer], stats: dict[str, LayerStats]) -> bool:
-            for layer in layers:  # each layer's statistics freed once it is pruned
-                prune_layer(method, layer, block_targets[index], stats.pop(layer.name))
-            experts = find_experts(block_list[index], f"{prefix}.{index}")
-            notes.extend(prune_experts(method, experts, block_targets[index], stats))
-            return True
-
-        finishing = None if stream is None else _Finishing(stream, prefix, block_targets, args)
+        early = not args.keep_masks and (not measure or "hessian" in needs(method))
+        visit = _Visit(method, block_list, prefix, block_targets, early, alone=not measure)
+        finishing = None if stream is None else _Finishing(stream, visit, args)
         errors = sequential(
             block_list,
             prefix,
@@ -236,7 +229,7 @@ def run_prune(
             consume=True,  # the OWL pass is done: the captured states can go
         )
     if finishing is None:
-        records = _records(block_list, prefix, block_targets, errors)
+        records = _records(block_list, visit, errors)
         tie_masks(model)
         if not args.keep_masks:
             bake(block_list)
@@ -254,17 +247,52 @@ def run_prune(
         peak.source,
         *_skipped(block_list, prefix),
         blocks=block_records(block_list, prefix, records),
-        notes=notes,
+        notes=visit.notes,
     )
+
+
+class _Visit:
+    """Prunes block ``index``'s layers and fused experts (the ``visit`` of
+    :func:`prunekit.llm.engine.sequential`). ``early``: the block is baked at once, before
+    the pass that computes its outputs, so that forward reads plain weights (no
+    weight-sized ``original * mask`` per call); its sparsities are read first. (Only when
+    no error meter references the weights it zeroes in place; a block weight is never
+    tied to another block's, :func:`~prunekit.layers.require_unique_modules`, and one
+    tied to a tensor outside the blocks gets the same zeros as from a tied mask.)
+    ``alone``: no error meter references the dense weights, so SparseGPT may sweep them
+    in place (:func:`~prunekit.llm.methods.prune_layer`)."""
+
+    def __init__(
+        self,
+        method: Method,
+        block_list: nn.ModuleList,
+        prefix: str,
+        targets: list[Target],
+        early: bool,
+        alone: bool = False,
+    ) -> None:
+        self.method, self.block_list, self.prefix = method, block_list, prefix
+        self.targets, self.early, self.alone = targets, early, alone
+        self.notes: list[tuple[str, str]] = []
+        self.sparsity: dict[str, float] = {}
+
+    def __call__(self, index: int, layers: list[Layer], stats: dict[str, LayerStats]) -> bool:
+        target, block = self.targets[index], self.block_list[index]
+        for layer in layers:  # each layer's statistics freed once it is pruned
+            prune_layer(self.method, layer, target, stats.pop(layer.name), in_place=self.alone)
+        experts = find_experts(block, f"{self.prefix}.{index}")
+        self.notes.extend(prune_experts(self.method, experts, target, stats))
+        if self.early:
+            self.sparsity |= {ly.name: 1.0 - kept_fraction(ly.module) for ly in layers}
+            bake(block)
+        return True
 
 
 class _Finishing:
     """Wraps a :class:`BlockStream`: each finished block's records, then its masks baked."""
 
-    def __init__(
-        self, inner: BlockStream, prefix: str, targets: list[Target], args: PruneArguments
-    ) -> None:
-        self.inner, self.prefix, self.targets, self.args = inner, prefix, targets, args
+    def __init__(self, inner: BlockStream, visit: _Visit, args: PruneArguments) -> None:
+        self.inner, self.visit, self.args = inner, visit, args
         self.records: list[LayerRecord] = []
 
     def load(self, index: int, block: nn.Module) -> None:
@@ -273,8 +301,7 @@ class _Finishing:
     def done(
         self, index: int, block: nn.Module, errors: dict[str, float], inputs: BlockInputs
     ) -> None:
-        name = f"{self.prefix}.{index}"
-        self.records += _block_records(block, name, self.targets[index], errors)
+        self.records += _block_records(block, index, self.visit, errors)
         if not self.args.keep_masks:
             bake(block)
         self.inner.done(index, block, errors, inputs)
@@ -295,25 +322,26 @@ def _skipped(block_list: nn.ModuleList, prefix: str) -> tuple[list[tuple[str, st
 
 
 def _records(
-    block_list: nn.ModuleList, prefix: str, targets: list[Target], errors: dict[str, float]
+    block_list: nn.ModuleList, visit: _Visit, errors: dict[str, float]
 ) -> list[LayerRecord]:
     """One record per pruned layer or expert matrix of every block."""
     return [
         record
         for index, block in enumerate(block_list)
-        for record in _block_records(block, f"{prefix}.{index}", targets[index], errors)
+        for record in _block_records(block, index, visit, errors)
     ]
 
 
 def _block_records(
-    block: nn.Module, name: str, target: Target, errors: dict[str, float]
+    block: nn.Module, index: int, visit: _Visit, errors: dict[str, float]
 ) -> list[LayerRecord]:
-    """One record per pruned layer or expert matrix of ``block`` (named ``name``): shape,
-    target, sparsity, output error."""
+    """One record per pruned layer or expert matrix of block ``index``: shape, target,
+    sparsity (its mask's, or the one ``visit`` read before baking it), output error."""
     records = []
-    fraction = _fraction(target)
+    name, fraction = f"{visit.prefix}.{index}", _fraction(visit.targets[index])
     for ly in block_layers(block, name):
-        shape, sparsity = tuple(ly.weight.shape), 1.0 - kept_fraction(ly.module)
+        shape = tuple(ly.weight.shape)
+        sparsity = visit.sparsity.get(ly.name, 1.0 - kept_fraction(ly.module))
         records.append(LayerRecord(ly.name, shape, ly.weight.numel(), fraction, sparsity,
                                    errors.get(ly.name, NAN)))  # fmt: skip
     for ex in find_experts(block, name):

@@ -14,7 +14,8 @@ For one layer with canonical weight ``W`` (``out x in``) and Hessian ``H = (2/n)
    zeroed); update the block's later columns by ``-err * U[j, j:]``; after the block,
    apply the deferred (lazy batch) update ``-Err @ U[block, later]`` to all later columns.
 
-Everything runs in fp32. Memory beyond the weight: its fp32 working copy and ``U``, and
+Everything runs in fp32. Memory beyond the weight: its fp32 working copy (none with
+``in_place`` on an fp32 weight) and ``U``, and
 ``H`` while ``U`` is computed when the caller hands ``H`` over (``overwrite=True``: it is
 damped in place instead of copied). The *kept* weights change (that is the point: they
 compensate for the pruned ones), so the result is a new dense weight with zeros at pruned
@@ -47,14 +48,19 @@ def sparsegpt(
     block_size: int = BLOCK_SIZE,
     damping: float = 0.01,
     overwrite: bool = False,
+    in_place: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """``(new_weight, keep_mask)`` for a canonical ``(out, in)`` weight (see module docstring).
 
     ``target`` is an unstructured sparsity in [0, 1) or an :class:`~prunekit.granularity.NM`.
     ``new_weight`` is fp32, zero wherever ``keep_mask`` is False. ``overwrite``: the fp32
     ``hessian`` is the caller's to give up; it is damped in place (same ``U``, less memory).
+    ``in_place``: so is ``weight``; when it is fp32 and contiguous the sweep runs in its
+    storage and ``new_weight`` is ``weight`` (same bits, one weight-sized copy less).
     """
-    w = weight.detach().to(torch.float32).clone(memory_format=torch.contiguous_format)
+    w = weight.detach()
+    if not (in_place and w.dtype == torch.float32 and w.is_contiguous()):
+        w = w.to(torch.float32).clone(memory_format=torch.contiguous_format)
     rows, cols = w.shape
     dead = dead_inputs(hessian)
     w[:, dead] = 0.0
