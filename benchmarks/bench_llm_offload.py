@@ -49,7 +49,8 @@ STATUS = Path("/proc/self/status")
 PROTOCOL = (
     "Random Llama (hidden 512, 6 blocks, MLP 1408, 8/4 heads, vocab 8000: 104 MB fp32, 20 MB "
     f"shards), 50%, {SAMPLES} x {SEQ_LEN} random calibration tokens (seed 0), batch 1, fresh "
-    "process per run, glibc MALLOC_ARENA_MAX=1 MALLOC_MMAP_THRESHOLD_=131072 for both tools. "
+    "process per run, glibc MALLOC_ARENA_MAX=1 MALLOC_MMAP_THRESHOLD_=131072 and "
+    "MKL_DISABLE_FAST_MM=1 (allocator caches off) for both tools. "
     "Peak = VmHWM beyond the RSS at the start of the measured region: in memory the prune "
     "of the loaded model; out of core the whole run after the imports (prunekit "
     "`prune_checkpoint`; llmcompressor `from_pretrained(device_map='auto_offload', "
@@ -59,10 +60,13 @@ PROTOCOL = (
     "samples x seq_len x hidden x 4 (hidden states in, and out). Masks agree: share of "
     "block weights with the same pruned/kept decision in the two tools' checkpoints."
 )
-ALLOCATOR = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}
+ALLOCATOR = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": "131072",
+             "MKL_DISABLE_FAST_MM": "1"}  # fmt: skip
 """Both tools' processes: one glibc arena, tensors of 128 KiB and more in their own
 mappings returned on free (glibc's default raises that threshold to the largest block
-freed so far, and the heap then keeps freed tensors resident)."""
+freed so far, and the heap then keeps freed tensors resident), and MKL's own buffer cache
+off (it keeps the BLAS/LAPACK work buffers of the largest matrices seen, 6-8 MiB here).
+The peak then measures what the method holds, not what the allocators keep."""
 
 
 def _kib(field: str) -> int:

@@ -109,10 +109,9 @@ def row_mask(scores: Tensor, sparsity: float) -> Tensor:
     """Bool keep-mask pruning exactly ``round(sparsity * in)`` lowest scores of every row
     of ``scores`` ``(out, in)`` (Wanda's comparison group, Sun et al. 2023).
 
-    Ties go to the lower index (a stable sort), so the mask is deterministic. The rows are
-    sorted :data:`SORT_CHUNK` elements at a time: a sort's values and int64 indices
-    cost 12 bytes per score, so a whole-matrix sort would be the largest transient of a
-    one-shot LLM prune (three times the fp32 scores).
+    Ties go to the lower index (a stable sort), so the mask is deterministic. Rows are
+    sorted ``SORT_CHUNK`` scores at a time: a sort's values and int64 indices are 12 bytes
+    a score, the largest transient of a one-shot LLM prune if done whole.
     """
     n_prune = round(sparsity * scores.shape[1])
     keep = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from prunekit.errors import CalibrationError
 from prunekit.inputs import Calibration
+from prunekit.llm.placement import execution_device
 
 TokenData = Calibration | Tensor | Sequence[Tensor] | Sequence[Mapping[str, Tensor]]
 Batch = dict[str, Tensor]
@@ -135,7 +136,7 @@ def calibration_batches(
     limit = max_positions(model)
     for i, batch in enumerate(raw):
         _check_length(batch, f"batch {i}", limit)
-    device = next(model.parameters()).device
+    device = execution_device(model)
     positions = _takes_positions(model)
     return [
         {k: v.to(device) for k, v in _with_positions(batch, positions).items()} for batch in raw

@@ -18,6 +18,7 @@ from prunekit.layers import (
     skipped_tensors,
     to_canonical,
 )
+from prunekit.llm.accelerated import OffloadedBlocks, check_offloaded
 from prunekit.llm.arguments import PruneArguments
 from prunekit.llm.blocks import block_layers, find_blocks
 from prunekit.llm.calibration import Batch, TokenData, calibration_batches, real_tokens
@@ -42,6 +43,7 @@ from prunekit.llm.methods import (
 )
 from prunekit.llm.moe import check_experts, prune_experts, zeros_fraction
 from prunekit.llm.owl import outlier_ratio, owl_sparsities
+from prunekit.llm.placement import execution_device, offloading_hooks
 from prunekit.llm.report import LayerRecord, LLMPruneReport, block_records
 from prunekit.masks import bake, kept_fraction, require_bakeable, tie_masks
 
@@ -49,11 +51,16 @@ ALLOCATIONS = ["uniform", "owl"]
 NAN = float("nan")  # the error of a layer when ``measure_error=False``
 
 
-def _check_layers(blocks: nn.ModuleList, prefix: str, target: Target) -> None:
+def _check_layers(
+    blocks: nn.ModuleList, prefix: str, target: Target, *, loaded_later: bool = False
+) -> None:
+    """Every block layer prunable at ``target``; ``loaded_later``: a weight on the meta
+    device is offloaded, its values checked as its block is loaded (:mod:`.accelerated`)."""
     layers = [ly for i, b in enumerate(blocks) for ly in block_layers(b, f"{prefix}.{i}")]
     require_unique_modules(layers)
     for layer in layers:
-        check_weight(layer)
+        if not (loaded_later and layer.weight.is_meta):
+            check_weight(layer)
         if isinstance(target, NM) and (reason := target.incompatibility(layer)):
             raise IncompatibleLayerError(f"layer {layer.name!r}: {reason}")
     for i, block in enumerate(blocks):
@@ -129,6 +136,9 @@ def prune(
             Embeddings and the LM head stay dense. Fused MoE experts (Mixtral, Qwen2-MoE,
             Qwen3-MoE in transformers 5) are pruned expert by expert on the tokens routed
             to each (:mod:`prunekit.llm.moe`; always baked); routers stay dense.
+            Blocks accelerate offloads (``device_map`` with an ``offload_folder``) are
+            loaded one at a time and written back to the offload folder, all or nothing
+            (:mod:`prunekit.llm.accelerated`; not with ``keep_masks`` or OWL).
         calibration: token ids ``(samples, seq_len)``, a list of id tensors / tokenizer
             dicts (one batch each), or a :class:`~prunekit.inputs.Calibration` of them.
             The papers use 128 samples of 2048 tokens.
@@ -182,11 +192,25 @@ def prune(
     method = parse_method(method)
     target = check_target(sparsity, allocation)
     prefix, block_list = find_blocks(model, args.blocks)
-    _check_layers(block_list, prefix, target)
+    offloaded = bool(offloading_hooks(block_list))
+    if offloaded:
+        check_offloaded(args.keep_masks, allocation)
+    _check_layers(block_list, prefix, target, loaded_later=offloaded)
     if not args.keep_masks:
         require_bakeable(block_list, prefix)
     batches = calibration_batches(calibration, model, args.batch_size)
-    return run_prune(model, batches, method, target, allocation, args, measure=measure_error)
+    if not offloaded:
+        return run_prune(model, batches, method, target, allocation, args, measure=measure_error)
+    stream = OffloadedBlocks(prefix)
+    try:
+        report = run_prune(
+            model, batches, method, target, allocation, args, stream, measure=measure_error
+        )
+    except BaseException:
+        stream.rollback()
+        raise
+    stream.commit()
+    return report
 
 
 def run_prune(
@@ -205,7 +229,7 @@ def run_prune(
     unless ``keep_masks``, as it finishes, before the stream takes its weights back.
     ``measure``: :func:`prune`'s ``measure_error``."""
     prefix, block_list = find_blocks(model, args.blocks)
-    device = next(model.parameters()).device
+    device = execution_device(model)
     start = time.perf_counter()
     with eval_mode(model), torch.no_grad(), PeakMemory(device) as peak:
         inputs = capture_inputs(model, block_list[0], batches)
