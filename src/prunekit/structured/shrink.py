@@ -28,17 +28,13 @@
 from __future__ import annotations
 
 import copy
-import fnmatch
-import math
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from prunekit.allocation import check_sparsity
 from prunekit.cost import count_macs
 from prunekit.errors import (
     InvalidInputsError,
@@ -46,7 +42,6 @@ from prunekit.errors import (
     PruningError,
     ShrinkVerificationError,
     UnknownChoiceError,
-    UnknownLayerError,
 )
 from prunekit.inputs import Inputs
 from prunekit.layers import require_model
@@ -55,6 +50,7 @@ from prunekit.masks import remove as remove_masks
 from prunekit.structured import carry
 from prunekit.structured.graph import DependencyGraph, Ignore, build
 from prunekit.structured.importance import StructuredCriterion, resolve, score
+from prunekit.structured.planning import Ratio, plan, zero_groups_plan
 from prunekit.structured.report import FamilyDecision, ShrinkReport, summary
 from prunekit.structured.state import approximate_norms
 from prunekit.structured.surgery import (
@@ -76,103 +72,6 @@ from prunekit.structured.verify import (
     restore,
     snapshot,
 )
-
-Ratio = float | Mapping[str, float] | None
-
-
-def _min_keep(total: int, round_to: int) -> int:
-    return min(total, max(1, round_to))
-
-
-def _round_kept(kept: int, total: int, round_to: int) -> int:
-    return min(total, max(_min_keep(total, round_to), math.ceil(kept / round_to) * round_to))
-
-
-def _lowest(scores: Tensor, count: int) -> tuple[int, ...]:
-    order = torch.argsort(scores, stable=True)
-    return tuple(sorted(order[:count].tolist()))
-
-
-def _family_ratios(graph: DependencyGraph, ratio: Ratio) -> dict[str, float]:
-    if not isinstance(ratio, Mapping):
-        value = check_sparsity(ratio, "ratio")
-        return {f.name: value for f in graph.families}
-    out: dict[str, float] = {}
-    for pattern, value in ratio.items():
-        found = [f.name for f in graph.families if fnmatch.fnmatchcase(f.name, pattern)]
-        if not found:
-            names = ", ".join(f.name for f in graph.families[:5])
-            raise UnknownLayerError(
-                f"ratio key {pattern!r} matches no prunable family; Fix: use a family name or "
-                f"glob (families here: {names}, ...)."
-            )
-        for name in found:
-            out.setdefault(name, check_sparsity(value, f"ratio[{pattern!r}]"))
-    return out
-
-
-def plan(
-    graph: DependencyGraph,
-    scores: Mapping[str, Tensor | None],
-    ratio: Ratio,
-    scope: str = "local",
-    round_to: int = 1,
-    normalize: str = "mean",
-) -> list[FamilyDecision]:
-    """Which groups of each family go (pure: reads scores, changes nothing)."""
-    ratios = _family_ratios(graph, ratio)
-    decisions: dict[str, FamilyDecision] = {}
-    ranked = []
-    for fam in graph.families:
-        s, total = scores.get(fam.name), len(fam.groups)
-        if fam.name not in ratios or s is None:
-            note = "not ranked by this criterion" if fam.name in ratios else ""
-            decisions[fam.name] = FamilyDecision(fam.name, fam.kind, total, (), note)
-            continue
-        if scope == "local" or isinstance(ratio, Mapping):
-            kept = _round_kept(total - math.floor(ratios[fam.name] * total), total, round_to)
-            decisions[fam.name] = FamilyDecision(
-                fam.name, fam.kind, total, _lowest(s, total - kept)
-            )
-        else:
-            norm = s if normalize == "none" else s / s.mean().clamp_min(1e-30)
-            ranked += [(float(v), fam.name, i) for i, v in enumerate(norm.tolist())]
-    if ranked:
-        sizes = {f.name: len(f.groups) for f in graph.families}
-        target = math.floor(float(ratio) * len(ranked))  # type: ignore[arg-type]
-        chosen: dict[str, list[int]] = {}
-        for _, name, i in sorted(ranked):
-            if target <= 0:
-                break
-            if len(chosen.get(name, ())) < sizes[name] - _min_keep(sizes[name], round_to):
-                chosen.setdefault(name, []).append(i)
-                target -= 1
-        for name, total in sizes.items():
-            if name in decisions:
-                continue
-            picked = chosen.get(name, [])
-            kept = _round_kept(total - len(picked), total, round_to)
-            drop = sorted(picked, key=lambda i: float(scores[name][i]))[: total - kept]
-            fam = graph.family(name)
-            decisions[name] = FamilyDecision(name, fam.kind, total, tuple(sorted(drop)))
-    return [decisions[f.name] for f in graph.families]
-
-
-def _zero_groups_plan(model: nn.Module, graph: DependencyGraph) -> list[FamilyDecision]:
-    """Groups whose producing weights are all zero already (masked filters)."""
-    params = dict(model.named_parameters(remove_duplicate=False))
-    producers = set(graph.trace.producers)
-    out = []
-    for fam in graph.families:
-        drop = []
-        for i, g in enumerate(fam.groups):
-            own = [m for m in g.members if (m.name, m.dim) in producers and m.name in params]
-            if own and all(not params[m.name].index_select(m.dim, m.index).any() for m in own):
-                drop.append(i)
-        drop = drop[: len(fam.groups) - 1]  # never empty a family
-        out.append(FamilyDecision(fam.name, fam.kind, len(fam.groups), tuple(drop)))
-    return out
-
 
 NORMALIZE = ("auto", "mean", "none")
 
@@ -206,10 +105,13 @@ def _validate(scope: str, round_to: int, seed: int, ignore: Ignore, approximate:
         )
 
 
-def traced_graph(model: nn.Module, example_inputs: Inputs, ignore: Ignore) -> DependencyGraph:
-    """The dependency graph (MACs counted); inputs the model rejects: InvalidInputsError."""
+def traced_graph(
+    model: nn.Module, example_inputs: Inputs, ignore: Ignore, macs: bool = True
+) -> DependencyGraph:
+    """The dependency graph (with ``macs``, the MACs counted in the traced pass); inputs
+    the model rejects: InvalidInputsError."""
     try:
-        return build(model, example_inputs, ignore, macs=True)  # the MACs before, counted
+        return build(model, example_inputs, ignore, macs=macs)
     except PruningError:
         raise
     except (RuntimeError, TypeError, ValueError, IndexError) as exc:
@@ -267,9 +169,12 @@ def _verify(
         ) from None
 
 
-def _masked_groups(model: nn.Module, probe: nn.Module, graph: DependencyGraph) -> list:
-    """:func:`_zero_groups_plan`, refused when there is none (``ratio=None``)."""
-    decisions = _zero_groups_plan(probe, graph)
+def _masked_groups(
+    model: nn.Module, probe: nn.Module, graph: DependencyGraph
+) -> list[FamilyDecision]:
+    """:func:`~prunekit.structured.planning.zero_groups_plan`, refused when there is
+    none (``ratio=None``)."""
+    decisions = zero_groups_plan(probe, graph)
     if not any(d.removed for d in decisions):
         raise InvalidSparsityError(
             f"no masked channel group to remove in {type(model).__name__}; Fix: pass "
@@ -361,7 +266,8 @@ def shrink(
     # (baked) weights while the caller's masks stay until the plan is known to apply.
     probe = bake(copy.deepcopy(model)) if _is_masked(model) else model
     with approximate_norms() if approximate else nullcontext():
-        graph = traced_graph(probe, example_inputs, ignore)
+        # the MACs before: counted in the trace only when no reference pass counts them
+        graph = traced_graph(probe, example_inputs, ignore, macs=not (verify or approximate))
     if ratio is None:
         decisions = _masked_groups(model, probe, graph)
     else:
@@ -369,8 +275,8 @@ def shrink(
         decisions = plan(graph, scores, ratio, scope, round_to, normalize)
     removed = {d.name: d.removed for d in decisions if d.removed}
     params_before = sum(p.numel() for p in probe.parameters())
-    macs_before = int(graph.trace.macs or 0)
     found = _references(probe, graph, removed, example_inputs, ratio, seed, verify, approximate)
+    macs_before = int((graph.trace.macs if found is None else found[0].macs) or 0)
     changes, notes, undo = _apply(model, probe, graph, removed, masks)
     result = None
     if found is not None:

@@ -95,6 +95,9 @@ class Probe:
     scale: list[float]
     sensitivity: float
     what: str
+    # MACs of the group-masked forward pass on these inputs (counted as count_macs
+    # counts; the same shapes as the dense model's): the example inputs' probe only
+    macs: int | None = None
 
 
 def _probe(ref: list[Tensor], expected: list[Tensor], inputs: Inputs, what: str) -> Probe:
@@ -157,8 +160,14 @@ def probes(dense: nn.Module, masked: nn.Module, inputs: Inputs, seed: int = 0) -
 
 
 def compared(dense: Outputs, masked: Outputs, inputs: Inputs, seed: int = 0) -> list[Probe]:
-    """:func:`probes` of two functions giving the dense and the group-masked outputs."""
-    found = [_probe(dense(inputs), masked(inputs), inputs, "the example inputs")]
+    """:func:`probes` of two functions giving the dense and the group-masked outputs;
+    the group-masked pass on the example inputs is counted (:attr:`Probe.macs`: the
+    dense model's MACs, which zeroing does not change)."""
+    with counting() as counter:
+        expected = masked(inputs)
+    first = _probe(dense(inputs), expected, inputs, "the example inputs")
+    first.macs = counter.get_total_flops() // 2
+    found = [first]
     gen = torch.Generator().manual_seed(seed)
     for factor in SCALES:
         if max(p.sensitivity for p in found) >= WEAK:
@@ -172,24 +181,46 @@ def compared(dense: Outputs, masked: Outputs, inputs: Inputs, seed: int = 0) -> 
     return found
 
 
-@contextmanager
-def zeroed(model: nn.Module, positions: Mapping[tuple[str, int], Tensor]) -> Iterator[None]:
-    """``model`` made the group-masked model in place: the parameter ``positions``
-    (:meth:`~prunekit.structured.graph.DependencyGraph.positions`) are zero inside,
-    their values are put back on exit (a copy of the removed slices, not of the model)."""
+def group_masked_tensors(
+    model: nn.Module, positions: Mapping[tuple[str, int], Tensor]
+) -> dict[str, Tensor]:
+    """The parameters of ``model`` holding ``positions``
+    (:meth:`~prunekit.structured.graph.DependencyGraph.positions`) as new tensors with
+    those positions zero (``w * keep``, one vectorised pass per tensor; ``model`` is not
+    touched). Names are those of ``named_parameters(remove_duplicate=False)``; a tensor
+    tied under several names is masked once, with the positions of every name."""
     params = dict(model.named_parameters(remove_duplicate=False))
-    slices = [(params[name], dim, index.to(params[name].device))
-              for (name, dim), index in positions.items() if name in params]  # fmt: skip
-    with torch.no_grad():
-        saved = [p.index_select(dim, index) for p, dim, index in slices]
-        for p, dim, index in slices:
-            p.index_fill_(dim, index, 0.0)
+    keep: dict[int, Tensor] = {}
+    for (name, dim), index in positions.items():
+        if name not in params:
+            continue
+        p = params[name]
+        shape = [1] * p.dim()
+        shape[dim] = p.shape[dim]
+        axis = torch.ones(p.shape[dim], dtype=torch.bool, device=p.device)
+        axis[index.to(p.device)] = False
+        mask = axis.view(shape)
+        keep[id(p)] = mask if id(p) not in keep else keep[id(p)] & mask
+    masked = {id(p): p.detach().masked_fill(~keep[id(p)], 0) for p in params.values()
+              if id(p) in keep}  # fmt: skip
+    return {name: masked[id(p)] for name, p in params.items() if id(p) in masked}
+
+
+@contextmanager
+def swapped(model: nn.Module, tensors: Mapping[str, Tensor]) -> Iterator[None]:
+    """``model`` computing with ``tensors`` (by parameter name) in place of its own
+    parameters inside; the very parameter objects are put back on exit."""
+    slots = []
+    for name, tensor in tensors.items():
+        path, _, attr = name.rpartition(".")
+        module = model.get_submodule(path)
+        slots.append((module, attr, module._parameters[attr]))
+        module._parameters[attr] = tensor  # type: ignore[assignment]
     try:
         yield
     finally:
-        with torch.no_grad():
-            for (p, dim, index), values in zip(slices, saved, strict=True):
-                p.index_copy_(dim, index, values)
+        for module, attr, original in reversed(slots):
+            module._parameters[attr] = original
 
 
 def in_place_probes(
@@ -197,15 +228,17 @@ def in_place_probes(
     dense_outputs: list[Tensor] | None = None, seed: int = 0,
 ) -> list[Probe]:  # fmt: skip
     """:func:`probes` without a copy of the model: the group-masked outputs come from
-    ``model`` while :func:`zeroed`, the dense ones on the example inputs from
-    ``dense_outputs`` where given (the trace's, :attr:`~prunekit.structured.trace.Trace.
-    outputs`), so the example inputs cost one forward pass, not two."""
+    ``model`` computing with :func:`group_masked_tensors` (:func:`swapped` in, made
+    once), the dense ones on the example inputs from ``dense_outputs`` where given (the
+    trace's, :attr:`~prunekit.structured.trace.Trace.outputs`), so the example inputs
+    cost one forward pass, not two."""
+    tensors = group_masked_tensors(model, positions)
 
     def dense(x: Inputs) -> list[Tensor]:
         return dense_outputs if x is inputs and dense_outputs is not None else outputs(model, x)
 
     def masked(x: Inputs) -> list[Tensor]:
-        with zeroed(model, positions):
+        with swapped(model, tensors):
             return outputs(model, x)
 
     return compared(dense, masked, inputs, seed)
