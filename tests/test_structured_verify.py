@@ -126,6 +126,17 @@ def test_a_check_that_stays_weak_says_so() -> None:
     assert report.deviation == 0.0
 
 
+@pytest.mark.parametrize(("std", "tried"), [(0.1, "1x scale, random inputs at 10x"), (3.0, "")])
+def test_the_1x_draw_is_skipped_at_the_example_inputs_own_scale(std: float, tried: str) -> None:
+    """At std >= 0.9 a 1x draw, N(0, max(1, std)^2), repeats the example inputs' scale."""
+    torch.manual_seed(0)
+    model, x = DeadBranch().eval(), torch.randn(64, 6)
+    report = pk.shrink(model, x / x.std() * std, ratio=0.5)
+    (note,) = report.notes
+    assert ("random inputs at 1x scale" in note) == bool(tried)
+    assert tried in note and "random inputs at 10x scale" in note
+
+
 def test_already_zero_groups_are_checked_against_refilled_ones(monkeypatch) -> None:
     """ratio=None removes groups that are zero already, so the dense model equals the
     masked one; the check's reference refills them with noise instead."""
