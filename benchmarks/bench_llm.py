@@ -279,7 +279,8 @@ def memory(args: argparse.Namespace) -> None:
         load = f"{os.getloadavg()[0]:.1f}"
         rounds.append({"load": load, "rows": []})
         floor.one_round(work, peer, rounds[-1]["rows"], save=lambda: store.write_text(
-            json.dumps(rounds)), methods=tuple(args.methods.split(",")))  # fmt: skip
+            json.dumps(rounds)), methods=tuple(args.methods.split(",")),
+            mkl_cache=args.mkl_cache)  # fmt: skip
         rounds[-1]["load"] = f"{load} -> {os.getloadavg()[0]:.1f}"
         store.write_text(json.dumps(rounds))
     if not rounds:
@@ -310,6 +311,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--memory", action="store_true", help="only the memory-floor table")
     parser.add_argument("--rounds", help="JSON file: --memory appends its round(s) to it")
     parser.add_argument("--methods", default="wanda,sparsegpt", help="--memory: which methods")
+    parser.add_argument("--mkl-cache", action="store_true",
+                        help="--memory: leave MKL's buffer cache on (MKL_DISABLE_FAST_MM unset)")
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--llmc-worker", choices=METHODS[1:], help=argparse.SUPPRESS)
     parser.add_argument("--llmc-out", help=argparse.SUPPRESS)

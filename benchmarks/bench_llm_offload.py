@@ -207,9 +207,12 @@ def agreement(a: Path, b: Path) -> float:
     return same / sum(v.numel() for v in x.values())
 
 
-def _child(python: str, tool: str, src: Path, out: Path, mode: str, method: str) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"),
-           **ALLOCATOR}  # fmt: skip
+def _child(
+    python: str, tool: str, src: Path, out: Path, mode: str, method: str, mkl_cache: bool
+) -> dict:
+    allocator = {k: v for k, v in ALLOCATOR.items() if k != "MKL_DISABLE_FAST_MM" or not mkl_cache}
+    env = {k: v for k, v in os.environ.items() if k != "MKL_DISABLE_FAST_MM" or not mkl_cache}
+    env |= {"PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), **allocator}
     cmd = [python, str(Path(__file__).resolve()), "--child", tool, str(src), str(out), mode, method]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if done.returncode:
@@ -223,9 +226,10 @@ def one_round(
     rows: list[dict],
     save: Callable[[], object],
     methods: tuple[str, ...] = METHODS,
+    mkl_cache: bool = False,
 ) -> list[dict]:
     """Every (method, mode, tool) once, the tools interleaved, appended to ``rows`` as each
-    finishes (peak, time, output folder)."""
+    finishes (peak, time, output folder). ``mkl_cache``: MKL's buffer cache left on."""
     src = work / "src"
     if not src.exists():
         save_model(src)
@@ -247,7 +251,7 @@ def one_round(
         for mode in MODES:
             for tool, python in tools:
                 out = work / f"{tool}-{method}-{mode.replace(' ', '-')}"
-                result = _child(python, tool, src, out, mode, method)
+                result = _child(python, tool, src, out, mode, method, mkl_cache)
                 print(
                     f"{tool} {method} {mode}: {result['peak'] / 2**20:.1f} MiB, "
                     f"{result['seconds']:.1f} s"
