@@ -15,6 +15,7 @@ from torch import nn
 import prunekit as pk
 from prunekit.errors import ShrinkVerificationError
 from prunekit.structured.surgery import remove
+from prunekit.structured.verify import group_masked_tensors, swapped
 from prunekit.zoo import build_model, example_input
 
 shrink_module = importlib.import_module("prunekit.structured.shrink")
@@ -173,3 +174,30 @@ def test_non_finite_batchnorm_statistics_are_named() -> None:
     model.bn1.running_var[2] = float("inf")
     with pytest.raises(pk.InvalidWeightError, match=r"'bn1.running_var'"):
         pk.shrink(model, example_input("resnet20"))
+
+
+def test_the_group_masked_reference_leaves_the_model_untouched() -> None:
+    """The reference computes with masked copies swapped in: a tied weight is masked once
+    under both names, and the very parameter objects, values unchanged, come back."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 4), nn.Linear(4, 6)).eval()
+    model[3].weight = model[0].weight  # tied
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    objects = [model[0].weight, model[0].bias, model[2].weight]
+    positions = {("0.weight", 0): torch.tensor([1, 4]), ("0.bias", 0): torch.tensor([1, 4]),
+                 ("2.weight", 1): torch.tensor([1, 4])}  # fmt: skip
+    masked = group_masked_tensors(model, positions)
+    assert masked["0.weight"] is masked["3.weight"]
+    assert not masked["0.weight"][[1, 4]].any() and torch.equal(
+        masked["0.weight"][[0, 2, 3, 5]], before["0.weight"][[0, 2, 3, 5]]
+    )
+    x = torch.randn(3, 4)
+    with swapped(model, masked), torch.no_grad():
+        assert model[3].weight is masked["3.weight"]
+        y = model(x)
+    now = [model[0].weight, model[0].bias, model[2].weight]
+    assert all(a is b for a, b in zip(now, objects, strict=True))
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    hidden = torch.relu(x @ masked["0.weight"].T + masked["0.bias"])
+    expected = (hidden @ masked["2.weight"].T + model[2].bias) @ masked["0.weight"].T
+    assert torch.allclose(y, expected + model[3].bias, atol=1e-6)
