@@ -126,3 +126,103 @@ def test_a_nan_in_an_offloaded_block_is_named_and_nothing_changes(checkpoint: Pa
     with pytest.raises(InvalidWeightError, match=r"model\.layers\.2\.mlp\.down_proj"):
         llm.prune(model, IDS, method="wanda", sparsity=0.5, progress=False)
     assert snapshot(model, checkpoint) == before
+
+
+def in_memory_bits(checkpoint: Path, out: Path, **options) -> dict[str, torch.Tensor]:
+    reference = transformers.AutoModelForCausalLM.from_pretrained(checkpoint)
+    llm.prune(reference, IDS, progress=False, **options)
+    return reference.state_dict()
+
+
+def assert_saved_equal(model: torch.nn.Module, out: Path, expected: dict) -> None:
+    model.save_pretrained(out)
+    back = transformers.AutoModelForCausalLM.from_pretrained(out).state_dict()
+    assert back.keys() == expected.keys()
+    for name, tensor in back.items():
+        assert torch.equal(tensor, expected[name]), name
+
+
+def test_offloaded_fused_moe_experts_are_written_back(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.for_model(
+        "mixtral", hidden_size=32, intermediate_size=64, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=64, num_hidden_layers=2, num_experts_per_tok=2,
+        num_local_experts=4,
+    )  # fmt: skip
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "src")
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "disk",
+                  "model.layers.1": "disk", "model.norm": "cpu", "model.rotary_emb": "cpu",
+                  "lm_head": "cpu"}  # fmt: skip
+    model = offloaded(tmp_path / "src", device_map)
+    expected = in_memory_bits(tmp_path / "src", tmp_path, method="wanda", sparsity=0.5)
+    llm.prune(model, IDS, method="wanda", sparsity=0.5, progress=False)
+    stored = model.model.layers[0].mlp.experts._hf_hook.weights_map["down_proj"]
+    assert float((stored == 0).float().mean()) == pytest.approx(0.5)
+    assert_saved_equal(model, tmp_path / "out", expected)
+
+
+def test_accelerate_preloaded_submodules_prune_like_in_memory(checkpoint: Path) -> None:
+    from accelerate import disk_offload
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint)
+    disk_offload(model, checkpoint.parent / "offload", preload_module_classes=["LlamaMLP"])
+    expected = in_memory_bits(checkpoint, checkpoint.parent, method="sparsegpt", sparsity=0.5)
+    llm.prune(model, IDS, method="sparsegpt", sparsity=0.5, progress=False)
+    assert model.model.layers[1].mlp.up_proj.weight.is_meta
+    mlp = model.model.layers[1].mlp  # one hook places the MLP's three Linears
+    for name in ("gate_proj.weight", "up_proj.weight", "down_proj.weight"):
+        stored = mlp._hf_hook.weights_map[name]
+        assert torch.equal(stored, expected[f"model.layers.1.mlp.{name}"]), name
+
+
+def test_cpu_offload_failure_leaves_accelerates_copies_alone(checkpoint: Path, monkeypatch):
+    """``cpu_offload`` keeps CPU tensors that a CPU execution device would share: the loaded
+    weights are copies, so baking / in-place SparseGPT never write through."""
+    from accelerate import cpu_offload
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint)
+    cpu_offload(model)
+    up = model.model.layers[0].mlp.up_proj
+    stored, out = up._hf_hook.weights_map["weight"].clone(), logits(model)
+    monkeypatch.setattr(methods, "solve", failing_in_block(2))
+    with pytest.raises(RuntimeError, match="boom"):
+        llm.prune(model, IDS, method="sparsegpt", sparsity=0.5, progress=False,
+                  measure_error=False)  # fmt: skip
+    assert torch.equal(up._hf_hook.weights_map["weight"], stored)
+    assert torch.equal(logits(model), out)
+
+
+def failing_in_block(index: int):
+    real = methods.solve
+
+    def failing(method, weight, target, stats, name, **kwargs):
+        if name.startswith(f"model.layers.{index}."):
+            raise RuntimeError("boom")
+        return real(method, weight, target, stats, name, **kwargs)
+
+    return failing
+
+
+@pytest.mark.parametrize("interrupt_at", [1, 4])
+def test_an_interrupted_commit_is_undone(checkpoint: Path, monkeypatch, interrupt_at: int):
+    """Pruned once (the offload folder then holds ``.dat`` files), interrupted while the
+    second prune moves its files into place: files and index as after the first."""
+    from prunekit.llm import accelerated
+
+    model = offloaded(checkpoint, DEVICE_MAP | {"model.layers.0": "disk"})
+    llm.prune(model, IDS, method="wanda", sparsity=0.5, progress=False)
+    before, out = snapshot(model, checkpoint), logits(model)
+    real, calls = accelerated.os.replace, [0]
+
+    def replace(a, b):
+        calls[0] += 1
+        if calls[0] == interrupt_at:
+            raise KeyboardInterrupt
+        return real(a, b)
+
+    monkeypatch.setattr(accelerated.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        llm.prune(model, IDS, method="wanda", sparsity=0.7, progress=False)
+    monkeypatch.setattr(accelerated.os, "replace", real)
+    assert snapshot(model, checkpoint) == before and torch.equal(logits(model), out)
+    assert not list((checkpoint.parent / "offload").glob("*.prunekit"))

@@ -57,6 +57,25 @@ def test_measure_error_false_with_keep_masks_keeps_the_masks() -> None:
     assert torch.equal(up.weight, kept.model.layers[1].mlp.up_proj.weight)
 
 
+@pytest.mark.parametrize("measure", [True, False])
+def test_a_block_weight_tied_outside_the_blocks_ends_plain_and_still_tied(measure: bool) -> None:
+    """Baked at the end (the meter) or early: the same plain, tied weights either way."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+        num_hidden_layers=2, vocab_size=32,
+    )  # fmt: skip
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    model.lm_head.weight = model.model.layers[1].self_attn.o_proj.weight
+    ids32 = ids() % 32
+    llm.prune(model, ids32, method="wanda", sparsity=0.5, progress=False, measure_error=measure)
+    o_proj = model.model.layers[1].self_attn.o_proj
+    assert not hasattr(model.lm_head, "parametrizations")
+    assert not hasattr(o_proj, "parametrizations")
+    assert model.lm_head.weight is o_proj.weight
+    assert float((o_proj.weight == 0).float().mean()) == pytest.approx(0.5)
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     rows=st.integers(1, 9),

@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,9 @@ from prunekit.errors import IncompatibleLayerError, UnsupportedModelError
 from prunekit.layers import check_weight
 from prunekit.llm.blocks import block_layers
 from prunekit.llm.engine import BlockInputs
+from prunekit.llm.experts import find_experts
+from prunekit.llm.methods import Target
+from prunekit.llm.moe import check_experts
 from prunekit.llm.placement import offloading_hooks
 
 
@@ -56,11 +60,20 @@ def check_offloaded(keep_masks: bool, allocation: str) -> None:
 
 
 def _names(sub: nn.Module, hook: Any) -> list[str]:
-    """The tensors of ``sub`` (its own, not its children's) that ``hook`` offloads."""
-    names = [n for n, _ in sub.named_parameters(recurse=False)]
+    """The tensors ``hook`` offloads for ``sub``: its own, and its children's when the hook
+    places submodules (``preload_module_classes``); dotted names, as ``weights_map`` keys."""
+    deep = bool(getattr(hook, "place_submodules", False))
+    names = [n for n, _ in sub.named_parameters(recurse=deep)]
     if getattr(hook, "offload_buffers", False):
-        names += [n for n, _ in sub.named_buffers(recurse=False)]
+        names += [n for n, _ in sub.named_buffers(recurse=deep)]
     return names
+
+
+def _tensor(sub: nn.Module, name: str) -> Tensor:
+    try:
+        return sub.get_parameter(name)
+    except AttributeError:
+        return sub.get_buffer(name)
 
 
 def _set(sub: nn.Module, name: str, device: Any, value: Tensor | None = None) -> None:
@@ -69,11 +82,23 @@ def _set(sub: nn.Module, name: str, device: Any, value: Tensor | None = None) ->
     set_module_tensor_to_device(sub, name, device, value=value)
 
 
-class OffloadedBlocks:
-    """The block stream of an accelerate-offloaded model (module docstring)."""
+def _in_memory(dataset: Any, key: str) -> bool:
+    """Whether accelerate holds ``key`` as a tensor in memory (a dict, or the loader's
+    ``state_dict``) rather than in a file."""
+    return isinstance(dataset, dict) or key in getattr(dataset, "state_dict", {})
 
-    def __init__(self, prefix: str) -> None:
-        self.prefix = prefix
+
+def _where(weights_map: Any, name: str) -> tuple[Any, str]:
+    """The mapping behind a hook's ``weights_map`` and the full key of ``name`` in it."""
+    return getattr(weights_map, "dataset", weights_map), getattr(weights_map, "prefix", "") + name
+
+
+class OffloadedBlocks:
+    """The block stream of an accelerate-offloaded model (module docstring); ``target``
+    is the prune's, for the checks of fused experts."""
+
+    def __init__(self, prefix: str, target: Target) -> None:
+        self.prefix, self.target = prefix, target
         self.loaded: list[tuple[nn.Module, Any]] = []
         self.staged: list[tuple[Any, str, Tensor | Path, dict[str, Any]]] = []
         self.folders: dict[str, Path] = {}
@@ -82,32 +107,38 @@ class OffloadedBlocks:
         for sub, hook in offloading_hooks(block):
             self.loaded.append((sub, hook))
             for name in _names(sub, hook):
-                _set(sub, name, hook.execution_device, hook.weights_map[name])
+                value = hook.weights_map[name]
+                if _in_memory(*_where(hook.weights_map, name)):
+                    value = value.clone()  # a parameter must not alias accelerate's copy
+                _set(sub, name, hook.execution_device, value)
             hook.offload = False
-        for layer in block_layers(block, f"{self.prefix}.{index}"):
+        name = f"{self.prefix}.{index}"
+        for layer in block_layers(block, name):
             check_weight(layer)
+        for experts in find_experts(block, name):
+            check_experts(experts, self.target)
 
     def done(
         self, index: int, block: nn.Module, errors: dict[str, float], inputs: BlockInputs
     ) -> None:
-        pruned = {id(ly.module) for ly in block_layers(block, "")}
+        """Stage every tensor of the block's offloaded modules (layers, fused experts...:
+        whatever pruning changed), then put them back on the meta device."""
         mine = {id(m) for m in block.modules()}
         for sub, hook in [(s, h) for s, h in self.loaded if id(s) in mine]:
-            if id(sub) in pruned:
-                self._stage(hook.weights_map, sub.weight.detach())
+            for name in _names(sub, hook):
+                self._stage(hook.weights_map, name, _tensor(sub, name).detach())
             _unload(sub, hook)
         self.loaded = [(s, h) for s, h in self.loaded if id(s) not in mine]
 
-    def _stage(self, weights_map: Any, weight: Tensor) -> None:
-        """``weight`` (the pruned ``weight`` of the module ``weights_map`` serves) kept
-        aside until :meth:`commit`: a CPU copy for an in-memory map, else a ``.dat``."""
-        dataset, key = getattr(weights_map, "dataset", None), getattr(weights_map, "prefix", "")
-        key += "weight"
-        info = {"dtype": str(weight.dtype).removeprefix("torch."), "shape": list(weight.shape)}
-        folder = getattr(dataset, "save_folder", None)
-        if isinstance(dataset, dict) or key in getattr(dataset, "state_dict", {}):
-            self.staged.append((dataset, key, weight.to("cpu", copy=True), info))
+    def _stage(self, weights_map: Any, name: str, tensor: Tensor) -> None:
+        """``tensor`` kept aside until :meth:`commit`: a CPU copy for an in-memory map,
+        else a ``.dat`` file in accelerate's format in a staging folder."""
+        dataset, key = _where(weights_map, name)
+        info = {"dtype": str(tensor.dtype).removeprefix("torch."), "shape": list(tensor.shape)}
+        if _in_memory(dataset, key):
+            self.staged.append((dataset, key, tensor.to("cpu", copy=True), info))
             return
+        folder = getattr(dataset, "save_folder", None)
         if folder is None or not hasattr(dataset, "index"):
             raise UnsupportedModelError(
                 f"{key}: accelerate keeps it in a {type(dataset).__name__}, which prunekit "
@@ -118,22 +149,31 @@ class OffloadedBlocks:
 
         staging = self.folders.get(folder) or Path(tempfile.mkdtemp(".prunekit", dir=folder))
         self.folders[folder] = staging
-        offload_weight(weight.cpu(), key, str(staging), index={})
+        offload_weight(tensor.cpu(), key, str(staging), index={})
         self.staged.append((dataset, key, staging / f"{key}.dat", info))
 
     def commit(self) -> None:
-        """Every staged weight moved into place, the hooks' index pointing at it."""
+        """Every staged tensor moved into place and the hooks' index pointed at it; an
+        error or interruption on the way undoes the moves made (old files were kept
+        aside), so the model is either all pruned or as it was. No staging is left."""
         self._unload_all()
-        for dataset, key, value, info in self.staged:
-            if isinstance(value, Tensor):
-                (dataset if isinstance(dataset, dict) else dataset.state_dict)[key] = value
-                continue
-            os.replace(value, Path(dataset.save_folder) / value.name)
-            dataset.index[key] = info
-        self._clean()
+        undo: list[Callable[[], object]] = []
+        try:
+            for dataset, key, value, info in self.staged:
+                if isinstance(value, Tensor):
+                    _replace_entry(dataset if isinstance(dataset, dict) else dataset.state_dict,
+                                   key, value, undo)  # fmt: skip
+                else:
+                    _replace_file(dataset, key, value, info, undo)
+        except BaseException:
+            for step in reversed(undo):
+                step()
+            raise
+        finally:
+            self._clean()
 
     def rollback(self) -> None:
-        """Staged weights deleted, every loaded block back on meta: the model as it was."""
+        """Staged tensors deleted, every loaded block back on meta: the model as it was."""
         self._unload_all()
         self._clean()
 
@@ -148,9 +188,35 @@ class OffloadedBlocks:
         self.staged, self.folders = [], {}
 
 
+def _replace_entry(
+    target: dict[str, Any], key: str, value: Tensor, undo: list[Callable[[], object]]
+) -> None:
+    old = target.get(key)
+    undo.append(lambda: target.__setitem__(key, old) if old is not None else target.pop(key))
+    target[key] = value
+
+
+def _replace_file(
+    dataset: Any, key: str, staged: Path, info: dict[str, Any], undo: list[Callable[[], object]]
+) -> None:
+    """``staged`` moved over ``<offload folder>/<key>.dat`` (the old file, if any, kept in
+    the staging folder until the commit ends) and the index entry of ``key`` replaced;
+    each step's inverse appended to ``undo`` before the step runs."""
+    dest, backup = Path(dataset.save_folder) / staged.name, staged.with_suffix(".old")
+    if dest.exists():  # each move is atomic: undone only if it happened
+        undo.append(lambda: os.replace(backup, dest) if backup.exists() else None)
+        os.replace(dest, backup)
+    else:
+        undo.append(lambda: dest.unlink(missing_ok=True))
+    os.replace(staged, dest)
+    old = dataset.index.get(key)
+    undo.append(lambda: dataset.index.__setitem__(key, old))
+    dataset.index[key] = info
+
+
 def _unload(sub: nn.Module, hook: Any) -> None:
     """``sub``'s offloaded tensors back on the meta device, its hook loading them again."""
     for name in _names(sub, hook):
-        if not getattr(sub, name).is_meta:
+        if not _tensor(sub, name).is_meta:
             _set(sub, name, "meta")
     hook.offload = True

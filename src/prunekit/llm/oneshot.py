@@ -45,7 +45,7 @@ from prunekit.llm.moe import check_experts, prune_experts, zeros_fraction
 from prunekit.llm.owl import outlier_ratio, owl_sparsities
 from prunekit.llm.placement import execution_device, offloading_hooks
 from prunekit.llm.report import LayerRecord, LLMPruneReport, block_records
-from prunekit.masks import bake, kept_fraction, require_bakeable, tie_masks
+from prunekit.masks import bake, kept_fraction, mask_param, require_bakeable, tie_masks
 
 ALLOCATIONS = ["uniform", "owl"]
 NAN = float("nan")  # the error of a layer when ``measure_error=False``
@@ -65,7 +65,8 @@ def _check_layers(
             raise IncompatibleLayerError(f"layer {layer.name!r}: {reason}")
     for i, block in enumerate(blocks):
         for ex in find_experts(block, f"{prefix}.{i}"):
-            check_experts(ex, target)
+            if not (loaded_later and any(p.is_meta for p in ex.module.parameters())):
+                check_experts(ex, target)
 
 
 def _owl_targets(
@@ -201,15 +202,15 @@ def prune(
     batches = calibration_batches(calibration, model, args.batch_size)
     if not offloaded:
         return run_prune(model, batches, method, target, allocation, args, measure=measure_error)
-    stream = OffloadedBlocks(prefix)
+    stream = OffloadedBlocks(prefix, target)
     try:
         report = run_prune(
             model, batches, method, target, allocation, args, stream, measure=measure_error
         )
+        stream.commit()
     except BaseException:
         stream.rollback()
         raise
-    stream.commit()
     return report
 
 
@@ -256,7 +257,7 @@ def run_prune(
         records = _records(block_list, visit, errors)
         tie_masks(model)
         if not args.keep_masks:
-            bake(block_list)
+            _bake_blocks(model, block_list)
     else:
         records = finishing.records
     return LLMPruneReport(
@@ -310,6 +311,19 @@ class _Visit:
             self.sparsity |= {ly.name: 1.0 - kept_fraction(ly.module) for ly in layers}
             bake(block)
         return True
+
+
+def _bake_blocks(model: nn.Module, block_list: nn.ModuleList) -> None:
+    """Bake the blocks' masks, and the ones :func:`~prunekit.masks.tie_masks` gave modules
+    outside the blocks that hold one of their tensors (its zeros are then in the shared
+    tensor already): every path leaves plain weights, still tied, as an early bake does."""
+    blocks = [m for m in block_list.modules() if mask_param(m) is not None]
+    originals = {id(m.parametrizations.weight.original) for m in blocks}
+    bake(block_list)
+    for module in model.modules():
+        tied = mask_param(module) is not None
+        if tied and id(module.parametrizations.weight.original) in originals:
+            bake(module)
 
 
 class _Finishing:
