@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import importlib
 import random
 
+import numpy as np
 import torch
 from torch import nn
 
 from prunekit.structured import build
 from prunekit.structured.labels import FIXED, Atoms
 from prunekit.zoo import build_model, example_input
+
+graph_module = importlib.import_module("prunekit.structured.graph")
 
 
 def _reference_roots(n: int, pairs: list[tuple[int, int]]) -> list[int]:
@@ -88,3 +92,19 @@ def test_a_residual_sum_is_one_family_across_both_branches() -> None:
         ("a.bias", 0), ("a.weight", 0), ("b.bias", 0), ("b.weight", 0), ("head.weight", 1),
     ]  # fmt: skip
     assert all(r.counts.tolist() == [1] * 6 for r in fam.runs)
+
+
+def test_unique_rows_are_exact_even_when_hashes_collide() -> None:
+    """Families are told apart by a row hash, checked row by row: a collision (two rows
+    crafted to the same hash) falls back to sorting whole rows."""
+    rng = np.random.default_rng(1)
+    table = rng.integers(-1, 5, (500, 6))
+    table = np.concatenate([table, table[:50]])
+    weights = np.random.default_rng(0).integers(1, 2**62, 2) | 1
+    crafted = np.array([[weights[1], 0], [0, weights[0]], [weights[1], 0]])
+    for t in (table, crafted):
+        rows, first, which = graph_module._unique_rows(t)
+        expected = np.unique(t, axis=0)
+        assert len(rows) == len(expected) and np.array_equal(rows[which], t)
+        assert np.array_equal(t[first], rows)
+        assert all(first[which[i]] <= i for i in range(len(t)))
