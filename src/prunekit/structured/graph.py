@@ -224,7 +224,8 @@ def build(
     blocked = tr.atoms.blocked_root_mask()
     roots = tr.atoms.all_roots().numpy()
     keys = list(tr.members)
-    found = _present([roots[ids.numpy()] for ids in tr.members.values()], blocked)
+    member_roots = [roots[ids.numpy()] for ids in tr.members.values()]
+    found = _present(member_roots, blocked)
     head_roots = {tr.atoms.find(a) for ev in tr.heads for a in ev.q_heads.tolist()}
     result = []
     for member_keys, ids in _families(found):
@@ -232,7 +233,7 @@ def build(
         own = {keys[i] for i in named}
         leader = next((k for k in tr.producers if k in own), keys[member_keys[0]])
         kind = "heads" if int(ids[0]) in head_roots else "channels"
-        runs = tuple(_runs(keys[k], roots[tr.members[keys[k]].numpy()], ids) for k in named)
+        runs = _runs([keys[k] for k in named], [member_roots[k] for k in named], ids, len(roots))
         result.append(Family(owner(leader[0]), kind, torch.from_numpy(ids), runs))
     _dedupe_names(result)
     return DependencyGraph(result, tr, int(blocked.sum()))
@@ -290,18 +291,30 @@ def _unique_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     return table[first], first, which
 
 
-def _runs(key: tuple[str, int], roots: np.ndarray, ids: np.ndarray) -> Runs:
-    """Where each of ``ids`` (ascending) sits in a member dimension whose atoms have
-    ``roots``: the positions of each root, grouped in the order of ``ids``."""
-    order = np.argsort(roots, kind="stable")
-    ordered = roots[order]
-    lo, hi = np.searchsorted(ordered, ids, "left"), np.searchsorted(ordered, ids, "right")
-    counts = hi - lo
+def _runs(
+    keys: list[tuple[str, int]], roots: list[np.ndarray], ids: np.ndarray, atoms: int
+) -> tuple[Runs, ...]:
+    """Where each of ``ids`` (ascending) sits in every member dimension ``keys[k]`` whose
+    atoms have ``roots[k]``: the positions of each root, grouped in the order of ``ids``.
+    All members at once: one stable sort of the codes ``k * atoms + root`` (positions
+    stay ascending within a root), one search for every ``k * atoms + id``."""
+    sizes = np.array([len(r) for r in roots])
+    code = np.repeat(np.arange(len(roots)), sizes) * atoms + np.concatenate(roots)
+    order = np.argsort(code, kind="stable")
+    query = (np.arange(len(roots))[:, None] * atoms + ids[None, :]).reshape(-1)
+    lo = np.searchsorted(code[order], query, "left")
+    counts = np.searchsorted(code[order], query, "right") - lo
     take = np.repeat(lo - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
-    positions = order[take + np.arange(counts.sum())]
-    offsets = np.concatenate([[0], np.cumsum(counts)])
-    group = np.repeat(np.arange(len(ids)), counts)
-    return Runs(key[0], key[1], *(torch.from_numpy(a) for a in (positions, offsets, group)))
+    per_member = counts.reshape(len(roots), len(ids))
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    positions = order[take + np.arange(counts.sum())] - np.repeat(starts, per_member.sum(1))
+    parts = np.split(positions, np.cumsum(per_member.sum(1))[:-1])
+    return tuple(
+        Runs(name, dim, torch.from_numpy(part),
+             torch.from_numpy(np.concatenate([[0], np.cumsum(c)])),
+             torch.from_numpy(np.repeat(np.arange(len(ids)), c)))
+        for (name, dim), part, c in zip(keys, parts, per_member, strict=True)
+    )  # fmt: skip
 
 
 def _dedupe_names(families: list[Family]) -> None:
