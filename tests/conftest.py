@@ -110,3 +110,15 @@ def killed_after_round(k: int = 1) -> Iterator[None]:
             yield
     finally:
         checkpoint.save_round = save_round
+
+
+def tiny_llama(blocks: int = 2, vocab: int = 64) -> nn.Module:
+    """A seeded Llama of hidden 32 (4 / 2 heads, MLP 64) built offline from its config."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+        num_hidden_layers=blocks, vocab_size=vocab,
+    )  # fmt: skip
+    return transformers.AutoModelForCausalLM.from_config(config)

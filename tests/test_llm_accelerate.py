@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_llama
 from safetensors.torch import load_file, save_file
 
 from prunekit import llm
@@ -27,12 +28,7 @@ IDS = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(0))
 
 @pytest.fixture
 def checkpoint(tmp_path: Path) -> Path:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-        num_hidden_layers=3, vocab_size=64,
-    )  # fmt: skip
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "src")
+    tiny_llama(blocks=3).save_pretrained(tmp_path / "src")
     return tmp_path / "src"
 
 

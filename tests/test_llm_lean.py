@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -17,15 +18,6 @@ from prunekit.llm.sparsegpt import sparsegpt
 from prunekit.masks import WeightMask, apply_mask
 
 transformers = pytest.importorskip("transformers")
-
-
-def tiny_llama(blocks: int = 2) -> nn.Module:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-        num_hidden_layers=blocks, vocab_size=64,
-    )  # fmt: skip
-    return transformers.AutoModelForCausalLM.from_config(config)
 
 
 def ids(samples: int = 6, seq_len: int = 12) -> torch.Tensor:
@@ -60,12 +52,7 @@ def test_measure_error_false_with_keep_masks_keeps_the_masks() -> None:
 @pytest.mark.parametrize("measure", [True, False])
 def test_a_block_weight_tied_outside_the_blocks_ends_plain_and_still_tied(measure: bool) -> None:
     """Baked at the end (the meter) or early: the same plain, tied weights either way."""
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-        num_hidden_layers=2, vocab_size=32,
-    )  # fmt: skip
-    model = transformers.AutoModelForCausalLM.from_config(config)
+    model = tiny_llama(vocab=32)
     model.lm_head.weight = model.model.layers[1].self_attn.o_proj.weight
     ids32 = ids() % 32
     llm.prune(model, ids32, method="wanda", sparsity=0.5, progress=False, measure_error=measure)
