@@ -2,7 +2,8 @@
 on every transformers architecture of the structured suite, on the zoo, and on
 nn.MultiheadAttention before and after its heads are pruned, the count taken inside the
 traced forward pass equals count_macs' count, so pk.shrink needs no extra forward pass
-for its "before" figure; batch norm, 0 MACs, is counted without being decomposed."""
+for its "before" figure; batch norm, 0 MACs, is counted without being decomposed. The
+lean total counter (cost.MacCounter) gives FlopCounterMode's totals on all of them."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def decomposing_count(model: nn.Module, inputs: Inputs) -> int:
     decomposes it into elementwise operations it does not count)."""
     mapping = {kernel: cost._attention_flops for kernel in cost.ATTENTION_KERNELS}
     counter = FlopCounterMode(display=False, custom_mapping=mapping)
-    with eval_mode(model), cost._unfused_attention(), counter, torch.no_grad():
+    with eval_mode(model), cost.unfused_attention(), counter, torch.no_grad():
         call(model, inputs)
     return counter.get_total_flops() // 2
 
@@ -43,6 +44,7 @@ def decomposing_count(model: nn.Module, inputs: Inputs) -> int:
 def assert_trace_counts(model: nn.Module, inputs: Inputs) -> None:
     expected = count_macs(model, inputs)
     assert expected == decomposing_count(model, inputs) > 0
+    assert cost.macs_per_module(model, inputs)[1] == expected  # FlopCounterMode's total
     assert trace(model, inputs, macs=True).macs == expected
     assert trace(model, inputs).macs is None
 

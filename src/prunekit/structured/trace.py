@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from prunekit.cost import counting
+from prunekit.cost import MacCounter, unfused_attention
 from prunekit.errors import CouplingError, UntraceableError
 from prunekit.inputs import Inputs, call, set_mode
 from prunekit.structured import rules as _builtin_rules  # noqa: F401  (registers them)
@@ -65,16 +65,21 @@ class Trace:
 class Tracer(TorchFunctionMode):
     """Runs a model once and fills a :class:`TraceState` (use :func:`trace`)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, counter: MacCounter | None = None) -> None:
         super().__init__()
         self.model = model
+        self.counter = counter  # counts each model operation, not the rules' label work
         self.state = TraceState(model)
         self.suspended = 0  # > 0 inside a module traced whole by a module rule
         self.ran: set[str] = set()  # names of the modules that ran
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
+        if self.counter is None:
+            out = func(*args, **kwargs)
+        else:
+            with self.counter:
+                out = func(*args, **kwargs)
         if self.suspended or not _any_labelled(self.state, args, kwargs):
             return out
         name, where = func_name(func), self.state.where
@@ -178,12 +183,14 @@ def trace(model: nn.Module, inputs: Inputs, macs: bool = False) -> Trace:
 
     Every channel that reaches a model output is blocked: outputs keep their shape. With
     ``macs``, the eval-mode pass is also counted as :func:`prunekit.cost.count_macs`
-    counts (:attr:`Trace.macs`; the rules' label work is views, comparisons and index
-    operations on int64 labels, none of which the counter counts).
+    counts (:attr:`Trace.macs`; the counter is entered around each operation of the
+    model, so the rules' label work runs uncounted and at full speed).
     """
-    tracer = Tracer(model)
-    with counting() if macs else nullcontext() as counter:
+    counter = MacCounter() if macs else None
+    tracer = Tracer(model, counter)
+    with unfused_attention() if macs else nullcontext():
         outputs = _pass(tracer, model, inputs, training=False)
+    tracer.counter = None
     idle = [n for n, m in model.named_modules()
             if n not in tracer.ran and any(True for _ in m.parameters(recurse=False))]  # fmt: skip
     if idle:  # dropout draws from the global generator: fork it
@@ -191,6 +198,6 @@ def trace(model: nn.Module, inputs: Inputs, macs: bool = False) -> Trace:
             _pass(tracer, model, inputs, training=True)
     state = tracer.state
     aliases = {names[0]: names for names in state.names.values()}
-    found = None if counter is None else counter.get_total_flops() // 2
+    found = None if counter is None else counter.macs
     return Trace(state.atoms, state.members, aliases, state.heads, state.producers,
                  state.norms, bool(idle), outputs, found)  # fmt: skip

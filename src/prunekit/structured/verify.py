@@ -178,7 +178,7 @@ def compared(dense: Outputs, masked: Outputs, inputs: Inputs, seed: int = 0) -> 
     with counting() as counter:
         expected = masked(inputs)
     first = _probe(dense(inputs), expected, inputs, "the example inputs")
-    first.macs = counter.get_total_flops() // 2
+    first.macs = counter.macs
     found = [first]
     gen = torch.Generator().manual_seed(seed)
     for factor in SCALES:
@@ -337,7 +337,7 @@ def check(
     if problem:
         raise ShrinkVerificationError(problem)
     note = _weak_note(found) if exact else ""
-    macs = None if counter is None else counter.get_total_flops() // 2
+    macs = None if counter is None else counter.macs
     return Check(deviation, max(p.sensitivity for p in found), note, macs)
 
 
