@@ -33,7 +33,12 @@ SIZE_ATTRS = (
 
 def size_attributes(module: nn.Module) -> dict[str, int]:
     """``module``'s integer size attributes among :data:`SIZE_ATTRS`."""
-    return {a: getattr(module, a) for a in SIZE_ATTRS if isinstance(getattr(module, a, None), int)}
+    # Looked up in the instance's and the class's own dicts first: a missing attribute
+    # sent through nn.Module.__getattr__ costs an AttributeError each, 20 per module.
+    own, cls = vars(module), type(module)
+    found = {a: own[a] if a in own else getattr(module, a, None)
+             for a in SIZE_ATTRS if a in own or hasattr(cls, a)}  # fmt: skip
+    return {a: v for a, v in found.items() if isinstance(v, int)}
 
 
 @dataclass(frozen=True)
@@ -88,13 +93,18 @@ def _tensors(model: nn.Module) -> dict[str, Tensor]:
     }
 
 
-def assign(model: nn.Module, names: Sequence[str], value: Tensor, old: Tensor) -> None:
-    """Replace tensor ``old`` by ``value`` under every name it has (tied weights stay tied)."""
+def assign(
+    model: nn.Module, names: Sequence[str], value: Tensor, old: Tensor,
+    modules: Mapping[str, nn.Module] | None = None,
+) -> None:  # fmt: skip
+    """Replace tensor ``old`` by ``value`` under every name it has (tied weights stay tied);
+    ``modules``: ``dict(model.named_modules())`` where the caller has it."""
     new: Tensor = nn.Parameter(value, requires_grad=old.requires_grad)
     if not isinstance(old, nn.Parameter):
         new = value
     for name in names:
-        module = model.get_submodule(owner(name))
+        path = owner(name)
+        module = modules[path] if modules is not None else model.get_submodule(path)
         attr = name.rpartition(".")[2]
         if isinstance(new, nn.Parameter):
             module._parameters[attr] = new
@@ -294,15 +304,16 @@ def remove(
     """
     tensors = _tensors(model)
     by_tensor = kept_indices(model, graph, removed)
+    modules = dict(model.named_modules(remove_duplicate=False))
     with torch.no_grad():
         for name, cuts in by_tensor.items():
             old = tensors[name]
             value = old.detach()
             for dim, index in cuts:
                 value = value.index_select(dim, index.to(value.device))
-            assign(model, graph.trace.aliases.get(name, [name]), value.contiguous(), old)
+            assign(model, graph.trace.aliases.get(name, [name]), value.contiguous(), old, modules)
     changes = []
     for name in sorted({owner(alias) for n in by_tensor for alias in graph.trace.aliases[n]}):
-        changes += resize_module(name, model.get_submodule(name))
+        changes += resize_module(name, modules[name])
     counts = head_counts(graph, graph.ids(removed))
     return changes + _heads(model, counts), update_config(model, graph, removed, counts)

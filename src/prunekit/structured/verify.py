@@ -365,7 +365,7 @@ def snapshot(model: nn.Module) -> Snapshot:
 
 
 def _attributes(module: nn.Module) -> dict[str, Any]:
-    shape = getattr(module, "normalized_shape", None)
+    shape = vars(module).get("normalized_shape")  # (vars: no __getattr__ miss per module)
     extra = {"normalized_shape": shape} if isinstance(shape, tuple) else {}
     return {**size_attributes(module), **extra, "__class__": type(module)}
 
