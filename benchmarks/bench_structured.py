@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import importlib.util
 import json
 import subprocess
@@ -271,7 +272,9 @@ def _spread(values: list[float]) -> str:
 
 def prune_time(rows: Rows, ratio: float, repeats: int, console: Console) -> None:
     """``pk.shrink`` (with and without its check) and Torch-Pruning's MetaPruner + step on
-    fresh copies of the same model, interleaved run by run after one warm-up of each."""
+    fresh copies of the same model, interleaved run by run after one warm-up of each,
+    the garbage collector run before each (a cycle left by one tool is not collected in
+    the other's time)."""
     x = torch.randn(1, 3, 224, 224)
     runs: dict[str, Callable[[nn.Module], object]] = {
         "prunekit": lambda m: pk.shrink(m, x, ratio=ratio),
@@ -285,6 +288,7 @@ def prune_time(rows: Rows, ratio: float, repeats: int, console: Console) -> None
         for repeat in range(repeats + 1):  # the first round warms up
             for key, run in runs.items():
                 fresh = copy.deepcopy(model)
+                gc.collect()  # each run starts with no garbage of the last one (as timeit)
                 start = time.perf_counter()
                 run(fresh)
                 if repeat:
