@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
@@ -172,6 +173,25 @@ _FORMULAS = {
 }
 
 
+_PLANS: dict[object, tuple[object, bool, bool]] = {}
+
+
+def _plan(func: torch._ops.OpOverload) -> tuple[Any, bool, bool]:
+    """``func``'s formula, whether it takes shapes, and whether ``FlopCounterMode`` would
+    run it decomposed (no formula of its own, a CompositeImplicitAutograd kernel: the
+    test ``OpOverload.decompose`` makes), looked up once per operation."""
+    found = _PLANS.get(func)
+    if found is None:
+        formula, shapes = _FORMULAS.get(func._overloadpacket, (None, False))
+        key = torch._C.DispatchKey.CompositeImplicitAutograd
+        composite = func not in _FORMULAS and (
+            key in func.py_kernels
+            or torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), key)
+        )
+        found = _PLANS[func] = (formula, shapes, composite)
+    return found
+
+
 class MacCounter(TorchDispatchMode):
     """The total MACs (FLOPs / 2) of the operations run inside, by the very formulas and
     decompositions ``FlopCounterMode`` applies (its registry plus :data:`ATTENTION_KERNELS`
@@ -202,13 +222,13 @@ class MacCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
-        if func not in _FORMULAS:  # as FlopCounterMode: a composite counts what it runs
+        formula, shapes, composite = _plan(func)
+        if composite:  # as FlopCounterMode: a composite counts what it runs
             with self:
                 done = func.decompose(*args, **kwargs)
             if done is not NotImplemented:
                 return done
         out = func(*args, **kwargs)
-        formula, shapes = _FORMULAS.get(func._overloadpacket, (None, False))
         if formula is not None and shapes:
             self.flops += formula(*_shapes(args), out_shape=_shapes(out), **_shapes(kwargs))
         elif formula is not None:
