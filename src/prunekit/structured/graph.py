@@ -227,13 +227,14 @@ def build(
     member_roots = [roots[ids.numpy()] for ids in tr.members.values()]
     found = _present(member_roots, blocked)
     head_roots = {tr.atoms.find(a) for ev in tr.heads for a in ev.q_heads.tolist()}
+    families = [(sorted(member_keys, key=keys.__getitem__), ids)
+                for member_keys, ids in _families(found)]  # fmt: skip
     result = []
-    for member_keys, ids in _families(found):
-        named = sorted(member_keys, key=keys.__getitem__)
+    every_runs = _runs(keys, member_roots, families, len(roots))
+    for (named, ids), runs in zip(families, every_runs, strict=True):
         own = {keys[i] for i in named}
-        leader = next((k for k in tr.producers if k in own), keys[member_keys[0]])
+        leader = next((k for k in tr.producers if k in own), keys[named[0]])
         kind = "heads" if int(ids[0]) in head_roots else "channels"
-        runs = _runs([keys[k] for k in named], [member_roots[k] for k in named], ids, len(roots))
         result.append(Family(owner(leader[0]), kind, torch.from_numpy(ids), runs))
     _dedupe_names(result)
     return DependencyGraph(result, tr, int(blocked.sum()))
@@ -292,29 +293,43 @@ def _unique_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 def _runs(
-    keys: list[tuple[str, int]], roots: list[np.ndarray], ids: np.ndarray, atoms: int
-) -> tuple[Runs, ...]:
-    """Where each of ``ids`` (ascending) sits in every member dimension ``keys[k]`` whose
-    atoms have ``roots[k]``: the positions of each root, grouped in the order of ``ids``.
-    All members at once: one stable sort of the codes ``k * atoms + root`` (positions
-    stay ascending within a root), one search for every ``k * atoms + id``."""
+    keys: list[tuple[str, int]], roots: list[np.ndarray],
+    families: list[tuple[list[int], np.ndarray]], atoms: int,
+) -> list[tuple[Runs, ...]]:  # fmt: skip
+    """Per family ``(members, ids)``: where each of its ``ids`` (ascending) sits in every
+    member dimension ``keys[k]`` (``k`` in ``members``), whose atoms have ``roots[k]``.
+    Every family at once: one stable sort of the codes ``k * atoms + root`` (positions
+    stay ascending within a root), one search for every ``k * atoms + id`` asked."""
+    if not families:
+        return []
     sizes = np.array([len(r) for r in roots])
     code = np.repeat(np.arange(len(roots)), sizes) * atoms + np.concatenate(roots)
     order = np.argsort(code, kind="stable")
-    query = (np.arange(len(roots))[:, None] * atoms + ids[None, :]).reshape(-1)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    member = np.concatenate([np.repeat(m, len(ids)) for m, ids in families])
+    group = np.concatenate([np.tile(np.arange(len(ids)), len(m)) for m, ids in families])
+    query = member * atoms + np.concatenate([np.tile(ids, len(m)) for m, ids in families])
     lo = np.searchsorted(code[order], query, "left")
     counts = np.searchsorted(code[order], query, "right") - lo
-    take = np.repeat(lo - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
-    per_member = counts.reshape(len(roots), len(ids))
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    positions = order[take + np.arange(counts.sum())] - np.repeat(starts, per_member.sum(1))
-    parts = np.split(positions, np.cumsum(per_member.sum(1))[:-1])
-    return tuple(
-        Runs(name, dim, torch.from_numpy(part),
-             torch.from_numpy(np.concatenate([[0], np.cumsum(c)])),
-             torch.from_numpy(np.repeat(np.arange(len(ids)), c)))
-        for (name, dim), part, c in zip(keys, parts, per_member, strict=True)
-    )  # fmt: skip
+    ends = np.cumsum(counts)
+    take = np.repeat(lo - (ends - counts), counts) + np.arange(ends[-1])
+    positions = order[take] - np.repeat(starts[member], counts)
+    # one segment per (family, member): len(ids) queries each
+    seg = np.cumsum(np.concatenate([np.full(len(m), len(ids)) for m, ids in families]))
+    cut = ends[seg - 1][:-1]
+    parts = zip(np.split(positions, cut), np.split(np.repeat(group, counts), cut),
+                np.split(ends, seg[:-1]), np.concatenate([[0], ends[seg - 1][:-1]]),
+                strict=True)  # fmt: skip
+    made = [
+        (torch.from_numpy(pos), torch.from_numpy(np.concatenate([[0], e - first])),
+         torch.from_numpy(grp))
+        for pos, grp, e, first in parts
+    ]  # fmt: skip
+    out, at = [], 0
+    for m, _ in families:
+        out.append(tuple(Runs(*keys[k], *made[at + j]) for j, k in enumerate(m)))
+        at += len(m)
+    return out
 
 
 def _dedupe_names(families: list[Family]) -> None:

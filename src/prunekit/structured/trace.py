@@ -102,19 +102,25 @@ class Tracer(TorchFunctionMode):
 
     @contextmanager
     def hooks(self) -> Iterator[None]:
-        handles = []
-        for name, module in self.model.named_modules():
-            rule = module_rule(module)
-            handles.append(module.register_forward_pre_hook(self._enter(name, rule)))
-            handles.append(module.register_forward_hook(self._leave(rule), with_kwargs=True))
+        """Follow which of the model's modules runs: two hooks common to all modules
+        (module ones would be two per module, registered and removed on every trace);
+        a module outside the model (built inside a forward) is not followed."""
+        table = {m: (name, module_rule(m)) for name, m in self.model.named_modules()}
+        handles = [
+            nn.modules.module.register_module_forward_pre_hook(self._enter(table)),
+            nn.modules.module.register_module_forward_hook(self._leave(table), with_kwargs=True),
+        ]
         try:
             yield
         finally:
             for h in handles:
                 h.remove()
 
-    def _enter(self, name: str, rule: ModuleRule | None) -> Callable[..., None]:
+    def _enter(self, table: dict[nn.Module, tuple[str, ModuleRule | None]]) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
+            if module not in table:
+                return
+            name, rule = table[module]
             self.state.stack.append(name)
             self.ran.add(name)
             if rule is not None:
@@ -122,8 +128,11 @@ class Tracer(TorchFunctionMode):
 
         return hook
 
-    def _leave(self, rule: ModuleRule | None) -> Callable[..., None]:
+    def _leave(self, table: dict[nn.Module, tuple[str, ModuleRule | None]]) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+            if module not in table:
+                return
+            rule = table[module][1]
             if rule is not None:
                 self.suspended -= 1
                 if not self.suspended:
