@@ -157,7 +157,8 @@ def _shapes(x: object) -> object:
     if isinstance(x, torch.Tensor):
         return x.shape
     if isinstance(x, list | tuple):
-        return [_shapes(i) for i in x] if isinstance(x, list) else tuple(_shapes(i) for i in x)
+        found = [i.shape if isinstance(i, torch.Tensor) else _shapes(i) for i in x]
+        return found if isinstance(x, list) else tuple(found)
     if isinstance(x, dict):
         return {k: _shapes(v) for k, v in x.items()}
     return x

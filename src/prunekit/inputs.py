@@ -33,12 +33,14 @@ def set_mode(model: nn.Module, training: bool) -> Iterator[None]:
     """Run the body after ``model.train(training)``; restore every module's own training
     flag afterwards (a submodule kept in eval mode stays so), error or not."""
     modes = [(module, module.training) for module in model.modules()]
-    model.train(training)
+    if any(flag != training for _, flag in modes):  # (a flag set is an nn.Module.__setattr__)
+        model.train(training)
     try:
         yield
     finally:
         for module, flag in modes:
-            module.training = flag
+            if module.training != flag:
+                module.training = flag
 
 
 def eval_mode(model: nn.Module) -> AbstractContextManager[None]:

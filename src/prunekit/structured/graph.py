@@ -71,10 +71,8 @@ class Runs:
         """The group number of every entry of ``positions``."""
         return self.group
 
-    def select(self, groups: Sequence[int] | Tensor) -> Tensor:
-        """The positions of ``groups`` (group numbers of the family), concatenated."""
-        chosen = np.zeros(len(self.offsets) - 1, dtype=bool)  # numpy: small-array speed
-        chosen[np.asarray(groups, dtype=np.int64)] = True
+    def select(self, chosen: np.ndarray) -> Tensor:
+        """The positions of the groups ``chosen`` (a bool per group of the family)."""
         return torch.from_numpy(self.positions.numpy()[chosen[self.group.numpy()]])
 
 
@@ -171,8 +169,10 @@ class DependencyGraph:
             families = {f.name: f for f in self.families}
             out: dict[tuple[str, int], list[Tensor]] = {}
             for name, index in removed.items():
+                chosen = np.zeros(len(families[name].ids), dtype=bool)  # numpy: small arrays
+                chosen[np.asarray(index, dtype=np.int64)] = True
                 for runs in families[name].runs:
-                    out.setdefault((runs.name, runs.dim), []).append(runs.select(index))
+                    out.setdefault((runs.name, runs.dim), []).append(runs.select(chosen))
             self._positions[key] = {at: torch.cat(parts) for at, parts in out.items()}
         return dict(self._positions[key])
 

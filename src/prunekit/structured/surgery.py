@@ -14,6 +14,7 @@ import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -289,9 +290,9 @@ def kept_indices(
     tensors = _tensors(model)
     out: Cuts = {}
     for (name, dim), index in graph.positions(removed).items():
-        keep = torch.ones(tensors[name].shape[dim], dtype=torch.bool)
-        keep[index] = False
-        out.setdefault(name, []).append((dim, keep.nonzero().flatten()))
+        keep = np.ones(tensors[name].shape[dim], dtype=bool)  # numpy: small-array speed
+        keep[index.numpy()] = False
+        out.setdefault(name, []).append((dim, torch.from_numpy(np.flatnonzero(keep))))
     return out
 
 
