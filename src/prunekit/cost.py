@@ -164,13 +164,14 @@ def _shapes(x: object) -> object:
     return x
 
 
-# operation -> (formula, whether it takes shapes): torch's shape-wrapped formulas unwrapped
+# operation -> (formula, whether it takes shapes): torch's shape-wrapped formulas unwrapped;
+# batch norm has no formula (None: 0 MACs, and not decomposed)
 _FORMULAS = {
     **{
         k: (getattr(f, "__wrapped__", f), hasattr(f, "__wrapped__"))
         for k, f in flop_registry.items()
     },
-    **{k: (f, True) for k, f in _COUNTED_KERNELS.items()},
+    **{k: (None if f is _no_flops else f, True) for k, f in _COUNTED_KERNELS.items()},
 }
 
 
