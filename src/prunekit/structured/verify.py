@@ -56,8 +56,6 @@ SCALES = (1.0, 10.0)  # random inputs at 1x and 10x the example inputs' scale
 def require_finite(model: nn.Module) -> None:
     """Refuse a model holding NaN or inf in a parameter or buffer, naming the tensor."""
     tensors = [*model.named_parameters(), *model.named_buffers()]
-    if _all_finite_at_once([t for _, t in tensors]):
-        return
     for name, t in tensors:
         if not t.is_floating_point() or t.is_meta or _all_finite(t):
             continue
@@ -68,17 +66,6 @@ def require_finite(model: nn.Module) -> None:
             f"({', '.join(values)}) in {name!r}; channel scores and the output check would be "
             "meaningless. Fix: repair the weights (check the training run) before shrinking."
         )
-
-
-def _all_finite_at_once(tensors: list[Tensor]) -> bool:
-    """Whether every floating-point value in ``tensors`` is finite, in one foreach pass:
-    the max-abs norm of each (``torch._foreach_norm``, as ``clip_grad_norm_`` uses) is NaN
-    or inf exactly when the tensor holds a NaN or an inf."""
-    floats = [t.detach() for t in tensors if t.is_floating_point() and not t.is_meta and t.numel()]
-    if not floats or len({t.device for t in floats}) > 1:
-        return not floats
-    norms = torch._foreach_norm(floats, float("inf"))
-    return bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())
 
 
 def _all_finite(t: Tensor) -> bool:
