@@ -6,7 +6,7 @@ itself: ResNet-50 (He et al. 2016, bottleneck v1.5, 25.6 M params), MobileNetV2
 in DeiT-S: dim 384, 12 blocks, 6 heads, 22 M params) with timm-style attention (one
 packed ``qkv`` linear, ``scaled_dot_product_attention``). Layer shapes and counts are
 those of the published models; weights are random, the CNNs' drawn as torchvision
-initialises its ResNet and MobileNetV2 (:func:`torchvision_init`). PyTorch's default
+initialises its ResNet and MobileNetV2 (``prunekit.zoo.torchvision_init``). PyTorch's default
 layer init shrinks the signal by about 3x per layer: at 53 layers MobileNetV2's output no
 longer depends on its input at all (1e-8 at the last ReLU6), a model no one prunes and
 on which no check can see anything.
@@ -18,27 +18,14 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from prunekit.zoo import torchvision_init
+
 
 def _conv_bn(cin: int, cout: int, k: int = 1, stride: int = 1, groups: int = 1) -> list[nn.Module]:
     return [
         nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False),
         nn.BatchNorm2d(cout),
     ]
-
-
-def torchvision_init(model: nn.Module) -> nn.Module:
-    """Convs ``N(0, 2 / fan_out)`` (Kaiming, fan-out mode), BatchNorm weight 1 / bias 0,
-    the classifier ``N(0, 0.01^2)`` with bias 0, as torchvision's ResNet and MobileNetV2."""
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, 0, 0.01)
-            nn.init.zeros_(m.bias)
-    return model
 
 
 class Bottleneck(nn.Module):

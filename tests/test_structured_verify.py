@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import prunekit as pk
+from prunekit import zoo
 from prunekit.errors import ShrinkVerificationError
 from prunekit.structured.surgery import remove
 from prunekit.structured.verify import group_masked_tensors, swapped
@@ -22,18 +23,9 @@ shrink_module = importlib.import_module("prunekit.structured.shrink")
 
 
 def torchvision_init(model: nn.Module) -> nn.Module:
-    """torchvision's MobileNetV2 initialisation: its outputs at init are ~1e-4."""
+    """torchvision's MobileNetV2 initialisation, seeded: its outputs at init are ~1e-4."""
     torch.manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, 0, 0.01)
-            nn.init.zeros_(m.bias)
-    return model.eval()
+    return zoo.torchvision_init(model).eval()
 
 
 def corrupt_after_removal(

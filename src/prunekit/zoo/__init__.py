@@ -13,6 +13,7 @@ from prunekit.zoo.models import (
     TinyViT,
     build_model,
     example_input,
+    torchvision_init,
 )
 from prunekit.zoo.train import calibration_batches, evaluate, train
 
@@ -32,5 +33,6 @@ __all__ = [
     "evaluate",
     "example_input",
     "load_dataset",
+    "torchvision_init",
     "train",
 ]
