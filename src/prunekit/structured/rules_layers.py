@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from prunekit.structured.labels import Label
@@ -107,8 +108,10 @@ def batch_norm(
             tr.atoms.block(tr.param_atoms(t, 0))
         tr.block_inputs(x)
         return
-    for t in owned:
-        tr.atoms.unite(label.ids, tr.param_atoms(t, 0))
+    if owned:  # one union for all four tensors
+        tr.atoms.unite(
+            label.ids.repeat(len(owned)), torch.cat([tr.param_atoms(t, 0) for t in owned])
+        )
     tr.set(out, label)
 
 
