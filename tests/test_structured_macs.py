@@ -8,6 +8,8 @@ lean total counter (cost.MacCounter) gives FlopCounterMode's totals on all of th
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -80,3 +82,16 @@ def test_shrink_reports_count_macs_counts(verify: bool) -> None:
     report = pk.shrink(small, x, ratio=0.5, verify=verify)
     assert report.macs_before == count_macs(model, x)
     assert report.macs_after == count_macs(small, x) < report.macs_before
+
+
+def test_shrink_counts_without_importing_dynamo() -> None:
+    """The MAC counter opts out of torch._dynamo's wrapper, so a first pk.shrink in a fresh
+    process does not import torch._dynamo (about a second)."""
+    code = (
+        "import sys, torch, prunekit as pk\n"
+        "from prunekit.zoo import build_model, example_input\n"
+        "pk.shrink(build_model('mobilenetv2').eval(), example_input('mobilenetv2', 2), ratio=0.5)\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
