@@ -101,6 +101,32 @@ def test_sizes_and_bad_input(tmp_path: Path) -> None:
         llm.prune_checkpoint(src, src, ids(), progress=False)
 
 
+def _last_shard(src: Path) -> Path:
+    return src / sorted(set(json.loads((src / INDEX).read_text())["weight_map"].values()))[-1]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "lie", "garble"])
+def test_a_damaged_shard_is_refused_before_anything_is_written(tmp_path: Path, damage: str) -> None:
+    """A short shard, a header whose spans do not fit a tensor's shape, or a header that
+    is not JSON: CheckpointError naming the file, and no output folder."""
+    src = saved(tmp_path, "llama")
+    shard = _last_shard(src)
+    data = shard.read_bytes()
+    if damage == "truncate":
+        shard.write_bytes(data[:-100])
+    else:
+        size = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + size])
+        name = next(n for n in header if n != "__metadata__")
+        header[name]["shape"] = [*header[name]["shape"], 2]  # twice the bytes it spans
+        text = json.dumps(header).encode() if damage == "lie" else b"{" * len(data[8 : 8 + size])
+        text = text.ljust(size) if len(text) <= size else text
+        shard.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + size :])
+    with pytest.raises(CheckpointError, match=shard.name):
+        llm.prune_checkpoint(src, tmp_path / "out", ids(), progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 _CHILD = textwrap.dedent(
     """
     import sys, torch, transformers

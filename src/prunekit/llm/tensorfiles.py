@@ -28,7 +28,13 @@ CHUNK = 2**21
 def weight_map(src: Path) -> dict[str, str]:
     """Tensor name -> shard file of the checkpoint in ``src``."""
     if (src / INDEX).is_file():
-        return dict(json.loads((src / INDEX).read_text())["weight_map"])
+        try:
+            return dict(json.loads((src / INDEX).read_text())["weight_map"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(
+                f"{str(src / INDEX)!r} is not a safetensors index ({type(exc).__name__}: "
+                f"{exc}); Fix: save the model again with save_pretrained."
+            ) from None
     if (src / SINGLE).is_file():
         return dict.fromkeys([k for k in _header(src / SINGLE)[0] if k != "__metadata__"], SINGLE)
     raise CheckpointError(
@@ -38,10 +44,37 @@ def weight_map(src: Path) -> dict[str, str]:
 
 
 def _header(path: Path) -> tuple[dict[str, dict], int]:
-    """The JSON header of a safetensors file and the offset of its data."""
-    with path.open("rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(size)), 8 + size
+    """The JSON header of a safetensors file and the offset of its data, every tensor's
+    byte span checked to lie in the file and (for a known dtype) to hold its shape."""
+    try:
+        total = path.stat().st_size
+        with path.open("rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            if 8 + size > total:
+                raise ValueError(f"a {size}-byte header in a {total}-byte file")
+            header = json.loads(f.read(size))
+        for name, entry in header.items():
+            if name != "__metadata__":
+                _check_span(name, entry, total - 8 - size)
+    except (OSError, struct.error, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(
+            f"{str(path)!r} is not a whole safetensors file ({type(exc).__name__}: {exc}); "
+            "nothing was read from it. Fix: copy or save the checkpoint again."
+        ) from None
+    return header, 8 + size
+
+
+def _check_span(name: str, entry: dict, data: int) -> None:
+    """``entry``'s ``data_offsets`` lie in the ``data`` bytes after the header and, for a
+    dtype prunekit reads, span ``numel * itemsize`` bytes; else ValueError."""
+    begin, end = (int(v) for v in entry["data_offsets"])
+    dtype = _DTYPES.get(entry["dtype"])
+    need = None if dtype is None else dtype.itemsize * torch.Size(entry["shape"]).numel()
+    if not 0 <= begin <= end <= data or (need is not None and end - begin != need):
+        raise ValueError(
+            f"tensor {name!r} spans bytes [{begin}, {end}) of {data} "
+            f"({entry['dtype']} {entry['shape']} needs {need})"
+        )
 
 
 _DTYPES = {
@@ -58,14 +91,20 @@ class Shards:
     limit, whatever its size), only the bytes asked for are read."""
 
     def __init__(self, src: Path) -> None:
+        """Reads every shard's header first (all-or-nothing: a missing, short or
+        inconsistent shard is a CheckpointError before anything is pruned or written)."""
         self.src, self.map = src, weight_map(src)
-        self._headers: dict[str, tuple[dict[str, dict], int]] = {}
+        self._headers = {file: _header(src / file) for file in sorted(set(self.map.values()))}
+        missing = [n for n, file in self.map.items() if n not in self._headers[file][0]]
+        if missing:
+            raise CheckpointError(
+                f"the index of {str(src)!r} lists {len(missing)} tensor(s) their shards do not "
+                f"hold ({missing[:3]}); Fix: save the checkpoint again with save_pretrained."
+            )
 
     def _entry(self, name: str) -> tuple[Path, dict, int]:
         """The shard holding ``name``, its header entry, and the file offset of its data."""
         file = self.map[name]
-        if file not in self._headers:
-            self._headers[file] = _header(self.src / file)
         header, start = self._headers[file]
         return self.src / file, header[name], start + header[name]["data_offsets"][0]
 
@@ -83,7 +122,12 @@ class Shards:
         data = torch.empty(row * count, dtype=torch.uint8)  # torch's allocator: aligned
         with path.open("rb") as f:
             f.seek(start + row * first)
-            f.readinto(memoryview(data.numpy()))
+            got = f.readinto(memoryview(data.numpy()))
+        if got != data.numel():  # the file shrank since its header was read
+            raise CheckpointError(
+                f"{str(path)!r} ended {data.numel() - got} bytes into tensor {name!r}; Fix: "
+                "copy or save the checkpoint again (and do not change it while pruning)."
+            )
         return data.view(dtype).reshape(count, *shape[1:])
 
     def read(self, names: list[str]) -> dict[str, Tensor]:
@@ -124,5 +168,11 @@ class Shards:
                 with path.open("rb") as g:
                     g.seek(begin)
                     while size:
-                        size -= f.write(g.read(min(CHUNK, size)))
+                        chunk = g.read(min(CHUNK, size))
+                        if not chunk:  # the file shrank since its header was read
+                            raise CheckpointError(
+                                f"{str(path)!r} ended {size} bytes early; Fix: copy or save "
+                                "the checkpoint again (and do not change it while pruning)."
+                            )
+                        size -= f.write(chunk)
         return offset
