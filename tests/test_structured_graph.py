@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
+import prunekit as pk
 from prunekit.structured import build
 from prunekit.structured.labels import FIXED, Atoms
 from prunekit.zoo import build_model, example_input
@@ -108,3 +109,29 @@ def test_unique_rows_are_exact_even_when_hashes_collide() -> None:
         assert len(rows) == len(expected) and np.array_equal(rows[which], t)
         assert np.array_equal(t[first], rows)
         assert all(first[which[i]] <= i for i in range(len(t)))
+
+
+def test_a_models_own_pre_hook_on_a_module_traced_whole_is_traced() -> None:
+    """The tracer's hooks run after the model's own: a pre-hook that rescales a GRU's
+    input runs while tracing is on, so the channels feeding the GRU (kept whole) stay."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.rnn, self.b = (
+                nn.Linear(8, 8),
+                nn.GRU(8, 6, batch_first=True),
+                nn.Linear(6, 2),
+            )
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(self.rnn(self.a(x))[0])
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    model.rnn.register_forward_pre_hook(lambda m, args: (args[0] * 2,))
+    x = torch.randn(2, 5, 8)
+    assert not any(f.name == "a" for f in build(model, x).families)
+    before = model(x)
+    pk.shrink(model, x, ratio=0.5)
+    torch.testing.assert_close(model(x), before)

@@ -203,7 +203,7 @@ class MacCounter(TorchDispatchMode):
     modules it runs in (a global forward hook on every module and a walk over the module
     stack per operation): a third of a forward pass on a MobileNetV2, paid by each counted
     pass of ``pk.shrink``, which needs the total alone. Entering it is cheap, so a traced
-    pass can count each model operation and leave its own label work uncounted.
+    pass can count each model operation and leave its function rules' work uncounted.
     """
 
     @classmethod

@@ -68,7 +68,7 @@ class Tracer(TorchFunctionMode):
     def __init__(self, model: nn.Module, counter: MacCounter | None = None) -> None:
         super().__init__()
         self.model = model
-        self.counter = counter  # counts each model operation, not the rules' label work
+        self.counter = counter  # counts each model operation, not the function rules' work
         self.state = TraceState(model)
         self.suspended = 0  # > 0 inside a module traced whole by a module rule
         self.ran: set[str] = set()  # names of the modules that ran
@@ -102,25 +102,22 @@ class Tracer(TorchFunctionMode):
 
     @contextmanager
     def hooks(self) -> Iterator[None]:
-        """Follow which of the model's modules runs: two hooks common to all modules
-        (module ones would be two per module, registered and removed on every trace);
-        a module outside the model (built inside a forward) is not followed."""
-        table = {m: (name, module_rule(m)) for name, m in self.model.named_modules()}
-        handles = [
-            nn.modules.module.register_module_forward_pre_hook(self._enter(table)),
-            nn.modules.module.register_module_forward_hook(self._leave(table), with_kwargs=True),
-        ]
+        """Follow which module runs: a pre- and a post-hook on every module, registered
+        after the module's own hooks so they see what the model's hooks made of the
+        inputs and outputs (torch runs hooks common to all modules first)."""
+        handles = []
+        for name, module in self.model.named_modules():
+            rule = module_rule(module)
+            handles.append(module.register_forward_pre_hook(self._enter(name, rule)))
+            handles.append(module.register_forward_hook(self._leave(rule), with_kwargs=True))
         try:
             yield
         finally:
             for h in handles:
                 h.remove()
 
-    def _enter(self, table: dict[nn.Module, tuple[str, ModuleRule | None]]) -> Callable:
+    def _enter(self, name: str, rule: ModuleRule | None) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple) -> None:
-            if module not in table:
-                return
-            name, rule = table[module]
             self.state.stack.append(name)
             self.ran.add(name)
             if rule is not None:
@@ -128,11 +125,8 @@ class Tracer(TorchFunctionMode):
 
         return hook
 
-    def _leave(self, table: dict[nn.Module, tuple[str, ModuleRule | None]]) -> Callable:
+    def _leave(self, rule: ModuleRule | None) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
-            if module not in table:
-                return
-            rule = table[module][1]
             if rule is not None:
                 self.suspended -= 1
                 if not self.suspended:
@@ -193,7 +187,7 @@ def trace(model: nn.Module, inputs: Inputs, macs: bool = False) -> Trace:
     Every channel that reaches a model output is blocked: outputs keep their shape. With
     ``macs``, the eval-mode pass is also counted as :func:`prunekit.cost.count_macs`
     counts (:attr:`Trace.macs`; the counter is entered around each operation of the
-    model, so the rules' label work runs uncounted and at full speed).
+    model, so the function rules' label work runs uncounted and at full speed).
     """
     counter = MacCounter() if macs else None
     tracer = Tracer(model, counter)
