@@ -204,14 +204,11 @@ class MacCounter(TorchDispatchMode):
     stack per operation): a third of a forward pass on a MobileNetV2, paid by each counted
     pass of ``pk.shrink``, which needs the total alone. Entering it is cheap, so a traced
     pass can count each model operation and leave its function rules' work uncounted.
+    torch wraps its ``__torch_dispatch__`` in ``torch._dynamo.disable`` (as every mode's):
+    without that, ``torch.cond`` or a compiled submodule would fail under it.
     """
 
-    @classmethod
-    def _should_skip_dynamo(cls) -> bool:
-        # torch wraps a mode's __torch_dispatch__ in torch._dynamo.disable unless this says
-        # no: a wrapper per operation, and torch._dynamo imported (about a second) on the
-        # first one. Nothing is compiled inside a count, so the wrapper guards nothing here.
-        return False
+    supports_higher_order_operators = True  # (torch.cond...: counted by FlopCounterMode)
 
     def __init__(self) -> None:
         super().__init__()
@@ -224,6 +221,11 @@ class MacCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
+        if isinstance(func, torch._ops.HigherOrderOperator):  # its branches, as it counts
+            with FlopCounterMode(display=False, custom_mapping=_COUNTED_KERNELS) as inner:
+                out = func(*args, **kwargs)
+            self.flops += inner.get_total_flops()
+            return out
         formula, shapes, composite = _plan(func)
         if composite:  # as FlopCounterMode: a composite counts what it runs
             with self:
