@@ -19,6 +19,7 @@ from prunekit.zoo import (
     evaluate,
     example_input,
     load_dataset,
+    torchvision_init,
     train,
 )
 
@@ -146,3 +147,19 @@ def test_train_restores_every_modules_own_mode_even_on_error() -> None:
         zoo.train(model, data, epochs=1, progress=False, loss_fn=failing_loss)
     assert isinstance(info.value.__cause__, RuntimeError)  # the user's loss, named and kept
     assert not any(m.training for m in model.modules())
+
+
+def test_torchvision_init_draws_kaiming_fan_out_and_keeps_the_signal() -> None:
+    """Convs N(0, 2 / fan_out), biases and BatchNorm shifts 0, layers without a bias or an
+    affine taken as they are; a deep random CNN's output then depends on its input."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(64, 256, 3)
+    model = nn.Sequential(conv, nn.BatchNorm2d(256, affine=False), nn.Linear(4, 2, bias=False))
+    assert torchvision_init(model) is model
+    assert float(conv.weight.std()) == pytest.approx((2 / (256 * 9)) ** 0.5, rel=0.02)
+    assert not conv.bias.any()
+    deep = torchvision_init(build_model("mobilenetv2")).eval()
+    x = example_input("mobilenetv2", 2)
+    with torch.no_grad():
+        y = deep(x)
+    assert float((y[0] - y[1]).abs().max()) > 1e-2 * float(y.abs().max())

@@ -65,12 +65,12 @@ from prunekit.structured.verify import (
     Probe,
     check,
     departed,
-    in_place_probes,
     probes,
     refilled,
     require_finite,
     restore,
     snapshot,
+    swapped_probes,
 )
 
 NORMALIZE = ("auto", "mean", "none")
@@ -106,7 +106,7 @@ def _validate(scope: str, round_to: int, seed: int, ignore: Ignore, approximate:
 
 
 def traced_graph(
-    model: nn.Module, example_inputs: Inputs, ignore: Ignore, macs: bool = True
+    model: nn.Module, example_inputs: Inputs, ignore: Ignore, macs: bool = False
 ) -> DependencyGraph:
     """The dependency graph (with ``macs``, the MACs counted in the traced pass); inputs
     the model rejects: InvalidInputsError."""
@@ -131,14 +131,15 @@ def _references(
     example_inputs: Inputs, ratio: Ratio, seed: int, verify: bool, approximate: bool,
 ) -> list[Probe] | None:  # fmt: skip
     """The group-masked model's outputs the shrunk model is compared with (none without
-    ``verify``, except in approximate mode, where the deviation is always measured): made
-    in place (the trace's outputs are the dense ones), or from a copy whose removed groups
-    are refilled with noise when they were zero already (``ratio=None``)."""
+    ``verify``, except in approximate mode, where the deviation is always measured): the
+    model computing with masked copies of the pruned tensors swapped in (the trace's
+    outputs are the dense ones), or from a copy of the model whose removed groups are
+    refilled with noise when they were zero already (``ratio=None``)."""
     if not (verify or approximate):
         return None
     if ratio is not None:
         positions = graph.positions(removed)
-        return in_place_probes(probe, positions, example_inputs, graph.trace.outputs, seed)
+        return swapped_probes(probe, positions, example_inputs, graph.trace.outputs, seed)
     masked = group_masked(probe, graph, removed)
     return probes(refilled(masked, removed_groups(graph, removed)), masked, example_inputs, seed)
 
@@ -235,8 +236,8 @@ def shrink(
     outputs, and a note says when the check stayed weak); ``report.deviation`` is what it
     measured. If the shrunk model fails to run (model code that computes a shape from a
     channel count) or differs, every change is undone and ShrinkVerificationError says why.
-    ``verify=False`` saves one to seven forward passes (the group-masked model is made in
-    place, the trace's outputs are the dense ones).
+    ``verify=False`` saves one to seven forward passes and a masked copy of every pruned
+    tensor (the group-masked reference; the trace's outputs are the dense ones).
 
     ``approximate=True`` (opt-in, inexact) also removes channels that a LayerNorm /
     RMSNorm normalises over the last dimension: a transformer's hidden size, through every

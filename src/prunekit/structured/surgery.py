@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,13 +33,19 @@ SIZE_ATTRS = (
 )  # fmt: skip
 
 
+def attribute(module: nn.Module, name: str) -> Any:
+    """``getattr(module, name, None)`` for a plain attribute or a class-level one (a
+    property), without sending a missing name through ``nn.Module.__getattr__`` (which
+    raises and catches an AttributeError: 20 per module when size attributes are read)."""
+    own = vars(module)
+    if name in own:
+        return own[name]
+    return getattr(module, name, None) if hasattr(type(module), name) else None
+
+
 def size_attributes(module: nn.Module) -> dict[str, int]:
     """``module``'s integer size attributes among :data:`SIZE_ATTRS`."""
-    # Looked up in the instance's and the class's own dicts first: a missing attribute
-    # sent through nn.Module.__getattr__ costs an AttributeError each, 20 per module.
-    own, cls = vars(module), type(module)
-    found = {a: own[a] if a in own else getattr(module, a, None)
-             for a in SIZE_ATTRS if a in own or hasattr(cls, a)}  # fmt: skip
+    found = {a: attribute(module, a) for a in SIZE_ATTRS}
     return {a: v for a, v in found.items() if isinstance(v, int)}
 
 
@@ -61,21 +68,24 @@ def group_masked(
     # The reference of verify=True: the group-masked model the shrunk one must equal
     # (verify=False skips it).
     masked = copy.deepcopy(model)
-    zero_positions(masked, graph.positions(removed))
+    zero_positions(dict(masked.named_parameters(remove_duplicate=False)), graph.positions(removed))
     return masked
 
 
-def zero_positions(model: nn.Module, positions: Mapping[tuple[str, int], Tensor]) -> None:
-    """Zero every parameter position of removed groups in place (``positions``: what
-    :meth:`DependencyGraph.positions` gives): the *group-masked* model.
+def zero_positions(
+    tensors: Mapping[str, Tensor], positions: Mapping[tuple[str, int], Tensor]
+) -> None:
+    """Zero every position of removed groups in ``tensors`` (by parameter name; a name
+    not there is skipped) in place (``positions``: what
+    :meth:`DependencyGraph.positions` gives): applied to a model's parameters, the
+    *group-masked* model.
 
     Removing the groups physically computes exactly what this model computes.
     """
-    params = dict(model.named_parameters(remove_duplicate=False))
     with torch.no_grad():
         for (name, dim), index in positions.items():
-            if name in params:
-                params[name].index_fill_(dim, index, 0.0)
+            if name in tensors:
+                tensors[name].index_fill_(dim, index.to(tensors[name].device), 0.0)
 
 
 def zero_groups(model: nn.Module, groups: Sequence[Group]) -> None:
@@ -84,7 +94,8 @@ def zero_groups(model: nn.Module, groups: Sequence[Group]) -> None:
     for g in groups:
         for m in g.members:
             positions.setdefault((m.name, m.dim), []).append(m.index)
-    zero_positions(model, {key: torch.cat(parts) for key, parts in positions.items()})
+    params = dict(model.named_parameters(remove_duplicate=False))
+    zero_positions(params, {key: torch.cat(parts) for key, parts in positions.items()})
 
 
 def _tensors(model: nn.Module) -> dict[str, Tensor]:

@@ -45,7 +45,7 @@ from prunekit.errors import InvalidWeightError, ShrinkVerificationError
 from prunekit.inputs import Inputs, call, call_eval, set_mode
 from prunekit.structured.graph import Group
 from prunekit.structured.state import output_tensors
-from prunekit.structured.surgery import size_attributes
+from prunekit.structured.surgery import attribute, size_attributes, zero_positions
 from prunekit.structured.trace import buffers_kept
 
 RTOL = 1e-4
@@ -205,14 +205,14 @@ def group_masked_tensors(
     ``named_parameters(remove_duplicate=False)``; a tensor tied under several names is
     masked once, with the positions of every name."""
     params = dict(model.named_parameters(remove_duplicate=False))
-    masked: dict[int, Tensor] = {}
-    for (name, dim), index in positions.items():
-        if name in params:
-            p = params[name]
-            if id(p) not in masked:  # a copy (memcpy speed), then only the zeros written
-                masked[id(p)] = p.detach().clone()
-            masked[id(p)].index_fill_(dim, index.to(p.device), 0)
-    return {name: masked[id(p)] for name, p in params.items() if id(p) in masked}
+    held = {id(params[name]) for name, _ in positions if name in params}
+    copies: dict[int, Tensor] = {}  # one copy per tensor, however many names it has
+    for p in params.values():
+        if id(p) in held and id(p) not in copies:
+            copies[id(p)] = p.detach().clone()  # memcpy speed; only the zeros written next
+    masked = {name: copies[id(p)] for name, p in params.items() if id(p) in copies}
+    zero_positions(masked, positions)
+    return masked
 
 
 @contextmanager
@@ -232,14 +232,15 @@ def swapped(model: nn.Module, tensors: Mapping[str, Tensor]) -> Iterator[None]:
             module._parameters[attr] = original
 
 
-def in_place_probes(
+def swapped_probes(
     model: nn.Module, positions: Mapping[tuple[str, int], Tensor], inputs: Inputs,
     dense_outputs: list[Tensor] | None = None, seed: int = 0,
 ) -> list[Probe]:  # fmt: skip
-    """:func:`probes` without a copy of the model: the group-masked outputs come from
-    ``model`` computing with :func:`group_masked_tensors` (:func:`swapped` in, made
-    once), the dense ones on the example inputs from ``dense_outputs`` where given (the
-    trace's, :attr:`~prunekit.structured.trace.Trace.outputs`), so the example inputs
+    """:func:`probes` without a copy of the model (only of the tensors that lose
+    positions): the group-masked outputs come from ``model`` computing with
+    :func:`group_masked_tensors` (:func:`swapped` in, made once), the dense ones on the
+    example inputs from ``dense_outputs`` where given (the trace's,
+    :attr:`~prunekit.structured.trace.Trace.outputs`), so the example inputs
     cost one forward pass, not two."""
     tensors = group_masked_tensors(model, positions)
 
@@ -360,7 +361,7 @@ def snapshot(model: nn.Module) -> Snapshot:
 
 
 def _attributes(module: nn.Module) -> dict[str, Any]:
-    shape = vars(module).get("normalized_shape")  # (vars: no __getattr__ miss per module)
+    shape = attribute(module, "normalized_shape")
     extra = {"normalized_shape": shape} if isinstance(shape, tuple) else {}
     return {**size_attributes(module), **extra, "__class__": type(module)}
 

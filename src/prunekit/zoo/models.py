@@ -328,17 +328,20 @@ def example_input(model_name: str, batch_size: int = 1) -> Tensor:
 
 def torchvision_init(model: nn.Module) -> nn.Module:
     """Draw ``model``'s weights as torchvision initialises its ResNet and MobileNetV2:
-    convs ``N(0, 2 / fan_out)`` (Kaiming, fan-out mode), BatchNorm weight 1 / bias 0,
-    linear layers ``N(0, 0.01^2)`` with bias 0. PyTorch's default layer init shrinks the
-    signal about 3x per layer, so a deep random CNN's output stops depending on its input;
-    this one keeps it (outputs still small at init). Returns ``model``."""
+    convs ``N(0, 2 / fan_out)`` (Kaiming, fan-out mode) with bias 0, BatchNorm weight 1 /
+    bias 0, linear layers ``N(0, 0.01^2)`` with bias 0. PyTorch's default layer init
+    shrinks the signal about 3x per layer, so a deep random CNN's output stops depending
+    on its input; this one keeps it (outputs still small at init). Returns ``model``."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d) and m.affine:
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, 0, 0.01)
-            nn.init.zeros_(m.bias)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
     return model
