@@ -128,6 +128,21 @@ def test_bad_arguments_leave_model_unchanged(digits, kwargs, match):
     assert_unchanged(model, before)
 
 
+def test_an_output_rate_for_a_dense_output_layer_is_refused(digits, tmp_path):
+    torch.manual_seed(0)
+    model = tiny()
+    before = snapshot(model)
+    with pytest.raises(pk.PruningError, match=r"output_rate=0\.1 .* output layer '2' dense; "
+                       r"Fix: pass include_output=True"):  # fmt: skip
+        pk.training.lottery(model, digits, epochs=1, output_rate=0.1,
+                            checkpoint_dir=tmp_path / "ckpt")  # fmt: skip
+    assert_unchanged(model, before)
+    assert not (tmp_path / "ckpt").exists()
+    report = pk.training.lottery(tiny, digits, rounds=1, rate=0.5, output_rate=0.1, **FAST,
+                                 control=False, include_output=True)  # fmt: skip
+    assert pk.sparsity(report.model, include_output=True)["2"] == pytest.approx(0.1, abs=2e-3)
+
+
 def test_masked_model_is_refused(digits, tmp_path):
     model = tiny()
     pk.prune(model, 0.5, include_output=True)

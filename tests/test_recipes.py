@@ -22,7 +22,7 @@ SPARSITY = {
     "criteria-taylor": 0.9,
     "frequency-iterative": 0.95,
     "granularity-filter": None,
-    "lottery-ticket": 0.7,  # the rate per round is derived from the target (fc3: half rate)
+    "lottery-ticket": 0.7,  # the rate per round is derived from the target (fc3 kept dense)
     "nm-2-4-export": 0.5,
     "scope-erk": 0.9,
     "timing-before-snip": 0.9,
@@ -217,3 +217,21 @@ def test_dry_run_plans_without_touching_the_model() -> None:
         pipeline.dry_run(run)
     assert str(info.value).startswith("d.yaml:6: materialize = {'mode': 'bake'")
     assert "layer 'fc3' is 0.0% sparse" in str(info.value)
+
+
+def test_a_lottery_recipe_prunes_the_classifier_at_half_rate_with_include_output(
+    tmp_path: Path,
+) -> None:
+    text = (
+        "name: t\nmodel: {spec: lenet300, kwargs: {in_features: 64}}\ndata: {dataset: digits}\n"
+        "train: {epochs: 1}\nprune: {sparsity: 0.75, include_output: true}\n"
+        "schedule: {kind: iterative, rounds: 2}\ntiming: {when: before, method: lottery}\n"
+    )
+    assert recipes.loads(text.replace(", include_output: true", "")).config.include_output is False
+    folder = recipes.run(recipes.loads(text, "t.yaml"), out_dir=tmp_path, quick=True,
+                         console=Console(file=io.StringIO()))  # fmt: skip
+    results = json.loads((folder / "results.json").read_text())
+    layers = {r["name"]: r["sparsity"] for r in _section(results, "Cost")["rows"]}
+    # two rounds of 1 - 0.25 ** (1 / 2) = 50%; the classifier at 25% (Frankle & Carbin)
+    assert layers["fc1"] == pytest.approx(0.75, abs=1e-3)
+    assert layers["fc3"] == pytest.approx(1 - 0.75**2, abs=2e-3)

@@ -35,6 +35,7 @@ PATHS: dict[str, Path_] = {
     "criterion": ("prune", "criterion"),
     "schedule": ("schedule", "kind"),
     **{k: ("schedule", k) for k in ("start", "end", "rounds", "spacing", "initial")},
+    **{k: ("prune", k) for k in ("include_output", "include_embeddings")},  # lottery's own
 }
 # The recipe's seed is top-level; a loss function cannot be written in YAML.
 SPEC_KEYS = tuple(

@@ -284,6 +284,8 @@ def _lottery(run: Run) -> None:
         batch_size=run.recipe["data"]["batch_size"],
         optimizer=cfg.optimizer,
         control=cfg.control,
+        include_output=cfg.include_output,
+        include_embeddings=cfg.include_embeddings,
         seed=run.recipe["seed"],
         progress=True,
         **_scores(run.data, validate=True),

@@ -49,7 +49,8 @@ def spec(recipe: Recipe) -> PruneSpec | None:
     if isinstance(cfg, SoftFilter | Slimming):
         return None
     if isinstance(cfg, Lottery):
-        return PruneSpec(**cfg.fixed, seed=recipe["seed"])
+        ends = {"include_output": cfg.include_output, "include_embeddings": cfg.include_embeddings}
+        return PruneSpec(**cfg.fixed, **ends, seed=recipe["seed"])
     if isinstance(cfg, AtInit) and cfg.schedule == "iterative":
         return cfg.spec.replace(scope="global")  # iterative SynFlow ranks all layers together
     assert isinstance(cfg, Scheduled | AtInit)

@@ -346,7 +346,9 @@ class Lottery(Method):
     """Iterative magnitude pruning with rewinding (Frankle & Carbin 2019): ``rounds`` rounds
     (one for ``one-shot``) each removing ``1 - (1 - sparsity)^(1/rounds)`` of the remaining
     weights, rewinding to ``rewind`` (``"init"`` or a step) and training ``epochs``;
-    ``control`` also trains each round's masks from a fresh initialisation."""
+    ``control`` also trains each round's masks from a fresh initialisation;
+    ``include_output`` prunes the output layer too (at half the rate, as Frankle & Carbin
+    do), ``include_embeddings`` the embeddings (:mod:`prunekit.coverage`)."""
 
     name: ClassVar[str] = "lottery"
     when: ClassVar[str] = "before"
@@ -359,6 +361,8 @@ class Lottery(Method):
     rounds: int = 5
     rewind: str | int = "init"
     control: bool = True
+    include_output: bool = False
+    include_embeddings: bool = False
 
     constraints: ClassVar[Mapping[str, Constraint]] = {
         **Method.constraints,
@@ -366,6 +370,8 @@ class Lottery(Method):
         "rounds": COUNT,
         "rewind": Constraint(_rewind, "'init' | an optimizer step >= 0"),
         "control": boolean(),
+        "include_output": boolean(),
+        "include_embeddings": boolean(),
     }
 
 

@@ -196,7 +196,8 @@ def _control(template: nn.Module, ticket: nn.Module, seed: int) -> nn.Module:
 class LotteryArgs(Settings):
     """The numbers :func:`lottery` takes, checked at entry: ``rounds`` prunings after the
     dense training (at least one: a ticket is a pruned network), each removing ``rate`` of
-    the remaining weights (``output_rate`` in the last layer)."""
+    the remaining weights (``output_rate`` in the output layer, which only
+    ``include_output=True`` prunes: it is kept dense by default)."""
 
     label: ClassVar[str] = "lottery"
 
@@ -253,6 +254,24 @@ def _check(model: nn.Module, rewind: Rewind, steps: int) -> int:
             "network; Fix: pass the unpruned model (pk.masks.remove(model))."
         )
     return k
+
+
+def _rates(
+    model: nn.Module, rate: float, output_rate: float | None, ends: Mapping[str, bool]
+) -> tuple[dict[str, float], float]:
+    """``{layer: rate}`` of the layers the lottery prunes (``ends``: the include flags),
+    ``output_rate`` (default ``rate / 2``) in the output layer and ``rate`` in the others;
+    and that output rate. An ``output_rate`` for an output layer kept dense is refused."""
+    output = coverage.output_layer(model)
+    if output_rate is not None and not ends["include_output"]:
+        raise PruningError(
+            f"output_rate={output_rate!r} is the output layer's rate, but include_output="
+            f"False keeps the output layer{f' {output!r}' if output else ''} dense; Fix: pass "
+            "include_output=True to prune it at output_rate, or drop output_rate."
+        )
+    output_rate = rate / 2 if output_rate is None else output_rate
+    names = [ly.name for ly in coverage.select(model, **ends)[0]]
+    return {n: output_rate if n == output else rate for n in names}, output_rate
 
 
 def lottery(
@@ -330,17 +349,15 @@ def lottery(
     LotteryArgs(rounds, rate, output_rate, epochs, lr, batch_size, val_fraction, control, seed)
     hook = MaskSync.resolve(distributed)
     model = _build(model, seed)
-    output_rate = rate / 2 if output_rate is None else output_rate
+    ends = dict(include_output=include_output, include_embeddings=include_embeddings)
+    rates, output_rate = _rates(model, rate, output_rate, ends)
     src, validate = _split(source(data, batch_size, evaluate), val_fraction, seed, validate)
     settings = dict(epochs=epochs, lr=lr, optimizer=optimizer, step=step, progress=progress)
     trainings = _Trainings(src, validate, seed, settings, hook is not None)
     k = _check(model, rewind, epochs * src.steps_per_epoch)
     src.check(trainings.sync)
-    ends = dict(include_output=include_output, include_embeddings=include_embeddings)
-    spec = PruneSpec(scope="local", **ends)  # magnitude; each round its allocation
-    names = [ly.name for ly in coverage.select(model, **ends)[0]]
-    rates = {n: output_rate if n == coverage.output_layer(model) else rate for n in names}
-    spec = spec.replace(layers=names)
+    names = list(rates)
+    spec = PruneSpec(scope="local", layers=names, **ends)  # magnitude; each round its allocation
     config = dict(settings, batch_size=batch_size, seed=seed, rounds=rounds, rate=rate)
     config.update(output_rate=output_rate, rewind=k, val_fraction=val_fraction, control=control,
                   **ends)  # fmt: skip
