@@ -96,6 +96,9 @@ BAD = [
     (dict(q={"fc1": 1.0, "fc9": 1.0}), pk.PruningError,
      r"no prunable layer matched layers=\['fc1', 'fc9'\] \(entry 'fc9'\): did you mean"),
     (dict(q={"fc1": 1.0}, layers=["fc1", "fc2"]), pk.PruningError, "one q per pruned layer"),
+    (dict(q={"fc1": 1.0, "fc3": 0.5}), pk.PruningError,
+     r"the pruned layers are \['fc1'\]; layer 'fc3' is kept dense by default as the output "
+     r"layer; Fix: include_output=True to prune 'fc3', or drop 'fc3' from q\.$"),
     (dict(target=1.5), pk.InvalidSparsityError, r"target=1\.5"),
     (dict(target=0.5, rounds=0), pk.PruningError, r"rounds=0 must be an int >= 1"),
     (dict(target=0.2), pk.InvalidSparsityError, r"target=0\.2 is below .* \(0\.3\)"),

@@ -124,8 +124,9 @@ def han_sparsities(model: nn.Module, q: Q, layers: Any = None) -> dict[str, floa
     return out
 
 
-def _check_q(q: Q, chosen: list[str]) -> None:
-    """Every ``q`` a number > 0, and a mapping's keys exactly the pruned layers."""
+def _check_q(q: Q, chosen: list[str], dense: Mapping[str, coverage.Dense]) -> None:
+    """Every ``q`` a number > 0, and a mapping's keys exactly the pruned layers (``dense``:
+    the selected layers kept dense by default, named with their flag when ``q`` gives one)."""
     values = list(q.values()) if isinstance(q, Mapping) else [q]
     if not values or any(
         isinstance(v, bool) or not isinstance(v, int | float) or not v > 0 for v in values
@@ -133,9 +134,15 @@ def _check_q(q: Q, chosen: list[str]) -> None:
         raise PruningError(f"q={q!r} must be a number > 0 (a multiple of std), or a mapping "
                            "{layer: number > 0}; Fix: e.g. q=0.7.")  # fmt: skip
     if isinstance(q, Mapping) and set(q) != set(chosen):
+        named = [n for n in q if n in dense]
+        why = "".join(f"; layer {n!r} is kept dense by default as {dense[n].role}" for n in named)
+        flags = " / ".join(dict.fromkeys(dense[n].fix for n in named))
+        them = ", ".join(map(repr, named))
+        fix = f"{flags} to prune {them}, or drop {them} from q" if named else (
+            "one q per pruned layer (layers= defaults to the mapping's keys)")  # fmt: skip
         raise PruningError(
-            f"q gives thresholds for {sorted(q)} but the pruned layers are {chosen}; Fix: one "
-            "q per pruned layer (layers= defaults to the mapping's keys)."
+            f"q gives thresholds for {sorted(q)} but the pruned layers are {chosen}{why}; "
+            f"Fix: {fix}."
         )
 
 
@@ -155,10 +162,11 @@ def _check(
             f"target={target!r}, q={q!r}: give exactly one of target= (a sparsity) or q= "
             "(Han's q * std threshold); Fix: e.g. target=0.9 or q=0.7."
         )
-    chosen = coverage.select(model, spec.layers, spec.exclude, include_output=spec.include_output,
-                             include_embeddings=spec.include_embeddings)[0]  # fmt: skip
+    chosen, dense = coverage.select(model, spec.layers, spec.exclude,
+                                    include_output=spec.include_output,
+                                    include_embeddings=spec.include_embeddings)  # fmt: skip
     if q is not None:
-        _check_q(q, [ly.name for ly in chosen])
+        _check_q(q, [ly.name for ly in chosen], dense)
         return None
     target = check_sparsity(target, "target")
     check_reachable(target, 1 - kept_share((ly.module, ly.weight.numel()) for ly in chosen))
