@@ -71,12 +71,21 @@ def test_offloaded_model_prunes_to_the_in_memory_bits(checkpoint: Path, method: 
     assert not list((checkpoint.parent / "offload").glob("*.prunekit"))  # staging gone
 
 
+def resident(model: torch.nn.Module) -> str:
+    """A digest of the names and bits of every tensor held in memory (not on meta)."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    bits = [n.encode() + t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+            for n, t in tensors if not t.is_meta]  # fmt: skip
+    return hashlib.sha256(b"".join(bits)).hexdigest()
+
+
 def snapshot(model: torch.nn.Module, checkpoint: Path) -> tuple:
     hooks = [m._hf_hook for m in model.modules() if getattr(m, "_hf_hook", None) is not None]
     index = next(h.weights_map.dataset.index for h in hooks if h.weights_map is not None)
     metas = [n for n, p in model.named_parameters() if p.is_meta]
     offload = [getattr(h, "offload", None) for h in hooks]
-    return json.dumps(index, sort_keys=True), metas, offload, digest(checkpoint.parent / "offload")
+    folder = digest(checkpoint.parent / "offload")
+    return json.dumps(index, sort_keys=True), metas, offload, folder, resident(model)
 
 
 @pytest.mark.parametrize(
@@ -112,16 +121,47 @@ def test_a_failure_in_a_later_block_leaves_the_model_as_it_was(checkpoint: Path,
     assert torch.equal(logits(model), out)
 
 
-def test_a_nan_in_an_offloaded_block_is_named_and_nothing_changes(checkpoint: Path) -> None:
+def poison(checkpoint: Path, name: str) -> None:
+    """One NaN written into tensor ``name`` of the saved checkpoint."""
     file = checkpoint / "model.safetensors"
     tensors = load_file(file)
-    tensors["model.layers.2.mlp.down_proj.weight"][0, 0] = float("nan")
+    tensors[name].view(-1)[0] = float("nan")
     save_file(tensors, file, metadata={"format": "pt"})
-    model = offloaded(checkpoint)
-    before = snapshot(model, checkpoint)
-    with pytest.raises(InvalidWeightError, match=r"model\.layers\.2\.mlp\.down_proj"):
+
+
+@pytest.mark.parametrize(
+    ("placement", "layer"),
+    [
+        ({}, "model.layers.2.mlp.down_proj"),  # block 0 resident: checked before it is pruned
+        ({"model.layers.0": "disk"}, "model.layers.2.mlp.down_proj"),
+        ({}, "model.layers.1.self_attn.q_proj"),  # the first offloaded block
+        ({}, "model.layers.0.mlp.up_proj"),  # in memory
+    ],
+)
+def test_a_nan_in_an_offloaded_block_is_named_and_nothing_changes(
+    checkpoint: Path, placement: dict, layer: str
+) -> None:
+    poison(checkpoint, f"{layer}.weight")
+    model = offloaded(checkpoint, DEVICE_MAP | placement)
+    before, up = snapshot(model, checkpoint), model.model.layers[0].mlp.up_proj.weight
+    with pytest.raises(InvalidWeightError, match=layer.replace(".", r"\.")):
         llm.prune(model, IDS, method="wanda", sparsity=0.5, progress=False)
     assert snapshot(model, checkpoint) == before
+    assert up.is_meta or not bool((up == 0).any())  # the resident block was not pruned
+
+
+def test_a_nan_in_offloaded_fused_experts_is_named_and_nothing_changes(tmp_path: Path) -> None:
+    """Fused experts are checked from their stored values too, before a resident block
+    is pruned."""
+    mixtral(tmp_path / "src")
+    poison(tmp_path / "src", "model.layers.1.block_sparse_moe.experts.2.w2.weight")  # down
+    device_map = MOE_MAP | {"model.layers.0": "cpu"}
+    model = offloaded(tmp_path / "src", device_map)
+    assert model.model.layers[1].mlp.experts.down_proj.is_meta
+    before = snapshot(model, tmp_path / "src")
+    with pytest.raises(InvalidWeightError, match=r"model\.layers\.1\.mlp\.experts\.down_proj"):
+        llm.prune(model, IDS, method="wanda", sparsity=0.5, progress=False)
+    assert snapshot(model, tmp_path / "src") == before
 
 
 def in_memory_bits(checkpoint: Path, out: Path, **options) -> dict[str, torch.Tensor]:
@@ -138,18 +178,24 @@ def assert_saved_equal(model: torch.nn.Module, out: Path, expected: dict) -> Non
         assert torch.equal(tensor, expected[name]), name
 
 
-def test_offloaded_fused_moe_experts_are_written_back(tmp_path: Path) -> None:
+MOE_MAP = {"model.embed_tokens": "cpu", "model.layers.0": "disk", "model.layers.1": "disk",
+           "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}  # fmt: skip
+
+
+def mixtral(folder: Path) -> None:
+    """A seeded two-block Mixtral with fused experts saved to ``folder``."""
     torch.manual_seed(0)
     config = transformers.AutoConfig.for_model(
         "mixtral", hidden_size=32, intermediate_size=64, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=64, num_hidden_layers=2, num_experts_per_tok=2,
         num_local_experts=4,
     )  # fmt: skip
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "src")
-    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "disk",
-                  "model.layers.1": "disk", "model.norm": "cpu", "model.rotary_emb": "cpu",
-                  "lm_head": "cpu"}  # fmt: skip
-    model = offloaded(tmp_path / "src", device_map)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+
+
+def test_offloaded_fused_moe_experts_are_written_back(tmp_path: Path) -> None:
+    mixtral(tmp_path / "src")
+    model = offloaded(tmp_path / "src", MOE_MAP)
     expected = in_memory_bits(tmp_path / "src", tmp_path, method="wanda", sparsity=0.5)
     llm.prune(model, IDS, method="wanda", sparsity=0.5, progress=False)
     stored = model.model.layers[0].mlp.experts._hf_hook.weights_map["down_proj"]

@@ -6,13 +6,16 @@ its hook holds where their values live (``weights_map``: the checkpoint's safete
 ``<name>.dat`` files in the offload folder, or a CPU dict) and loads them onto its
 execution device for each forward, dropping them after.
 
-:class:`OffloadedBlocks` is the :class:`~prunekit.llm.engine.BlockStream` for such a
-model. Before the walk reaches a block it loads the block's tensors once, checks its
-layers' weights (:func:`~prunekit.layers.check_weight`: NaN, dtype) and turns its hooks'
-per-forward loading off, so the statistics pass, the pruning and the output pass share one
-copy. When the block is done (baked), each pruned weight is *staged* (a ``.dat`` file in
-a staging folder inside the offload folder, in accelerate's format, or a CPU tensor for a
-dict), the block's tensors go back to the meta device and its hooks are restored.
+:func:`check_offloaded_values` runs an in-memory prune's checks on the offloaded layer
+weights and fused expert tensors (:func:`~prunekit.layers.check_weight`,
+:func:`~prunekit.llm.moe.check_experts`: NaN, dtype...) before the walk, so nothing is
+pruned (resident blocks included) when one fails. :class:`OffloadedBlocks` is the
+:class:`~prunekit.llm.engine.BlockStream` for such a model. Before the walk reaches a block
+it loads the block's tensors once and turns its hooks' per-forward loading off, so the
+statistics pass, the pruning and the output pass share one copy. When the block is done
+(baked), each pruned weight is *staged* (a ``.dat`` file in a staging folder inside the
+offload folder, in accelerate's format, or a CPU tensor for a dict), the block's tensors
+go back to the meta device and its hooks are restored.
 :meth:`OffloadedBlocks.commit` moves every staged weight into place and points the
 hooks' index at it; :meth:`OffloadedBlocks.rollback` (any error) deletes the staging and
 puts every loaded block back: the model is then exactly as it was.
@@ -23,6 +26,7 @@ model was loaded from is never written; ``model.save_pretrained`` writes the pru
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import tempfile
@@ -33,10 +37,10 @@ from typing import Any
 from torch import Tensor, nn
 
 from prunekit.errors import IncompatibleLayerError, UnsupportedModelError
-from prunekit.layers import check_weight
+from prunekit.layers import Layer, check_weight
 from prunekit.llm.blocks import block_layers
 from prunekit.llm.engine import BlockInputs
-from prunekit.llm.experts import find_experts
+from prunekit.llm.experts import PARAMS, FusedExperts, find_experts
 from prunekit.llm.methods import Target
 from prunekit.llm.moe import check_experts
 from prunekit.llm.placement import offloading_hooks
@@ -93,12 +97,50 @@ def _where(weights_map: Any, name: str) -> tuple[Any, str]:
     return getattr(weights_map, "dataset", weights_map), getattr(weights_map, "prefix", "") + name
 
 
-class OffloadedBlocks:
-    """The block stream of an accelerate-offloaded model (module docstring); ``target``
-    is the prune's, for the checks of fused experts."""
+def check_offloaded_values(blocks: nn.ModuleList, prefix: str, target: Target) -> None:
+    """The checks of an in-memory prune on every offloaded (meta) layer weight and fused
+    expert tensor of ``blocks``: each module's values are read from its hook's
+    ``weights_map`` (one module's at a time) into a stand-in, as the walk would load them;
+    the model is not touched. A tensor no hook holds stays on meta, and is refused so."""
+    for index, block in enumerate(blocks):
+        name, stored = f"{prefix}.{index}", _stored(block)
+        for layer in block_layers(block, name):
+            if layer.weight.is_meta:
+                check_weight(Layer(layer.name, _stand_in(layer.module, ("weight",), stored)))
+        for ex in find_experts(block, name):
+            if any(getattr(ex.module, p).is_meta for p in PARAMS):
+                check_experts(FusedExperts(ex.name, _stand_in(ex.module, PARAMS, stored)), target)
 
-    def __init__(self, prefix: str, target: Target) -> None:
-        self.prefix, self.target = prefix, target
+
+def _stored(block: nn.Module) -> dict[int, tuple[Any, str]]:
+    """``id(tensor) -> (weights_map, name)`` for each offloaded tensor of ``block``."""
+    return {
+        id(_tensor(sub, name)): (hook.weights_map, name)
+        for sub, hook in offloading_hooks(block)
+        for name in _names(sub, hook)
+    }
+
+
+def _stand_in(
+    module: nn.Module, names: tuple[str, ...], stored: dict[int, tuple[Any, str]]
+) -> nn.Module:
+    """A shallow copy of ``module`` whose meta parameters ``names`` hold their stored
+    values, in their dtype (as accelerate loads them); ``module`` itself is unchanged."""
+    params = dict(module._parameters)
+    for name in names:
+        meta = params.get(name)
+        if meta is not None and meta.is_meta and id(meta) in stored:
+            weights_map, key = stored[id(meta)]
+            params[name] = nn.Parameter(weights_map[key].to(meta.dtype), requires_grad=False)
+    view = copy.copy(module)
+    view.__dict__["_parameters"] = params
+    return view
+
+
+class OffloadedBlocks:
+    """The block stream of an accelerate-offloaded model (module docstring)."""
+
+    def __init__(self) -> None:
         self.loaded: list[tuple[nn.Module, Any]] = []
         self.staged: list[tuple[Any, str, Tensor | Path, dict[str, Any]]] = []
         self.folders: dict[str, Path] = {}
@@ -112,11 +154,6 @@ class OffloadedBlocks:
                     value = value.clone()  # a parameter must not alias accelerate's copy
                 _set(sub, name, hook.execution_device, value)
             hook.offload = False
-        name = f"{self.prefix}.{index}"
-        for layer in block_layers(block, name):
-            check_weight(layer)
-        for experts in find_experts(block, name):
-            check_experts(experts, self.target)
 
     def done(
         self, index: int, block: nn.Module, errors: dict[str, float], inputs: BlockInputs

@@ -18,7 +18,7 @@ from prunekit.layers import (
     skipped_tensors,
     to_canonical,
 )
-from prunekit.llm.accelerated import OffloadedBlocks, check_offloaded
+from prunekit.llm.accelerated import OffloadedBlocks, check_offloaded, check_offloaded_values
 from prunekit.llm.arguments import PruneArguments
 from prunekit.llm.blocks import block_layers, find_blocks
 from prunekit.llm.calibration import Batch, TokenData, calibration_batches, real_tokens
@@ -55,7 +55,7 @@ def _check_layers(
     blocks: nn.ModuleList, prefix: str, target: Target, *, loaded_later: bool = False
 ) -> None:
     """Every block layer prunable at ``target``; ``loaded_later``: a weight on the meta
-    device is offloaded, its values checked as its block is loaded (:mod:`.accelerated`)."""
+    device is offloaded, its values checked by :func:`.check_offloaded_values`."""
     layers = [ly for i, b in enumerate(blocks) for ly in block_layers(b, f"{prefix}.{i}")]
     require_unique_modules(layers)
     for layer in layers:
@@ -202,7 +202,8 @@ def prune(
     batches = calibration_batches(calibration, model, args.batch_size)
     if not offloaded:
         return run_prune(model, batches, method, target, allocation, args, measure=measure_error)
-    stream = OffloadedBlocks(prefix, target)
+    check_offloaded_values(block_list, prefix, target)  # the values read: the last check
+    stream = OffloadedBlocks()
     try:
         report = run_prune(
             model, batches, method, target, allocation, args, stream, measure=measure_error
