@@ -103,6 +103,27 @@ def test_sparsegpt_in_place_gives_the_same_bits_in_the_weights_storage(target: f
     assert new.data_ptr() != half.data_ptr() and torch.equal(half, weight.half())
 
 
+def test_sparsegpt_overwrite_retries_in_float64_when_the_second_cholesky_fails(monkeypatch):
+    """The fp32 Cholesky of ``H^-1`` (the second one) failing: the in-place path retries in
+    float64 from the damped ``H``, as the copying one does, with the same bits."""
+    torch.manual_seed(0)
+    weight, x = torch.randn(24, 40), torch.randn(200, 40)
+    hessian = 2 * x.T @ x / 200
+    real = torch.linalg.cholesky
+
+    def failing(a, *args, upper=False, **kwargs):
+        if upper and a.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("not positive-definite")
+        return real(a, *args, upper=upper, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "cholesky", failing)
+    copy_w, copy_keep = sparsegpt(weight, hessian.clone(), 0.5)
+    given = hessian.clone()
+    new, keep = sparsegpt(weight, given, 0.5, overwrite=True)
+    assert torch.equal(new, copy_w) and torch.equal(keep, copy_keep)
+    assert not torch.equal(given, hessian)  # it was damped in place
+
+
 def test_repeated_block_arguments_are_held_once_and_outputs_match_when_consumed() -> None:
     model = tiny_llama().eval()
     blocks = model.model.layers

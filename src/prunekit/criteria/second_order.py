@@ -45,23 +45,34 @@ def dead_inputs(hessian: Tensor) -> Tensor:
     return torch.diagonal(hessian) == 0
 
 
-def inverse_hessian_cholesky(hessian: Tensor, damping: float = 0.01) -> Tensor:
+def inverse_hessian_cholesky(
+    hessian: Tensor, damping: float = 0.01, *, overwrite: bool = False
+) -> Tensor:
     """Upper Cholesky factor ``U`` of ``(H + lambda I)^-1`` with dead inputs made harmless.
 
     ``lambda = damping * mean(diag H)`` (1% in the paper); dead inputs (``H_jj = 0``) get
     ``H_jj = 1`` so that ``H`` stays invertible (their weights should be zeroed by the
     caller: they never affect the output). Computed in fp32 (float64 on a second try
-    when fp32 Cholesky fails). ``U^T U = H^-1`` and ``U_jj^2 = [H^-1]_jj`` once the earlier
-    columns are eliminated, which is what the sweep needs.
+    when either fp32 Cholesky fails). ``U^T U = H^-1`` and ``U_jj^2 = [H^-1]_jj`` once the
+    earlier columns are eliminated, which is what the sweep needs.
+
+    Memory: two ``in x in`` fp32 matrices, the damped ``H`` and one buffer every later
+    step writes into (``out=``; the same LAPACK calls as without it, so the same bits).
+    ``overwrite``: ``hessian`` is the caller's to give up; when it is fp32 it is damped in
+    place instead of copied (it then holds the damped ``H``; the result is the same).
     """
-    h = hessian.to(torch.float32).clone()
+    if overwrite and hessian.dtype == torch.float32:
+        h = hessian
+    else:
+        h = hessian.to(torch.float32, copy=True)
     dead = dead_inputs(h)
     h[dead, dead] = 1.0
     h.diagonal().add_(damping * torch.diagonal(h).mean())
     try:
-        inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
-        return torch.linalg.cholesky(inverse, upper=True)
-    except torch.linalg.LinAlgError:
+        factor = torch.linalg.cholesky(h)
+        torch.cholesky_inverse(factor, out=factor)
+        return torch.linalg.cholesky(factor, upper=True, out=factor)
+    except torch.linalg.LinAlgError:  # ``h`` is intact: retry from it in float64
         h64 = h.to(torch.float64)
         inverse = torch.cholesky_inverse(torch.linalg.cholesky(h64))
         return torch.linalg.cholesky(inverse, upper=True).to(torch.float32)

@@ -64,10 +64,7 @@ def sparsegpt(
     rows, cols = w.shape
     dead = dead_inputs(hessian)
     w[:, dead] = 0.0
-    if overwrite and hessian.dtype == torch.float32:
-        u = _upper_inverse_factor(hessian, dead, damping)
-    else:
-        u = inverse_hessian_cholesky(hessian, damping)
+    u = inverse_hessian_cholesky(hessian, damping, overwrite=overwrite)
     del hessian
     nm = target if isinstance(target, NM) else None
     if nm is not None:
@@ -98,18 +95,3 @@ def sparsegpt(
         pruned[:, i1:i2] = mask1
         w[:, i2:] -= err1 @ u[i1:i2, i2:]
     return w, ~pruned
-
-
-def _upper_inverse_factor(h: Tensor, dead: Tensor, damping: float) -> Tensor:
-    """:func:`~prunekit.criteria.second_order.inverse_hessian_cholesky` with ``h`` damped in
-    place and every later step written into one buffer (``out=``; the same LAPACK calls, so
-    the same bits): two ``in x in`` matrices at most, where the shared function holds four."""
-    h[dead, dead] = 1.0
-    h.diagonal().add_(damping * torch.diagonal(h).mean())
-    factor, info = torch.linalg.cholesky_ex(h)
-    if int(info):  # not positive definite in fp32: the shared function's float64 retry
-        h64 = h.to(torch.float64)
-        inverse = torch.cholesky_inverse(torch.linalg.cholesky(h64))
-        return torch.linalg.cholesky(inverse, upper=True).to(torch.float32)
-    torch.cholesky_inverse(factor, out=factor)
-    return torch.linalg.cholesky(factor, upper=True, out=factor)
