@@ -12,6 +12,8 @@ from prunekit.criteria.activation import wanda_scores
 from prunekit.criteria.second_order import HessianAccumulator
 from prunekit.errors import InvalidSparsityError
 from prunekit.granularity import NM
+from prunekit.llm.engine import LayerStats
+from prunekit.llm.methods import take_hessian
 from prunekit.llm.owl import outlier_ratio, owl_sparsities
 from prunekit.llm.sparsegpt import sparsegpt
 from prunekit.masks import get_mask as _get_mask
@@ -164,6 +166,21 @@ def test_sparsegpt_dead_inputs_are_zeroed_and_finite() -> None:
     assert torch.isfinite(new).all()
     assert (new[:, [3, 17]] == 0).all()
     assert int((new == 0).sum()) == 64  # the dead weights are the first to go
+
+
+@pytest.mark.parametrize("tokens", [0, 1, 37])
+def test_take_hessian_is_the_accumulators_hessian_in_its_own_buffer(tokens: int) -> None:
+    """``H = (2/n) X X^T`` (zero with no token), the same bits as ``.hessian``, scaled in
+    the accumulator's buffer, which the statistics give up."""
+    x = torch.randn(tokens, 6, generator=torch.Generator().manual_seed(6))
+    stats = LayerStats(6, torch.device("cpu"), frozenset({"hessian"}))
+    stats.add(x)
+    assert stats.hessian is not None
+    expected, buffer = stats.hessian.hessian, stats.hessian.sum_xxt
+    assert torch.allclose(expected, 2 * x.T @ x / max(tokens, 1))
+    taken = take_hessian(stats)
+    assert torch.equal(taken, expected) and taken.data_ptr() == buffer.data_ptr()
+    assert stats.hessian is None
 
 
 def test_outlier_ratio_counts_above_m_times_mean() -> None:

@@ -36,8 +36,19 @@ class HessianAccumulator:
         self.tokens += rows.shape[0]
 
     @property
+    def scale(self) -> float:
+        """``2 / n`` (``n`` at least 1: no token gives ``H = 0``)."""
+        return 2 / max(self.tokens, 1)
+
+    @property
     def hessian(self) -> Tensor:
-        return self.sum_xxt * (2 / max(self.tokens, 1))
+        """``H``, a new tensor."""
+        return self.sum_xxt * self.scale
+
+    def hessian_in_place(self) -> Tensor:
+        """``H`` scaled in place in ``sum_xxt`` and returned (no second ``in x in`` matrix);
+        the accumulator is spent: add no more tokens and read no other Hessian from it."""
+        return self.sum_xxt.mul_(self.scale)
 
 
 def dead_inputs(hessian: Tensor) -> Tensor:

@@ -180,4 +180,4 @@ def take_hessian(stats: LayerStats) -> torch.Tensor:
     gives up (no second in x in matrix; ``stats`` holds no Hessian afterwards)."""
     accumulator, stats.hessian = stats.hessian, None
     assert accumulator is not None
-    return accumulator.sum_xxt.mul_(2 / max(accumulator.tokens, 1))
+    return accumulator.hessian_in_place()
