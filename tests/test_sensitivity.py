@@ -70,6 +70,14 @@ def test_dense_point_and_model_unchanged(trained: ScaledMLP, digits: zoo.Dataset
         assert layer.metrics[0] == dense  # sparsity 0 prunes nothing
     assert report.layers[2].metrics[-1] < dense  # fc3 at 90% must hurt
     assert "fc3" in str(report) and "90%" in str(report)
+    # the allocation hint passes the flags the analysis used, so fc3 is pruned as measured
+    assert (report.include_output, report.include_embeddings) == (True, False)
+    model = ScaledMLP()
+    alloc = {"fc1": 0.0, "fc2": 0.0, "fc3": 0.5}
+    pk.prune(model, allocation=alloc, layers=list(alloc), include_output=report.include_output,
+             include_embeddings=report.include_embeddings)  # fmt: skip
+    assert pk.sparsity(model, include_output=True)["fc3"] == pytest.approx(0.5, abs=1e-3)
+    assert sensitivity(trained, evaluate, sparsities=(0.5,), progress=False).include_output is False
 
 
 def test_fragile_layer_ranks_last(trained: ScaledMLP, digits: zoo.Dataset) -> None:

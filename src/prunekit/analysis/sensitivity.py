@@ -50,7 +50,9 @@ class LayerSensitivity:
 
 @dataclass(frozen=True)
 class SensitivityReport(TableReport):
-    """The metric per layer per sparsity; see :func:`sensitivity`."""
+    """The metric per layer per sparsity; see :func:`sensitivity`. ``include_output`` /
+    ``include_embeddings``: the flags it was measured with (a prune of its allocation
+    passes the same)."""
 
     granularity: str
     criterion: str
@@ -58,6 +60,8 @@ class SensitivityReport(TableReport):
     sparsities: tuple[float, ...]
     layers: list[LayerSensitivity]
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    include_output: bool = False
+    include_embeddings: bool = False
 
     def drops(self, name: str) -> tuple[float, ...]:
         """``dense - metric`` of layer ``name`` at each sparsity (positive = worse)."""
@@ -88,8 +92,10 @@ class SensitivityReport(TableReport):
         Since each layer stays below its first point over budget and the last step is a
         linear interpolation, no layer's (interpolated) drop exceeds ``budget``.
 
-        The result is a ``{layer: sparsity}`` dict for
-        ``pk.prune(model, allocation=..., layers=list(alloc), granularity=...)``. Structured
+        The result is a ``{layer: sparsity}`` dict for ``pk.prune(model, allocation=...,
+        layers=list(alloc), granularity=..., include_output=report.include_output,
+        include_embeddings=report.include_embeddings)`` (without the flags the analysis
+        used, an output layer or embedding it measured stays dense). Structured
         granularities round each layer to whole groups, so the achieved total can differ
         from ``target`` by up to one group per layer.
 
@@ -278,4 +284,4 @@ def sensitivity(
             results.append(
                 LayerSensitivity(layer.name, layer.kind, layer.weight.numel(), tuple(metrics))
             )
-    return SensitivityReport(gran.name, repr(crit), dense, grid, results, skipped)
+    return SensitivityReport(gran.name, repr(crit), dense, grid, results, skipped, **ends)
