@@ -4,6 +4,10 @@ calibration, save/load round trip, errors (model unchanged), hooks removed."""
 from __future__ import annotations
 
 import copy
+import importlib
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -22,6 +26,7 @@ from prunekit.errors import (
     UnsupportedModelError,
 )
 from prunekit.layers import to_canonical
+from prunekit.llm import memory
 from prunekit.llm.blocks import block_layers, find_blocks
 from prunekit.llm.calibration import calibration_batches
 from prunekit.llm.engine import capture_inputs, sequential
@@ -266,3 +271,20 @@ def test_model_without_blocks_raises_unsupported() -> None:
     with pytest.raises(UnsupportedModelError, match=r"NoBlocks has no nn\.ModuleList"):
         llm.prune(model, ids(), progress=False)
     assert_unchanged(model, before)
+
+
+def test_malloc_trim_is_looked_up_on_first_use_without_a_subprocess(monkeypatch) -> None:
+    """Importing :mod:`prunekit.llm.memory` (every ``import prunekit.llm``) spawns nothing
+    (``ctypes.util.find_library`` runs ldconfig); glibc's ``malloc_trim`` is still found."""
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    spawned: list[object] = []
+
+    def popen(*args: object, **kwargs: object) -> None:
+        spawned.append(args)
+        raise OSError("no process may start here")
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    importlib.reload(memory)
+    memory.release()
+    assert spawned == []
+    assert (memory._libc_trim() is not None) == glibc

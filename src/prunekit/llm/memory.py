@@ -10,7 +10,7 @@ Linux it is None.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import re
 import sys
 from pathlib import Path
@@ -20,18 +20,17 @@ import torch
 _STATUS = Path("/proc/self/status")
 
 
+@functools.cache
 def _libc_trim() -> ctypes._CFuncPtr | None:
-    """glibc's ``malloc_trim`` (None elsewhere: other allocators return memory by themselves
-    or offer no such call)."""
+    """glibc's ``malloc_trim``, looked up on first use among the symbols the process has
+    loaded (None elsewhere: other allocators return memory by themselves or offer no such
+    call)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        return ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):
         return None
-
-
-_TRIM = _libc_trim()
 
 
 def release() -> None:
@@ -40,8 +39,9 @@ def release() -> None:
     it, the blocks' freed tensors stay resident in glibc's heap (its mmap threshold rises
     to the size of the largest freed block), and a later block's tensors, which do not fit
     the holes, grow the process instead of reusing them."""
-    if _TRIM is not None:
-        _TRIM(0)
+    trim = _libc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _status_bytes(field: str) -> int:
