@@ -250,11 +250,7 @@ def _shrink(args: argparse.Namespace, console: Console) -> None:
     dense = copy.deepcopy(model)
     report = pk.shrink(model, x, args.ratio, criterion=args.criterion, scope=args.scope,
                        round_to=args.round_to, approximate=args.approximate)  # fmt: skip
-    console.print(report)
-    if not report.exact:
-        deviation = f"{report.deviation:.3g}" if report.deviation is not None else "n/a"
-        console.print(f"approximate (inexact): the outputs deviate by {deviation} (max "
-                      "difference / output scale, on the example input)")  # fmt: skip
+    console.print(report)  # an approximate shrink's note says how far the outputs moved
     with warnings.catch_warnings():  # the line below says UNRELIABLE and why, once
         warnings.simplefilter("ignore", UserWarning)
         timed = pk.analysis.speedup(dense, model, x)
