@@ -32,11 +32,13 @@ def checkpoint(tmp_path: Path) -> Path:
     return tmp_path / "src"
 
 
-def offloaded(checkpoint: Path, device_map: dict[str, str] = DEVICE_MAP) -> torch.nn.Module:
+def offloaded(
+    checkpoint: Path, device_map: dict[str, str] = DEVICE_MAP, **options
+) -> torch.nn.Module:
     """Block 0 resident on the CPU, the others and the embedding on disk (by default)."""
     folder = checkpoint.parent / "offload"
     return transformers.AutoModelForCausalLM.from_pretrained(
-        checkpoint, device_map=device_map, offload_folder=folder
+        checkpoint, device_map=device_map, offload_folder=folder, **options
     )
 
 
@@ -69,6 +71,21 @@ def test_offloaded_model_prunes_to_the_in_memory_bits(checkpoint: Path, method: 
         assert torch.equal(tensor, state[name]), name
     assert digest(checkpoint) == source  # the source checkpoint is never written
     assert not list((checkpoint.parent / "offload").glob("*.prunekit"))  # staging gone
+
+
+def test_bfloat16_offloaded_weights_are_written_back_in_accelerates_format(checkpoint: Path):
+    """The staged ``.dat`` files and their index entries are accelerate's own (bfloat16
+    stored as int16, dtype ``bfloat16``): the hooks load the pruned bf16 weights back."""
+    model = offloaded(checkpoint, DEVICE_MAP | {"model.layers.0": "disk"}, dtype=torch.bfloat16)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16)
+    llm.prune(reference, IDS, method="wanda", sparsity=0.5, progress=False)
+    llm.prune(model, IDS, method="wanda", sparsity=0.5, progress=False)
+    up = model.model.layers[1].mlp.up_proj._hf_hook.weights_map
+    index = up.dataset.index["model.layers.1.mlp.up_proj.weight"]
+    assert index == {"dtype": "bfloat16", "shape": [64, 32]}
+    stored = up["weight"]
+    assert stored.dtype == torch.bfloat16
+    assert torch.equal(stored, reference.model.layers[1].mlp.up_proj.weight)
 
 
 def resident(model: torch.nn.Module) -> str:

@@ -171,9 +171,8 @@ class OffloadedBlocks:
         """``tensor`` kept aside until :meth:`commit`: a CPU copy for an in-memory map,
         else a ``.dat`` file in accelerate's format in a staging folder."""
         dataset, key = _where(weights_map, name)
-        info = {"dtype": str(tensor.dtype).removeprefix("torch."), "shape": list(tensor.shape)}
         if _in_memory(dataset, key):
-            self.staged.append((dataset, key, tensor.to("cpu", copy=True), info))
+            self.staged.append((dataset, key, tensor.to("cpu", copy=True), {}))
             return
         folder = getattr(dataset, "save_folder", None)
         if folder is None or not hasattr(dataset, "index"):
@@ -186,8 +185,8 @@ class OffloadedBlocks:
 
         staging = self.folders.get(folder) or Path(tempfile.mkdtemp(".prunekit", dir=folder))
         self.folders[folder] = staging
-        offload_weight(tensor.cpu(), key, str(staging), index={})
-        self.staged.append((dataset, key, staging / f"{key}.dat", info))
+        index = offload_weight(tensor.cpu(), key, str(staging), index={})  # its own entry
+        self.staged.append((dataset, key, staging / f"{key}.dat", index[key]))
 
     def commit(self) -> None:
         """Every staged tensor moved into place and the hooks' index pointed at it; an
