@@ -74,6 +74,18 @@ def test_shrink_command_bad_ratio_exits_2(capsys: pytest.CaptureFixture[str]) ->
     assert "ratio" in capsys.readouterr().err
 
 
+def test_a_library_fix_is_spelled_as_the_command_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["prune", "--model", "lenet300", "--sparsity", "0.5", "--exclude", "fc1", "fc2"]
+    assert main(argv) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "as the output layer; Fix: --include-output, or select other layers." in err
+    assert "include_output=True" not in err
+    assert main(["shrink", "--model", "lenet5"]) == 2  # nothing masked: nothing to remove
+    err = " ".join(capsys.readouterr().err.split())
+    assert "Fix: pass --ratio 0.5 (fraction of groups to remove)" in err and "ratio=" not in err
+    assert "pk.prune(model, s, granularity='filter')" in err  # a Python call stays one
+
+
 FACTORY = """
 from torch import nn
 
@@ -253,4 +265,6 @@ def test_help_of_the_model_commands_shows_defaults(capsys: pytest.CaptureFixture
         text = " ".join(capsys.readouterr().out.split())
         assert "--device {cpu,cuda,mps}" in text and "(default: cpu)" in text, command
     assert main(["shrink", "--help"]) == 0
-    assert "(default: None)" in capsys.readouterr().out  # --ratio: exactly the masked groups
+    text = " ".join(capsys.readouterr().out.split())
+    ratio = text.split("--ratio RATIO ")[1].split(" --criterion ")[0]  # its own help only
+    assert ratio.endswith("refused when there are none (default: None)")  # the masked groups

@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import re
 import warnings
 from functools import partial
 from pathlib import Path
@@ -279,21 +280,57 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
+    parser, args = _parser(), None
     try:
-        args = _parser().parse_args(argv)
+        args = parser.parse_args(argv)
         log_to_stderr(args.log_level)
         COMMANDS[args.command](args, wide_console())
     except SystemExit as exit_:  # --help and --version
         return int(exit_.code or 0)
     except (PruningError, OSError) as err:  # a user's mistake, or the file system's refusal
-        _error(err)
+        _error(err, _options(parser, args))
         return 2
     return 0
 
 
-def _error(err: Exception) -> None:
-    """``err`` as one red line on stderr (an OSError names its path and errno)."""
-    text = " ".join(str(err).split())
+def _options(parser: argparse.ArgumentParser, args: argparse.Namespace | None) -> dict:
+    """``{dest: action}`` of the options of the command ``args`` ran (none before it parsed)."""
+    if args is None:
+        return {}
+    for action in parser._actions:  # the subcommand's parser, down to the leaf (llm prune)
+        if isinstance(action, argparse._SubParsersAction):
+            sub = action.choices.get(getattr(args, action.dest, None))
+            return _options(sub, args) if sub is not None else {}
+    return {a.dest: a for a in parser._actions if a.option_strings}
+
+
+# name=value in a library error's Fix; not inside a call (pk.prune(..., scope='local'))
+_KEYWORD = re.compile(r"(?<![\w.])([a-z_]\w*)=('[^']*'|\"[^\"]*\"|[\w.:+-]+)(?![\w(\[{])")
+
+
+def _as_flags(text: str, options: dict) -> str:
+    """``text`` with each ``name=value`` of its Fix that names an option of the command
+    spelled as that option (``include_output=True`` -> ``--include-output``, ``ratio=0.5``
+    -> ``--ratio 0.5``): the library's errors speak Python, the command line's flags."""
+    head, fix_, fix = text.rpartition("Fix:")
+
+    def flag(m: re.Match[str]) -> str:
+        action = options.get(m[1])
+        depth = fix.count("(", 0, m.start()) - fix.count(")", 0, m.start())
+        if action is None or depth > 0:
+            return m[0]
+        option, value = max(action.option_strings, key=len), m[2].strip("'\"")
+        if action.nargs == 0:  # a switch: only its True is a flag to pass
+            return option if value == "True" else m[0]
+        return f"{option} {value}"
+
+    return head + fix_ + _KEYWORD.sub(flag, fix) if fix_ else text
+
+
+def _error(err: Exception, options: dict) -> None:
+    """``err`` as one red line on stderr (an OSError names its path and errno), its Fix in
+    the command's flags (:func:`_as_flags`)."""
+    text = _as_flags(" ".join(str(err).split()), options)
     Console(stderr=True).print(Text(f"error: {text}", style="red"), soft_wrap=True)
 
 
