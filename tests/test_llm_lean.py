@@ -4,6 +4,8 @@ consuming output pass, repeated block arguments held once, the ``where`` mask.""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import tiny_llama
@@ -35,6 +37,8 @@ def test_measure_error_false_prunes_the_same_bits(method: str, sparsity: float |
         assert torch.equal(x, y), name
     assert [r.sparsity for r in a.layers] == [r.sparsity for r in b.layers]
     assert all(r.sparsity == pytest.approx(0.5) for r in b.layers)
+    assert all(math.isfinite(r.error) for r in a.layers)  # every layer measured
+    assert all(math.isnan(r.error) for r in b.layers)  # none measured
 
 
 def test_measure_error_false_with_keep_masks_keeps_the_masks() -> None:

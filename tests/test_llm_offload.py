@@ -4,6 +4,7 @@ same calibration, checkpoint loadable by ``from_pretrained``, and the memory it 
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import textwrap
@@ -45,6 +46,17 @@ def saved(tmp_path: Path, arch: str) -> Path:
     tiny(arch).save_pretrained(src, max_shard_size="20KB")
     assert (src / INDEX).is_file()
     return src
+
+
+@pytest.mark.parametrize("measure", [True, False])
+def test_out_of_core_errors_are_measured_or_nan(tmp_path: Path, measure: bool) -> None:
+    report = llm.prune_checkpoint(
+        saved(tmp_path, "llama"), tmp_path / "out", ids(), method="sparsegpt", sparsity=0.5,
+        progress=False, measure_error=measure,
+    )  # fmt: skip
+    assert report.layers and all(r.sparsity == pytest.approx(0.5) for r in report.layers)
+    errors = [r.error for r in report.layers]
+    assert all(0 < e < 1 for e in errors) if measure else all(math.isnan(e) for e in errors)
 
 
 @pytest.mark.parametrize(

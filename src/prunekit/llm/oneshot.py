@@ -241,7 +241,7 @@ def run_prune(
 
         early = not args.keep_masks and (not measure or "hessian" in needs(method))
         visit = _Visit(method, block_list, prefix, block_targets, early, alone=not measure)
-        finishing = None if stream is None else _Finishing(stream, visit, args)
+        finishing = None if stream is None else _Finishing(stream, visit, args, measure)
         errors = sequential(
             block_list,
             prefix,
@@ -255,7 +255,7 @@ def run_prune(
             consume=True,  # the OWL pass is done: the captured states can go
         )
     if finishing is None:
-        records = _records(block_list, visit, errors)
+        records = _records(block_list, visit, errors if measure else None)
         tie_masks(model)
         if not args.keep_masks:
             _bake_blocks(model, block_list)
@@ -330,8 +330,10 @@ def _bake_blocks(model: nn.Module, block_list: nn.ModuleList) -> None:
 class _Finishing:
     """Wraps a :class:`BlockStream`: each finished block's records, then its masks baked."""
 
-    def __init__(self, inner: BlockStream, visit: _Visit, args: PruneArguments) -> None:
-        self.inner, self.visit, self.args = inner, visit, args
+    def __init__(
+        self, inner: BlockStream, visit: _Visit, args: PruneArguments, measure: bool
+    ) -> None:
+        self.inner, self.visit, self.args, self.measure = inner, visit, args, measure
         self.records: list[LayerRecord] = []
 
     def load(self, index: int, block: nn.Module) -> None:
@@ -340,7 +342,7 @@ class _Finishing:
     def done(
         self, index: int, block: nn.Module, errors: dict[str, float], inputs: BlockInputs
     ) -> None:
-        self.records += _block_records(block, index, self.visit, errors)
+        self.records += _block_records(block, index, self.visit, errors if self.measure else None)
         if not self.args.keep_masks:
             bake(block)
         self.inner.done(index, block, errors, inputs)
@@ -361,7 +363,7 @@ def _skipped(block_list: nn.ModuleList, prefix: str) -> tuple[list[tuple[str, st
 
 
 def _records(
-    block_list: nn.ModuleList, visit: _Visit, errors: dict[str, float]
+    block_list: nn.ModuleList, visit: _Visit, errors: dict[str, float] | None
 ) -> list[LayerRecord]:
     """One record per pruned layer or expert matrix of every block."""
     return [
@@ -372,22 +374,23 @@ def _records(
 
 
 def _block_records(
-    block: nn.Module, index: int, visit: _Visit, errors: dict[str, float]
+    block: nn.Module, index: int, visit: _Visit, errors: dict[str, float] | None
 ) -> list[LayerRecord]:
     """One record per pruned layer or expert matrix of block ``index``: shape, target,
-    sparsity (its mask's, or the one ``visit`` read before baking it), output error."""
+    sparsity (its mask's, or the one ``visit`` read before baking it), output error
+    (``errors`` None: not measured, NaN)."""
     records = []
     name, fraction = f"{visit.prefix}.{index}", _fraction(visit.targets[index])
     for ly in block_layers(block, name):
         shape = tuple(ly.weight.shape)
         sparsity = visit.sparsity.get(ly.name, 1.0 - kept_fraction(ly.module))
-        records.append(LayerRecord(ly.name, shape, ly.weight.numel(), fraction, sparsity,
-                                   errors.get(ly.name, NAN)))  # fmt: skip
+        error = NAN if errors is None else errors[ly.name]
+        records.append(LayerRecord(ly.name, shape, ly.weight.numel(), fraction, sparsity, error))
     for ex in find_experts(block, name):
         for key, param, e in ex.matrices():
-            w = param[e].detach()
+            w, error = param[e].detach(), NAN if errors is None else errors[key]
             records.append(LayerRecord(key, tuple(w.shape), w.numel(), fraction,
-                                       zeros_fraction(w), errors.get(key, NAN)))  # fmt: skip
+                                       zeros_fraction(w), error))  # fmt: skip
     return records
 
 
