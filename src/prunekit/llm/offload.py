@@ -233,8 +233,9 @@ def prune_checkpoint(
         max_memory: bytes, or a size such as ``"300MB"`` / ``"8GB"``: refused up front when
             the largest block alone does not fit in it; the calibration hidden states
             spill to memory-mapped files (a temporary folder beside ``out_dir``) when
-            they exceed it minus 3 times the largest block (its weights, dense snapshot
-            and statistics).
+            they exceed it minus 3 times the largest block (its weights, its statistics
+            and, with ``measure_error`` and SparseGPT / ALPS or fused experts, the dense
+            weights kept until its error is measured).
         blocks, batch_size, progress, measure_error: as for :func:`prunekit.llm.prune`.
 
     Raises:
