@@ -136,6 +136,18 @@ def test_bad_input_fails_before_training(kwargs: dict, error: type[Exception]) -
     assert isinstance(err.value, PruningError)
 
 
+@pytest.mark.parametrize("order", [("hidden", "every"), ("every", "hidden")])
+def test_the_random_baseline_prunes_every_layer_some_method_prunes(order: tuple) -> None:
+    given = {"hidden": {}, "every": {"include_output": True}}
+    report = sweep(build_and_train, accuracy, methods={m: given[m] for m in order},
+                   sparsities=(0.5,), seeds=(0,), example_inputs=DATA.x_test[:1],
+                   min_run_time=0.01, progress=False)  # fmt: skip
+    achieved = {p.method: p.achieved_sparsity for p in report.points}
+    assert achieved["every"] == pytest.approx(0.5, abs=1e-3)  # fc3 too
+    assert achieved["hidden"] < 0.499  # fc3 dense
+    assert achieved["random"] == pytest.approx(0.5, abs=1e-3)  # not the first method's choice
+
+
 def test_finetune_runs_on_each_pruned_copy_and_bad_metrics_are_refused() -> None:
     calls: list[tuple[float, int]] = []
 

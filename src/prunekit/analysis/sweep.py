@@ -4,7 +4,9 @@ For each seed ``k`` the user's ``build_and_train(k)`` gives a trained model. Its
 point is measured, then for each method and sparsity ``s`` a pruned copy
 (:func:`prunekit.prune` with the method's keyword arguments, ``seed=k``), optionally
 fine-tuned, is evaluated and profiled (masks baked, see :func:`prunekit.analysis.profile`).
-The random-pruning baseline ``{"criterion": "random"}`` is always included.
+The random-pruning baseline ``{"criterion": "random"}`` is always included; it prunes
+every layer some method prunes (``include_output`` / ``include_embeddings`` when any method
+sets them).
 
 Per point, over the prunable layers, with ``P`` params, ``Z`` nonzeros, ``M`` MACs,
 ``E`` effective MACs and ``t`` the measured latency:
@@ -203,10 +205,14 @@ def _check_methods(methods: Mapping[str, Mapping[str, object]]) -> dict[str, Met
             )
         settings = {k: v for k, v in kwargs.items() if k != "data"}
         checked[name] = Method(PruneSpec(**settings), kwargs.get("data"))
-    # the baseline covers the layers the methods prune (output layer, embeddings: as the first)
-    first = next(iter(checked.values()), Method(PruneSpec(), None)).spec
-    ends = dict(include_output=first.include_output, include_embeddings=first.include_embeddings)
-    return {**checked, RANDOM: Method(PruneSpec(criterion=RANDOM, **ends), None)}
+    return {**checked, RANDOM: Method(PruneSpec(criterion=RANDOM, **_ends(checked)), None)}
+
+
+def _ends(methods: Mapping[str, Method]) -> dict[str, bool]:
+    """The random baseline's include flags: each set when any method sets it, so the
+    baseline prunes every layer some method prunes, whatever the methods' order."""
+    return {flag: any(getattr(m.spec, flag) for m in methods.values())
+            for flag in ("include_output", "include_embeddings")}  # fmt: skip
 
 
 def _check_grid(sparsities: Sequence[float], seeds: Sequence[int]) -> tuple[float, ...]:
@@ -291,7 +297,8 @@ def sweep(
         evaluate: ``f(model) -> float``, higher is better (accuracy, minus loss...).
         methods: ``{name: pk.prune keyword arguments}`` (no ``sparsity`` / ``seed``), e.g.
             ``{"global": {"scope": "global"}, "l2-row": {"granularity": "row",
-            "criterion": "l2"}}``; the baseline ``"random"`` is added.
+            "criterion": "l2"}}``; the baseline ``"random"`` is added (the output layer /
+            embeddings included when any method includes them).
         sparsities: target sparsities in (0, 1); the dense point (0) is always measured.
         seeds: one trained model per seed; each pruning uses that seed too.
         example_inputs: the input the MACs and the latency are measured on.
