@@ -66,6 +66,7 @@ def _model(hidden: int = 384, vocab: int = VOCAB, layers: int = 8) -> torch.nn.M
     return transformers.AutoModelForCausalLM.from_config(config)
 
 
+@pytest.mark.slow  # a fresh process pruning a 98 MB Llama twice (~18 s); make test runs it
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
 def test_capped_out_of_core_prune_equals_in_memory(tmp_path: Path) -> None:
     src = tmp_path / "src"
