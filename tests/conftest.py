@@ -113,8 +113,9 @@ def killed_after_round(k: int = 1) -> Iterator[None]:
 
 
 def tiny_llama(blocks: int = 2, vocab: int = 64) -> nn.Module:
-    """A seeded Llama of hidden 32 (4 / 2 heads, MLP 64) built offline from its config."""
-    import transformers
+    """A seeded Llama of hidden 32 (4 / 2 heads, MLP 64) built offline from its config;
+    the calling test is skipped without transformers."""
+    transformers = pytest.importorskip("transformers")
 
     torch.manual_seed(0)
     config = transformers.LlamaConfig(

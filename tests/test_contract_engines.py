@@ -16,7 +16,7 @@ import math
 
 import pytest
 import torch
-from conftest import assert_unchanged, snapshot
+from conftest import assert_unchanged, snapshot, tiny_llama
 from structured_models import randomize_norms
 from torch import Tensor, nn
 
@@ -115,16 +115,6 @@ def test_shrink_refuses_a_criterion_that_does_not_score_channels(name: str) -> N
 
 VOCAB = 64
 IDS = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(2))
-
-
-def tiny_llama() -> nn.Module:
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2,
-    )  # fmt: skip
-    return transformers.LlamaForCausalLM(config)
 
 
 def _block_linears(model: nn.Module) -> dict[str, nn.Module]:
