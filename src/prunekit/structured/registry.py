@@ -33,10 +33,12 @@ def func_name(func: Callable[..., Any]) -> str:
 def register_rule(func: Callable[..., Any] | str, rule: FunctionRule) -> None:
     """Teach the tracer a torch function (or a function name, e.g. ``"my_op"``).
 
-    ``rule(state, func, args, kwargs, out)`` is called after ``func`` ran; it reads input
-    labels with ``state.label(t)``, couples channels with ``state.atoms.unite(a, b)``,
-    marks channels that must stay with ``state.atoms.block(ids)``, gives parameters
-    atoms with ``state.param_atoms(p, dim)`` and labels outputs with ``state.set``.
+    ``rule(state, func, args, kwargs, out)`` is called after the forward pass, in the
+    order the operations ran (so it should read shapes and labels, not values that a
+    later in-place operation may have changed); it reads input labels with
+    ``state.label(t)``, couples channels with ``state.atoms.unite(a, b)``, marks channels
+    that must stay with ``state.atoms.block(ids)``, gives parameters atoms with
+    ``state.param_atoms(p, dim)`` and labels outputs with ``state.set``.
     """
     _FUNCTION_RULES[func] = rule
 

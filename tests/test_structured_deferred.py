@@ -1,0 +1,108 @@
+"""The tracer records operations and replays their rules afterwards: the same graph as
+running each rule right after its operation, whatever the model does to its arguments."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from torch import nn
+
+import prunekit as pk
+from prunekit.errors import UntraceableError
+from prunekit.structured import build
+from prunekit.structured.graph import DependencyGraph
+from prunekit.zoo import build_model, example_input
+
+trace_module = importlib.import_module("prunekit.structured.trace")
+
+
+class DenseBlock(nn.Module):
+    """DenseNet's pattern: each layer reads ``torch.cat`` of a list it then appends to."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.layers = nn.ModuleList(nn.Conv2d(8 + 4 * i, 4, 3, padding=1) for i in range(3))
+        self.head = nn.Conv2d(20, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = [self.stem(x)]
+        for layer in self.layers:
+            features.append(torch.relu(layer(torch.cat(features, 1))))
+        return self.head(torch.cat(features, 1))
+
+
+class InPlace(nn.Module):
+    """In-place operations on activations, and an in-place reshape of a constant a rule
+    read before it: a gain per channel of ``a`` (so those channels stay) that becomes a
+    gain per row once squeezed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 6, 1), nn.Conv2d(6, 8, 1), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gain = torch.full((6, 1, 1), 2.0)
+        y = self.a(x).relu_() * gain
+        gain.squeeze_(-1)  # (6, 1): a gain per row, had it been read now
+        z = self.b(y).relu_()
+        z.add_(z * 0.5)
+        return self.c(z)
+
+
+def _structure(graph: DependencyGraph) -> list[tuple]:
+    return [
+        (f.name, len(f), [(r.name, r.dim, r.positions.tolist(), r.group.tolist()) for r in f.runs])
+        for f in graph.families
+    ]
+
+
+MODELS = {
+    "densenet-like": (DenseBlock, lambda: torch.randn(1, 3, 8, 8)),
+    "in-place": (InPlace, lambda: torch.randn(1, 3, 6, 6)),
+    **{name: (lambda n=name: build_model(n), lambda n=name: example_input(n)) for name in
+       ("resnet20", "mobilenetv2", "vit", "gpt")},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_replayed_rules_build_the_graph_rules_run_per_operation_build(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    factory, make_input = MODELS[name]
+    torch.manual_seed(0)
+    model, x = factory().eval(), make_input()
+    deferred = _structure(build(model, x))
+    monkeypatch.setattr(trace_module, "FLUSH_BYTES", -1)  # every rule right after its op
+    assert _structure(build(model, x)) == deferred
+    assert deferred  # something to compare: the models have removable families
+
+
+def test_a_list_appended_to_after_cat_is_read_as_it_was() -> None:
+    torch.manual_seed(0)
+    model, x = DenseBlock().eval(), torch.randn(1, 3, 8, 8)
+    before = model(x)
+    report = pk.shrink(model, x, ratio=0.5)
+    assert report.params_after < report.params_before
+    assert model.head.in_channels < 20
+    torch.testing.assert_close(model(x).shape, before.shape)
+
+
+def test_an_untraceable_in_place_reshape_is_named_and_the_model_kept() -> None:
+    class Reshaped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.a(x)
+            y.unsqueeze_(0)
+            return self.b(y.squeeze(0))
+
+    model, x = Reshaped().eval(), torch.randn(1, 3, 8, 8)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(UntraceableError, match="'unsqueeze_' in module '<model>'"):
+        pk.shrink(model, x, ratio=0.5)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
