@@ -161,6 +161,18 @@ def test_non_finite_weights_are_refused_up_front(value: float) -> None:
     assert model[0].out_features == 16
 
 
+def test_large_finite_weights_whose_sums_overflow_are_accepted() -> None:
+    """Finite values whose sum overflows (float16 near its max, beside float32 layers) are
+    settled element by element, not refused; a NaN among them still is."""
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    model[0].register_buffer("scale", torch.full((64,), 6e4, dtype=torch.float16))
+    pk.shrink(model, torch.randn(2, 8), ratio=0.5, verify=False)
+    assert model[0].out_features == 8
+    model[0].scale[5] = float("nan")
+    with pytest.raises(pk.InvalidWeightError, match=r"'0.scale'"):
+        pk.shrink(model, torch.randn(2, 8), ratio=0.5, verify=False)
+
+
 def test_non_finite_batchnorm_statistics_are_named() -> None:
     model = build_model("resnet20").eval()
     model.bn1.running_var[2] = float("inf")

@@ -71,7 +71,7 @@ _RESHAPED_IN_PLACE = frozenset(
         "resize_as_", "as_strided_", "set_",
     ) if hasattr(Tensor, n)
 )  # fmt: skip
-FLUSH_BYTES = 256 << 20  # outputs held by recorded operations before they are replayed
+FLUSH_BYTES = 64 << 20  # outputs held by recorded operations before they are replayed
 
 
 class Tracer(TorchFunctionMode):

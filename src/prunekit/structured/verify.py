@@ -55,9 +55,12 @@ SCALES = (1.0, 10.0)  # random inputs at 1x and 10x the example inputs' scale
 
 def require_finite(model: nn.Module) -> None:
     """Refuse a model holding NaN or inf in a parameter or buffer, naming the tensor."""
-    tensors = [*model.named_parameters(), *model.named_buffers()]
+    tensors = [(n, t) for n, t in (*model.named_parameters(), *model.named_buffers())
+               if t.is_floating_point() and not t.is_meta]  # fmt: skip
+    if _all_finite([t for _, t in tensors]):
+        return
     for name, t in tensors:
-        if not t.is_floating_point() or t.is_meta or _all_finite(t):
+        if _all_finite([t]):
             continue
         values = sorted({str(v) for v in t[~torch.isfinite(t)].tolist()})
         layer = name.rpartition(".")[0] or "<model>"
@@ -68,11 +71,17 @@ def require_finite(model: nn.Module) -> None:
         )
 
 
-def _all_finite(t: Tensor) -> bool:
-    """Whether every value of ``t`` is finite, in one reduction: a NaN or inf makes the
-    sum NaN or inf, so a finite sum proves them all finite; a non-finite one (or an
+def _all_finite(found: Sequence[Tensor]) -> bool:
+    """Whether every value of every tensor is finite, from their sums: a NaN or inf makes
+    a sum NaN or inf, so finite sums prove them all finite (the sums of each dtype and
+    device checked at once: one result read, not one per tensor); a non-finite sum (or an
     overflow of large finite values) is settled element by element."""
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+    sums: dict[tuple, list[Tensor]] = {}
+    for t in found:
+        sums.setdefault((t.dtype, t.device), []).append(t.sum())
+    if all(bool(torch.isfinite(torch.stack(s)).all()) for s in sums.values()):
+        return True
+    return all(bool(torch.isfinite(t).all()) for t in found)
 
 
 def outputs(model: nn.Module, inputs: Inputs) -> list[Tensor]:
