@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import socket
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,10 +11,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _entry(rank: int, fn: Callable[[int, Path], None], port: int, out: str, world: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _entry(rank: int, fn: Callable[[int, Path], None], store: str, out: str, world: int) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a file store: no rank hosts it, so none can take it down while a peer still tears
+    # down its process group (with a TCP store on rank 0 that aborted rank 1 at times)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         fn(rank, Path(out))
         # gloo: a rank that leaves while a peer still receives its last broadcast aborts it.
@@ -28,7 +28,6 @@ def run_ranks(fn: Callable[[int, Path], None], out: Path, world: int = 2) -> Non
     """``fn(rank, out)`` in ``world`` spawned processes of one gloo process group; an
     exception (a failed assertion) on any rank fails the caller. ``fn`` must be a
     module-level function, so that the spawned processes can import it."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_entry, args=(fn, port, str(out), world), nprocs=world, join=True)
+    with tempfile.TemporaryDirectory() as folder:
+        store = str(Path(folder) / "store")
+        mp.spawn(_entry, args=(fn, store, str(out), world), nprocs=world, join=True)
