@@ -151,13 +151,15 @@ def _two_convs(bias: bool) -> nn.Module:
     )  # fmt: skip
 
 
+@pytest.mark.parametrize("verify", [True, False])
 @pytest.mark.parametrize("bias", [True, False])
-def test_masked_groups_that_still_emit_a_bias_are_reported(bias: bool) -> None:
+def test_masked_groups_that_still_emit_a_bias_are_reported(bias: bool, verify: bool) -> None:
     model, x = _two_convs(bias), torch.randn(2, 3, 10, 10)
     pk.prune(model, 0.5, granularity="filter", criterion="l2")
     with torch.no_grad():
         before = model(x)
-    report = pk.shrink(model, x)
+    report = pk.shrink(model, x, verify=verify)
+    assert report.macs_after == pk.cost.count_macs(model, x) < report.macs_before
     with torch.no_grad():
         moved = (model(x) - before).abs().max().item()
     assert report.summary.startswith("removed the 8 masked groups")
@@ -166,3 +168,16 @@ def test_masked_groups_that_still_emit_a_bias_are_reported(bias: bool) -> None:
         assert moved > 1e-3 and len(notes) == 1 and "differs from your masked model" in notes[0]
     else:  # nothing else came out of those channels: the same function, no note
         assert moved < 1e-5 and not notes
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_removing_masked_groups_runs_the_caller_model_no_more_than_needed(verify: bool) -> None:
+    """One pass of the shrunk model (the trace runs a baked copy): verify's check gives the
+    outputs the departure note compares and the MACs after; without verify one counted
+    pass does (it was two passes either way)."""
+    model, x = _two_convs(True), torch.randn(2, 3, 10, 10)
+    pk.prune(model, 0.5, granularity="filter", criterion="l2")
+    calls = []
+    model.register_forward_pre_hook(lambda m, args: calls.append(m) if m is model else None)
+    pk.shrink(model, x, verify=verify)
+    assert len(calls) == 1

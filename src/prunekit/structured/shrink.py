@@ -64,6 +64,7 @@ from prunekit.structured.verify import (
     Check,
     Probe,
     check,
+    counted_outputs,
     departed,
     probes,
     refilled,
@@ -288,7 +289,12 @@ def shrink(
     elif result is not None and result.note:
         notes.append(result.note)
     if ratio is None:  # exactly the masked groups: does it still compute the caller's model?
-        notes += departed(graph.trace.outputs, model, example_inputs)
+        after, macs_after = (
+            (result.outputs, macs_after)
+            if result is not None
+            else counted_outputs(model, example_inputs)
+        )
+        notes += departed(graph.trace.outputs, after, example_inputs)
     return ShrinkReport(
         params_before,
         sum(p.numel() for p in model.parameters()),

@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -126,13 +126,19 @@ def _probe(ref: list[Tensor], expected: list[Tensor], inputs: Inputs, what: str)
     return Probe(inputs, expected, scale, sens, what)
 
 
-def departed(before: list[Tensor], model: nn.Module, inputs: Inputs) -> list[str]:
-    """A note when the shrunk ``model`` no longer computes the caller's own (masked) model,
-    whose eval outputs on ``inputs`` were ``before``: removing all-zero weight groups also
-    drops what those channels still emitted (a bias or a BatchNorm shift), which the
-    group-masked model verify compares with has zeroed too. Empty when they agree to
-    :func:`tolerance` of the outputs' scale ``max |y|``."""
-    after = outputs(model, inputs)
+def counted_outputs(model: nn.Module, inputs: Inputs) -> tuple[list[Tensor], int]:
+    """:func:`outputs`, and the MACs of that forward pass (as ``count_macs`` counts)."""
+    with counting() as counter:
+        found = outputs(model, inputs)
+    return found, counter.macs
+
+
+def departed(before: list[Tensor], after: list[Tensor], inputs: Inputs) -> list[str]:
+    """A note when the shrunk model, whose eval outputs on ``inputs`` are ``after``, no
+    longer computes the caller's own (masked) model, whose outputs were ``before``:
+    removing all-zero weight groups also drops what those channels still emitted (a bias
+    or a BatchNorm shift), which the group-masked model verify compares with has zeroed
+    too. Empty when they agree to :func:`tolerance` of the outputs' scale ``max |y|``."""
     if not before or [t.shape for t in before] != [t.shape for t in after]:
         return []
     found = _probe(before, after, inputs, "your model")
@@ -295,6 +301,7 @@ class Check:
     sensitivity: float
     note: str
     macs: int | None = None  # of the shrunk model on the example inputs (count_macs' count)
+    outputs: list[Tensor] = field(default_factory=list)  # the shrunk model's, on them
 
 
 def _train_mode_problem(model: nn.Module, inputs: Inputs) -> str:
@@ -318,12 +325,14 @@ def check(
     The forward pass on the example inputs (the first probe) is counted as
     :func:`prunekit.cost.count_macs` counts (:attr:`Check.macs`)."""
     problem = _train_mode_problem(model, found[0].inputs) if train else ""
-    deviation, counter = 0.0, None
+    deviation, first, macs = 0.0, [], None
     for probe in found if not problem else ():
         try:
-            with counting() if counter is None else nullcontext() as counting_now:
+            if macs is None:
+                actual, macs = counted_outputs(model, probe.inputs)
+                first = actual
+            else:
                 actual = outputs(model, probe.inputs)
-            counter = counter or counting_now
         except Exception as exc:  # any failure of the shrunk model is reported
             problem = f"the shrunk model does not run ({type(exc).__name__}: {exc})"
             break
@@ -342,8 +351,7 @@ def check(
     if problem:
         raise ShrinkVerificationError(problem)
     note = _weak_note(found) if exact else ""
-    macs = None if counter is None else counter.macs
-    return Check(deviation, max(p.sensitivity for p in found), note, macs)
+    return Check(deviation, max(p.sensitivity for p in found), note, macs, first)
 
 
 def _weak_note(found: Sequence[Probe]) -> str:
