@@ -17,10 +17,14 @@ import prunekit as pk
 from prunekit.errors import PruningError
 from prunekit.structured import latency_measure as lm
 from prunekit.structured.latency import LatencyTargetError, latency_plan, shrink_to_latency
+from prunekit.structured.latency_alloc import Allocation, Family, allocate
+from prunekit.structured.latency_check import TOLERANCE, TURNS, Checked, corrected, next_goal
 from prunekit.structured.latency_model import (
     Axis,
     Curve,
     LayerCost,
+    ModelCost,
+    floor_share,
     isotonic,
     learn_step,
     probe_widths,
@@ -56,6 +60,9 @@ class TableMeter:
     def model(self, model: nn.Module, inputs: object) -> float:
         return 0.0  # the rest of the model costs nothing here
 
+    def now(self, specs: list[lm.LayerSpec]) -> float:
+        return sum(self.seconds(spec, "out", spec.out_ch) for spec in specs)
+
 
 def _cnn() -> nn.Module:
     torch.manual_seed(0)
@@ -71,9 +78,9 @@ def _cnn() -> nn.Module:
 X = torch.randn(1, 3, 8, 8)
 
 
-def _truth(model: nn.Module) -> float:
+def _truth(model: nn.Module, inputs: torch.Tensor = X) -> float:
     """What the fake device says the shrunk model's timed layers cost, plus its rest."""
-    shapes = lm.timed_layers(model, X, [n for n, _ in model.named_modules()])
+    shapes = lm.timed_layers(model, inputs, [n for n, _ in model.named_modules()])
     modules = dict(model.named_modules())
     total = 0.0
     for name, shape in shapes.items():
@@ -172,6 +179,8 @@ def test_unreachable_target_leaves_the_model_unchanged():
         ({"speedup": 2.0, "device": "nonsense"}, "device"),
         ({"speedup": 2.0, "criterion": "nope"}, "nope"),
         ({"speedup": 2.0, "fold_bn": "yes"}, "fold_bn"),
+        ({"speedup": 2.0, "calibrate": -1}, "calibrate"),
+        ({"speedup": 2.0, "macs_weight": 1.5}, "macs_weight"),
     ],
 )
 def test_bad_arguments_are_refused_before_anything_runs(kwargs, match):
@@ -230,3 +239,132 @@ def test_inputs_are_grown_to_the_timed_batch_size():
     grown = lm.batched({"input_ids": ids, "flag": True}, 3)
     assert grown["input_ids"].tolist() == [[1, 2], [3, 4], [1, 2]] and grown["flag"] is True
     assert [t.shape[0] for t in lm.batched((x, torch.zeros(7)), 4)] == [4, 7]
+
+
+class FixedCostMeter(TableMeter):
+    """A fake device whose whole model also pays a fixed cost per call (dispatch,
+    activations of unchanged width) that the layer model takes for elementwise work
+    shrinking with the layers' outputs: its predictions are off."""
+
+    FIXED = 1e-3
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.models = 0
+
+    def model(self, model: nn.Module, inputs: object) -> float:
+        self.models += 1
+        assert isinstance(inputs, torch.Tensor)
+        return _truth(model, inputs) + self.FIXED
+
+
+def _true_speedup(model: nn.Module, ratios: dict[str, float]) -> float:
+    shrunk = copy.deepcopy(model)
+    pk.shrink(shrunk, X, ratio=ratios)
+    return (_truth(model) + FixedCostMeter.FIXED) / (_truth(shrunk) + FixedCostMeter.FIXED)
+
+
+def test_the_check_corrects_an_over_promising_layer_model():
+    model = _cnn()
+    before = snapshot(model)
+    blind = latency_plan(model, X, speedup=1.6, meter=FixedCostMeter(), calibrate=0, round_to=1)
+    assert blind.measured_speedup is None
+    blind_miss = abs(_true_speedup(model, blind.ratios) / 1.6 - 1)
+    assert blind_miss > TOLERANCE  # the layer model alone misjudges the fixed cost
+    meter = FixedCostMeter()
+    plan = latency_plan(model, X, speedup=1.6, meter=meter, calibrate=3, round_to=1)
+    assert_unchanged(model, before)  # checked on copies
+    assert meter.models >= 2 * TURNS  # dense and shrunk, in turns
+    assert plan.measured_speedup == pytest.approx(_true_speedup(model, plan.ratios), rel=1e-9)
+    assert plan.speedup == pytest.approx(plan.measured_speedup, rel=1e-9)
+    assert abs(plan.measured_speedup / 1.6 - 1) <= TOLERANCE < blind_miss
+    assert "checked on cpu" in plan.notes[-1]
+
+
+def test_next_goal_follows_the_line_through_the_last_two_checks():
+    a = Allocation({}, 0.0, 0.0, True)
+    one = [Checked(a, 0.6, 0.7)]
+    assert next_goal(one, 0.5) == pytest.approx(0.5 * 0.6 / 0.7)
+    two = [*one, Checked(a, 0.5, 0.65)]  # measured moves half as fast as predicted
+    assert next_goal(two, 0.5) == pytest.approx(0.2)
+
+
+def test_corrected_goal_and_the_best_check():
+    """The allocator's goal is corrected by measured / predicted until a check is within
+    tolerance; the closest check is returned last."""
+    goals: list[float] = []
+
+    def allocate_to(goal: float) -> Allocation:
+        goals.append(goal)
+        return Allocation({}, goal, 0.0, True)
+
+    def check(alloc: Allocation) -> float:
+        return 1.25 * alloc.latency  # the device is 25% slower than predicted
+
+    first = allocate_to(0.5)
+    alloc, checks = corrected(first, allocate_to, check, 1.0, 0.5, rounds=3)
+    assert goals == [0.5, pytest.approx(0.4)]  # 0.5 x 0.5 / 0.625
+    assert [c.measured for c in checks] == [pytest.approx(0.625), pytest.approx(0.5)]
+    assert alloc.latency == pytest.approx(0.4)
+    assert corrected(first, None, check, 1.0, 0.5, rounds=3)[1][-1].measured == 0.625
+    assert corrected(first, allocate_to, lambda a: None, 1.0, 0.5, rounds=3) == (first, [])
+
+
+def test_floor_is_counted_once_for_a_layer_shrinking_on_two_axes():
+    # each axis: 2 us at width 0, 1 us per 8 channels; both halved: 2 + 8 / 4 = 4 us
+    curve = Curve.fit({8: 3e-6, 16: 4e-6, 32: 6e-6, 64: 10e-6})
+    assert curve.intercept() == pytest.approx(2e-6)
+    axes = {a: Axis(64, curve, ((a, tuple(range(65))),)) for a in ("in", "out")}
+    floor = floor_share(list(axes.values()))
+    assert floor == pytest.approx(0.2)
+    layer = LayerCost("conv", 10e-6, 1000, axes, floor=floor)
+    assert layer.latency({"in": 32, "out": 32}) == pytest.approx(4e-6)
+    assert layer.latency({"in": 64, "out": 32}) == pytest.approx(6e-6)  # one axis: its curve
+    assert floor_share([axes["in"]]) == 0.0
+
+
+def _two_layer_cost() -> tuple[ModelCost, dict[str, Family]]:
+    """Family "cheap" on a layer with many MACs and little latency, "costly" on one with
+    few MACs and much latency; "cheap" loses less importance per group."""
+    line = Curve.fit({16: 1.6e-6, 32: 3.2e-6, 64: 6.4e-6})
+    layers = tuple(
+        LayerCost(name, seconds, macs, {"out": Axis(64, line, ((name, tuple(range(65))),))})
+        for name, seconds, macs in (("cheap", 1e-6, 10**6), ("costly", 1e-5, 10**4))
+    )
+    lost = {"cheap": 0.01, "costly": 1.0}
+    families = {n: Family(64, 8, tuple(v * i for i in range(65))) for n, v in lost.items()}
+    return ModelCost(layers, 0.0, 0), families
+
+
+@pytest.mark.parametrize(("weight", "cut"), [(0.0, "cheap"), (1.0, "costly")])
+def test_macs_weight_steers_the_allocator_away_from_compute_heavy_cuts(weight, cut):
+    cost, families = _two_layer_cost()
+    t0 = cost.latency({"cheap": 64, "costly": 64})
+    alloc = allocate(cost, families, lambda t, m: t <= 0.99 * t0, 0.8, weight)
+    assert alloc.reached
+    assert alloc.kept[cut] < 64 and alloc.kept[({"cheap", "costly"} - {cut}).pop()] == 64
+
+
+def test_cached_points_follow_the_machine_speed(tmp_path, monkeypatch):
+    spec, now = _spec(), {"factor": 1.0}
+    monkeypatch.setattr(lm, "seconds", lambda fn, *a, **k: now["factor"] * 1e-3)
+    lm.MeasuredLatency(cache_dir=tmp_path).layer(spec, "out", [4, 8])
+    now["factor"] = 1.5  # the machine is slower now: cached points scale with it
+    assert lm.MeasuredLatency(cache_dir=tmp_path).layer(spec, "out", [4]) == {4: 1.5e-3}
+    now["factor"] = 5.0  # too far off: a stall when cached, timed again and rewritten
+    assert lm.MeasuredLatency(cache_dir=tmp_path).layer(spec, "out", [4]) == {4: 5e-3}
+    now["factor"] = 1.0
+    data = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert dict(data["points"]) == {"4": 5e-3} or dict(data["points"]) == {4: 5e-3}
+
+
+def test_seconds_counts_the_fastest_short_block(monkeypatch):
+    """A stall (the first calls, 50 ms each) inflates the blocks it hits, not the result."""
+    clock = {"t": 0.0, "calls": 0}
+
+    def fn() -> None:
+        clock["calls"] += 1
+        clock["t"] += 0.05 if clock["calls"] <= 3 else 1e-4
+
+    monkeypatch.setattr(lm.time, "perf_counter", lambda: clock["t"])
+    assert lm.seconds(fn, 0.02) == pytest.approx(1e-4)

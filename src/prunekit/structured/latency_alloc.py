@@ -1,19 +1,24 @@
 """The allocator of :func:`~prunekit.structured.latency.latency_plan` (pure: no timing).
 
-Greedy on importance lost per latency saved. Every family starts whole; a *move* removes
-one block of ``step`` groups (its ``round_to``; the first move of a family whose size is
-not a multiple of ``step`` drops it to the multiple below) and costs
+Greedy on what a move loses per latency saved. Every family starts whole; a *move*
+removes one block of ``step`` groups (its ``round_to``; the first move of a family whose
+size is not a multiple of ``step`` drops it to the multiple below) and costs
 
-    lost    = sum of the removed groups' normalised scores (the least important first)
+    lost    = (1 - w) * I / I_total + w * dm / M
     saved   = dt / T + 1e-3 * dm / M
 
-with ``dt``, ``dm`` the latency and MACs the move saves (:class:`ModelCost`) and ``T``,
-``M`` the dense model's. The move with the smallest ``lost / saved`` is taken until the
-target is reached (predicted latency or MACs at most the target); the small MACs term
-only breaks ties where the measured latency does not move. A move that saves nothing is
-never taken, and no family loses more than ``max_ratio`` of its groups. Moves are kept
-in a heap; after a move only the candidates of families sharing a layer with the moved
-one are recomputed (stale entries are skipped by version).
+with ``I`` the sum of the removed groups' normalised scores (the least important first),
+``I_total`` all families' sum, ``dt``, ``dm`` the latency and MACs the move saves
+(:class:`ModelCost`), ``T``, ``M`` the dense model's and ``w`` the ``macs_weight``: with
+``w > 0`` a move that removes much compute for little latency (a wide layer at a small
+resolution, where per-call overheads dominate at batch 1) counts as the capacity it
+takes away, so a latency target is reached with fewer MACs removed. The move with the
+smallest ``lost / saved`` is taken until the target is reached (predicted latency or
+MACs at most the target); the small MACs term of ``saved`` only breaks ties where the
+measured latency does not move. A move that saves nothing is never taken, and no family
+loses more than ``max_ratio`` of its groups. Moves are kept in a heap; after a move only
+the candidates of families sharing a layer with the moved one are recomputed (stale
+entries are skipped by version).
 """
 
 from __future__ import annotations
@@ -51,8 +56,12 @@ def _next(kept: int, fam: Family, max_ratio: float) -> int | None:
 
 
 class _Greedy:
-    def __init__(self, cost: ModelCost, families: Mapping[str, Family], max_ratio: float):
+    def __init__(
+        self, cost: ModelCost, families: Mapping[str, Family], max_ratio: float, macs_weight: float
+    ) -> None:
         self.cost, self.families, self.max_ratio = cost, families, max_ratio
+        self.macs_weight = macs_weight
+        self.importance = max(sum(f.lost[-1] for f in families.values()), 1e-30)
         self.kept = {name: f.total for name, f in families.items()}
         self.layers: dict[str, list[LayerCost]] = cost.of_family()
         self.t0, self.m0 = cost.latency(self.kept), cost.macs(self.kept)
@@ -76,7 +85,9 @@ class _Greedy:
         saved = max(dt, 0.0) / self.t0 + 1e-3 * max(dm, 0.0) / max(self.m0, 1.0)
         if saved <= 0:
             return
-        lost = fam.lost[fam.total - nxt] - fam.lost[fam.total - kept]
+        share = (fam.lost[fam.total - nxt] - fam.lost[fam.total - kept]) / self.importance
+        w = self.macs_weight
+        lost = (1.0 - w) * share + w * max(dm, 0.0) / max(self.m0, 1.0)
         entry = (lost / saved, self.version[name], name, nxt, dt, dm)
         heapq.heappush(self.heap, entry)
 
@@ -90,10 +101,11 @@ def allocate(
     families: Mapping[str, Family],
     done: Callable[[float, float], bool],
     max_ratio: float = 0.8,
+    macs_weight: float = 0.0,
 ) -> Allocation:
     """Greedy allocation (module docstring) until ``done(latency, macs)`` holds; the
     result says whether it did (``reached``) or every family ran out of moves."""
-    g = _Greedy(cost, families, max_ratio)
+    g = _Greedy(cost, families, max_ratio, macs_weight)
     latency, macs = g.t0, g.m0
     for name in families:
         g.push(name)

@@ -19,6 +19,7 @@ from prunekit.inputs import Inputs
 from prunekit.structured.fold import fold_batchnorm
 from prunekit.structured.graph import DependencyGraph, owner
 from prunekit.structured.latency_alloc import Family
+from prunekit.structured.latency_check import TURNS, turn_ratio
 from prunekit.structured.latency_measure import (
     TIMED,
     LatencyMeter,
@@ -33,6 +34,7 @@ from prunekit.structured.latency_model import (
     LayerCost,
     ModelCost,
     cumulative,
+    floor_share,
     grid,
     learn_step,
     probe_base,
@@ -90,14 +92,31 @@ def model_cost(
             curve = Curve.fit(meter.layer(spec, axis, grid(size_a)))
             fitted[axis] = Axis(size_a, curve, tuple(fams))
         full = next(iter(fitted.values())).curve(next(iter(fitted.values())).size)
-        layers.append(LayerCost(name, full, per_module.get(modules[name], 0), fitted))
+        floor = floor_share(list(fitted.values()))
+        macs = per_module.get(modules[name], 0)
+        layers.append(LayerCost(name, full, macs, fitted, floor=floor))
     timed = sum(layer.seconds for layer in layers)
-    rest = max(0.0, meter.model(_as_deployed(model, big, fold_bn), big) - timed)
+    rest = _rest(meter, as_deployed(model, big, fold_bn), big, list(specs.values()), timed)
     rest_macs = total_macs - sum(layer.macs for layer in layers)
     return ModelCost(_shared(layers, specs, rest), 0.0 if layers else rest, rest_macs), specs
 
 
-def _as_deployed(model: nn.Module, inputs: Inputs, fold_bn: bool) -> nn.Module:
+def _rest(
+    meter: LatencyMeter, deployed: nn.Module, inputs: Inputs, specs: list[LayerSpec],
+    timed: float,
+) -> float:  # fmt: skip
+    """The seconds the model spends outside its timed layers, on the scale of their
+    curves (which sum to ``timed``): ``rest = timed x (whole / layers - 1)``, the ratio
+    of the whole model to its layers at full width timed now in interleaved turns
+    (:func:`~prunekit.structured.latency_check.turn_ratio`). Timed minutes apart, a CPU
+    whose speed drifts 1.7x made the rest anything from 0 to 10 times the layers."""
+    ratio = turn_ratio(lambda: meter.model(deployed, inputs), lambda: meter.now(specs))
+    if ratio is None:  # a meter that does not time layers now
+        return max(0.0, min(meter.model(deployed, inputs) for _ in range(TURNS)) - timed)
+    return max(0.0, ratio - 1.0) * timed
+
+
+def as_deployed(model: nn.Module, inputs: Inputs, fold_bn: bool) -> nn.Module:
     """``model``, or with ``fold_bn`` an eval-mode copy with its BatchNorms folded."""
     if not fold_bn:
         return model

@@ -3,14 +3,20 @@
 A layer is timed **in isolation** at the input shape it sees in the model (captured by
 forward hooks during one pass), with random weights of the width being measured: the
 functional ``conv{1,2,3}d`` / ``linear`` call the module makes, in
-``torch.inference_mode``, with ``torch.utils.benchmark`` (``blocked_autorange``; one
-warm-up call; the fastest block, which co-tenant interference inflates least).
+``torch.inference_mode``, by :func:`seconds` (one warm-up call; the fastest of at least
+five ~1 ms blocks, which co-tenant interference inflates least), twice, the faster of the
+two passes over the widths counting (a stall of the machine rarely hits both).
 
 Measurements are cached on disk, one JSON file per (device, torch version, threads,
 layer signature, axis) under ``$XDG_CACHE_HOME/prunekit/latency`` (default
 ``~/.cache/prunekit/latency``), written atomically (:func:`prunekit.fsio.atomic_write`).
-A cache file that does not parse or holds something else than its key and positive
-timings is refused (:class:`LatencyCacheError`), never silently used.
+Cached points are scaled to the machine's present speed: the layer's full width is timed
+again once per :class:`MeasuredLatency` and its cached curve scaled by now / then (a
+shared CPU's speed drifts by 1.5x over minutes, which would otherwise skew the cached
+layers against the whole model, timed now); a curve more than ``DRIFT`` times off is
+timed again and rewritten. A cache file that does not parse or holds
+something else than its key and positive timings is refused
+(:class:`LatencyCacheError`), never silently used.
 """
 
 from __future__ import annotations
@@ -18,8 +24,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import platform
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,7 +43,15 @@ from prunekit.inputs import Inputs, batch_size, call, eval_mode
 
 TIMED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _CONV = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+"""2: timed in blocks of about 1 ms (:func:`seconds`); version 1's single long blocks are
+not read."""
+BLOCK_S = 1e-3
+"""The length of one timed block of calls."""
+BLOCKS = 5
+"""Blocks :func:`seconds` times at least (the fastest counts)."""
+DRIFT = 2.0
+"""Cached points more than this factor off the layer's present speed are timed again."""
 
 
 @dataclass(frozen=True)
@@ -138,14 +154,35 @@ def batched(inputs: Inputs, size: int) -> Inputs:
     return type(inputs)(grow(v) for v in inputs)
 
 
-def seconds(fn: Callable[[], Any], min_run_time: float) -> float:
-    """The fastest block's seconds per call of ``fn`` (``blocked_autorange``)."""
-    from torch.utils import benchmark  # imported here: it pulls in setuptools (~0.3 s)
+def seconds(fn: Callable[[], Any], min_run_time: float, blocks: int = BLOCKS) -> float:
+    """The fastest block's seconds per call of ``fn``: after one warm-up call, blocks of
+    as many calls as take :data:`BLOCK_S` (one call where a call takes longer), until
+    ``min_run_time`` has passed and at least ``blocks`` blocks ran. (Not
+    ``torch.utils.benchmark``'s ``blocked_autorange``: it sizes blocks so the timer's
+    overhead is 1e-4 of them, which for a 0.3 ms convolution is one block of 100 calls
+    over ``min_run_time=0.02``: its "fastest block" is then a mean that a stall of the
+    machine inflates, once cached 100-fold.)"""
+    sync = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)
+
+    def block(number: int) -> float:
+        start = time.perf_counter()
+        for _ in range(number):
+            fn()
+        sync()
+        return (time.perf_counter() - start) / number
 
     with torch.inference_mode():
         fn()
-        timer = benchmark.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-        return min(timer.blocked_autorange(min_run_time=min_run_time).times)
+        sync()
+        number, per_call = 1, block(1)
+        while per_call * number < BLOCK_S:
+            number = max(number * 2, math.ceil(BLOCK_S / max(per_call, 1e-9)))
+            per_call = block(number)
+        times, spent = [per_call], per_call * number
+        while spent < min_run_time or len(times) < blocks:
+            times.append(block(number))
+            spent += times[-1] * number
+        return min(times)
 
 
 class LatencyMeter(Protocol):
@@ -156,6 +193,10 @@ class LatencyMeter(Protocol):
 
     def model(self, model: nn.Module, inputs: Inputs) -> float:
         """Seconds of one call of the whole ``model`` on ``inputs``."""
+
+    def now(self, specs: list[LayerSpec]) -> float:
+        """Seconds of the ``specs`` layers at full width, one call each, timed now (never
+        cached: compared with :meth:`model` timed at the same moment)."""
 
 
 def device_name(device: torch.device) -> str:
@@ -190,6 +231,7 @@ class MeasuredLatency:
     ) -> None:  # fmt: skip
         self.device, self.min_run_time = torch.device(device), min_run_time
         self.dir = (Path(cache_dir) if cache_dir is not None else cache_root()) if cache else None
+        self._drifts: dict[str, float] = {}
 
     def key(self, spec: LayerSpec, axis: str) -> dict[str, Any]:
         return {"version": CACHE_VERSION, "device": device_name(self.device),
@@ -206,16 +248,45 @@ class MeasuredLatency:
         key = self.key(spec, axis)
         path = self.path(key)
         points = read_cache(path, key) if path is not None else {}
+        scale = self._drift(spec, axis, points)
+        if scale is None:  # the cache is far off the present: timed again, rewritten
+            points, scale = {}, 1.0
         missing = [w for w in widths if w not in points]
-        for w in missing:
-            points[w] = seconds(runner(spec, axis, w, self.device), self.min_run_time)
+        for w in missing + missing:  # two passes, the faster counts: a stall hits one
+            points[w] = min(points.get(w, math.inf), self._now(spec, axis, w))
         if missing and path is not None:
             write_cache(path, key, points)
-        return {w: points[w] for w in widths}
+        return {w: points[w] * scale for w in widths}
+
+    def _drift(self, spec: LayerSpec, axis: str, points: dict[int, float]) -> float | None:
+        """Now / then of the layer's full width (timed again once per layer and axis for
+        this meter; 1.0 where it was never cached): the machine's speed drifts while the
+        whole model is timed now, so cached points are scaled to the present. None (the
+        cache is timed again) where they are more than :data:`DRIFT` times apart: a stall
+        while the cache was written."""
+        full = spec.in_ch if axis == "in" else spec.out_ch
+        name = spec.signature() + axis
+        if name in self._drifts:
+            return self._drifts[name]
+        ratio = self._now(spec, axis, full) / points[full] if full in points else 1.0
+        far = not 1.0 / DRIFT <= ratio <= DRIFT
+        self._drifts[name] = 1.0 if far else ratio
+        return None if far else ratio
+
+    def _now(self, spec: LayerSpec, axis: str, width: int) -> float:
+        return seconds(runner(spec, axis, width, self.device), self.min_run_time)
+
+    def now(self, specs: list[LayerSpec]) -> float:
+        return sum(
+            seconds(runner(spec, "out", spec.out_ch, self.device), self.min_run_time / 4, 2)
+            for spec in specs
+        )
 
     def model(self, model: nn.Module, inputs: Inputs) -> float:
+        """The fastest block over 5 ``min_run_time`` (one call at least) of the whole
+        model; its callers compare it in turns."""
         with eval_mode(model):
-            return seconds(lambda: call(model, inputs), 5 * self.min_run_time)
+            return seconds(lambda: call(model, inputs), 5 * self.min_run_time, blocks=1)
 
 
 def read_cache(path: Path, key: dict[str, Any]) -> dict[int, float]:
