@@ -94,7 +94,8 @@ def _target(dense: nn.Module, x1: torch.Tensor, batch: int, speedup: float) -> d
         model, x1, speedup=speedup, batch_size=batch, fold_bn=True, verify=False
     )
     return {"model": model, "seconds": time.perf_counter() - start, "target": speedup,
-            "predicted": plan.speedup, "round_to": sorted(set(plan.round_to.values()))}  # fmt: skip
+            "predicted": plan.speedup, "round_to": sorted(set(plan.round_to.values())),
+            "notes": plan.notes}  # fmt: skip
 
 
 def variants(
