@@ -200,7 +200,7 @@ def _cell(row: dict) -> str:
     if "target" in row:
         text += f", target {row['target']:.2f}x"
     if "predicted" in row:
-        text += f", predicted {row['predicted']:.2f}x"
+        text += f", plan {row['predicted']:.2f}x"
     return f"{text}, not flagged" if sp["reliable"] else text
 
 
@@ -219,8 +219,8 @@ def write(results: Path) -> None:
         "(`pk.analysis.speedup`, 5 turns at batch 1, 3 at batch 32), then the speed-up, the "
         "MACs reduction, the speed-up target (variant 'speed-up target': "
         "`shrink_to_latency(speedup=T)`, T = 1.3 for MobileNetV2 and 1.5 for the others at "
-        "batch 1, 2.0 at batch 32), the plan's own prediction (for a speed-up target: what "
-        "its check measured on a shrunk copy) and the load average while timing. "
+        "batch 1, 2.0 at batch 32), the plan's own figure (what its check measured on a shrunk "
+        "copy, interleaved with the dense model) and the load average while timing. "
         "Models initialised by `pk.zoo.torchvision_init`. "
         "BatchNorm folded in every model (`fold_batchnorm`); CPU "
         f"({_cpu()}), torch {found[0]['torch'] if found else ''}, random weights, "
