@@ -368,3 +368,26 @@ def test_seconds_counts_the_fastest_short_block(monkeypatch):
 
     monkeypatch.setattr(lm.time, "perf_counter", lambda: clock["t"])
     assert lm.seconds(fn, 0.02) == pytest.approx(1e-4)
+
+
+class DepthwiseBlockMeter(TableMeter):
+    """The fake table, but depthwise convolutions work on blocks of 16 channels (half as
+    slow as the layer before them here, not the slowest)."""
+
+    @staticmethod
+    def seconds(spec: lm.LayerSpec, axis: str, w: int) -> float:
+        if not spec.depthwise:
+            return TableMeter.seconds(spec, axis, w)
+        rows = math.prod(spec.input_shape[2:]) * math.prod(spec.kernel)
+        return 0.5e-9 * (-(-w // 16) * 16) * rows
+
+
+def test_round_to_is_the_largest_block_of_a_familys_layers():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 64, 1), nn.ReLU(),
+        nn.Conv2d(64, 64, 3, padding=1, groups=64), nn.ReLU(),
+        nn.Conv2d(64, 16, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+    ).eval()  # fmt: skip
+    plan = latency_plan(model, X, speedup=1.2, meter=DepthwiseBlockMeter(), calibrate=0)
+    assert plan.round_to["0"] == 16  # the depthwise layer's block, not the 1x1's 8
