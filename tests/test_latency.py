@@ -281,12 +281,15 @@ def test_the_check_corrects_an_over_promising_layer_model():
     assert "checked on cpu" in plan.notes[-1]
 
 
-def test_next_goal_follows_the_line_through_the_last_two_checks():
+def test_next_goal_follows_the_line_through_two_checks():
     a = Allocation({}, 0.0, 0.0, True)
     one = [Checked(a, 0.6, 0.7)]
     assert next_goal(one, 0.5) == pytest.approx(0.5 * 0.6 / 0.7)
     two = [*one, Checked(a, 0.5, 0.65)]  # measured moves half as fast as predicted
     assert next_goal(two, 0.5) == pytest.approx(0.2)
+    # bracketing checks (0.6 above, 0.4 below the wanted 0.5) win over the last two
+    three = [Checked(a, 0.5, 0.6), Checked(a, 0.3, 0.4), Checked(a, 0.2, 0.3)]
+    assert next_goal(three, 0.5) == pytest.approx(0.4)
 
 
 def test_corrected_goal_and_the_best_check():

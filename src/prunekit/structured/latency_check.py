@@ -10,9 +10,10 @@ the plan is **checked**: the model is shrunk on a copy with the plan's ratios (B
 folded with ``fold_bn``), the dense and the shrunk copies are timed in interleaved turns
 (the median of the turns' ratios: a drift of the machine's speed moves both alike, a
 stall inflates one turn), and the latency goal handed to the allocator is corrected by
-what the check measured, ``goal = want x predicted / measured``, for up to ``calibrate``
-rounds or until the measured fraction is within ``TOLERANCE`` of the target. The plan
-reports the measured speed-up of its ratios. The model itself is never changed.
+what the check measured (``goal = want x predicted / measured``, then on the line
+through two checks: :func:`next_goal`), for up to ``calibrate`` rounds or until the
+measured fraction is within ``TOLERANCE`` of the target. The plan reports the measured
+speed-up of its ratios. The model itself is never changed.
 """
 
 from __future__ import annotations
@@ -115,14 +116,22 @@ def corrected(
 
 
 def next_goal(checks: list[Checked], want: float) -> float:
-    """The predicted fraction expected to measure ``want``: on the line through the last
-    two checks (the secant: the layer model's error changes with what is cut), else, or
-    where that line says nothing positive, ``want x predicted / measured`` of the last."""
+    """The predicted fraction expected to measure ``want``: on the line through two
+    checks, the nearest on either side of ``want`` where there are such (regula falsi:
+    the layer model's error changes with what is cut, and the cuts are coarse), else the
+    last two; with one check, or where that line says nothing positive,
+    ``want x predicted / measured`` of the last."""
     last = checks[-1]
-    if len(checks) > 1 and checks[-2].measured != last.measured:
-        prev = checks[-2]
-        slope = (last.predicted - prev.predicted) / (last.measured - prev.measured)
-        goal = last.predicted + (want - last.measured) * slope
+    above = [c for c in checks if c.measured > want]
+    below = [c for c in checks if c.measured <= want]
+    if above and below:
+        pair = (min(above, key=lambda c: c.measured), max(below, key=lambda c: c.measured))
+    else:
+        pair = (checks[-2], last) if len(checks) > 1 else (last, last)
+    one, two = pair
+    if one.measured != two.measured:
+        slope = (two.predicted - one.predicted) / (two.measured - one.measured)
+        goal = two.predicted + (want - two.measured) * slope
         if goal > 0.0:
             return goal
     return want * last.predicted / last.measured

@@ -27,6 +27,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
@@ -154,8 +155,11 @@ def batched(inputs: Inputs, size: int) -> Inputs:
     return type(inputs)(grow(v) for v in inputs)
 
 
-def seconds(fn: Callable[[], Any], min_run_time: float, blocks: int = BLOCKS) -> float:
-    """The fastest block's seconds per call of ``fn``: after one warm-up call, blocks of
+def seconds(
+    fn: Callable[[], Any], min_run_time: float, blocks: int = BLOCKS, median: bool = False
+) -> float:
+    """The fastest block's seconds per call of ``fn`` (with ``median``: the median
+    block's, as ``pk.analysis.speedup`` counts): after one warm-up call, blocks of
     as many calls as take :data:`BLOCK_S` (one call where a call takes longer), until
     ``min_run_time`` has passed and at least ``blocks`` blocks ran. (Not
     ``torch.utils.benchmark``'s ``blocked_autorange``: it sizes blocks so the timer's
@@ -182,7 +186,7 @@ def seconds(fn: Callable[[], Any], min_run_time: float, blocks: int = BLOCKS) ->
         while spent < min_run_time or len(times) < blocks:
             times.append(block(number))
             spent += times[-1] * number
-        return min(times)
+        return statistics.median(times) if median else min(times)
 
 
 class LatencyMeter(Protocol):
@@ -278,15 +282,17 @@ class MeasuredLatency:
 
     def now(self, specs: list[LayerSpec]) -> float:
         return sum(
-            seconds(runner(spec, "out", spec.out_ch, self.device), self.min_run_time / 4, 2)
+            seconds(runner(spec, "out", spec.out_ch, self.device), self.min_run_time / 4, 3,
+                    median=True)
             for spec in specs
-        )
+        )  # fmt: skip
 
     def model(self, model: nn.Module, inputs: Inputs) -> float:
-        """The fastest block over 5 ``min_run_time`` (one call at least) of the whole
-        model; its callers compare it in turns."""
+        """The median block over 5 ``min_run_time`` (three calls at least) of the whole
+        model, as ``pk.analysis.speedup`` counts (the fastest block of a batch-1 model
+        flattered a shrunk copy by 20%); its callers compare it in turns."""
         with eval_mode(model):
-            return seconds(lambda: call(model, inputs), 5 * self.min_run_time, blocks=1)
+            return seconds(lambda: call(model, inputs), 5 * self.min_run_time, 3, median=True)
 
 
 def read_cache(path: Path, key: dict[str, Any]) -> dict[int, float]:
