@@ -279,6 +279,8 @@ def test_the_check_corrects_an_over_promising_layer_model():
     assert plan.speedup == pytest.approx(plan.measured_speedup, rel=1e-9)
     assert abs(plan.measured_speedup / 1.6 - 1) <= TOLERANCE < blind_miss
     assert "checked on cpu" in plan.notes[-1]
+    short = latency_plan(model, X, speedup=1.6, meter=FixedCostMeter(), calibrate=1, round_to=1)
+    assert "short of speedup=1.6" in short.notes[-1]  # one check, no correction
 
 
 def test_next_goal_follows_the_line_through_two_checks():

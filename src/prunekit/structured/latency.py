@@ -52,7 +52,13 @@ from prunekit.spec import between, checked, integer
 from prunekit.structured.graph import Ignore
 from prunekit.structured.importance import StructuredCriterion, score
 from prunekit.structured.latency_alloc import Allocation, Family, allocate
-from prunekit.structured.latency_check import Checked, corrected, measured_fraction, shrunk_copy
+from prunekit.structured.latency_check import (
+    TOLERANCE,
+    Checked,
+    corrected,
+    measured_fraction,
+    shrunk_copy,
+)
 from prunekit.structured.latency_cost import (
     allocator_families,
     as_deployed,
@@ -207,6 +213,19 @@ def _result(
     )  # fmt: skip
 
 
+def _note_shortfall(plan: LatencyPlan, kind: str, value: float) -> None:
+    """A note where the checked speed-up stays short of the target (beyond
+    :data:`~prunekit.structured.latency_check.TOLERANCE`): the plan is the closest one
+    measured, not an error."""
+    measured = plan.measured_speedup
+    if kind == "speedup" and measured is not None and measured < value * (1 - TOLERANCE):
+        plan.notes.append(
+            f"short of speedup={value:g}: the closest plan checked measured {measured:.2f}x "
+            "(the corrected goal was out of the layer model's reach, or the checks ran "
+            "out); ask for less, or raise calibrate or max_ratio"
+        )
+
+
 def _allocator(
     cost: ModelCost, families: Mapping[str, Family], kind: str, max_ratio: float,
     macs_weight: float,
@@ -342,7 +361,9 @@ def latency_plan(
         rounds = calibrate if kind == "speedup" else 1
         alloc, checks = corrected(alloc, allocate_to if kind == "speedup" else None, check,
                                   cost.latency(whole), want, rounds)  # fmt: skip
-    return _result(alloc, families, cost, size, where, meter, checks)
+    plan = _result(alloc, families, cost, size, where, meter, checks)
+    _note_shortfall(plan, kind, value)
+    return plan
 
 
 def shrink_to_latency(
