@@ -15,8 +15,8 @@ from torch import nn
 import prunekit as pk
 from prunekit import zoo
 from prunekit.errors import ShrinkVerificationError
+from prunekit.structured.masked import group_masked_tensors, swapped
 from prunekit.structured.surgery import remove
-from prunekit.structured.verify import group_masked_tensors, swapped
 from prunekit.zoo import build_model, example_input
 
 shrink_module = importlib.import_module("prunekit.structured.shrink")

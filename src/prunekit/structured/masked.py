@@ -1,0 +1,185 @@
+"""The group-masked model, computed without copying the model or most of its weights.
+
+``verify`` compares the shrunk model with the *group-masked* one: the same model with
+every position of the removed groups zero (:func:`~prunekit.structured.surgery.zero_positions`).
+Copying each pruned tensor to zero its positions costs a pass over most of the weights
+(ResNet-50: 25.6 M values, ~17-29 ms at 2 threads, more than a batch-1 forward's third).
+For the layers whose arithmetic is known this module zeroes *activations* instead,
+which computes the very same numbers:
+
+- a ``Conv1d/2d/3d`` or ``Linear`` whose output channels ``i`` are zero (weight rows and
+  bias) outputs zeros in those channels: ``y[:, i] = 0`` after it;
+- one whose input channels ``j`` are zero (weight columns; ``groups=1``) ignores those
+  input channels: ``x[:, j] = 0`` before it (``sum_c w[o, c] x[c]`` holds ``0`` terms
+  either way);
+- a ``BatchNorm1d/2d/3d`` whose ``gamma`` and ``beta`` are zero in ``i`` outputs
+  ``0 * x_hat + 0 = 0`` there: ``y[:, i] = 0`` after it.
+
+Only modules of exactly those types (a subclass may compute otherwise), without hooks
+of their own (they would see other tensors) and whose parameters have one name (a tied
+tensor is used elsewhere too) are masked this way; every other position is zeroed in a
+copy of its tensor swapped in (:func:`group_masked_tensors`, :func:`swapped`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from prunekit.structured.surgery import zero_positions
+
+Positions = Mapping[tuple[str, int], Tensor]
+_LINEAR = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def group_masked_tensors(model: nn.Module, positions: Positions) -> dict[str, Tensor]:
+    """The parameters of ``model`` holding ``positions``
+    (:meth:`~prunekit.structured.graph.DependencyGraph.positions`) as new tensors with
+    those positions zero (a copy, then ``index_fill_``: 25% faster than one masked
+    pass; ``model`` is not touched). Names are those of
+    ``named_parameters(remove_duplicate=False)``; a tensor tied under several names is
+    masked once, with the positions of every name."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    held = {id(params[name]) for name, _ in positions if name in params}
+    copies: dict[int, Tensor] = {}  # one copy per tensor, however many names it has
+    for p in params.values():
+        if id(p) in held and id(p) not in copies:
+            copies[id(p)] = p.detach().clone()  # memcpy speed; only the zeros written next
+    masked = {name: copies[id(p)] for name, p in params.items() if id(p) in copies}
+    zero_positions(masked, positions)
+    return masked
+
+
+@contextmanager
+def swapped(model: nn.Module, tensors: Mapping[str, Tensor]) -> Iterator[None]:
+    """``model`` computing with ``tensors`` (by parameter name) in place of its own
+    parameters inside; the very parameter objects are put back on exit."""
+    slots = []
+    for name, tensor in tensors.items():
+        path, _, attr = name.rpartition(".")
+        module = model.get_submodule(path)
+        slots.append((module, attr, module._parameters[attr]))
+        module._parameters[attr] = tensor  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        for module, attr, original in reversed(slots):
+            module._parameters[attr] = original
+
+
+@dataclass
+class Masking:
+    """How to compute the group-masked model: channels zeroed at module inputs and
+    outputs (module name -> indices), and the positions left to masked copies."""
+
+    inputs: dict[str, Tensor] = field(default_factory=dict)
+    outputs: dict[str, Tensor] = field(default_factory=dict)
+    rest: dict[tuple[str, int], Tensor] = field(default_factory=dict)
+
+
+def _same(a: Tensor | None, b: Tensor | None) -> bool:
+    """Whether ``a`` and ``b`` hold the same indices (in the same order, as a family's
+    members usually do, or sorted)."""
+    if a is None or b is None or a.numel() != b.numel():
+        return False
+    return torch.equal(a, b) or torch.equal(a.sort().values, b.sort().values)
+
+
+def _activation_masks(
+    module: nn.Module, own: Mapping[tuple[str, int], Tensor]
+) -> tuple[Tensor | None, Tensor | None] | None:
+    """``(input channels, output channels)`` to zero instead of ``own`` (this module's
+    positions by ``(attribute, dim)``), or None when its arithmetic does not allow it."""
+    if type(module) in _NORMS:
+        ok = set(own) == {("weight", 0), ("bias", 0)} and _same(own["weight", 0], own["bias", 0])
+        return (None, own["weight", 0]) if ok else None
+    if type(module) not in _LINEAR or not set(own) <= {("weight", 0), ("weight", 1), ("bias", 0)}:
+        return None
+    rows, shift = own.get(("weight", 0)), own.get(("bias", 0))
+    has_bias = getattr(module, "bias", None) is not None
+    if (rows is not None or shift is not None) and has_bias and not _same(rows, shift):
+        return None  # rows zeroed without their bias (or the reverse): not a zero output
+    if ("weight", 1) in own and getattr(module, "groups", 1) != 1:
+        return None
+    return own.get(("weight", 1)), rows
+
+
+def masking(model: nn.Module, positions: Positions) -> Masking:
+    """Split ``positions`` into activation masks (module docstring) and the rest."""
+    modules, uses = {}, {}  # path -> module; id(parameter) -> how many names it has
+    for path, module in model.named_modules(remove_duplicate=False):
+        modules[path] = module
+        for p in module._parameters.values():
+            uses[id(p)] = uses.get(id(p), 0) + 1
+    by_module: dict[str, dict[tuple[str, int], Tensor]] = {}
+    for (name, dim), index in positions.items():
+        path, _, attr = name.rpartition(".")
+        if path in modules and modules[path]._parameters.get(attr) is not None:
+            by_module.setdefault(path, {})[attr, dim] = index  # (buffers stay: not zeroed)
+    out = Masking()
+    for path, own in by_module.items():
+        module = modules[path]
+        hooked = module._forward_hooks or module._forward_pre_hooks
+        single = all(uses[id(p)] == 1 for p in module._parameters.values() if p is not None)
+        found = None if hooked or not single else _activation_masks(module, own)
+        if found is None:
+            out.rest.update({(f"{path}.{a}" if path else a, d): i for (a, d), i in own.items()})
+            continue
+        if found[0] is not None:
+            out.inputs[path] = found[0]
+        if found[1] is not None:
+            out.outputs[path] = found[1]
+    return out
+
+
+def _channel_dim(module: nn.Module, x: Tensor) -> int:
+    """Where ``module``'s channels are in ``x``: last for Linear; for a convolution or
+    a norm the first dim after the batch (unbatched convolution input: dim 0)."""
+    if isinstance(module, nn.Linear):
+        return x.dim() - 1
+    if isinstance(module, _NORMS):
+        return 1
+    return x.dim() - 1 - len(module.kernel_size)  # type: ignore[arg-type]
+
+
+def _zeroed(module: nn.Module, x: Tensor, index: Tensor, in_place: bool = False) -> Tensor:
+    fill = x.index_fill_ if in_place else x.index_fill
+    return fill(_channel_dim(module, x), index.to(x.device), 0.0)
+
+
+@contextmanager
+def hooked(model: nn.Module, found: Masking) -> Iterator[None]:
+    """``model`` zeroing ``found``'s input and output channels inside (hooks removed on
+    exit; the inputs are zeroed in a copy, never in the caller's tensor; the outputs,
+    new tensors of the layers, in place: run it without autograd)."""
+
+    def before(index: Tensor):  # type: ignore[no-untyped-def]
+        def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
+            if args:
+                return (_zeroed(module, args[0], index), *args[1:]), kwargs
+            key = next(iter(kwargs))  # the input passed by keyword (``input=x``)
+            return args, {**kwargs, key: _zeroed(module, kwargs[key], index)}
+
+        return hook
+
+    def after(index: Tensor):  # type: ignore[no-untyped-def]
+        # in place: the output is the layer's own new tensor (no autograd: verify's passes)
+        return lambda module, args, out: _zeroed(module, out, index, in_place=True)
+
+    with ExitStack() as stack:
+        for path, index in found.inputs.items():
+            hook = before(index)
+            module = model.get_submodule(path)
+            stack.callback(module.register_forward_pre_hook(hook, with_kwargs=True).remove)
+        for path, index in found.outputs.items():
+            stack.callback(model.get_submodule(path).register_forward_hook(after(index)).remove)
+        yield
+
+
+__all__ = ["Masking", "group_masked_tensors", "hooked", "masking", "swapped"]

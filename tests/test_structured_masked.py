@@ -1,0 +1,155 @@
+"""verify's group-masked reference zeroes activations around Conv / Linear / BatchNorm
+instead of copying their weights: it must compute exactly what zeroing the weights
+computes, and fall back to weight copies wherever the arithmetic is not known."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from structured_models import randomize_norms
+from torch import nn
+
+from prunekit.inputs import call
+from prunekit.structured import build, plan, score
+from prunekit.structured.masked import group_masked_tensors, hooked, masking, swapped
+from prunekit.zoo import build_model, example_input
+from prunekit.zoo.hf import tiny_transformer
+
+Positions = dict[tuple[str, int], torch.Tensor]
+
+
+def _by_copies(model: nn.Module, positions: Positions, inputs: object) -> torch.Tensor:
+    with swapped(model, group_masked_tensors(model, positions)), torch.no_grad():
+        return _first(call(model, inputs))
+
+
+def _by_hooks(model: nn.Module, positions: Positions, inputs: object) -> torch.Tensor:
+    found = masking(model, positions)
+    tensors = group_masked_tensors(model, found.rest)
+    with swapped(model, tensors), hooked(model, found), torch.no_grad():
+        return _first(call(model, inputs))
+
+
+def _first(out: object) -> torch.Tensor:
+    return out.logits if hasattr(out, "logits") else out  # type: ignore[return-value]
+
+
+def _positions(model: nn.Module, inputs: object, ratio: float = 0.5) -> Positions:
+    graph = build(model, inputs)
+    decisions = plan(graph, score(model, graph, "l2"), ratio)
+    return graph.positions({d.name: d.removed for d in decisions if d.removed})
+
+
+@pytest.mark.parametrize("name", ["resnet20", "mobilenetv2", "vgg", "vit", "gpt"])
+def test_hooks_compute_the_weight_masked_model(name: str) -> None:
+    torch.manual_seed(0)
+    model = randomize_norms(build_model(name).eval())
+    inputs = example_input(name, 2)
+    positions = _positions(model, inputs)
+    found = masking(model, positions)
+    assert found.inputs or found.outputs  # the known layers are masked by hooks
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    expected = _by_copies(model, positions, inputs)
+    assert not torch.equal(expected, _first(call(model, inputs)))  # the masking matters
+    torch.testing.assert_close(_by_hooks(model, positions, inputs), expected, rtol=0, atol=1e-6)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_transformer_layers_outside_the_known_ones_are_copied() -> None:
+    model, inputs = tiny_transformer("llama-gqa")
+    model.eval()
+    positions = _positions(model, inputs)
+    found = masking(model, positions)
+    torch.testing.assert_close(
+        _by_hooks(model, positions, inputs), _by_copies(model, positions, inputs), rtol=0,
+        atol=1e-6,
+    )  # fmt: skip
+    assert found.inputs or found.outputs
+
+
+class Scaled(nn.Linear):
+    """A subclass computing otherwise: ``2 * linear(x)``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * super().forward(x)
+
+
+def _routes(model: nn.Module, positions: Positions) -> tuple[set[str], set[str], set[str]]:
+    found = masking(model, positions)
+    return set(found.inputs), set(found.outputs), {n for n, _ in found.rest}
+
+
+def test_only_known_arithmetic_is_masked_by_hooks() -> None:
+    idx = torch.tensor([0, 2])
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(),
+        nn.Linear(4, 4), Scaled(4, 4), nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4),
+    )  # fmt: skip
+    model[8].weight = model[7].weight  # tied
+    model[6].register_forward_hook(lambda m, a, o: o)
+    positions = {
+        ("0.weight", 0): idx, ("0.bias", 0): idx, ("1.weight", 0): idx, ("1.bias", 0): idx,
+        ("2.weight", 1): idx, ("4.weight", 0): idx, ("5.weight", 1): idx,
+        ("6.weight", 1): idx, ("7.weight", 1): idx, ("1.running_mean", 0): idx,
+    }  # fmt: skip
+    inputs, outputs, rest = _routes(model, positions)
+    assert outputs == {"0", "1"} and inputs == set()
+    # grouped conv columns, rows without their bias, a subclass, own hooks, a tied weight
+    assert rest == {"2.weight", "4.weight", "5.weight", "6.weight", "7.weight"}
+    positions[("4.bias", 0)] = idx.flip(0)  # the same rows, in another order
+    assert "4" in _routes(model, positions)[1]
+
+
+def test_input_masking_copies_the_callers_tensor_and_takes_keywords() -> None:
+    layer = nn.Linear(4, 3)
+    found = masking(layer, {("weight", 1): torch.tensor([1, 3])})
+    assert set(found.inputs) == {""}
+    x = torch.randn(2, 4)
+    kept = x.clone()
+    with hooked(layer, found), torch.no_grad():
+        y_pos, y_kw = layer(x), layer(input=x)
+    assert torch.equal(x, kept)
+    expected = torch.nn.functional.linear(
+        x * torch.tensor([1.0, 0, 1, 0]), layer.weight, layer.bias
+    )
+    torch.testing.assert_close(y_pos, expected)
+    torch.testing.assert_close(y_kw, expected)
+
+
+def test_unbatched_convolution_input_is_masked_on_its_channels() -> None:
+    conv = nn.Conv1d(4, 2, 3)
+    idx = torch.tensor([1])
+    x = torch.randn(4, 7)  # (C, L): no batch dim
+    with hooked(conv, masking(conv, {("weight", 1): idx})), torch.no_grad():
+        y = conv(x)
+    torch.testing.assert_close(y, _by_copies(conv, {("weight", 1): idx}, x))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    rows=st.sets(st.integers(0, 7), max_size=7),
+    cols=st.sets(st.integers(0, 5), max_size=5),
+    consumer=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_any_positions_of_an_mlp_match_weight_masking(
+    rows: set, cols: set, consumer: bool, seed: int
+) -> None:
+    """Rows zeroed with or without the next layer's columns (without: only the zeroed
+    outputs keep the removed channels out), any input columns."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    r, c = (
+        torch.tensor(sorted(rows), dtype=torch.long),
+        torch.tensor(sorted(cols), dtype=torch.long),
+    )
+    positions = {("0.weight", 0): r, ("0.bias", 0): r, ("0.weight", 1): c}
+    if consumer:
+        positions["2.weight", 1] = r
+    x = torch.randn(5, 6)
+    torch.testing.assert_close(
+        _by_hooks(model, positions, x), _by_copies(model, positions, x), rtol=0, atol=1e-6
+    )
