@@ -4,6 +4,8 @@ computes, and fall back to weight copies wherever the arithmetic is not known.""
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -18,6 +20,13 @@ from prunekit.zoo import build_model, example_input
 from prunekit.zoo.hf import tiny_transformer
 
 Positions = dict[tuple[str, int], torch.Tensor]
+masked_module = importlib.import_module("prunekit.structured.masked")
+
+
+@pytest.fixture(autouse=True)
+def every_size_hooked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The test models are small: hook layers of any size (one test checks the size)."""
+    monkeypatch.setattr(masked_module, "HOOKED_NUMEL", 0)
 
 
 def _by_copies(model: nn.Module, positions: Positions, inputs: object) -> torch.Tensor:
@@ -153,3 +162,12 @@ def test_any_positions_of_an_mlp_match_weight_masking(
     torch.testing.assert_close(
         _by_hooks(model, positions, x), _by_copies(model, positions, x), rtol=0, atol=1e-6
     )
+
+
+def test_small_layers_are_masked_by_copies(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Below ``HOOKED_NUMEL`` values a copy costs less than a hook."""
+    monkeypatch.setattr(masked_module, "HOOKED_NUMEL", 100)
+    model = nn.Sequential(nn.Linear(10, 10), nn.Linear(10, 9))  # 110 and 99 values
+    idx = torch.tensor([3])
+    positions = {("0.weight", 0): idx, ("0.bias", 0): idx, ("1.weight", 1): idx}
+    assert _routes(model, positions) == (set(), {"0"}, {"1.weight"})

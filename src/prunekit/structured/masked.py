@@ -16,9 +16,10 @@ which computes the very same numbers:
   ``0 * x_hat + 0 = 0`` there: ``y[:, i] = 0`` after it.
 
 Only modules of exactly those types (a subclass may compute otherwise), without hooks
-of their own (they would see other tensors) and whose parameters have one name (a tied
-tensor is used elsewhere too) are masked this way; every other position is zeroed in a
-copy of its tensor swapped in (:func:`group_masked_tensors`, :func:`swapped`).
+of their own (they would see other tensors), whose parameters have one name (a tied
+tensor is used elsewhere too) and hold at least :data:`HOOKED_NUMEL` values (a hook
+costs more than copying a small layer) are masked this way; every other position is
+zeroed in a copy of its tensor swapped in (:func:`group_masked_tensors`, :func:`swapped`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ from prunekit.structured.surgery import zero_positions
 Positions = Mapping[tuple[str, int], Tensor]
 _LINEAR = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+# Smaller layers are masked by copies: a hook costs ~50 us a call at 2 threads (its
+# Python lets the thread pool fall asleep before the next operation), the time to copy
+# ~64 K values; with BatchNorms and depthwise convs hooked too, MobileNetV2's
+# reference pass ran 7% slower than with copies, ResNet-50's 7% faster.
+HOOKED_NUMEL = 1 << 16
 
 
 def group_masked_tensors(model: nn.Module, positions: Positions) -> dict[str, Tensor]:
@@ -125,9 +131,11 @@ def masking(model: nn.Module, positions: Positions) -> Masking:
     out = Masking()
     for path, own in by_module.items():
         module = modules[path]
+        tensors = [p for p in module._parameters.values() if p is not None]
+        cheap = sum(p.numel() for p in tensors) < HOOKED_NUMEL  # copying costs less
         hooked = module._forward_hooks or module._forward_pre_hooks
-        single = all(uses[id(p)] == 1 for p in module._parameters.values() if p is not None)
-        found = None if hooked or not single else _activation_masks(module, own)
+        single = all(uses[id(p)] == 1 for p in tensors)
+        found = None if cheap or hooked or not single else _activation_masks(module, own)
         if found is None:
             out.rest.update({(f"{path}.{a}" if path else a, d): i for (a, d), i in own.items()})
             continue

@@ -133,8 +133,8 @@ def _references(
 ) -> list[Probe] | None:  # fmt: skip
     """The group-masked model's outputs the shrunk model is compared with (none without
     ``verify``, except in approximate mode, where the deviation is always measured): the
-    model computing with masked copies of the pruned tensors swapped in (the trace's
-    outputs are the dense ones), or from a copy of the model whose removed groups are
+    model computing as if the pruned positions were zero (:mod:`~prunekit.structured.masked`;
+    the trace's outputs are the dense ones), or from a copy of the model whose removed groups are
     refilled with noise when they were zero already (``ratio=None``)."""
     if not (verify or approximate):
         return None
@@ -237,8 +237,9 @@ def shrink(
     outputs, and a note says when the check stayed weak); ``report.deviation`` is what it
     measured. If the shrunk model fails to run (model code that computes a shape from a
     channel count) or differs, every change is undone and ShrinkVerificationError says why.
-    ``verify=False`` saves one to seven forward passes and a masked copy of every pruned
-    tensor (the group-masked reference; the trace's outputs are the dense ones).
+    ``verify=False`` saves one to seven forward passes (the group-masked reference, which
+    zeroes activations around large Conv / Linear layers and copies the other pruned
+    tensors, :mod:`~prunekit.structured.masked`; the trace's outputs are the dense ones).
 
     ``approximate=True`` (opt-in, inexact) also removes channels that a LayerNorm /
     RMSNorm normalises over the last dimension: a transformer's hidden size, through every
