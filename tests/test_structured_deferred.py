@@ -106,3 +106,30 @@ def test_an_untraceable_in_place_reshape_is_named_and_the_model_kept() -> None:
     with pytest.raises(UntraceableError, match="'unsqueeze_' in module '<model>'"):
         pk.shrink(model, x, ratio=0.5)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+def test_modules_are_followed_by_hooks_common_to_all_and_removed_after() -> None:
+    """A module outside the model (held in a plain list) is not pushed on the module
+    stack: an operation without a rule after it is named in the module it ran in; no
+    hook common to all modules stays behind (on success or error)."""
+    hooks = importlib.import_module("torch.nn.modules.module")
+
+    class Inner(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.special.erfcx(x)  # no rule
+
+    class Outer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.inner = nn.Conv2d(3, 4, 1), Inner()
+            self.outside = [nn.ReLU()]
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(self.outside[0](self.conv(x)))
+
+    before = (len(hooks._global_forward_pre_hooks), len(hooks._global_forward_hooks))
+    with pytest.raises(UntraceableError, match="'special_erfcx' in module 'inner'"):
+        pk.shrink(Outer().eval(), torch.randn(1, 3, 4, 4), ratio=0.5)
+    pk.shrink(DenseBlock().eval(), torch.randn(1, 3, 8, 8), ratio=0.5)
+    after = (len(hooks._global_forward_pre_hooks), len(hooks._global_forward_hooks))
+    assert after == before

@@ -32,6 +32,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.module import (
+    register_module_forward_hook,
+    register_module_forward_pre_hook,
+)
 from torch.overrides import TorchFunctionMode
 
 from prunekit.cost import MacCounter, unfused_attention
@@ -142,36 +146,60 @@ class Tracer(TorchFunctionMode):
 
     @contextmanager
     def hooks(self) -> Iterator[None]:
-        """Follow which module runs: a pre- and a post-hook on every module, registered
-        after the module's own hooks so they see what the model's hooks made of the
-        inputs and outputs (torch runs hooks common to all modules first)."""
+        """Follow which module runs. A module traced whole by a module rule gets a pre-
+        and a post-hook of its own, registered after the module's own hooks so they see
+        what the model's hooks made of the inputs and outputs (torch runs hooks common to
+        all modules first); every other module is followed by one pre- and one post-hook
+        common to all modules (``register_module_forward_*_hook``), which skip modules
+        outside the model: registering two hooks on each of MobileNetV2's 178 modules
+        cost ~2 ms of a 10 ms pass."""
+        known: dict[int, str] = {}
         handles = []
         for name, module in self.model.named_modules():
             rule = module_rule(module)
+            if rule is None:
+                known[id(module)] = name
+                continue
             handles.append(module.register_forward_pre_hook(self._enter(name, rule)))
             handles.append(module.register_forward_hook(self._leave(rule), with_kwargs=True))
+        handles.append(register_module_forward_pre_hook(self._enter_any(known)))
+        handles.append(register_module_forward_hook(self._leave_any(known)))
         try:
             yield
         finally:
             for h in handles:
                 h.remove()
 
-    def _enter(self, name: str, rule: ModuleRule | None) -> Callable[..., None]:
+    def _enter_any(self, known: dict[int, str]) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple) -> None:
-            self.pending.append((self.state.stack.append, (name,)))
-            self.ran.add(name)
-            if rule is not None:
-                self.suspended += 1
+            name = known.get(id(module))
+            if name is not None:
+                self.pending.append((self.state.stack.append, (name,)))
+                self.ran.add(name)
 
         return hook
 
-    def _leave(self, rule: ModuleRule | None) -> Callable[..., None]:
+    def _leave_any(self, known: dict[int, str]) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple, out: Any) -> None:
+            if id(module) in known:
+                self.pending.append((self.state.stack.pop, ()))
+
+        return hook
+
+    def _enter(self, name: str, rule: ModuleRule) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple) -> None:
+            self.pending.append((self.state.stack.append, (name,)))
+            self.ran.add(name)
+            self.suspended += 1
+
+        return hook
+
+    def _leave(self, rule: ModuleRule) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
-            if rule is not None:
-                self.suspended -= 1
-                if not self.suspended:
-                    held = _frozen(_positional(module, args, kwargs))
-                    self.pending.append((rule, (self.state, module, held, out)))
+            self.suspended -= 1
+            if not self.suspended:
+                held = _frozen(_positional(module, args, kwargs))
+                self.pending.append((rule, (self.state, module, held, out)))
             self.pending.append((self.state.stack.pop, ()))
 
         return hook
