@@ -309,8 +309,9 @@ def _runs(
     member = np.concatenate([np.repeat(m, len(ids)) for m, ids in families])
     group = np.concatenate([np.tile(np.arange(len(ids)), len(m)) for m, ids in families])
     query = member * atoms + np.concatenate([np.tile(ids, len(m)) for m, ids in families])
-    lo = np.searchsorted(code[order], query, "left")
-    counts = np.searchsorted(code[order], query, "right") - lo
+    ranked = code[order]
+    lo = np.searchsorted(ranked, query, "left")
+    counts = np.searchsorted(ranked, query, "right") - lo
     ends = np.cumsum(counts)
     take = np.repeat(lo - (ends - counts), counts) + np.arange(ends[-1])
     positions = order[take] - np.repeat(starts[member], counts)
