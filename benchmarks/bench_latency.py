@@ -213,10 +213,13 @@ def _cpu() -> str:
 def write(results: Path) -> None:
     found = [json.loads(p.read_text()) for p in sorted(results.glob("*.json"))]
     names = list(dict.fromkeys(r["variant"] for f in found for r in f["rows"]))
+    loads = [x for f in found for x in f["load"]] or [0.0]
+    turns = sorted({r["speedup"]["repeats"] for f in found for r in f["rows"]})
+    commands = "; ".join(f"`{c}`" for c in sorted({f.get("command", "") for f in found}))
     lines = [
         "",
         "Realised speed-up / MACs reduction: median [min, max] over interleaved turns "
-        "(`pk.analysis.speedup`, 5 turns at batch 1, 3 at batch 32), then the speed-up, the "
+        f"(`pk.analysis.speedup`, {'/'.join(map(str, turns))} turns), then the speed-up, the "
         "MACs reduction, the speed-up target (variant 'speed-up target': "
         "`shrink_to_latency(speedup=T)`, T = 1.3 for MobileNetV2 and 1.5 for the others at "
         "batch 1, 2.0 at batch 32), the plan's own figure (what its check measured on a shrunk "
@@ -225,14 +228,11 @@ def write(results: Path) -> None:
         "BatchNorm folded in every model (`fold_batchnorm`); CPU "
         f"({_cpu()}), torch {found[0]['torch'] if found else ''}, random weights, "
         f"3x224x224, measured {found[0]['date'] if found else ''} on a 2-core machine "
-        "shared with other jobs (load 7-10, so `pk.analysis.speedup` flags every figure "
-        "unreliable unless marked 'not flagged'; at 2 threads the two OpenMP threads also "
-        "wait on each other behind other processes, so the 1-thread rows are the steadier "
-        "ones). Target >= 0.85. "
-        "Each (model, batch, threads) is one run under `flock /work/notes/bench.lock`: "
-        "`/tmp/tp-venv/bin/python benchmarks/bench_latency.py --model M --batch B "
-        "--threads T --repeats 5 --min-run-time 1` (batch 32: `--repeats 3 --min-run-time "
-        "3`; ResNet-50 at batch 32 in two runs, `--only uniform,aware` and `--only peer`), "
+        f"shared with other jobs (load {min(loads):.1f}-{max(loads):.1f} during the runs; "
+        "`pk.analysis.speedup` flags a figure unreliable when its turns disagree by more "
+        "than 25% of the median or the load exceeds its limit: the others say 'not "
+        "flagged'). Target >= 0.85. Each (model, batch) is one run under "
+        f"`flock /work/notes/bench.lock` with `/tmp/tp-venv/bin/python`: {commands}; "
         "then `--write`. Plot: docs/latency_realised.png.",
         "",
         "| Model, batch, threads | " + " | ".join(names) + " |",
