@@ -171,3 +171,16 @@ def test_small_layers_are_masked_by_copies(monkeypatch: pytest.MonkeyPatch) -> N
     idx = torch.tensor([3])
     positions = {("0.weight", 0): idx, ("0.bias", 0): idx, ("1.weight", 1): idx}
     assert _routes(model, positions) == (set(), {"0"}, {"1.weight"})
+
+
+def test_hooks_common_to_all_modules_turn_activation_masking_off() -> None:
+    """Such a hook sees a layer's output before its zeros: weight copies only."""
+    model = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 2))
+    idx = torch.tensor([1])
+    positions = {("0.weight", 0): idx, ("0.bias", 0): idx, ("1.weight", 1): idx}
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, a, o: o)
+    try:
+        assert _routes(model, positions) == (set(), set(), {"0.weight", "0.bias", "1.weight"})
+    finally:
+        handle.remove()
+    assert _routes(model, positions) == ({"1"}, {"0"}, set())

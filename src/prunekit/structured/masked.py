@@ -18,8 +18,9 @@ which computes the very same numbers:
 Only modules of exactly those types (a subclass may compute otherwise), without hooks
 of their own (they would see other tensors), whose parameters have one name (a tied
 tensor is used elsewhere too) and hold at least :data:`HOOKED_NUMEL` values (a hook
-costs more than copying a small layer) are masked this way; every other position is
-zeroed in a copy of its tensor swapped in (:func:`group_masked_tensors`, :func:`swapped`).
+costs more than copying a small layer) are masked this way, and none while hooks common
+to all modules are registered; every other position is zeroed in a copy of its tensor
+swapped in (:func:`group_masked_tensors`, :func:`swapped`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as torch_module
 
 from prunekit.structured.surgery import zero_positions
 
@@ -129,6 +131,9 @@ def masking(model: nn.Module, positions: Positions) -> Masking:
         if path in modules and modules[path]._parameters.get(attr) is not None:
             by_module.setdefault(path, {})[attr, dim] = index  # (buffers stay: not zeroed)
     out = Masking()
+    if _global_hooks():  # they would see a layer's output before its zeros: copies only
+        out.rest.update(positions)
+        return out
     for path, own in by_module.items():
         module = modules[path]
         tensors = [p for p in module._parameters.values() if p is not None]
@@ -144,6 +149,11 @@ def masking(model: nn.Module, positions: Positions) -> Masking:
         if found[1] is not None:
             out.outputs[path] = found[1]
     return out
+
+
+def _global_hooks() -> bool:
+    """Whether hooks common to all modules are registered (``register_module_forward_*``)."""
+    return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
 
 
 def _channel_dim(module: nn.Module, x: Tensor) -> int:
