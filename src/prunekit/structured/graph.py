@@ -164,7 +164,7 @@ class DependencyGraph:
         """Every member position of the ``removed`` groups (family name -> group numbers),
         per ``(tensor name, dim)``, without building per-group objects (remembered: the
         reference and the removal ask for the same ones)."""
-        key = tuple((name, tuple(int(i) for i in index)) for name, index in removed.items())
+        key = tuple((name, tuple(map(int, index))) for name, index in removed.items())
         if key not in self._positions:
             families = {f.name: f for f in self.families}
             out: dict[tuple[str, int], list[Tensor]] = {}

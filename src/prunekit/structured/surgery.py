@@ -294,11 +294,13 @@ Cuts = dict[str, list[tuple[int, Tensor]]]
 
 
 def kept_indices(
-    model: nn.Module, graph: DependencyGraph, removed: Mapping[str, Sequence[int]]
-) -> Cuts:
+    model: nn.Module, graph: DependencyGraph, removed: Mapping[str, Sequence[int]],
+    tensors: Mapping[str, Tensor] | None = None,
+) -> Cuts:  # fmt: skip
     """Per tensor (its first name; ``graph.trace.aliases`` lists the others):
-    ``[(dim, kept indices)]``, what :func:`remove` keeps of the ``removed`` groups."""
-    tensors = _tensors(model)
+    ``[(dim, kept indices)]``, what :func:`remove` keeps of the ``removed`` groups
+    (``tensors``: the model's tensors by name, where the caller has them)."""
+    tensors = _tensors(model) if tensors is None else tensors
     out: Cuts = {}
     for (name, dim), index in graph.positions(removed).items():
         keep = np.ones(tensors[name].shape[dim], dtype=bool)  # numpy: small-array speed
@@ -315,7 +317,7 @@ def remove(
     Returns the attribute changes and notes on the transformers config (if any).
     """
     tensors = _tensors(model)
-    by_tensor = kept_indices(model, graph, removed)
+    by_tensor = kept_indices(model, graph, removed, tensors)
     modules = dict(model.named_modules(remove_duplicate=False))
     with torch.no_grad():
         for name, cuts in by_tensor.items():
