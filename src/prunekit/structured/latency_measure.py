@@ -288,7 +288,7 @@ class MeasuredLatency:
         )  # fmt: skip
 
     def model(self, model: nn.Module, inputs: Inputs) -> float:
-        """The median block over 5 ``min_run_time`` (three calls at least) of the whole
+        """The median block over 5 ``min_run_time`` (three blocks at least) of the whole
         model, as ``pk.analysis.speedup`` counts (the fastest block of a batch-1 model
         flattered a shrunk copy by 20%); its callers compare it in turns."""
         with eval_mode(model):
