@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 MD_FILE = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
@@ -36,8 +37,8 @@ class Rows:
 
     def show(self, title: str, console: Console | None = None) -> None:
         table = Table("Figure", "Value", "Target", "Verdict", title=f"{title}, load {self.load()}")
-        for row in self.rows:
-            table.add_row(*row)
+        for row in self.rows:  # cells are text: "[min, max]" is not rich markup
+            table.add_row(*(escape(cell) for cell in row))
         (console or Console()).print(table)
 
     def markdown(self) -> list[str]:
