@@ -4,6 +4,7 @@ running each rule right after its operation, whatever the model does to its argu
 from __future__ import annotations
 
 import importlib
+import weakref
 
 import pytest
 import torch
@@ -133,3 +134,21 @@ def test_modules_are_followed_by_hooks_common_to_all_and_removed_after() -> None
     pk.shrink(DenseBlock().eval(), torch.randn(1, 3, 8, 8), ratio=0.5)
     after = (len(hooks._global_forward_pre_hooks), len(hooks._global_forward_hooks))
     assert after == before
+
+
+def test_the_trace_holds_no_activation_it_has_replayed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Labels refer to activations weakly: once replayed (here after every operation), an
+    activation the model dropped is freed during the pass (a trace that held every one
+    needed all of them in memory at once)."""
+    monkeypatch.setattr(trace_module, "FLUSH_BYTES", -1)
+    model, x = build_model("resnet20").eval(), example_input("resnet20")
+    seen: list[weakref.ref] = []
+    alive: list[int] = []
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d | nn.BatchNorm2d)]
+    for m in convs:
+        m.register_forward_hook(lambda _m, _a, out: seen.append(weakref.ref(out)))
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    last.register_forward_pre_hook(lambda *_: alive.append(sum(r() is not None for r in seen)))
+    trace_module.trace(model, x)
+    assert len(seen) == len(convs) > 20
+    assert alive == [0]  # every conv / BN output freed before the classifier ran

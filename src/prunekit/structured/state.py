@@ -8,6 +8,7 @@ couples them, and the attention heads met on the way.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -72,7 +73,11 @@ class TraceState:
         self.members: dict[tuple[str, int], Tensor] = {}
         self.member_keys: dict[int, tuple[str, int]] = {}  # id(atoms) -> key
         self.producers: list[tuple[str, int]] = []
-        self.labels: dict[int, tuple[Tensor, Label]] = {}
+        # id(activation) -> (a weak reference to it, its label). The reference's callback
+        # drops the entry when the activation is freed, so its id cannot be reused for a
+        # new tensor, and the trace holds no activation: holding every one (ResNet-50:
+        # ~100 MB) made each operation's output fresh memory, page-faulted in.
+        self.labels: dict[int, tuple[weakref.ref, Label]] = {}
         self.names: dict[int, list[str]] = {}
         self.params: set[int] = set()
         for name, p in model.named_parameters(remove_duplicate=False):
@@ -119,7 +124,9 @@ class TraceState:
 
     def set(self, out: Any, label: Label | None) -> None:
         if isinstance(out, Tensor) and label is not None:
-            self.labels[id(out)] = (out, Label(label.dim % out.dim(), label.ids))
+            key = id(out)
+            ref = weakref.ref(out, lambda _, key=key: self.labels.pop(key, None))
+            self.labels[key] = (ref, Label(label.dim % out.dim(), label.ids))
             key = self.member_keys.get(id(label.ids))
             if key is not None and key not in self.producers:
                 self.producers.append(key)
