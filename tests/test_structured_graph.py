@@ -6,6 +6,7 @@ import importlib
 import random
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -135,3 +136,25 @@ def test_a_models_own_pre_hook_on_a_module_traced_whole_is_traced() -> None:
     before = model(x)
     pk.shrink(model, x, ratio=0.5)
     torch.testing.assert_close(model(x), before)
+
+
+@pytest.mark.parametrize("name", ["mobilenetv2", "vit", "gpt"])
+@pytest.mark.parametrize("limit", [2**63, 0])
+def test_runs_are_where_each_groups_root_sits(
+    name: str, limit: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every run of every family lists exactly the positions of its member dimension whose
+    atom has the group's root, group after group; the same with the int64 codes sorted
+    and, past ``CODE_LIMIT``, with the three keys sorted (``np.lexsort``)."""
+    monkeypatch.setattr(graph_module, "CODE_LIMIT", limit)
+    graph = build(build_model(name).eval(), example_input(name))
+    roots = graph.trace.atoms.all_roots()
+    assert graph.families
+    for fam in graph.families:
+        for runs in fam.runs:
+            member = roots[graph.trace.members[(runs.name, runs.dim)]]
+            expected = [torch.nonzero(member == i).flatten() for i in fam.ids.tolist()]
+            assert torch.equal(runs.offsets.diff(), torch.tensor([len(e) for e in expected]))
+            assert torch.equal(runs.positions, torch.cat(expected))
+            groups = [torch.full((len(e),), j) for j, e in enumerate(expected)]
+            assert torch.equal(runs.group, torch.cat(groups))

@@ -292,44 +292,57 @@ def _unique_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     return table[first], first, which
 
 
+CODE_LIMIT = 2**63  # the codes (family, member, group) of _runs fit an int64 below it
+
+
 def _runs(
     keys: list[tuple[str, int]], roots: list[np.ndarray],
     families: list[tuple[list[int], np.ndarray]], atoms: int,
 ) -> list[tuple[Runs, ...]]:  # fmt: skip
     """Per family ``(members, ids)``: where each of its ``ids`` (ascending) sits in every
     member dimension ``keys[k]`` (``k`` in ``members``), whose atoms have ``roots[k]``.
-    Every family at once: one stable sort of the codes ``k * atoms + root`` (positions
-    stay ascending within a root), one search for every ``k * atoms + id`` asked."""
+    Every family at once: each position's root is looked up in a table of (family, group
+    number), then one stable sort by ``(family, k, group)`` makes one block per (family,
+    member, group), positions ascending within it. A family's roots are those met in every
+    one of its members (:func:`_families`), so no block is empty."""
     if not families:
         return []
+    family_of, group_of = np.full(atoms, -1), np.zeros(atoms, dtype=np.int64)
+    for f, (_, ids) in enumerate(families):
+        family_of[ids], group_of[ids] = f, np.arange(len(ids))
     sizes = np.array([len(r) for r in roots])
-    code = np.repeat(np.arange(len(roots)), sizes) * atoms + np.concatenate(roots)
-    order = np.argsort(code, kind="stable")
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    member = np.concatenate([np.repeat(m, len(ids)) for m, ids in families])
-    group = np.concatenate([np.tile(np.arange(len(ids)), len(m)) for m, ids in families])
-    query = member * atoms + np.concatenate([np.tile(ids, len(m)) for m, ids in families])
-    ranked = code[order]
-    lo = np.searchsorted(ranked, query, "left")
-    counts = np.searchsorted(ranked, query, "right") - lo
-    ends = np.cumsum(counts)
-    take = np.repeat(lo - (ends - counts), counts) + np.arange(ends[-1])
-    positions = order[take] - np.repeat(starts[member], counts)
-    # one segment per (family, member): len(ids) queries each
-    seg = np.cumsum(np.concatenate([np.full(len(m), len(ids)) for m, ids in families]))
-    cut = ends[seg - 1][:-1]
-    parts = zip(np.split(positions, cut), np.split(np.repeat(group, counts), cut),
-                np.split(ends, seg[:-1]), np.concatenate([[0], ends[seg - 1][:-1]]),
-                strict=True)  # fmt: skip
-    made = [
-        (torch.from_numpy(pos), torch.from_numpy(np.concatenate([[0], e - first])),
-         torch.from_numpy(grp))
-        for pos, grp, e, first in parts
-    ]  # fmt: skip
-    out, at = [], 0
-    for m, _ in families:
-        out.append(tuple(Runs(*keys[k], *made[at + j]) for j, k in enumerate(m)))
-        at += len(m)
+    root = np.concatenate(roots)
+    keep = np.flatnonzero(family_of[root] >= 0)
+    position = (np.arange(len(root)) - np.repeat(np.cumsum(sizes) - sizes, sizes))[keep]
+    fam, key = family_of[root[keep]], np.repeat(np.arange(len(roots)), sizes)[keep]
+    group = group_of[root[keep]]
+    width = max(len(ids) for _, ids in families)
+    if len(families) * len(roots) * width < CODE_LIMIT:  # one sort of int64 codes
+        order = np.argsort((fam * len(roots) + key) * width + group, kind="stable")
+    else:
+        order = np.lexsort((group, key, fam))
+    fam, key, group = fam[order], key[order], group[order]
+    new = (fam[1:] != fam[:-1]) | (key[1:] != key[:-1]) | (group[1:] != group[:-1])
+    starts = np.flatnonzero(np.concatenate([[True], new, [True]]))
+    return _blocks(keys, families, starts, torch.from_numpy(position[order]),
+                   torch.from_numpy(group))  # fmt: skip
+
+
+def _blocks(
+    keys: list[tuple[str, int]], families: list[tuple[list[int], np.ndarray]],
+    starts: np.ndarray, position: Tensor, group: Tensor,
+) -> list[tuple[Runs, ...]]:  # fmt: skip
+    """The :class:`Runs` of every family from the sorted blocks (:func:`_runs`): family
+    after family, members by index, ``len(ids)`` blocks each."""
+    out, block = [], 0
+    for m, ids in families:
+        runs = {}
+        for k in sorted(m):
+            bounds = starts[block : block + len(ids) + 1]
+            lo, hi = int(bounds[0]), int(bounds[-1])
+            runs[k] = Runs(*keys[k], position[lo:hi], torch.from_numpy(bounds - lo), group[lo:hi])
+            block += len(ids)
+        out.append(tuple(runs[k] for k in m))
     return out
 
 
