@@ -16,7 +16,8 @@ import prunekit as pk
 from prunekit import zoo
 from prunekit.errors import ShrinkVerificationError
 from prunekit.structured.masked import group_masked_tensors, swapped
-from prunekit.structured.surgery import remove
+from prunekit.structured.surgery import remove, size_attributes
+from prunekit.structured.verify import restore, snapshot
 from prunekit.zoo import build_model, example_input
 
 shrink_module = importlib.import_module("prunekit.structured.shrink")
@@ -205,3 +206,29 @@ def test_the_group_masked_reference_leaves_the_model_untouched() -> None:
     hidden = torch.relu(x @ masked["0.weight"].T + masked["0.bias"])
     expected = (hidden @ masked["2.weight"].T + model[2].bias) @ masked["0.weight"].T
     assert torch.allclose(y, expected + model[3].bias, atol=1e-6)
+
+
+def test_size_attributes_read_own_and_class_level_ones_and_restore_undoes_them() -> None:
+    """Instance attributes and properties (read through the class) are both found, other
+    names are not; a snapshot puts back every one a removal changed."""
+
+    class Heads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj, self.inner_dim = nn.Linear(8, 8), 8
+
+        @property
+        def num_heads(self) -> int:
+            return self.inner_dim // 2
+
+        @num_heads.setter
+        def num_heads(self, value: int) -> None:
+            self.inner_dim = 2 * value
+
+    model = Heads()
+    assert size_attributes(model) == {"num_heads": 4, "inner_dim": 8}
+    assert size_attributes(model.proj) == {"in_features": 8, "out_features": 8}
+    saved = snapshot(model)
+    model.num_heads, model.proj.out_features = 3, 6
+    restore(model, saved)
+    assert (model.num_heads, model.inner_dim, model.proj.out_features) == (4, 8, 8)

@@ -11,6 +11,7 @@ the model; otherwise the note says so and :func:`prunekit.structured.load_shrunk
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -43,9 +44,19 @@ def attribute(module: nn.Module, name: str) -> Any:
     return getattr(module, name, None) if hasattr(type(module), name) else None
 
 
+@functools.lru_cache(maxsize=1024)
+def _class_level(cls: type) -> frozenset[str]:
+    """The names of :data:`SIZE_ATTRS` that ``cls`` defines itself (properties)."""
+    return frozenset(a for a in SIZE_ATTRS if hasattr(cls, a))
+
+
 def size_attributes(module: nn.Module) -> dict[str, int]:
-    """``module``'s integer size attributes among :data:`SIZE_ATTRS`."""
-    found = {a: attribute(module, a) for a in SIZE_ATTRS}
+    """``module``'s integer size attributes among :data:`SIZE_ATTRS` (as :func:`attribute`
+    reads them; the names to look for are known per class: snapshotting every module of
+    a MobileNetV2 read 25 names each)."""
+    own, on_class = vars(module), _class_level(type(module))
+    found = {a: own[a] if a in own else getattr(module, a, None)
+             for a in SIZE_ATTRS if a in own or a in on_class}  # fmt: skip
     return {a: v for a, v in found.items() if isinstance(v, int)}
 
 
