@@ -208,7 +208,10 @@ class Tracer(TorchFunctionMode):
 def _frozen(args: tuple) -> tuple:
     """``args`` as they are now: a list or dict among them (``torch.cat``'s tensors) is
     copied, since the model may append to it before the rule is replayed."""
-    if not any(isinstance(a, list | dict) for a in args):
+    for a in args:  # a loop, not any(<generator>): this runs once per operation
+        if isinstance(a, list | dict):
+            break
+    else:
         return args
     return tuple(list(a) if isinstance(a, list) else dict(a) if isinstance(a, dict) else a
                  for a in args)  # fmt: skip
