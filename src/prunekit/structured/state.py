@@ -75,8 +75,8 @@ class TraceState:
         self.producers: list[tuple[str, int]] = []
         # id(activation) -> (a weak reference to it, its label). The reference's callback
         # drops the entry when the activation is freed, so its id cannot be reused for a
-        # new tensor, and the trace holds no activation: holding every one (ResNet-50:
-        # ~100 MB) made each operation's output fresh memory, page-faulted in.
+        # new tensor, and the trace holds no activation: holding every one to the end of
+        # the pass took ResNet-50's trace at batch 8 to 1241 MB (546 MB now, 472 untraced).
         self.labels: dict[int, tuple[weakref.ref, Label]] = {}
         self.names: dict[int, list[str]] = {}
         self.params: set[int] = set()
@@ -124,9 +124,9 @@ class TraceState:
 
     def set(self, out: Any, label: Label | None) -> None:
         if isinstance(out, Tensor) and label is not None:
-            key = id(out)
-            ref = weakref.ref(out, lambda _, key=key: self.labels.pop(key, None))
-            self.labels[key] = (ref, Label(label.dim % out.dim(), label.ids))
+            at = id(out)
+            ref = weakref.ref(out, lambda _, at=at: self.labels.pop(at, None))
+            self.labels[at] = (ref, Label(label.dim % out.dim(), label.ids))
             key = self.member_keys.get(id(label.ids))
             if key is not None and key not in self.producers:
                 self.producers.append(key)

@@ -55,8 +55,7 @@ def size_attributes(module: nn.Module) -> dict[str, int]:
     reads them; the names to look for are known per class: snapshotting every module of
     a MobileNetV2 read 25 names each)."""
     own, on_class = vars(module), _class_level(type(module))
-    found = {a: own[a] if a in own else getattr(module, a, None)
-             for a in SIZE_ATTRS if a in own or a in on_class}  # fmt: skip
+    found = {a: attribute(module, a) for a in SIZE_ATTRS if a in own or a in on_class}
     return {a: v for a, v in found.items() if isinstance(v, int)}
 
 
