@@ -27,7 +27,8 @@ def func_name(func: Callable[..., Any]) -> str:
     """The name rules are registered under: ``"add"`` for ``torch.add`` and ``Tensor.add``."""
     if getattr(func, "__name__", "") == "__get__":  # a property such as Tensor.T
         return getattr(getattr(func, "__self__", None), "__name__", "__get__")
-    return getattr(func, "__name__", repr(func))
+    name = getattr(func, "__name__", None)  # repr only when there is none: once per op
+    return name if isinstance(name, str) else repr(func)
 
 
 def register_rule(func: Callable[..., Any] | str, rule: FunctionRule) -> None:

@@ -339,5 +339,5 @@ def remove(
     changes = []
     for name in sorted({owner(alias) for n in by_tensor for alias in graph.trace.aliases[n]}):
         changes += resize_module(name, modules[name])
-    counts = head_counts(graph, graph.ids(removed))
+    counts = head_counts(graph, graph.ids(removed)) if graph.trace.heads else {}
     return changes + _heads(model, counts), update_config(model, graph, removed, counts)

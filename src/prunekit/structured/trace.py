@@ -132,9 +132,9 @@ class Tracer(TorchFunctionMode):
     def _rule(self, func: Callable[..., Any], args: tuple, kwargs: dict, out: Any) -> None:
         if not _any_labelled(self.state, args, kwargs):
             return
-        name, where = func_name(func), self.state.where
         rule = function_rule(func)
         if rule is None:
+            name, where = func_name(func), self.state.where
             raise UntraceableError(
                 f"cannot trace {name!r} in module {where!r}: no rule says how it moves "
                 "channels. Fix: register one with prunekit.structured.register_rule("
@@ -144,6 +144,7 @@ class Tracer(TorchFunctionMode):
         try:
             rule(self.state, func, args, kwargs, out)
         except CouplingError as exc:
+            name, where = func_name(func), self.state.where
             raise CouplingError(
                 f"{exc} in {name!r} of module {where!r}; Fix: the rule for {name!r} must "
                 "couple equal-length channel runs (check a custom rule or a reshape)."

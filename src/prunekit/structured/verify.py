@@ -55,11 +55,13 @@ SCALES = (1.0, 10.0)  # random inputs at 1x and 10x the example inputs' scale
 
 def require_finite(model: nn.Module) -> None:
     """Refuse a model holding NaN or inf in a parameter or buffer, naming the tensor."""
-    tensors = [(n, t) for n, t in (*model.named_parameters(), *model.named_buffers())
-               if t.is_floating_point() and not t.is_meta]  # fmt: skip
-    if _all_finite([t for _, t in tensors]):
+    found = [t for t in (*model.parameters(), *model.buffers())
+             if t.is_floating_point() and not t.is_meta]  # fmt: skip
+    if _all_finite(found):  # names only when one is to be given
         return
-    for name, t in tensors:
+    for name, t in (*model.named_parameters(), *model.named_buffers()):
+        if not t.is_floating_point() or t.is_meta:
+            continue
         if _all_finite([t]):
             continue
         values = sorted({str(v) for v in t[~torch.isfinite(t)].tolist()})
