@@ -38,9 +38,15 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import (
+    TorchDispatchMode,
+    _get_current_dispatch_mode,
+    _pop_mode_temporarily,
+)
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
+from prunekit.cost_shortcuts import shortcut
 from prunekit.errors import PruningError
 from prunekit.inputs import Inputs, call, eval_mode
 
@@ -218,6 +224,23 @@ class MacCounter(TorchDispatchMode):
         # let the thread pool fall asleep (MobileNetV2 ran ~25% slower counted)
         self.pending: list[tuple[Any, Any, Any, Any]] = []
 
+    def call(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        """Run the torch function ``func`` counted: from its shapes where a shortcut covers
+        it (:mod:`prunekit.cost_shortcuts`), else with this mode watching the operations it runs."""
+        found = shortcut(func, args, kwargs)
+        if found is None:
+            with self:
+                return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        self.record(found, args, kwargs, out)
+        return out
+
+    def record(self, found: tuple[Any, Any], args: tuple, kwargs: dict, out: Any) -> None:
+        """Count a call of a function ``found`` (a shortcut) covers, made unwatched."""
+        if found[1] is not None:
+            formula, shapes = found[1](args, kwargs)
+            self.pending.append((formula, shapes, {}, out.shape))
+
     @property
     def macs(self) -> int:
         """MACs counted so far."""
@@ -247,13 +270,32 @@ class MacCounter(TorchDispatchMode):
         return out
 
 
+class _Shortcuts(TorchFunctionMode):
+    """While ``counter`` is the innermost dispatch mode, a function a shortcut covers runs
+    unwatched and is counted from its shapes (:meth:`MacCounter.record`)."""
+
+    def __init__(self, counter: MacCounter) -> None:
+        super().__init__()
+        self.counter = counter
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        found = shortcut(func, args, kwargs)
+        if found is None or _get_current_dispatch_mode() is not self.counter:
+            return func(*args, **kwargs)
+        with _pop_mode_temporarily():
+            out = func(*args, **kwargs)
+        self.counter.record(found, args, kwargs, out)
+        return out
+
+
 @contextmanager
 def counting() -> Iterator[MacCounter]:
     """Count the operations run inside, as every count here is taken: with the fused
     attention kernels off and :data:`ATTENTION_KERNELS` given their formula. The caller
     runs the model in eval mode without gradients (a traced forward pass counts itself
     this way instead of running the model once more)."""
-    with unfused_attention(), MacCounter() as counter:
+    with unfused_attention(), MacCounter() as counter, _Shortcuts(counter):
         yield counter
 
 

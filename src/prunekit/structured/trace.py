@@ -112,8 +112,7 @@ class Tracer(TorchFunctionMode):
         if self.counter is None:
             out = func(*args, **kwargs)
         else:
-            with self.counter:
-                out = func(*args, **kwargs)
+            out = self.counter.call(func, args, kwargs)
         if not self.suspended:
             self.pending.append((self._rule, (func, _frozen(args), _frozen_kwargs(kwargs), out)))
             if isinstance(out, Tensor):
