@@ -5,9 +5,12 @@
    transformer, batch 1 and 32, on CPU (dense and shrunk interleaved, medians). 1.0 is
    the physical limit; the target is >= 0.85.
 2. **Against Torch-Pruning 1.6.1** (only when ``torch_pruning`` imports; it is never a
-   prunekit dependency): the same models, ratio and criterion (group L2): time to build
-   the graph and prune, remaining params and MACs, and whether the result runs and
-   computes what the group-masked model computes (our equivalence check, 1e-5).
+   prunekit dependency): the same models, ratio and criterion (group L2): remaining
+   params and MACs, whether the result runs and computes what the group-masked model
+   computes (our equivalence check, 1e-5), and the time to build the graph and prune on
+   the models both prune exactly (interleaved and repeated in one process, as 3).
+3. **Prune time** on ResNet-50, MobileNetV2 and ViT-S at 224x224 (``--only-time``: its
+   own section), ``pk.shrink`` with and without its check against Torch-Pruning.
 
     python -m venv .venv-bench && .venv-bench/bin/pip install torch==2.13.0 \\
         torch-pruning==1.6.1 transformers -e .
@@ -144,20 +147,18 @@ def _fix_heads(model: nn.Module, pruner: Any) -> None:
                     module.split_size = new * module.head_dim
 
 
-def torch_pruning_run(model: nn.Module, inputs: Inputs, ratio: float) -> tuple[float, Any]:
+def torch_pruning_run(model: nn.Module, inputs: Inputs, ratio: float) -> Any:
     import torch_pruning as tp
 
     heads = _attention_heads(model)
-    start = time.perf_counter()
     pruner = tp.pruner.MetaPruner(
         model, inputs, tp.importance.MagnitudeImportance(p=2), pruning_ratio=ratio,
         ignored_layers=[_final_layer(model)], num_heads=heads, prune_num_heads=bool(heads),
         prune_head_dims=False, head_pruning_ratio=ratio,
     )  # fmt: skip
     pruner.step()
-    seconds = time.perf_counter() - start
     _fix_heads(model, pruner)
-    return seconds, pruner
+    return pruner
 
 
 def _group_masked(original: nn.Module, graph: DependencyGraph, history: list) -> nn.Module:
@@ -202,16 +203,14 @@ def tp_worker(name: str, ratio: float) -> None:
     params0, macs0 = sum(p.numel() for p in model.parameters()), count_macs(model, inputs)
     theirs = copy.deepcopy(model)
     try:
-        torch_pruning_run(copy.deepcopy(model), inputs, ratio)  # warm-up: first-call costs
-        seconds, pruner = torch_pruning_run(theirs, inputs, ratio)
+        pruner = torch_pruning_run(theirs, inputs, ratio)
         masked = _group_masked(model, build(model, inputs), pruner.pruning_history())
         result = _check(theirs, masked, inputs)
         if sum(p.numel() for p in theirs.parameters()) == params0:
             result = "pruned nothing"
     except Exception as exc:  # Torch-Pruning failing on a model is the finding
-        seconds, result = float("nan"), f"fails ({type(exc).__name__})"
-    print(json.dumps({"seconds": seconds, "result": result,
-                      "left": _left(theirs, inputs, params0, macs0)}))  # fmt: skip
+        result = f"fails ({type(exc).__name__})"
+    print(json.dumps({"result": result, "left": _left(theirs, inputs, params0, macs0)}))
 
 
 def run_tp(name: str, ratio: float, timeout: float) -> dict[str, Any]:
@@ -220,42 +219,61 @@ def run_tp(name: str, ratio: float, timeout: float) -> dict[str, Any]:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
         return json.loads(done.stdout.strip().splitlines()[-1])
     except subprocess.TimeoutExpired:
-        return {"seconds": float("nan"), "result": f"hangs (> {timeout:.0f} s)", "left": "-"}
+        return {"result": f"hangs (> {timeout:.0f} s)", "left": "-"}
     except (json.JSONDecodeError, IndexError):
-        return {"seconds": float("nan"), "result": "crashes", "left": "-"}
+        return {"result": "crashes", "left": "-"}
 
 
-def versus_torch_pruning(rows: Rows, ratio: float, timeout: float, console: Console) -> None:
+def versus_torch_pruning(
+    rows: Rows, ratio: float, timeout: float, repeats: int, console: Console
+) -> None:
     exact = {"prunekit": 0, "torch-pruning": 0}
-    times = {"prunekit": 0.0, "torch-pruning": 0.0}
+    both: dict[str, tuple[nn.Module, Inputs]] = {}  # the models both prune exactly
     for name, make in comparison_models().items():
         model, inputs = make()
         params0, macs0 = sum(p.numel() for p in model.parameters()), count_macs(model, inputs)
         ours = copy.deepcopy(model)
-        pk.shrink(copy.deepcopy(model), inputs, ratio=ratio, verify=False)  # warm-up
-        start = time.perf_counter()
-        pk.shrink(ours, inputs, ratio=ratio, verify=False)
-        t_ours = time.perf_counter() - start
+        pk.shrink(ours, inputs, ratio=ratio, verify=False)  # timed in both_handle
         ok_ours = _check(ours, _masked_like_ours(model, build(model, inputs), ratio), inputs)
         tp = run_tp(name, ratio, timeout)
         console.log(f"{name}: prunekit {ok_ours}, torch-pruning {tp['result']}")
         exact["prunekit"] += ok_ours == "exact"
         exact["torch-pruning"] += tp["result"] == "exact"
-        if tp["result"] == "exact":  # time only what both handle
-            times["prunekit"] += t_ours
-            times["torch-pruning"] += tp["seconds"]
+        if tp["result"] == "exact" and ok_ours == "exact":  # timed below, interleaved
+            both[name] = (model, inputs)
         left = _left(ours, inputs, params0, macs0)
-        rows.add(
-            f"{name}: prunekit {t_ours:.2f} s, params/MACs left {left}",
-            f"torch-pruning {tp['seconds']:.2f} s, left {tp['left']}",
-        )
+        rows.add(f"{name}: params/MACs left, prunekit", f"{left} (torch-pruning {tp['left']})")
         rows.add(f"{name}: equivalence prunekit | torch-pruning", f"{ok_ours} | {tp['result']}")
     n_ours, n_tp = exact["prunekit"], exact["torch-pruning"]
     rows.add("models handled exactly (prunekit vs torch-pruning)", f"{n_ours} vs {n_tp}",
              ">= torch-pruning", n_ours >= n_tp)  # fmt: skip
-    t_ours, t_tp = times["prunekit"], times["torch-pruning"]
-    rows.add("time on the models both handle (prunekit vs torch-pruning)",
-             f"{t_ours:.2f} s vs {t_tp:.2f} s", "no slower", t_ours <= t_tp)  # fmt: skip
+    both_handle(rows, both, ratio, repeats, console)
+
+
+def both_handle(
+    rows: Rows, both: dict[str, tuple[nn.Module, Inputs]], ratio: float, repeats: int,
+    console: Console,
+) -> None:  # fmt: skip
+    """Prune time on the models both tools prune exactly, interleaved and repeated in this
+    process (each finished in the peer's worker, so none hangs here): the median of the
+    per-model median ratios, and its range."""
+    ratios = []
+    for name, (model, inputs) in both.items():
+        times = interleaved({
+            "prunekit": lambda m, x=inputs: pk.shrink(m, x, ratio=ratio, verify=False),
+            "torch-pruning": lambda m, x=inputs: torch_pruning_run(m, x, ratio),
+        }, model, repeats)  # fmt: skip
+        ratios.append(median(times["prunekit"]) / median(times["torch-pruning"]))
+        spent = ", ".join(f"{k} {median(v) * 1e3:.1f} ms" for k, v in times.items())
+        console.log(f"{name}: {spent}")
+    if ratios:
+        rows.add(
+            f"prune time on the {len(ratios)} models both handle, prunekit verify=False / "
+            "torch-pruning (median of per-model medians [min, max])",
+            f"{median(ratios):.2f}x [{min(ratios):.2f}, {max(ratios):.2f}]",
+            "<= 1.0x",
+            median(ratios) <= 1.0,
+        )
 
 
 # -- prune time against Torch-Pruning, interleaved ------------------------------------------
@@ -270,11 +288,27 @@ def _spread(values: list[float]) -> str:
     return f"{median(values):.3f} s [{min(values):.3f}, {max(values):.3f}]"
 
 
+def interleaved(
+    runs: dict[str, Callable[[nn.Module], object]], model: nn.Module, repeats: int
+) -> dict[str, list[float]]:
+    """Seconds of each run on fresh copies of ``model``, interleaved run by run after one
+    warm-up round, the garbage collector run before each (a cycle left by one tool is
+    not collected in the other's time)."""
+    times: dict[str, list[float]] = {key: [] for key in runs}
+    for repeat in range(repeats + 1):  # the first round warms up
+        for key, run in runs.items():
+            fresh = copy.deepcopy(model)
+            gc.collect()  # each run starts with no garbage of the last one (as timeit)
+            start = time.perf_counter()
+            run(fresh)
+            if repeat:
+                times[key].append(time.perf_counter() - start)
+    return times
+
+
 def prune_time(rows: Rows, ratio: float, repeats: int, console: Console) -> None:
     """``pk.shrink`` (with and without its check) and Torch-Pruning's MetaPruner + step on
-    fresh copies of the same model, interleaved run by run after one warm-up of each,
-    the garbage collector run before each (a cycle left by one tool is not collected in
-    the other's time)."""
+    fresh copies of the same model, :func:`interleaved`."""
     x = torch.randn(1, 3, 224, 224)
     runs: dict[str, Callable[[nn.Module], object]] = {
         "prunekit": lambda m: pk.shrink(m, x, ratio=ratio),
@@ -283,16 +317,7 @@ def prune_time(rows: Rows, ratio: float, repeats: int, console: Console) -> None
     }
     for name, factory in TIME_MODELS.items():
         torch.manual_seed(0)
-        model = factory().eval()
-        times: dict[str, list[float]] = {key: [] for key in runs}
-        for repeat in range(repeats + 1):  # the first round warms up
-            for key, run in runs.items():
-                fresh = copy.deepcopy(model)
-                gc.collect()  # each run starts with no garbage of the last one (as timeit)
-                start = time.perf_counter()
-                run(fresh)
-                if repeat:
-                    times[key].append(time.perf_counter() - start)
+        times = interleaved(runs, factory().eval(), repeats)
         peer = times["torch-pruning"]
         for key in ("prunekit", "prunekit verify=False"):
             ratios = [t / p for t, p in zip(times[key], peer, strict=True)]
@@ -347,7 +372,7 @@ def main() -> None:
     else:
         realised_speedup(rows, args.repeats, args.min_run_time, console)
         if have_peer:
-            versus_torch_pruning(rows, args.ratio, args.timeout, console)
+            versus_torch_pruning(rows, args.ratio, args.timeout, args.repeats, console)
     if have_peer:
         prune_time(rows, args.ratio, args.repeats, console)
     rows.show(section, console)
