@@ -73,8 +73,7 @@ def test_multihead_attention_before_and_after_head_pruning() -> None:
 
 @pytest.mark.parametrize("verify", [True, False])
 def test_shrink_reports_count_macs_counts(verify: bool) -> None:
-    """Before: counted in the group-masked reference pass (verify) or in the trace;
-    after: in verify's forward pass, or by count_macs."""
+    """Before: counted in the trace; after: in verify's forward pass, or by count_macs."""
     model, x = build_zoo("resnet20").eval(), example_input("resnet20", 2)
     small = copy.deepcopy(model)
     report = pk.shrink(small, x, ratio=0.5, verify=verify)

@@ -269,8 +269,8 @@ def shrink(
     # (baked) weights while the caller's masks stay until the plan is known to apply.
     probe = bake(copy.deepcopy(model)) if _is_masked(model) else model
     with approximate_norms() if approximate else nullcontext():
-        # the MACs before: counted in the trace only when no reference pass counts them
-        graph = traced_graph(probe, example_inputs, ignore, macs=not (verify or approximate))
+        # the MACs before, counted in the trace: its functions' shapes are at hand there
+        graph = traced_graph(probe, example_inputs, ignore, macs=True)
     if ratio is None:
         decisions = _masked_groups(model, probe, graph)
     else:
@@ -279,7 +279,7 @@ def shrink(
     removed = {d.name: d.removed for d in decisions if d.removed}
     params_before = sum(p.numel() for p in probe.parameters())
     found = _references(probe, graph, removed, example_inputs, ratio, seed, verify, approximate)
-    macs_before = int((graph.trace.macs if found is None else found[0].macs) or 0)
+    macs_before = int(graph.trace.macs or 0)
     changes, notes, undo = _apply(model, probe, graph, removed, masks)
     result = None
     if found is not None:

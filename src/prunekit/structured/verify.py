@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves, tree_map
 
-from prunekit.cost import counting
+from prunekit.cost import counting, unfused_attention
 from prunekit.errors import InvalidWeightError, ShrinkVerificationError
 from prunekit.inputs import Inputs, call, call_eval, set_mode
 from prunekit.structured.graph import Group
@@ -87,8 +87,9 @@ def _all_finite(found: Sequence[Tensor]) -> bool:
 
 
 def outputs(model: nn.Module, inputs: Inputs) -> list[Tensor]:
-    """The floating-point output tensors of ``model`` on ``inputs`` (eval mode, no grad)."""
-    with torch.no_grad():
+    """The floating-point output tensors of ``model`` on ``inputs`` (eval mode, no grad;
+    attention unfused, as every pass compared here runs: the trace's, counted, too)."""
+    with torch.no_grad(), unfused_attention():
         found = output_tensors(call_eval(model, inputs))
     return [t for t in found if t.is_floating_point()]
 
@@ -109,9 +110,6 @@ class Probe:
     scale: list[float]
     sensitivity: float
     what: str
-    # MACs of the group-masked forward pass on these inputs (counted as count_macs
-    # counts; the same shapes as the dense model's): the example inputs' probe only
-    macs: int | None = None
 
 
 def _probe(ref: list[Tensor], expected: list[Tensor], inputs: Inputs, what: str) -> Probe:
@@ -189,14 +187,8 @@ def probes(dense: nn.Module, masked: nn.Module, inputs: Inputs, seed: int = 0) -
 
 
 def compared(dense: Outputs, masked: Outputs, inputs: Inputs, seed: int = 0) -> list[Probe]:
-    """:func:`probes` of two functions giving the dense and the group-masked outputs;
-    the group-masked pass on the example inputs is counted (:attr:`Probe.macs`: the
-    dense model's MACs, which zeroing does not change)."""
-    with counting() as counter:
-        expected = masked(inputs)
-    first = _probe(dense(inputs), expected, inputs, "the example inputs")
-    first.macs = counter.macs
-    found = [first]
+    """:func:`probes` of two functions giving the dense and the group-masked outputs."""
+    found = [_probe(dense(inputs), masked(inputs), inputs, "the example inputs")]
     gen = torch.Generator().manual_seed(seed)
     for factor in SCALES:
         if max(p.sensitivity for p in found) >= WEAK:
