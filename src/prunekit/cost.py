@@ -210,6 +210,8 @@ class MacCounter(TorchDispatchMode):
     stack per operation): a third of a forward pass on a MobileNetV2, paid by each counted
     pass of ``pk.shrink``, which needs the total alone. Entering it is cheap, so a traced
     pass can count each model operation and leave its function rules' work uncounted.
+    Functions whose count follows from shapes (:mod:`prunekit.cost_shortcuts`) run
+    unwatched and are counted by the same formulas (:meth:`call`; :func:`counting`).
     torch wraps its ``__torch_dispatch__`` in ``torch._dynamo.disable`` (as every mode's):
     without that, ``torch.cond`` or a compiled submodule would fail under it.
     """

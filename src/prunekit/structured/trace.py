@@ -277,8 +277,9 @@ def trace(model: nn.Module, inputs: Inputs, macs: bool = False) -> Trace:
 
     Every channel that reaches a model output is blocked: outputs keep their shape. With
     ``macs``, the eval-mode pass is also counted as :func:`prunekit.cost.count_macs`
-    counts (:attr:`Trace.macs`; the counter is entered around each operation of the
-    model, so the function rules' label work runs uncounted and at full speed).
+    counts (:attr:`Trace.macs`; each operation of the model is counted by
+    :meth:`~prunekit.cost.MacCounter.call`, from its shapes where a shortcut covers it,
+    so the function rules' label work runs uncounted and at full speed).
     """
     counter = MacCounter() if macs else None
     tracer = Tracer(model, counter)
