@@ -363,18 +363,23 @@ def main() -> None:
         return tp_worker(args.tp_worker, args.ratio)
     if args.quick:
         args.repeats, args.min_run_time = 1, 0.05
-    console, rows, section = Console(), Rows(), "bench_structured"
+    console = Console()
     have_peer = importlib.util.find_spec("torch_pruning") is not None
     if not have_peer:
         console.print("[yellow]torch_pruning not installed: comparison skipped (see docstring)")
-    if args.only_time:
-        section = "bench_structured_time"
-    else:
+    if not args.only_time:
+        rows = Rows()
         realised_speedup(rows, args.repeats, args.min_run_time, console)
         if have_peer:
             versus_torch_pruning(rows, args.ratio, args.timeout, args.repeats, console)
-    if have_peer:
+        _report("bench_structured", rows, args, console)
+    if have_peer:  # its own section: the figure --only-time re-measures alone
+        rows = Rows()
         prune_time(rows, args.ratio, args.repeats, console)
+        _report("bench_structured_time", rows, args, console)
+
+
+def _report(section: str, rows: Rows, args: argparse.Namespace, console: Console) -> None:
     rows.show(section, console)
     if args.write:
         protocol = rows.protocol("bench_structured.py", f"medians of {args.repeats} repeats")
