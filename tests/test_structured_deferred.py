@@ -152,3 +152,71 @@ def test_the_trace_holds_no_activation_it_has_replayed(monkeypatch: pytest.Monke
     trace_module.trace(model, x)
     assert len(seen) == len(convs) > 20
     assert alive == [0]  # every conv / BN output freed before the classifier ran
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_stand_ins_build_the_graph_held_activations_build(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every floating activation recorded as a shape-only stand-in, or none: one graph."""
+    factory, make_input = MODELS[name]
+    torch.manual_seed(0)
+    model, x = factory().eval(), make_input()
+    monkeypatch.setattr(trace_module, "STAND_IN_BYTES", 0)
+    standing = _structure(build(model, x))
+    monkeypatch.setattr(trace_module, "STAND_IN_BYTES", 1 << 62)
+    assert _structure(build(model, x)) == standing
+    assert standing
+
+
+def test_a_large_activation_the_model_dropped_is_freed_before_its_rule_runs() -> None:
+    """A stand-in keeps a large activation's shape for its rule, not its memory: the
+    pass frees it when the model drops it, long before the rules are replayed."""
+    seen: list[weakref.ref] = []
+    alive: list[bool] = []
+
+    class Dropping(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.a(x)  # 16 x 32 x 32 floats: 64 KiB, a stand-in
+            seen.append(weakref.ref(y))
+            z = self.b(torch.relu(y))
+            del y
+            alive.append(seen[0]() is not None)
+            return z
+
+    model, x = Dropping().eval(), torch.randn(1, 3, 32, 32)
+    assert trace_module.STAND_IN_BYTES <= 16 * 32 * 32 * 4 < trace_module.FLUSH_BYTES
+    graph = build(model, x)
+    assert alive == [False]
+    assert [len(f) for f in graph.families] == [16]  # the rules still saw it: a's filters
+
+
+def test_an_in_place_reshape_of_a_large_activation_is_traced_by_a_registered_rule(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its rule reads the input's stand-in at the shape it had and labels a new one at
+    the shape it has now; later operations read the new one: the result is exact."""
+    registry = importlib.import_module("prunekit.structured.registry")
+    shape_rule = importlib.import_module("prunekit.structured.rules_shape").shape
+    monkeypatch.setattr(registry, "_FUNCTION_RULES", dict(registry._FUNCTION_RULES))
+    pk.structured.register_rule("unsqueeze_", shape_rule)
+
+    class Reshaped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.a(x)  # 64 KiB: a stand-in
+            y.unsqueeze_(0)
+            return self.b(y.squeeze(0).relu())
+
+    torch.manual_seed(0)
+    model, x = Reshaped().eval(), torch.randn(1, 3, 32, 32)
+    report = pk.shrink(model, x, ratio=0.5)
+    assert model.a.out_channels == model.b.in_channels == 8
+    assert report.deviation is not None and report.deviation < 1e-4

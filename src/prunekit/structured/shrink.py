@@ -47,7 +47,7 @@ from prunekit.inputs import Inputs
 from prunekit.layers import require_model
 from prunekit.masks import bake
 from prunekit.masks import remove as remove_masks
-from prunekit.structured import carry
+from prunekit.structured import carry, collector
 from prunekit.structured.graph import DependencyGraph, Ignore, build
 from prunekit.structured.importance import StructuredCriterion, resolve, score
 from prunekit.structured.planning import Ratio, plan, zero_groups_plan
@@ -210,6 +210,7 @@ def _apply(
     return changes, notes, undo
 
 
+@collector.pausing  # the collector would scan the graph's objects again and again
 def shrink(
     model: nn.Module,
     example_inputs: Inputs,
@@ -274,7 +275,8 @@ def shrink(
     if ratio is None:
         decisions = _masked_groups(model, probe, graph)
     else:
-        scores = score(probe, graph, criterion, data=data, loss_fn=loss_fn, seed=seed)
+        with collector.as_caller() if data is not None else nullcontext():  # their loop
+            scores = score(probe, graph, criterion, data=data, loss_fn=loss_fn, seed=seed)
         decisions = plan(graph, scores, ratio, scope, round_to, normalize)
     removed = {d.name: d.removed for d in decisions if d.removed}
     params_before = sum(p.numel() for p in probe.parameters())

@@ -25,6 +25,7 @@ buffers it updates (BatchNorm statistics) are put back afterwards.
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -81,6 +82,12 @@ _RESHAPED_IN_PLACE = frozenset(
 # 50.6 / 52.7 ms at 8 / 2 MiB (rules run between more operations); MobileNetV2's 29.5
 # vs 23.5 ms (20 interleaved passes each, 2 threads; not slower at batch 8).
 FLUSH_BYTES = 16 << 20
+# Floating-point outputs of at least this size are recorded as shape-only stand-ins
+# (:meth:`Tracer.recorded`): rules read shapes and labels, never activation values
+# (``register_rule``), and an activation the model has dropped is then freed at once for
+# the next operation to reuse (MobileNetV2's trace: 2 ms less of ~23 ms). Smaller ones,
+# and integer ones (indices a rule may read), are held as they are.
+STAND_IN_BYTES = 1 << 16
 
 
 class Tracer(TorchFunctionMode):
@@ -91,8 +98,9 @@ class Tracer(TorchFunctionMode):
     (:meth:`flush`). Running a rule's Python between two operations of the model lets the
     CPU thread pool fall asleep, so every next operation paid for waking it: traced
     operations ran ~30% slower than untraced ones at 2 threads (ResNet-50: 64 ms instead
-    of 48 ms for the operations alone). Recorded operations hold their tensors until
-    replayed: every ``FLUSH_BYTES`` of outputs, before an in-place reshape, and at the end.
+    of 48 ms for the operations alone). Large floating-point activations are recorded as
+    shape-only stand-ins (:meth:`recorded`); the other tensors are held until replayed:
+    every ``FLUSH_BYTES`` of them, before an in-place reshape, and at the end.
     """
 
     def __init__(self, model: nn.Module, counter: MacCounter | None = None) -> None:
@@ -104,6 +112,8 @@ class Tracer(TorchFunctionMode):
         self.ran: set[str] = set()  # names of the modules that ran
         self.pending: list[tuple[Callable[..., None], tuple]] = []  # replayed by flush()
         self.held = 0  # bytes of the outputs pending operations hold
+        # id(activation) -> (a weak reference to it, its stand-in); dropped when it is freed
+        self.stand_ins: dict[int, tuple[weakref.ref, Tensor]] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
@@ -114,12 +124,47 @@ class Tracer(TorchFunctionMode):
         else:
             out = self.counter.call(func, args, kwargs)
         if not self.suspended:
-            self.pending.append((self._rule, (func, _frozen(args), _frozen_kwargs(kwargs), out)))
-            if isinstance(out, Tensor):
-                self.held += out.nbytes
+            held = (func, self.recorded(args), self._kwargs(kwargs))  # inputs first: an
+            recorded = self.recorded(out, new=True)  # in-place reshape gets a new stand-in
+            self.pending.append((self._rule, (*held, recorded)))
+            if isinstance(recorded, Tensor) and not recorded.is_meta:
+                self.held += recorded.nbytes
                 if self.held > FLUSH_BYTES:
                     self.flush()
         return out
+
+    def recorded(self, value: Any, new: bool = False) -> Any:
+        """``value`` as the rules will see it: lists, tuples and dicts copied (the model
+        may append to one before the rule is replayed), every activation that has a
+        stand-in replaced by it; with ``new`` (an operation's outputs), stand-ins made
+        for the large floating-point ones (:data:`STAND_IN_BYTES`)."""
+        if isinstance(value, Tensor):
+            found = self.stand_ins.get(id(value))
+            if found is None or (new and found[1].shape != value.shape):
+                return self._stand_in(value) if new else value
+            return found[1]
+        kind = type(value)
+        if kind is tuple or kind is list:
+            return kind([self.recorded(v, new) for v in value])
+        if kind is dict:
+            return {k: self.recorded(v, new) for k, v in value.items()}
+        return value
+
+    def _kwargs(self, kwargs: dict) -> dict:
+        return {k: self.recorded(v) for k, v in kwargs.items()} if kwargs else kwargs
+
+    def _stand_in(self, t: Tensor) -> Tensor:
+        """A meta tensor of ``t``'s shape and strides, standing in for it while it lives
+        (an in-place reshape gets a new one); ``t`` itself if small, not floating point,
+        a subclass or a parameter / buffer (their names are looked up by identity)."""
+        if (type(t) is not Tensor or t.layout != torch.strided or not t.is_floating_point()
+                or t.nbytes < STAND_IN_BYTES or id(t) in self.state.names):  # fmt: skip
+            return t
+        stand_in = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+        at = id(t)
+        drop = self.stand_ins.pop
+        self.stand_ins[at] = (weakref.ref(t, lambda _, at=at: drop(at, None)), stand_in)
+        return stand_in
 
     def flush(self) -> None:
         """Run the rules of everything recorded so far, in order (outside the mode: a
@@ -203,27 +248,11 @@ class Tracer(TorchFunctionMode):
         def hook(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
             self.suspended -= 1
             if not self.suspended:
-                held = _frozen(_positional(module, args, kwargs))
-                self.pending.append((rule, (self.state, module, held, out)))
+                held = self.recorded(_positional(module, args, kwargs))
+                self.pending.append((rule, (self.state, module, held, self.recorded(out, True))))
             self.pending.append((self.state.stack.pop, ()))
 
         return hook
-
-
-def _frozen(args: tuple) -> tuple:
-    """``args`` as they are now: a list or dict among them (``torch.cat``'s tensors) is
-    copied, since the model may append to it before the rule is replayed."""
-    for a in args:  # a loop, not any(<generator>): this runs once per operation
-        if isinstance(a, list | dict):
-            break
-    else:
-        return args
-    return tuple(list(a) if isinstance(a, list) else dict(a) if isinstance(a, dict) else a
-                 for a in args)  # fmt: skip
-
-
-def _frozen_kwargs(kwargs: dict) -> dict:
-    return {k: _frozen((v,))[0] for k, v in kwargs.items()} if kwargs else kwargs
 
 
 def _any_labelled(state: TraceState, args: tuple, kwargs: dict) -> bool:
@@ -267,7 +296,7 @@ def _pass(tracer: Tracer, model: nn.Module, inputs: Inputs, training: bool) -> l
         out = call(model, inputs)
     tracer.flush()
     found = output_tensors(out)
-    tracer.state.block_inputs(*found)
+    tracer.state.block_inputs(*tracer.recorded(found))
     return [t for t in found if t.is_floating_point()]
 
 
