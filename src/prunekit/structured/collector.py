@@ -26,21 +26,29 @@ R = TypeVar("R")
 _CALLER: ContextVar[bool | None] = ContextVar("collector_on_entry", default=None)
 
 
+@contextmanager
+def paused() -> Iterator[None]:
+    """The collector disabled inside; re-enabled on exit (error or not) if it was on.
+    Nested pauses keep the outermost caller's state for :func:`as_caller`."""
+    was = gc.isenabled()
+    outer = _CALLER.get()
+    token = _CALLER.set(was if outer is None else outer)
+    gc.disable()
+    try:
+        yield
+    finally:
+        _CALLER.reset(token)
+        if was:
+            gc.enable()
+
+
 def pausing(func: Callable[P, R]) -> Callable[P, R]:
-    """``func`` with the collector disabled while it runs (re-enabled afterwards, error
-    or not, if it was on; nested calls keep the outermost caller's state)."""
+    """``func`` run :func:`paused`."""
 
     @functools.wraps(func)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        was = gc.isenabled()
-        token = _CALLER.set(was if _CALLER.get() is None else _CALLER.get())
-        gc.disable()
-        try:
+        with paused():
             return func(*args, **kwargs)
-        finally:
-            _CALLER.reset(token)
-            if was:
-                gc.enable()
 
     return wrapper
 
@@ -60,4 +68,4 @@ def as_caller() -> Iterator[None]:
         gc.disable() if caller else gc.enable()
 
 
-__all__ = ["as_caller", "pausing"]
+__all__ = ["as_caller", "paused", "pausing"]

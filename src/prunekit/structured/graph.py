@@ -15,9 +15,7 @@ output produces the channels.
 from __future__ import annotations
 
 import fnmatch
-import gc
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -27,6 +25,7 @@ from torch import Tensor, nn
 
 from prunekit.errors import UnknownLayerError
 from prunekit.inputs import Inputs
+from prunekit.structured import collector
 from prunekit.structured.trace import Trace, trace
 
 Ignore = Iterable[str | type[nn.Module]]
@@ -96,7 +95,7 @@ class _Groups(Sequence[Group]):
     def _list(self) -> list[Group]:
         if self._built is None:
             fam = self._family
-            with _gc_paused():  # many small acyclic objects: cycle scans would dominate
+            with collector.paused():  # many small objects: cycle scans would dominate
                 parts = [
                     [Member(r.name, r.dim, index) for index in r.positions.split(r.counts.tolist())]
                     for r in fam.runs
@@ -129,18 +128,6 @@ class Family:
     def groups(self) -> Sequence[Group]:
         """The per-group view (a sequence: ``len`` is free, objects are built on access)."""
         return self._groups
-
-
-@contextmanager
-def _gc_paused() -> Iterator[None]:
-    """No cyclic garbage collection inside (building many small acyclic objects)."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 @dataclass

@@ -316,7 +316,8 @@ def trace(model: nn.Module, inputs: Inputs, macs: bool = False) -> Trace:
         outputs = _pass(tracer, model, inputs, training=False)
     tracer.counter = None
     idle = [n for n, m in model.named_modules()
-            if n not in tracer.ran and any(True for _ in m.parameters(recurse=False))]  # fmt: skip
+            if n not in tracer.ran and any(p is not None for p in m._parameters.values())
+            ]  # fmt: skip
     if idle:  # dropout draws from the global generator: fork it
         with buffers_kept(model), torch.random.fork_rng(devices=[]):
             _pass(tracer, model, inputs, training=True)
