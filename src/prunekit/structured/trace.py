@@ -315,9 +315,11 @@ def trace(model: nn.Module, inputs: Inputs, macs: bool = False) -> Trace:
     with unfused_attention() if macs else nullcontext():
         outputs = _pass(tracer, model, inputs, training=False)
     tracer.counter = None
-    idle = [n for n, m in model.named_modules()
-            if n not in tracer.ran and any(p is not None for p in m._parameters.values())
-            ]  # fmt: skip
+    idle = [
+        n
+        for n, m in model.named_modules()
+        if n not in tracer.ran and any(p is not None for p in m._parameters.values())
+    ]
     if idle:  # dropout draws from the global generator: fork it
         with buffers_kept(model), torch.random.fork_rng(devices=[]):
             _pass(tracer, model, inputs, training=True)
