@@ -35,8 +35,10 @@ def register_rule(func: Callable[..., Any] | str, rule: FunctionRule) -> None:
     """Teach the tracer a torch function (or a function name, e.g. ``"my_op"``).
 
     ``rule(state, func, args, kwargs, out)`` is called after the forward pass, in the
-    order the operations ran (so it should read shapes and labels, not values that a
-    later in-place operation may have changed); it reads input labels with
+    order the operations ran, so it reads shapes and labels, not values: a floating-point
+    activation of 64 KiB or more reaches it as a meta tensor of the shape it had then (a
+    stand-in; the activation itself is freed when the model drops it), and smaller ones
+    may have been changed in place since. It reads input labels with
     ``state.label(t)``, couples channels with ``state.atoms.unite(a, b)``, marks channels
     that must stay with ``state.atoms.block(ids)``, gives parameters atoms with
     ``state.param_atoms(p, dim)`` and labels outputs with ``state.set``.
