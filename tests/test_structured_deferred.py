@@ -68,17 +68,29 @@ MODELS = {
 }  # fmt: skip
 
 
+RECORDINGS = {  # attribute of the trace module: (baseline, changed)
+    "rules right after each operation": ("FLUSH_BYTES", None, -1),
+    "every floating activation a stand-in": ("STAND_IN_BYTES", 1 << 62, 0),
+}
+
+
+@pytest.mark.parametrize("recording", RECORDINGS)
 @pytest.mark.parametrize("name", MODELS)
-def test_replayed_rules_build_the_graph_rules_run_per_operation_build(
-    name: str, monkeypatch: pytest.MonkeyPatch
+def test_the_graph_does_not_depend_on_how_the_trace_records(
+    name: str, recording: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Rules replayed after the pass or right after each operation; activations held or
+    recorded as shape-only stand-ins: one graph."""
+    attribute, baseline, changed = RECORDINGS[recording]
     factory, make_input = MODELS[name]
     torch.manual_seed(0)
     model, x = factory().eval(), make_input()
-    deferred = _structure(build(model, x))
-    monkeypatch.setattr(trace_module, "FLUSH_BYTES", -1)  # every rule right after its op
-    assert _structure(build(model, x)) == deferred
-    assert deferred  # something to compare: the models have removable families
+    if baseline is not None:
+        monkeypatch.setattr(trace_module, attribute, baseline)
+    before = _structure(build(model, x))
+    monkeypatch.setattr(trace_module, attribute, changed)
+    assert _structure(build(model, x)) == before
+    assert before  # something to compare: the models have removable families
 
 
 def test_a_list_appended_to_after_cat_is_read_as_it_was() -> None:
@@ -152,21 +164,6 @@ def test_the_trace_holds_no_activation_it_has_replayed(monkeypatch: pytest.Monke
     trace_module.trace(model, x)
     assert len(seen) == len(convs) > 20
     assert alive == [0]  # every conv / BN output freed before the classifier ran
-
-
-@pytest.mark.parametrize("name", MODELS)
-def test_stand_ins_build_the_graph_held_activations_build(
-    name: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Every floating activation recorded as a shape-only stand-in, or none: one graph."""
-    factory, make_input = MODELS[name]
-    torch.manual_seed(0)
-    model, x = factory().eval(), make_input()
-    monkeypatch.setattr(trace_module, "STAND_IN_BYTES", 0)
-    standing = _structure(build(model, x))
-    monkeypatch.setattr(trace_module, "STAND_IN_BYTES", 1 << 62)
-    assert _structure(build(model, x)) == standing
-    assert standing
 
 
 def test_a_large_activation_the_model_dropped_is_freed_before_its_rule_runs() -> None:
