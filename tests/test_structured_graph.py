@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import importlib
 import random
+from typing import NamedTuple
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
+from torch.utils._pytree import tree_flatten
 
 import prunekit as pk
 from prunekit.structured import build
 from prunekit.structured.labels import FIXED, Atoms
+from prunekit.structured.state import tensors
 from prunekit.zoo import build_model, example_input
 
 graph_module = importlib.import_module("prunekit.structured.graph")
@@ -158,3 +163,37 @@ def test_runs_are_where_each_groups_root_sits(
             assert torch.equal(runs.positions, torch.cat(expected))
             groups = [torch.full((len(e),), j) for j, e in enumerate(expected)]
             assert torch.equal(runs.group, torch.cat(groups))
+
+
+_LEAF = st.one_of(
+    st.integers(), st.floats(allow_nan=False), st.none(), st.text(max_size=3),
+    st.sampled_from([torch.float32, torch.device("cpu"), slice(1, 2), Ellipsis]),
+    st.integers(0, 3).map(lambda n: torch.zeros(n)),
+)  # fmt: skip
+_TREE = st.recursive(
+    _LEAF,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4),
+        st.lists(inner, max_size=4).map(tuple),
+        st.dictionaries(st.text(max_size=2), inner, max_size=3),
+        st.tuples(inner, inner).map(lambda t: Pair(*t)),
+        st.lists(inner, max_size=3).map(lambda v: torch.Size([1] * len(v))),
+    ),
+    max_leaves=12,
+)
+
+
+class Pair(NamedTuple):
+    a: object
+    b: object
+
+
+@given(_TREE)
+@settings(max_examples=200, deadline=None)
+def test_the_tensors_of_a_tree_are_pytrees_tensor_leaves_in_order(tree: object) -> None:
+    """The rules' walk over arguments finds exactly the tensors ``tree_flatten`` finds,
+    the same objects in the same order (named tuples and other containers included)."""
+    expected = [x for x in tree_flatten(tree)[0] if isinstance(x, torch.Tensor)]
+    found = tensors(tree)
+    assert len(found) == len(expected)
+    assert all(a is b for a, b in zip(found, expected, strict=True))
