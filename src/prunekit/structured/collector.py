@@ -55,17 +55,16 @@ def pausing(func: Callable[P, R]) -> Callable[P, R]:
 
 @contextmanager
 def as_caller() -> Iterator[None]:
-    """Inside a :func:`pausing` call: the collector as the caller had it (on, usually),
-    paused again on exit; elsewhere: nothing changes."""
-    caller = _CALLER.get()
-    if caller is None or gc.isenabled() == caller:
+    """Inside a :func:`paused` call whose caller had the collector on: on inside, paused
+    again on exit; anywhere else: nothing changes."""
+    if not _CALLER.get() or gc.isenabled():
         yield
         return
-    gc.enable() if caller else gc.disable()
+    gc.enable()
     try:
         yield
     finally:
-        gc.disable() if caller else gc.enable()
+        gc.disable()
 
 
 __all__ = ["as_caller", "paused", "pausing"]

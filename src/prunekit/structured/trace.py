@@ -85,8 +85,9 @@ FLUSH_BYTES = 16 << 20
 # Floating-point outputs of at least this size are recorded as shape-only stand-ins
 # (:meth:`Tracer.recorded`): rules read shapes and labels, never activation values
 # (``register_rule``), and an activation the model has dropped is then freed at once for
-# the next operation to reuse (MobileNetV2's trace: 2 ms less of ~23 ms). Smaller ones,
-# and integer ones (indices a rule may read), are held as they are.
+# the next operation to reuse (MobileNetV2's trace 24.3 -> 20.3 ms, ResNet-50's 47.3 ->
+# 43.2 ms, 25 interleaved passes). Smaller ones, and integer ones (indices a rule may
+# read), are held as they are.
 STAND_IN_BYTES = 1 << 16
 
 
@@ -124,8 +125,9 @@ class Tracer(TorchFunctionMode):
         else:
             out = self.counter.call(func, args, kwargs)
         if not self.suspended:
-            held = (func, self.recorded(args), self._kwargs(kwargs))  # inputs first: an
-            recorded = self.recorded(out, new=True)  # in-place reshape gets a new stand-in
+            # the inputs first: an in-place reshape's output gets a new stand-in
+            held = (func, self.recorded(args), self._kwargs(kwargs))
+            recorded = self.recorded(out, new=True)
             self.pending.append((self._rule, (*held, recorded)))
             if isinstance(recorded, Tensor) and not recorded.is_meta:
                 self.held += recorded.nbytes
