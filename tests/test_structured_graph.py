@@ -165,6 +165,37 @@ def test_runs_are_where_each_groups_root_sits(
             assert torch.equal(runs.group, torch.cat(groups))
 
 
+def _each_its_own(roots: list[np.ndarray]) -> tuple[list[np.ndarray], list[list[int]]]:
+    return list(roots), [[k] for k in range(len(roots))]
+
+
+def _families_of(graph: object) -> list[tuple]:
+    return [
+        (f.name, f.kind, f.ids.tolist(),
+         [(r.name, r.dim, r.positions.tolist(), r.offsets.tolist(), r.group.tolist())
+          for r in f.runs])
+        for f in graph.families  # type: ignore[attr-defined]
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["resnet20", "mobilenetv2", "vit", "gpt"])
+def test_families_are_the_same_whether_equal_root_arrays_are_searched_once(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Member dimensions with equal roots (a conv's filters, its BatchNorm, the next
+    conv's inputs) are searched once and share their runs: the same families, names,
+    ids and runs as searching each dimension on its own, in the same order."""
+    model, x = build_model(name).eval(), example_input(name)
+    graph = build(model, x)
+    roots = graph.trace.atoms.all_roots().numpy()
+    distinct, _ = graph_module._distinct([roots[i.numpy()] for i in graph.trace.members.values()])
+    shared = _families_of(graph)
+    monkeypatch.setattr(graph_module, "_distinct", _each_its_own)
+    alone = build(model, x)
+    assert len(distinct) < len(alone.trace.members)  # some are shared: the test can fail
+    assert shared == _families_of(alone)
+
+
 _LEAF = st.one_of(
     st.integers(), st.floats(allow_nan=False), st.none(), st.text(max_size=3),
     st.sampled_from([torch.float32, torch.device("cpu"), slice(1, 2), Ellipsis]),
