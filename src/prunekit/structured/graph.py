@@ -158,9 +158,15 @@ class DependencyGraph:
             for name, index in removed.items():
                 chosen = np.zeros(len(families[name].ids), dtype=bool)  # numpy: small arrays
                 chosen[np.asarray(index, dtype=np.int64)] = True
+                picked: dict[int, Tensor] = {}  # once per runs its member dims share
                 for runs in families[name].runs:
-                    out.setdefault((runs.name, runs.dim), []).append(runs.select(chosen))
-            self._positions[key] = {at: torch.cat(parts) for at, parts in out.items()}
+                    at = id(runs.positions)
+                    if at not in picked:
+                        picked[at] = runs.select(chosen)
+                    out.setdefault((runs.name, runs.dim), []).append(picked[at])
+            self._positions[key] = {
+                at: parts[0] if len(parts) == 1 else torch.cat(parts) for at, parts in out.items()
+            }
         return dict(self._positions[key])
 
     def ids(self, removed: Mapping[str, Sequence[int]]) -> set[int]:

@@ -312,10 +312,14 @@ def kept_indices(
     (``tensors``: the model's tensors by name, where the caller has them)."""
     tensors = _tensors(model) if tensors is None else tensors
     out: Cuts = {}
+    kept: dict[tuple[int, int], Tensor] = {}  # coupled dims share their positions' tensor
     for (name, dim), index in graph.positions(removed).items():
-        keep = np.ones(tensors[name].shape[dim], dtype=bool)  # numpy: small-array speed
-        keep[index.numpy()] = False
-        out.setdefault(name, []).append((dim, torch.from_numpy(np.flatnonzero(keep))))
+        size = tensors[name].shape[dim]
+        if (id(index), size) not in kept:
+            keep = np.ones(size, dtype=bool)  # numpy: small-array speed
+            keep[index.numpy()] = False
+            kept[id(index), size] = torch.from_numpy(np.flatnonzero(keep))
+        out.setdefault(name, []).append((dim, kept[id(index), size]))
     return out
 
 
