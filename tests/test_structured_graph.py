@@ -17,7 +17,7 @@ from torch.utils._pytree import tree_flatten
 import prunekit as pk
 from prunekit.structured import build
 from prunekit.structured.labels import FIXED, Atoms
-from prunekit.structured.state import tensors
+from prunekit.structured.state import TraceState, tensors
 from prunekit.zoo import build_model, example_input
 
 graph_module = importlib.import_module("prunekit.structured.graph")
@@ -165,8 +165,10 @@ def test_runs_are_where_each_groups_root_sits(
             assert torch.equal(runs.group, torch.cat(groups))
 
 
-def _each_its_own(roots: list[np.ndarray]) -> tuple[list[np.ndarray], list[list[int]]]:
-    return list(roots), [[k] for k in range(len(roots))]
+def _each_its_own(
+    members: list[torch.Tensor], roots: np.ndarray
+) -> tuple[list[np.ndarray], list[list[int]]]:
+    return [roots[ids.numpy()] for ids in members], [[k] for k in range(len(members))]
 
 
 def _families_of(graph: object) -> list[tuple]:
@@ -188,12 +190,33 @@ def test_families_are_the_same_whether_equal_root_arrays_are_searched_once(
     model, x = build_model(name).eval(), example_input(name)
     graph = build(model, x)
     roots = graph.trace.atoms.all_roots().numpy()
-    distinct, _ = graph_module._distinct([roots[i.numpy()] for i in graph.trace.members.values()])
+    distinct, _ = graph_module._distinct(graph.trace.members.values(), roots)
     shared = _families_of(graph)
     monkeypatch.setattr(graph_module, "_distinct", _each_its_own)
     alone = build(model, x)
     assert len(distinct) < len(alone.trace.members)  # some are shared: the test can fail
     assert shared == _families_of(alone)
+
+
+def _united(self: TraceState, p: torch.Tensor, dim: int, ids: torch.Tensor) -> None:
+    self.atoms.unite(self.param_atoms(p, dim), ids)
+
+
+@pytest.mark.parametrize("name", ["resnet20", "mobilenetv2", "vit", "gpt"])
+def test_dims_that_take_their_inputs_atoms_give_the_graph_of_fresh_atoms_united(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A BatchNorm's vectors, a conv's inputs and a bias take the atoms they go with
+    (:meth:`TraceState.couple`): the same families and runs as fresh atoms united with
+    them, from far fewer atoms (group ids are atoms, so they are numbered otherwise)."""
+    model, x = build_model(name).eval(), example_input(name)
+    taken = build(model, x)
+    monkeypatch.setattr(TraceState, "couple", _united)
+    united = build(model, x)
+    assert taken.trace.atoms.size < united.trace.atoms.size
+    assert [f[:2] + f[3:] for f in _families_of(taken)] == [
+        f[:2] + f[3:] for f in _families_of(united)
+    ]
 
 
 _LEAF = st.one_of(

@@ -217,7 +217,7 @@ def build(
     blocked = tr.atoms.blocked_root_mask()
     roots = tr.atoms.all_roots().numpy()
     keys = list(tr.members)
-    distinct, holders = _distinct([roots[ids.numpy()] for ids in tr.members.values()])
+    distinct, holders = _distinct(tr.members.values(), roots)
     found = _present(distinct, blocked)
     head_roots = {tr.atoms.find(a) for ev in tr.heads for a in ev.q_heads.tolist()}
     families = _families(found)
@@ -233,20 +233,28 @@ def build(
     return DependencyGraph(result, tr, int(blocked.sum()))
 
 
-def _distinct(roots: list[np.ndarray]) -> tuple[list[np.ndarray], list[list[int]]]:
-    """The distinct arrays of ``roots`` (in order of first occurrence) and, for each, the
-    indices of the arrays equal to it. Coupled tensors carry the same roots (a conv's
-    filters, its bias, its BatchNorm's four vectors, the next conv's inputs; every member
-    of a residual stream), so families are sought once per distinct array: ResNet-50 has
-    321 member dimensions and 39 distinct arrays (families and runs 9.9 -> 1.9 ms)."""
-    index: dict[bytes, int] = {}  # 1-D int64 arrays: equal bytes, equal arrays
+def _distinct(
+    members: Iterable[Tensor], roots: np.ndarray
+) -> tuple[list[np.ndarray], list[list[int]]]:
+    """The distinct root arrays of the ``members``' atoms (in order of first occurrence)
+    and, for each, the indices of the members that have it. Coupled tensors carry the same
+    roots (a conv's filters, its bias, its BatchNorm's four vectors, the next conv's
+    inputs; every member of a residual stream), often as the very same atoms
+    (:meth:`~prunekit.structured.state.TraceState.couple`), so families are sought once
+    per distinct array: ResNet-50 has 321 member dimensions and 39 distinct arrays
+    (families and runs 9.9 -> 1.9 ms)."""
+    by_bytes: dict[bytes, int] = {}  # 1-D int64 arrays: equal bytes, equal arrays
+    by_object: dict[int, int] = {}  # the same atoms: the same roots
     distinct: list[np.ndarray] = []
     holders: list[list[int]] = []
-    for k, root in enumerate(roots):
-        u = index.setdefault(root.tobytes(), len(distinct))
-        if u == len(distinct):
-            distinct.append(root)
-            holders.append([])
+    for k, ids in enumerate(members):
+        u = by_object.get(id(ids))
+        if u is None:
+            root = roots[ids.numpy()]
+            u = by_object[id(ids)] = by_bytes.setdefault(root.tobytes(), len(distinct))
+            if u == len(distinct):
+                distinct.append(root)
+                holders.append([])
         holders[u].append(k)
     return distinct, holders
 

@@ -41,7 +41,9 @@ def register_rule(func: Callable[..., Any] | str, rule: FunctionRule) -> None:
     may have been changed in place since. It reads input labels with
     ``state.label(t)``, couples channels with ``state.atoms.unite(a, b)``, marks channels
     that must stay with ``state.atoms.block(ids)``, gives parameters atoms with
-    ``state.param_atoms(p, dim)`` and labels outputs with ``state.set``.
+    ``state.param_atoms(p, dim)`` (or ties a parameter dimension to channels it goes
+    with, as a norm's vectors go with its input's, by ``state.couple(p, dim, ids)``: the
+    same as uniting, cheaper) and labels outputs with ``state.set``.
     """
     _FUNCTION_RULES[func] = rule
 

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from prunekit.structured.labels import Label
 from prunekit.structured.registry import func_name
-from prunekit.structured.rules_layers import consume
+from prunekit.structured.rules_layers import consume_param
 from prunekit.structured.state import HeadEvent, TraceState, arg
 
 
@@ -53,10 +53,10 @@ def matmul_like(tr: TraceState, a: Tensor, b: Tensor, out: Tensor) -> None:
     the values); the output carries ``a``'s row channels or ``b``'s column channels.
     """
     if tr.is_param(b) and b.dim() == 2:
-        consume(tr, a, -1, tr.param_atoms(b, 0))
+        consume_param(tr, a, -1, b, 0)
         return tr.set(out, Label(out.dim() - 1, tr.param_atoms(b, 1)))
     if tr.is_param(a) and a.dim() == 2:
-        consume(tr, b, -2, tr.param_atoms(a, 1))
+        consume_param(tr, b, -2, a, 1)
         return tr.set(out, Label(out.dim() - 2, tr.param_atoms(a, 0)))
     la, lb = tr.label(a), tr.label(b)
     if a.dim() < 2 or b.dim() < 2:
@@ -91,7 +91,7 @@ def matmul(
         matmul_like(tr, a, b, out)
         label = tr.label(out)
         if tr.is_param(bias) and label is not None and label.dim == out.dim() - 1:
-            tr.atoms.unite(tr.param_atoms(bias, -1), label.ids)
+            tr.couple(bias, -1, label.ids)
         elif isinstance(bias, Tensor):
             tr.block_inputs(bias)
         return

@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from prunekit.structured.labels import Label
@@ -27,12 +26,21 @@ def consume(tr: TraceState, x: Tensor, dim: int, atoms: Tensor) -> None:
         tr.atoms.block(label.ids)
 
 
+def consume_param(tr: TraceState, x: Tensor, dim: int, p: Tensor, p_dim: int) -> None:
+    """``x``'s channels along ``dim`` are read by dimension ``p_dim`` of parameter ``p``
+    (which takes their atoms: :meth:`~prunekit.structured.state.TraceState.couple`)."""
+    label = tr.label(x)
+    if label is not None and label.dim == dim % x.dim():
+        return tr.couple(p, p_dim, label.ids)
+    consume(tr, x, dim, tr.param_atoms(p, p_dim))
+
+
 def _bias(tr: TraceState, bias: Any, out_atoms: Tensor) -> None:
     """The bias goes with the output channels: a parameter, or a computed bias carrying
     channels (Swin V2's ``qkv.bias.clone()`` with its key third zeroed). A computed bias
     of fixed size keeps every output channel."""
     if tr.is_param(bias):
-        tr.atoms.unite(tr.param_atoms(bias, 0), out_atoms)
+        tr.couple(bias, 0, out_atoms)
     elif isinstance(bias, Tensor) and bias.numel() > 1:
         label = tr.label(bias)
         if label is not None and label.dim == bias.dim() - 1:
@@ -48,7 +56,7 @@ def linear(
     x, w, b = args[0], arg(args, kwargs, 1, "weight"), arg(args, kwargs, 2, "bias")
     if not tr.is_param(w):  # a computed weight: keep everything it touches
         return tr.block_inputs(x, w, b)
-    consume(tr, x, -1, tr.param_atoms(w, 1))
+    consume_param(tr, x, -1, w, 1)
     _bias(tr, b, tr.param_atoms(w, 0))
     tr.set(out, Label(out.dim() - 1, tr.param_atoms(w, 0)))
 
@@ -69,7 +77,7 @@ def conv(tr: TraceState, func: Callable[..., Any], args: tuple, kwargs: dict, ou
     _bias(tr, b, out_atoms)
     channels = x.shape[1]
     if groups == 1:
-        consume(tr, x, 1, tr.param_atoms(w, 1))
+        consume_param(tr, x, 1, w, 1)
     elif groups == channels:
         per_group = w.shape[0] // groups
         consume(tr, x, 1, out_atoms[::per_group])
@@ -89,7 +97,7 @@ def conv_transpose(
     groups = arg(args, kwargs, 6, "groups", 1)
     if not tr.is_param(w) or groups != 1:
         return tr.block_inputs(x)
-    consume(tr, x, 1, tr.param_atoms(w, 0))
+    consume_param(tr, x, 1, w, 0)
     _bias(tr, b, tr.param_atoms(w, 1))
     tr.set(out, Label(1, tr.param_atoms(w, 1)))
 
@@ -108,10 +116,8 @@ def batch_norm(
             tr.atoms.block(tr.param_atoms(t, 0))
         tr.block_inputs(x)
         return
-    if owned:  # one union for all four tensors
-        tr.atoms.unite(
-            label.ids.repeat(len(owned)), torch.cat([tr.param_atoms(t, 0) for t in owned])
-        )
+    for t in owned:  # each takes the input's atoms
+        tr.couple(t, 0, label.ids)
     tr.set(out, label)
 
 
@@ -132,7 +138,7 @@ def normalize_last(
     for i, name in ((2, "weight"), (3, "bias")) if "layer" in func.__name__ else ((2, "weight"),):
         affine = arg(args, kwargs, i, name)
         if tr.is_param(affine):
-            tr.atoms.unite(label.ids, tr.param_atoms(affine, 0))
+            tr.couple(affine, 0, label.ids)
     tr.norms += 1
     tr.set(out, label)
 
@@ -161,6 +167,6 @@ def prelu(tr: TraceState, func: Callable[..., Any], args: tuple, kwargs: dict, o
     x, w = args[0], arg(args, kwargs, 1, "weight")
     label = tr.label(x)
     if tr.is_param(w) and w.numel() > 1:
-        consume(tr, x, 1, tr.param_atoms(w, 0))
+        consume_param(tr, x, 1, w, 0)
     if label is not None and (label.dim == 1 or w.numel() == 1):
         tr.set(out, label)
