@@ -130,8 +130,8 @@ def test_a_failed_verification_restores_the_masks(monkeypatch) -> None:
     model = filter_and_element_masked()
     before, shape = snapshot(model), structure(model)
 
-    def broken(model, graph, removed):
-        out = remove(model, graph, removed)
+    def broken(model, graph, removed, *made):
+        out = remove(model, graph, removed, *made)
         with torch.no_grad():
             model[0].weight[0] += 1.0  # masks are registered again after removal
         return out

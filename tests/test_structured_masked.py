@@ -16,6 +16,7 @@ from torch import nn
 from prunekit.inputs import call
 from prunekit.structured import build, plan, score
 from prunekit.structured.masked import group_masked_tensors, hooked, masking, swapped
+from prunekit.structured.surgery import Slices
 from prunekit.zoo import build_model, example_input
 from prunekit.zoo.hf import tiny_transformer
 
@@ -34,10 +35,30 @@ def _by_copies(model: nn.Module, positions: Positions, inputs: object) -> torch.
         return _first(call(model, inputs))
 
 
-def _by_hooks(model: nn.Module, positions: Positions, inputs: object) -> torch.Tensor:
+def _cut(model: nn.Module, positions: Positions) -> Slices:
+    """What removing ``positions`` keeps, made here without a graph."""
+    tensors = {**dict(model.named_buffers()), **dict(model.named_parameters())}
+    kept: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    for (name, dim), index in positions.items():
+        keep = torch.ones(tensors[name].shape[dim], dtype=torch.bool)
+        keep[index] = False
+        kept.setdefault(name, []).append((dim, keep.nonzero().flatten()))
+    new = {}
+    for name, cuts in kept.items():
+        value = tensors[name].detach()
+        for dim, index in cuts:
+            value = value.index_select(dim, index)
+        new[name] = value
+    return Slices(kept, new)
+
+
+def _by_hooks(
+    model: nn.Module, positions: Positions, inputs: object, narrow: bool = False
+) -> torch.Tensor:
     found = masking(model, positions)
     tensors = group_masked_tensors(model, found.rest)
-    with swapped(model, tensors), hooked(model, found), torch.no_grad():
+    cut = _cut(model, positions) if narrow else None
+    with swapped(model, tensors), hooked(model, found, cut), torch.no_grad():
         return _first(call(model, inputs))
 
 
@@ -51,18 +72,23 @@ def _positions(model: nn.Module, inputs: object, ratio: float = 0.5) -> Position
     return graph.positions({d.name: d.removed for d in decisions if d.removed})
 
 
+@pytest.mark.parametrize("narrow", [False, True], ids=["zeroed", "narrowed"])
 @pytest.mark.parametrize("name", ["resnet20", "mobilenetv2", "vgg", "vit", "gpt"])
-def test_hooks_compute_the_weight_masked_model(name: str) -> None:
+def test_hooks_compute_the_weight_masked_model(name: str, narrow: bool) -> None:
+    """Zeroing activations, or (narrowed) computing the kept channels alone with the
+    removal's tensors, computes what zeroing the weights computes."""
     torch.manual_seed(0)
     model = randomize_norms(build_model(name).eval())
     inputs = example_input(name, 2)
     positions = _positions(model, inputs)
     found = masking(model, positions)
     assert found.inputs or found.outputs  # the known layers are masked by hooks
+    assert masked_module._narrowing(model, found, _cut(model, positions))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     expected = _by_copies(model, positions, inputs)
     assert not torch.equal(expected, _first(call(model, inputs)))  # the masking matters
-    torch.testing.assert_close(_by_hooks(model, positions, inputs), expected, rtol=0, atol=1e-6)
+    found_now = _by_hooks(model, positions, inputs, narrow)
+    torch.testing.assert_close(found_now, expected, rtol=0, atol=1e-6)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
@@ -112,13 +138,15 @@ def test_only_known_arithmetic_is_masked_by_hooks() -> None:
     assert "4" in _routes(model, positions)[1]
 
 
-def test_input_masking_copies_the_callers_tensor_and_takes_keywords() -> None:
+@pytest.mark.parametrize("narrow", [False, True], ids=["zeroed", "narrowed"])
+def test_input_masking_copies_the_callers_tensor_and_takes_keywords(narrow: bool) -> None:
     layer = nn.Linear(4, 3)
-    found = masking(layer, {("weight", 1): torch.tensor([1, 3])})
+    positions = {("weight", 1): torch.tensor([1, 3])}
+    found = masking(layer, positions)
     assert set(found.inputs) == {""}
     x = torch.randn(2, 4)
     kept = x.clone()
-    with hooked(layer, found), torch.no_grad():
+    with hooked(layer, found, _cut(layer, positions) if narrow else None), torch.no_grad():
         y_pos, y_kw = layer(x), layer(input=x)
     assert torch.equal(x, kept)
     expected = torch.nn.functional.linear(
@@ -128,13 +156,17 @@ def test_input_masking_copies_the_callers_tensor_and_takes_keywords() -> None:
     torch.testing.assert_close(y_kw, expected)
 
 
-def test_unbatched_convolution_input_is_masked_on_its_channels() -> None:
-    conv = nn.Conv1d(4, 2, 3)
+@pytest.mark.parametrize("narrow", [False, True], ids=["zeroed", "narrowed"])
+def test_unbatched_convolution_is_masked_on_its_channels(narrow: bool) -> None:
+    conv = nn.Conv1d(4, 3, 3)
     idx = torch.tensor([1])
+    positions = {("weight", 1): idx, ("weight", 0): idx, ("bias", 0): idx}
     x = torch.randn(4, 7)  # (C, L): no batch dim
-    with hooked(conv, masking(conv, {("weight", 1): idx})), torch.no_grad():
+    found = masking(conv, positions)
+    assert set(found.inputs) == set(found.outputs) == {""}
+    with hooked(conv, found, _cut(conv, positions) if narrow else None), torch.no_grad():
         y = conv(x)
-    torch.testing.assert_close(y, _by_copies(conv, {("weight", 1): idx}, x))
+    torch.testing.assert_close(y, _by_copies(conv, positions, x))
 
 
 @settings(max_examples=25, deadline=None)
@@ -159,9 +191,9 @@ def test_any_positions_of_an_mlp_match_weight_masking(
     if consumer:
         positions["2.weight", 1] = r
     x = torch.randn(5, 6)
-    torch.testing.assert_close(
-        _by_hooks(model, positions, x), _by_copies(model, positions, x), rtol=0, atol=1e-6
-    )
+    expected = _by_copies(model, positions, x)
+    torch.testing.assert_close(_by_hooks(model, positions, x), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(_by_hooks(model, positions, x, True), expected, rtol=0, atol=1e-6)
 
 
 def test_small_layers_are_masked_by_copies(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -174,8 +174,8 @@ def test_verify_runs_training_only_branches(monkeypatch) -> None:
     shrink_module = importlib.import_module("prunekit.structured.shrink")
     remove = shrink_module.remove
 
-    def broken(model, graph, removed):
-        out = remove(model, graph, removed)
+    def broken(model, graph, removed, *made):
+        out = remove(model, graph, removed, *made)
         model.aux[0].weight = nn.Parameter(model.aux[0].weight[:, :3].clone())
         return out
 

@@ -34,8 +34,8 @@ def corrupt_after_removal(
 ) -> None:
     """Make shrink's surgery wrong: ``damage`` runs on the model right after removal."""
 
-    def broken(model, graph, removed):
-        out = remove(model, graph, removed)
+    def broken(model, graph, removed, *made):
+        out = remove(model, graph, removed, *made)
         with torch.no_grad():
             damage(model)
         return out

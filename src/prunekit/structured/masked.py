@@ -15,6 +15,12 @@ which computes the very same numbers:
 - a ``BatchNorm1d/2d/3d`` whose ``gamma`` and ``beta`` are zero in ``i`` outputs
   ``0 * x_hat + 0 = 0`` there: ``y[:, i] = 0`` after it.
 
+Given the removal's new tensors (:func:`~prunekit.structured.surgery.slices`, made
+before the removal), such a Conv / Linear layer computes on its kept channels alone
+instead: its input narrowed to the kept channels, its new tensors swapped in, its output
+widened back with zeros, which is that arithmetic without its zero terms, at the shrunk
+layer's cost (:func:`hooked`).
+
 Only modules of exactly those types (a subclass may compute otherwise), without hooks
 of their own (they would see other tensors), whose parameters have one name (a tied
 tensor is used elsewhere too) and hold at least :data:`HOOKED_NUMEL` values (a hook
@@ -25,16 +31,17 @@ swapped in (:func:`group_masked_tensors`, :func:`swapped`).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as torch_module
 
-from prunekit.structured.surgery import zero_positions
+from prunekit.structured.surgery import Slices, zero_positions
 
 Positions = Mapping[tuple[str, int], Tensor]
 _LINEAR = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -171,32 +178,89 @@ def _zeroed(module: nn.Module, x: Tensor, index: Tensor, in_place: bool = False)
     return fill(_channel_dim(module, x), index.to(x.device), 0.0)
 
 
+def _narrowed(module: nn.Module, x: Tensor, kept: Tensor) -> Tensor:
+    return x.index_select(_channel_dim(module, x), kept.to(x.device))
+
+
+def _widened(module: nn.Module, out: Tensor, kept: Tensor, width: int) -> Tensor:
+    dim = _channel_dim(module, out)
+    shape = list(out.shape)
+    shape[dim] = width
+    return out.new_zeros(shape).index_copy_(dim, kept.to(out.device), out)
+
+
+@dataclass(frozen=True)
+class _Narrow:
+    """A Conv / Linear layer computing on its kept channels: its kept input and output
+    channels (None: all), its output width and its new tensors (by attribute)."""
+
+    inputs: Tensor | None
+    outputs: Tensor | None
+    width: int
+    tensors: dict[str, Tensor]
+
+
+def _narrowing(model: nn.Module, found: Masking, cut: Slices | None) -> dict[str, _Narrow]:
+    """The Conv / Linear layers of ``found`` whose new tensors ``cut`` holds, by path
+    (not a grouped conv: fewer rows would break its groups)."""
+    if cut is None:
+        return {}
+    out: dict[str, _Narrow] = {}
+    for path in dict.fromkeys([*found.inputs, *found.outputs]):
+        module = model.get_submodule(path)
+        names = {a: f"{path}.{a}" if path else a for a in ("weight", "bias")}
+        plain = type(module) in _LINEAR and getattr(module, "groups", 1) == 1  # not grouped
+        if plain and names["weight"] in cut.tensors:
+            kept = dict(cut.kept[names["weight"]])
+            tensors = {a: cut.tensors[n] for a, n in names.items() if n in cut.tensors}
+            out[path] = _Narrow(kept.get(1), kept.get(0), module.weight.shape[0], tensors)
+    return out
+
+
+def _input_hook(change: Callable[[nn.Module, Tensor], Tensor]) -> Callable[..., Any]:
+    """A pre-hook passing the module ``change(module, x)`` for its input ``x``."""
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
+        if args:
+            return (change(module, args[0]), *args[1:]), kwargs
+        key = next(iter(kwargs))  # the input passed by keyword (``input=x``)
+        return args, {**kwargs, key: change(module, kwargs[key])}
+
+    return hook
+
+
+def _output_hook(change: Callable[[nn.Module, Tensor], Tensor]) -> Callable[..., Any]:
+    return lambda module, args, out: change(module, out)
+
+
 @contextmanager
-def hooked(model: nn.Module, found: Masking) -> Iterator[None]:
+def hooked(model: nn.Module, found: Masking, cut: Slices | None = None) -> Iterator[None]:
     """``model`` zeroing ``found``'s input and output channels inside (hooks removed on
     exit; the inputs are zeroed in a copy, never in the caller's tensor; the outputs,
-    new tensors of the layers, in place: run it without autograd)."""
+    new tensors of the layers, in place: run it without autograd).
 
-    def before(index: Tensor):  # type: ignore[no-untyped-def]
-        def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
-            if args:
-                return (_zeroed(module, args[0], index), *args[1:]), kwargs
-            key = next(iter(kwargs))  # the input passed by keyword (``input=x``)
-            return args, {**kwargs, key: _zeroed(module, kwargs[key], index)}
-
-        return hook
-
-    def after(index: Tensor):  # type: ignore[no-untyped-def]
-        # in place: the output is the layer's own new tensor (no autograd: verify's passes)
-        return lambda module, args, out: _zeroed(module, out, index, in_place=True)
-
+    With ``cut`` (the removal's :func:`~prunekit.structured.surgery.slices`), a Conv /
+    Linear layer computes on its kept channels alone: its new tensors swapped in, its
+    input narrowed to the kept channels and its output widened back with zeros. That
+    is the zero-weight arithmetic without its zero terms, at the shrunk layer's cost
+    (ResNet-50's reference pass 48 -> 28 ms; the tensors are made once, for the removal)."""
+    narrow = _narrowing(model, found, cut)
     with ExitStack() as stack:
         for path, index in found.inputs.items():
-            hook = before(index)
+            kept = narrow[path].inputs if path in narrow else None
+            change = (partial(_zeroed, index=index) if kept is None
+                      else partial(_narrowed, kept=kept))  # fmt: skip
             module = model.get_submodule(path)
-            stack.callback(module.register_forward_pre_hook(hook, with_kwargs=True).remove)
+            hook = module.register_forward_pre_hook(_input_hook(change), with_kwargs=True)
+            stack.callback(hook.remove)
         for path, index in found.outputs.items():
-            stack.callback(model.get_submodule(path).register_forward_hook(after(index)).remove)
+            n = narrow.get(path)
+            change = (partial(_zeroed, index=index, in_place=True) if n is None
+                      else partial(_widened, kept=n.outputs, width=n.width))  # fmt: skip
+            hook = model.get_submodule(path).register_forward_hook(_output_hook(change))
+            stack.callback(hook.remove)
+        swaps = {f"{p}.{a}" if p else a: t for p, n in narrow.items() for a, t in n.tensors.items()}
+        stack.enter_context(swapped(model, swaps))
         yield
 
 

@@ -55,10 +55,12 @@ from prunekit.structured.report import FamilyDecision, ShrinkReport, summary
 from prunekit.structured.state import approximate_norms
 from prunekit.structured.surgery import (
     AttributeChange,
+    Slices,
     group_masked,
     kept_indices,
     remove,
     removed_groups,
+    slices,
 )
 from prunekit.structured.verify import (
     Check,
@@ -129,18 +131,17 @@ def _is_masked(model: nn.Module) -> bool:
 
 def _references(
     probe: nn.Module, graph: DependencyGraph, removed: Mapping[str, tuple[int, ...]],
-    example_inputs: Inputs, ratio: Ratio, seed: int, verify: bool, approximate: bool,
-) -> list[Probe] | None:  # fmt: skip
-    """The group-masked model's outputs the shrunk model is compared with (none without
-    ``verify``, except in approximate mode, where the deviation is always measured): the
-    model computing as if the pruned positions were zero (:mod:`~prunekit.structured.masked`;
-    the trace's outputs are the dense ones), or from a copy of the model whose removed groups are
-    refilled with noise when they were zero already (``ratio=None``)."""
-    if not (verify or approximate):
-        return None
+    example_inputs: Inputs, ratio: Ratio, seed: int, cut: Slices | None,
+) -> list[Probe]:  # fmt: skip
+    """The group-masked model's outputs the shrunk model is compared with: the model
+    computing as if the pruned positions were zero (:mod:`~prunekit.structured.masked`,
+    its largest layers on their kept channels with ``cut``, the removal's new tensors;
+    the trace's outputs are the dense ones), or from a copy of the model whose removed
+    groups are refilled with noise when they were zero already (``ratio=None``)."""
     if ratio is not None:
         positions = graph.positions(removed)
-        return swapped_probes(probe, positions, example_inputs, graph.trace.outputs, seed)
+        dense = graph.trace.outputs
+        return swapped_probes(probe, positions, example_inputs, dense, seed, cut)
     masked = group_masked(probe, graph, removed)
     return probes(refilled(masked, removed_groups(graph, removed)), masked, example_inputs, seed)
 
@@ -188,16 +189,17 @@ def _masked_groups(
 
 def _apply(
     model: nn.Module, probe: nn.Module, graph: DependencyGraph,
-    removed: Mapping[str, tuple[int, ...]], masks: carry.Masks,
+    removed: Mapping[str, tuple[int, ...]], masks: carry.Masks, cut: Slices | None,
 ) -> tuple[list[AttributeChange], list[str], Callable[[], None]]:  # fmt: skip
-    """Remove the groups from ``model``, its masks kept (sliced): the attribute changes,
-    the notes, and a function that undoes it all (masks included)."""
+    """Remove the groups from ``model`` (with ``cut``, its new tensors where made), its
+    masks kept (sliced): the attribute changes, the notes, and a function that undoes it
+    all (masks included)."""
     cuts = kept_indices(probe, graph, removed) if masks else {}
     classes = {n: type(m) for n, m in model.named_modules() if parametrize.is_parametrized(m)}
     if probe is not model:
         remove_masks(model)  # the originals come back; their masks follow, sliced
     saved = snapshot(model)
-    changes, notes = remove(model, graph, removed)
+    changes, notes = remove(model, graph, removed, cut)
     carry.register(model, carry.sliced(masks, cuts, graph.trace.aliases))
 
     def undo() -> None:
@@ -280,9 +282,12 @@ def shrink(
         decisions = plan(graph, scores, ratio, scope, round_to, normalize)
     removed = {d.name: d.removed for d in decisions if d.removed}
     params_before = sum(p.numel() for p in probe.parameters())
-    found = _references(probe, graph, removed, example_inputs, ratio, seed, verify, approximate)
+    cut = slices(model, graph, removed) if probe is model else None  # made once, used twice
+    found = None
+    if verify or approximate:  # (approximate mode always measures its deviation)
+        found = _references(probe, graph, removed, example_inputs, ratio, seed, cut)
     macs_before = int(graph.trace.macs or 0)
-    changes, notes, undo = _apply(model, probe, graph, removed, masks)
+    changes, notes, undo = _apply(model, probe, graph, removed, masks, cut)
     result = None
     if found is not None:
         result = _verify(model, found, undo, not approximate, graph.trace.trained)

@@ -323,25 +323,48 @@ def kept_indices(
     return out
 
 
-def remove(
+@dataclass(frozen=True)
+class Slices:
+    """What removing some groups keeps of a model: per tensor (its first name), the kept
+    indices of each cut dimension (``kept``) and the new, smaller tensor (``tensors``)."""
+
+    kept: Cuts
+    tensors: dict[str, Tensor]
+
+
+def slices(
     model: nn.Module, graph: DependencyGraph, removed: Mapping[str, Sequence[int]]
-) -> tuple[list[AttributeChange], list[str]]:
-    """Delete the ``removed`` groups (family name -> group indices) from ``model``.
+) -> Slices:
+    """The new tensors of :func:`remove`, made without changing ``model`` (verify's
+    reference computes the kept channels of its largest layers with them)."""
+    tensors = _tensors(model)
+    kept = kept_indices(model, graph, removed, tensors)
+    new = {}
+    with torch.no_grad():
+        for name, cuts in kept.items():
+            value = tensors[name].detach()
+            for dim, index in cuts:
+                value = value.index_select(dim, index.to(value.device))
+            new[name] = value.contiguous()
+    return Slices(kept, new)
+
+
+def remove(
+    model: nn.Module, graph: DependencyGraph, removed: Mapping[str, Sequence[int]],
+    cut: Slices | None = None,
+) -> tuple[list[AttributeChange], list[str]]:  # fmt: skip
+    """Delete the ``removed`` groups (family name -> group indices) from ``model``
+    (``cut``: their :func:`slices` of ``model``, where the caller made them).
 
     Returns the attribute changes and notes on the transformers config (if any).
     """
+    cut = slices(model, graph, removed) if cut is None else cut
     tensors = _tensors(model)
-    by_tensor = kept_indices(model, graph, removed, tensors)
     modules = dict(model.named_modules(remove_duplicate=False))
-    with torch.no_grad():
-        for name, cuts in by_tensor.items():
-            old = tensors[name]
-            value = old.detach()
-            for dim, index in cuts:
-                value = value.index_select(dim, index.to(value.device))
-            assign(model, graph.trace.aliases.get(name, [name]), value.contiguous(), old, modules)
+    for name, value in cut.tensors.items():
+        assign(model, graph.trace.aliases.get(name, [name]), value, tensors[name], modules)
     changes = []
-    for name in sorted({owner(alias) for n in by_tensor for alias in graph.trace.aliases[n]}):
+    for name in sorted({owner(alias) for n in cut.tensors for alias in graph.trace.aliases[n]}):
         changes += resize_module(name, modules[name])
     counts = head_counts(graph, graph.ids(removed)) if graph.trace.heads else {}
     return changes + _heads(model, counts), update_config(model, graph, removed, counts)

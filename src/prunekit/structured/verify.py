@@ -45,7 +45,7 @@ from prunekit.inputs import Inputs, call, call_eval, set_mode
 from prunekit.structured.graph import Group
 from prunekit.structured.masked import group_masked_tensors, hooked, masking, swapped
 from prunekit.structured.state import output_tensors
-from prunekit.structured.surgery import attribute, size_attributes
+from prunekit.structured.surgery import Slices, attribute, size_attributes
 from prunekit.structured.trace import buffers_kept
 
 RTOL = 1e-4
@@ -206,10 +206,11 @@ def compared(dense: Outputs, masked: Outputs, inputs: Inputs, seed: int = 0) -> 
 
 def swapped_probes(
     model: nn.Module, positions: Mapping[tuple[str, int], Tensor], inputs: Inputs,
-    dense_outputs: list[Tensor] | None = None, seed: int = 0,
+    dense_outputs: list[Tensor] | None = None, seed: int = 0, cut: Slices | None = None,
 ) -> list[Probe]:  # fmt: skip
     """:func:`probes` without a copy of the model: the group-masked outputs come from
-    ``model`` with channels zeroed around the layers whose arithmetic allows it and
+    ``model`` with channels zeroed around the layers whose arithmetic allows it (those
+    layers on their kept channels alone with ``cut``, the removal's new tensors) and
     :func:`~prunekit.structured.masked.group_masked_tensors` swapped in for the other
     positions (:mod:`prunekit.structured.masked`, made once), the dense ones on the
     example inputs from ``dense_outputs`` where given (the trace's,
@@ -222,7 +223,7 @@ def swapped_probes(
         return dense_outputs if x is inputs and dense_outputs is not None else outputs(model, x)
 
     def masked(x: Inputs) -> list[Tensor]:
-        with swapped(model, tensors), hooked(model, found):
+        with swapped(model, tensors), hooked(model, found, cut):
             return outputs(model, x)
 
     return compared(dense, masked, inputs, seed)
