@@ -241,8 +241,9 @@ def shrink(
     measured. If the shrunk model fails to run (model code that computes a shape from a
     channel count) or differs, every change is undone and ShrinkVerificationError says why.
     ``verify=False`` saves one to seven forward passes (the group-masked reference, which
-    zeroes activations around large Conv / Linear layers and copies the other pruned
-    tensors, :mod:`~prunekit.structured.masked`; the trace's outputs are the dense ones).
+    runs its Conv / Linear layers on their kept channels with the removal's new tensors,
+    zeroes the other removed activations and copies the other pruned tensors,
+    :mod:`~prunekit.structured.masked`; the trace's outputs are the dense ones).
 
     ``approximate=True`` (opt-in, inexact) also removes channels that a LayerNorm /
     RMSNorm normalises over the last dimension: a transformer's hidden size, through every
