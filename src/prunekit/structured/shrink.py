@@ -131,13 +131,16 @@ def _is_masked(model: nn.Module) -> bool:
 
 def _references(
     probe: nn.Module, graph: DependencyGraph, removed: Mapping[str, tuple[int, ...]],
-    example_inputs: Inputs, ratio: Ratio, seed: int, cut: Slices | None,
-) -> list[Probe]:  # fmt: skip
-    """The group-masked model's outputs the shrunk model is compared with: the model
-    computing as if the pruned positions were zero (:mod:`~prunekit.structured.masked`,
+    example_inputs: Inputs, ratio: Ratio, seed: int, cut: Slices | None, compare: bool,
+) -> list[Probe] | None:  # fmt: skip
+    """The group-masked model's outputs the shrunk model is compared with (none without
+    ``compare``: verify, or approximate mode, which always measures its deviation): the
+    model computing as if the pruned positions were zero (:mod:`~prunekit.structured.masked`,
     its largest layers on their kept channels with ``cut``, the removal's new tensors;
     the trace's outputs are the dense ones), or from a copy of the model whose removed
     groups are refilled with noise when they were zero already (``ratio=None``)."""
+    if not compare:
+        return None
     if ratio is not None:
         positions = graph.positions(removed)
         dense = graph.trace.outputs
@@ -284,9 +287,8 @@ def shrink(
     removed = {d.name: d.removed for d in decisions if d.removed}
     params_before = sum(p.numel() for p in probe.parameters())
     cut = slices(model, graph, removed) if probe is model else None  # made once, used twice
-    found = None
-    if verify or approximate:  # (approximate mode always measures its deviation)
-        found = _references(probe, graph, removed, example_inputs, ratio, seed, cut)
+    compare = verify or approximate
+    found = _references(probe, graph, removed, example_inputs, ratio, seed, cut, compare)
     macs_before = int(graph.trace.macs or 0)
     changes, notes, undo = _apply(model, probe, graph, removed, masks, cut)
     result = None
