@@ -103,6 +103,15 @@ def test_per_family_ratios_and_ignore() -> None:
     assert model.features[0].out_channels == 16
 
 
+@pytest.mark.parametrize("ignore", ["features.0", nn.Conv2d], ids=["name", "type"])
+def test_ignore_takes_one_name_or_type_as_a_list_of_one(ignore: object) -> None:
+    """``ignore="features.0"`` is that module (not its letters), ``ignore=nn.Conv2d`` that type."""
+    x = example_input("vgg")
+    alone, listed = (torch.manual_seed(0) and build_model("vgg").eval() for _ in range(2))
+    one = pk.shrink(alone, x, ratio=0.5, ignore=ignore)  # type: ignore[arg-type]
+    assert one.families == pk.shrink(listed, x, ratio=0.5, ignore=[ignore]).families
+
+
 @pytest.mark.parametrize("criterion", ["l1", "l2", "fpgm", "lamp", "random", "bn_scale"])
 def test_every_criterion_shrinks_exactly(criterion: str) -> None:
     model = randomize_norms(build_model("resnet20", blocks_per_stage=1)).eval()

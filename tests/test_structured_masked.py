@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 from structured_models import randomize_norms
 from torch import nn
 
+import prunekit as pk
+from prunekit.errors import ShrinkVerificationError
 from prunekit.inputs import call
 from prunekit.structured import build, plan, score
 from prunekit.structured.masked import group_masked_tensors, hooked, masking, swapped
@@ -216,3 +218,79 @@ def test_hooks_common_to_all_modules_turn_activation_masking_off() -> None:
     finally:
         handle.remove()
     assert _routes(model, positions) == ({"1"}, {"0"}, set())
+
+
+class SharedConv(nn.Module):
+    """One conv run as a module and, dilated, through ``F.conv2d`` on its weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.conv = nn.Conv2d(3, 32, 3, padding=1), nn.Conv2d(32, 32, 3, padding=1)
+        self.head = nn.Conv2d(32, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.stem(x))
+        dilated = nn.functional.conv2d(h, self.conv.weight, self.conv.bias, padding=2, dilation=2)
+        return self.head(torch.relu(self.conv(h) + dilated))
+
+
+class DirectForward(nn.Module):
+    """``self.b.forward(x)`` called directly: the module's hooks do not run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(16, 128), nn.Linear(128, 128), nn.Linear(128, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.relu(self.b.forward(torch.relu(self.a(x)))))
+
+
+class WeightStatistic(DirectForward):
+    """The output is scaled by a statistic of ``b``'s weight, which shrinking changes."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.b(torch.relu(self.a(x))))
+        return self.c(h) * (1 + 10 * self.b.weight.abs().mean())
+
+
+def _narrowed_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    calls: list[str] = []
+    real = masked_module._narrow_forward
+
+    def spy(module: nn.Module, narrow: object, input: torch.Tensor) -> torch.Tensor:
+        calls.append(type(module).__name__)
+        return real(module, narrow, input)
+
+    monkeypatch.setattr(masked_module, "_narrow_forward", spy)
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("model", "x"), [(SharedConv, (2, 3, 8, 8)), (DirectForward, (3, 16))], ids=["conv", "linear"]
+)
+def test_model_code_using_a_narrowed_layers_weight_elsewhere_reads_it_whole(
+    model: type[nn.Module], x: tuple[int, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A narrowed layer keeps its own parameters: a functional call on its weight, or its
+    ``forward`` called directly, computes as in the group-masked model (not on the new,
+    narrower weight next to full-width activations)."""
+    torch.manual_seed(0)
+    net, inputs = model().eval(), torch.randn(x)
+    calls = _narrowed_calls(monkeypatch)
+    report = pk.shrink(net, inputs, ratio=0.5)
+    assert calls and report.deviation is not None and report.deviation < 1e-5
+
+
+def test_a_statistic_of_a_narrowed_layers_weight_is_still_checked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The reference reads the layer's weight whole, as the group-masked model does (zeros
+    included), so an output scaled by its mean differs from the shrunk model's: refused."""
+    torch.manual_seed(0)
+    net, x = WeightStatistic().eval(), torch.randn(3, 16)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    calls = _narrowed_calls(monkeypatch)
+    with pytest.raises(ShrinkVerificationError, match="differ from the group-masked"):
+        pk.shrink(net, x, ratio=0.5)
+    assert calls
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())

@@ -182,10 +182,11 @@ def owner(name: str) -> str:
     return name.rpartition(".")[0]
 
 
-def _ignored(model: nn.Module, ignore: Ignore) -> set[str]:
+def _ignored(model: nn.Module, ignore: Ignore | str | type[nn.Module]) -> set[str]:
+    """The names of the modules ``ignore`` names, globs or types (one, or several)."""
     names: set[str] = set()
     modules = dict(model.named_modules())
-    for item in ignore:
+    for item in [ignore] if isinstance(ignore, str | type) else ignore:
         if isinstance(item, str):
             found = [n for n in modules if n and fnmatch.fnmatchcase(n, item)]
             if not found:

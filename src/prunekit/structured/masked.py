@@ -16,10 +16,13 @@ which computes the very same numbers:
   ``0 * x_hat + 0 = 0`` there: ``y[:, i] = 0`` after it.
 
 Given the removal's new tensors (:func:`~prunekit.structured.surgery.slices`, made
-before the removal), such a Linear or ungrouped Conv layer computes on its kept channels alone
-instead: its input narrowed to the kept channels, its new tensors swapped in, its output
-widened back with zeros, which is that arithmetic without its zero terms, at the shrunk
-layer's cost (:func:`hooked`).
+before the removal), such a Linear or ungrouped Conv layer computes on its kept channels
+alone instead: its input narrowed to the kept channels, its output computed with the new
+tensors and widened back with zeros, which is that arithmetic without its zero terms, at
+the shrunk layer's cost (:func:`hooked`; the layer's parameters stay untouched, so model
+code reading them elsewhere reads them as before). The check then takes those layers'
+new tensors as given: what it tests there is everything around them (the graph's
+positions, the other layers, the model's code on the new widths).
 
 Only modules of exactly those types (a subclass may compute otherwise), without hooks
 of their own (they would see other tensors), whose parameters have one name (a tied
@@ -203,20 +206,34 @@ class _Narrow:
 
 
 def _narrowing(model: nn.Module, found: Masking, cut: Slices | None) -> dict[str, _Narrow]:
-    """The Conv / Linear layers of ``found`` whose new tensors ``cut`` holds, by path
-    (not a grouped conv: fewer rows would break its groups)."""
+    """The Conv / Linear layers of ``found`` whose new tensors ``cut`` holds, by path (not
+    a grouped conv, whose groups fewer rows would break, nor a module whose ``forward``
+    is already replaced on the instance, as accelerate's hooks do)."""
     if cut is None:
         return {}
     out: dict[str, _Narrow] = {}
     for path in dict.fromkeys([*found.inputs, *found.outputs]):
         module = model.get_submodule(path)
         names = {a: f"{path}.{a}" if path else a for a in ("weight", "bias")}
-        plain = type(module) in _LINEAR and getattr(module, "groups", 1) == 1  # not grouped
-        if plain and names["weight"] in cut.tensors:
+        plain = type(module) in _LINEAR and getattr(module, "groups", 1) == 1
+        if plain and "forward" not in vars(module) and names["weight"] in cut.tensors:
             kept = dict(cut.kept[names["weight"]])
             tensors = {a: cut.tensors[n] for a, n in names.items() if n in cut.tensors}
             out[path] = _Narrow(kept.get(1), kept.get(0), module.weight.shape[0], tensors)
     return out
+
+
+def _narrow_forward(module: nn.Module, narrow: _Narrow, input: Tensor) -> Tensor:
+    """``module``'s forward on its kept channels, widened back with zeros (its own
+    parameters untouched: model code reading them elsewhere reads them whole)."""
+    x = input if narrow.inputs is None else _narrowed(module, input, narrow.inputs)
+    weight = narrow.tensors["weight"]
+    bias = narrow.tensors.get("bias", module.bias)
+    if isinstance(module, nn.Linear):
+        out = nn.functional.linear(x, weight, bias)
+    else:
+        out = module._conv_forward(x, weight, bias)  # type: ignore[operator]
+    return out if narrow.outputs is None else _widened(module, out, narrow.outputs, narrow.width)
 
 
 def _input_hook(change: Callable[[nn.Module, Tensor], Tensor]) -> Callable[..., Any]:
@@ -231,10 +248,6 @@ def _input_hook(change: Callable[[nn.Module, Tensor], Tensor]) -> Callable[..., 
     return hook
 
 
-def _output_hook(change: Callable[[nn.Module, Tensor], Tensor]) -> Callable[..., Any]:
-    return lambda module, args, out: change(module, out)
-
-
 @contextmanager
 def hooked(model: nn.Module, found: Masking, cut: Slices | None = None) -> Iterator[None]:
     """``model`` zeroing ``found``'s input and output channels inside (hooks removed on
@@ -242,27 +255,32 @@ def hooked(model: nn.Module, found: Masking, cut: Slices | None = None) -> Itera
     new tensors of the layers, in place: run it without autograd).
 
     With ``cut`` (the removal's :func:`~prunekit.structured.surgery.slices`), a Conv /
-    Linear layer computes on its kept channels alone: its new tensors swapped in, its
-    input narrowed to the kept channels and its output widened back with zeros. That
-    is the zero-weight arithmetic without its zero terms, at the shrunk layer's cost
-    (ResNet-50's reference pass 48 -> 28 ms; the tensors are made once, for the removal)."""
+    Linear layer computes on its kept channels alone instead: its ``forward`` is replaced
+    on the instance while inside, narrowing its input to the kept channels, computing with
+    its new tensors and widening its output back with zeros. That is the zero-weight
+    arithmetic without its zero terms, at the shrunk layer's cost (ResNet-50's reference
+    pass 48 -> 28 ms; the tensors are made once, for the removal). Its parameters stay
+    as they are, so model code reading them outside its call reads what it read before."""
     narrow = _narrowing(model, found, cut)
     with ExitStack() as stack:
-        for path, index in found.inputs.items():
-            kept = narrow[path].inputs if path in narrow else None
-            change = (partial(_zeroed, index=index) if kept is None
-                      else partial(_narrowed, kept=kept))  # fmt: skip
+        for path, n in narrow.items():
             module = model.get_submodule(path)
-            hook = module.register_forward_pre_hook(_input_hook(change), with_kwargs=True)
-            stack.callback(hook.remove)
+            module.forward = partial(_narrow_forward, module, n)  # type: ignore[method-assign]
+            stack.callback(delattr, module, "forward")
+        for path, index in found.inputs.items():
+            if path not in narrow:
+                change = partial(_zeroed, index=index)
+                module = model.get_submodule(path)
+                hook = module.register_forward_pre_hook(_input_hook(change), with_kwargs=True)
+                stack.callback(hook.remove)
         for path, index in found.outputs.items():
-            n = narrow.get(path)
-            change = (partial(_zeroed, index=index, in_place=True) if n is None
-                      else partial(_widened, kept=n.outputs, width=n.width))  # fmt: skip
-            hook = model.get_submodule(path).register_forward_hook(_output_hook(change))
-            stack.callback(hook.remove)
-        swaps = {f"{p}.{a}" if p else a: t for p, n in narrow.items() for a, t in n.tensors.items()}
-        stack.enter_context(swapped(model, swaps))
+            if path not in narrow:
+                # in place: the output is the layer's own new tensor (no autograd here)
+                zero = partial(_zeroed, index=index, in_place=True)
+                hook = model.get_submodule(path).register_forward_hook(
+                    lambda m, args, out, zero=zero: zero(m, out)
+                )
+                stack.callback(hook.remove)
         yield
 
 
