@@ -28,7 +28,7 @@ from prunekit.inputs import Inputs
 from prunekit.structured import collector
 from prunekit.structured.trace import Trace, trace
 
-Ignore = Iterable[str | type[nn.Module]]
+Ignore = Iterable[str | type[nn.Module]] | str | type[nn.Module]  # one, or several
 
 
 class Member(NamedTuple):
@@ -182,7 +182,7 @@ def owner(name: str) -> str:
     return name.rpartition(".")[0]
 
 
-def _ignored(model: nn.Module, ignore: Ignore | str | type[nn.Module]) -> set[str]:
+def _ignored(model: nn.Module, ignore: Ignore) -> set[str]:
     """The names of the modules ``ignore`` names, globs or types (one, or several)."""
     names: set[str] = set()
     modules = dict(model.named_modules())
