@@ -197,11 +197,10 @@ def _widened(module: nn.Module, out: Tensor, kept: Tensor, width: int) -> Tensor
 @dataclass(frozen=True)
 class _Narrow:
     """A Conv / Linear layer computing on its kept channels: its kept input and output
-    channels (None: all), its output width and its new tensors (by attribute)."""
+    channels (None: all) and its new tensors (by attribute)."""
 
     inputs: Tensor | None
     outputs: Tensor | None
-    width: int
     tensors: dict[str, Tensor]
 
 
@@ -219,7 +218,7 @@ def _narrowing(model: nn.Module, found: Masking, cut: Slices | None) -> dict[str
         if plain and "forward" not in vars(module) and names["weight"] in cut.tensors:
             kept = dict(cut.kept[names["weight"]])
             tensors = {a: cut.tensors[n] for a, n in names.items() if n in cut.tensors}
-            out[path] = _Narrow(kept.get(1), kept.get(0), module.weight.shape[0], tensors)
+            out[path] = _Narrow(kept.get(1), kept.get(0), tensors)
     return out
 
 
@@ -233,7 +232,9 @@ def _narrow_forward(module: nn.Module, narrow: _Narrow, input: Tensor) -> Tensor
         out = nn.functional.linear(x, weight, bias)
     else:
         out = module._conv_forward(x, weight, bias)  # type: ignore[operator]
-    return out if narrow.outputs is None else _widened(module, out, narrow.outputs, narrow.width)
+    if narrow.outputs is None:
+        return out
+    return _widened(module, out, narrow.outputs, module.weight.shape[0])  # its own, whole
 
 
 def _input_hook(change: Callable[[nn.Module, Tensor], Tensor]) -> Callable[..., Any]:
@@ -258,9 +259,10 @@ def hooked(model: nn.Module, found: Masking, cut: Slices | None = None) -> Itera
     Linear layer computes on its kept channels alone instead: its ``forward`` is replaced
     on the instance while inside, narrowing its input to the kept channels, computing with
     its new tensors and widening its output back with zeros. That is the zero-weight
-    arithmetic without its zero terms, at the shrunk layer's cost (ResNet-50's reference
-    pass 48 -> 28 ms; the tensors are made once, for the removal). Its parameters stay
-    as they are, so model code reading them outside its call reads what it read before."""
+    arithmetic without its zero terms, at the shrunk layer's cost (``pk.shrink`` on
+    ResNet-50 14% faster than with these layers zeroed, MobileNetV2 3%, interleaved; the
+    tensors are made once, for the removal). Its parameters stay as they are, so model
+    code reading them outside its call reads what it read before."""
     narrow = _narrowing(model, found, cut)
     with ExitStack() as stack:
         for path, n in narrow.items():
